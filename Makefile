@@ -1,0 +1,76 @@
+# kubectl-ebpf. On a fresh machine (root, Debian): `make demo` runs the product
+# on a local cluster, `make test` runs every test tier. Both install what they
+# need first (make deps).
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := build
+
+GO       ?= go
+CLUSTER  ?= kebpf
+# PROVIDER=kind|local forces a cluster provider; empty picks kind where it can
+# run privileged containers, else the Docker-free local node.
+PROVIDER ?=
+VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS  := -s -w -X github.com/kubectl-ebpf/kubectl-ebpf/manifests.Version=$(VERSION)
+BIN      := bin
+export KEBPF_PROVIDER := $(PROVIDER)
+export KEBPF_VERSION  := $(VERSION)
+
+CLUSTER_TOOL := $(BIN)/kebpf-cluster
+GOTEST       := $(GO) test -count=1 -p 1
+
+.PHONY: build deps generate verify unit root e2e test cluster-up cluster-down demo clean help
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+build: ## build kubectl-ebpf and kebpf-agent into bin/
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/ ./plugin/cmd/kubectl-ebpf ./nodeagent/cmd/kebpf-agent
+
+$(CLUSTER_TOOL): FORCE
+	@$(GO) build -o $@ ./kindtests/cmd/kebpf-cluster
+FORCE:
+
+deps: ## install the Debian packages the tests and the local cluster need
+	@bash .ci/deps
+
+generate: ## regenerate the BPF objects and Go bindings (clang-19)
+	$(GO) generate ./bpf/...
+
+verify: ## gofmt, go vet, and generated files match their sources
+	@echo "== verify: gofmt, vet, generate"
+	@test -z "$$(gofmt -l $$(git ls-files '*.go' | grep -v '_bpfel.go$$'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1; }
+	$(GO) vet ./...
+	$(MAKE) --no-print-directory generate
+	@git diff --exit-code -- bpf || { echo "generated BPF files differ from the committed ones: run make generate and commit"; exit 1; }
+
+unit: ## fast tests (no root, no cluster)
+	@echo "== unit tier"
+	$(GOTEST) -short ./...
+
+root: ## root tier: real BPF programs, real cgroups, real netns; the local cluster's own lifecycle
+	@echo "== root tier"
+	$(GOTEST) -timeout 30m ./bpf/... ./nodeagent/... ./kindtests/cluster/...
+
+e2e: $(CLUSTER_TOOL) ## end-to-end: bring up a cluster, run plugin integration and e2e suites, tear down
+	@echo "== e2e tier (cluster $(CLUSTER))"
+	@trap '$(CLUSTER_TOOL) down --name $(CLUSTER)' EXIT; \
+	  kc=$$($(CLUSTER_TOOL) up --name $(CLUSTER)); \
+	  KEBPF_KUBECONFIG=$$kc KEBPF_CLUSTER=$(CLUSTER) $(GOTEST) -timeout 40m ./plugin/... ./manifests/... ./kindtests/e2e/...
+
+test: deps verify unit root e2e ## every test tier (what CI runs)
+	@echo "== all test tiers passed"
+
+cluster-up: deps $(CLUSTER_TOOL) ## create (or reuse) the local cluster with our images loaded; prints its kubeconfig
+	@$(CLUSTER_TOOL) up --name $(CLUSTER)
+
+cluster-down: $(CLUSTER_TOOL) ## remove the local cluster and everything it created
+	@$(CLUSTER_TOOL) down --name $(CLUSTER)
+
+demo: cluster-up ## local cluster + kubectl ebpf install --wait + status
+	@eval "$$($(CLUSTER_TOOL) env --name $(CLUSTER))"; \
+	  set -x; kubectl ebpf install --wait --timeout 5m; kubectl ebpf status; kubectl ebpf version; set +x; \
+	  echo; echo "The cluster stays up: export KUBECONFIG=$$KUBECONFIG PATH=$${PATH%%:*}:\$$PATH; make cluster-down removes it."
+
+clean: ## remove build outputs (not the build cache)
+	rm -rf $(BIN)

@@ -1,0 +1,303 @@
+// Command kebpf-testserver is the workload image of the e2e suite, in the
+// spirit of agnhost: `serve` answers on TCP, UDP and HTTP ports with the pod's
+// name, and `probe` connects to one address and prints one JSON line saying
+// who answered or how the attempt failed (refused, timeout, ...), so a test can
+// tell "blocked" from "connected to the wrong backend".
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+func main() {
+	if len(os.Args) < 2 {
+		usage()
+	}
+	var err error
+	switch os.Args[1] {
+	case "serve":
+		err = serve(os.Args[2:])
+	case "probe":
+		os.Exit(probe(os.Args[2:], os.Stdout))
+	case "-h", "--help", "help":
+		usage()
+	default:
+		fmt.Fprintf(os.Stderr, "error: unknown command %q\n", os.Args[1])
+		usage()
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "error:", err)
+		os.Exit(1)
+	}
+}
+
+func usage() {
+	fmt.Fprint(os.Stderr, `usage:
+  kebpf-testserver serve [--tcp 80,81] [--udp 80,81] [--http 8080] [--name NAME]
+  kebpf-testserver probe --protocol tcp|udp|http --to HOST:PORT [--timeout 2s]
+`)
+	os.Exit(2)
+}
+
+// identity is what every server answers: the pod name when the pod spec passes
+// it, else the hostname (the pod name too, for a pod that is not hostNetwork).
+func identity(flagName string) string {
+	if flagName != "" {
+		return flagName
+	}
+	if n := os.Getenv("POD_NAME"); n != "" {
+		return n
+	}
+	h, _ := os.Hostname()
+	return h
+}
+
+func parsePorts(s string) ([]int, error) {
+	var ports []int
+	for _, f := range strings.Split(s, ",") {
+		if f = strings.TrimSpace(f); f == "" {
+			continue
+		}
+		p, err := strconv.Atoi(f)
+		if err != nil || p < 1 || p > 65535 {
+			return nil, fmt.Errorf("bad port %q", f)
+		}
+		ports = append(ports, p)
+	}
+	return ports, nil
+}
+
+func serve(args []string) error {
+	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	tcp := fs.String("tcp", "80,81", "comma-separated TCP ports")
+	udp := fs.String("udp", "80,81", "comma-separated UDP ports")
+	httpPort := fs.Int("http", 8080, "HTTP port (0: none)")
+	name := fs.String("name", "", "name to answer with (default $POD_NAME or hostname)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	me := identity(*name)
+	tcpPorts, err := parsePorts(*tcp)
+	if err != nil {
+		return err
+	}
+	udpPorts, err := parsePorts(*udp)
+	if err != nil {
+		return err
+	}
+	errc := make(chan error, len(tcpPorts)+len(udpPorts)+1)
+	for _, p := range tcpPorts {
+		// "tcp" listens on v4 and v6 at once, so dual-stack pods answer on both.
+		l, err := net.Listen("tcp", net.JoinHostPort("", strconv.Itoa(p)))
+		if err != nil {
+			return err
+		}
+		go func() { errc <- serveTCP(l, me) }()
+	}
+	for _, p := range udpPorts {
+		c, err := net.ListenPacket("udp", net.JoinHostPort("", strconv.Itoa(p)))
+		if err != nil {
+			return err
+		}
+		go func() { errc <- serveUDP(c, me) }()
+	}
+	if *httpPort > 0 {
+		mux := http.NewServeMux()
+		mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok\n") })
+		mux.HandleFunc("/", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, me+"\n") })
+		srv := &http.Server{Addr: net.JoinHostPort("", strconv.Itoa(*httpPort)), Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+		go func() { errc <- srv.ListenAndServe() }()
+	}
+	fmt.Printf("serving as %s: tcp %v udp %v http %d\n", me, tcpPorts, udpPorts, *httpPort)
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
+	select {
+	case s := <-sig:
+		fmt.Println("exiting on", s)
+		return nil
+	case err := <-errc:
+		return err
+	}
+}
+
+// serveTCP writes the identity and closes: the client reads until EOF, so a
+// connection that is accepted by the wrong pod is visible in the reply.
+func serveTCP(l net.Listener, me string) error {
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			return err
+		}
+		go func() {
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(5 * time.Second))
+			io.WriteString(c, me+"\n")
+		}()
+	}
+}
+
+func serveUDP(c net.PacketConn, me string) error {
+	buf := make([]byte, 2048)
+	for {
+		_, from, err := c.ReadFrom(buf)
+		if err != nil {
+			return err
+		}
+		c.WriteTo([]byte(me+"\n"), from)
+	}
+}
+
+// Result is the one JSON line probe prints.
+type Result struct {
+	OK       bool   `json:"ok"`
+	Reply    string `json:"reply,omitempty"`
+	Error    string `json:"error,omitempty"`
+	Class    string `json:"class,omitempty"` // refused, timeout, unreachable, other
+	Peer     string `json:"peer,omitempty"`  // getpeername() of the connected socket
+	Duration string `json:"duration"`
+}
+
+func probe(args []string, out io.Writer) int {
+	fs := flag.NewFlagSet("probe", flag.ContinueOnError)
+	proto := fs.String("protocol", "tcp", "tcp, udp or http")
+	to := fs.String("to", "", "HOST:PORT to probe")
+	timeout := fs.Duration("timeout", 2*time.Second, "give up after this long")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	if *to == "" {
+		fmt.Fprintln(os.Stderr, "error: --to is required")
+		return 2
+	}
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
+	defer cancel()
+	var r Result
+	var err error
+	switch *proto {
+	case "tcp":
+		r, err = probeStream(ctx, "tcp", *to)
+	case "udp":
+		r, err = probeUDP(ctx, *to)
+	case "http":
+		r, err = probeHTTP(ctx, *to)
+	default:
+		fmt.Fprintf(os.Stderr, "error: unknown protocol %q\n", *proto)
+		return 2
+	}
+	if err != nil {
+		r.Error, r.Class = err.Error(), classify(err)
+	} else {
+		r.OK = true
+	}
+	r.Duration = time.Since(start).Round(time.Microsecond).String()
+	json.NewEncoder(out).Encode(r)
+	if r.OK {
+		return 0
+	}
+	return 1
+}
+
+func probeStream(ctx context.Context, network, to string) (Result, error) {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, network, to)
+	if err != nil {
+		return Result{}, err
+	}
+	defer c.Close()
+	r := Result{Peer: c.RemoteAddr().String()}
+	if dl, ok := ctx.Deadline(); ok {
+		c.SetDeadline(dl)
+	}
+	line, err := bufio.NewReader(c).ReadString('\n')
+	r.Reply = strings.TrimSpace(line)
+	if err != nil && r.Reply == "" {
+		return r, err
+	}
+	return r, nil
+}
+
+// probeUDP uses a connected UDP socket, so ICMP errors (port unreachable) and
+// a socket-LB refusal surface as errors instead of a silent timeout.
+func probeUDP(ctx context.Context, to string) (Result, error) {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "udp", to)
+	if err != nil {
+		return Result{}, err
+	}
+	defer c.Close()
+	r := Result{Peer: c.RemoteAddr().String()}
+	if dl, ok := ctx.Deadline(); ok {
+		c.SetDeadline(dl)
+	}
+	buf := make([]byte, 2048)
+	// Resend while waiting: the first datagram may race an ARP resolution.
+	for {
+		if _, err := c.Write([]byte("probe\n")); err != nil {
+			return r, err
+		}
+		c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+		n, err := c.Read(buf)
+		if err == nil {
+			r.Reply = strings.TrimSpace(string(buf[:n]))
+			return r, nil
+		}
+		var ne net.Error
+		if !errors.As(err, &ne) || !ne.Timeout() {
+			return r, err
+		}
+		if ctx.Err() != nil {
+			return r, ctx.Err()
+		}
+	}
+}
+
+func probeHTTP(ctx context.Context, to string) (Result, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+to+"/", nil)
+	if err != nil {
+		return Result{}, err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return Result{}, err
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+	r := Result{Reply: strings.TrimSpace(string(body))}
+	if resp.StatusCode != http.StatusOK {
+		return r, fmt.Errorf("http status %d", resp.StatusCode)
+	}
+	return r, nil
+}
+
+func classify(err error) string {
+	switch {
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return "refused"
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, os.ErrDeadlineExceeded):
+		return "timeout"
+	case errors.Is(err, syscall.EHOSTUNREACH), errors.Is(err, syscall.ENETUNREACH):
+		return "unreachable"
+	case errors.Is(err, syscall.EPERM), errors.Is(err, syscall.EACCES):
+		return "denied"
+	}
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return "timeout"
+	}
+	return "other"
+}

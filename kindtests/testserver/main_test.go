@@ -1,0 +1,78 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"net"
+	"testing"
+)
+
+// probeOnce runs the probe command and decodes its JSON line.
+func probeOnce(t *testing.T, args ...string) (Result, int) {
+	t.Helper()
+	var out bytes.Buffer
+	code := probe(args, &out)
+	var r Result
+	if err := json.Unmarshal(out.Bytes(), &r); err != nil {
+		t.Fatalf("probe printed no JSON: %v: %q", err, out.String())
+	}
+	return r, code
+}
+
+func TestProbe(t *testing.T) {
+	tl, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tl.Close() })
+	go serveTCP(tl, "pod-a")
+
+	uc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { uc.Close() })
+	go serveUDP(uc, "pod-u")
+
+	// A port nobody listens on: bind then close, so the kernel refuses it.
+	closed, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	closedAddr := closed.Addr().String()
+	closed.Close()
+	uclosed, _ := net.ListenPacket("udp", "127.0.0.1:0")
+	uclosedAddr := uclosed.LocalAddr().String()
+	uclosed.Close()
+
+	for _, tc := range []struct {
+		name      string
+		args      []string
+		wantOK    bool
+		wantReply string
+		wantClass string
+	}{
+		{"tcp answers with identity", []string{"--protocol", "tcp", "--to", tl.Addr().String()}, true, "pod-a", ""},
+		{"udp answers with identity", []string{"--protocol", "udp", "--to", uc.LocalAddr().String()}, true, "pod-u", ""},
+		{"tcp refused", []string{"--protocol", "tcp", "--to", closedAddr}, false, "", "refused"},
+		{"udp refused by ICMP", []string{"--protocol", "udp", "--to", uclosedAddr, "--timeout", "1s"}, false, "", "refused"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r, code := probeOnce(t, tc.args...)
+			if r.OK != tc.wantOK || r.Reply != tc.wantReply || r.Class != tc.wantClass || (code == 0) != tc.wantOK {
+				t.Errorf("got %+v (exit %d), want ok=%v reply=%q class=%q", r, code, tc.wantOK, tc.wantReply, tc.wantClass)
+			}
+		})
+	}
+}
+
+func TestParsePorts(t *testing.T) {
+	if p, err := parsePorts("80, 81,"); err != nil || len(p) != 2 || p[0] != 80 || p[1] != 81 {
+		t.Errorf("parsePorts: %v %v", p, err)
+	}
+	for _, bad := range []string{"0", "65536", "x"} {
+		if _, err := parsePorts(bad); err == nil {
+			t.Errorf("parsePorts(%q) accepted", bad)
+		}
+	}
+}
