@@ -1,0 +1,267 @@
+//go:build linux
+
+// Package sockstats is the foundation datapath: a cgroup/sock_create program
+// that counts sockets created per address family below a cgroup v2 directory.
+//
+// The link and the counter map are pinned under the agent's pin dir, so the
+// program keeps counting while the agent restarts; a new agent swaps its
+// freshly loaded program into the pinned link instead of attaching twice.
+package sockstats
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"syscall"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+)
+
+const (
+	// ProgramName is the kernel name of the program (kebpf_ prefix, <=15 chars).
+	ProgramName = SockstatsProgKebpfSockstat
+	// MapName is the kernel name of the counter map, also its pin file name.
+	MapName = SockstatsMapKebpfSockstats
+	// LinkPinName is the file name of the pinned link under <pinDir>/links.
+	LinkPinName = "sockstat"
+	// Feature is the name reported in NodeState.Status.Active.
+	Feature = "sockstats"
+)
+
+// Map slots; keep in sync with the SLOT_* enum in sockstats.c.
+const (
+	slotInet uint32 = iota
+	slotInet6
+	slotOther
+	slotMax
+)
+
+// Counts are the sockets created since the map was first pinned, summed
+// over all CPUs.
+type Counts struct {
+	Inet  uint64
+	Inet6 uint64
+	Other uint64
+}
+
+// ByFamily returns the counts keyed by the metric label values
+// "inet", "inet6" and "other".
+func (c Counts) ByFamily() map[string]uint64 {
+	return map[string]uint64{"inet": c.Inet, "inet6": c.Inet6, "other": c.Other}
+}
+
+// LinkPinPath is where the cgroup link is pinned.
+func LinkPinPath(pinDir string) string {
+	return filepath.Join(pinDir, "links", LinkPinName)
+}
+
+// MapPinDir is the directory the counter map is pinned in (by name).
+func MapPinDir(pinDir string) string {
+	return filepath.Join(pinDir, "maps")
+}
+
+// MapPinPath is the pin file of the counter map.
+func MapPinPath(pinDir string) string {
+	return filepath.Join(MapPinDir(pinDir), MapName)
+}
+
+// Objects is a loaded sockstats program with its (pinned) map and, after
+// Attach, its cgroup link.
+type Objects struct {
+	objs   SockstatsObjects
+	link   link.Link
+	pinDir string
+}
+
+// Load loads the program into the kernel. The counter map is reused from
+// <pinDir>/maps/kebpf_sockstats when it exists (counters survive restarts),
+// otherwise created and pinned there. pinDir must be on a bpffs.
+func Load(pinDir string) (*Objects, error) {
+	for _, dir := range []string{MapPinDir(pinDir), filepath.Dir(LinkPinPath(pinDir))} {
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return nil, fmt.Errorf("create pin dir: %w", err)
+		}
+	}
+	o := &Objects{pinDir: pinDir}
+	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: MapPinDir(pinDir)}}
+	if err := LoadSockstatsObjects(&o.objs, opts); err != nil {
+		var verr *ebpf.VerifierError
+		if errors.As(err, &verr) {
+			return nil, fmt.Errorf("load %s: %+v", ProgramName, verr)
+		}
+		return nil, fmt.Errorf("load %s: %w", ProgramName, err)
+	}
+	return o, nil
+}
+
+// Attach attaches the program at the cgroup v2 directory cgroupPath and pins
+// the link. It is idempotent across restarts: when a pinned link exists for
+// the same cgroup, the new program is swapped into it atomically (no window
+// without counting, never two attachments); a pinned link for another cgroup
+// is detached and replaced.
+func (o *Objects) Attach(cgroupPath string) error {
+	if o.link != nil {
+		return fmt.Errorf("attach %s: already attached", ProgramName)
+	}
+	pin := LinkPinPath(o.pinDir)
+	prog := o.objs.KebpfSockstat
+
+	l, err := link.LoadPinnedLink(pin, nil)
+	switch {
+	case err == nil:
+		same, serr := sameCgroup(l, cgroupPath)
+		if serr == nil && same {
+			if err := l.Update(prog); err != nil {
+				l.Close()
+				return fmt.Errorf("update pinned link %s: %w", pin, err)
+			}
+			o.link = l
+			return nil
+		}
+		// The pin points elsewhere (cgroup root changed) or is unreadable:
+		// drop it so the fresh attachment below is the only one.
+		if err := detachAndClose(l); err != nil {
+			return fmt.Errorf("replace pinned link %s: %w", pin, err)
+		}
+	case errors.Is(err, os.ErrNotExist):
+	default:
+		return fmt.Errorf("load pinned link %s: %w", pin, err)
+	}
+
+	l, err = link.AttachCgroup(link.CgroupOptions{
+		Path:    cgroupPath,
+		Attach:  ebpf.AttachCGroupInetSockCreate,
+		Program: prog,
+	})
+	if err != nil {
+		return fmt.Errorf("attach %s to %s: %w", ProgramName, cgroupPath, err)
+	}
+	if err := l.Pin(pin); err != nil {
+		// Without a pin the attachment would vanish with this process,
+		// silently breaking the restart guarantee; refuse instead.
+		l.Close()
+		return fmt.Errorf("pin link %s: %w", pin, err)
+	}
+	o.link = l
+	return nil
+}
+
+// sameCgroup reports whether l is a cgroup link attached at cgroupPath.
+// On cgroup v2 the cgroup ID is the inode number of its directory.
+func sameCgroup(l link.Link, cgroupPath string) (bool, error) {
+	info, err := l.Info()
+	if err != nil {
+		return false, err
+	}
+	cg := info.Cgroup()
+	if cg == nil {
+		return false, fmt.Errorf("link %d is not a cgroup link", info.ID)
+	}
+	fi, err := os.Stat(cgroupPath)
+	if err != nil {
+		return false, err
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return false, fmt.Errorf("stat %s: no inode", cgroupPath)
+	}
+	return cg.CgroupId == st.Ino, nil
+}
+
+func detachAndClose(l link.Link) error {
+	var errs []error
+	if err := l.Unpin(); err != nil {
+		errs = append(errs, fmt.Errorf("unpin: %w", err))
+	}
+	// Detach explicitly: another process (an old agent still shutting down)
+	// may hold an fd, and closing ours alone would leave the program attached.
+	if err := l.Detach(); err != nil && !errors.Is(err, link.ErrNotSupported) {
+		errs = append(errs, fmt.Errorf("detach: %w", err))
+	}
+	if err := l.Close(); err != nil {
+		errs = append(errs, fmt.Errorf("close: %w", err))
+	}
+	return errors.Join(errs...)
+}
+
+// Attached reports whether Attach succeeded.
+func (o *Objects) Attached() bool { return o.link != nil }
+
+// Program is the loaded program (for tests and introspection).
+func (o *Objects) Program() *ebpf.Program { return o.objs.KebpfSockstat }
+
+// Counts reads the per-CPU counters and sums them.
+func (o *Objects) Counts() (Counts, error) {
+	return ReadCounts(o.objs.KebpfSockstats)
+}
+
+// ReadCounts sums the per-CPU counters of a kebpf_sockstats map, e.g. one
+// opened with ebpf.LoadPinnedMap(MapPinPath(pinDir), nil).
+func ReadCounts(m *ebpf.Map) (Counts, error) {
+	var sums [slotMax]uint64
+	for slot := range slotMax {
+		var perCPU []uint64
+		if err := m.Lookup(slot, &perCPU); err != nil {
+			return Counts{}, fmt.Errorf("lookup %s[%d]: %w", MapName, slot, err)
+		}
+		for _, v := range perCPU {
+			sums[slot] += v
+		}
+	}
+	return Counts{Inet: sums[slotInet], Inet6: sums[slotInet6], Other: sums[slotOther]}, nil
+}
+
+// Close releases this process's handles. The pinned link and map stay, so
+// the program keeps running; use Detach to remove it.
+func (o *Objects) Close() error {
+	var errs []error
+	if o.link != nil {
+		if err := o.link.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close link: %w", err))
+		}
+		o.link = nil
+	}
+	if err := o.objs.Close(); err != nil {
+		errs = append(errs, fmt.Errorf("close objects: %w", err))
+	}
+	return errors.Join(errs...)
+}
+
+// Detach removes the attachment and both pins, then closes everything.
+func (o *Objects) Detach() error {
+	var errs []error
+	if o.link != nil {
+		if err := detachAndClose(o.link); err != nil {
+			errs = append(errs, fmt.Errorf("detach %s: %w", ProgramName, err))
+		}
+		o.link = nil
+	} else if err := DetachPinned(o.pinDir); err != nil {
+		errs = append(errs, err)
+	}
+	if err := o.objs.KebpfSockstats.Unpin(); err != nil {
+		errs = append(errs, fmt.Errorf("unpin %s: %w", MapName, err))
+	}
+	if err := o.objs.Close(); err != nil {
+		errs = append(errs, fmt.Errorf("close objects: %w", err))
+	}
+	return errors.Join(errs...)
+}
+
+// DetachPinned detaches and unpins the link pinned under pinDir without
+// loading anything. A missing pin is not an error.
+func DetachPinned(pinDir string) error {
+	pin := LinkPinPath(pinDir)
+	l, err := link.LoadPinnedLink(pin, nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("load pinned link %s: %w", pin, err)
+	}
+	if err := detachAndClose(l); err != nil {
+		return fmt.Errorf("detach pinned link %s: %w", pin, err)
+	}
+	return nil
+}

@@ -1,0 +1,92 @@
+//go:build linux
+
+package app
+
+import (
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/spf13/cobra"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
+	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/agent"
+	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/mounts"
+)
+
+type runOptions struct {
+	nodeName   string
+	pinDir     string
+	cgroupRoot string
+	healthAddr string
+	kubeconfig string
+}
+
+func newRunCommand(lo *logOptions, stderr io.Writer) *cobra.Command {
+	o := &runOptions{}
+	cmd := &cobra.Command{
+		Use:   "run",
+		Short: "Run the node agent daemon",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := lo.logger(stderr)
+			if err != nil {
+				return err
+			}
+			cfg, err := o.restConfig()
+			if err != nil {
+				return err
+			}
+			client, err := dynamic.NewForConfig(cfg)
+			if err != nil {
+				return fmt.Errorf("dynamic client: %w", err)
+			}
+			a, err := agent.New(agent.Config{
+				NodeName:   o.nodeName,
+				PinDir:     o.pinDir,
+				CgroupRoot: o.cgroupRoot,
+				HealthAddr: o.healthAddr,
+				Version:    manifests.Version,
+				Client:     client,
+				Log:        log,
+			})
+			if err != nil {
+				return err
+			}
+			// SIGTERM ends Run, which exits WITHOUT detaching: the pinned
+			// link keeps the datapath alive until the next agent takes it over.
+			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGTERM, os.Interrupt)
+			defer stop()
+			log.Info("starting", "version", manifests.Version, "node", o.nodeName,
+				"pinDir", o.pinDir, "cgroupRoot", o.cgroupRoot)
+			return a.Run(ctx)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&o.nodeName, "node-name", os.Getenv("NODE_NAME"), "name of this node (default $NODE_NAME)")
+	f.StringVar(&o.pinDir, "pin-dir", mounts.DefaultPinDir, "bpffs directory holding our pinned links and maps")
+	f.StringVar(&o.cgroupRoot, "cgroup-root", mounts.DefaultCgroupRoot, "cgroup v2 mount to attach cgroup programs at")
+	f.StringVar(&o.healthAddr, "health-addr", "127.0.0.1:9890", "loopback address for /healthz, /readyz and /metrics")
+	f.StringVar(&o.kubeconfig, "kubeconfig", "", "kubeconfig for running outside a pod (default: in-cluster config)")
+	return cmd
+}
+
+func (o *runOptions) restConfig() (*rest.Config, error) {
+	if o.kubeconfig != "" {
+		cfg, err := clientcmd.BuildConfigFromFlags("", o.kubeconfig)
+		if err != nil {
+			return nil, fmt.Errorf("load kubeconfig %s: %w", o.kubeconfig, err)
+		}
+		return cfg, nil
+	}
+	cfg, err := rest.InClusterConfig()
+	if err != nil {
+		return nil, fmt.Errorf("in-cluster config (use --kubeconfig outside a pod): %w", err)
+	}
+	return cfg, nil
+}
