@@ -1,0 +1,157 @@
+package local
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+)
+
+func writeFile(path, content string) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return fmt.Errorf("create %s: %w", filepath.Dir(path), err)
+	}
+	if err := os.WriteFile(path, []byte(content), 0o644); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	return nil
+}
+
+// containerdConfig is our own containerd instance: own socket, root, state
+// and runc root, so it never touches a host containerd and teardown can find
+// everything it made.
+func (s *state) containerdConfig() string {
+	return fmt.Sprintf(`version = 2
+root = %q
+state = %q
+oom_score = 0
+
+[grpc]
+  address = %q
+
+[ttrpc]
+  address = ""
+
+[debug]
+  level = "info"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = %q
+
+[plugins."io.containerd.grpc.v1.cri"]
+  # The VM withholds CAP_SYS_RESOURCE even from root; without this runc
+  # fails every pod with "can't get final child's PID from pipe: EOF".
+  restrict_oom_score_adj = true
+  sandbox_image = %q
+  disable_apparmor = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  enable_selinux = false
+
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        # systemd is not PID 1 here.
+        SystemdCgroup = false
+        Root = %q
+
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = %q
+    max_conf_num = 1
+`, s.path("containerd", "root"), s.path("containerd", "state"), s.sock, s.path("containerd", "opt"),
+		PauseImage, s.runcRoot, s.path("cni", "net.d"))
+}
+
+func (s *state) cniConfig() string {
+	return fmt.Sprintf(`{
+  "cniVersion": "0.4.0",
+  "name": "kebpf",
+  "plugins": [
+    {
+      "type": "bridge",
+      "bridge": %q,
+      "isGateway": true,
+      "isDefaultGateway": true,
+      "ipMasq": false,
+      "hairpinMode": true,
+      "ipam": {
+        "type": "host-local",
+        "dataDir": %q,
+        "ranges": [[{"subnet": %q, "gateway": %q}]]
+      }
+    },
+    {"type": "portmap", "capabilities": {"portMappings": true}}
+  ]
+}
+`, Bridge, s.path("cni", "ipam"), PodCIDR, NodeIP)
+}
+
+func (s *state) kubeletConfig() string {
+	return fmt.Sprintf(`apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+address: %s
+port: 10250
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+healthzPort: 10248
+authentication:
+  anonymous:
+    enabled: false
+  webhook:
+    enabled: true
+  x509:
+    clientCAFile: %s
+authorization:
+  mode: Webhook
+cgroupDriver: cgroupfs
+failCgroupV1: false
+failSwapOn: false
+containerRuntimeEndpoint: unix://%s
+podLogsDir: %s
+resolvConf: /etc/resolv.conf
+clusterDomain: cluster.local
+protectKernelDefaults: false
+serializeImagePulls: false
+rotateCertificates: false
+imageGCHighThresholdPercent: 99
+imageGCLowThresholdPercent: 98
+evictionHard:
+  memory.available: 100Mi
+  nodefs.available: 1%%
+  nodefs.inodesFree: 1%%
+  imagefs.available: 1%%
+  imagefs.inodesFree: 1%%
+`, NodeIP, s.path("pki", "ca.crt"), s.sock, s.path("pod-logs"))
+}
+
+// kubeProxyConfig leaves the host's conntrack sysctls alone (zero means "do
+// not set"), programs node ports only on the bridge address, and keeps
+// route_localnet untouched.
+func (s *state) kubeProxyConfig() string {
+	return fmt.Sprintf(`apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+clientConnection:
+  kubeconfig: %s
+mode: iptables
+hostnameOverride: %s
+bindAddress: %s
+clusterCIDR: %s
+healthzBindAddress: 127.0.0.1:10256
+metricsBindAddress: 127.0.0.1:10249
+nodePortAddresses: ["%s/32"]
+iptables:
+  localhostNodePorts: false
+conntrack:
+  maxPerCore: 0
+  min: 0
+  tcpEstablishedTimeout: 0s
+  tcpCloseWaitTimeout: 0s
+  udpTimeout: 0s
+  udpStreamTimeout: 0s
+`, s.path("kube-proxy.kubeconfig"), NodeName, NodeIP, PodCIDR, NodeIP)
+}

@@ -1,0 +1,236 @@
+package local
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+)
+
+// watchedSysctls are the sysctls we, the kubelet (protect-kernel-defaults
+// off), the bridge CNI plugin or kube-proxy may change; Delete restores each.
+var watchedSysctls = []string{
+	"net.ipv4.ip_forward", // first: writing it resets every conf/*/forwarding
+	"net.bridge.bridge-nf-call-iptables",
+	"net.bridge.bridge-nf-call-ip6tables",
+	"net.ipv6.conf.all.forwarding",
+	"net.ipv4.conf.all.route_localnet",
+	"kernel.panic",
+	"kernel.panic_on_oops",
+	"vm.overcommit_memory",
+	"vm.panic_on_oom",
+	"kernel.keys.root_maxkeys",
+	"kernel.keys.root_maxbytes",
+	"net.netfilter.nf_conntrack_max",
+	"net.netfilter.nf_conntrack_tcp_timeout_established",
+	"net.netfilter.nf_conntrack_tcp_timeout_close_wait",
+	"net.netfilter.nf_conntrack_udp_timeout",
+	"net.netfilter.nf_conntrack_udp_timeout_stream",
+}
+
+type sysctl struct {
+	Key   string `json:"key"`
+	Value string `json:"value"`
+}
+
+// hostRecord is what the host looked like before Create touched it.
+type hostRecord struct {
+	Sysctls []sysctl `json:"sysctls"`
+	// Netns are the /run/netns/cni-* namespaces that existed before, which
+	// teardown leaves alone.
+	Netns []string `json:"netns"`
+	// Absent are host paths the kubelet, CNI or ip create at fixed places
+	// that did not exist before; teardown removes them.
+	Absent []string `json:"absent"`
+}
+
+// fixedPaths are created outside the state dir whatever flags we pass
+// (the kubelet's device-plugin socket dir is a compiled-in path).
+var fixedPaths = []string{
+	"/var/lib/kubelet", "/usr/libexec/kubernetes", "/var/lib/cni", "/var/log/containers",
+	"/var/log/pods", "/run/netns", "/run/mount", "/run/containerd", "/etc/kubernetes", "/run/kubernetes", "/etc/cni", "/opt/cni",
+}
+
+func sysctlPath(key string) string {
+	return filepath.Join("/proc/sys", strings.ReplaceAll(key, ".", "/"))
+}
+
+func readSysctl(key string) (string, bool) {
+	b, err := os.ReadFile(sysctlPath(key))
+	if err != nil {
+		return "", false
+	}
+	return strings.TrimSpace(string(b)), true
+}
+
+func writeSysctl(key, value string) error {
+	if err := os.WriteFile(sysctlPath(key), []byte(value+"\n"), 0o644); err != nil {
+		return fmt.Errorf("sysctl %s=%s: %w", key, value, err)
+	}
+	return nil
+}
+
+func (s *state) recordFile() string { return s.path("host-record.json") }
+
+func (s *state) recordHost() error {
+	if _, err := os.Stat(s.recordFile()); err == nil {
+		return nil
+	}
+	var rec hostRecord
+	keys := append([]string(nil), watchedSysctls...)
+	// Writing ip_forward flips forwarding on every interface; remember each.
+	if ents, err := os.ReadDir("/proc/sys/net/ipv4/conf"); err == nil {
+		for _, e := range ents {
+			if e.Name() == Bridge || strings.HasPrefix(e.Name(), "veth") || strings.Contains(e.Name(), ".") {
+				continue
+			}
+			keys = append(keys, "net.ipv4.conf."+e.Name()+".forwarding")
+		}
+	}
+	for _, k := range keys {
+		if v, ok := readSysctl(k); ok {
+			rec.Sysctls = append(rec.Sysctls, sysctl{k, v})
+		}
+	}
+	rec.Netns = cniNetns()
+	for _, p := range fixedPaths {
+		if _, err := os.Lstat(p); errors.Is(err, os.ErrNotExist) {
+			rec.Absent = append(rec.Absent, p)
+		}
+	}
+	b, _ := json.MarshalIndent(rec, "", "  ")
+	if err := os.WriteFile(s.recordFile(), b, 0o644); err != nil {
+		return fmt.Errorf("record host state: %w", err)
+	}
+	return nil
+}
+
+func cniNetns() []string {
+	var out []string
+	ents, _ := os.ReadDir("/run/netns")
+	for _, e := range ents {
+		if strings.HasPrefix(e.Name(), "cni-") {
+			out = append(out, e.Name())
+		}
+	}
+	return out
+}
+
+func run(ctx context.Context, name string, args ...string) (string, error) {
+	out, err := exec.CommandContext(ctx, name, args...).CombinedOutput()
+	if err != nil {
+		return string(out), fmt.Errorf("%s %s: %w: %s", name, strings.Join(args, " "), err, strings.TrimSpace(string(out)))
+	}
+	return string(out), nil
+}
+
+func linkExists(name string) bool {
+	_, err := os.Stat(filepath.Join("/sys/class/net", name))
+	return err == nil
+}
+
+// containmentRules keep pods on this machine: nothing enters or leaves the
+// bridge except to the host itself (which is INPUT/OUTPUT, not FORWARD).
+// Mangle copies run before kube-proxy's filter chains, which it prepends.
+func (s *state) containmentRules() [][]string {
+	comment := "kubectl-ebpf-local:" + s.name
+	var rules [][]string
+	for _, table := range []string{"filter", "mangle"} {
+		rules = append(rules,
+			[]string{"-t", table, "FORWARD", "-i", Bridge, "!", "-o", Bridge, "-m", "comment", "--comment", comment, "-j", "DROP"},
+			[]string{"-t", table, "FORWARD", "-o", Bridge, "!", "-i", Bridge, "-m", "comment", "--comment", comment, "-j", "DROP"},
+		)
+	}
+	return rules
+}
+
+func ruleArgs(op string, r []string) []string {
+	// r = -t table CHAIN spec...
+	return append([]string{"-w", r[0], r[1], op, r[2]}, r[3:]...)
+}
+
+func (s *state) setupNetwork(ctx context.Context) error {
+	if !linkExists(Bridge) {
+		if _, err := run(ctx, "ip", "link", "add", Bridge, "type", "bridge"); err != nil {
+			return err
+		}
+	}
+	// The API server binds this address, so it must exist before it starts;
+	// the CNI bridge plugin accepts the identical gateway address.
+	if _, err := run(ctx, "ip", "addr", "replace", NodeIP+"/24", "dev", Bridge); err != nil {
+		return err
+	}
+	if _, err := run(ctx, "ip", "link", "set", Bridge, "up"); err != nil {
+		return err
+	}
+	if err := writeSysctl("net.bridge.bridge-nf-call-iptables", "1"); err != nil {
+		return err
+	}
+	if err := writeSysctl("net.ipv4.ip_forward", "1"); err != nil {
+		return err
+	}
+	for _, r := range s.containmentRules() {
+		if _, err := run(ctx, "iptables", ruleArgs("-C", r)...); err == nil {
+			continue
+		}
+		insert := append([]string{"-w", r[0], r[1], "-I", r[2], "1"}, r[3:]...)
+		if _, err := run(ctx, "iptables", insert...); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// restoreSysctls puts back the values recorded before Create.
+func (s *state) restoreSysctls() []error {
+	b, err := os.ReadFile(s.recordFile())
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		return []error{fmt.Errorf("read host record: %w", err)}
+	}
+	var rec hostRecord
+	if err := json.Unmarshal(b, &rec); err != nil {
+		return []error{fmt.Errorf("parse host record: %w", err)}
+	}
+	var errs []error
+	for _, sc := range rec.Sysctls {
+		cur, ok := readSysctl(sc.Key)
+		if !ok || cur == sc.Value {
+			continue
+		}
+		if err := writeSysctl(sc.Key, sc.Value); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errs
+}
+
+func (s *state) readRecord() (hostRecord, bool) {
+	var rec hostRecord
+	b, err := os.ReadFile(s.recordFile())
+	if err != nil {
+		return rec, false
+	}
+	return rec, json.Unmarshal(b, &rec) == nil
+}
+
+func (s *state) recordedNetns() map[string]bool {
+	m := map[string]bool{}
+	b, err := os.ReadFile(s.recordFile())
+	if err != nil {
+		return m
+	}
+	var rec hostRecord
+	if json.Unmarshal(b, &rec) == nil {
+		for _, n := range rec.Netns {
+			m[n] = true
+		}
+	}
+	return m
+}

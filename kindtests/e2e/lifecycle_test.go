@@ -1,0 +1,258 @@
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+)
+
+// result is one finished command.
+type result struct {
+	stdout, stderr string
+	code           int
+}
+
+func requireEnv(t *testing.T) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("e2e needs root and a local cluster; skipped under -short")
+	}
+	if os.Geteuid() != 0 {
+		t.Fatal("e2e needs root (this machine and CI run as root)")
+	}
+}
+
+// kubectl runs the kubectl built from the pinned Kubernetes module with the
+// env's bin dir first on PATH, so `kubectl ebpf ...` resolves our plugin
+// through kubectl's own plugin lookup.
+func kubectl(t *testing.T, timeout time.Duration, args ...string) result {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, filepath.Join(env.BinDir, "kubectl"), args...)
+	cmd.Env = append(os.Environ(),
+		"KUBECONFIG="+env.Cluster.Kubeconfig,
+		"PATH="+env.BinDir+string(os.PathListSeparator)+os.Getenv("PATH"))
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	r := result{stdout: out.String(), stderr: errb.String()}
+	var ee *exec.ExitError
+	switch {
+	case errors.As(err, &ee):
+		r.code = ee.ExitCode()
+	case err != nil:
+		t.Fatalf("kubectl %s: %v", strings.Join(args, " "), err)
+	}
+	t.Logf("$ kubectl %s  (exit %d)\n%s%s", strings.Join(args, " "), r.code, r.stdout, r.stderr)
+	return r
+}
+
+func mustKubectl(t *testing.T, timeout time.Duration, args ...string) string {
+	t.Helper()
+	r := kubectl(t, timeout, args...)
+	if r.code != 0 {
+		t.Fatalf("kubectl %s: exit %d: %s", strings.Join(args, " "), r.code, r.stderr)
+	}
+	return r.stdout
+}
+
+// onNode runs a command on a node through the provider (the host itself for
+// the local provider, the node container for kind).
+func onNode(t *testing.T, node string, argv ...string) (string, error) {
+	t.Helper()
+	p, err := env.ProviderOf()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	out, err := p.Exec(ctx, env.Name, node, argv...)
+	return string(out), err
+}
+
+// nodeBPF is what a node shows of our BPF state, read with tools that are not
+// ours (ls, bpftool).
+type nodeBPF struct {
+	pinDir   bool     // /sys/fs/bpf/kubectl-ebpf exists
+	programs []string // loaded programs named kebpf_*
+	attached []string // cgroup attachments of kebpf_* programs
+}
+
+func inspectNode(t *testing.T, node string) nodeBPF {
+	t.Helper()
+	var s nodeBPF
+	if _, err := onNode(t, node, "test", "-e", "/sys/fs/bpf/kubectl-ebpf"); err == nil {
+		s.pinDir = true
+	}
+	out, err := onNode(t, node, "bpftool", "-j", "prog", "show")
+	if err != nil {
+		t.Fatalf("bpftool prog show on %s: %v: %s", node, err, out)
+	}
+	var progs []struct {
+		Name string `json:"name"`
+	}
+	if err := json.Unmarshal([]byte(out), &progs); err != nil {
+		t.Fatalf("bpftool prog show: %v: %s", err, out)
+	}
+	for _, p := range progs {
+		if strings.HasPrefix(p.Name, "kebpf_") {
+			s.programs = append(s.programs, p.Name)
+		}
+	}
+	out, err = onNode(t, node, "bpftool", "cgroup", "tree")
+	if err != nil {
+		t.Fatalf("bpftool cgroup tree on %s: %v: %s", node, err, out)
+	}
+	for _, line := range strings.Split(out, "\n") {
+		if strings.Contains(line, "kebpf_") {
+			s.attached = append(s.attached, strings.Join(strings.Fields(line), " "))
+		}
+	}
+	return s
+}
+
+// statusJSON is the part of `kubectl ebpf status -o json` the suite checks.
+type statusJSON struct {
+	Installed bool `json:"installed"`
+	Nodes     []struct {
+		Name    string   `json:"name"`
+		Ready   bool     `json:"ready"`
+		Version string   `json:"version"`
+		Kernel  string   `json:"kernel"`
+		Active  []string `json:"active"`
+		Errors  []string `json:"errors"`
+	} `json:"nodes"`
+}
+
+func status(t *testing.T) (statusJSON, result) {
+	t.Helper()
+	r := kubectl(t, time.Minute, "ebpf", "status", "-o", "json")
+	var s statusJSON
+	if err := json.Unmarshal([]byte(r.stdout), &s); err != nil {
+		t.Fatalf("status -o json is not JSON: %v\n%s", err, r.stdout)
+	}
+	return s, r
+}
+
+func ensureUninstalled(t *testing.T) {
+	t.Helper()
+	if r := kubectl(t, 5*time.Minute, "ebpf", "uninstall", "--wait"); r.code != 0 {
+		t.Errorf("cleanup uninstall: exit %d: %s", r.code, r.stderr)
+	}
+}
+
+// TestIntegrationLifecycle is the foundation's acceptance test: install and
+// wait, every node Ready in status, the datapath present on each node and kept
+// across an agent restart, then uninstall and proof on each node that nothing
+// of ours remains.
+func TestIntegrationLifecycle(t *testing.T) {
+	requireEnv(t)
+	t.Cleanup(func() { ensureUninstalled(t) })
+
+	if out := mustKubectl(t, time.Minute, "plugin", "list"); !strings.Contains(out, "kubectl-ebpf") {
+		t.Fatalf("kubectl plugin list does not find kubectl-ebpf:\n%s", out)
+	}
+	mustKubectl(t, time.Minute, "ebpf", "version")
+
+	t.Run("status before install", func(t *testing.T) {
+		r := kubectl(t, time.Minute, "ebpf", "status")
+		if r.code == 0 || !strings.Contains(r.stdout+r.stderr, "not installed") {
+			t.Fatalf("status before install: want non-zero exit and 'not installed', got exit %d", r.code)
+		}
+	})
+
+	mustKubectl(t, 6*time.Minute, "ebpf", "install", "--wait", "--timeout", "5m")
+
+	s, r := status(t)
+	if r.code != 0 || !s.Installed || len(s.Nodes) != len(env.Cluster.Nodes) {
+		t.Fatalf("status after install: exit %d, installed %v, %d nodes (cluster has %d)", r.code, s.Installed, len(s.Nodes), len(env.Cluster.Nodes))
+	}
+	for _, n := range s.Nodes {
+		if !n.Ready || n.Version != env.Product.Version || !slices.Contains(n.Active, "sockstats") || len(n.Errors) > 0 {
+			t.Errorf("node %s: ready %v version %q (want %q) active %v errors %v", n.Name, n.Ready, n.Version, env.Product.Version, n.Active, n.Errors)
+		}
+	}
+
+	for _, node := range env.Cluster.Nodes {
+		st := inspectNode(t, node)
+		if !st.pinDir || !slices.Contains(st.programs, "kebpf_sockstat") || len(st.attached) == 0 {
+			t.Fatalf("node %s after install: pin dir %v, programs %v, attached %v", node, st.pinDir, st.programs, st.attached)
+		}
+		// The agent's metrics answer on the node's loopback only.
+		out, err := onNode(t, node, "curl", "-sf", "http://127.0.0.1:9890/metrics")
+		if err != nil || !strings.Contains(out, "kebpf_sockets_created_total") {
+			t.Errorf("metrics on %s: %v\n%.400s", node, err, out)
+		}
+	}
+
+	t.Run("second install is a no-op", func(t *testing.T) {
+		mustKubectl(t, 6*time.Minute, "ebpf", "install", "--wait", "--timeout", "5m")
+	})
+
+	t.Run("agent restart keeps the datapath", func(t *testing.T) {
+		before := map[string]nodeBPF{}
+		for _, node := range env.Cluster.Nodes {
+			before[node] = inspectNode(t, node)
+		}
+		mustKubectl(t, 2*time.Minute, "-n", "kubectl-ebpf-system", "delete", "pod", "-l", "app.kubernetes.io/name=kebpf-agent", "--wait=true")
+		// With the agents gone, the pinned links keep the programs attached.
+		for _, node := range env.Cluster.Nodes {
+			if st := inspectNode(t, node); len(st.attached) != len(before[node].attached) {
+				t.Errorf("node %s without agent: attached %v, before %v", node, st.attached, before[node].attached)
+			}
+		}
+		mustKubectl(t, 6*time.Minute, "ebpf", "status", "--wait", "--timeout", "5m")
+		for _, node := range env.Cluster.Nodes {
+			if st := inspectNode(t, node); len(st.attached) != len(before[node].attached) {
+				t.Errorf("node %s after restart: attached %v, before %v (re-attach must update the pinned link, not add one)", node, st.attached, before[node].attached)
+			}
+		}
+	})
+
+	mustKubectl(t, 6*time.Minute, "ebpf", "uninstall", "--wait")
+
+	for _, node := range env.Cluster.Nodes {
+		st := inspectNode(t, node)
+		if st.pinDir || len(st.programs) > 0 || len(st.attached) > 0 {
+			t.Errorf("node %s after uninstall: pin dir %v, programs %v, attached %v", node, st.pinDir, st.programs, st.attached)
+		}
+	}
+	if r := kubectl(t, time.Minute, "get", "namespace", "kubectl-ebpf-system"); r.code == 0 {
+		t.Errorf("namespace kubectl-ebpf-system still exists after uninstall --wait")
+	}
+	if r := kubectl(t, time.Minute, "get", "crd", "nodestates.kubectl-ebpf.io"); r.code == 0 {
+		t.Errorf("CRD nodestates.kubectl-ebpf.io still exists after uninstall --wait")
+	}
+	r = kubectl(t, time.Minute, "ebpf", "status")
+	if r.code == 0 || !strings.Contains(r.stdout+r.stderr, "not installed") {
+		t.Errorf("status after uninstall: want 'not installed' and non-zero exit, got %d", r.code)
+	}
+	if r := kubectl(t, time.Minute, "ebpf", "uninstall"); r.code != 0 || !strings.Contains(r.stdout+r.stderr, "nothing to uninstall") {
+		t.Errorf("second uninstall: want exit 0 and 'nothing to uninstall', got %d", r.code)
+	}
+}
+
+// TestIntegrationInstallTimeout: an install whose agents can never become
+// ready (an image that exists nowhere) ends at --timeout with one clear line
+// naming the node and the reason, and a non-zero exit.
+func TestIntegrationInstallTimeout(t *testing.T) {
+	requireEnv(t)
+	t.Cleanup(func() { ensureUninstalled(t) })
+	r := kubectl(t, 3*time.Minute, "ebpf", "install", "--wait", "--timeout", "40s", "--image", "localhost/kubectl-ebpf/agent:does-not-exist")
+	if r.code == 0 {
+		t.Fatal("install with an image that exists nowhere succeeded")
+	}
+	msg := strings.TrimSpace(r.stderr)
+	if !strings.HasPrefix(msg, "error: ") || !strings.Contains(msg, env.Cluster.Nodes[0]) || !strings.Contains(msg, "Image") {
+		t.Errorf("want one 'error: ...' line naming node %s and the image problem, got:\n%s", env.Cluster.Nodes[0], msg)
+	}
+}

@@ -1,0 +1,96 @@
+package images
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+)
+
+// Product names the images of one build of the product.
+type Product struct {
+	Version       string
+	AgentRef      string
+	AgentTar      string
+	TestServerRef string
+	TestServerTar string
+}
+
+// Tarballs lists the image archives, for cluster.Provider.LoadImages.
+func (p Product) Tarballs() []string { return []string{p.AgentTar, p.TestServerTar} }
+
+// ModuleRoot is the directory of the product's go.mod, found through the go
+// command so tests and tools work from any package directory.
+func ModuleRoot(ctx context.Context) (string, error) {
+	out, err := exec.CommandContext(ctx, "go", "env", "GOMOD").Output()
+	if err != nil {
+		return "", fmt.Errorf("go env GOMOD: %w", err)
+	}
+	gomod := strings.TrimSpace(string(out))
+	if gomod == "" || gomod == os.DevNull {
+		return "", fmt.Errorf("not inside the kubectl-ebpf module")
+	}
+	return filepath.Dir(gomod), nil
+}
+
+// SourceVersion is the version stamped into binaries and image tags built from
+// the working tree: $KEBPF_VERSION, else `git describe --always --dirty`.
+func SourceVersion(ctx context.Context, root string) string {
+	if v := os.Getenv("KEBPF_VERSION"); v != "" {
+		return v
+	}
+	cmd := exec.CommandContext(ctx, "git", "describe", "--tags", "--always", "--dirty")
+	cmd.Dir = root
+	if out, err := cmd.Output(); err == nil && len(strings.TrimSpace(string(out))) > 0 {
+		return strings.TrimSpace(string(out))
+	}
+	return "dev"
+}
+
+// LDFlags stamps version into the product's binaries.
+func LDFlags(version string) string {
+	return "-s -w -X github.com/kubectl-ebpf/kubectl-ebpf/manifests.Version=" + version
+}
+
+// GoBuild builds one main package of the module into out, statically, so the
+// binary runs in an image with nothing else in it.
+func GoBuild(ctx context.Context, root, pkg, out, version string) error {
+	cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-ldflags", LDFlags(version), "-o", out, pkg)
+	cmd.Dir = root
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("go build %s: %w\n%s", pkg, err, b)
+	}
+	return nil
+}
+
+// BuildProduct builds the agent and test-server binaries and wraps each into
+// a single-layer image archive under outDir.
+func BuildProduct(ctx context.Context, root, outDir, version string) (Product, error) {
+	p := Product{
+		Version:       version,
+		AgentRef:      "localhost/kubectl-ebpf/agent:" + version,
+		AgentTar:      filepath.Join(outDir, "agent.tar"),
+		TestServerRef: "localhost/kubectl-ebpf/testserver:" + version,
+		TestServerTar: filepath.Join(outDir, "testserver.tar"),
+	}
+	if err := os.MkdirAll(outDir, 0o755); err != nil {
+		return p, err
+	}
+	for _, img := range []struct{ pkg, bin, ref, tar string }{
+		{"./nodeagent/cmd/kebpf-agent", "kebpf-agent", p.AgentRef, p.AgentTar},
+		{"./kindtests/testserver", "kebpf-testserver", p.TestServerRef, p.TestServerTar},
+	} {
+		bin := filepath.Join(outDir, img.bin)
+		if err := GoBuild(ctx, root, img.pkg, bin, version); err != nil {
+			return p, err
+		}
+		inImage := "/usr/local/bin/" + img.bin
+		if err := BuildBinaryImage(ctx, img.ref, map[string]string{inImage: bin}, []string{inImage}, img.tar); err != nil {
+			return p, fmt.Errorf("image %s: %w", img.ref, err)
+		}
+	}
+	return p, nil
+}
