@@ -46,6 +46,10 @@ type hostRecord struct {
 	// Absent are host paths the kubelet, CNI or ip create at fixed places
 	// that did not exist before; teardown removes them.
 	Absent []string `json:"absent"`
+	// PrivateMounts were not shared before Create made / rshared.
+	PrivateMounts []string `json:"privateMounts"`
+	// NodeMounts existed under nodeMountDirs before Create.
+	NodeMounts []string `json:"nodeMounts"`
 }
 
 // fixedPaths are created outside the state dir whatever flags we pass
@@ -97,6 +101,9 @@ func (s *state) recordHost() error {
 		}
 	}
 	rec.Netns = cniNetns()
+	if err := rec.recordMounts(); err != nil {
+		return err
+	}
 	for _, p := range fixedPaths {
 		if _, err := os.Lstat(p); errors.Is(err, os.ErrNotExist) {
 			rec.Absent = append(rec.Absent, p)
@@ -154,6 +161,9 @@ func ruleArgs(op string, r []string) []string {
 }
 
 func (s *state) setupNetwork(ctx context.Context) error {
+	if err := shareRootMount(ctx); err != nil {
+		return err
+	}
 	if !linkExists(Bridge) {
 		if _, err := run(ctx, "ip", "link", "add", Bridge, "type", "bridge"); err != nil {
 			return err

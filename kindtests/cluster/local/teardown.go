@@ -94,7 +94,8 @@ func (*Provider) Delete(ctx context.Context, name string, log io.Writer) error {
 	note(s.removeNetworking(ctx))
 	step("netns, veths and bridge removed")
 	note(s.unmountAll())
-	step("mounts removed")
+	note(s.restoreMounts(ctx))
+	step("mounts removed, propagation restored")
 	note(removeKubepodsCgroups())
 	step("kubepods cgroups removed")
 	for _, err := range s.restoreSysctls() {
