@@ -56,7 +56,7 @@ e2e: $(CLUSTER_TOOL) ## end-to-end: bring up a cluster, run plugin integration a
 	@echo "== e2e tier (cluster $(CLUSTER))"
 	@trap '$(CLUSTER_TOOL) down --name $(CLUSTER)' EXIT; \
 	  kc=$$($(CLUSTER_TOOL) up --name $(CLUSTER)); \
-	  KEBPF_KUBECONFIG=$$kc KEBPF_CLUSTER=$(CLUSTER) $(GOTEST) -timeout 40m ./plugin/... ./manifests/... ./kindtests/e2e/...
+	  KEBPF_KUBECONFIG=$$kc KEBPF_CLUSTER=$(CLUSTER) KEBPF_AGENT_IMAGE=localhost/kubectl-ebpf/agent:$(VERSION) $(GOTEST) -timeout 40m ./plugin/... ./manifests/... ./kindtests/e2e/...
 
 test: deps verify unit root e2e ## every test tier (what CI runs)
 	@echo "== all test tiers passed"

@@ -88,15 +88,19 @@ func missingCapabilities() (uint64, error) {
 	return 0, errors.New("no CapBnd in /proc/self/status")
 }
 
+// firstLine picks the line of an engine's output that says what is wrong
+// (`docker info` prints a "Client:" section before the daemon error).
 func firstLine(out []byte, err error) string {
-	s := strings.TrimSpace(string(out))
-	if i := strings.IndexByte(s, '\n'); i >= 0 {
-		s = s[:i]
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	for _, l := range lines {
+		if l = strings.TrimSpace(l); strings.Contains(l, "rror") || strings.Contains(l, "annot") {
+			return l
+		}
 	}
-	if s == "" {
-		return err.Error()
+	if s := strings.TrimSpace(lines[len(lines)-1]); s != "" {
+		return s
 	}
-	return s
+	return err.Error()
 }
 
 // Config returns the kind cluster config: one control plane and one worker,

@@ -1,0 +1,195 @@
+// Package manifests holds the Kubernetes objects `kubectl ebpf install`
+// applies, embedded so the plugin binary is self-contained.
+package manifests
+
+import (
+	"bytes"
+	"embed"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"sort"
+	"strconv"
+	"strings"
+	"text/template"
+
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
+)
+
+// Version is the release of the plugin and of the agent image it installs,
+// set with -ldflags -X github.com/kubectl-ebpf/kubectl-ebpf/manifests.Version=...
+var Version = "dev"
+
+// GitCommit is the source revision, set with -ldflags -X like Version.
+var GitCommit = ""
+
+// ImageRepository is the agent image without its tag.
+const ImageRepository = "localhost/kubectl-ebpf/agent"
+
+// DefaultImage is the agent image matching this build.
+func DefaultImage() string { return ImageRepository + ":" + Version }
+
+// Names shared by the plugin commands and the manifests.
+const (
+	Namespace     = "kubectl-ebpf-system"
+	DaemonSetName = "kebpf-agent"
+	ConfigMapName = "kubectl-ebpf-config"
+	CRDName       = "nodestates.kubectl-ebpf.io"
+	FieldManager  = "kubectl-ebpf"
+
+	LabelManagedBy = "app.kubernetes.io/managed-by"
+	LabelPartOf    = "app.kubernetes.io/part-of"
+	LabelName      = "app.kubernetes.io/name"
+	LabelValue     = "kubectl-ebpf"
+
+	// AgentContainer is the name of the agent container in the DaemonSet.
+	AgentContainer = "agent"
+)
+
+// ManagedSelector selects every object kubectl-ebpf created.
+const ManagedSelector = LabelManagedBy + "=" + LabelValue
+
+// AgentSelector selects the agent pods.
+const AgentSelector = LabelName + "=" + DaemonSetName
+
+// CommonLabels are put on every object we create.
+func CommonLabels() map[string]string {
+	return map[string]string{LabelManagedBy: LabelValue, LabelPartOf: LabelValue}
+}
+
+//go:embed yaml/*.yaml
+var files embed.FS
+
+// RenderOptions parameterise the manifests.
+type RenderOptions struct {
+	// Image of the agent; DefaultImage() when empty.
+	Image string
+	// Version recorded in the app.kubernetes.io/version label; Version when empty.
+	Version string
+	// Config is written to the ConfigMap; DefaultConfig() when nil. install
+	// passes the cluster's current config so a re-install keeps what
+	// `kubectl ebpf enable|disable` set.
+	Config *Config
+	// APIServerHost and APIServerPort, when set, become KUBERNETES_SERVICE_HOST
+	// and KUBERNETES_SERVICE_PORT of the agent container: the API server's real
+	// endpoint, so the hostNetwork agent reaches it on clusters without
+	// kube-proxy, where nothing translates the kubernetes Service's ClusterIP
+	// until the agent itself has programmed the socket LB. Both or neither.
+	APIServerHost string
+	APIServerPort string
+}
+
+// Objects renders every embedded manifest, in apply order (namespace and CRD
+// first, the DaemonSet last), with the common labels on each object and on the
+// DaemonSet's pod template.
+func Objects(opts RenderOptions) ([]*unstructured.Unstructured, error) {
+	if opts.Image == "" {
+		opts.Image = DefaultImage()
+	}
+	if opts.Version == "" {
+		opts.Version = Version
+	}
+	if strings.ContainsAny(opts.Image, " \t\n\"'{}") {
+		return nil, fmt.Errorf("invalid image %q", opts.Image)
+	}
+	if (opts.APIServerHost == "") != (opts.APIServerPort == "") {
+		return nil, fmt.Errorf("API server host %q and port %q: set both or neither", opts.APIServerHost, opts.APIServerPort)
+	}
+	if opts.APIServerHost != "" {
+		if strings.ContainsAny(opts.APIServerHost, " \t\n\"'{}[]/") {
+			return nil, fmt.Errorf("invalid API server host %q", opts.APIServerHost)
+		}
+		if p, err := strconv.Atoi(opts.APIServerPort); err != nil || p < 1 || p > 65535 {
+			return nil, fmt.Errorf("invalid API server port %q", opts.APIServerPort)
+		}
+	}
+	cfg := DefaultConfig()
+	if opts.Config != nil {
+		cfg = *opts.Config
+	}
+	cfgYAML, err := cfg.Marshal()
+	if err != nil {
+		return nil, err
+	}
+	names, err := fs.Glob(files, "yaml/*.yaml")
+	if err != nil {
+		return nil, err
+	}
+	sort.Strings(names) // file names carry the apply order
+	var objs []*unstructured.Unstructured
+	for _, name := range names {
+		raw, err := files.ReadFile(name)
+		if err != nil {
+			return nil, err
+		}
+		tmpl, err := template.New(name).Option("missingkey=error").Parse(string(raw))
+		if err != nil {
+			return nil, fmt.Errorf("parse %s: %w", name, err)
+		}
+		var buf bytes.Buffer
+		if err := tmpl.Execute(&buf, opts); err != nil {
+			return nil, fmt.Errorf("render %s: %w", name, err)
+		}
+		docs, err := decode(buf.Bytes())
+		if err != nil {
+			return nil, fmt.Errorf("decode %s: %w", name, err)
+		}
+		objs = append(objs, docs...)
+	}
+	for _, o := range objs {
+		addLabels(o)
+		// Set here, not in the template: a YAML block scalar inside a
+		// template is one indentation slip away from a different document.
+		if o.GetKind() == "ConfigMap" && o.GetName() == ConfigMapName {
+			if err := unstructured.SetNestedField(o.Object, string(cfgYAML), "data", ConfigKey); err != nil {
+				return nil, fmt.Errorf("set %s: %w", ConfigKey, err)
+			}
+		}
+	}
+	return objs, nil
+}
+
+func decode(data []byte) ([]*unstructured.Unstructured, error) {
+	dec := utilyaml.NewYAMLOrJSONDecoder(bytes.NewReader(data), 4096)
+	var out []*unstructured.Unstructured
+	for {
+		var m map[string]any
+		if err := dec.Decode(&m); err != nil {
+			if errors.Is(err, io.EOF) {
+				return out, nil
+			}
+			return nil, err
+		}
+		if len(m) == 0 {
+			continue
+		}
+		u := &unstructured.Unstructured{Object: m}
+		if u.GetKind() == "" || u.GetAPIVersion() == "" || u.GetName() == "" {
+			return nil, fmt.Errorf("object without kind, apiVersion or name: %v", m)
+		}
+		out = append(out, u)
+	}
+}
+
+func addLabels(o *unstructured.Unstructured) {
+	l := o.GetLabels()
+	if l == nil {
+		l = map[string]string{}
+	}
+	for k, v := range CommonLabels() {
+		l[k] = v
+	}
+	o.SetLabels(l)
+	if o.GetKind() == "DaemonSet" || o.GetKind() == "Deployment" {
+		tl, _, _ := unstructured.NestedStringMap(o.Object, "spec", "template", "metadata", "labels")
+		if tl == nil {
+			tl = map[string]string{}
+		}
+		for k, v := range CommonLabels() {
+			tl[k] = v
+		}
+		_ = unstructured.SetNestedStringMap(o.Object, tl, "spec", "template", "metadata", "labels")
+	}
+}

@@ -1,0 +1,215 @@
+package manifests
+
+import (
+	"strings"
+	"testing"
+
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"sigs.k8s.io/yaml"
+)
+
+func TestObjectsLabelledAndImageSubstituted(t *testing.T) {
+	tests := []struct {
+		name      string
+		opts      RenderOptions
+		wantImage string
+	}{
+		{name: "default image", opts: RenderOptions{}, wantImage: DefaultImage()},
+		{name: "override", opts: RenderOptions{Image: "example.test/agent:v9", Version: "v9"}, wantImage: "example.test/agent:v9"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			objs, err := Objects(tt.opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			kinds := map[string]int{}
+			for _, o := range objs {
+				kinds[o.GetKind()]++
+				for k, v := range CommonLabels() {
+					if got := o.GetLabels()[k]; got != v {
+						t.Errorf("%s/%s label %s = %q, want %q", o.GetKind(), o.GetName(), k, got, v)
+					}
+				}
+				if ns := o.GetNamespace(); ns != "" && ns != Namespace {
+					t.Errorf("%s/%s in namespace %q", o.GetKind(), o.GetName(), ns)
+				}
+				// Every object must survive a YAML round trip (what -o yaml prints).
+				b, err := yaml.Marshal(o.Object)
+				if err != nil {
+					t.Fatal(err)
+				}
+				var back map[string]any
+				if err := yaml.Unmarshal(b, &back); err != nil {
+					t.Fatalf("%s: %v", o.GetName(), err)
+				}
+				if strings.Contains(string(b), "{{") {
+					t.Errorf("%s/%s has an unrendered template", o.GetKind(), o.GetName())
+				}
+			}
+			for _, k := range []string{"Namespace", "CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "ConfigMap", "DaemonSet"} {
+				if kinds[k] != 1 {
+					t.Errorf("kind %s appears %d times, want 1", k, kinds[k])
+				}
+			}
+			if objs[0].GetKind() != "Namespace" || objs[1].GetKind() != "CustomResourceDefinition" {
+				t.Errorf("apply order starts with %s, %s", objs[0].GetKind(), objs[1].GetKind())
+			}
+			ds := find(t, objs, "DaemonSet")
+			tl, _, _ := unstructured.NestedStringMap(ds.Object, "spec", "template", "metadata", "labels")
+			for k, v := range CommonLabels() {
+				if tl[k] != v {
+					t.Errorf("pod template label %s = %q", k, tl[k])
+				}
+			}
+			for _, path := range [][]string{{"spec", "template", "spec", "containers"}, {"spec", "template", "spec", "initContainers"}} {
+				cs, _, _ := unstructured.NestedSlice(ds.Object, path...)
+				if len(cs) == 0 {
+					t.Fatalf("no %s", path[len(path)-1])
+				}
+				for _, c := range cs {
+					if img := c.(map[string]any)["image"]; img != tt.wantImage {
+						t.Errorf("%s image = %v, want %s", path[len(path)-1], img, tt.wantImage)
+					}
+				}
+			}
+		})
+	}
+}
+
+func TestDaemonSetSecurity(t *testing.T) {
+	objs, err := Objects(RenderOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ds := find(t, objs, "DaemonSet")
+	spec, _, _ := unstructured.NestedMap(ds.Object, "spec", "template", "spec")
+	if spec["hostNetwork"] != true || spec["dnsPolicy"] != "ClusterFirstWithHostNet" || spec["priorityClassName"] != "system-node-critical" {
+		t.Errorf("pod spec basics wrong: %v %v %v", spec["hostNetwork"], spec["dnsPolicy"], spec["priorityClassName"])
+	}
+	agent := spec["containers"].([]any)[0].(map[string]any)
+	sc := agent["securityContext"].(map[string]any)
+	if sc["privileged"] != false {
+		t.Errorf("agent container privileged = %v", sc["privileged"])
+	}
+	caps := sc["capabilities"].(map[string]any)["add"].([]any)
+	want := map[string]bool{"BPF": true, "PERFMON": true, "NET_ADMIN": true, "SYS_ADMIN": true}
+	if len(caps) != len(want) {
+		t.Errorf("capabilities = %v", caps)
+	}
+	for _, c := range caps {
+		if !want[c.(string)] {
+			t.Errorf("unexpected capability %v", c)
+		}
+	}
+	for _, m := range agent["volumeMounts"].([]any) {
+		mm := m.(map[string]any)
+		if p, ok := mm["mountPropagation"]; ok && p != "HostToContainer" {
+			t.Errorf("agent mount %v propagation %v", mm["mountPath"], p)
+		}
+	}
+}
+
+func TestInvalidImage(t *testing.T) {
+	if _, err := Objects(RenderOptions{Image: "bad image"}); err == nil {
+		t.Fatal("want error for image with a space")
+	}
+}
+
+func find(t *testing.T, objs []*unstructured.Unstructured, kind string) *unstructured.Unstructured {
+	t.Helper()
+	for _, o := range objs {
+		if o.GetKind() == kind {
+			return o
+		}
+	}
+	t.Fatalf("no %s", kind)
+	return nil
+}
+
+func TestAgentAPIServerEnv(t *testing.T) {
+	tests := []struct {
+		name       string
+		host, port string
+		want       map[string]string // nil: neither variable set
+		wantErr    string
+	}{
+		{name: "no cluster: unset"},
+		{name: "ipv4", host: "10.0.0.5", port: "6443", want: map[string]string{"KUBERNETES_SERVICE_HOST": "10.0.0.5", "KUBERNETES_SERVICE_PORT": "6443"}},
+		// client-go joins host and port itself, so IPv6 goes in bare.
+		{name: "ipv6", host: "fd00::1", port: "443", want: map[string]string{"KUBERNETES_SERVICE_HOST": "fd00::1", "KUBERNETES_SERVICE_PORT": "443"}},
+		{name: "host without port", host: "10.0.0.5", wantErr: "set both or neither"},
+		{name: "bad port", host: "10.0.0.5", port: "https", wantErr: `invalid API server port "https"`},
+		{name: "port out of range", host: "10.0.0.5", port: "70000", wantErr: `invalid API server port "70000"`},
+		{name: "injection", host: "x\"\n- name: EVIL", port: "443", wantErr: "invalid API server host"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			objs, err := Objects(RenderOptions{APIServerHost: tt.host, APIServerPort: tt.port})
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("err = %v, want %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			ds := find(t, objs, "DaemonSet")
+			for _, path := range [][]string{{"spec", "template", "spec", "containers"}, {"spec", "template", "spec", "initContainers"}} {
+				cs, _, _ := unstructured.NestedSlice(ds.Object, path...)
+				for _, c := range cs {
+					c := c.(map[string]any)
+					got := map[string]string{}
+					env, _ := c["env"].([]any)
+					for _, e := range env {
+						e := e.(map[string]any)
+						if n := e["name"].(string); strings.HasPrefix(n, "KUBERNETES_SERVICE_") {
+							got[n], _ = e["value"].(string)
+						}
+					}
+					want := tt.want
+					if c["name"] != AgentContainer {
+						want = nil // only the agent talks to the API server
+					}
+					if len(got) != len(want) {
+						t.Errorf("container %v env = %v, want %v", c["name"], got, want)
+					}
+					for k, v := range want {
+						if got[k] != v {
+							t.Errorf("container %v %s = %q, want %q", c["name"], k, got[k], v)
+						}
+					}
+				}
+			}
+		})
+	}
+}
+
+func TestConfigMapRendersConfig(t *testing.T) {
+	off := Config{Features: map[string]bool{"sockstats": true, "service-lb": false}}
+	tests := []struct {
+		name string
+		cfg  *Config
+		want string
+	}{
+		{name: "first install: defaults", want: "features:\n  service-lb: true\n  sockstats: true\n"},
+		{name: "kept from the cluster", cfg: &off, want: "features:\n  service-lb: false\n  sockstats: true\n"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			objs, err := Objects(RenderOptions{Config: tt.cfg})
+			if err != nil {
+				t.Fatal(err)
+			}
+			cm := find(t, objs, "ConfigMap")
+			got, _, _ := unstructured.NestedString(cm.Object, "data", ConfigKey)
+			if got != tt.want {
+				t.Errorf("config.yaml = %q, want %q", got, tt.want)
+			}
+			if _, err := ParseConfig([]byte(got)); err != nil {
+				t.Errorf("agent would reject the rendered config: %v", err)
+			}
+		})
+	}
+}

@@ -1,0 +1,535 @@
+// Package uninstall implements `kubectl ebpf uninstall`.
+package uninstall
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/wait"
+	"k8s.io/cli-runtime/pkg/genericclioptions"
+	"k8s.io/cli-runtime/pkg/genericiooptions"
+	"k8s.io/utils/ptr"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
+	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/health"
+	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/kube"
+)
+
+// CleanupName labels the per-node cleanup pods (app.kubernetes.io/name).
+const CleanupName = "kebpf-cleanup"
+
+// Options are the inputs of one uninstall.
+type Options struct {
+	Flags *genericclioptions.ConfigFlags
+	genericiooptions.IOStreams
+
+	Wait        bool
+	Timeout     time.Duration
+	SkipCleanup bool
+
+	// Clients may be preset (tests); Complete builds them otherwise.
+	Clients      *kube.Clients
+	PollInterval time.Duration
+}
+
+// NewCmd returns the uninstall command.
+func NewCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStreams) *cobra.Command {
+	o := &Options{Flags: flags, IOStreams: streams, PollInterval: time.Second}
+	cmd := &cobra.Command{
+		Use:   "uninstall",
+		Short: "Remove the agents, their BPF state on every node, and every object install created",
+		Long: "Deletes the agent DaemonSet, runs a cleanup pod on every node that detaches and unpins " +
+			"all of kubectl-ebpf's BPF programs, maps and links, then deletes every object labelled " +
+			manifests.ManagedSelector + " (the namespace last).",
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := o.Complete(); err != nil {
+				return err
+			}
+			if err := o.Validate(); err != nil {
+				return err
+			}
+			return o.Run(cmd.Context())
+		},
+	}
+	cmd.Flags().BoolVar(&o.Wait, "wait", false, "wait until the namespace and the CRD are gone")
+	cmd.Flags().DurationVar(&o.Timeout, "timeout", 5*time.Minute, "how long uninstall may take")
+	cmd.Flags().BoolVar(&o.SkipCleanup, "skip-node-cleanup", false, "do not run the per-node BPF cleanup (e.g. when the agent image is gone); pins may remain on the nodes")
+	return cmd
+}
+
+// Complete fills in defaults.
+func (o *Options) Complete() error {
+	if o.PollInterval <= 0 {
+		o.PollInterval = time.Second
+	}
+	return nil
+}
+
+// Validate checks the flags.
+func (o *Options) Validate() error {
+	if o.Timeout <= 0 {
+		return fmt.Errorf("invalid --timeout %s: must be positive", o.Timeout)
+	}
+	return nil
+}
+
+// Permissions are what uninstall needs.
+func Permissions() []kube.Permission {
+	ns := manifests.Namespace
+	var p []kube.Permission
+	p = append(p, kube.Permissions(ns, "", []string{"pods"}, []string{"list", "create", "delete"})...)
+	p = append(p, kube.Permission{Verb: "get", Resource: "pods/log", Namespace: ns})
+	p = append(p, kube.Permissions(ns, "apps", []string{"daemonsets"}, []string{"get", "delete"})...)
+	p = append(p, kube.Permissions("", "", []string{"namespaces"}, []string{"get", "delete"})...)
+	p = append(p, kube.Permissions("", "apiextensions.k8s.io", []string{"customresourcedefinitions"}, []string{"list", "delete"})...)
+	p = append(p, kube.Permissions("", "rbac.authorization.k8s.io", []string{"clusterroles", "clusterrolebindings"}, []string{"list", "delete"})...)
+	p = append(p, kube.Permission{Verb: "list", Resource: "nodes"})
+	return p
+}
+
+// Run uninstalls.
+func (o *Options) Run(ctx context.Context) error {
+	if err := o.connect(); err != nil {
+		return err
+	}
+	c := o.Clients
+	if _, err := c.Reachable(ctx); err != nil {
+		return err
+	}
+	if err := c.RequirePermissions(ctx, Permissions()); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, o.Timeout)
+	defer cancel()
+
+	ns, err := c.Kube.CoreV1().Namespaces().Get(ctx, manifests.Namespace, metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		ns = nil
+	} else if err != nil {
+		return fmt.Errorf("get namespace %s: %w", manifests.Namespace, err)
+	}
+	leftovers, err := o.clusterObjects(ctx)
+	if err != nil {
+		return err
+	}
+	if ns == nil && leftovers == 0 {
+		fmt.Fprintln(o.Out, "nothing to uninstall")
+		return nil
+	}
+
+	image := manifests.DefaultImage()
+	if ns != nil {
+		ds, err := c.Kube.AppsV1().DaemonSets(manifests.Namespace).Get(ctx, manifests.DaemonSetName, metav1.GetOptions{})
+		switch {
+		case err == nil:
+			image = health.AgentImage(ds)
+			// Background: the pods are waited for below; foreground deletion
+			// would also need the garbage collector to finish first.
+			if err := c.Kube.AppsV1().DaemonSets(manifests.Namespace).Delete(ctx, ds.Name, metav1.DeleteOptions{PropagationPolicy: ptr.To(metav1.DeletePropagationBackground)}); err != nil && !apierrors.IsNotFound(err) {
+				return fmt.Errorf("delete DaemonSet %s: %w", ds.Name, err)
+			}
+			fmt.Fprintf(o.Out, "daemonset.apps/%s deleted\n", ds.Name)
+		case !apierrors.IsNotFound(err):
+			return fmt.Errorf("get DaemonSet %s: %w", manifests.DaemonSetName, err)
+		}
+		// The agents must be gone before the cleanup, or one could re-pin what
+		// the cleanup removed.
+		if err := o.waitPodsGone(ctx, manifests.AgentSelector, "agent pods"); err != nil {
+			return err
+		}
+		if o.SkipCleanup {
+			fmt.Fprintln(o.Out, "skipping BPF cleanup on the nodes (--skip-node-cleanup)")
+		} else if ns.DeletionTimestamp == nil {
+			if err := o.cleanupWithFallback(ctx, image); err != nil {
+				return err
+			}
+		}
+	}
+	if err := o.deleteManaged(ctx); err != nil {
+		return err
+	}
+	if o.Wait {
+		if err := o.waitGone(ctx); err != nil {
+			return err
+		}
+	}
+	fmt.Fprintln(o.Out, "kubectl-ebpf uninstalled")
+	return nil
+}
+
+// errCleanupImage marks a cleanup that could not start because its image
+// cannot be pulled on some node.
+var errCleanupImage = errors.New("cleanup image unavailable")
+
+// cleanupWithFallback runs the node cleanup with the installed agent's image
+// and, when that image cannot run (an install with a broken --image), with
+// this plugin's own default image: a broken install must stay removable.
+func (o *Options) cleanupWithFallback(ctx context.Context, image string) error {
+	err := o.cleanupNodes(ctx, image)
+	fallback := manifests.DefaultImage()
+	if err == nil || !errors.Is(err, errCleanupImage) || fallback == image {
+		return err
+	}
+	fmt.Fprintf(o.Out, "cleanup with %s cannot start (%v); retrying with %s\n", image, err, fallback)
+	return o.cleanupNodes(ctx, fallback)
+}
+
+// clusterObjects counts the cluster-scoped objects install creates that still exist.
+func (o *Options) clusterObjects(ctx context.Context) (int, error) {
+	sel := metav1.ListOptions{LabelSelector: manifests.ManagedSelector}
+	n := 0
+	crds, err := o.Clients.Dynamic.Resource(kube.CRDGVR).List(ctx, sel)
+	if err != nil {
+		return 0, fmt.Errorf("list CRDs: %w", err)
+	}
+	n += len(crds.Items)
+	crs, err := o.Clients.Kube.RbacV1().ClusterRoles().List(ctx, sel)
+	if err != nil {
+		return 0, fmt.Errorf("list ClusterRoles: %w", err)
+	}
+	n += len(crs.Items)
+	crbs, err := o.Clients.Kube.RbacV1().ClusterRoleBindings().List(ctx, sel)
+	if err != nil {
+		return 0, fmt.Errorf("list ClusterRoleBindings: %w", err)
+	}
+	return n + len(crbs.Items), nil
+}
+
+func (o *Options) waitPodsGone(ctx context.Context, selector, what string) error {
+	pods := o.Clients.Kube.CoreV1().Pods(manifests.Namespace)
+	printed := false
+	err := wait.PollUntilContextCancel(ctx, o.PollInterval, true, func(ctx context.Context) (bool, error) {
+		l, err := pods.List(ctx, metav1.ListOptions{LabelSelector: selector})
+		if err != nil {
+			return false, err
+		}
+		if len(l.Items) > 0 && !printed {
+			fmt.Fprintf(o.Out, "waiting for %d %s to stop\n", len(l.Items), what)
+			printed = true
+		}
+		return len(l.Items) == 0, nil
+	})
+	if err != nil {
+		return fmt.Errorf("wait for %s to stop: %w", what, err)
+	}
+	return nil
+}
+
+// cleanupNodes runs one cleanup pod per node and reports each node's log.
+func (o *Options) cleanupNodes(ctx context.Context, image string) error {
+	c := o.Clients
+	pods := c.Kube.CoreV1().Pods(manifests.Namespace)
+	cleanupSel := manifests.LabelName + "=" + CleanupName
+	// Leftovers of an interrupted uninstall would be mistaken for this run's.
+	if err := o.deletePods(ctx, cleanupSel); err != nil {
+		return fmt.Errorf("delete old cleanup pods: %w", err)
+	}
+	if err := o.waitPodsGone(ctx, cleanupSel, "old cleanup pods"); err != nil {
+		return err
+	}
+	nodes, err := c.Kube.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return fmt.Errorf("list nodes: %w", err)
+	}
+	podNode := map[string]string{} // pod name -> node
+	for _, n := range nodes.Items {
+		if !nodeReady(&n) {
+			fmt.Fprintf(o.Out, "node %s: not ready, skipping BPF cleanup\n", n.Name)
+			continue
+		}
+		p, err := pods.Create(ctx, CleanupPod(n.Name, image), metav1.CreateOptions{})
+		if err != nil {
+			return fmt.Errorf("create cleanup pod on node %s: %w", n.Name, err)
+		}
+		podNode[p.Name] = n.Name
+	}
+	defer func() {
+		// Best effort with a fresh context: ctx may be what expired.
+		dctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if err := o.deletePods(dctx, cleanupSel); err != nil {
+			fmt.Fprintf(o.ErrOut, "warning: delete cleanup pods: %v\n", err)
+		}
+	}()
+
+	done := map[string]bool{}
+	var failures []string
+	imageStuck := 0 // failures caused by an image the node cannot get
+	for len(done) < len(podNode) {
+		l, err := pods.List(ctx, metav1.ListOptions{LabelSelector: cleanupSel})
+		if err != nil {
+			return fmt.Errorf("list cleanup pods: %w", err)
+		}
+		for i := range l.Items {
+			p := &l.Items[i]
+			node, ok := podNode[p.Name]
+			if !ok || done[p.Name] {
+				continue
+			}
+			summary, stuck := kube.PodSummary(p)
+			switch {
+			case p.Status.Phase == corev1.PodSucceeded:
+				o.printLog(ctx, node, p.Name)
+				fmt.Fprintf(o.Out, "node %s: clean\n", node)
+				done[p.Name] = true
+			case p.Status.Phase == corev1.PodFailed:
+				tail := o.printLog(ctx, node, p.Name)
+				failures = append(failures, fmt.Sprintf("node %s: %s", node, orElse(tail, "exit status non-zero")))
+				done[p.Name] = true
+			case stuck:
+				failures = append(failures, fmt.Sprintf("node %s: cleanup pod %s", node, summary))
+				imageStuck += boolToInt(strings.Contains(summary, "Image"))
+				done[p.Name] = true
+			}
+		}
+		if len(done) == len(podNode) {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			var pending []string
+			for p, n := range podNode {
+				if !done[p] {
+					pending = append(pending, n)
+				}
+			}
+			slices.Sort(pending)
+			return fmt.Errorf("timed out waiting for BPF cleanup on node(s) %s", strings.Join(pending, ", "))
+		case <-time.After(o.PollInterval):
+		}
+	}
+	if len(failures) > 0 {
+		slices.Sort(failures)
+		err := fmt.Errorf("BPF cleanup failed on %s; objects left in place so uninstall can be retried", strings.Join(failures, ", "))
+		if imageStuck == len(failures) {
+			err = fmt.Errorf("%w: %w", errCleanupImage, err)
+		}
+		return err
+	}
+	return nil
+}
+
+func boolToInt(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// deletePods deletes the pods in our namespace matching selector, at once:
+// they have nothing to shut down gracefully.
+func (o *Options) deletePods(ctx context.Context, selector string) error {
+	pods := o.Clients.Kube.CoreV1().Pods(manifests.Namespace)
+	l, err := pods.List(ctx, metav1.ListOptions{LabelSelector: selector})
+	if err != nil {
+		return err
+	}
+	for _, p := range l.Items {
+		if err := pods.Delete(ctx, p.Name, metav1.DeleteOptions{GracePeriodSeconds: ptr.To[int64](0)}); err != nil && !apierrors.IsNotFound(err) {
+			return err
+		}
+	}
+	return nil
+}
+
+// printLog prints the pod's log prefixed with the node and returns its last line.
+func (o *Options) printLog(ctx context.Context, node, pod string) string {
+	b, err := o.Clients.Kube.CoreV1().Pods(manifests.Namespace).GetLogs(pod, &corev1.PodLogOptions{}).DoRaw(ctx)
+	if err != nil {
+		fmt.Fprintf(o.Out, "node %s: (no cleanup log: %v)\n", node, err)
+		return ""
+	}
+	last := ""
+	for _, line := range strings.Split(strings.TrimRight(string(b), "\n"), "\n") {
+		if line == "" {
+			continue
+		}
+		fmt.Fprintf(o.Out, "node %s: %s\n", node, line)
+		last = line
+	}
+	return last
+}
+
+// CleanupPod is the privileged pod, pinned to node, that removes our BPF state.
+func CleanupPod(node, image string) *corev1.Pod {
+	labels := manifests.CommonLabels()
+	labels[manifests.LabelName] = CleanupName
+	bidir := corev1.MountPropagationBidirectional
+	hostDir := corev1.HostPathDirectoryOrCreate
+	return &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{
+			GenerateName: CleanupName + "-",
+			Namespace:    manifests.Namespace,
+			Labels:       labels,
+		},
+		Spec: corev1.PodSpec{
+			NodeName:                      node,
+			RestartPolicy:                 corev1.RestartPolicyNever,
+			HostNetwork:                   true,
+			Tolerations:                   []corev1.Toleration{{Operator: corev1.TolerationOpExists}},
+			AutomountServiceAccountToken:  ptr.To(false),
+			TerminationGracePeriodSeconds: ptr.To[int64](5),
+			PriorityClassName:             "system-node-critical",
+			Containers: []corev1.Container{{
+				Name:            "cleanup",
+				Image:           image,
+				ImagePullPolicy: corev1.PullIfNotPresent,
+				Command:         []string{"/usr/local/bin/kebpf-agent"},
+				Args:            []string{"cleanup"},
+				SecurityContext: &corev1.SecurityContext{Privileged: ptr.To(true)},
+				VolumeMounts: []corev1.VolumeMount{
+					{Name: "bpffs", MountPath: "/sys/fs/bpf", MountPropagation: &bidir},
+					{Name: "run", MountPath: "/run/kubectl-ebpf", MountPropagation: &bidir},
+				},
+			}},
+			Volumes: []corev1.Volume{
+				{Name: "bpffs", VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: "/sys/fs/bpf", Type: &hostDir}}},
+				{Name: "run", VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: "/run/kubectl-ebpf", Type: &hostDir}}},
+			},
+		},
+	}
+}
+
+// deleteManaged deletes, by label, every kind of object install creates:
+// namespaced ones, then cluster-scoped ones, the namespace last.
+func (o *Options) deleteManaged(ctx context.Context) error {
+	objs, err := manifests.Objects(manifests.RenderOptions{})
+	if err != nil {
+		return err
+	}
+	var nsKinds, clusterKinds []int
+	for i, obj := range objs {
+		if obj.GetKind() == "Namespace" {
+			continue
+		}
+		if obj.GetNamespace() != "" {
+			nsKinds = append(nsKinds, i)
+		} else {
+			clusterKinds = append(clusterKinds, i)
+		}
+	}
+	seen := map[string]bool{}
+	for _, i := range slices.Concat(nsKinds, clusterKinds) {
+		gvk := objs[i].GroupVersionKind()
+		if seen[gvk.String()] {
+			continue
+		}
+		seen[gvk.String()] = true
+		ri, m, err := o.Clients.Resource(gvk, manifests.Namespace)
+		if err != nil {
+			return err
+		}
+		l, err := ri.List(ctx, metav1.ListOptions{LabelSelector: manifests.ManagedSelector})
+		if err != nil {
+			if apierrors.IsNotFound(err) || meta.IsNoMatchError(err) {
+				continue
+			}
+			return fmt.Errorf("list %s: %w", m.Resource.Resource, err)
+		}
+		for _, item := range l.Items {
+			if item.GetDeletionTimestamp() != nil {
+				continue
+			}
+			if err := ri.Delete(ctx, item.GetName(), metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
+				return fmt.Errorf("delete %s %s: %w", gvk.Kind, item.GetName(), err)
+			}
+			fmt.Fprintf(o.Out, "%s/%s deleted\n", ref(gvk.Kind, gvk.Group), item.GetName())
+		}
+	}
+	ns, err := o.Clients.Kube.CoreV1().Namespaces().Get(ctx, manifests.Namespace, metav1.GetOptions{})
+	if err == nil && ns.DeletionTimestamp != nil {
+		fmt.Fprintf(o.Out, "namespace/%s terminating\n", manifests.Namespace)
+		return nil
+	}
+	err = o.Clients.Kube.CoreV1().Namespaces().Delete(ctx, manifests.Namespace, metav1.DeleteOptions{})
+	switch {
+	case err == nil:
+		fmt.Fprintf(o.Out, "namespace/%s deleted\n", manifests.Namespace)
+	case !apierrors.IsNotFound(err):
+		return fmt.Errorf("delete namespace %s: %w", manifests.Namespace, err)
+	}
+	return nil
+}
+
+// waitGone waits for the namespace and the CRD, which finish deleting
+// asynchronously, to disappear.
+func (o *Options) waitGone(ctx context.Context) error {
+	var still string
+	err := wait.PollUntilContextCancel(ctx, o.PollInterval, true, func(ctx context.Context) (bool, error) {
+		_, err := o.Clients.Kube.CoreV1().Namespaces().Get(ctx, manifests.Namespace, metav1.GetOptions{})
+		if err == nil {
+			still = "namespace " + manifests.Namespace
+			return false, nil
+		} else if !apierrors.IsNotFound(err) {
+			return false, err
+		}
+		_, err = o.Clients.Dynamic.Resource(kube.CRDGVR).Get(ctx, manifests.CRDName, metav1.GetOptions{})
+		if err == nil {
+			still = "CRD " + manifests.CRDName
+			return false, nil
+		}
+		return apierrors.IsNotFound(err), ignoreNotFound(err)
+	})
+	if err != nil {
+		if errors.Is(err, context.DeadlineExceeded) && still != "" {
+			return fmt.Errorf("timed out: %s is still being deleted", still)
+		}
+		return fmt.Errorf("wait for deletion: %w", err)
+	}
+	return nil
+}
+
+func nodeReady(n *corev1.Node) bool {
+	for _, c := range n.Status.Conditions {
+		if c.Type == corev1.NodeReady {
+			return c.Status == corev1.ConditionTrue
+		}
+	}
+	return false
+}
+
+func ref(kind, group string) string {
+	r := strings.ToLower(kind)
+	if group != "" {
+		r += "." + group
+	}
+	return r
+}
+
+func orElse(s, def string) string {
+	if s == "" {
+		return def
+	}
+	return s
+}
+
+func ignoreNotFound(err error) error {
+	if apierrors.IsNotFound(err) {
+		return nil
+	}
+	return err
+}
+
+// connect builds the clients unless a test preset them. It runs after
+// Validate so bad flags are reported before a bad kubeconfig; it makes no API call.
+func (o *Options) connect() error {
+	if o.Clients != nil {
+		return nil
+	}
+	c, err := kube.New(o.Flags)
+	if err != nil {
+		return err
+	}
+	o.Clients = c
+	return nil
+}

@@ -1,0 +1,139 @@
+package uninstall_test
+
+import (
+	"bytes"
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/cli-runtime/pkg/genericiooptions"
+	clienttesting "k8s.io/client-go/testing"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
+	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/cmd/uninstall"
+	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/testutil"
+)
+
+func readyNode(name string, ready bool) *corev1.Node {
+	s := corev1.ConditionTrue
+	if !ready {
+		s = corev1.ConditionFalse
+	}
+	return &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name}, Status: corev1.NodeStatus{Conditions: []corev1.NodeCondition{{Type: corev1.NodeReady, Status: s}}}}
+}
+
+func installed() []runtime.Object {
+	return []runtime.Object{
+		&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: manifests.Namespace}},
+		&appsv1.DaemonSet{
+			ObjectMeta: metav1.ObjectMeta{Name: manifests.DaemonSetName, Namespace: manifests.Namespace},
+			Spec: appsv1.DaemonSetSpec{Template: corev1.PodTemplateSpec{Spec: corev1.PodSpec{
+				Containers: []corev1.Container{{Name: "agent", Image: "localhost/kubectl-ebpf/agent:v7"}},
+			}}},
+		},
+		readyNode("n1", true), readyNode("down", false),
+	}
+}
+
+// cleanupPhase makes every cleanup pod finish with phase as soon as it is created.
+func cleanupPhase(f *testutil.Fake, phase corev1.PodPhase) *[]*corev1.Pod {
+	var created []*corev1.Pod
+	f.Kube.PrependReactor("create", "pods", func(a clienttesting.Action) (bool, runtime.Object, error) {
+		p := a.(clienttesting.CreateAction).GetObject().(*corev1.Pod)
+		p.Status.Phase = phase
+		created = append(created, p.DeepCopy())
+		return false, nil, nil
+	})
+	return &created
+}
+
+func run(t *testing.T, f *testutil.Fake) (string, error) {
+	t.Helper()
+	var out bytes.Buffer
+	o := &uninstall.Options{IOStreams: genericiooptions.IOStreams{Out: &out, ErrOut: &out}, Timeout: 5 * time.Second, Clients: f.Clients, PollInterval: 10 * time.Millisecond}
+	if err := o.Complete(); err != nil {
+		t.Fatal(err)
+	}
+	if err := o.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	err := o.Run(context.Background())
+	return out.String(), err
+}
+
+func TestUninstallCleansEveryReadyNode(t *testing.T) {
+	f := testutil.NewFake(t, installed())
+	created := cleanupPhase(f, corev1.PodSucceeded)
+	out, err := run(t, f)
+	if err != nil {
+		t.Fatalf("uninstall: %v\n%s", err, out)
+	}
+	if len(*created) != 1 {
+		t.Fatalf("%d cleanup pods, want 1 (the NotReady node is skipped)", len(*created))
+	}
+	p := (*created)[0]
+	if p.Spec.NodeName != "n1" || p.Spec.RestartPolicy != corev1.RestartPolicyNever || !p.Spec.HostNetwork {
+		t.Errorf("cleanup pod spec: node %q restart %q hostNetwork %v", p.Spec.NodeName, p.Spec.RestartPolicy, p.Spec.HostNetwork)
+	}
+	c := p.Spec.Containers[0]
+	if c.Image != "localhost/kubectl-ebpf/agent:v7" || strings.Join(c.Args, " ") != "cleanup" || !*c.SecurityContext.Privileged {
+		t.Errorf("cleanup container: image %s args %v", c.Image, c.Args)
+	}
+	for _, m := range c.VolumeMounts {
+		if *m.MountPropagation != corev1.MountPropagationBidirectional {
+			t.Errorf("mount %s propagation %s", m.MountPath, *m.MountPropagation)
+		}
+	}
+	if p.Labels[manifests.LabelManagedBy] != manifests.LabelValue {
+		t.Errorf("cleanup pod labels %v", p.Labels)
+	}
+	for _, want := range []string{
+		"daemonset.apps/kebpf-agent deleted",
+		"node down: not ready, skipping BPF cleanup",
+		"node n1: fake logs",
+		"node n1: clean",
+		"namespace/kubectl-ebpf-system deleted",
+		"kubectl-ebpf uninstalled",
+	} {
+		if !strings.Contains(out, want+"\n") {
+			t.Errorf("output lacks %q:\n%s", want, out)
+		}
+	}
+	if _, err := f.Kube.CoreV1().Namespaces().Get(context.Background(), manifests.Namespace, metav1.GetOptions{}); !apierrors.IsNotFound(err) {
+		t.Errorf("namespace still there: %v", err)
+	}
+	pods, _ := f.Kube.CoreV1().Pods(manifests.Namespace).List(context.Background(), metav1.ListOptions{})
+	if len(pods.Items) != 0 {
+		t.Errorf("%d pods left", len(pods.Items))
+	}
+}
+
+func TestUninstallStopsWhenCleanupFails(t *testing.T) {
+	f := testutil.NewFake(t, installed())
+	cleanupPhase(f, corev1.PodFailed)
+	out, err := run(t, f)
+	want := "BPF cleanup failed on node n1: fake logs; objects left in place so uninstall can be retried"
+	if err == nil || err.Error() != want {
+		t.Fatalf("err = %v, want %q\n%s", err, want, out)
+	}
+	if _, err := f.Kube.CoreV1().Namespaces().Get(context.Background(), manifests.Namespace, metav1.GetOptions{}); err != nil {
+		t.Errorf("namespace deleted after a failed cleanup: %v", err)
+	}
+}
+
+func TestUninstallNothingInstalled(t *testing.T) {
+	f := testutil.NewFake(t, []runtime.Object{readyNode("n1", true)})
+	out, err := run(t, f)
+	if err != nil || out != "nothing to uninstall\n" {
+		t.Errorf("out %q err %v", out, err)
+	}
+	if m := f.Mutations(); len(m) > 0 {
+		t.Errorf("changed the cluster: %v", m)
+	}
+}

@@ -1,0 +1,150 @@
+// Package version implements `kubectl ebpf version`.
+package version
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/spf13/cobra"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/cli-runtime/pkg/genericclioptions"
+	"k8s.io/cli-runtime/pkg/genericiooptions"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
+	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/cmdutil"
+	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/health"
+	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/kube"
+)
+
+// Info is the stable shape of `kubectl ebpf version -o json`.
+type Info struct {
+	Client Client  `json:"client"`
+	Server *Server `json:"server,omitempty"`
+}
+
+// Client describes this binary.
+type Client struct {
+	Version   string `json:"version"`
+	GitCommit string `json:"gitCommit,omitempty"`
+	Image     string `json:"defaultImage"`
+}
+
+// Server describes the cluster and the installed agent.
+type Server struct {
+	Kubernetes string `json:"kubernetes"`
+	Installed  bool   `json:"installed"`
+	// AgentImage and AgentVersion come from the DaemonSet when installed.
+	AgentImage   string `json:"agentImage,omitempty"`
+	AgentVersion string `json:"agentVersion,omitempty"`
+}
+
+// Options are the inputs of one version.
+type Options struct {
+	Flags *genericclioptions.ConfigFlags
+	genericiooptions.IOStreams
+
+	Output string
+	Client bool
+
+	// Clients may be preset (tests); Complete builds them otherwise.
+	Clients *kube.Clients
+}
+
+// NewCmd returns the version command.
+func NewCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStreams) *cobra.Command {
+	o := &Options{Flags: flags, IOStreams: streams}
+	cmd := &cobra.Command{
+		Use:   "version",
+		Short: "Print the plugin, Kubernetes and agent versions",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := o.Complete(); err != nil {
+				return err
+			}
+			if err := o.Validate(); err != nil {
+				return err
+			}
+			return o.Run(cmd.Context())
+		},
+	}
+	cmd.Flags().StringVarP(&o.Output, "output", "o", "", `"json" or "yaml"`)
+	cmd.Flags().BoolVar(&o.Client, "client", false, "print the client version only (no cluster needed)")
+	return cmd
+}
+
+// Complete fills in defaults.
+func (o *Options) Complete() error {
+	return nil
+}
+
+// Validate checks the flags.
+func (o *Options) Validate() error {
+	return cmdutil.ValidateOutput(o.Output, "json", "yaml")
+}
+
+// Run prints the versions. The client version is printed even when the
+// cluster cannot be reached; the error follows.
+func (o *Options) Run(ctx context.Context) error {
+	info := Info{Client: Client{Version: manifests.Version, GitCommit: manifests.GitCommit, Image: manifests.DefaultImage()}}
+	var serr error
+	if !o.Client {
+		info.Server, serr = o.server(ctx)
+	}
+	if o.Output != "" {
+		if err := cmdutil.Print(o.Out, o.Output, info); err != nil {
+			return err
+		}
+		return serr
+	}
+	commit := ""
+	if info.Client.GitCommit != "" {
+		commit = " (commit " + info.Client.GitCommit + ")"
+	}
+	fmt.Fprintf(o.Out, "Client Version: %s%s\n", info.Client.Version, commit)
+	if s := info.Server; s != nil {
+		fmt.Fprintf(o.Out, "Kubernetes Version: %s\n", s.Kubernetes)
+		if s.Installed {
+			fmt.Fprintf(o.Out, "Agent Version: %s (image %s)\n", s.AgentVersion, s.AgentImage)
+		} else {
+			fmt.Fprintln(o.Out, "Agent Version: not installed")
+		}
+	}
+	return serr
+}
+
+func (o *Options) server(ctx context.Context) (*Server, error) {
+	if err := o.connect(); err != nil {
+		return nil, err
+	}
+	v, err := o.Clients.Reachable(ctx)
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{Kubernetes: v.GitVersion}
+	ds, err := o.Clients.Kube.AppsV1().DaemonSets(manifests.Namespace).Get(ctx, manifests.DaemonSetName, metav1.GetOptions{})
+	switch {
+	case apierrors.IsNotFound(err):
+		return s, nil
+	case err != nil:
+		return s, fmt.Errorf("get DaemonSet %s: %w", manifests.DaemonSetName, err)
+	}
+	s.Installed = true
+	s.AgentImage = health.AgentImage(ds)
+	s.AgentVersion = ds.Labels["app.kubernetes.io/version"]
+	return s, nil
+}
+
+// connect builds the clients unless a test preset them. It runs after
+// Validate so bad flags are reported before a bad kubeconfig; it makes no API call.
+func (o *Options) connect() error {
+	if o.Clients != nil {
+		return nil
+	}
+	c, err := kube.New(o.Flags)
+	if err != nil {
+		return err
+	}
+	o.Clients = c
+	return nil
+}

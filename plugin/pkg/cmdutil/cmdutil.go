@@ -1,0 +1,68 @@
+// Package cmdutil holds what every kubectl-ebpf command shares: the exit-code
+// error type, output-format validation and YAML/JSON printing.
+package cmdutil
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"slices"
+	"strings"
+
+	"sigs.k8s.io/yaml"
+)
+
+// ExitError makes the root command exit with Code without printing anything:
+// the command has already told the user what is wrong (e.g. the status table).
+type ExitError struct{ Code int }
+
+func (e *ExitError) Error() string { return fmt.Sprintf("exit status %d", e.Code) }
+
+// ErrUnhealthy is returned after a report that already shows the problem.
+var ErrUnhealthy = &ExitError{Code: 1}
+
+// IsSilent reports whether err should be turned into an exit code only.
+func IsSilent(err error) (int, bool) {
+	var e *ExitError
+	if errors.As(err, &e) {
+		return e.Code, true
+	}
+	return 0, false
+}
+
+// ValidateOutput checks an -o value against the formats a command supports.
+func ValidateOutput(got string, allowed ...string) error {
+	if got == "" || slices.Contains(allowed, got) {
+		return nil
+	}
+	return fmt.Errorf("invalid output format %q: want one of %s", got, strings.Join(allowed, ", "))
+}
+
+// PrintJSON writes v as indented JSON.
+func PrintJSON(w io.Writer, v any) error {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintf(w, "%s\n", b)
+	return err
+}
+
+// PrintYAML writes v as YAML.
+func PrintYAML(w io.Writer, v any) error {
+	b, err := yaml.Marshal(v)
+	if err != nil {
+		return err
+	}
+	_, err = w.Write(b)
+	return err
+}
+
+// Print writes v in format ("json" or "yaml").
+func Print(w io.Writer, format string, v any) error {
+	if format == "json" {
+		return PrintJSON(w, v)
+	}
+	return PrintYAML(w, v)
+}

@@ -1,0 +1,113 @@
+package testutil
+
+import (
+	"fmt"
+	"sync/atomic"
+	"testing"
+
+	"k8s.io/apimachinery/pkg/api/meta"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	dynamicfake "k8s.io/client-go/dynamic/fake"
+	"k8s.io/client-go/kubernetes/fake"
+	clienttesting "k8s.io/client-go/testing"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/nodestate"
+	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/kube"
+)
+
+// Fake is a fake cluster for unit tests: typed and dynamic clients over
+// separate trackers, and a REST mapper knowing the kinds install uses.
+type Fake struct {
+	Clients *kube.Clients
+	Kube    *fake.Clientset
+	Dynamic *dynamicfake.FakeDynamicClient
+}
+
+// NewFake builds a fake cluster holding kubeObjs (typed) and dynObjs
+// (unstructured: NodeStates, CRDs). Every access review is allowed unless
+// the test installs its own reactor.
+func NewFake(t *testing.T, kubeObjs []runtime.Object, dynObjs ...runtime.Object) *Fake {
+	t.Helper()
+	kc := fake.NewClientset(kubeObjs...)
+	// The fake tracker does not implement generateName.
+	var n atomic.Int64
+	kc.PrependReactor("create", "*", func(a clienttesting.Action) (bool, runtime.Object, error) {
+		obj := a.(clienttesting.CreateAction).GetObject()
+		m, err := meta.Accessor(obj)
+		if err == nil && m.GetName() == "" && m.GetGenerateName() != "" {
+			m.SetName(fmt.Sprintf("%s%d", m.GetGenerateName(), n.Add(1)))
+		}
+		return false, nil, nil
+	})
+	AllowAll(kc)
+	listKinds := map[schema.GroupVersionResource]string{
+		nodestate.GVR:                                          "NodeStateList",
+		kube.CRDGVR:                                            "CustomResourceDefinitionList",
+		{Version: "v1", Resource: "namespaces"}:                "NamespaceList",
+		{Version: "v1", Resource: "serviceaccounts"}:           "ServiceAccountList",
+		{Version: "v1", Resource: "configmaps"}:                "ConfigMapList",
+		{Group: "apps", Version: "v1", Resource: "daemonsets"}: "DaemonSetList",
+		{Group: "rbac.authorization.k8s.io", Version: "v1", Resource: "clusterroles"}:        "ClusterRoleList",
+		{Group: "rbac.authorization.k8s.io", Version: "v1", Resource: "clusterrolebindings"}: "ClusterRoleBindingList",
+		{Group: "rbac.authorization.k8s.io", Version: "v1", Resource: "roles"}:               "RoleList",
+		{Group: "rbac.authorization.k8s.io", Version: "v1", Resource: "rolebindings"}:        "RoleBindingList",
+	}
+	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), listKinds, dynObjs...)
+	mapper := meta.NewDefaultRESTMapper(nil)
+	for _, k := range []struct {
+		gvk   schema.GroupVersionKind
+		scope meta.RESTScope
+	}{
+		{schema.GroupVersionKind{Version: "v1", Kind: "Namespace"}, meta.RESTScopeRoot},
+		{schema.GroupVersionKind{Version: "v1", Kind: "ServiceAccount"}, meta.RESTScopeNamespace},
+		{schema.GroupVersionKind{Version: "v1", Kind: "ConfigMap"}, meta.RESTScopeNamespace},
+		{schema.GroupVersionKind{Group: "apps", Version: "v1", Kind: "DaemonSet"}, meta.RESTScopeNamespace},
+		{schema.GroupVersionKind{Group: "rbac.authorization.k8s.io", Version: "v1", Kind: "ClusterRole"}, meta.RESTScopeRoot},
+		{schema.GroupVersionKind{Group: "rbac.authorization.k8s.io", Version: "v1", Kind: "ClusterRoleBinding"}, meta.RESTScopeRoot},
+		{schema.GroupVersionKind{Group: "rbac.authorization.k8s.io", Version: "v1", Kind: "Role"}, meta.RESTScopeNamespace},
+		{schema.GroupVersionKind{Group: "rbac.authorization.k8s.io", Version: "v1", Kind: "RoleBinding"}, meta.RESTScopeNamespace},
+		{schema.GroupVersionKind{Group: "apiextensions.k8s.io", Version: "v1", Kind: "CustomResourceDefinition"}, meta.RESTScopeRoot},
+		{nodestate.GVK, meta.RESTScopeRoot},
+	} {
+		mapper.Add(k.gvk, k.scope)
+	}
+	return &Fake{
+		Clients: &kube.Clients{Host: "https://fake.test", Kube: kc, Dynamic: dc, Mapper: mapper, Probe: kc.Discovery()},
+		Kube:    kc,
+		Dynamic: dc,
+	}
+}
+
+// AllowAll answers every SelfSubjectAccessReview with allowed.
+func AllowAll(kc *fake.Clientset) {
+	kc.PrependReactor("create", "selfsubjectaccessreviews", func(a clienttesting.Action) (bool, runtime.Object, error) {
+		obj := a.(clienttesting.CreateAction).GetObject().DeepCopyObject()
+		setAllowed(obj, true)
+		return true, obj, nil
+	})
+}
+
+// DenyAll answers every SelfSubjectAccessReview with denied.
+func DenyAll(kc *fake.Clientset) {
+	kc.PrependReactor("create", "selfsubjectaccessreviews", func(a clienttesting.Action) (bool, runtime.Object, error) {
+		obj := a.(clienttesting.CreateAction).GetObject().DeepCopyObject()
+		setAllowed(obj, false)
+		return true, obj, nil
+	})
+}
+
+// Mutations counts create/update/patch/delete actions seen by both clients.
+func (f *Fake) Mutations() []string {
+	var out []string
+	for _, a := range append(f.Kube.Actions(), f.Dynamic.Actions()...) {
+		switch a.GetVerb() {
+		case "create", "update", "patch", "delete", "delete-collection":
+			if a.GetResource().Resource == "selfsubjectaccessreviews" {
+				continue
+			}
+			out = append(out, a.GetVerb()+" "+a.GetResource().Resource)
+		}
+	}
+	return out
+}
