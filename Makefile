@@ -26,6 +26,7 @@ help: ## list targets
 
 build: ## build kubectl-ebpf and kebpf-agent into bin/
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/ ./plugin/cmd/kubectl-ebpf ./nodeagent/cmd/kebpf-agent
+	install -m 0755 plugin/kubectl_complete-ebpf $(BIN)/
 
 $(CLUSTER_TOOL): FORCE
 	@$(GO) build -o $@ ./kindtests/cmd/kebpf-cluster
@@ -69,7 +70,7 @@ cluster-down: $(CLUSTER_TOOL) ## remove the local cluster and everything it crea
 
 demo: cluster-up ## local cluster + kubectl ebpf install --wait + status
 	@eval "$$($(CLUSTER_TOOL) env --name $(CLUSTER))"; \
-	  set -x; kubectl ebpf install --wait --timeout 5m; kubectl ebpf status; kubectl ebpf version; set +x; \
+	  set -x; kubectl ebpf install --wait --timeout 5m; kubectl ebpf version; kubectl ebpf status; set +x; \
 	  echo; echo "The cluster stays up: export KUBECONFIG=$$KUBECONFIG PATH=$${PATH%%:*}:\$$PATH; make cluster-down removes it."
 
 clean: ## remove build outputs (not the build cache)

@@ -162,6 +162,10 @@ func TestIntegrationLifecycle(t *testing.T) {
 		t.Fatalf("kubectl plugin list does not find kubectl-ebpf:\n%s", out)
 	}
 	mustKubectl(t, time.Minute, "ebpf", "version")
+	// kubectl completes plugin arguments through kubectl_complete-ebpf.
+	if out := mustKubectl(t, time.Minute, "__complete", "ebpf", ""); !strings.Contains(out, "install") || !strings.Contains(out, "uninstall") {
+		t.Errorf("kubectl completion of `kubectl ebpf` lacks the plugin's commands:\n%s", out)
+	}
 
 	t.Run("status before install", func(t *testing.T) {
 		r := kubectl(t, time.Minute, "ebpf", "status")

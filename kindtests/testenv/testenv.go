@@ -116,6 +116,9 @@ func Up(ctx context.Context, o Options) (*Env, error) {
 	if err := linkInto(filepath.Join(k8sDir, "kubectl"), filepath.Join(e.BinDir, "kubectl")); err != nil {
 		return nil, err
 	}
+	if err := linkInto(filepath.Join(root, "plugin", "kubectl_complete-ebpf"), filepath.Join(e.BinDir, "kubectl_complete-ebpf")); err != nil {
+		return nil, err
+	}
 	step(o.Log, start, "built kubectl-ebpf %s into %s", version, e.BinDir)
 
 	c, err := p.Create(ctx, cluster.Options{Name: o.Name, KubeProxy: o.KubeProxy, Log: o.Log})
