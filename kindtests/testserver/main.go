@@ -176,6 +176,7 @@ func probe(args []string, out io.Writer) int {
 	proto := fs.String("protocol", "tcp", "tcp, udp or http")
 	to := fs.String("to", "", "HOST:PORT to probe")
 	timeout := fs.Duration("timeout", 2*time.Second, "give up after this long")
+	unconnected := fs.Bool("unconnected", false, "udp: sendto/recvfrom on an unconnected socket (as DNS clients do); peer is the reply's source")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -192,7 +193,11 @@ func probe(args []string, out io.Writer) int {
 	case "tcp":
 		r, err = probeStream(ctx, "tcp", *to)
 	case "udp":
-		r, err = probeUDP(ctx, *to)
+		if *unconnected {
+			r, err = probeUDPUnconnected(ctx, *to)
+		} else {
+			r, err = probeUDP(ctx, *to)
+		}
 	case "http":
 		r, err = probeHTTP(ctx, *to)
 	default:
@@ -254,6 +259,45 @@ func probeUDP(ctx context.Context, to string) (Result, error) {
 		n, err := c.Read(buf)
 		if err == nil {
 			r.Reply = strings.TrimSpace(string(buf[:n]))
+			return r, nil
+		}
+		var ne net.Error
+		if !errors.As(err, &ne) || !ne.Timeout() {
+			return r, err
+		}
+		if ctx.Err() != nil {
+			return r, ctx.Err()
+		}
+	}
+}
+
+// probeUDPUnconnected sends with sendto() and reports the source address of
+// the reply from recvfrom(): a socket LB must make it the address the client
+// sent to, or resolvers drop the answer.
+func probeUDPUnconnected(ctx context.Context, to string) (Result, error) {
+	dst, err := net.ResolveUDPAddr("udp", to)
+	if err != nil {
+		return Result{}, err
+	}
+	network := "udp4"
+	if dst.IP.To4() == nil {
+		network = "udp6"
+	}
+	c, err := net.ListenUDP(network, nil)
+	if err != nil {
+		return Result{}, err
+	}
+	defer c.Close()
+	var r Result
+	buf := make([]byte, 2048)
+	for {
+		if _, err := c.WriteToUDP([]byte("probe\n"), dst); err != nil {
+			return r, err
+		}
+		c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+		n, from, err := c.ReadFromUDP(buf)
+		if err == nil {
+			r.Reply, r.Peer = strings.TrimSpace(string(buf[:n])), from.String()
 			return r, nil
 		}
 		var ne net.Error

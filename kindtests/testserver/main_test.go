@@ -54,6 +54,7 @@ func TestProbe(t *testing.T) {
 	}{
 		{"tcp answers with identity", []string{"--protocol", "tcp", "--to", tl.Addr().String()}, true, "pod-a", ""},
 		{"udp answers with identity", []string{"--protocol", "udp", "--to", uc.LocalAddr().String()}, true, "pod-u", ""},
+		{"unconnected udp answers", []string{"--protocol", "udp", "--unconnected", "--to", uc.LocalAddr().String()}, true, "pod-u", ""},
 		{"tcp refused", []string{"--protocol", "tcp", "--to", closedAddr}, false, "", "refused"},
 		{"udp refused by ICMP", []string{"--protocol", "udp", "--to", uclosedAddr, "--timeout", "1s"}, false, "", "refused"},
 	} {
