@@ -69,3 +69,12 @@ func CacheDir() string {
 	}
 	return filepath.Join(home, ".cache", "kubectl-ebpf")
 }
+
+// KubeProxySwitch is implemented by providers that can stop and start
+// kube-proxy on a running cluster, so the socket-LB suite runs the same flows
+// without kube-proxy (our datapath alone) and beside it.
+type KubeProxySwitch interface {
+	// SetKubeProxy stops kube-proxy and removes its rules (on=false), or
+	// starts it and waits until its rules are programmed (on=true).
+	SetKubeProxy(ctx context.Context, name string, on bool) error
+}

@@ -349,10 +349,7 @@ func (p *Provider) Create(ctx context.Context, opts cluster.Options) (*cluster.C
 		}},
 	}
 	if opts.KubeProxy {
-		comps = append(comps, component{name: "kube-proxy", bin: filepath.Join(binDir, "kube-proxy"), args: []string{
-			"--config", s.path("kube-proxy-config.yaml"),
-			"--conntrack-max-per-core=0",
-		}})
+		comps = append(comps, s.kubeProxy(binDir))
 		if err := os.WriteFile(s.path("kube-proxy.enabled"), nil, 0o644); err != nil {
 			return nil, fmt.Errorf("record kube-proxy: %w", err)
 		}
