@@ -48,7 +48,7 @@ func main() {
 func usage() {
 	fmt.Fprint(os.Stderr, `usage:
   kebpf-testserver serve [--tcp 80,81] [--udp 80,81] [--http 8080] [--name NAME]
-  kebpf-testserver probe --protocol tcp|udp|http --to HOST:PORT [--timeout 2s]
+  kebpf-testserver probe --protocol tcp|udp|http --to HOST:PORT [--timeout 2s] [--count N --interval D] [--unconnected]
 `)
 	os.Exit(2)
 }
@@ -175,34 +175,57 @@ func probe(args []string, out io.Writer) int {
 	fs := flag.NewFlagSet("probe", flag.ContinueOnError)
 	proto := fs.String("protocol", "tcp", "tcp, udp or http")
 	to := fs.String("to", "", "HOST:PORT to probe")
-	timeout := fs.Duration("timeout", 2*time.Second, "give up after this long")
+	timeout := fs.Duration("timeout", 2*time.Second, "give up on one attempt after this long")
 	unconnected := fs.Bool("unconnected", false, "udp: sendto/recvfrom on an unconnected socket (as DNS clients do); peer is the reply's source")
+	count := fs.Int("count", 1, "attempts, each a new socket, one JSON line each")
+	interval := fs.Duration("interval", 0, "pause between attempts")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
-	if *to == "" {
-		fmt.Fprintln(os.Stderr, "error: --to is required")
+	if *to == "" || *count < 1 {
+		fmt.Fprintln(os.Stderr, "error: --to is required and --count must be at least 1")
 		return 2
 	}
-	start := time.Now()
-	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
-	defer cancel()
-	var r Result
-	var err error
 	switch *proto {
-	case "tcp":
-		r, err = probeStream(ctx, "tcp", *to)
-	case "udp":
-		if *unconnected {
-			r, err = probeUDPUnconnected(ctx, *to)
-		} else {
-			r, err = probeUDP(ctx, *to)
-		}
-	case "http":
-		r, err = probeHTTP(ctx, *to)
+	case "tcp", "udp", "http":
 	default:
 		fmt.Fprintf(os.Stderr, "error: unknown protocol %q\n", *proto)
 		return 2
+	}
+	failed := 0
+	enc := json.NewEncoder(out)
+	for i := 0; i < *count; i++ {
+		if i > 0 && *interval > 0 {
+			time.Sleep(*interval)
+		}
+		r := attempt(*proto, *to, *timeout, *unconnected)
+		if !r.OK {
+			failed++
+		}
+		enc.Encode(r)
+	}
+	if failed > 0 {
+		return 1
+	}
+	return 0
+}
+
+// attempt is one probe on a new socket.
+func attempt(proto, to string, timeout time.Duration, unconnected bool) Result {
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	var r Result
+	var err error
+	switch {
+	case proto == "tcp":
+		r, err = probeStream(ctx, "tcp", to)
+	case proto == "udp" && unconnected:
+		r, err = probeUDPUnconnected(ctx, to)
+	case proto == "udp":
+		r, err = probeUDP(ctx, to)
+	default:
+		r, err = probeHTTP(ctx, to)
 	}
 	if err != nil {
 		r.Error, r.Class = err.Error(), classify(err)
@@ -210,11 +233,7 @@ func probe(args []string, out io.Writer) int {
 		r.OK = true
 	}
 	r.Duration = time.Since(start).Round(time.Microsecond).String()
-	json.NewEncoder(out).Encode(r)
-	if r.OK {
-		return 0
-	}
-	return 1
+	return r
 }
 
 func probeStream(ctx context.Context, network, to string) (Result, error) {

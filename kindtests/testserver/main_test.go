@@ -13,7 +13,7 @@ func probeOnce(t *testing.T, args ...string) (Result, int) {
 	var out bytes.Buffer
 	code := probe(args, &out)
 	var r Result
-	if err := json.Unmarshal(out.Bytes(), &r); err != nil {
+	if err := json.Unmarshal(bytes.TrimSpace(out.Bytes()), &r); err != nil {
 		t.Fatalf("probe printed no JSON: %v: %q", err, out.String())
 	}
 	return r, code
@@ -75,5 +75,21 @@ func TestParsePorts(t *testing.T) {
 		if _, err := parsePorts(bad); err == nil {
 			t.Errorf("parsePorts(%q) accepted", bad)
 		}
+	}
+}
+
+func TestProbeCount(t *testing.T) {
+	tl, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tl.Close() })
+	go serveTCP(tl, "pod-a")
+	var out bytes.Buffer
+	if code := probe([]string{"--to", tl.Addr().String(), "--count", "3"}, &out); code != 0 {
+		t.Fatalf("exit %d: %s", code, out.String())
+	}
+	if n := bytes.Count(out.Bytes(), []byte("\n")); n != 3 {
+		t.Errorf("want 3 JSON lines, got %d: %s", n, out.String())
 	}
 }
