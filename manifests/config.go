@@ -1,0 +1,76 @@
+package manifests
+
+import (
+	"bytes"
+	"fmt"
+	"slices"
+	"strings"
+
+	"sigs.k8s.io/yaml"
+)
+
+// ConfigKey is the key of the ConfigMap kubectl-ebpf-config holding the
+// cluster-wide agent config.
+const ConfigKey = "config.yaml"
+
+// KnownFeatures are the datapath features an agent can switch on and off.
+var KnownFeatures = []string{"sockstats", "service-lb"}
+
+// Config is the cluster-wide agent config, stored as YAML under ConfigKey.
+type Config struct {
+	// Features maps a feature name to whether agents attach it. A feature
+	// missing from the map is disabled.
+	Features map[string]bool `json:"features"`
+}
+
+// DefaultConfig enables every known feature; `install` writes it.
+func DefaultConfig() Config {
+	c := Config{Features: make(map[string]bool, len(KnownFeatures))}
+	for _, f := range KnownFeatures {
+		c.Features[f] = true
+	}
+	return c
+}
+
+// ParseConfig parses and validates a config.yaml. Unknown fields and unknown
+// feature names are errors: a typo must not silently switch a feature off.
+func ParseConfig(data []byte) (Config, error) {
+	var c Config
+	if len(bytes.TrimSpace(data)) == 0 {
+		return Config{}, fmt.Errorf("parse %s: empty", ConfigKey)
+	}
+	if err := yaml.UnmarshalStrict(data, &c); err != nil {
+		return Config{}, fmt.Errorf("parse %s: %w", ConfigKey, err)
+	}
+	var unknown []string
+	for name := range c.Features {
+		if !slices.Contains(KnownFeatures, name) {
+			unknown = append(unknown, name)
+		}
+	}
+	if len(unknown) > 0 {
+		slices.Sort(unknown)
+		return Config{}, fmt.Errorf("parse %s: unknown feature(s) %s (known: %s)", ConfigKey,
+			strings.Join(unknown, ", "), strings.Join(KnownFeatures, ", "))
+	}
+	if c.Features == nil {
+		c.Features = map[string]bool{}
+	}
+	return c, nil
+}
+
+// Enabled reports whether feature is switched on.
+func (c Config) Enabled(feature string) bool { return c.Features[feature] }
+
+// Marshal renders the config as config.yaml content (keys sorted, so the
+// same config always yields the same bytes and patches stay no-ops).
+func (c Config) Marshal() ([]byte, error) {
+	if c.Features == nil {
+		c.Features = map[string]bool{}
+	}
+	b, err := yaml.Marshal(c)
+	if err != nil {
+		return nil, fmt.Errorf("marshal %s: %w", ConfigKey, err)
+	}
+	return b, nil
+}
