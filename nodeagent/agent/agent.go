@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -22,11 +23,14 @@ import (
 	"golang.org/x/sys/unix"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
 
-	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/sockstats"
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/socklb"
+	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/features"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/mounts"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/nodestate"
+	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/servicelb"
 )
 
 // FieldManager owns the NodeState fields the agent applies.
@@ -34,6 +38,15 @@ const FieldManager = "kebpf-agent"
 
 // DefaultHeartbeat is how often NodeState is re-applied.
 const DefaultHeartbeat = 30 * time.Second
+
+// DefaultRetry is how soon a feature whose Enable or Disable failed is
+// tried again.
+const DefaultRetry = 5 * time.Second
+
+// statusPoll is how often the agent checks whether NodeState's active list
+// or errors changed, so `kubectl ebpf status` converges within seconds
+// rather than a heartbeat.
+const statusPoll = time.Second
 
 // Config configures Run.
 type Config struct {
@@ -44,12 +57,31 @@ type Config struct {
 	Version    string
 	// Client publishes NodeState; nil runs without an API server (the
 	// agent then never becomes ready, as readiness requires a publish).
-	Client    dynamic.Interface
+	Client dynamic.Interface
+	// Kube watches the cluster config and, for service-lb, Services,
+	// EndpointSlices and the node. Nil: no config watch, every feature
+	// this agent can run without it is enabled (tests, bare runs).
+	Kube      kubernetes.Interface
 	Log       *slog.Logger
 	Heartbeat time.Duration
+	// Retry is how soon failed feature switches are retried (default
+	// DefaultRetry).
+	Retry time.Duration
 	// Listener, when set, is served instead of listening on HealthAddr
 	// (tests pass an ephemeral loopback port).
 	Listener net.Listener
+
+	// ConfigNamespace/ConfigName locate the cluster config ConfigMap
+	// (defaults: manifests.Namespace, manifests.ConfigMapName).
+	ConfigNamespace, ConfigName string
+	// Features replaces the built-in features (tests).
+	Features []Feature
+	// ServiceLB sizes the socket LB maps (zero: socklb's defaults).
+	ServiceLB socklb.LoadOptions
+	// ServiceSyncMin/Max override the service sync's runner intervals.
+	ServiceSyncMin, ServiceSyncMax time.Duration
+	// OnServiceSync observes every service sync (tests, benchmarks).
+	OnServiceSync func(servicelb.SyncResult)
 }
 
 // Agent is one running agent.
@@ -58,11 +90,17 @@ type Agent struct {
 	log    *slog.Logger
 	kernel string
 
-	mu        sync.Mutex
-	features  []nodestate.Feature
-	objs      *sockstats.Objects
-	errs      []string // setup errors, reported in NodeState
-	published bool
+	reg   *prometheus.Registry
+	feats []*featureState // fixed at New; their fields are guarded by mu
+	wake  chan struct{}
+
+	mu         sync.Mutex
+	features   []nodestate.Feature // kernel probes
+	want       manifests.Config
+	haveConfig bool
+	configErr  string
+	published  bool
+	lastStatus string // active+errors last published
 }
 
 // New validates cfg and probes the kernel.
@@ -76,7 +114,33 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.Heartbeat == 0 {
 		cfg.Heartbeat = DefaultHeartbeat
 	}
-	a := &Agent{cfg: cfg, log: cfg.Log, kernel: kernelRelease()}
+	if cfg.Retry == 0 {
+		cfg.Retry = DefaultRetry
+	}
+	if cfg.ConfigNamespace == "" {
+		cfg.ConfigNamespace = manifests.Namespace
+	}
+	if cfg.ConfigName == "" {
+		cfg.ConfigName = manifests.ConfigMapName
+	}
+	a := &Agent{cfg: cfg, log: cfg.Log, kernel: kernelRelease(), reg: prometheus.NewRegistry(),
+		wake: make(chan struct{}, 1)}
+	a.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	fs := cfg.Features
+	if fs == nil {
+		ss := &sockstatsFeature{a: a}
+		a.reg.MustRegister(&socketCollector{f: ss})
+		fs = []Feature{ss}
+		// Without an API client there is nothing to program Services from.
+		if cfg.Kube != nil {
+			lb := &serviceLBFeature{a: a, metrics: servicelb.NewMetrics(a.reg)}
+			a.reg.MustRegister(&lbCollector{f: lb})
+			fs = append(fs, lb)
+		}
+	}
+	for _, f := range fs {
+		a.feats = append(a.feats, &featureState{f: f})
+	}
 	return a, nil
 }
 
@@ -88,29 +152,25 @@ func kernelRelease() string {
 	return unix.ByteSliceToString(u.Release[:])
 }
 
-// Ready reports whether the datapath is attached and NodeState published;
-// when not, the reason.
+// Ready reports whether every enabled feature is attached and NodeState
+// published; when not, the reason. Errors of a running feature (a Service
+// that does not fit the maps) do not make the agent unready: restarting or
+// bypassing it would not help.
 func (a *Agent) Ready() (bool, string) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	switch {
-	case a.objs == nil || !a.objs.Attached():
-		if len(a.errs) > 0 {
-			return false, "datapath not attached: " + a.errs[len(a.errs)-1]
-		}
-		return false, "datapath not attached yet"
-	case !a.published:
-		return false, "NodeState not published yet"
+	if why := a.notReadyReasonLocked(); why != "" {
+		return false, why
 	}
 	return true, "ok"
 }
 
 // Run serves until ctx is cancelled.
 //
-// On return it closes its handles WITHOUT detaching: the link and map are
+// On return it closes its handles WITHOUT detaching: links and maps are
 // pinned, so the datapath keeps running across agent restarts and upgrades
-// (the next agent swaps its program into the pinned link). Only `kebpf-agent
-// cleanup` removes it.
+// (the next agent swaps its programs into the pinned links). Only a
+// feature switched off in the config, or `kebpf-agent cleanup`, removes it.
 func (a *Agent) Run(ctx context.Context) error {
 	srv, ln, err := a.serve()
 	if err != nil {
@@ -121,70 +181,53 @@ func (a *Agent) Run(ctx context.Context) error {
 		shutdownCtx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()
 		srv.Shutdown(shutdownCtx)
-		a.mu.Lock()
-		if a.objs != nil {
-			a.objs.Close()
-		}
-		a.mu.Unlock()
+		a.closeFeatures()
 		a.log.Info("stopped; datapath left attached via pins", "pinDir", a.cfg.PinDir)
 	}()
 
-	a.setup()
+	a.probe()
+	if a.cfg.Kube != nil {
+		go a.watchConfig(ctx)
+	} else {
+		a.mu.Lock()
+		a.want, a.haveConfig = a.defaultConfig(), true
+		a.mu.Unlock()
+	}
+	a.converge(ctx)
 	a.publish(ctx)
-	t := time.NewTicker(a.cfg.Heartbeat)
-	defer t.Stop()
+
+	heartbeat := time.NewTicker(a.cfg.Heartbeat)
+	defer heartbeat.Stop()
+	poll := time.NewTicker(min(statusPoll, a.cfg.Heartbeat))
+	defer poll.Stop()
+	var lastTry time.Time
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-t.C:
-			if ok, _ := a.Ready(); !ok {
-				a.setup() // e.g. the mount appeared after we started
+		case <-a.wake:
+			a.converge(ctx)
+			lastTry = time.Now()
+			a.publishIfChanged(ctx)
+		case <-poll.C:
+			if a.pendingRetry() && time.Since(lastTry) >= a.cfg.Retry {
+				a.probe() // e.g. the mount appeared after we started
+				a.converge(ctx)
+				lastTry = time.Now()
 			}
+			a.publishIfChanged(ctx)
+		case <-heartbeat.C:
 			a.publish(ctx)
 		}
 	}
 }
 
-// setup probes features and attaches sockstats; errors end up in NodeState.
-func (a *Agent) setup() {
+// probe (re)runs the kernel probes.
+func (a *Agent) probe() {
 	fs := features.Probe(a.cfg.CgroupRoot)
-	errs := features.MissingRequired(fs)
 	a.mu.Lock()
 	a.features = fs
-	attached := a.objs != nil && a.objs.Attached()
 	a.mu.Unlock()
-	if len(errs) == 0 && !attached {
-		if err := a.attach(); err != nil {
-			errs = append(errs, err.Error())
-		}
-	}
-	for _, e := range errs {
-		a.log.Error("setup", "err", e)
-	}
-	a.mu.Lock()
-	a.errs = errs
-	a.mu.Unlock()
-}
-
-func (a *Agent) attach() error {
-	if err := a.ensureMounts(); err != nil {
-		return err
-	}
-	objs, err := sockstats.Load(a.cfg.PinDir)
-	if err != nil {
-		return err
-	}
-	if err := objs.Attach(a.cfg.CgroupRoot); err != nil {
-		objs.Close()
-		return err
-	}
-	a.mu.Lock()
-	a.objs = objs
-	a.mu.Unlock()
-	a.log.Info("attached", "program", sockstats.ProgramName, "cgroup", a.cfg.CgroupRoot,
-		"link", sockstats.LinkPinPath(a.cfg.PinDir))
-	return nil
 }
 
 // ensureMounts normally finds both mounts made by the `mount` init
@@ -214,17 +257,17 @@ func (a *Agent) ensureMounts() error {
 func (a *Agent) State() *nodestate.NodeState {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	active, errs := a.activeAndErrorsLocked()
 	st := nodestate.Status{
 		AgentVersion: a.cfg.Version,
 		Kernel:       a.kernel,
 		Features:     append([]nodestate.Feature(nil), a.features...),
-		Errors:       append([]string(nil), a.errs...),
+		Active:       active,
+		Errors:       errs,
 		Heartbeat:    metav1.NewTime(time.Now().UTC().Truncate(time.Second)),
 	}
-	if a.objs != nil && a.objs.Attached() {
-		st.Active = []string{sockstats.Feature}
-	}
-	st.Ready = len(st.Active) > 0 && len(st.Errors) == 0
+	// Ready in NodeState is stricter than /readyz: any error counts.
+	st.Ready = a.haveConfig && a.allEnabledActiveLocked() && len(st.Errors) == 0
 	return &nodestate.NodeState{
 		TypeMeta: metav1.TypeMeta{APIVersion: nodestate.GVK.GroupVersion().String(), Kind: nodestate.Kind},
 		ObjectMeta: metav1.ObjectMeta{
@@ -244,7 +287,8 @@ func (a *Agent) publish(ctx context.Context) {
 	if a.cfg.Client == nil {
 		return
 	}
-	u, err := nodestate.ToUnstructured(a.State())
+	state := a.State()
+	u, err := nodestate.ToUnstructured(state)
 	if err != nil {
 		a.log.Error("publish nodestate", "err", err)
 		return
@@ -260,6 +304,7 @@ func (a *Agent) publish(ctx context.Context) {
 	a.mu.Lock()
 	first := !a.published
 	a.published = true
+	a.lastStatus = statusKey(state.Status.Active, state.Status.Errors)
 	a.mu.Unlock()
 	if first {
 		a.log.Info("published nodestate", "node", a.cfg.NodeName)
@@ -269,14 +314,18 @@ func (a *Agent) publish(ctx context.Context) {
 }
 
 func (a *Agent) serve() (*http.Server, net.Listener, error) {
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg := a.reg
 	info := prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Name: "kebpf_agent_info",
 		Help: "Agent build and kernel; always 1.",
 	}, []string{"version", "kernel"})
 	info.WithLabelValues(a.cfg.Version, a.kernel).Set(1)
-	reg.MustRegister(info, &socketCollector{a: a})
+	if err := reg.Register(info); err != nil {
+		var are prometheus.AlreadyRegisteredError
+		if !errors.As(err, &are) {
+			return nil, nil, fmt.Errorf("register metrics: %w", err)
+		}
+	}
 
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
@@ -325,29 +374,28 @@ func loopbackOnly(addr string) error {
 	return nil
 }
 
-// socketCollector reads the counters at scrape time, so the metric is never
-// staler than the scrape.
-type socketCollector struct{ a *Agent }
-
-var socketsDesc = prometheus.NewDesc("kebpf_sockets_created_total",
-	"Sockets created below the cgroup root since the counter map was pinned, by address family.",
-	[]string{"family"}, nil)
-
-func (c *socketCollector) Describe(ch chan<- *prometheus.Desc) { ch <- socketsDesc }
-
-func (c *socketCollector) Collect(ch chan<- prometheus.Metric) {
-	c.a.mu.Lock()
-	objs := c.a.objs
-	c.a.mu.Unlock()
-	if objs == nil {
-		return
+// publishIfChanged publishes when the active features or the errors differ
+// from what was last published (or nothing was published yet).
+func (a *Agent) publishIfChanged(ctx context.Context) {
+	a.mu.Lock()
+	active, errs := a.activeAndErrorsLocked()
+	changed := !a.published || statusKey(active, errs) != a.lastStatus
+	a.mu.Unlock()
+	if changed {
+		a.publish(ctx)
 	}
-	counts, err := objs.Counts()
-	if err != nil {
-		ch <- prometheus.NewInvalidMetric(socketsDesc, err)
-		return
+}
+
+func statusKey(active, errs []string) string {
+	return strings.Join(active, ",") + "\x00" + strings.Join(errs, "\x00")
+}
+
+// allEnabledActiveLocked reports whether every enabled feature is active.
+func (a *Agent) allEnabledActiveLocked() bool {
+	for _, st := range a.feats {
+		if a.want.Enabled(st.f.Name()) && !st.active {
+			return false
+		}
 	}
-	for _, fam := range []string{"inet", "inet6", "other"} {
-		ch <- prometheus.MustNewConstMetric(socketsDesc, prometheus.CounterValue, float64(counts.ByFamily()[fam]), fam)
-	}
+	return true
 }

@@ -11,6 +11,7 @@ import (
 
 	"github.com/spf13/cobra"
 	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
@@ -46,6 +47,10 @@ func newRunCommand(lo *logOptions, stderr io.Writer) *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("dynamic client: %w", err)
 			}
+			kube, err := kubernetes.NewForConfig(cfg)
+			if err != nil {
+				return fmt.Errorf("kubernetes client: %w", err)
+			}
 			a, err := agent.New(agent.Config{
 				NodeName:   o.nodeName,
 				PinDir:     o.pinDir,
@@ -53,6 +58,7 @@ func newRunCommand(lo *logOptions, stderr io.Writer) *cobra.Command {
 				HealthAddr: o.healthAddr,
 				Version:    manifests.Version,
 				Client:     client,
+				Kube:       kube,
 				Log:        log,
 			})
 			if err != nil {

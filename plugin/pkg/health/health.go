@@ -4,8 +4,10 @@ package health
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"sort"
 	"strings"
 	"text/tabwriter"
@@ -25,11 +27,22 @@ import (
 // as not ready: three of the agent's refresh periods.
 const StaleAfter = 90 * time.Second
 
+// ConvergeAfter is how long after the ConfigMap last changed a node's active
+// features may still differ from the configured ones: agents follow the
+// ConfigMap through a watch within seconds, so a node still off after this
+// long is stuck (a feature that fails to attach, an agent that missed the
+// change), not slow.
+const ConvergeAfter = 30 * time.Second
+
 // Report is the stable shape of `kubectl ebpf status -o json|yaml`.
 type Report struct {
 	Installed bool      `json:"installed"`
 	DaemonSet DaemonSet `json:"daemonSet"`
-	Nodes     []Node    `json:"nodes"`
+	// Configured lists the features the ConfigMap enables, sorted; null when
+	// the ConfigMap is missing or invalid (ConfigError says why).
+	Configured  []string `json:"configured"`
+	ConfigError string   `json:"configError,omitempty"`
+	Nodes       []Node   `json:"nodes"`
 
 	// missing names what is absent when not installed.
 	missing string
@@ -54,8 +67,13 @@ type Node struct {
 	Kernel   string    `json:"kernel"`
 	Features []Feature `json:"features"`
 	Active   []string  `json:"active"`
-	Errors   []string  `json:"errors"`
-	Pod      string    `json:"pod"`
+	// Converged is true when Active equals the report's Configured features
+	// (or there is no valid config to compare with); false without a NodeState.
+	// A node that differs counts as not ready only ConvergeAfter after the
+	// ConfigMap changed, so a toggle in flight does not fail `status`.
+	Converged bool     `json:"converged"`
+	Errors    []string `json:"errors"`
+	Pod       string   `json:"pod"`
 
 	// state is a few words for progress lines: "ready", "agent Running, not ready".
 	state string
@@ -80,13 +98,28 @@ func (r *Report) RolledOut() bool {
 	return r.Installed && r.observed && d.Desired == d.Ready && d.Desired == d.Updated
 }
 
-// Healthy reports whether the rollout is complete and every node is ready.
+// Healthy reports whether the rollout is complete, the config readable and
+// every node ready (which includes converged, past the grace period).
 func (r *Report) Healthy() bool {
-	if !r.RolledOut() {
+	if !r.RolledOut() || r.ConfigError != "" {
 		return false
 	}
 	for _, n := range r.Nodes {
 		if !n.Ready {
+			return false
+		}
+	}
+	return true
+}
+
+// Settled is Healthy with every node's active features equal to the
+// configured ones, grace period or not: what the --wait flags wait for.
+func (r *Report) Settled() bool {
+	if !r.Healthy() {
+		return false
+	}
+	for _, n := range r.Nodes {
+		if !n.Converged {
 			return false
 		}
 	}
@@ -173,8 +206,37 @@ func Collect(ctx context.Context, c *kube.Clients, now time.Time) (*Report, erro
 		}
 		stateByNode[ns.Name] = ns
 	}
+	var configured []string
+	var changed time.Time
+	cm, err := c.GetConfigMap(ctx)
+	switch {
+	case errors.Is(err, kube.ErrNotInstalled):
+		// Nothing to converge to. The agent pods cannot start without it (a
+		// required volume), which their rows show already.
+	case err != nil:
+		return nil, err
+	default:
+		// Judged as the agent judges it: an unknown feature name makes the
+		// whole config invalid.
+		cfg, err := manifests.ParseConfig([]byte(cm.Data[manifests.ConfigKey]))
+		if err != nil {
+			r.ConfigError = fmt.Sprintf("ConfigMap %s: %v", manifests.ConfigMapName, err)
+			break
+		}
+		configured = kube.EnabledFeatures(cfg)
+		r.Configured = configured
+		changed = kube.ConfigChanged(cm)
+	}
 	for _, n := range nodes.Items {
-		r.Nodes = append(r.Nodes, nodeRow(n, podByNode[n.Name], stateByNode[n.Name], now))
+		row := nodeRow(n, podByNode[n.Name], stateByNode[n.Name], now)
+		switch {
+		case stateByNode[n.Name] == nil:
+		case r.Configured == nil:
+			row.Converged = true // no valid config to differ from
+		default:
+			converge(&row, configured, changed, now)
+		}
+		r.Nodes = append(r.Nodes, row)
 	}
 	sort.Slice(r.Nodes, func(i, j int) bool { return r.Nodes[i].Name < r.Nodes[j].Name })
 	return r, nil
@@ -238,6 +300,40 @@ func nodeRow(n corev1.Node, pod *corev1.Pod, ns *nodestate.NodeState, now time.T
 	return row
 }
 
+// converge compares the node's active features with the configured ones.
+// The ConfigMap's change time comes from the API server's clock and now from
+// ours; the 30s grace period is coarse enough that ordinary clock skew does
+// not matter, and a skewed clock errs one way or the other by the skew only.
+func converge(row *Node, configured []string, changed, now time.Time) {
+	active := slices.Clone(row.Active)
+	sort.Strings(active)
+	active = slices.Compact(active)
+	row.Converged = slices.Equal(active, configured)
+	if row.Converged {
+		return
+	}
+	detail := fmt.Sprintf("active %s, configured %s", dashList(active), dashList(configured))
+	if now.Sub(changed) <= ConvergeAfter {
+		if row.Ready {
+			row.state = "ready, converging (" + detail + ")"
+		}
+		return
+	}
+	msg := fmt.Sprintf("features not converged %s after the config changed: %s", now.Sub(changed).Round(time.Second), detail)
+	row.Errors = append(row.Errors, msg)
+	if row.Ready {
+		row.Ready = false
+		row.state = "agent Running, not ready (" + msg + ")"
+	}
+}
+
+func dashList(l []string) string {
+	if len(l) == 0 {
+		return "none"
+	}
+	return strings.Join(l, ",")
+}
+
 // AgentImage is the image of the agent container in ds.
 func AgentImage(ds *appsv1.DaemonSet) string {
 	for _, c := range ds.Spec.Template.Spec.Containers {
@@ -272,7 +368,15 @@ func PrintTable(w io.Writer, r *Report, wide bool) error {
 		}
 		fmt.Fprintln(tw, line)
 	}
-	return tw.Flush()
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	if r.ConfigError != "" {
+		// Not a node's fault, so not in a row; the agents reject this config.
+		_, err := fmt.Fprintf(w, "config: %s\n", r.ConfigError)
+		return err
+	}
+	return nil
 }
 
 func dash(s string) string {

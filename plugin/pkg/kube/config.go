@@ -13,6 +13,8 @@ import (
 	discoveryv1 "k8s.io/api/discovery/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	corev1ac "k8s.io/client-go/applyconfigurations/core/v1"
 	"k8s.io/client-go/util/retry"
 	"sigs.k8s.io/yaml"
 
@@ -83,13 +85,15 @@ func ConfigChanged(cm *corev1.ConfigMap) time.Time {
 }
 
 // SetFeature switches feature on or off in the agent ConfigMap, leaving the
-// other features as they are. It is a read-modify-write of config.yaml with
-// the resourceVersion as precondition, retried on conflict, so a concurrent
-// enable of another feature is never lost. (A server-side apply of just
-// data.config.yaml would still have to rewrite the whole string, and under
-// our field manager it would drop the labels install applied.)
-// changed is false when the feature was already in the requested state;
-// dropped lists unknown feature names removed from the config on the way.
+// other features as they are. It reads config.yaml, changes the one entry and
+// server-side applies the whole ConfigMap exactly as install renders it,
+// under install's field manager: install applying the same content later is
+// then a no-op (an Update would move field ownership and make the next install
+// rewrite the object). The applied object carries the resourceVersion read,
+// so a concurrent writer makes the apply conflict and it is retried from a
+// fresh read instead of losing that writer's change.
+// changed is false when the feature was already in the requested state (no
+// write then); dropped lists unknown feature names removed on the way.
 func (c *Clients) SetFeature(ctx context.Context, feature string, on bool) (changed bool, dropped []string, err error) {
 	err = retry.RetryOnConflict(retry.DefaultRetry, func() error {
 		cm, err := c.GetConfigMap(ctx)
@@ -103,30 +107,46 @@ func (c *Clients) SetFeature(ctx context.Context, feature string, on bool) (chan
 		dropped = d
 		// A feature missing from the map is off, so disabling it needs no write.
 		wasOn := cfg.Enabled(feature)
-		if wasOn == on && len(d) == 0 {
-			changed = false
+		changed = wasOn != on
+		if !changed && len(d) == 0 {
 			return nil
 		}
 		cfg.Features[feature] = on
-		b, err := cfg.Marshal()
+		ac, err := configMapApply(cfg)
 		if err != nil {
 			return err
 		}
-		cm = cm.DeepCopy()
-		if cm.Data == nil {
-			cm.Data = map[string]string{}
+		ac.WithResourceVersion(cm.ResourceVersion)
+		_, err = c.Kube.CoreV1().ConfigMaps(manifests.Namespace).Apply(ctx, ac, metav1.ApplyOptions{FieldManager: manifests.FieldManager, Force: true})
+		if err != nil && !apierrors.IsConflict(err) {
+			return fmt.Errorf("apply ConfigMap %s/%s: %w", manifests.Namespace, manifests.ConfigMapName, err)
 		}
-		cm.Data[manifests.ConfigKey] = string(b)
-		if _, err := c.Kube.CoreV1().ConfigMaps(manifests.Namespace).Update(ctx, cm, metav1.UpdateOptions{FieldManager: manifests.FieldManager}); err != nil {
-			if apierrors.IsConflict(err) {
-				return err // retried
-			}
-			return fmt.Errorf("update ConfigMap %s/%s: %w", manifests.Namespace, manifests.ConfigMapName, err)
-		}
-		changed = wasOn != on
-		return nil
+		return err // a conflict is retried
 	})
 	return changed, dropped, err
+}
+
+// configMapApply is the agent ConfigMap as install would apply it with cfg.
+func configMapApply(cfg manifests.Config) (*corev1ac.ConfigMapApplyConfiguration, error) {
+	objs, err := manifests.Objects(manifests.RenderOptions{Config: &cfg})
+	if err != nil {
+		return nil, err
+	}
+	for _, o := range objs {
+		if o.GetKind() != "ConfigMap" || o.GetName() != manifests.ConfigMapName {
+			continue
+		}
+		var cm corev1.ConfigMap
+		if err := runtime.DefaultUnstructuredConverter.FromUnstructured(o.Object, &cm); err != nil {
+			return nil, fmt.Errorf("convert ConfigMap: %w", err)
+		}
+		ac := corev1ac.ConfigMap(cm.Name, cm.Namespace).WithLabels(cm.Labels).WithData(cm.Data)
+		if len(cm.Annotations) > 0 {
+			ac.WithAnnotations(cm.Annotations)
+		}
+		return ac, nil
+	}
+	return nil, errors.New("manifests render no ConfigMap " + manifests.ConfigMapName)
 }
 
 // APIServerEndpoint is one address and port the API server really listens on,

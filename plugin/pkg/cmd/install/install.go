@@ -3,7 +3,10 @@ package install
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"maps"
+	"slices"
 	"strings"
 	"time"
 
@@ -37,6 +40,10 @@ type Options struct {
 	Timeout time.Duration
 	DryRun  string
 	Output  string
+	// Enable and Disable override features on top of the cluster's current
+	// config (or DefaultConfig on a first install).
+	Enable  []string
+	Disable []string
 
 	// Clients may be preset (tests); Complete builds them otherwise.
 	Clients *kube.Clients
@@ -72,6 +79,14 @@ func NewCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStr
 	cmd.Flags().StringVar(&o.DryRun, "dry-run", DryRunNone, `"none", "client" (print what would be applied) or "server" (validate with the API server, persist nothing)`)
 	cmd.Flags().Lookup("dry-run").NoOptDefVal = DryRunClient
 	cmd.Flags().StringVarP(&o.Output, "output", "o", "", `"yaml" prints the manifests instead of applying them`)
+	known := strings.Join(manifests.KnownFeatures, ", ")
+	cmd.Flags().StringArrayVar(&o.Enable, "enable", nil, "enable this feature (repeatable; "+known+"); features not named keep their current state, all on for a first install")
+	cmd.Flags().StringArrayVar(&o.Disable, "disable", nil, "disable this feature (repeatable; "+known+")")
+	complete := func(*cobra.Command, []string, string) ([]cobra.Completion, cobra.ShellCompDirective) {
+		return slices.Clone(manifests.KnownFeatures), cobra.ShellCompDirectiveNoFileComp
+	}
+	_ = cmd.RegisterFlagCompletionFunc("enable", complete)
+	_ = cmd.RegisterFlagCompletionFunc("disable", complete)
 	return cmd
 }
 
@@ -83,12 +98,35 @@ func (o *Options) Complete() error {
 	if o.Image == "" {
 		o.Image = manifests.DefaultImage()
 	}
-	objs, err := manifests.Objects(manifests.RenderOptions{Image: o.Image, Version: imageVersion(o.Image)})
+	// Rendered without the cluster here, so a bad --image fails before any
+	// API call; Run renders again with the cluster's config and API endpoint.
+	cfg := o.withFlags(manifests.DefaultConfig())
+	return o.render(manifests.RenderOptions{Config: &cfg})
+}
+
+func (o *Options) render(ro manifests.RenderOptions) error {
+	ro.Image, ro.Version = o.Image, imageVersion(o.Image)
+	objs, err := manifests.Objects(ro)
 	if err != nil {
 		return err
 	}
 	o.objects = objs
 	return nil
+}
+
+// withFlags applies --enable and --disable to a copy of cfg.
+func (o *Options) withFlags(cfg manifests.Config) manifests.Config {
+	out := manifests.Config{Features: maps.Clone(cfg.Features)}
+	if out.Features == nil {
+		out.Features = map[string]bool{}
+	}
+	for _, f := range o.Enable {
+		out.Features[f] = true
+	}
+	for _, f := range o.Disable {
+		out.Features[f] = false
+	}
+	return out
 }
 
 func (o *Options) needsCluster() bool {
@@ -111,6 +149,16 @@ func (o *Options) Validate() error {
 	if o.Wait && (o.DryRun != DryRunNone || o.Output != "") {
 		return fmt.Errorf("--wait cannot be combined with --dry-run or -o")
 	}
+	for _, f := range append(slices.Clone(o.Enable), o.Disable...) {
+		if !slices.Contains(manifests.KnownFeatures, f) {
+			return fmt.Errorf("unknown feature %q: known features are %s", f, strings.Join(manifests.KnownFeatures, ", "))
+		}
+	}
+	for _, f := range o.Enable {
+		if slices.Contains(o.Disable, f) {
+			return fmt.Errorf("feature %q both enabled and disabled", f)
+		}
+	}
 	return nil
 }
 
@@ -118,8 +166,10 @@ func (o *Options) Validate() error {
 func (o *Options) Run(ctx context.Context) error {
 	if !o.needsCluster() {
 		if o.Output == "yaml" {
+			fmt.Fprint(o.Out, offlineNote)
 			return printYAML(o, o.objects)
 		}
+		fmt.Fprintln(o.ErrOut, "note: rendered without a cluster: default features, and KUBERNETES_SERVICE_HOST/PORT not set on the agent")
 		for _, obj := range o.objects {
 			fmt.Fprintf(o.Out, "%s created (dry run)\n", objectRef(obj))
 		}
@@ -129,6 +179,9 @@ func (o *Options) Run(ctx context.Context) error {
 		return err
 	}
 	if err := Preflight(ctx, o.Clients); err != nil {
+		return err
+	}
+	if err := o.renderForCluster(ctx); err != nil {
 		return err
 	}
 	dry := o.DryRun == DryRunServer
@@ -184,6 +237,48 @@ func (o *Options) Run(ctx context.Context) error {
 	return WaitReady(ctx, o.Clients, o.IOStreams, o.Timeout, o.PollInterval)
 }
 
+// offlineNote heads `install -o yaml` output rendered without a cluster.
+const offlineNote = `# Rendered without a cluster: the ConfigMap holds the default features (plus
+# --enable/--disable), not the cluster's current ones, and the agent has no
+# KUBERNETES_SERVICE_HOST/PORT, so on a cluster without kube-proxy it cannot reach
+# the API server. "kubectl ebpf install" sets both from the live cluster.
+`
+
+// renderForCluster renders the manifests again with what only the cluster
+// knows: its current features, so a re-install or upgrade never resets what
+// `kubectl ebpf enable|disable` set, and the API server's real endpoint.
+func (o *Options) renderForCluster(ctx context.Context) error {
+	base := manifests.DefaultConfig()
+	cm, err := o.Clients.GetConfigMap(ctx)
+	switch {
+	case errors.Is(err, kube.ErrNotInstalled):
+		// First install: the defaults.
+	case err != nil:
+		return err
+	default:
+		cfg, dropped, err := kube.LenientConfig(cm)
+		if err != nil {
+			fmt.Fprintf(o.ErrOut, "warning: %v; writing the default features\n", err)
+			break
+		}
+		if len(dropped) > 0 {
+			fmt.Fprintf(o.ErrOut, "warning: dropping unknown feature(s) %s from the config (known: %s)\n", strings.Join(dropped, ", "), strings.Join(manifests.KnownFeatures, ", "))
+		}
+		base = cfg
+	}
+	cfg := o.withFlags(base)
+	ro := manifests.RenderOptions{Config: &cfg}
+	host, port, err := o.Clients.APIServerEndpoint(ctx)
+	if err != nil {
+		// Not fatal: with kube-proxy the agent reaches the API through the
+		// ClusterIP as any pod does.
+		fmt.Fprintf(o.ErrOut, "warning: API server endpoint unknown (%v): the agent will use the kubernetes Service, which needs kube-proxy\n", err)
+	} else {
+		ro.APIServerHost, ro.APIServerPort = host, port
+	}
+	return o.render(ro)
+}
+
 // Permissions are what install (and the cleanup pods of uninstall) need.
 func Permissions() []kube.Permission {
 	crud := []string{"create", "patch", "get"}
@@ -218,7 +313,8 @@ func Preflight(ctx context.Context, c *kube.Clients) error {
 }
 
 // WaitReady prints each node's agent state whenever it changes, until the
-// DaemonSet is rolled out and every node reports ready, or timeout.
+// DaemonSet is rolled out and every node reports ready with exactly the
+// configured features active, or timeout.
 func WaitReady(ctx context.Context, c *kube.Clients, streams genericiooptions.IOStreams, timeout, interval time.Duration) error {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
@@ -237,7 +333,7 @@ func WaitReady(ctx context.Context, c *kube.Clients, streams genericiooptions.IO
 					last[n.Name] = n.State()
 				}
 			}
-			if r.Healthy() {
+			if r.Settled() {
 				fmt.Fprintf(streams.Out, "agents ready on %d node(s)\n", len(r.Nodes))
 				return nil
 			}
@@ -259,6 +355,18 @@ func timeoutError(timeout time.Duration, r *health.Report) error {
 	}
 	if nr := r.NotReady(); len(nr) > 0 {
 		return fmt.Errorf("timed out after %s: not ready: %s", timeout, strings.Join(nr, ", "))
+	}
+	if r.ConfigError != "" {
+		return fmt.Errorf("timed out after %s: %s", timeout, r.ConfigError)
+	}
+	if r.RolledOut() {
+		var off []string
+		for _, n := range r.Nodes {
+			if !n.Converged {
+				off = append(off, fmt.Sprintf("%s (active %s)", n.Name, strings.Join(n.Active, ",")))
+			}
+		}
+		return fmt.Errorf("timed out after %s: features %s not active on: %s", timeout, strings.Join(r.Configured, ","), strings.Join(off, ", "))
 	}
 	d := r.DaemonSet
 	return fmt.Errorf("timed out after %s: DaemonSet %s not rolled out (desired %d, ready %d, updated %d)", timeout, d.Name, d.Desired, d.Ready, d.Updated)

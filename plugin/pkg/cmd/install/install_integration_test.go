@@ -169,3 +169,36 @@ func hasStatus(obj *unstructured.Unstructured) bool {
 	_, ok := obj.Object["status"]
 	return ok && obj.GetKind() != "Namespace"
 }
+
+// The agent must reach the API server without kube-proxy, so install points
+// it at the address the kubernetes Service's EndpointSlice names.
+func TestIntegrationInstallSetsAPIServerEnv(t *testing.T) {
+	kc, flags := testutil.Cluster(t)
+	c := testutil.Clients(t, kc)
+	if r := testutil.Run(t, flags, "install", "--image", testutil.Image()); r.Code != 0 {
+		t.Fatalf("install: %s", r)
+	}
+	host, port, err := c.APIServerEndpoint(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ds, err := c.Kube.AppsV1().DaemonSets(manifests.Namespace).Get(context.Background(), manifests.DaemonSetName, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ctr := range append(ds.Spec.Template.Spec.InitContainers, ds.Spec.Template.Spec.Containers...) {
+		env := map[string]string{}
+		for _, e := range ctr.Env {
+			env[e.Name] = e.Value
+		}
+		if ctr.Name != manifests.AgentContainer {
+			if _, ok := env["KUBERNETES_SERVICE_HOST"]; ok {
+				t.Errorf("container %s gets KUBERNETES_SERVICE_HOST too", ctr.Name)
+			}
+			continue
+		}
+		if env["KUBERNETES_SERVICE_HOST"] != host || env["KUBERNETES_SERVICE_PORT"] != port {
+			t.Errorf("agent env %s:%s, want %s:%s from the EndpointSlice", env["KUBERNETES_SERVICE_HOST"], env["KUBERNETES_SERVICE_PORT"], host, port)
+		}
+	}
+}

@@ -14,6 +14,7 @@ import (
 	"k8s.io/cli-runtime/pkg/genericiooptions"
 
 	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
+	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/nodestate"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/cmd/install"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/testutil"
 )
@@ -128,5 +129,42 @@ func TestWaitReadyTimeoutNamesNodesAndReasons(t *testing.T) {
 	}
 	if got := out.String(); got != "node kebpf-node: agent Pending (agent: ErrImageNeverPull)\n" {
 		t.Errorf("progress = %q (each state once)", got)
+	}
+}
+
+func TestWaitReadyWaitsForConfiguredFeatures(t *testing.T) {
+	ds := &appsv1.DaemonSet{
+		ObjectMeta: metav1.ObjectMeta{Name: manifests.DaemonSetName, Namespace: manifests.Namespace},
+		Status:     appsv1.DaemonSetStatus{DesiredNumberScheduled: 1, NumberReady: 1, UpdatedNumberScheduled: 1},
+	}
+	pod := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "kebpf-agent-x", Namespace: manifests.Namespace, Labels: map[string]string{manifests.LabelName: manifests.DaemonSetName}},
+		Spec:       corev1.PodSpec{NodeName: "kebpf-node"},
+		Status:     corev1.PodStatus{Phase: corev1.PodRunning, Conditions: []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionTrue}}},
+	}
+	// Just written: within the grace period, so the node is ready but not
+	// yet running service-lb.
+	cm := &corev1.ConfigMap{
+		ObjectMeta: metav1.ObjectMeta{Name: manifests.ConfigMapName, Namespace: manifests.Namespace, CreationTimestamp: metav1.Now()},
+		Data:       map[string]string{manifests.ConfigKey: "features:\n  service-lb: true\n  sockstats: true\n"},
+	}
+	ns, err := nodestate.ToUnstructured(&nodestate.NodeState{ObjectMeta: metav1.ObjectMeta{Name: "kebpf-node"}, Status: nodestate.Status{
+		Ready: true, Heartbeat: metav1.Now(), Active: []string{"sockstats"},
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := testutil.NewFake(t, []runtime.Object{
+		&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: manifests.Namespace}}, ds, pod, cm,
+		&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "kebpf-node"}},
+	}, crdObject(), ns)
+	var out bytes.Buffer
+	err = install.WaitReady(context.Background(), f.Clients, genericiooptions.IOStreams{Out: &out}, 100*time.Millisecond, 20*time.Millisecond)
+	want := "timed out after 100ms: features service-lb,sockstats not active on: kebpf-node (active sockstats)"
+	if err == nil || err.Error() != want {
+		t.Errorf("err = %v\nwant %s", err, want)
+	}
+	if got := out.String(); !strings.HasPrefix(got, "node kebpf-node: ready, converging (active sockstats, configured service-lb,sockstats)\n") {
+		t.Errorf("progress = %q", got)
 	}
 }

@@ -16,6 +16,7 @@ import (
 	"k8s.io/cli-runtime/pkg/genericiooptions"
 	"k8s.io/klog/v2"
 
+	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/cmd/feature"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/cmd/install"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/cmd/status"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/cmd/uninstall"
@@ -70,6 +71,8 @@ func NewCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStr
 	cmd.PersistentFlags().IntVarP(&verbosity, "v", "v", 0, "log verbosity: 1 shows each step, 6 and up the API requests too")
 	cmd.AddCommand(
 		install.NewCmd(flags, streams),
+		feature.NewEnableCmd(flags, streams),
+		feature.NewDisableCmd(flags, streams),
 		status.NewCmd(flags, streams),
 		uninstall.NewCmd(flags, streams),
 		version.NewCmd(flags, streams),

@@ -55,7 +55,7 @@ func NewCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStr
 		},
 	}
 	cmd.Flags().StringVarP(&o.Output, "output", "o", "", `"wide", "json" or "yaml"`)
-	cmd.Flags().BoolVar(&o.Wait, "wait", false, "wait until every node is ready")
+	cmd.Flags().BoolVar(&o.Wait, "wait", false, "wait until every node is ready and runs the configured features")
 	cmd.Flags().DurationVar(&o.Timeout, "timeout", 5*time.Minute, "how long --wait waits")
 	return cmd
 }
@@ -117,11 +117,12 @@ func (o *Options) Run(ctx context.Context) error {
 	return nil
 }
 
-// collect reads the report once, or with --wait until it is healthy or the
-// timeout passes (the last report is returned either way).
+// collect reads the report once, or with --wait until it is healthy and every
+// node runs exactly the configured features, or the timeout passes (the last
+// report is returned either way).
 func (o *Options) collect(ctx context.Context) (*health.Report, error) {
 	r, err := health.Collect(ctx, o.Clients, o.Now())
-	if err != nil || !o.Wait || r.Healthy() {
+	if err != nil || !o.Wait || r.Settled() {
 		return r, err
 	}
 	ctx, cancel := context.WithTimeout(ctx, o.Timeout)
@@ -140,7 +141,7 @@ func (o *Options) collect(ctx context.Context) (*health.Report, error) {
 			return nil, err
 		}
 		r = next
-		if r.Healthy() {
+		if r.Settled() {
 			return r, nil
 		}
 	}

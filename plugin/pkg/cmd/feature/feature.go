@@ -1,0 +1,247 @@
+// Package feature implements `kubectl ebpf enable` and `kubectl ebpf disable`:
+// they switch one datapath feature in the agent ConfigMap, which every agent
+// watches and follows within seconds, without a restart.
+package feature
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/cli-runtime/pkg/genericclioptions"
+	"k8s.io/cli-runtime/pkg/genericiooptions"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
+	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/nodestate"
+	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/kube"
+)
+
+// Options are the inputs of one enable or disable.
+type Options struct {
+	Flags *genericclioptions.ConfigFlags
+	genericiooptions.IOStreams
+
+	// Enable is true for `enable`, false for `disable`.
+	Enable  bool
+	Feature string
+	Wait    bool
+	Timeout time.Duration
+
+	// Clients may be preset (tests); Run builds them otherwise.
+	Clients *kube.Clients
+	// PollInterval is how often --wait re-reads the NodeStates.
+	PollInterval time.Duration
+}
+
+// NewEnableCmd returns the enable command.
+func NewEnableCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStreams) *cobra.Command {
+	return newCmd(flags, streams, true)
+}
+
+// NewDisableCmd returns the disable command.
+func NewDisableCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStreams) *cobra.Command {
+	return newCmd(flags, streams, false)
+}
+
+func newCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStreams, enable bool) *cobra.Command {
+	o := &Options{Flags: flags, IOStreams: streams, Enable: enable, PollInterval: time.Second}
+	verb, does := "enable", "attach"
+	if !enable {
+		verb, does = "disable", "detach"
+	}
+	known := strings.Join(manifests.KnownFeatures, ", ")
+	cmd := &cobra.Command{
+		Use:   verb + " FEATURE",
+		Short: strings.ToUpper(verb[:1]) + verb[1:] + " a datapath feature on every node (" + known + ")",
+		Long: "Sets features.FEATURE to " + fmt.Sprint(enable) + " in ConfigMap " + manifests.Namespace + "/" + manifests.ConfigMapName +
+			", leaving the other features as they are. Every agent watches that ConfigMap and " + does +
+			"es the feature within seconds, without a restart. With --wait the command returns once every node reports it.",
+		Example: "  kubectl ebpf " + verb + " service-lb --wait",
+		Args:    cobra.ArbitraryArgs, // Validate says what is wrong, naming the known features
+		ValidArgsFunction: func(_ *cobra.Command, args []string, _ string) ([]cobra.Completion, cobra.ShellCompDirective) {
+			if len(args) > 0 {
+				return nil, cobra.ShellCompDirectiveNoFileComp
+			}
+			return slices.Clone(manifests.KnownFeatures), cobra.ShellCompDirectiveNoFileComp
+		},
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := o.Complete(args); err != nil {
+				return err
+			}
+			if err := o.Validate(); err != nil {
+				return err
+			}
+			return o.Run(cmd.Context())
+		},
+	}
+	cmd.Flags().BoolVar(&o.Wait, "wait", false, "wait until every node reports the feature "+map[bool]string{true: "active", false: "inactive"}[enable])
+	cmd.Flags().DurationVar(&o.Timeout, "timeout", 2*time.Minute, "how long --wait waits")
+	return cmd
+}
+
+func (o *Options) verb() string {
+	if o.Enable {
+		return "enable"
+	}
+	return "disable"
+}
+
+// Complete takes the feature name from args.
+func (o *Options) Complete(args []string) error {
+	if len(args) != 1 {
+		return fmt.Errorf("%s needs exactly one feature, one of: %s", o.verb(), strings.Join(manifests.KnownFeatures, ", "))
+	}
+	o.Feature = args[0]
+	if o.PollInterval <= 0 {
+		o.PollInterval = time.Second
+	}
+	return nil
+}
+
+// Validate checks the feature name and flags; it makes no API call.
+func (o *Options) Validate() error {
+	if !slices.Contains(manifests.KnownFeatures, o.Feature) {
+		return fmt.Errorf("unknown feature %q: known features are %s", o.Feature, strings.Join(manifests.KnownFeatures, ", "))
+	}
+	if o.Timeout <= 0 {
+		return fmt.Errorf("invalid --timeout %s: must be positive", o.Timeout)
+	}
+	return nil
+}
+
+// Run switches the feature and, with --wait, follows the nodes.
+func (o *Options) Run(ctx context.Context) error {
+	if o.Clients == nil {
+		c, err := kube.New(o.Flags)
+		if err != nil {
+			return err
+		}
+		o.Clients = c
+	}
+	if _, err := o.Clients.Reachable(ctx); err != nil {
+		return err
+	}
+	changed, dropped, err := o.Clients.SetFeature(ctx, o.Feature, o.Enable)
+	if err != nil {
+		return err
+	}
+	if len(dropped) > 0 {
+		fmt.Fprintf(o.ErrOut, "warning: removed unknown feature(s) %s from the config (known: %s)\n", strings.Join(dropped, ", "), strings.Join(manifests.KnownFeatures, ", "))
+	}
+	if changed {
+		fmt.Fprintf(o.Out, "feature %s %sd\n", o.Feature, o.verb())
+	} else {
+		fmt.Fprintf(o.Out, "feature %s already %sd: nothing changed\n", o.Feature, o.verb())
+	}
+	if !o.Wait {
+		return nil
+	}
+	return WaitNodes(ctx, o.Clients, o.IOStreams, o.Feature, o.Enable, o.Timeout, o.PollInterval)
+}
+
+// WaitNodes waits until every node's NodeState lists feature in
+// status.active (enable) or no longer does (disable), printing each node's
+// progress when it changes. A node without a NodeState counts as pending.
+func WaitNodes(ctx context.Context, c *kube.Clients, streams genericiooptions.IOStreams, feature string, enable bool, timeout, interval time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	want := "active"
+	if !enable {
+		want = "inactive"
+	}
+	last := map[string]string{}
+	var pending []string
+	for {
+		p, states, err := pendingNodes(ctx, c, feature, enable)
+		if err != nil && ctx.Err() == nil {
+			return err
+		}
+		if err == nil {
+			pending = p
+			names := make([]string, 0, len(states))
+			for n := range states {
+				names = append(names, n)
+			}
+			sort.Strings(names)
+			for _, n := range names {
+				if last[n] != states[n] {
+					fmt.Fprintf(streams.Out, "node %s: %s\n", n, states[n])
+					last[n] = states[n]
+				}
+			}
+			if len(pending) == 0 {
+				fmt.Fprintf(streams.Out, "feature %s %s on %d node(s)\n", feature, want, len(states))
+				return nil
+			}
+		}
+		select {
+		case <-ctx.Done():
+			if pending == nil {
+				return fmt.Errorf("timed out after %s waiting for feature %s to be %s: %w", timeout, feature, want, ctx.Err())
+			}
+			return fmt.Errorf("timed out after %s waiting for feature %s to be %s on node(s) %s", timeout, feature, want, strings.Join(pending, ", "))
+		case <-time.After(interval):
+		}
+	}
+}
+
+// pendingNodes returns the nodes not yet in the wanted state, sorted, and a
+// progress word per node.
+func pendingNodes(ctx context.Context, c *kube.Clients, feature string, enable bool) ([]string, map[string]string, error) {
+	nodes, err := c.Kube.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return nil, nil, fmt.Errorf("list nodes: %w", err)
+	}
+	list, err := c.Dynamic.Resource(nodestate.GVR).List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return nil, nil, fmt.Errorf("list nodestates: %w", err)
+	}
+	active := map[string][]string{}
+	reported := map[string]bool{}
+	errs := map[string][]string{}
+	for i := range list.Items {
+		ns, err := nodestate.FromUnstructured(&list.Items[i])
+		if err != nil {
+			return nil, nil, err
+		}
+		active[ns.Name] = ns.Status.Active
+		errs[ns.Name] = ns.Status.Errors
+		reported[ns.Name] = true
+	}
+	pending := []string{}
+	states := map[string]string{}
+	for _, n := range nodes.Items {
+		has := slices.Contains(active[n.Name], feature)
+		switch {
+		case !reported[n.Name]:
+			states[n.Name] = "waiting (no NodeState reported)"
+		case has == enable && enable:
+			states[n.Name] = feature + " active"
+		case has == enable:
+			states[n.Name] = feature + " inactive"
+		default:
+			s := "waiting (active: " + dash(strings.Join(active[n.Name], ",")) + ")"
+			if e := errs[n.Name]; len(e) > 0 {
+				s += " errors: " + strings.Join(e, "; ")
+			}
+			states[n.Name] = s
+		}
+		if !reported[n.Name] || has != enable {
+			pending = append(pending, n.Name)
+		}
+	}
+	sort.Strings(pending)
+	return pending, states, nil
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}

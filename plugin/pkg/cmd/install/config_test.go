@@ -1,0 +1,229 @@
+package install_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/cli-runtime/pkg/genericiooptions"
+	clienttesting "k8s.io/client-go/testing"
+	"k8s.io/utils/ptr"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
+	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/cmd/install"
+	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/testutil"
+)
+
+// applied records what install server-side applies to the fake cluster and
+// stores it, marking CRDs established so install does not wait for them.
+func applied(t *testing.T, f *testutil.Fake) map[string]*unstructured.Unstructured {
+	t.Helper()
+	got := map[string]*unstructured.Unstructured{}
+	f.Dynamic.PrependReactor("patch", "*", func(a clienttesting.Action) (bool, runtime.Object, error) {
+		p := a.(clienttesting.PatchAction)
+		u := &unstructured.Unstructured{}
+		if err := json.Unmarshal(p.GetPatch(), &u.Object); err != nil {
+			return true, nil, err
+		}
+		if u.GetKind() == "CustomResourceDefinition" {
+			_ = unstructured.SetNestedSlice(u.Object, []any{map[string]any{"type": "Established", "status": "True"}}, "status", "conditions")
+		}
+		got[u.GetKind()] = u
+		tr := f.Dynamic.Tracker()
+		if err := tr.Create(a.GetResource(), u, u.GetNamespace()); apierrors.IsAlreadyExists(err) {
+			err = tr.Update(a.GetResource(), u, u.GetNamespace())
+			return true, u, err
+		} else if err != nil {
+			return true, nil, err
+		}
+		return true, u, nil
+	})
+	return got
+}
+
+func endpointSlice(name string, addrType discoveryv1.AddressType, addr string, port int32) *discoveryv1.EndpointSlice {
+	return &discoveryv1.EndpointSlice{
+		ObjectMeta:  metav1.ObjectMeta{Name: name, Namespace: "default", Labels: map[string]string{discoveryv1.LabelServiceName: "kubernetes"}},
+		AddressType: addrType,
+		Endpoints:   []discoveryv1.Endpoint{{Addresses: []string{addr}, Conditions: discoveryv1.EndpointConditions{Ready: ptr.To(true)}}},
+		Ports:       []discoveryv1.EndpointPort{{Name: ptr.To("https"), Port: ptr.To(port), Protocol: ptr.To(corev1.ProtocolTCP)}},
+	}
+}
+
+func existingConfig(config string) *corev1.ConfigMap {
+	return &corev1.ConfigMap{
+		ObjectMeta: metav1.ObjectMeta{Name: manifests.ConfigMapName, Namespace: manifests.Namespace},
+		Data:       map[string]string{manifests.ConfigKey: config},
+	}
+}
+
+func agentEnv(t *testing.T, ds *unstructured.Unstructured) map[string]string {
+	t.Helper()
+	env := map[string]string{}
+	cs, _, _ := unstructured.NestedSlice(ds.Object, "spec", "template", "spec", "containers")
+	for _, c := range cs {
+		c := c.(map[string]any)
+		if c["name"] != manifests.AgentContainer {
+			continue
+		}
+		list, _ := c["env"].([]any)
+		for _, e := range list {
+			e := e.(map[string]any)
+			if n := e["name"].(string); strings.HasPrefix(n, "KUBERNETES_SERVICE_") {
+				env[n], _ = e["value"].(string)
+			}
+		}
+	}
+	return env
+}
+
+func TestInstallKeepsFeaturesAndSetsAPIServer(t *testing.T) {
+	const defaults = "features:\n  service-lb: true\n  sockstats: true\n"
+	tests := []struct {
+		name       string
+		objs       []runtime.Object
+		enable     []string
+		disable    []string
+		wantConfig string
+		wantEnv    map[string]string
+		wantWarn   []string
+	}{
+		{name: "first install: defaults", objs: []runtime.Object{endpointSlice("kubernetes", discoveryv1.AddressTypeIPv4, "10.1.2.3", 6443)},
+			wantConfig: defaults, wantEnv: map[string]string{"KUBERNETES_SERVICE_HOST": "10.1.2.3", "KUBERNETES_SERVICE_PORT": "6443"}},
+		{name: "first install with --disable", objs: []runtime.Object{endpointSlice("kubernetes", discoveryv1.AddressTypeIPv4, "10.1.2.3", 6443)},
+			disable: []string{"service-lb"}, wantConfig: "features:\n  service-lb: false\n  sockstats: true\n",
+			wantEnv: map[string]string{"KUBERNETES_SERVICE_HOST": "10.1.2.3", "KUBERNETES_SERVICE_PORT": "6443"}},
+		{name: "re-install keeps a disabled feature, drops unknown ones",
+			objs: []runtime.Object{
+				existingConfig("features:\n  policy: true\n  service-lb: false\n  sockstats: true\n"),
+				endpointSlice("kubernetes", discoveryv1.AddressTypeIPv4, "10.1.2.3", 6443),
+			},
+			wantConfig: "features:\n  service-lb: false\n  sockstats: true\n",
+			wantEnv:    map[string]string{"KUBERNETES_SERVICE_HOST": "10.1.2.3", "KUBERNETES_SERVICE_PORT": "6443"},
+			wantWarn:   []string{"warning: dropping unknown feature(s) policy from the config (known: sockstats, service-lb)"}},
+		{name: "flags override the cluster's config",
+			objs:       []runtime.Object{existingConfig("features:\n  service-lb: false\n  sockstats: true\n")},
+			enable:     []string{"service-lb"},
+			disable:    []string{"sockstats"},
+			wantConfig: "features:\n  service-lb: true\n  sockstats: false\n",
+			wantWarn:   []string{"warning: API server endpoint unknown"}},
+		{name: "unparsable config is replaced by the defaults",
+			objs:       []runtime.Object{existingConfig("features: ["), endpointSlice("kubernetes", discoveryv1.AddressTypeIPv4, "10.1.2.3", 6443)},
+			wantConfig: defaults,
+			wantEnv:    map[string]string{"KUBERNETES_SERVICE_HOST": "10.1.2.3", "KUBERNETES_SERVICE_PORT": "6443"},
+			wantWarn:   []string{"warning: parse config.yaml in ConfigMap kubectl-ebpf-system/kubectl-ebpf-config:", "writing the default features"}},
+		{name: "dual stack: IPv4 first", objs: []runtime.Object{
+			endpointSlice("kubernetes-v6", discoveryv1.AddressTypeIPv6, "fd00::1", 6443),
+			endpointSlice("kubernetes", discoveryv1.AddressTypeIPv4, "10.1.2.3", 6443),
+		}, wantConfig: defaults, wantEnv: map[string]string{"KUBERNETES_SERVICE_HOST": "10.1.2.3", "KUBERNETES_SERVICE_PORT": "6443"}},
+		{name: "IPv6 only", objs: []runtime.Object{endpointSlice("kubernetes", discoveryv1.AddressTypeIPv6, "fd00::1", 443)},
+			wantConfig: defaults, wantEnv: map[string]string{"KUBERNETES_SERVICE_HOST": "fd00::1", "KUBERNETES_SERVICE_PORT": "443"}},
+		{name: "Endpoints fallback", objs: []runtime.Object{&corev1.Endpoints{ //nolint:staticcheck // the fallback under test
+			ObjectMeta: metav1.ObjectMeta{Name: "kubernetes", Namespace: "default"},
+			Subsets: []corev1.EndpointSubset{{ //nolint:staticcheck
+				Addresses: []corev1.EndpointAddress{{IP: "192.168.7.7"}},      //nolint:staticcheck
+				Ports:     []corev1.EndpointPort{{Name: "https", Port: 8443}}, //nolint:staticcheck
+			}},
+		}}, wantConfig: defaults, wantEnv: map[string]string{"KUBERNETES_SERVICE_HOST": "192.168.7.7", "KUBERNETES_SERVICE_PORT": "8443"}},
+		{name: "no endpoint: no env, a warning", wantConfig: defaults,
+			wantWarn: []string{"warning: API server endpoint unknown (get Endpoints default/kubernetes: endpoints \"kubernetes\" not found): the agent will use the kubernetes Service, which needs kube-proxy"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			f := testutil.NewFake(t, tt.objs)
+			got := applied(t, f)
+			var out, errOut bytes.Buffer
+			o := &install.Options{IOStreams: genericiooptions.IOStreams{Out: &out, ErrOut: &errOut}, DryRun: "none", Timeout: time.Minute,
+				Clients: f.Clients, Enable: tt.enable, Disable: tt.disable}
+			if err := o.Complete(); err != nil {
+				t.Fatal(err)
+			}
+			if err := o.Validate(); err != nil {
+				t.Fatal(err)
+			}
+			if err := o.Run(context.Background()); err != nil {
+				t.Fatalf("%v\n%s%s", err, out.String(), errOut.String())
+			}
+			cm, ds := got["ConfigMap"], got["DaemonSet"]
+			if cm == nil || ds == nil {
+				t.Fatalf("ConfigMap or DaemonSet not applied: %v", got)
+			}
+			if c, _, _ := unstructured.NestedString(cm.Object, "data", manifests.ConfigKey); c != tt.wantConfig {
+				t.Errorf("config.yaml = %q, want %q", c, tt.wantConfig)
+			}
+			env := agentEnv(t, ds)
+			if len(env) != len(tt.wantEnv) {
+				t.Errorf("agent env = %v, want %v", env, tt.wantEnv)
+			}
+			for k, v := range tt.wantEnv {
+				if env[k] != v {
+					t.Errorf("%s = %q, want %q", k, env[k], v)
+				}
+			}
+			for _, w := range tt.wantWarn {
+				if !strings.Contains(errOut.String(), w) {
+					t.Errorf("stderr %q lacks %q", errOut.String(), w)
+				}
+			}
+			if len(tt.wantWarn) == 0 && errOut.Len() > 0 {
+				t.Errorf("unexpected stderr %q", errOut.String())
+			}
+		})
+	}
+}
+
+func TestInstallFeatureFlagsValidate(t *testing.T) {
+	tests := []struct {
+		name            string
+		enable, disable []string
+		wantErr         string
+	}{
+		{name: "known", enable: []string{"sockstats"}, disable: []string{"service-lb"}},
+		{name: "unknown", disable: []string{"policy"}, wantErr: `unknown feature "policy": known features are sockstats, service-lb`},
+		{name: "both", enable: []string{"service-lb"}, disable: []string{"service-lb"}, wantErr: `feature "service-lb" both enabled and disabled`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			o := install.Options{DryRun: "none", Timeout: time.Minute, Enable: tt.enable, Disable: tt.disable}
+			err := o.Validate()
+			if tt.wantErr == "" && err != nil {
+				t.Fatal(err)
+			}
+			if tt.wantErr != "" && (err == nil || err.Error() != tt.wantErr) {
+				t.Errorf("err = %v, want %q", err, tt.wantErr)
+			}
+		})
+	}
+}
+
+// Without a cluster -o yaml cannot know the endpoint or the cluster's
+// features; it must say so rather than print a silently different manifest.
+func TestInstallOfflineYAMLSaysWhatIsMissing(t *testing.T) {
+	r := testutil.Run(t, testutil.Flags(t, "/nonexistent/kubeconfig"), "install", "-o", "yaml", "--disable", "service-lb")
+	if r.Code != 0 {
+		t.Fatal(r)
+	}
+	if !strings.HasPrefix(r.Stdout, "# Rendered without a cluster") || !strings.Contains(r.Stdout, "KUBERNETES_SERVICE_HOST/PORT") {
+		t.Errorf("no note at the top of the YAML: %.300s", r.Stdout)
+	}
+	if strings.Contains(r.Stdout, "name: KUBERNETES_SERVICE_HOST") {
+		t.Error("offline YAML sets KUBERNETES_SERVICE_HOST")
+	}
+	if !strings.Contains(r.Stdout, "service-lb: false") {
+		t.Error("--disable not rendered into the ConfigMap")
+	}
+
+	r = testutil.Run(t, testutil.Flags(t, "/nonexistent/kubeconfig"), "install", "--dry-run=client")
+	if r.Code != 0 || !strings.Contains(r.Stderr, "KUBERNETES_SERVICE_HOST/PORT not set") {
+		t.Errorf("dry-run=client does not note the missing endpoint: %s", r)
+	}
+}
