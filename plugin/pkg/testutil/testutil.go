@@ -47,6 +47,17 @@ func Kubeconfig(t *testing.T) string {
 	return p
 }
 
+// The in-process plugin under test stands for the build whose agent image
+// the cluster has: its version is that image's tag, so every default the
+// plugin derives from its version (install's image, uninstall's fallback
+// cleanup image) names an image the nodes can run.
+func init() {
+	img := os.Getenv(EnvImage)
+	if i := strings.LastIndex(img, ":"); i > 0 && !strings.Contains(img[i:], "/") && strings.HasPrefix(img, "localhost/kubectl-ebpf/agent:") {
+		manifests.Version = img[i+1:]
+	}
+}
+
 // Image is the agent image integration tests install.
 func Image() string {
 	if img := os.Getenv(EnvImage); img != "" {
