@@ -1,0 +1,109 @@
+//go:build linux
+
+package netpol
+
+import (
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"sync/atomic"
+	"testing"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+)
+
+// Program return values (TC_ACT_UNSPEC = TCX_NEXT: pass on to the next
+// program of the chain; TC_ACT_SHOT: drop).
+const (
+	actPass int32 = -1
+	actDrop int32 = 2
+)
+
+// testIfindex is the endpoint interface in prog.Run tests: BPF_PROG_TEST_RUN
+// hands the program an skb on the loopback device (ifindex 1) of the
+// caller's netns. Maps only: noAttach keeps the programs off the real lo.
+const testIfindex = 1
+
+func requireRoot(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Fatal("this test loads BPF programs: run it as root (sudo go test ./bpf/netpol/)")
+	}
+}
+
+// privateBPFFS mounts a fresh bpffs so pins never touch /sys/fs/bpf.
+func privateBPFFS(t testing.TB) string {
+	t.Helper()
+	dir := t.TempDir()
+	if err := unix.Mount("bpf", dir, "bpf", 0, "mode=0700"); err != nil {
+		t.Fatalf("mount bpffs at %s: %v", dir, err)
+	}
+	t.Cleanup(func() {
+		if err := unix.Unmount(dir, 0); err != nil {
+			t.Errorf("unmount bpffs %s: %v", dir, err)
+		}
+	})
+	return dir
+}
+
+var pinSeq atomic.Int64
+
+// loadMaps loads the datapath under a private bpffs without attaching.
+func loadMaps(t testing.TB, root string, opts LoadOptions) *Objects {
+	t.Helper()
+	if root == "" {
+		root = privateBPFFS(t)
+	}
+	opts.noAttach = true
+	// Small maps: LRU maps preallocate, and tests load dozens of times.
+	if opts.MaxCT == 0 {
+		opts.MaxCT = 4096
+	}
+	if opts.MaxVerdicts == 0 {
+		opts.MaxVerdicts = 4096
+	}
+	if opts.MaxPolicyEntries == 0 {
+		opts.MaxPolicyEntries = 16384
+	}
+	if opts.MaxEndpoints == 0 {
+		opts.MaxEndpoints = 64
+	}
+	pinDir := filepath.Join(root, fmt.Sprintf("kubectl-ebpf-%d", pinSeq.Add(1)))
+	o, err := Load(pinDir, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { o.Close() })
+	return o
+}
+
+// run feeds one frame to the from (pod egress) or to (pod ingress) program.
+func run(t testing.TB, prog *ebpf.Program, frame []byte) int32 {
+	t.Helper()
+	ret, err := prog.Run(&ebpf.RunOptions{Data: frame})
+	if err != nil {
+		t.Fatalf("prog.Run: %v", err)
+	}
+	return int32(ret)
+}
+
+func actName(a int32) string {
+	switch a {
+	case actPass:
+		return "pass"
+	case actDrop:
+		return "drop"
+	}
+	return fmt.Sprintf("act(%d)", a)
+}
+
+func pfx(s string) netip.Prefix { return netip.MustParsePrefix(s) }
+
+func mustApply(t testing.TB, o *Objects, p EndpointPolicy) {
+	t.Helper()
+	if err := o.ApplyEndpoint(p); err != nil {
+		t.Fatal(err)
+	}
+}
