@@ -1,0 +1,467 @@
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"sort"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/kindtests/cluster"
+)
+
+// lbNamespace holds the socket-LB suite's workloads.
+const lbNamespace = "kebpf-lb"
+
+// extIP is the suite's ExternalIP: inside the pod bridge's subnet but owned by
+// nobody, so a connect that is not translated goes nowhere (never off the
+// machine) and fails instead of passing by accident.
+const extIP = "10.244.0.250"
+
+// probeResult is one line of `kebpf-testserver probe`.
+type probeResult struct {
+	OK    bool   `json:"ok"`
+	Reply string `json:"reply"`
+	Error string `json:"error"`
+	Class string `json:"class"`
+	Peer  string `json:"peer"`
+}
+
+// kubectlStdin runs kubectl with stdin.
+func kubectlStdin(t *testing.T, stdin string, args ...string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, filepath.Join(env.BinDir, "kubectl"), args...)
+	cmd.Env = append(os.Environ(), "KUBECONFIG="+env.Cluster.Kubeconfig)
+	cmd.Stdin = strings.NewReader(stdin)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("kubectl %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+}
+
+// probeFrom runs n probes from a pod of the suite and returns the results.
+func probeFrom(t *testing.T, pod, proto, to string, n int, extra ...string) []probeResult {
+	t.Helper()
+	args := []string{"-n", lbNamespace, "exec", pod, "--", "/usr/local/bin/kebpf-testserver", "probe",
+		"--protocol", proto, "--to", to, "--count", strconv.Itoa(n), "--timeout", "2s"}
+	r := kubectl(t, 2*time.Minute, append(args, extra...)...)
+	var out []probeResult
+	sc := bufio.NewScanner(strings.NewReader(r.stdout))
+	for sc.Scan() {
+		var p probeResult
+		if err := json.Unmarshal(sc.Bytes(), &p); err != nil {
+			t.Fatalf("probe output is not JSON: %v: %q (stderr %s)", err, sc.Text(), r.stderr)
+		}
+		out = append(out, p)
+	}
+	if len(out) != n {
+		t.Fatalf("probe from %s to %s: want %d results, got %d (exit %d, stderr %s)", pod, to, n, len(out), r.code, r.stderr)
+	}
+	return out
+}
+
+// lbWorkloads are the suite's pods and Services: three backends, a pod
+// client, and a hostNetwork client standing for processes of the node itself.
+func lbWorkloads() string {
+	img := env.Product.TestServerRef
+	var b strings.Builder
+	fmt.Fprintf(&b, `apiVersion: v1
+kind: Namespace
+metadata: {name: %s}
+`, lbNamespace)
+	pod := func(name, labels string, hostNet bool, args string, ready int) {
+		ports := `    ports:
+    - {name: tcp-alt, containerPort: 8081, protocol: TCP}
+    - {name: dns, containerPort: 53, protocol: UDP}
+`
+		if hostNet {
+			ports = "" // a hostNetwork pod's ports are the node's
+		}
+		fmt.Fprintf(&b, `---
+apiVersion: v1
+kind: Pod
+metadata: {name: %s, namespace: %s, labels: {%s}}
+spec:
+  hostNetwork: %v
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: main
+    image: %s
+    imagePullPolicy: IfNotPresent
+    command: [/usr/local/bin/kebpf-testserver]
+    args: [%s]
+    env: [{name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}]
+%s    readinessProbe: {tcpSocket: {port: %d}, periodSeconds: 1}
+`, name, lbNamespace, labels, hostNet, img, args, ports, ready)
+	}
+	for _, n := range []string{"web-a", "web-b", "web-c"} {
+		pod(n, "app: web", false, "serve, --tcp, '80,8081', --udp, '53', --http, '0'", 8081)
+	}
+	pod("client", "app: client", false, "serve, --tcp, '8081', --udp, '', --http, '0'", 8081)
+	pod("hostclient", "app: hostclient", true, "serve, --tcp, '18081', --udp, '', --http, '0'", 18081)
+	svc := func(name, spec string) {
+		fmt.Fprintf(&b, `---
+apiVersion: v1
+kind: Service
+metadata: {name: %s, namespace: %s}
+spec:
+%s`, name, lbNamespace, spec)
+	}
+	svc("web", `  selector: {app: web}
+  ports:
+  - {name: http, port: 80, targetPort: 80, protocol: TCP}
+  - {name: alt, port: 8080, targetPort: tcp-alt, protocol: TCP}
+  - {name: dns, port: 53, targetPort: dns, protocol: UDP}
+`)
+	svc("none", `  selector: {app: nothing}
+  ports:
+  - {name: http, port: 80, protocol: TCP}
+  - {name: dns, port: 53, protocol: UDP}
+`)
+	svc("sticky", `  selector: {app: web}
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}
+  ports:
+  - {name: http, port: 80, targetPort: 80, protocol: TCP}
+`)
+	svc("local", `  selector: {app: web}
+  internalTrafficPolicy: Local
+  ports:
+  - {name: http, port: 80, targetPort: 80, protocol: TCP}
+`)
+	svc("np", `  type: NodePort
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, targetPort: 80, protocol: TCP}
+`)
+	svc("ext", fmt.Sprintf(`  selector: {app: web}
+  externalIPs: [%s]
+  ports:
+  - {name: http, port: 80, targetPort: 80, protocol: TCP}
+`, extIP))
+	svc("headless", `  clusterIP: None
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, targetPort: 80, protocol: TCP}
+`)
+	return b.String()
+}
+
+// lbTopology is what the flow table's expectations are computed from.
+type lbTopology struct {
+	clusterIP map[string]string // service -> ClusterIP
+	nodePort  int
+	nodeIP    map[string]string // node -> InternalIP
+	podNode   map[string]string // pod -> node
+	podIP     map[string]string
+}
+
+func readTopology(t *testing.T) lbTopology {
+	t.Helper()
+	top := lbTopology{clusterIP: map[string]string{}, nodeIP: map[string]string{}, podNode: map[string]string{}, podIP: map[string]string{}}
+	var svcs struct {
+		Items []struct {
+			Metadata struct{ Name string }
+			Spec     struct {
+				ClusterIP string `json:"clusterIP"`
+				Ports     []struct {
+					NodePort int `json:"nodePort"`
+				}
+			}
+		}
+	}
+	if err := json.Unmarshal([]byte(mustKubectl(t, time.Minute, "-n", lbNamespace, "get", "svc", "-o", "json")), &svcs); err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range svcs.Items {
+		top.clusterIP[s.Metadata.Name] = s.Spec.ClusterIP
+		if s.Metadata.Name == "np" {
+			top.nodePort = s.Spec.Ports[0].NodePort
+		}
+	}
+	var pods struct {
+		Items []struct {
+			Metadata struct{ Name string }
+			Spec     struct {
+				NodeName string `json:"nodeName"`
+			}
+			Status struct {
+				PodIP string `json:"podIP"`
+			}
+		}
+	}
+	if err := json.Unmarshal([]byte(mustKubectl(t, time.Minute, "-n", lbNamespace, "get", "pods", "-o", "json")), &pods); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range pods.Items {
+		top.podNode[p.Metadata.Name] = p.Spec.NodeName
+		top.podIP[p.Metadata.Name] = p.Status.PodIP
+	}
+	var nodes struct {
+		Items []struct {
+			Metadata struct{ Name string }
+			Status   struct {
+				Addresses []struct{ Type, Address string }
+			}
+		}
+	}
+	if err := json.Unmarshal([]byte(mustKubectl(t, time.Minute, "get", "nodes", "-o", "json")), &nodes); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range nodes.Items {
+		for _, a := range n.Status.Addresses {
+			if a.Type == "InternalIP" && net.ParseIP(a.Address).To4() != nil {
+				top.nodeIP[n.Metadata.Name] = a.Address
+			}
+		}
+	}
+	return top
+}
+
+// flow is one row of the socket-LB truth table.
+type flow struct {
+	name    string
+	from    string // client pod
+	proto   string // tcp or udp
+	to      string // address:port the client dials
+	extra   []string
+	want    []string // backend pods that may answer; nil: connect refused at once
+	peer    string   // what getpeername()/recvfrom() must show ("" = not checked)
+	samples int
+}
+
+func webBackends() []string { return []string{"web-a", "web-b", "web-c"} }
+
+func lbFlows(top lbTopology) []flow {
+	web := top.clusterIP["web"]
+	var fl []flow
+	for _, from := range []string{"client", "hostclient"} {
+		node := top.podNode[from]
+		var local []string
+		for _, b := range webBackends() {
+			if top.podNode[b] == node {
+				local = append(local, b)
+			}
+		}
+		fl = append(fl,
+			flow{name: "clusterIP tcp", from: from, proto: "tcp", to: web + ":80", want: webBackends(), peer: web + ":80", samples: 15},
+			flow{name: "clusterIP named targetPort", from: from, proto: "tcp", to: web + ":8080", want: webBackends(), peer: web + ":8080", samples: 15},
+			flow{name: "clusterIP udp connected", from: from, proto: "udp", to: web + ":53", want: webBackends(), peer: web + ":53", samples: 15},
+			flow{name: "clusterIP udp unconnected (reply source is the ClusterIP)", from: from, proto: "udp", to: web + ":53", extra: []string{"--unconnected"}, want: webBackends(), peer: web + ":53", samples: 15},
+			flow{name: "no endpoints tcp refused", from: from, proto: "tcp", to: top.clusterIP["none"] + ":80", samples: 3},
+			flow{name: "no endpoints udp refused", from: from, proto: "udp", to: top.clusterIP["none"] + ":53", samples: 3},
+			flow{name: "sessionAffinity ClientIP", from: from, proto: "tcp", to: top.clusterIP["sticky"] + ":80", want: webBackends(), samples: 10},
+			flow{name: "internalTrafficPolicy Local", from: from, proto: "tcp", to: top.clusterIP["local"] + ":80", want: local, samples: 10},
+			flow{name: "externalIP", from: from, proto: "tcp", to: extIP + ":80", want: webBackends(), samples: 10},
+			flow{name: "pod IP untouched", from: from, proto: "tcp", to: top.podIP["web-b"] + ":80", want: []string{"web-b"}, samples: 3},
+		)
+		for n, ip := range top.nodeIP {
+			fl = append(fl, flow{name: "nodePort on " + n, from: from, proto: "tcp", to: fmt.Sprintf("%s:%d", ip, top.nodePort), want: webBackends(), samples: 10})
+		}
+	}
+	return fl
+}
+
+func checkFlow(t *testing.T, f flow) {
+	t.Helper()
+	res := probeFrom(t, f.from, f.proto, f.to, f.samples, f.extra...)
+	seen := map[string]int{}
+	for _, r := range res {
+		if f.want == nil {
+			if r.OK || r.Class != "refused" {
+				t.Errorf("%s -> %s: want ECONNREFUSED at once, got ok=%v class=%q err=%q", f.from, f.to, r.OK, r.Class, r.Error)
+			}
+			continue
+		}
+		if !r.OK {
+			t.Errorf("%s -> %s: %s (%s)", f.from, f.to, r.Error, r.Class)
+			continue
+		}
+		seen[r.Reply]++
+		if !slices.Contains(f.want, r.Reply) {
+			t.Errorf("%s -> %s answered by %q, want one of %v", f.from, f.to, r.Reply, f.want)
+		}
+		if f.peer != "" && r.Peer != f.peer {
+			t.Errorf("%s -> %s: peer %q, want %q (the app must see the Service address)", f.from, f.to, r.Peer, f.peer)
+		}
+	}
+	var names []string
+	for n := range seen {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	t.Logf("%s %s -> %s: answered by %v", f.from, f.proto, f.to, seen)
+	switch {
+	case strings.HasPrefix(f.name, "sessionAffinity") && len(seen) > 1:
+		t.Errorf("%s -> %s: ClientIP affinity spread over %v", f.from, f.to, names)
+	case len(f.want) > 1 && !strings.HasPrefix(f.name, "sessionAffinity") && len(seen) < 2 && f.samples >= 10:
+		t.Errorf("%s -> %s: %d connects all went to %v; want them spread over %v", f.from, f.to, f.samples, names, f.want)
+	}
+}
+
+// lbStats reads the datapath's verdict counters from an agent's metrics.
+func lbStats(t *testing.T, node string) map[string]float64 {
+	t.Helper()
+	out, err := onNode(t, node, "curl", "-sf", "http://127.0.0.1:9890/metrics")
+	if err != nil {
+		t.Fatalf("metrics on %s: %v", node, err)
+	}
+	m := map[string]float64{}
+	for _, l := range strings.Split(out, "\n") {
+		if !strings.HasPrefix(l, "kebpf_lb_connects_total{") {
+			continue
+		}
+		f := strings.Fields(l)
+		v, _ := strconv.ParseFloat(f[len(f)-1], 64)
+		m[f[0]] = v
+	}
+	return m
+}
+
+// TestIntegrationServiceLB runs the socket-LB truth table through the
+// installed DaemonSet from real pods and from the node, first without
+// kube-proxy (our datapath alone makes Services work), then beside it.
+func TestIntegrationServiceLB(t *testing.T) {
+	requireEnv(t)
+	p, err := env.ProviderOf()
+	if err != nil {
+		t.Fatal(err)
+	}
+	kp, ok := p.(cluster.KubeProxySwitch)
+	if !ok {
+		t.Fatalf("provider %s cannot switch kube-proxy off and on", p.Name())
+	}
+	t.Cleanup(func() {
+		kubectl(t, 2*time.Minute, "delete", "namespace", lbNamespace, "--wait=true", "--ignore-not-found")
+		ensureUninstalled(t)
+		if err := kp.SetKubeProxy(context.Background(), env.Name, true); err != nil {
+			t.Errorf("restore kube-proxy: %v", err)
+		}
+	})
+	mustKubectl(t, 6*time.Minute, "ebpf", "install", "--wait", "--timeout", "5m")
+	kubectlStdin(t, lbWorkloads(), "apply", "-f", "-")
+	mustKubectl(t, 3*time.Minute, "-n", lbNamespace, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=150s")
+	top := readTopology(t)
+
+	for _, mode := range []struct {
+		name      string
+		kubeProxy bool
+	}{{"without kube-proxy", false}, {"beside kube-proxy", true}} {
+		t.Run(mode.name, func(t *testing.T) {
+			if err := kp.SetKubeProxy(context.Background(), env.Name, mode.kubeProxy); err != nil {
+				t.Fatal(err)
+			}
+			before := map[string]map[string]float64{}
+			for _, n := range env.Cluster.Nodes {
+				before[n] = lbStats(t, n)
+			}
+			for _, f := range lbFlows(top) {
+				t.Run(f.from+"/"+f.name, func(t *testing.T) { checkFlow(t, f) })
+			}
+			// Beside kube-proxy too, the socket LB must have translated first.
+			for _, n := range env.Cluster.Nodes {
+				after := lbStats(t, n)
+				for k, v := range after {
+					if strings.Contains(k, `"translated"`) && v <= before[n][k] {
+						t.Errorf("node %s: %s did not grow (%v -> %v)", n, k, before[n][k], v)
+					}
+				}
+				if len(after) == 0 {
+					t.Errorf("node %s exports no kebpf_lb_connects_total", n)
+				}
+			}
+		})
+	}
+}
+
+// TestIntegrationServiceLBSwitch turns service-lb off and on while a client
+// connects in a loop beside kube-proxy: kube-proxy serves the Service while
+// the socket LB is off, so not one connect may fail, and status converges.
+func TestIntegrationServiceLBSwitch(t *testing.T) {
+	requireEnv(t)
+	t.Cleanup(func() {
+		kubectl(t, 2*time.Minute, "delete", "namespace", lbNamespace, "--wait=true", "--ignore-not-found")
+		ensureUninstalled(t)
+	})
+	mustKubectl(t, 6*time.Minute, "ebpf", "install", "--wait", "--timeout", "5m")
+	kubectlStdin(t, lbWorkloads(), "apply", "-f", "-")
+	mustKubectl(t, 3*time.Minute, "-n", lbNamespace, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=150s")
+	top := readTopology(t)
+
+	// ~12 s of connects, one every 50 ms, spanning both switches.
+	type loopOut struct {
+		res []probeResult
+	}
+	done := make(chan loopOut, 1)
+	go func() {
+		args := []string{"-n", lbNamespace, "exec", "client", "--", "/usr/local/bin/kebpf-testserver", "probe",
+			"--protocol", "tcp", "--to", top.clusterIP["web"] + ":80", "--count", "240", "--interval", "50ms", "--timeout", "2s"}
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+		defer cancel()
+		cmd := exec.CommandContext(ctx, filepath.Join(env.BinDir, "kubectl"), args...)
+		cmd.Env = append(os.Environ(), "KUBECONFIG="+env.Cluster.Kubeconfig)
+		out, _ := cmd.Output()
+		var lo loopOut
+		sc := bufio.NewScanner(strings.NewReader(string(out)))
+		for sc.Scan() {
+			var p probeResult
+			if json.Unmarshal(sc.Bytes(), &p) == nil {
+				lo.res = append(lo.res, p)
+			}
+		}
+		done <- lo
+	}()
+	time.Sleep(2 * time.Second)
+	mustKubectl(t, 3*time.Minute, "ebpf", "disable", "service-lb", "--wait")
+	s, _ := status(t)
+	for _, n := range s.Nodes {
+		if slices.Contains(n.Active, "service-lb") {
+			t.Errorf("node %s still reports service-lb active after disable --wait", n.Name)
+		}
+	}
+	for _, node := range env.Cluster.Nodes {
+		for _, a := range inspectNode(t, node).attached {
+			if strings.Contains(a, "kebpf_connect") {
+				t.Errorf("node %s: %s still attached after disable", node, a)
+			}
+		}
+	}
+	time.Sleep(2 * time.Second)
+	mustKubectl(t, 3*time.Minute, "ebpf", "enable", "service-lb", "--wait")
+	lo := <-done
+	if len(lo.res) != 240 {
+		t.Fatalf("client loop produced %d results, want 240", len(lo.res))
+	}
+	failed := 0
+	for _, r := range lo.res {
+		if !r.OK {
+			failed++
+			t.Errorf("connect failed during the switch: %s (%s)", r.Error, r.Class)
+		}
+	}
+	t.Logf("%d connects across disable+enable, %d failed", len(lo.res), failed)
+	if s, r := status(t); r.code != 0 {
+		t.Errorf("status after enable: exit %d: %+v", r.code, s)
+	}
+	for _, node := range env.Cluster.Nodes {
+		n := 0
+		for _, a := range inspectNode(t, node).attached {
+			if strings.Contains(a, "kebpf_connect") {
+				n++
+			}
+		}
+		if n == 0 {
+			t.Errorf("node %s: no kebpf_connect program attached after enable", node)
+		}
+	}
+}
