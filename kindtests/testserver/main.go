@@ -19,6 +19,7 @@ import (
 	"os/signal"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 )
@@ -168,13 +169,14 @@ type Result struct {
 	Error    string `json:"error,omitempty"`
 	Class    string `json:"class,omitempty"` // refused, timeout, unreachable, other
 	Peer     string `json:"peer,omitempty"`  // getpeername() of the connected socket
+	Target   string `json:"target,omitempty"`
 	Duration string `json:"duration"`
 }
 
 func probe(args []string, out io.Writer) int {
 	fs := flag.NewFlagSet("probe", flag.ContinueOnError)
 	proto := fs.String("protocol", "tcp", "tcp, udp or http")
-	to := fs.String("to", "", "HOST:PORT to probe")
+	to := fs.String("to", "", "HOST:PORT to probe; a comma-separated list probes every target at once (one JSON line each, in list order)")
 	timeout := fs.Duration("timeout", 2*time.Second, "give up on one attempt after this long")
 	unconnected := fs.Bool("unconnected", false, "udp: sendto/recvfrom on an unconnected socket (as DNS clients do); peer is the reply's source")
 	count := fs.Int("count", 1, "attempts, each a new socket, one JSON line each")
@@ -198,11 +200,26 @@ func probe(args []string, out io.Writer) int {
 		if i > 0 && *interval > 0 {
 			time.Sleep(*interval)
 		}
-		r := attempt(*proto, *to, *timeout, *unconnected)
-		if !r.OK {
-			failed++
+		targets := strings.Split(*to, ",")
+		results := make([]Result, len(targets))
+		var wg sync.WaitGroup
+		// Concurrently: a matrix probe of denied targets then costs one
+		// timeout, not one per target.
+		for j, target := range targets {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				results[j] = attempt(*proto, strings.TrimSpace(target), *timeout, *unconnected)
+				results[j].Target = strings.TrimSpace(target)
+			}()
 		}
-		enc.Encode(r)
+		wg.Wait()
+		for _, r := range results {
+			if !r.OK {
+				failed++
+			}
+			enc.Encode(r)
+		}
 	}
 	if failed > 0 {
 		return 1

@@ -93,3 +93,27 @@ func TestProbeCount(t *testing.T) {
 		t.Errorf("want 3 JSON lines, got %d: %s", n, out.String())
 	}
 }
+
+func TestProbeManyTargets(t *testing.T) {
+	a, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { a.Close() })
+	go serveTCP(a, "pod-a")
+	closed, _ := net.Listen("tcp", "127.0.0.1:0")
+	closedAddr := closed.Addr().String()
+	closed.Close()
+	var out bytes.Buffer
+	probe([]string{"--to", a.Addr().String() + "," + closedAddr}, &out)
+	lines := bytes.Split(bytes.TrimSpace(out.Bytes()), []byte("\n"))
+	if len(lines) != 2 {
+		t.Fatalf("want 2 lines, got %q", out.String())
+	}
+	var r0, r1 Result
+	json.Unmarshal(lines[0], &r0)
+	json.Unmarshal(lines[1], &r1)
+	if !r0.OK || r0.Target != a.Addr().String() || r1.OK || r1.Class != "refused" || r1.Target != closedAddr {
+		t.Errorf("results out of order or wrong: %+v %+v", r0, r1)
+	}
+}
