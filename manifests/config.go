@@ -14,7 +14,7 @@ import (
 const ConfigKey = "config.yaml"
 
 // KnownFeatures are the datapath features an agent can switch on and off.
-var KnownFeatures = []string{"sockstats", "service-lb"}
+var KnownFeatures = []string{"sockstats", "service-lb", "policy"}
 
 // Config is the cluster-wide agent config, stored as YAML under ConfigKey.
 type Config struct {

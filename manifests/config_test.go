@@ -20,7 +20,7 @@ func TestParseConfig(t *testing.T) {
 		{name: "missing feature means off", in: "features:\n  sockstats: true\n",
 			want: map[string]bool{"sockstats": true}},
 		{name: "no features", in: "features: {}\n", want: map[string]bool{}},
-		{name: "unknown feature", in: "features:\n  sockstat: true\n", wantErr: "unknown feature(s) sockstat (known: sockstats, service-lb)"},
+		{name: "unknown feature", in: "features:\n  sockstat: true\n", wantErr: "unknown feature(s) sockstat (known: sockstats, service-lb, policy)"},
 		{name: "unknown field", in: "feature:\n  sockstats: true\n", wantErr: "unknown field"},
 		{name: "not a bool", in: "features:\n  sockstats: maybe\n", wantErr: "parse config.yaml"},
 		{name: "empty", in: "  \n", wantErr: "empty"},
@@ -56,7 +56,7 @@ func TestDefaultConfigRoundTrip(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := "features:\n  service-lb: true\n  sockstats: true\n"; string(b) != want {
+	if want := "features:\n  policy: true\n  service-lb: true\n  sockstats: true\n"; string(b) != want {
 		t.Errorf("Marshal = %q, want %q", b, want)
 	}
 	back, err := ParseConfig(b)

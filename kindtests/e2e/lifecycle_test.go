@@ -35,6 +35,11 @@ func requireEnv(t *testing.T) {
 // through kubectl's own plugin lookup.
 func kubectl(t *testing.T, timeout time.Duration, args ...string) result {
 	t.Helper()
+	return runKubectl(t, timeout, true, args...)
+}
+
+func runKubectl(t *testing.T, timeout time.Duration, logIt bool, args ...string) result {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, filepath.Join(env.BinDir, "kubectl"), args...)
@@ -52,7 +57,9 @@ func kubectl(t *testing.T, timeout time.Duration, args ...string) result {
 	case err != nil:
 		t.Fatalf("kubectl %s: %v", strings.Join(args, " "), err)
 	}
-	t.Logf("$ kubectl %s  (exit %d)\n%s%s", strings.Join(args, " "), r.code, r.stdout, r.stderr)
+	if logIt {
+		t.Logf("$ kubectl %s  (exit %d)\n%s%s", strings.Join(args, " "), r.code, r.stdout, r.stderr)
+	}
 	return r
 }
 

@@ -135,7 +135,7 @@ func New(cfg Config) (*Agent, error) {
 		if cfg.Kube != nil {
 			lb := &serviceLBFeature{a: a, metrics: servicelb.NewMetrics(a.reg)}
 			a.reg.MustRegister(&lbCollector{f: lb})
-			fs = append(fs, lb)
+			fs = append(fs, lb, &policyFeature{a: a})
 		}
 	}
 	for _, f := range fs {

@@ -60,7 +60,7 @@ func TestValidate(t *testing.T) {
 	}{
 		{name: "known", args: []string{"service-lb"}, timeout: time.Minute},
 		{name: "unknown", args: []string{"sockstat"}, timeout: time.Minute, wantErr: `unknown feature "sockstat": known features are sockstats, service-lb`},
-		{name: "none", timeout: time.Minute, wantErr: "enable needs exactly one feature, one of: sockstats, service-lb"},
+		{name: "none", timeout: time.Minute, wantErr: "enable needs exactly one feature, one of: sockstats, service-lb, policy"},
 		{name: "two", args: []string{"sockstats", "service-lb"}, timeout: time.Minute, wantErr: "enable needs exactly one feature"},
 		{name: "bad timeout", args: []string{"sockstats"}, wantErr: "invalid --timeout 0s: must be positive"},
 	}
@@ -100,7 +100,7 @@ func TestBadInputMakesNoAPICall(t *testing.T) {
 			if strings.Contains(line, "kubeconfig") || strings.Contains(line, "reach") {
 				t.Errorf("error mentions the cluster, so an API call was tried: %q", line)
 			}
-			if len(args) > 1 && args[1] == "bogus" && !strings.Contains(line, "known features are sockstats, service-lb") {
+			if len(args) > 1 && args[1] == "bogus" && !strings.Contains(line, "known features are sockstats, service-lb, policy") {
 				t.Errorf("error does not list the known features: %q", line)
 			}
 		})
@@ -150,9 +150,9 @@ func TestSwitch(t *testing.T) {
 			wantConfig: "features:\n  sockstats: true\n", wantOut: "feature service-lb already disabled: nothing changed\n"},
 		{name: "already enabled", config: "features:\n  service-lb: true\n  sockstats: true\n", enable: true, feature: "sockstats",
 			wantConfig: "features:\n  service-lb: true\n  sockstats: true\n", wantOut: "feature sockstats already enabled: nothing changed\n"},
-		{name: "unknown names dropped", config: "features:\n  policy: true\n  sockstats: true\n", enable: true, feature: "service-lb",
+		{name: "unknown names dropped", config: "features:\n  bogus: true\n  sockstats: true\n", enable: true, feature: "service-lb",
 			wantConfig: "features:\n  service-lb: true\n  sockstats: true\n", wantOut: "feature service-lb enabled\n",
-			wantWarn: "warning: removed unknown feature(s) policy from the config (known: sockstats, service-lb)\n", wantWrite: true},
+			wantWarn: "warning: removed unknown feature(s) bogus from the config (known: sockstats, service-lb, policy)\n", wantWrite: true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

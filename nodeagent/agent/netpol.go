@@ -1,0 +1,155 @@
+//go:build linux
+
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"sync"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	dp "github.com/kubectl-ebpf/kubectl-ebpf/bpf/netpol"
+	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/features"
+	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/netpol"
+)
+
+// PolicyFeature is the feature name of L3/L4 NetworkPolicy enforcement.
+const PolicyFeature = "policy"
+
+// policyFeature enforces NetworkPolicy on this node's pods: tcx programs on
+// each pod's host-side interface, programmed by the policy compiler.
+type policyFeature struct {
+	a *Agent
+
+	mu     sync.Mutex
+	objs   *dp.Objects
+	syncer *netpol.Syncer
+	cancel context.CancelFunc
+	done   chan struct{}
+	runErr error
+}
+
+func (f *policyFeature) Name() string { return PolicyFeature }
+
+// nodeIPs are the node's addresses from its Node object: traffic between the
+// node and its pods (kubelet probes) is always allowed.
+func (a *Agent) nodeIPs(ctx context.Context) ([]netip.Addr, error) {
+	n, err := a.cfg.Kube.CoreV1().Nodes().Get(ctx, a.cfg.NodeName, metav1.GetOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("get node %s: %w", a.cfg.NodeName, err)
+	}
+	var ips []netip.Addr
+	for _, ad := range n.Status.Addresses {
+		if ad.Type != corev1.NodeInternalIP && ad.Type != corev1.NodeExternalIP {
+			continue
+		}
+		if ip, err := netip.ParseAddr(ad.Address); err == nil {
+			ips = append(ips, ip)
+		}
+	}
+	return ips, nil
+}
+
+func (f *policyFeature) Enable(ctx context.Context) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.objs != nil {
+		return nil
+	}
+	if f.a.cfg.Kube == nil {
+		return errors.New("needs an API client to watch NetworkPolicies")
+	}
+	if err := f.a.requireKernel(features.BPFSyscall, features.ProgSchedCLS, features.LinkTCX, features.MapLPMTrie, features.MapLRUHash); err != nil {
+		return err
+	}
+	ips, err := f.a.nodeIPs(ctx)
+	if err != nil {
+		return err
+	}
+	objs, err := dp.Load(f.a.cfg.PinDir, dp.LoadOptions{Logger: f.a.log.With("feature", PolicyFeature)})
+	if err != nil {
+		return err
+	}
+	s, err := netpol.New(netpol.Options{
+		Client:   f.a.cfg.Kube,
+		NodeName: f.a.cfg.NodeName,
+		NodeIPs:  ips,
+		Datapath: objs,
+		Log:      f.a.log.With("feature", PolicyFeature),
+	})
+	if err != nil {
+		objs.Close()
+		return err
+	}
+	sctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	f.objs, f.syncer, f.cancel, f.done, f.runErr = objs, s, cancel, done, nil
+	go func() {
+		defer close(done)
+		if err := s.Run(sctx); err != nil && sctx.Err() == nil {
+			f.a.log.Error("policy sync stopped", "err", err)
+			f.mu.Lock()
+			f.runErr = err
+			f.mu.Unlock()
+		}
+	}()
+	f.a.log.Info("enabled", "feature", PolicyFeature, "nodeIPs", ips)
+	return nil
+}
+
+// stop ends the sync; f.mu must not be held (Run's error path takes it).
+func (f *policyFeature) stop() {
+	f.mu.Lock()
+	cancel, done := f.cancel, f.done
+	f.mu.Unlock()
+	if cancel != nil {
+		cancel()
+		<-done
+	}
+}
+
+func (f *policyFeature) Disable() error {
+	f.stop()
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.syncer, f.cancel, f.done = nil, nil, nil
+	if f.objs == nil {
+		return dp.DetachPinned(f.a.cfg.PinDir)
+	}
+	// Removing enforcement cuts no connection: packets simply stop being
+	// checked.
+	err := f.objs.Detach()
+	f.objs = nil
+	return err
+}
+
+func (f *policyFeature) Close() error {
+	f.stop()
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.syncer, f.cancel, f.done = nil, nil, nil
+	if f.objs == nil {
+		return nil
+	}
+	err := f.objs.Close()
+	f.objs = nil
+	return err
+}
+
+func (f *policyFeature) Errors() []string {
+	f.mu.Lock()
+	s, runErr := f.syncer, f.runErr
+	f.mu.Unlock()
+	var out []string
+	if runErr != nil {
+		out = append(out, "policy sync stopped: "+runErr.Error())
+	}
+	if s != nil {
+		out = append(out, s.Errors()...)
+	}
+	return out
+}

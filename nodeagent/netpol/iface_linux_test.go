@@ -1,0 +1,146 @@
+//go:build linux
+
+package netpol
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+func ipCmd(t *testing.T, args ...string) {
+	t.Helper()
+	if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+		t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+}
+
+// inNetns runs f on a thread switched into the named netns.
+func inNetns(t *testing.T, name string, f func()) {
+	t.Helper()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
+		fd, err := unix.Open("/run/netns/"+name, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			t.Errorf("open netns: %v", err)
+			return
+		}
+		defer unix.Close(fd)
+		if err := unix.Setns(fd, unix.CLONE_NEWNET); err != nil {
+			t.Errorf("setns: %v", err)
+			return
+		}
+		f()
+	}()
+	<-done
+}
+
+// TestIntegrationInterfaces builds, in namespaces of its own, a bridge pod
+// (the local cluster's bridge CNI: the route points at the bridge) and a
+// ptp pod (kindnet: a /32 route per pod onto its veth), and finds both
+// pods' host-side veths.
+func TestIntegrationInterfaces(t *testing.T) {
+	if testing.Short() {
+		t.Skip("integration test")
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to create network namespaces")
+	}
+	if _, err := exec.LookPath("ip"); err != nil {
+		t.Skip("needs iproute2")
+	}
+	suffix := fmt.Sprintf("%d", os.Getpid()%100000)
+	host, brPod, ptpPod := "kebpf-npt-h"+suffix, "kebpf-npt-b"+suffix, "kebpf-npt-p"+suffix
+	for _, ns := range []string{host, brPod, ptpPod} {
+		ipCmd(t, "netns", "add", ns)
+		t.Cleanup(func() { exec.Command("ip", "netns", "del", ns).Run() })
+	}
+	h := []string{"-n", host}
+	ipCmd(t, append(h, "link", "add", "br0", "type", "bridge")...)
+	ipCmd(t, append(h, "addr", "add", "10.99.0.1/24", "dev", "br0")...)
+	ipCmd(t, append(h, "link", "set", "br0", "up")...)
+	// Bridge pod.
+	ipCmd(t, append(h, "link", "add", "vethb", "type", "veth", "peer", "name", "eth0", "netns", brPod)...)
+	ipCmd(t, append(h, "link", "set", "vethb", "master", "br0", "up")...)
+	ipCmd(t, "-n", brPod, "addr", "add", "10.99.0.5/24", "dev", "eth0")
+	ipCmd(t, "-n", brPod, "link", "set", "eth0", "up")
+	// A second bridge member whose pod has a different address.
+	ipCmd(t, append(h, "link", "add", "vethc", "type", "veth", "peer", "name", "vpeer")...)
+	ipCmd(t, append(h, "link", "set", "vethc", "master", "br0", "up")...)
+	// ptp pod.
+	ipCmd(t, append(h, "link", "add", "vethp", "type", "veth", "peer", "name", "eth0", "netns", ptpPod)...)
+	ipCmd(t, append(h, "link", "set", "vethp", "up")...)
+	ipCmd(t, "-n", ptpPod, "addr", "add", "10.98.0.5/32", "dev", "eth0")
+	ipCmd(t, "-n", ptpPod, "link", "set", "eth0", "up")
+	ipCmd(t, append(h, "route", "add", "10.98.0.5/32", "dev", "vethp")...)
+
+	// Only our pod namespaces are scanned.
+	dir := t.TempDir()
+	for _, ns := range []string{brPod, ptpPod} {
+		if err := os.Symlink("/run/netns/"+ns, filepath.Join(dir, ns)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ifs := &NetlinkInterfaces{NetnsDirs: []string{dir}}
+	inNetns(t, host, func() {
+		want := map[string]int{}
+		for _, n := range []string{"vethb", "vethp"} {
+			i, err := net.InterfaceByName(n)
+			if err != nil {
+				t.Errorf("%s: %v", n, err)
+				return
+			}
+			want[n] = i.Index
+		}
+		for _, tc := range []struct {
+			ip   string
+			want int
+		}{{"10.99.0.5", want["vethb"]}, {"10.98.0.5", want["vethp"]}, {"10.99.0.77", 0}} {
+			got, err := ifs.IfIndex([]netip.Addr{netip.MustParseAddr(tc.ip)})
+			if err != nil || got != tc.want {
+				t.Errorf("IfIndex(%s) = %d, %v; want %d", tc.ip, got, err, tc.want)
+			}
+		}
+
+		// A link event reaches the watcher.
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		var events atomic.Int32
+		watchErr := make(chan error, 1)
+		go func() {
+			runtime.LockOSThread()
+			fd, _ := unix.Open("/run/netns/"+host, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+			unix.Setns(fd, unix.CLONE_NEWNET)
+			unix.Close(fd)
+			watchErr <- ifs.Watch(ctx, func() { events.Add(1) })
+		}()
+		time.Sleep(100 * time.Millisecond) // subscribed
+		if out, err := exec.Command("ip", "-n", host, "link", "add", "vethz", "type", "veth", "peer", "name", "vethz2").CombinedOutput(); err != nil {
+			t.Errorf("add dummy: %v %s", err, out)
+		}
+		deadline := time.Now().Add(3 * time.Second)
+		for events.Load() == 0 && time.Now().Before(deadline) {
+			time.Sleep(10 * time.Millisecond)
+		}
+		if events.Load() == 0 {
+			t.Error("no link event")
+		}
+		cancel()
+		if err := <-watchErr; err != nil {
+			t.Errorf("watch: %v", err)
+		}
+	})
+}
