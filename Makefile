@@ -19,7 +19,7 @@ export KEBPF_VERSION  := $(VERSION)
 CLUSTER_TOOL := $(BIN)/kebpf-cluster
 GOTEST       := $(GO) test -count=1 -p 1
 
-.PHONY: build deps generate verify unit root e2e test cluster-up cluster-down demo clean help
+.PHONY: build deps generate verify unit root e2e test cluster-up cluster-down demo bench clean help
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -51,7 +51,7 @@ unit: ## fast tests (no root, no cluster)
 
 root: ## root tier: real BPF programs, real cgroups, real netns; the local cluster's own lifecycle
 	@echo "== root tier"
-	$(GOTEST) -timeout 30m ./bpf/... ./nodeagent/... ./kindtests/cluster/...
+	$(GOTEST) -timeout 30m ./bpf/... ./nodeagent/... ./kindtests/cluster/... ./kindtests/bench/...
 
 e2e: $(CLUSTER_TOOL) ## end-to-end: bring up a cluster, run plugin integration and e2e suites, tear down
 	@echo "== e2e tier (cluster $(CLUSTER))"
@@ -72,6 +72,12 @@ demo: cluster-up ## local cluster + kubectl ebpf install --wait + status
 	@eval "$$($(CLUSTER_TOOL) env --name $(CLUSTER))"; \
 	  set -x; kubectl ebpf install --wait --timeout 5m; kubectl ebpf version; kubectl ebpf status; set +x; \
 	  echo; echo "The cluster stays up: export KUBECONFIG=$$KUBECONFIG PATH=$${PATH%%:*}:\$$PATH; make cluster-down removes it."
+
+BENCH_ARGS ?=
+bench: ## benchmark (root): direct vs socket LB vs real kube-proxy (iptables, nftables) in private netns; writes results/
+	@test "$$(id -u)" = 0 || { echo "make bench needs root (netns, cgroups, BPF)"; exit 1; }
+	$(GO) build -o $(BIN)/kebpf-bench ./kindtests/cmd/kebpf-bench
+	$(BIN)/kebpf-bench --out results $(BENCH_ARGS)
 
 clean: ## remove build outputs (not the build cache)
 	rm -rf $(BIN)

@@ -1,0 +1,274 @@
+//go:build linux
+
+package bench
+
+import (
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+	"gonum.org/v1/plot"
+	"gonum.org/v1/plot/plotter"
+	"gonum.org/v1/plot/plotutil"
+	"gonum.org/v1/plot/vg"
+)
+
+// Point is one mode at one number of Services.
+type Point struct {
+	Mode     string `json:"mode"`
+	Services int    `json:"services"`
+	// ProgramSeconds: controller start (cold) to the last Service answering.
+	ProgramSeconds float64 `json:"programSeconds,omitempty"`
+	P50us          float64 `json:"p50us,omitempty"`
+	P99us          float64 `json:"p99us,omitempty"`
+	ConnPerSec     float64 `json:"connPerSec,omitempty"`
+	Errors         int     `json:"errors,omitempty"`
+	RSSKB          int64   `json:"rssKB,omitempty"`
+	NA             string  `json:"na,omitempty"`
+}
+
+// Bulk is the create-then-answer and endpoint-change phase of one mode.
+type Bulk struct {
+	Services            int     `json:"services,omitempty"`
+	Endpoints           int     `json:"endpoints,omitempty"`
+	CreateSeconds       float64 `json:"createSeconds,omitempty"`       // API writes of all Services + slices
+	AllAnsweringSeconds float64 `json:"allAnsweringSeconds,omitempty"` // first create to every Service answering
+	LagSeconds          float64 `json:"lagSeconds"`                    // last create to every Service answering
+	RSSKB               int64   `json:"rssKB,omitempty"`
+	Changes             int     `json:"changes,omitempty"`
+	ChangeP50ms         float64 `json:"changeP50ms,omitempty"`
+	ChangeP99ms         float64 `json:"changeP99ms,omitempty"`
+	ChangeMaxms         float64 `json:"changeMaxms,omitempty"`
+	NA                  string  `json:"na,omitempty"`
+}
+
+// Results is everything a run measured (bench.json).
+type Results struct {
+	Date          string          `json:"date"`
+	Host          string          `json:"host"`
+	Kernel        string          `json:"kernel"`
+	CPUs          int             `json:"cpus"`
+	CPUModel      string          `json:"cpuModel"`
+	Modes         []string        `json:"modes"`
+	Scales        []int           `json:"scales"`
+	LatCount      int             `json:"connectsPerSample"`
+	CreateSeconds map[int]float64 `json:"createSeconds"` // API time to grow the scale set to N
+	Scale         []Point         `json:"scale"`
+	Bulk          map[string]Bulk `json:"bulk"`
+}
+
+func newResults(o Options) *Results {
+	var u unix.Utsname
+	_ = unix.Uname(&u)
+	host, _ := os.Hostname()
+	model := ""
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.HasPrefix(l, "model name") {
+				model = strings.TrimSpace(l[strings.Index(l, ":")+1:])
+				break
+			}
+		}
+	}
+	return &Results{
+		Date: time.Now().UTC().Format(time.RFC3339), Host: host, Kernel: unix.ByteSliceToString(u.Release[:]),
+		CPUs: runtime.NumCPU(), CPUModel: model, Modes: o.Modes, Scales: o.Scales, LatCount: o.LatCount,
+		CreateSeconds: map[int]float64{}, Bulk: map[string]Bulk{},
+	}
+}
+
+// Point looks up one measurement.
+func (r *Results) Point(mode string, n int) (Point, bool) {
+	for _, p := range r.Scale {
+		if p.Mode == mode && p.Services == n {
+			return p, true
+		}
+	}
+	return Point{}, false
+}
+
+func (r *Results) write(dir string, log *slog.Logger) {
+	if dir == "" {
+		return
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		log.Warn("write results", "err", err)
+		return
+	}
+	b, _ := json.MarshalIndent(r, "", "  ")
+	if err := os.WriteFile(filepath.Join(dir, "bench.json"), append(b, '\n'), 0o644); err != nil {
+		log.Warn("write bench.json", "err", err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "bench.md"), []byte(r.Markdown()), 0o644); err != nil {
+		log.Warn("write bench.md", "err", err)
+	}
+	if err := r.plot(filepath.Join(dir, "connect-latency.png")); err != nil {
+		log.Warn("write connect-latency.png", "err", err)
+	}
+}
+
+var columnTitle = map[string]string{
+	ModeDirect: "direct", ModeSocklb: "socket LB", ModeIptables: "kube-proxy iptables", ModeNftables: "kube-proxy nftables",
+}
+
+func human(n int) string {
+	switch {
+	case n >= 1000 && n%1000 == 0:
+		return fmt.Sprintf("%dk", n/1000)
+	default:
+		return fmt.Sprint(n)
+	}
+}
+
+func shortNA(s string) string {
+	s = strings.ReplaceAll(strings.SplitN(s, "\n", 2)[0], "|", "/")
+	if len(s) > 80 {
+		s = s[:80] + "…"
+	}
+	return "n/a (" + s + ")"
+}
+
+// Markdown renders one row per metric, one column per datapath.
+func (r *Results) Markdown() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "# kubectl-ebpf benchmark\n\n")
+	fmt.Fprintf(&b, "- date: %s\n- machine: %s, %d CPUs (%s)\n- kernel: %s\n", r.Date, r.Host, r.CPUs, r.CPUModel, r.Kernel)
+	fmt.Fprintf(&b, "- kube-proxy v1.35.4 (defaults, minSyncPeriod 1s; iptables mode through iptables-nft), etcd 3.4 on tmpfs, all inside private netns\n")
+	fmt.Fprintf(&b, "- connect(): %d TCP connects per sample, from one client to the last-created Service (1 endpoint), closed with RST\n\n", r.LatCount)
+	modes := r.Modes
+	fmt.Fprintf(&b, "| metric |")
+	for _, m := range modes {
+		fmt.Fprintf(&b, " %s |", columnTitle[m])
+	}
+	fmt.Fprintf(&b, "\n|---|")
+	for range modes {
+		fmt.Fprintf(&b, "---|")
+	}
+	fmt.Fprintln(&b)
+	row := func(name string, cell func(m string) string) {
+		fmt.Fprintf(&b, "| %s |", name)
+		for _, m := range modes {
+			fmt.Fprintf(&b, " %s |", cell(m))
+		}
+		fmt.Fprintln(&b)
+	}
+	scaleRow := func(name string, n int, f func(p Point) string) {
+		row(name, func(m string) string {
+			p, ok := r.Point(m, n)
+			if !ok {
+				return "—"
+			}
+			if p.NA != "" {
+				return shortNA(p.NA)
+			}
+			return f(p)
+		})
+	}
+	for _, n := range r.Scales {
+		scaleRow(fmt.Sprintf("connect() p50 / p99 µs, %s Services", human(n)), n, func(p Point) string {
+			return fmt.Sprintf("%.1f / %.1f", p.P50us, p.P99us)
+		})
+		scaleRow(fmt.Sprintf("connections/s, %s Services", human(n)), n, func(p Point) string {
+			return fmt.Sprintf("%.0f", p.ConnPerSec)
+		})
+		scaleRow(fmt.Sprintf("cold start to last Service answering, %s Services", human(n)), n, func(p Point) string {
+			if p.Mode == ModeDirect {
+				return "—"
+			}
+			return fmt.Sprintf("%.2f s", p.ProgramSeconds)
+		})
+	}
+	for _, n := range r.Scales {
+		if n < 10000 {
+			continue
+		}
+		scaleRow(fmt.Sprintf("RSS, %s Services", human(n)), n, func(p Point) string {
+			if p.RSSKB == 0 {
+				return "—"
+			}
+			return fmt.Sprintf("%.0f MB", float64(p.RSSKB)/1024)
+		})
+	}
+	bulkRow := func(name string, f func(b Bulk) string) {
+		row(name, func(m string) string {
+			bk, ok := r.Bulk[m]
+			if !ok {
+				return "—"
+			}
+			if bk.NA != "" {
+				return shortNA(bk.NA)
+			}
+			return f(bk)
+		})
+	}
+	var bulk Bulk
+	for _, bk := range r.Bulk {
+		if bk.Services > 0 {
+			bulk = bk
+		}
+	}
+	if bulk.Services > 0 {
+		label := fmt.Sprintf("%s Services x %d endpoints", human(bulk.Services), bulk.Endpoints)
+		bulkRow("API time to create "+label, func(b Bulk) string { return fmt.Sprintf("%.1f s", b.CreateSeconds) })
+		bulkRow("first create to all answering, "+label, func(b Bulk) string { return fmt.Sprintf("%.1f s", b.AllAnsweringSeconds) })
+		bulkRow("last create to all answering, "+label, func(b Bulk) string { return fmt.Sprintf("%.3f s", b.LagSeconds) })
+		bulkRow("RSS at "+label, func(b Bulk) string { return fmt.Sprintf("%.0f MB", float64(b.RSSKB)/1024) })
+	}
+	changes := 0
+	for _, bk := range r.Bulk {
+		changes = max(changes, bk.Changes)
+	}
+	if changes > 0 {
+		bulkRow(fmt.Sprintf("EndpointSlice change to new backend used, p50 / p99 ms (%d changes)", changes), func(b Bulk) string {
+			return fmt.Sprintf("%.1f / %.1f", b.ChangeP50ms, b.ChangeP99ms)
+		})
+	}
+	fmt.Fprintf(&b, "\nRSS: agent = the socket-LB process (socklb datapath + servicelb sync, the agent's service-LB half); kube-proxy = its process. Kernel map/rule memory is not in RSS.\n")
+	if len(r.CreateSeconds) > 0 {
+		fmt.Fprintf(&b, "\nAPI time to grow the scale set (1 endpoint each):")
+		for _, n := range r.Scales {
+			if s, ok := r.CreateSeconds[n]; ok {
+				fmt.Fprintf(&b, " %s: %.1f s;", human(n), s)
+			}
+		}
+		fmt.Fprintln(&b)
+	}
+	return b.String()
+}
+
+func (r *Results) plot(path string) error {
+	p := plot.New()
+	p.Title.Text = "connect() p50 to the last-created Service"
+	p.X.Label.Text = "Services"
+	p.Y.Label.Text = "µs"
+	p.X.Scale = plot.LogScale{}
+	p.X.Tick.Marker = plot.LogTicks{Prec: -1}
+	var lines []any
+	for _, m := range r.Modes {
+		var xys plotter.XYs
+		for _, n := range r.Scales {
+			if pt, ok := r.Point(m, n); ok && pt.NA == "" && pt.P50us > 0 {
+				xys = append(xys, plotter.XY{X: float64(n), Y: pt.P50us})
+			}
+		}
+		if len(xys) > 0 {
+			lines = append(lines, columnTitle[m], xys)
+		}
+	}
+	if len(lines) == 0 {
+		return nil
+	}
+	if err := plotutil.AddLinePoints(p, lines...); err != nil {
+		return err
+	}
+	p.Y.Min = 0
+	p.Legend.Top = true
+	p.Legend.Left = true
+	return p.Save(7*vg.Inch, 4.5*vg.Inch, path)
+}

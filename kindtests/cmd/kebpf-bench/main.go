@@ -1,0 +1,84 @@
+//go:build linux
+
+// Command kebpf-bench compares a direct connect, our socket LB and real
+// kube-proxy (iptables and nftables) side by side; see `make bench`.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/kindtests/bench"
+	"github.com/kubectl-ebpf/kubectl-ebpf/kindtests/k8sbin"
+)
+
+func main() {
+	if bench.Child() {
+		return
+	}
+	var (
+		scales  = flag.String("scales", "10,1000,10000,100000", "numbers of Services to measure connect() at")
+		modes   = flag.String("modes", strings.Join(bench.AllModes, ","), "datapaths: direct,socklb,iptables,nftables")
+		out     = flag.String("out", "results", "results directory")
+		quick   = flag.Bool("quick", false, "fast smoke run at small N")
+		bulk    = flag.Int("bulk", 20000, "Services created (x --bulk-endpoints) with the datapath running; 0 skips")
+		bulkEps = flag.Int("bulk-endpoints", 5, "endpoints per bulk Service")
+		changes = flag.Int("changes", 50, "EndpointSlice changes timed per datapath; 0 skips")
+		count   = flag.Int("connects", 5000, "connects per latency sample")
+		timeout = flag.Duration("mode-timeout", 10*time.Minute, "how long a datapath may take to program a scale point before it is n/a")
+		binDir  = flag.String("kube-bin", "", "directory with kube-apiserver and kube-proxy (default: build or reuse the cached v1.35.4 ones)")
+		etcd    = flag.String("etcd", "/usr/bin/etcd", "etcd binary")
+	)
+	flag.Parse()
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	o := bench.Options{Out: *out, BulkServices: *bulk, BulkEndpoints: *bulkEps, Changes: *changes,
+		LatCount: *count, ModeTimeout: *timeout, KubeBinDir: *binDir, Etcd: *etcd, Log: log}
+	for _, s := range strings.Split(*scales, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(s))
+		if err != nil || n < 1 {
+			fmt.Fprintf(os.Stderr, "kebpf-bench: bad --scales entry %q\n", s)
+			os.Exit(2)
+		}
+		o.Scales = append(o.Scales, n)
+	}
+	for _, m := range strings.Split(*modes, ",") {
+		o.Modes = append(o.Modes, strings.TrimSpace(m))
+	}
+	if *quick {
+		o.Scales = []int{10, 100}
+		o.BulkServices, o.Changes, o.LatCount, o.ModeTimeout = 200, 10, 1000, 2*time.Minute
+	}
+	if os.Geteuid() != 0 {
+		fmt.Fprintln(os.Stderr, "kebpf-bench: needs root (network namespaces, cgroups, BPF)")
+		os.Exit(1)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if o.KubeBinDir == "" {
+		// Builds kube-apiserver and kube-proxy once (about 10 min cold), then
+		// reuses the cache the local cluster shares.
+		dir, err := k8sbin.Ensure(ctx, os.Stderr)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "kebpf-bench: %v\n", err)
+			os.Exit(1)
+		}
+		o.KubeBinDir = dir
+	}
+	res, err := bench.Run(ctx, o)
+	if res != nil && *out != "" {
+		fmt.Println(res.Markdown())
+		fmt.Fprintf(os.Stderr, "results in %s/bench.md, bench.json, connect-latency.png\n", *out)
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "kebpf-bench: %v\n", err)
+		os.Exit(1)
+	}
+}
