@@ -53,7 +53,13 @@ func TestIntegrationEnableDisableChangeOnlyTheirFeature(t *testing.T) {
 	c := testutil.Clients(t, kc)
 	install(t, flags)
 	before, cfg := getConfig(t, c)
-	wantFeatures(t, cfg, map[string]bool{"sockstats": true, "service-lb": true})
+	wantFeatures(t, cfg, map[string]bool{"sockstats": true, "service-lb": true, "policy": true})
+
+	// Leave the test with only the two features it switches.
+	if r := testutil.Run(t, flags, "disable", "policy"); r.Code != 0 {
+		t.Fatalf("disable policy: %s", r)
+	}
+	before, _ = getConfig(t, c)
 
 	r := testutil.Run(t, flags, "disable", "service-lb")
 	if r.Code != 0 || r.Stdout != "feature service-lb disabled\n" {
@@ -111,7 +117,7 @@ func TestIntegrationUnknownFeatureChangesNothing(t *testing.T) {
 		if r.Code == 0 {
 			t.Fatalf("%s sockstat succeeded: %s", verb, r)
 		}
-		if line := testutil.OneLine(t, r.Stderr); line != `error: unknown feature "sockstat": known features are sockstats, service-lb` {
+		if line := testutil.OneLine(t, r.Stderr); line != `error: unknown feature "sockstat": known features are sockstats, service-lb, policy` {
 			t.Errorf("stderr = %q", line)
 		}
 	}
@@ -147,7 +153,7 @@ func TestIntegrationInstallAfterDisableKeepsIt(t *testing.T) {
 		t.Errorf("re-install touched the ConfigMap: %q", r.Stdout)
 	}
 	after, cfg := getConfig(t, c)
-	wantFeatures(t, cfg, map[string]bool{"sockstats": true, "service-lb": false})
+	wantFeatures(t, cfg, map[string]bool{"sockstats": true, "service-lb": false, "policy": true})
 	if after.ResourceVersion != before.ResourceVersion {
 		t.Errorf("re-install rewrote the ConfigMap: resourceVersion %s -> %s", before.ResourceVersion, after.ResourceVersion)
 	}
@@ -158,10 +164,10 @@ func TestIntegrationInstallAfterDisableKeepsIt(t *testing.T) {
 		t.Fatalf("upgrade: %s", r)
 	}
 	_, cfg = getConfig(t, c)
-	wantFeatures(t, cfg, map[string]bool{"sockstats": true, "service-lb": false})
+	wantFeatures(t, cfg, map[string]bool{"sockstats": true, "service-lb": false, "policy": true})
 	install(t, flags, "--enable", "service-lb", "--disable", "sockstats")
 	_, cfg = getConfig(t, c)
-	wantFeatures(t, cfg, map[string]bool{"sockstats": false, "service-lb": true})
+	wantFeatures(t, cfg, map[string]bool{"sockstats": false, "service-lb": true, "policy": true})
 }
 
 // Two writers switching different features at once must both win: the

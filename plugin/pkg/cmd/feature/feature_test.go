@@ -59,7 +59,7 @@ func TestValidate(t *testing.T) {
 		wantErr string
 	}{
 		{name: "known", args: []string{"service-lb"}, timeout: time.Minute},
-		{name: "unknown", args: []string{"sockstat"}, timeout: time.Minute, wantErr: `unknown feature "sockstat": known features are sockstats, service-lb`},
+		{name: "unknown", args: []string{"sockstat"}, timeout: time.Minute, wantErr: `unknown feature "sockstat": known features are sockstats, service-lb, policy`},
 		{name: "none", timeout: time.Minute, wantErr: "enable needs exactly one feature, one of: sockstats, service-lb, policy"},
 		{name: "two", args: []string{"sockstats", "service-lb"}, timeout: time.Minute, wantErr: "enable needs exactly one feature"},
 		{name: "bad timeout", args: []string{"sockstats"}, wantErr: "invalid --timeout 0s: must be positive"},
