@@ -133,9 +133,9 @@ func New(cfg Config) (*Agent, error) {
 		fs = []Feature{ss}
 		// Without an API client there is nothing to program Services from.
 		if cfg.Kube != nil {
-			lb := &serviceLBFeature{a: a, metrics: servicelb.NewMetrics(a.reg)}
+			lb := newServiceLBFeature(a, servicelb.NewMetrics(a.reg))
 			a.reg.MustRegister(&lbCollector{f: lb})
-			fs = append(fs, lb, &policyFeature{a: a})
+			fs = append(fs, lb, newPolicyFeature(a))
 		}
 	}
 	for _, f := range fs {

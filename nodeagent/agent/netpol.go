@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"sync"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -23,14 +22,15 @@ const PolicyFeature = "policy"
 // policyFeature enforces NetworkPolicy on this node's pods: tcx programs on
 // each pod's host-side interface, programmed by the policy compiler.
 type policyFeature struct {
+	syncedFeature
 	a *Agent
+}
 
-	mu     sync.Mutex
-	objs   *dp.Objects
-	syncer *netpol.Syncer
-	cancel context.CancelFunc
-	done   chan struct{}
-	runErr error
+func newPolicyFeature(a *Agent) *policyFeature {
+	f := &policyFeature{a: a}
+	f.syncedFeature = syncedFeature{name: PolicyFeature, log: a.log,
+		detachPinned: func() error { return dp.DetachPinned(a.cfg.PinDir) }}
+	return f
 }
 
 func (f *policyFeature) Name() string { return PolicyFeature }
@@ -57,7 +57,7 @@ func (a *Agent) nodeIPs(ctx context.Context) ([]netip.Addr, error) {
 func (f *policyFeature) Enable(ctx context.Context) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if f.objs != nil {
+	if f.running() {
 		return nil
 	}
 	if f.a.cfg.Kube == nil {
@@ -85,71 +85,7 @@ func (f *policyFeature) Enable(ctx context.Context) error {
 		objs.Close()
 		return err
 	}
-	sctx, cancel := context.WithCancel(ctx)
-	done := make(chan struct{})
-	f.objs, f.syncer, f.cancel, f.done, f.runErr = objs, s, cancel, done, nil
-	go func() {
-		defer close(done)
-		if err := s.Run(sctx); err != nil && sctx.Err() == nil {
-			f.a.log.Error("policy sync stopped", "err", err)
-			f.mu.Lock()
-			f.runErr = err
-			f.mu.Unlock()
-		}
-	}()
+	f.start(ctx, objs, s)
 	f.a.log.Info("enabled", "feature", PolicyFeature, "nodeIPs", ips)
 	return nil
-}
-
-// stop ends the sync; f.mu must not be held (Run's error path takes it).
-func (f *policyFeature) stop() {
-	f.mu.Lock()
-	cancel, done := f.cancel, f.done
-	f.mu.Unlock()
-	if cancel != nil {
-		cancel()
-		<-done
-	}
-}
-
-func (f *policyFeature) Disable() error {
-	f.stop()
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.syncer, f.cancel, f.done = nil, nil, nil
-	if f.objs == nil {
-		return dp.DetachPinned(f.a.cfg.PinDir)
-	}
-	// Removing enforcement cuts no connection: packets simply stop being
-	// checked.
-	err := f.objs.Detach()
-	f.objs = nil
-	return err
-}
-
-func (f *policyFeature) Close() error {
-	f.stop()
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.syncer, f.cancel, f.done = nil, nil, nil
-	if f.objs == nil {
-		return nil
-	}
-	err := f.objs.Close()
-	f.objs = nil
-	return err
-}
-
-func (f *policyFeature) Errors() []string {
-	f.mu.Lock()
-	s, runErr := f.syncer, f.runErr
-	f.mu.Unlock()
-	var out []string
-	if runErr != nil {
-		out = append(out, "policy sync stopped: "+runErr.Error())
-	}
-	if s != nil {
-		out = append(out, s.Errors()...)
-	}
-	return out
 }

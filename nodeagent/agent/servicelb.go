@@ -7,7 +7,6 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
-	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -19,15 +18,16 @@ import (
 // serviceLBFeature is connect-time service load balancing: the socklb
 // programs plus the service sync that programs their maps.
 type serviceLBFeature struct {
+	syncedFeature
 	a       *Agent
 	metrics *servicelb.Metrics
+}
 
-	mu     sync.Mutex
-	objs   *socklb.Objects
-	syncer *servicelb.Syncer
-	cancel context.CancelFunc
-	done   chan struct{}
-	runErr error
+func newServiceLBFeature(a *Agent, m *servicelb.Metrics) *serviceLBFeature {
+	f := &serviceLBFeature{a: a, metrics: m}
+	f.syncedFeature = syncedFeature{name: socklb.Feature, log: a.log,
+		detachPinned: func() error { return socklb.DetachPinned(a.cfg.PinDir) }}
+	return f
 }
 
 func (f *serviceLBFeature) Name() string { return socklb.Feature }
@@ -35,7 +35,7 @@ func (f *serviceLBFeature) Name() string { return socklb.Feature }
 func (f *serviceLBFeature) Enable(ctx context.Context) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if f.objs != nil {
+	if f.running() {
 		return nil
 	}
 	if f.a.cfg.Kube == nil {
@@ -73,73 +73,9 @@ func (f *serviceLBFeature) Enable(ctx context.Context) error {
 		objs.Close()
 		return err
 	}
-	sctx, cancel := context.WithCancel(ctx)
-	done := make(chan struct{})
-	f.objs, f.syncer, f.cancel, f.done, f.runErr = objs, s, cancel, done, nil
-	go func() {
-		defer close(done)
-		if err := s.Run(sctx); err != nil {
-			f.a.log.Error("service sync stopped", "err", err)
-			f.mu.Lock()
-			f.runErr = err
-			f.mu.Unlock()
-		}
-	}()
+	f.start(ctx, objs, s)
 	f.a.log.Info("attached", "feature", socklb.Feature, "hooks", socklb.Hooks(), "cgroup", f.a.cfg.CgroupRoot)
 	return nil
-}
-
-// stop ends the sync; f.mu must not be held (Run's error path takes it).
-func (f *serviceLBFeature) stop() {
-	f.mu.Lock()
-	cancel, done := f.cancel, f.done
-	f.mu.Unlock()
-	if cancel != nil {
-		cancel()
-		<-done
-	}
-}
-
-func (f *serviceLBFeature) Disable() error {
-	f.stop()
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.syncer, f.cancel, f.done = nil, nil, nil
-	if f.objs == nil {
-		return socklb.DetachPinned(f.a.cfg.PinDir)
-	}
-	// Established connections are unaffected: they were translated at
-	// connect time and carry the backend address already.
-	err := f.objs.Detach()
-	f.objs = nil
-	return err
-}
-
-func (f *serviceLBFeature) Close() error {
-	f.stop()
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.syncer, f.cancel, f.done = nil, nil, nil
-	if f.objs == nil {
-		return nil
-	}
-	err := f.objs.Close()
-	f.objs = nil
-	return err
-}
-
-func (f *serviceLBFeature) Errors() []string {
-	f.mu.Lock()
-	s, runErr := f.syncer, f.runErr
-	f.mu.Unlock()
-	var out []string
-	if runErr != nil {
-		out = append(out, "service sync stopped: "+runErr.Error())
-	}
-	if s != nil {
-		out = append(out, s.Errors()...)
-	}
-	return out
 }
 
 // NetnsDir is where container runtimes (containerd with CNI, as on kind and
@@ -175,10 +111,11 @@ func (c *lbCollector) Describe(ch chan<- *prometheus.Desc) { ch <- lbConnectsDes
 func (c *lbCollector) Collect(ch chan<- prometheus.Metric) {
 	c.f.mu.Lock()
 	defer c.f.mu.Unlock()
-	if c.f.objs == nil {
+	objs, ok := c.f.objs.(*socklb.Objects)
+	if !ok {
 		return
 	}
-	st, err := c.f.objs.Stats()
+	st, err := objs.Stats()
 	if err != nil {
 		ch <- prometheus.NewInvalidMetric(lbConnectsDesc, err)
 		return

@@ -28,6 +28,7 @@ import (
 	"k8s.io/client-go/tools/record"
 
 	dp "github.com/kubectl-ebpf/kubectl-ebpf/bpf/netpol"
+	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/runner"
 )
 
 // Interfaces finds the host-side interface of a local pod.
@@ -102,7 +103,7 @@ type Syncer struct {
 	log     *slog.Logger
 	ids     *IDs
 	tracker *Tracker
-	runner  *runner
+	runner  *runner.Runner
 
 	podLister corelisters.PodLister
 	podIndex  cache.Indexer
@@ -159,7 +160,7 @@ func New(opts Options) (*Syncer, error) {
 		retries:  map[types.NamespacedName]int{},
 		problems: map[types.NamespacedName]map[string]Problem{},
 	}
-	s.runner = newRunner(s.sync, opts.MinSyncInterval, opts.MaxSyncInterval, opts.RetryInterval)
+	s.runner = runner.New(s.sync, opts.MinSyncInterval, opts.MaxSyncInterval, opts.RetryInterval)
 	return s, nil
 }
 

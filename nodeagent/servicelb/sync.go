@@ -28,6 +28,7 @@ import (
 	"k8s.io/client-go/tools/record"
 
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/socklb"
+	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/runner"
 )
 
 // Datapath is the socket LB map layer the sync programs: socklb's contract
@@ -100,7 +101,7 @@ type Syncer struct {
 	opts    Options
 	log     *slog.Logger
 	tracker *Tracker
-	runner  *runner
+	runner  *runner.Runner
 
 	svcLister   corelisters.ServiceLister
 	sliceLister discoverylisters.EndpointSliceLister
@@ -159,7 +160,7 @@ func New(opts Options) (*Syncer, error) {
 		needFull:   true,
 		fullErrs:   map[types.NamespacedName]string{},
 	}
-	s.runner = newRunner(s.sync, opts.MinSyncInterval, opts.MaxSyncInterval, opts.RetryInterval)
+	s.runner = runner.New(s.sync, opts.MinSyncInterval, opts.MaxSyncInterval, opts.RetryInterval)
 	return s, nil
 }
 

@@ -1,16 +1,17 @@
-package netpol
+// Package runner is the bounded-frequency runner every datapath sync of the
+// agent uses, after kube-proxy's async.BoundedFrequencyRunner: event handlers
+// only Request a run, and the runner coalesces requests so fn runs at most
+// once per minInterval, at least once per maxInterval, and retryInterval
+// after a failed run.
+package runner
 
 import (
 	"context"
 	"time"
 )
 
-// runner is a bounded-frequency runner like kube-proxy's
-// async.BoundedFrequencyRunner: fn runs at most once per minInterval however
-// many requests arrive (they coalesce into the next run), at least once per
-// maxInterval as a full resync, and after retryInterval, as a full resync,
-// when a run failed.
-type runner struct {
+// Runner runs one sync function at a bounded frequency.
+type Runner struct {
 	fn            func(full bool) error
 	minInterval   time.Duration
 	maxInterval   time.Duration
@@ -18,13 +19,16 @@ type runner struct {
 	requests      chan struct{}
 }
 
-func newRunner(fn func(full bool) error, minInterval, maxInterval, retryInterval time.Duration) *runner {
-	return &runner{fn: fn, minInterval: minInterval, maxInterval: maxInterval, retryInterval: retryInterval,
+// New returns a runner of fn. fn's argument says whether the run must be a
+// full resync: the first run, every maxInterval run (repairs drift in the
+// datapath) and the run after a failure; requested runs apply only the delta.
+func New(fn func(full bool) error, minInterval, maxInterval, retryInterval time.Duration) *Runner {
+	return &Runner{fn: fn, minInterval: minInterval, maxInterval: maxInterval, retryInterval: retryInterval,
 		requests: make(chan struct{}, 1)}
 }
 
 // Request asks for a run soon; it never blocks.
-func (r *runner) Request() {
+func (r *Runner) Request() {
 	select {
 	case r.requests <- struct{}{}:
 	default: // a run is already pending and will see this change too
@@ -33,7 +37,7 @@ func (r *runner) Request() {
 
 // Loop runs fn at once as a full run, then on requests and timers until ctx
 // is done.
-func (r *runner) Loop(ctx context.Context) {
+func (r *Runner) Loop(ctx context.Context) {
 	timer := time.NewTimer(0)
 	defer timer.Stop()
 	var last time.Time
