@@ -348,6 +348,39 @@ func TestIntegrationNetworkPolicy(t *testing.T) {
 		checkMatrix(t, ips, npCase{name: "ipBlock except y/b", proto: "tcp", port: 80, allow: func(f, to npPod) bool { return !is(to, "x", "a") || !is(f, "y", "b") }})
 	})
 
+	t.Run("disable policy then enable policy", func(t *testing.T) {
+		deleteAllPolicies(t)
+		kubectlStdin(t, policy("x", "deny\n  podSelector: {}\n  policyTypes: [Ingress]\n"), "apply", "-f", "-")
+		denyX := npCase{name: "enforced", proto: "tcp", port: 80, allow: func(f, to npPod) bool { return to.ns != "x" }}
+		checkMatrix(t, ips, denyX)
+		mustKubectl(t, 3*time.Minute, "ebpf", "disable", "policy", "--wait")
+		for _, node := range env.Cluster.Nodes {
+			// The kernel frees detached programs asynchronously (RCU).
+			var left []string
+			for try := 0; try < 10; try++ {
+				left = nil
+				for _, p := range inspectNode(t, node).programs {
+					if strings.HasPrefix(p, "kebpf_np_") {
+						left = append(left, p)
+					}
+				}
+				if len(left) == 0 {
+					break
+				}
+				time.Sleep(300 * time.Millisecond)
+			}
+			if len(left) > 0 {
+				t.Errorf("node %s: %v still loaded after disable policy", node, left)
+			}
+		}
+		checkMatrix(t, ips, npCase{name: "disabled", proto: "tcp", port: 80, allow: allowAll})
+		mustKubectl(t, 3*time.Minute, "ebpf", "enable", "policy", "--wait")
+		checkMatrix(t, ips, denyX)
+		if s, r := status(t); r.code != 0 {
+			t.Errorf("status after enable policy: exit %d: %+v", r.code, s)
+		}
+	})
+
 	t.Run("egress to a Service ClusterIP (socket LB translates first)", func(t *testing.T) {
 		deleteAllPolicies(t)
 		kubectlStdin(t, fmt.Sprintf(`apiVersion: v1
