@@ -28,10 +28,24 @@ const (
 	ModeSocklb   = "socklb"
 	ModeIptables = "iptables"
 	ModeNftables = "nftables"
+	// ModeNetpol is the NetworkPolicy bench (netpol.go): its own netns and
+	// columns, no control plane.
+	ModeNetpol = "netpol"
 )
 
 // AllModes is every mode in column order.
-var AllModes = []string{ModeDirect, ModeSocklb, ModeIptables, ModeNftables}
+var AllModes = []string{ModeDirect, ModeSocklb, ModeIptables, ModeNftables, ModeNetpol}
+
+// serviceModes are the modes of the Service table.
+func serviceModes(modes []string) []string {
+	var out []string
+	for _, m := range modes {
+		if m != ModeNetpol {
+			out = append(out, m)
+		}
+	}
+	return out
+}
 
 // Options configure a run.
 type Options struct {
@@ -49,6 +63,11 @@ type Options struct {
 	KubeBinDir  string
 	Etcd        string
 	Log         *slog.Logger
+	// PolicyScales are the numbers of CIDRs (besides the client's) in the
+	// policy selecting the server pod (mode netpol).
+	PolicyScales []int
+	NetpolConns  int           // connections per netpol sample
+	NetpolRR     time.Duration // UDP request/response time per netpol sample
 	// OnEnv is called with the run id once the environment exists (tests
 	// check later that nothing with that id is left).
 	OnEnv func(id string)
@@ -76,23 +95,49 @@ func (o *Options) defaults() {
 	if o.Log == nil {
 		o.Log = slog.Default()
 	}
+	if len(o.PolicyScales) == 0 {
+		o.PolicyScales = []int{0, 10, 1000, 10000}
+	}
+	if o.NetpolConns == 0 {
+		o.NetpolConns = 5000
+	}
+	if o.NetpolRR == 0 {
+		o.NetpolRR = 3 * time.Second
+	}
 }
 
 func (o *Options) has(mode string) bool { return slices.Contains(o.Modes, mode) }
 
 // Run builds the environment, measures, writes results as it goes and tears
-// everything down, also when ctx is cancelled.
-func Run(ctx context.Context, o Options) (res *Results, err error) {
+// everything down, also when ctx is cancelled. The Service modes and the
+// netpol mode run one after the other, each in its own netns; a run of only
+// one of them keeps the other's results already in o.Out.
+func Run(ctx context.Context, o Options) (*Results, error) {
 	o.defaults()
 	for _, m := range o.Modes {
 		if !slices.Contains(AllModes, m) {
 			return nil, fmt.Errorf("unknown mode %q (known: %s)", m, strings.Join(AllModes, ","))
 		}
 	}
-	res = newResults(o)
+	res := newResults(o)
+	svc := serviceModes(o.Modes)
+	res.carryOver(o.Out, len(svc) > 0, o.has(ModeNetpol), o.Log)
+	var err error
+	if len(svc) > 0 {
+		so := o
+		so.Modes = svc
+		err = runServices(ctx, so, res)
+	}
+	if o.has(ModeNetpol) && ctx.Err() == nil {
+		err = errors.Join(err, runNetpol(ctx, o, res))
+	}
+	return res, err
+}
+
+func runServices(ctx context.Context, o Options, res *Results) (err error) {
 	e, err := newEnv(ctx, o.Log)
 	if err != nil {
-		return res, err
+		return err
 	}
 	if o.OnEnv != nil {
 		o.OnEnv(e.id)
@@ -116,7 +161,7 @@ func Run(ctx context.Context, o Options) (res *Results, err error) {
 		}
 	}()
 	r := &runner{o: o, e: e, res: res, log: o.Log}
-	return res, r.run(ctx)
+	return r.run(ctx)
 }
 
 type runner struct {

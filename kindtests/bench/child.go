@@ -51,6 +51,8 @@ func Child() bool {
 		err = runWorker(os.Stdin, os.Stdout)
 	case "agent":
 		err = runAgent()
+	case "npserver":
+		err = runNPServer()
 	default:
 		err = fmt.Errorf("unknown child role %q", role)
 	}
@@ -98,7 +100,7 @@ func monoNow() int64 {
 // workerReq and workerResp are the line-delimited JSON protocol between the
 // harness and a worker.
 type workerReq struct {
-	Op        string `json:"op"` // lat | wait | sweep
+	Op        string `json:"op"` // lat | wait | sweep | conns | udprr (TimeoutMs = duration)
 	Addr      string `json:"addr,omitempty"`
 	Count     int    `json:"count,omitempty"`
 	Expect    string `json:"expect,omitempty"` // wait: backend ip:port the answer must name; "" any answer
@@ -116,6 +118,8 @@ type workerResp struct {
 	Errors     int     `json:"errors,omitempty"`
 	Mono       int64   `json:"mono,omitempty"` // wait/sweep: when the condition was met
 	Answered   int     `json:"answered,omitempty"`
+	RRPerSec   float64 `json:"rrPerSec,omitempty"` // udprr: round trips/s
+	RRus       float64 `json:"rrUs,omitempty"`     // udprr: µs per round trip
 	OK         bool    `json:"ok"`
 }
 
@@ -135,6 +139,10 @@ func runWorker(in io.Reader, out io.Writer) error {
 			resp = wait(req)
 		case "sweep":
 			resp = sweep(req)
+		case "conns":
+			resp = connsOp(req)
+		case "udprr":
+			resp = udpRROp(req)
 		default:
 			resp.Err = "unknown op " + req.Op
 		}

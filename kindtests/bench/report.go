@@ -61,6 +61,50 @@ type Results struct {
 	CreateSeconds map[int]float64 `json:"createSeconds"` // API time to grow the scale set to N
 	Scale         []Point         `json:"scale"`
 	Bulk          map[string]Bulk `json:"bulk"`
+
+	// NetworkPolicy bench (mode netpol), possibly from another run than
+	// the Service rows (NetpolDate).
+	NetpolDate      string        `json:"netpolDate,omitempty"`
+	PolicyScales    []int         `json:"policyScales,omitempty"`
+	NetpolConns     int           `json:"netpolConnectionsPerSample,omitempty"`
+	NetpolRRSeconds float64       `json:"netpolUDPRRSecondsPerSample,omitempty"`
+	Netpol          []NetpolPoint `json:"netpol,omitempty"`
+}
+
+// carryOver keeps the rows of dir/bench.json this run does not measure, so
+// `--modes netpol` adds the policy table beside the Service table instead
+// of replacing it (and the other way round).
+func (r *Results) carryOver(dir string, svc, np bool, log *slog.Logger) {
+	if !svc {
+		// Nothing measured: no Service table unless a previous run had one.
+		r.Scales, r.LatCount = nil, 0
+	}
+	if dir == "" || (svc && np) {
+		return
+	}
+	b, err := os.ReadFile(filepath.Join(dir, "bench.json"))
+	if err != nil {
+		return
+	}
+	var old Results
+	if err := json.Unmarshal(b, &old); err != nil {
+		log.Warn("previous bench.json unreadable, not kept", "err", err)
+		return
+	}
+	if !svc {
+		r.Date, r.Modes, r.Scales, r.LatCount = old.Date, serviceModes(old.Modes), old.Scales, old.LatCount
+		r.CreateSeconds, r.Scale, r.Bulk = old.CreateSeconds, old.Scale, old.Bulk
+		if r.CreateSeconds == nil {
+			r.CreateSeconds = map[int]float64{}
+		}
+		if r.Bulk == nil {
+			r.Bulk = map[string]Bulk{}
+		}
+	}
+	if !np {
+		r.NetpolDate, r.PolicyScales, r.NetpolConns, r.NetpolRRSeconds, r.Netpol =
+			old.NetpolDate, old.PolicyScales, old.NetpolConns, old.NetpolRRSeconds, old.Netpol
+	}
 }
 
 func newResults(o Options) *Results {
@@ -78,7 +122,7 @@ func newResults(o Options) *Results {
 	}
 	return &Results{
 		Date: time.Now().UTC().Format(time.RFC3339), Host: host, Kernel: unix.ByteSliceToString(u.Release[:]),
-		CPUs: runtime.NumCPU(), CPUModel: model, Modes: o.Modes, Scales: o.Scales, LatCount: o.LatCount,
+		CPUs: runtime.NumCPU(), CPUModel: model, Modes: serviceModes(o.Modes), Scales: o.Scales, LatCount: o.LatCount,
 		CreateSeconds: map[int]float64{}, Bulk: map[string]Bulk{},
 	}
 }
@@ -139,24 +183,34 @@ func (r *Results) Markdown() string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "# kubectl-ebpf benchmark\n\n")
 	fmt.Fprintf(&b, "- date: %s\n- machine: %s, %d CPUs (%s)\n- kernel: %s\n", r.Date, r.Host, r.CPUs, r.CPUModel, r.Kernel)
-	fmt.Fprintf(&b, "- kube-proxy v1.35.4 (defaults, minSyncPeriod 1s; iptables mode through iptables-nft), etcd 3.4 on tmpfs, all inside private netns\n")
-	fmt.Fprintf(&b, "- connect(): %d TCP connects per sample, from one client to the last-created Service (1 endpoint), closed with RST\n\n", r.LatCount)
+	if len(r.Scale) > 0 || len(r.Bulk) > 0 {
+		r.serviceMarkdown(&b)
+	}
+	if len(r.Netpol) > 0 {
+		r.netpolMarkdown(&b)
+	}
+	return b.String()
+}
+
+func (r *Results) serviceMarkdown(b *strings.Builder) {
+	fmt.Fprintf(b, "- kube-proxy v1.35.4 (defaults, minSyncPeriod 1s; iptables mode through iptables-nft), etcd 3.4 on tmpfs, all inside private netns\n")
+	fmt.Fprintf(b, "- connect(): %d TCP connects per sample, from one client to the last-created Service (1 endpoint), closed with RST\n\n", r.LatCount)
 	modes := r.Modes
-	fmt.Fprintf(&b, "| metric |")
+	fmt.Fprintf(b, "| metric |")
 	for _, m := range modes {
-		fmt.Fprintf(&b, " %s |", columnTitle[m])
+		fmt.Fprintf(b, " %s |", columnTitle[m])
 	}
-	fmt.Fprintf(&b, "\n|---|")
+	fmt.Fprintf(b, "\n|---|")
 	for range modes {
-		fmt.Fprintf(&b, "---|")
+		fmt.Fprintf(b, "---|")
 	}
-	fmt.Fprintln(&b)
+	fmt.Fprintln(b)
 	row := func(name string, cell func(m string) string) {
-		fmt.Fprintf(&b, "| %s |", name)
+		fmt.Fprintf(b, "| %s |", name)
 		for _, m := range modes {
-			fmt.Fprintf(&b, " %s |", cell(m))
+			fmt.Fprintf(b, " %s |", cell(m))
 		}
-		fmt.Fprintln(&b)
+		fmt.Fprintln(b)
 	}
 	scaleRow := func(name string, n int, f func(p Point) string) {
 		row(name, func(m string) string {
@@ -229,17 +283,16 @@ func (r *Results) Markdown() string {
 			return fmt.Sprintf("%.1f / %.1f", b.ChangeP50ms, b.ChangeP99ms)
 		})
 	}
-	fmt.Fprintf(&b, "\nRSS: agent = the socket-LB process (socklb datapath + servicelb sync, the agent's service-LB half); kube-proxy = its process. Kernel map/rule memory is not in RSS.\n")
+	fmt.Fprintf(b, "\nRSS: agent = the socket-LB process (socklb datapath + servicelb sync, the agent's service-LB half); kube-proxy = its process. Kernel map/rule memory is not in RSS.\n")
 	if len(r.CreateSeconds) > 0 {
-		fmt.Fprintf(&b, "\nAPI time to grow the scale set (1 endpoint each):")
+		fmt.Fprintf(b, "\nAPI time to grow the scale set (1 endpoint each):")
 		for _, n := range r.Scales {
 			if s, ok := r.CreateSeconds[n]; ok {
-				fmt.Fprintf(&b, " %s: %.1f s;", human(n), s)
+				fmt.Fprintf(b, " %s: %.1f s;", human(n), s)
 			}
 		}
-		fmt.Fprintln(&b)
+		fmt.Fprintln(b)
 	}
-	return b.String()
 }
 
 func (r *Results) plot(path string) error {

@@ -1,7 +1,8 @@
 //go:build linux
 
 // Command kebpf-bench compares a direct connect, our socket LB and real
-// kube-proxy (iptables and nftables) side by side; see `make bench`.
+// kube-proxy (iptables and nftables) side by side, and our NetworkPolicy
+// datapath with iptables and ipset rules; see `make bench`.
 package main
 
 import (
@@ -26,7 +27,10 @@ func main() {
 	}
 	var (
 		scales  = flag.String("scales", "10,1000,10000,100000", "numbers of Services to measure connect() at")
-		modes   = flag.String("modes", strings.Join(bench.AllModes, ","), "datapaths: direct,socklb,iptables,nftables")
+		modes   = flag.String("modes", strings.Join(bench.AllModes, ","), "datapaths: direct,socklb,iptables,nftables (Services) and netpol (NetworkPolicy: none/eBPF/iptables/ipset)")
+		pScales = flag.String("policy-scales", "0,10,1000,10000", "netpol: numbers of CIDRs in the policy selecting the server pod")
+		pConns  = flag.Int("policy-connects", 5000, "netpol: new TCP connections per sample")
+		pRR     = flag.Duration("policy-rr", 3*time.Second, "netpol: UDP request/response time per sample")
 		out     = flag.String("out", "results", "results directory")
 		quick   = flag.Bool("quick", false, "fast smoke run at small N")
 		bulk    = flag.Int("bulk", 20000, "Services created (x --bulk-endpoints) with the datapath running; 0 skips")
@@ -40,7 +44,8 @@ func main() {
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	o := bench.Options{Out: *out, BulkServices: *bulk, BulkEndpoints: *bulkEps, Changes: *changes,
-		LatCount: *count, ModeTimeout: *timeout, KubeBinDir: *binDir, Etcd: *etcd, Log: log}
+		LatCount: *count, ModeTimeout: *timeout, KubeBinDir: *binDir, Etcd: *etcd, Log: log,
+		NetpolConns: *pConns, NetpolRR: *pRR}
 	for _, s := range strings.Split(*scales, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(s))
 		if err != nil || n < 1 {
@@ -49,12 +54,24 @@ func main() {
 		}
 		o.Scales = append(o.Scales, n)
 	}
+	for _, s := range strings.Split(*pScales, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(s))
+		if err != nil || n < 0 {
+			fmt.Fprintf(os.Stderr, "kebpf-bench: bad --policy-scales entry %q\n", s)
+			os.Exit(2)
+		}
+		o.PolicyScales = append(o.PolicyScales, n)
+	}
+	services := false
 	for _, m := range strings.Split(*modes, ",") {
-		o.Modes = append(o.Modes, strings.TrimSpace(m))
+		m = strings.TrimSpace(m)
+		o.Modes = append(o.Modes, m)
+		services = services || m != bench.ModeNetpol
 	}
 	if *quick {
 		o.Scales = []int{10, 100}
 		o.BulkServices, o.Changes, o.LatCount, o.ModeTimeout = 200, 10, 1000, 2*time.Minute
+		o.PolicyScales, o.NetpolConns, o.NetpolRR = []int{0, 10}, 1000, time.Second
 	}
 	if os.Geteuid() != 0 {
 		fmt.Fprintln(os.Stderr, "kebpf-bench: needs root (network namespaces, cgroups, BPF)")
@@ -62,7 +79,8 @@ func main() {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if o.KubeBinDir == "" {
+	// The NetworkPolicy bench needs no control plane.
+	if o.KubeBinDir == "" && services {
 		// Builds kube-apiserver and kube-proxy once (about 10 min cold), then
 		// reuses the cache the local cluster shares.
 		dir, err := k8sbin.Ensure(ctx, os.Stderr)

@@ -1,0 +1,627 @@
+//go:build linux
+
+package bench
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/netpol"
+)
+
+// The NetworkPolicy bench: a client pod netns and a server pod netns whose
+// veths end in a node netns that routes between them, the way a CNI wires
+// pods. The server pod is selected by an ingress policy allowing N CIDRs that
+// do not contain the client plus, last, the client's /32 on the served ports,
+// so every measured connection is allowed only after the whole rule set:
+//
+//	pc: eth0 10.126.0.2/30 <-> pn: kbpc<id> 10.126.0.1/30
+//	ps: eth0 10.126.0.6/30 <-> pn: kbps<id> 10.126.0.5/30
+//
+// The policy is enforced in the node netns on the server's host-side veth,
+// by our datapath (bpf/netpol, tcx) or by iptables/ipset rules in FORWARD,
+// as an iptables-based engine (Calico, kube-router) writes them.
+const (
+	npClientIP   = "10.126.0.2"
+	npClientGW   = "10.126.0.1"
+	npServerIP   = "10.126.0.6"
+	npServerGW   = "10.126.0.5"
+	npTCPPort    = backendPort // answers and closes (runServer)
+	npUDPPort    = 8081        // echo
+	npDeniedPort = 8082        // no rule allows it: the enforcement check
+	npChain      = "KEBPF-POD-SRV"
+	npEndpointID = 1
+	npPolicyID   = 1
+)
+
+// Policy datapaths, in table column order.
+const (
+	NetpolNone     = "none"
+	NetpolEBPF     = "ebpf"
+	NetpolIptables = "iptables"
+	NetpolIpset    = "ipset"
+)
+
+// NetpolDatapaths is every policy column in order.
+var NetpolDatapaths = []string{NetpolNone, NetpolEBPF, NetpolIptables, NetpolIpset}
+
+var netpolTitle = map[string]string{
+	NetpolNone: "no policy", NetpolEBPF: "eBPF (ours)", NetpolIptables: "iptables linear", NetpolIpset: "ipset",
+}
+
+// NetpolPoint is one policy datapath at N CIDRs.
+type NetpolPoint struct {
+	Datapath string `json:"datapath"`
+	CIDRs    int    `json:"cidrs"`
+	// ProgramSeconds: writing the N+1 rules (ApplyEndpoint; iptables-restore
+	// plus ipset restore) until the client's first connection is answered.
+	ProgramSeconds float64 `json:"programSeconds,omitempty"`
+	// Connections: each a new TCP connection the server answers and closes.
+	ConnPerSec float64 `json:"connPerSec,omitempty"`
+	ConnP50us  float64 `json:"connP50us,omitempty"`
+	ConnP99us  float64 `json:"connP99us,omitempty"`
+	// UDP request/response on one connected socket (an established flow):
+	// every round trip is two packets through the node and the policy.
+	RRPerSec float64 `json:"udpRRPerSec,omitempty"`
+	RRus     float64 `json:"udpRRus,omitempty"`
+	Errors   int     `json:"errors,omitempty"`
+	NA       string  `json:"na,omitempty"`
+}
+
+// NetpolPoint looks up one policy measurement.
+func (r *Results) NetpolPoint(dp string, n int) (NetpolPoint, bool) {
+	for _, p := range r.Netpol {
+		if p.Datapath == dp && p.CIDRs == n {
+			return p, true
+		}
+	}
+	return NetpolPoint{}, false
+}
+
+type npEnv struct {
+	*env
+	pc, ps, pn string // client pod, server pod, node netns
+	hostVeth   string // server's host-side veth in pn
+	ifServer   int
+	set        string // ipset name
+	objs       *netpol.Objects
+	worker     *proc
+	conns      int           // connections per sample
+	rr         time.Duration // UDP request/response time per sample
+}
+
+// newNetpolEnv builds the three netns, the veths, a private bpffs and starts
+// the server and the client worker. On error everything made so far is
+// already removed.
+func newNetpolEnv(ctx context.Context, o Options) (_ *npEnv, err error) {
+	self, err := os.Executable()
+	if err != nil {
+		return nil, fmt.Errorf("find own executable: %w", err)
+	}
+	id := randID()
+	p := namePrefix + id
+	e := &npEnv{env: &env{log: o.Log, id: id, self: self, procs: map[string]*proc{}},
+		pc: p + "-pc", ps: p + "-ps", pn: p + "-pn", hostVeth: "kbps" + id, set: "kebpf-np-" + id,
+		conns: o.NetpolConns, rr: o.NetpolRR}
+	defer func() {
+		if err != nil {
+			e.close()
+		}
+	}()
+	if e.dir, err = os.MkdirTemp("", p+"-"); err != nil {
+		return nil, err
+	}
+	e.undo = append(e.undo, func() error { return os.RemoveAll(e.dir) })
+	for _, ns := range []string{e.pn, e.pc, e.ps} {
+		if err := run(ctx, "ip", "netns", "add", ns); err != nil {
+			return nil, err
+		}
+		ns := ns
+		e.undo = append(e.undo, func() error { return run(context.Background(), "ip", "netns", "del", ns) })
+	}
+	cv := "kbpc" + id
+	steps := [][]string{
+		{"-n", e.pn, "link", "add", cv, "type", "veth", "peer", "name", "eth0", "netns", e.pc},
+		{"-n", e.pn, "link", "add", e.hostVeth, "type", "veth", "peer", "name", "eth0", "netns", e.ps},
+		{"-n", e.pn, "addr", "add", npClientGW + "/30", "dev", cv},
+		{"-n", e.pn, "addr", "add", npServerGW + "/30", "dev", e.hostVeth},
+		{"-n", e.pn, "link", "set", cv, "up"},
+		{"-n", e.pn, "link", "set", e.hostVeth, "up"},
+		{"-n", e.pn, "link", "set", "lo", "up"},
+		{"-n", e.pc, "addr", "add", npClientIP + "/30", "dev", "eth0"},
+		{"-n", e.ps, "addr", "add", npServerIP + "/30", "dev", "eth0"},
+		{"-n", e.pc, "link", "set", "eth0", "up"},
+		{"-n", e.ps, "link", "set", "eth0", "up"},
+		{"-n", e.pc, "link", "set", "lo", "up"},
+		{"-n", e.ps, "link", "set", "lo", "up"},
+		{"-n", e.pc, "route", "add", "default", "via", npClientGW},
+		{"-n", e.ps, "route", "add", "default", "via", npServerGW},
+	}
+	for _, s := range steps {
+		if err := run(ctx, "ip", s...); err != nil {
+			return nil, err
+		}
+	}
+	if err := run(ctx, "ip", "netns", "exec", e.pn, "sysctl", "-qw", "net.ipv4.ip_forward=1"); err != nil {
+		return nil, err
+	}
+	if err := inNetns(e.pn, func() error {
+		ifi, err := net.InterfaceByName(e.hostVeth)
+		if err != nil {
+			return err
+		}
+		e.ifServer = ifi.Index
+		return nil
+	}); err != nil {
+		return nil, fmt.Errorf("find %s: %w", e.hostVeth, err)
+	}
+
+	e.bpffs = filepath.Join(e.dir, "bpffs")
+	if err := os.Mkdir(e.bpffs, 0o700); err != nil {
+		return nil, err
+	}
+	if err := unix.Mount("bpf", e.bpffs, "bpf", 0, "mode=0700"); err != nil {
+		return nil, fmt.Errorf("mount private bpffs: %w", err)
+	}
+	e.undo = append(e.undo, func() error { return unix.Unmount(e.bpffs, unix.MNT_DETACH) })
+	// Sized for the largest scale: an apply holds old and new entries at once.
+	maxN := 0
+	for _, n := range o.PolicyScales {
+		maxN = max(maxN, n)
+	}
+	objs, err := netpol.Load(filepath.Join(e.bpffs, "kubectl-ebpf"), netpol.LoadOptions{
+		MaxEndpoints: 16, MaxPolicyEntries: max(netpol.DefaultMaxPolicyEntries, 2*maxN+16), Logger: o.Log})
+	if err != nil {
+		return nil, err
+	}
+	e.objs = objs
+	// Runs before the unmount (undo is reversed): links, pins and maps go.
+	e.undo = append(e.undo, func() error {
+		if err := objs.Detach(); err != nil {
+			return fmt.Errorf("detach netpol: %w", err)
+		}
+		return nil
+	})
+	// The netns go with their iptables rules; ipsets of a netns are
+	// destroyed with it, but say so explicitly in case a set is in use.
+	e.undo = append(e.undo, func() error { return e.unprogram(context.Background()) })
+
+	if _, err := e.start("np-server", startOpts{netns: e.ps, env: []string{childEnv + "=npserver"}}, e.self, e.marker()); err != nil {
+		return nil, err
+	}
+	if e.worker, err = e.start("np-worker", startOpts{netns: e.pc, stdin: true, env: []string{childEnv + "=worker"}}, e.self, e.marker()); err != nil {
+		return nil, err
+	}
+	o.Log.Info("netpol bench environment ready", "id", id, "clientNetns", e.pc, "serverNetns", e.ps, "nodeNetns", e.pn)
+	return e, nil
+}
+
+// inNetns runs fn on a thread inside netns name; tcx attachments by ifindex
+// and sockets made there belong to that netns.
+func inNetns(name string, fn func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := os.Open("/proc/thread-self/ns/net")
+		if err != nil {
+			runtime.UnlockOSThread()
+			errc <- err
+			return
+		}
+		defer orig.Close()
+		target, err := os.Open("/run/netns/" + name)
+		if err != nil {
+			runtime.UnlockOSThread()
+			errc <- err
+			return
+		}
+		defer target.Close()
+		if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("setns %s: %w", name, err)
+			return
+		}
+		ferr := fn()
+		if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
+			// Stay locked: the thread dies with this goroutine rather than
+			// serve others in the wrong netns.
+			errc <- errors.Join(ferr, err)
+			return
+		}
+		runtime.UnlockOSThread()
+		errc <- ferr
+	}()
+	return <-errc
+}
+
+// cidr is the i-th non-client rule peer: /32s from the benchmarking range
+// 198.18.0.0/15 (RFC 2544), far from 10.126.0.0/24.
+func cidr(i int) netip.Prefix {
+	a := netip.AddrFrom4([4]byte{198, 18 + byte(i>>16&1), byte(i >> 8), byte(i)})
+	return netip.PrefixFrom(a, 32)
+}
+
+func (e *npEnv) endpointPolicy(n int) netpol.EndpointPolicy {
+	p := netpol.EndpointPolicy{ID: npEndpointID, IfIndex: e.ifServer, IPs: []netip.Addr{netip.MustParseAddr(npServerIP)},
+		IngressEnforced: true, DefaultDenyPolicy: npPolicyID}
+	for i := 0; i < n; i++ {
+		p.Ingress = append(p.Ingress, netpol.PeerEntry{Prefix: cidr(i),
+			Rules: []netpol.PortRule{{Proto: netpol.AnyProto, PolicyID: npPolicyID, Rule: uint16(i % 60000)}}})
+	}
+	p.Ingress = append(p.Ingress, netpol.PeerEntry{Prefix: netip.MustParsePrefix(npClientIP + "/32"), Rules: []netpol.PortRule{
+		{Proto: netpol.TCP, PortLo: npTCPPort, PortHi: npTCPPort, PolicyID: npPolicyID, Rule: uint16(n % 60000)},
+		{Proto: netpol.UDP, PortLo: npUDPPort, PortHi: npUDPPort, PolicyID: npPolicyID, Rule: uint16(n % 60000)},
+	}})
+	return p
+}
+
+// iptablesRules is the per-pod chain an iptables-based engine writes: a
+// FORWARD jump for traffic leaving towards the pod's veth, conntrack
+// established/related first, the peers (one rule each, or one ipset match),
+// the client rule on the served ports, then drop.
+func (e *npEnv) iptablesRules(dp string, n int) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "*filter\n:FORWARD ACCEPT [0:0]\n:%s - [0:0]\n", npChain)
+	fmt.Fprintf(&b, "-A FORWARD -o %s -d %s/32 -j %s\n", e.hostVeth, npServerIP, npChain)
+	fmt.Fprintf(&b, "-A %s -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n", npChain)
+	if dp == NetpolIpset {
+		fmt.Fprintf(&b, "-A %s -m set --match-set %s src -j ACCEPT\n", npChain, e.set)
+	} else {
+		for i := 0; i < n; i++ {
+			fmt.Fprintf(&b, "-A %s -s %s -j ACCEPT\n", npChain, cidr(i))
+		}
+	}
+	fmt.Fprintf(&b, "-A %s -s %s/32 -p tcp -m tcp --dport %d -j ACCEPT\n", npChain, npClientIP, npTCPPort)
+	fmt.Fprintf(&b, "-A %s -s %s/32 -p udp -m udp --dport %d -j ACCEPT\n", npChain, npClientIP, npUDPPort)
+	fmt.Fprintf(&b, "-A %s -j DROP\nCOMMIT\n", npChain)
+	return b.String()
+}
+
+func (e *npEnv) ipsetRestore(n int) string {
+	var b strings.Builder
+	// A set still held by a rule being freed is flushed and reused.
+	fmt.Fprintf(&b, "create %s hash:net family inet hashsize 1024 maxelem %d\nflush %s\n", e.set, max(1<<18, n), e.set)
+	for i := 0; i < n; i++ {
+		fmt.Fprintf(&b, "add %s %s\n", e.set, cidr(i))
+	}
+	return b.String()
+}
+
+func (e *npEnv) execIn(ctx context.Context, stdin, name string, args ...string) error {
+	path := filepath.Join(e.dir, fmt.Sprintf("%s-%d.in", name, time.Now().UnixNano()))
+	if err := os.WriteFile(path, []byte(stdin), 0o600); err != nil {
+		return err
+	}
+	defer os.Remove(path)
+	return run(ctx, "sh", "-c", fmt.Sprintf(`exec ip netns exec %s %s %s < %s`, e.pn, name, strings.Join(args, " "), path))
+}
+
+// program enforces the policy with dp at n CIDRs.
+func (e *npEnv) program(ctx context.Context, dp string, n int) error {
+	switch dp {
+	case NetpolNone:
+		return nil
+	case NetpolEBPF:
+		p := e.endpointPolicy(n)
+		return inNetns(e.pn, func() error { return e.objs.ApplyEndpoint(p) })
+	case NetpolIpset:
+		if err := e.execIn(ctx, e.ipsetRestore(n), "ipset", "-exist", "restore"); err != nil {
+			return err
+		}
+		fallthrough
+	case NetpolIptables:
+		return e.execIn(ctx, e.iptablesRules(dp, n), "iptables-restore", "-w")
+	}
+	return fmt.Errorf("unknown policy datapath %q", dp)
+}
+
+// unprogram removes every policy datapath from the node netns: the next
+// column starts from the bare floor.
+func (e *npEnv) unprogram(ctx context.Context) error {
+	var errs []error
+	if e.objs != nil {
+		if err := e.objs.DeleteEndpoint(npEndpointID); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	// The netns is ours alone: its whole ruleset is what we wrote
+	// (iptables-restore here writes through nf_tables).
+	if err := run(ctx, "ip", "netns", "exec", e.pn, "nft", "flush", "ruleset"); err != nil {
+		errs = append(errs, err)
+	}
+	_ = run(ctx, "ip", "netns", "exec", e.pn, "ipset", "destroy", e.set)
+	return errors.Join(errs...)
+}
+
+// enforced reports whether a port no rule allows is dropped: a datapath
+// that lets it through would make its numbers meaningless. Without policy
+// the server's kernel refuses the connection at once.
+func (e *npEnv) enforced() (bool, error) {
+	var derr error
+	err := inNetns(e.pc, func() error {
+		c, err := net.DialTimeout("tcp4", fmt.Sprintf("%s:%d", npServerIP, npDeniedPort), 300*time.Millisecond)
+		if c != nil {
+			c.Close()
+		}
+		derr = err
+		return nil
+	})
+	if err != nil {
+		return false, err
+	}
+	var ne net.Error
+	if errors.As(derr, &ne) && ne.Timeout() {
+		return true, nil
+	}
+	return false, nil
+}
+
+// runNetpol measures every policy datapath at every scale in one run.
+func runNetpol(ctx context.Context, o Options, res *Results) (err error) {
+	res.PolicyScales, res.Netpol = o.PolicyScales, nil
+	res.NetpolDate = time.Now().UTC().Format(time.RFC3339)
+	res.NetpolConns, res.NetpolRRSeconds = o.NetpolConns, o.NetpolRR.Seconds()
+	e, err := newNetpolEnv(ctx, o)
+	if err != nil {
+		return err
+	}
+	if o.OnEnv != nil {
+		o.OnEnv(e.id)
+	}
+	defer func() {
+		if cerr := e.close(); cerr != nil {
+			err = errors.Join(err, cerr)
+		}
+		res.write(o.Out, o.Log)
+	}()
+	done := make(chan struct{})
+	defer close(done)
+	go func() {
+		// A worker call never outlives an interrupt: its answer ends with it.
+		select {
+		case <-ctx.Done():
+			e.stop("np-worker", time.Second)
+		case <-done:
+		}
+	}()
+	srv := fmt.Sprintf("%s:%d", npServerIP, npTCPPort)
+	if _, err := e.worker.call(workerReq{Op: "wait", Addr: srv, TimeoutMs: 10000}); err != nil {
+		return fmt.Errorf("server unreachable before any policy: %w: %s", err, e.logTail("np-server"))
+	}
+	for _, n := range o.PolicyScales {
+		for _, dp := range NetpolDatapaths {
+			p := e.point(ctx, dp, n)
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			res.Netpol = append(res.Netpol, p)
+			o.Log.Info("netpol point", "datapath", dp, "cidrs", n, "connPerSec", int(p.ConnPerSec),
+				"connP50us", p.ConnP50us, "udpRRPerSec", int(p.RRPerSec), "udpRRus", p.RRus,
+				"programSeconds", p.ProgramSeconds, "na", p.NA)
+			res.write(o.Out, o.Log)
+		}
+	}
+	return nil
+}
+
+func (e *npEnv) point(ctx context.Context, dp string, n int) NetpolPoint {
+	pt := NetpolPoint{Datapath: dp, CIDRs: n}
+	defer func() {
+		if err := e.unprogram(context.Background()); err != nil && pt.NA == "" {
+			pt.NA = "teardown: " + err.Error()
+		}
+	}()
+	srv := fmt.Sprintf("%s:%d", npServerIP, npTCPPort)
+	t := time.Now()
+	if err := e.program(ctx, dp, n); err != nil {
+		pt.NA = err.Error()
+		return pt
+	}
+	if _, err := e.worker.call(workerReq{Op: "wait", Addr: srv, TimeoutMs: 10000}); err != nil {
+		pt.NA = "client not allowed: " + err.Error()
+		return pt
+	}
+	if dp != NetpolNone {
+		pt.ProgramSeconds = time.Since(t).Seconds()
+		ok, err := e.enforced()
+		if err != nil {
+			pt.NA = err.Error()
+			return pt
+		}
+		if !ok {
+			pt.NA = fmt.Sprintf("not enforced: port %d reached the server", npDeniedPort)
+			return pt
+		}
+	}
+	resp, err := e.worker.call(workerReq{Op: "conns", Addr: srv, Count: e.conns})
+	if err != nil && resp.ConnPerSec == 0 {
+		pt.NA = "connections: " + err.Error()
+		return pt
+	}
+	pt.ConnPerSec, pt.ConnP50us, pt.ConnP99us, pt.Errors = resp.ConnPerSec, resp.P50us, resp.P99us, resp.Errors
+	resp, err = e.worker.call(workerReq{Op: "udprr", Addr: fmt.Sprintf("%s:%d", npServerIP, npUDPPort), TimeoutMs: int(e.rr / time.Millisecond)})
+	if err != nil && resp.RRPerSec == 0 {
+		pt.NA = "udp rr: " + err.Error()
+		return pt
+	}
+	pt.RRPerSec, pt.RRus = resp.RRPerSec, resp.RRus
+	pt.Errors += resp.Errors
+	return pt
+}
+
+// runNPServer is the server pod: TCP on npTCPPort answers and closes
+// (runServer), UDP on npUDPPort echoes.
+func runNPServer() error {
+	u, err := net.ListenPacket("udp4", fmt.Sprintf("0.0.0.0:%d", npUDPPort))
+	if err != nil {
+		return err
+	}
+	go func() {
+		buf := make([]byte, 2048)
+		for {
+			n, from, err := u.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			_, _ = u.WriteTo(buf[:n], from)
+		}
+	}()
+	return runServer()
+}
+
+// connsOp opens req.Count new TCP connections one after another; each is
+// answered (one line) and closed by the server.
+func connsOp(req workerReq) workerResp {
+	sa, err := sockaddr(req.Addr)
+	if err != nil {
+		return workerResp{Err: err.Error()}
+	}
+	for i := 0; i < 100; i++ {
+		_, _, _ = dial(sa, time.Second, true)
+	}
+	samples := make([]time.Duration, 0, req.Count)
+	var errs int
+	var firstErr error
+	start := time.Now()
+	for i := 0; i < req.Count; i++ {
+		t0 := time.Now()
+		if _, _, err := dial(sa, time.Second, true); err != nil {
+			errs++
+			firstErr = err
+			continue
+		}
+		samples = append(samples, time.Since(t0))
+	}
+	wall := time.Since(start)
+	resp := workerResp{Errors: errs, OK: len(samples) > 0}
+	if errs > 0 {
+		resp.Err = firstErr.Error()
+	}
+	if len(samples) == 0 {
+		return resp
+	}
+	slices.Sort(samples)
+	q := func(p float64) float64 {
+		return float64(samples[int(p*float64(len(samples)-1))]) / float64(time.Microsecond)
+	}
+	resp.P50us, resp.P99us = q(0.50), q(0.99)
+	resp.ConnPerSec = float64(len(samples)) / wall.Seconds()
+	return resp
+}
+
+// udpRROp sends 64-byte requests on one connected UDP socket and waits for
+// each echo, for req.TimeoutMs: the round-trip rate of an established flow.
+func udpRROp(req workerReq) workerResp {
+	sa, err := sockaddr(req.Addr)
+	if err != nil {
+		return workerResp{Err: err.Error()}
+	}
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return workerResp{Err: err.Error()}
+	}
+	defer unix.Close(fd)
+	if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Sec: 1}); err != nil {
+		return workerResp{Err: err.Error()}
+	}
+	if err := unix.Connect(fd, sa); err != nil {
+		return workerResp{Err: err.Error()}
+	}
+	msg := make([]byte, 64)
+	buf := make([]byte, 2048)
+	once := func() error {
+		if _, err := unix.Write(fd, msg); err != nil {
+			return err
+		}
+		_, err := unix.Read(fd, buf)
+		return err
+	}
+	for i := 0; i < 1000; i++ {
+		_ = once()
+	}
+	var n, errs int
+	var firstErr error
+	d := time.Duration(req.TimeoutMs) * time.Millisecond
+	start := time.Now()
+	for time.Since(start) < d {
+		if err := once(); err != nil {
+			errs++
+			firstErr = err
+			continue
+		}
+		n++
+	}
+	wall := time.Since(start)
+	resp := workerResp{Errors: errs, OK: n > 0}
+	if errs > 0 {
+		resp.Err = firstErr.Error()
+	}
+	if n > 0 {
+		resp.RRPerSec = float64(n) / wall.Seconds()
+		resp.RRus = wall.Seconds() * 1e6 / float64(n)
+	}
+	return resp
+}
+
+// netpolMarkdown renders the policy table: one row per metric and scale,
+// one column per policy datapath.
+func (r *Results) netpolMarkdown(b *strings.Builder) {
+	fmt.Fprintf(b, "\n## NetworkPolicy: connections and an established flow through a policed pod\n\n")
+	fmt.Fprintf(b, "- date: %s; client pod netns -> node netns (routing, where the policy is enforced on the server's host-side veth) -> server pod netns\n", r.NetpolDate)
+	fmt.Fprintf(b, "- policy: ingress on the server pod allowing N /32s (198.18.0.0/15, never the client), then the client's /32 on the served ports last: every measured packet is allowed only after the whole rule set\n")
+	fmt.Fprintf(b, "- eBPF (ours): bpf/netpol tcx on the veth, N+1 LPM entries, conntrack; iptables linear: FORWARD -o veth -> per-pod chain, ctstate ESTABLISHED,RELATED accept, N `-s CIDR -j ACCEPT`, client rule, DROP (iptables-nft); ipset: same chain with one `-m set --match-set` hash:net of N entries\n")
+	fmt.Fprintf(b, "- connections/s: %d new TCP connections per sample, one after another from one client, the server answers one line and closes; p50/p99 is connect to answer\n", r.NetpolConns)
+	fmt.Fprintf(b, "- per-packet cost: UDP request/response (64 B) on one connected socket for %.0f s, an established flow: 2 packets through the node per round trip\n\n", r.NetpolRRSeconds)
+	fmt.Fprintf(b, "| metric |")
+	for _, dp := range NetpolDatapaths {
+		fmt.Fprintf(b, " %s |", netpolTitle[dp])
+	}
+	fmt.Fprintf(b, "\n|---|")
+	for range NetpolDatapaths {
+		fmt.Fprintf(b, "---|")
+	}
+	fmt.Fprintln(b)
+	row := func(name string, n int, f func(p NetpolPoint) string) {
+		fmt.Fprintf(b, "| %s |", name)
+		for _, dp := range NetpolDatapaths {
+			p, ok := r.NetpolPoint(dp, n)
+			switch {
+			case !ok:
+				fmt.Fprintf(b, " — |")
+			case p.NA != "":
+				fmt.Fprintf(b, " %s |", shortNA(p.NA))
+			default:
+				fmt.Fprintf(b, " %s |", f(p))
+			}
+		}
+		fmt.Fprintln(b)
+	}
+	for _, n := range r.PolicyScales {
+		row(fmt.Sprintf("connections/s, %s CIDRs", human(n)), n, func(p NetpolPoint) string {
+			return fmt.Sprintf("%.0f", p.ConnPerSec)
+		})
+		row(fmt.Sprintf("connection p50 / p99 µs, %s CIDRs", human(n)), n, func(p NetpolPoint) string {
+			return fmt.Sprintf("%.1f / %.1f", p.ConnP50us, p.ConnP99us)
+		})
+		row(fmt.Sprintf("UDP round trips/s (µs each), %s CIDRs", human(n)), n, func(p NetpolPoint) string {
+			return fmt.Sprintf("%.0f (%.1f)", p.RRPerSec, p.RRus)
+		})
+		row(fmt.Sprintf("program time to first allowed connection, %s CIDRs", human(n)), n, func(p NetpolPoint) string {
+			if p.Datapath == NetpolNone {
+				return "—"
+			}
+			return fmt.Sprintf("%.3f s", p.ProgramSeconds)
+		})
+	}
+}

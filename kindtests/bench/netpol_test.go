@@ -1,0 +1,82 @@
+//go:build linux
+
+package bench
+
+import (
+	"context"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestIntegrationBenchNetpolSmoke runs the NetworkPolicy bench at N=0 and
+// N=10 with tiny samples: every column must produce numbers (and enforce:
+// point() records n/a when a denied port gets through), and teardown must
+// leave no netns, mount, process, rule or set behind.
+func TestIntegrationBenchNetpolSmoke(t *testing.T) {
+	if testing.Short() {
+		t.Skip("integration: needs root, netns, BPF, iptables and ipset")
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	for _, tool := range []string{"ip", "iptables-restore", "ipset", "nft"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s not installed", tool)
+		}
+	}
+	out := t.TempDir()
+	var id string
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	res, err := Run(ctx, Options{
+		Modes: []string{ModeNetpol}, PolicyScales: []int{0, 10}, NetpolConns: 100, NetpolRR: 200 * time.Millisecond,
+		Out:   out,
+		Log:   slog.New(slog.NewTextHandler(testWriter{t}, nil)),
+		OnEnv: func(s string) { id = s },
+	})
+	if err != nil {
+		t.Fatalf("run: %v", err)
+	}
+	if id == "" {
+		t.Fatal("no environment was created")
+	}
+	if left := Leftovers(id); len(left) > 0 {
+		t.Errorf("left behind after the run:\n%v", left)
+	}
+	// Rules and sets lived only in the node netns: none may appear here.
+	if b, err := exec.Command("nft", "list", "ruleset").CombinedOutput(); err == nil && strings.Contains(string(b), npChain) {
+		t.Errorf("chain %s found in the host netns", npChain)
+	}
+	if b, err := exec.Command("ipset", "list", "-n").CombinedOutput(); err == nil && strings.Contains(string(b), "kebpf-np-"+id) {
+		t.Errorf("ipset kebpf-np-%s found in the host netns", id)
+	}
+	for _, n := range []int{0, 10} {
+		for _, dp := range NetpolDatapaths {
+			p, ok := res.NetpolPoint(dp, n)
+			switch {
+			case !ok:
+				t.Errorf("%s: no measurement at N=%d", dp, n)
+			case p.NA != "":
+				t.Errorf("%s N=%d: n/a: %s", dp, n, p.NA)
+			case p.ConnPerSec <= 0 || p.ConnP50us <= 0 || p.ConnP99us < p.ConnP50us || p.RRPerSec <= 0 || p.RRus <= 0:
+				t.Errorf("%s N=%d: implausible numbers %+v", dp, n, p)
+			case dp != NetpolNone && p.ProgramSeconds <= 0:
+				t.Errorf("%s N=%d: no program time %+v", dp, n, p)
+			}
+		}
+	}
+	md, err := os.ReadFile(filepath.Join(out, "bench.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"no policy", "eBPF (ours)", "iptables linear", "ipset", "10 CIDRs"} {
+		if !strings.Contains(string(md), want) {
+			t.Errorf("bench.md lacks %q:\n%s", want, md)
+		}
+	}
+}
