@@ -20,6 +20,8 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/pins"
 )
 
 const (
@@ -965,7 +967,7 @@ func (o *Objects) attachHook(ifindex int, h hook, prog *ebpf.Program) (link.Link
 		}
 		// Defunct (the interface went away, the ifindex was reused) or
 		// not updatable: replace it so exactly one attachment remains.
-		if err := detachAndClose(l); err != nil {
+		if err := pins.DetachAndClose(l); err != nil {
 			return nil, fmt.Errorf("replace pinned link %s: %w", pin, err)
 		}
 	case errors.Is(err, os.ErrNotExist):
@@ -997,21 +999,6 @@ func sameTCX(l link.Link, ifindex int, at ebpf.AttachType) bool {
 	return tcx != nil && int(tcx.Ifindex) == ifindex && ebpf.AttachType(tcx.AttachType) == at
 }
 
-func detachAndClose(l link.Link) error {
-	var errs []error
-	if err := l.Unpin(); err != nil {
-		errs = append(errs, fmt.Errorf("unpin: %w", err))
-	}
-	// Detach explicitly: another process (an old agent) may hold an fd.
-	if err := l.Detach(); err != nil && !errors.Is(err, link.ErrNotSupported) && !errors.Is(err, unix.ENOLINK) {
-		errs = append(errs, fmt.Errorf("detach: %w", err))
-	}
-	if err := l.Close(); err != nil {
-		errs = append(errs, fmt.Errorf("close: %w", err))
-	}
-	return errors.Join(errs...)
-}
-
 // detach removes ifindex's links, held or only pinned.
 func (o *Objects) detach(ifindex int) error {
 	var errs []error
@@ -1029,7 +1016,7 @@ func (o *Objects) detach(ifindex int) error {
 			}
 			l = pl
 		}
-		if err := detachAndClose(l); err != nil {
+		if err := pins.DetachAndClose(l); err != nil {
 			errs = append(errs, fmt.Errorf("detach ifindex %d %s: %w", ifindex, h.suffix, err))
 		}
 	}
@@ -1125,7 +1112,7 @@ func detachPinnedLinks(pinDir string) error {
 			}
 			continue
 		}
-		if err := detachAndClose(l); err != nil {
+		if err := pins.DetachAndClose(l); err != nil {
 			errs = append(errs, fmt.Errorf("detach %s: %w", pin, err))
 		}
 	}

@@ -24,12 +24,13 @@ import (
 	"runtime"
 	"slices"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/pins"
 )
 
 const (
@@ -328,7 +329,7 @@ func (o *Objects) Attach(cgroupPath string) error {
 			// Undo only what this call attached anew: swapped pinned links
 			// keep running the (equivalent) new program.
 			for _, f := range fresh {
-				detachAndClose(f)
+				pins.DetachAndClose(f)
 			}
 			for _, l := range o.links {
 				l.Close()
@@ -351,7 +352,7 @@ func (o *Objects) attachHook(h hook, cgroupPath string) (link.Link, bool, error)
 	l, err := link.LoadPinnedLink(pin, nil)
 	switch {
 	case err == nil:
-		same, serr := sameCgroup(l, cgroupPath)
+		same, serr := pins.SameCgroup(l, cgroupPath)
 		if serr == nil && same {
 			if err := l.Update(prog); err != nil {
 				l.Close()
@@ -359,7 +360,7 @@ func (o *Objects) attachHook(h hook, cgroupPath string) (link.Link, bool, error)
 			}
 			return l, false, nil
 		}
-		if err := detachAndClose(l); err != nil {
+		if err := pins.DetachAndClose(l); err != nil {
 			return nil, false, fmt.Errorf("replace pinned link %s: %w", pin, err)
 		}
 	case errors.Is(err, os.ErrNotExist):
@@ -377,44 +378,6 @@ func (o *Objects) attachHook(h hook, cgroupPath string) (link.Link, bool, error)
 		return nil, false, fmt.Errorf("pin link %s: %w", pin, err)
 	}
 	return l, true, nil
-}
-
-// sameCgroup reports whether l is a cgroup link attached at cgroupPath.
-// On cgroup v2 the cgroup ID is the inode number of its directory.
-func sameCgroup(l link.Link, cgroupPath string) (bool, error) {
-	info, err := l.Info()
-	if err != nil {
-		return false, err
-	}
-	cg := info.Cgroup()
-	if cg == nil {
-		return false, fmt.Errorf("link %d is not a cgroup link", info.ID)
-	}
-	fi, err := os.Stat(cgroupPath)
-	if err != nil {
-		return false, err
-	}
-	st, ok := fi.Sys().(*syscall.Stat_t)
-	if !ok {
-		return false, fmt.Errorf("stat %s: no inode", cgroupPath)
-	}
-	return cg.CgroupId == st.Ino, nil
-}
-
-func detachAndClose(l link.Link) error {
-	var errs []error
-	if err := l.Unpin(); err != nil {
-		errs = append(errs, fmt.Errorf("unpin: %w", err))
-	}
-	// Detach explicitly: another process (an old agent still shutting down)
-	// may hold an fd, and closing ours alone would leave the program attached.
-	if err := l.Detach(); err != nil && !errors.Is(err, link.ErrNotSupported) {
-		errs = append(errs, fmt.Errorf("detach: %w", err))
-	}
-	if err := l.Close(); err != nil {
-		errs = append(errs, fmt.Errorf("close: %w", err))
-	}
-	return errors.Join(errs...)
 }
 
 // Attached reports whether Attach succeeded.
@@ -445,7 +408,7 @@ func (o *Objects) Close() error {
 func (o *Objects) Detach() error {
 	var errs []error
 	for name, l := range o.links {
-		if err := detachAndClose(l); err != nil {
+		if err := pins.DetachAndClose(l); err != nil {
 			errs = append(errs, fmt.Errorf("detach %s: %w", name, err))
 		}
 	}
@@ -490,7 +453,7 @@ func detachPinnedLinks(pinDir string) error {
 			errs = append(errs, fmt.Errorf("load pinned link %s: %w", pin, err))
 			continue
 		}
-		if err := detachAndClose(l); err != nil {
+		if err := pins.DetachAndClose(l); err != nil {
 			errs = append(errs, fmt.Errorf("detach pinned link %s: %w", pin, err))
 		}
 	}

@@ -13,10 +13,11 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"syscall"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/pins"
 )
 
 const (
@@ -111,7 +112,7 @@ func (o *Objects) Attach(cgroupPath string) error {
 	l, err := link.LoadPinnedLink(pin, nil)
 	switch {
 	case err == nil:
-		same, serr := sameCgroup(l, cgroupPath)
+		same, serr := pins.SameCgroup(l, cgroupPath)
 		if serr == nil && same {
 			if err := l.Update(prog); err != nil {
 				l.Close()
@@ -122,7 +123,7 @@ func (o *Objects) Attach(cgroupPath string) error {
 		}
 		// The pin points elsewhere (cgroup root changed) or is unreadable:
 		// drop it so the fresh attachment below is the only one.
-		if err := detachAndClose(l); err != nil {
+		if err := pins.DetachAndClose(l); err != nil {
 			return fmt.Errorf("replace pinned link %s: %w", pin, err)
 		}
 	case errors.Is(err, os.ErrNotExist):
@@ -146,44 +147,6 @@ func (o *Objects) Attach(cgroupPath string) error {
 	}
 	o.link = l
 	return nil
-}
-
-// sameCgroup reports whether l is a cgroup link attached at cgroupPath.
-// On cgroup v2 the cgroup ID is the inode number of its directory.
-func sameCgroup(l link.Link, cgroupPath string) (bool, error) {
-	info, err := l.Info()
-	if err != nil {
-		return false, err
-	}
-	cg := info.Cgroup()
-	if cg == nil {
-		return false, fmt.Errorf("link %d is not a cgroup link", info.ID)
-	}
-	fi, err := os.Stat(cgroupPath)
-	if err != nil {
-		return false, err
-	}
-	st, ok := fi.Sys().(*syscall.Stat_t)
-	if !ok {
-		return false, fmt.Errorf("stat %s: no inode", cgroupPath)
-	}
-	return cg.CgroupId == st.Ino, nil
-}
-
-func detachAndClose(l link.Link) error {
-	var errs []error
-	if err := l.Unpin(); err != nil {
-		errs = append(errs, fmt.Errorf("unpin: %w", err))
-	}
-	// Detach explicitly: another process (an old agent still shutting down)
-	// may hold an fd, and closing ours alone would leave the program attached.
-	if err := l.Detach(); err != nil && !errors.Is(err, link.ErrNotSupported) {
-		errs = append(errs, fmt.Errorf("detach: %w", err))
-	}
-	if err := l.Close(); err != nil {
-		errs = append(errs, fmt.Errorf("close: %w", err))
-	}
-	return errors.Join(errs...)
 }
 
 // Attached reports whether Attach succeeded.
@@ -233,7 +196,7 @@ func (o *Objects) Close() error {
 func (o *Objects) Detach() error {
 	var errs []error
 	if o.link != nil {
-		if err := detachAndClose(o.link); err != nil {
+		if err := pins.DetachAndClose(o.link); err != nil {
 			errs = append(errs, fmt.Errorf("detach %s: %w", ProgramName, err))
 		}
 		o.link = nil
@@ -260,7 +223,7 @@ func DetachPinned(pinDir string) error {
 	if err != nil {
 		return fmt.Errorf("load pinned link %s: %w", pin, err)
 	}
-	if err := detachAndClose(l); err != nil {
+	if err := pins.DetachAndClose(l); err != nil {
 		return fmt.Errorf("detach pinned link %s: %w", pin, err)
 	}
 	return nil
