@@ -52,3 +52,15 @@ func SameCgroup(l link.Link, cgroupPath string) (bool, error) {
 	}
 	return cg.CgroupId == st.Ino, nil
 }
+
+// RemoveFiles unpins the given pin paths (maps pinned by name); missing pins
+// are not an error, so a cleanup can run whatever an earlier agent left.
+func RemoveFiles(paths []string) error {
+	var errs []error
+	for _, p := range paths {
+		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("unpin %s: %w", p, err))
+		}
+	}
+	return errors.Join(errs...)
+}

@@ -432,13 +432,7 @@ func (o *Objects) Detach() error {
 // under pinDir without loading anything (for `kebpf-agent cleanup`).
 // Missing pins are not an error.
 func DetachPinned(pinDir string) error {
-	errs := []error{detachPinnedLinks(pinDir)}
-	for _, p := range MapPinPaths(pinDir) {
-		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
-			errs = append(errs, fmt.Errorf("unpin %s: %w", p, err))
-		}
-	}
-	return errors.Join(errs...)
+	return errors.Join(detachPinnedLinks(pinDir), pins.RemoveFiles(MapPinPaths(pinDir)))
 }
 
 func detachPinnedLinks(pinDir string) error {
