@@ -4,6 +4,7 @@ package netpol
 
 import (
 	"errors"
+	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -38,15 +39,18 @@ func sawEvent(t *testing.T, rd *ringbuf.Reader, match func(Event) bool) bool {
 }
 
 // loadIn loads the datapath with attachment inside the node netns.
-func loadIn(t *testing.T, tp *topo, pinDir string) *Objects {
+func loadIn(t *testing.T, tp *topo, pinDir string, mode AttachMode) *Objects {
 	t.Helper()
 	var o *Objects
 	if err := inNetns(t, tp.n, func() error {
 		var err error
-		o, err = Load(pinDir, LoadOptions{MaxCT: 4096, MaxVerdicts: 4096, MaxPolicyEntries: 1024, MaxEndpoints: 16})
+		o, err = Load(pinDir, LoadOptions{MaxCT: 4096, MaxVerdicts: 4096, MaxPolicyEntries: 1024, MaxEndpoints: 16, Attach: mode})
 		return err
 	}); err != nil {
 		t.Fatal(err)
+	}
+	if o.AttachMode() != mode {
+		t.Fatalf("AttachMode() = %v, want %v", o.AttachMode(), mode)
 	}
 	return o
 }
@@ -66,17 +70,26 @@ func applyIn(t *testing.T, tp *topo, o *Objects, p EndpointPolicy) time.Duration
 }
 
 // Real TCP/UDP between two pod netns through a routing node netns, with the
-// programs attached by ApplyEndpoint to the host-side veths.
+// programs attached by ApplyEndpoint to the host-side veths: the same table
+// with tcx links and with clsact filters.
 func TestIntegrationRealPackets(t *testing.T) {
 	if testing.Short() {
 		t.Skip("-short")
 	}
 	requireRoot(t)
+	for _, mode := range []AttachMode{AttachTCX, AttachClsact} {
+		t.Run(mode.String(), func(t *testing.T) { testRealPackets(t, mode) })
+	}
+}
+
+func testRealPackets(t *testing.T, mode AttachMode) {
 	tp := newTopo(t)
 	serve(t, tp.b)
 	serve(t, tp.a)
 	pinDir := filepath.Join(privateBPFFS(t), "kubectl-ebpf")
-	t.Cleanup(func() { DetachPinned(pinDir) })
+	// In the node netns: DetachPinned sweeps the clsact filters of the
+	// caller's netns, which must not be the host's.
+	t.Cleanup(func() { inNetns(t, tp.n, func() error { return DetachPinned(pinDir) }) })
 
 	b80, b81, b53 := hostPort(ipB, 80), hostPort(ipB, 81), hostPort(ipB, 53)
 	b6 := hostPort(ip6B, 80)
@@ -90,7 +103,7 @@ func TestIntegrationRealPackets(t *testing.T) {
 		t.Fatalf("topology broken before any policy: tcp6: %v", err)
 	}
 
-	o := loadIn(t, tp, pinDir)
+	o := loadIn(t, tp, pinDir, mode)
 	t.Cleanup(func() { o.Close() })
 	rd, err := ringbuf.NewReader(o.EventsMap())
 	if err != nil {
@@ -115,8 +128,19 @@ func TestIntegrationRealPackets(t *testing.T) {
 		}}
 	applyIn(t, tp, o, bPol)
 	applyIn(t, tp, o, aPol)
-	if got := kebpfProgs(t, tp.n, tp.ifA, tp.ifB); len(got) != 4 {
-		t.Errorf("tcx programs in node: %v, want 4", got)
+	attached(t, tp, mode, 4)
+	if mode == AttachClsact {
+		// Cross-check with tc: direct-action cls_bpf named after the program.
+		for dev, dir := range map[string]string{"va": "ingress", "vb": "egress"} {
+			out := sh(t, "tc", "-n", tp.n, "filter", "show", "dev", dev, dir)
+			want := map[string]string{"ingress": FromProgramName, "egress": ToProgramName}[dir]
+			if !strings.Contains(out, want) || !strings.Contains(out, "direct-action") || !strings.Contains(out, "pref 1 ") {
+				t.Errorf("tc filter show dev %s %s: want %s direct-action at pref 1:\n%s", dev, dir, want, out)
+			}
+		}
+		if out := bpftoolIn(t, tp.n, "net", "show"); !strings.Contains(out, FromProgramName) || !strings.Contains(out, ToProgramName) {
+			t.Errorf("bpftool net show lacks our filters:\n%s", out)
+		}
 	}
 
 	table := []struct {
@@ -221,16 +245,14 @@ func TestIntegrationRealPackets(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	progsBefore := kebpfProgs(t, tp.n, tp.ifA, tp.ifB)
+	progsBefore := attached(t, tp, mode, 4)
 	rd.Close()
 	if err := o.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if got := kebpfProgs(t, tp.n, tp.ifA, tp.ifB); len(got) != 4 {
-		t.Errorf("after Close: %v, want the 4 pinned attachments", got)
-	}
-	check(t) // still enforced with no agent running
-	o2 := loadIn(t, tp, pinDir)
+	attached(t, tp, mode, 4) // pinned links / unpinned filters stay
+	check(t)                 // still enforced with no agent running
+	o2 := loadIn(t, tp, pinDir, mode)
 	t.Cleanup(func() { o2.Close() })
 	got, err := o2.Endpoints()
 	if err != nil {
@@ -239,26 +261,22 @@ func TestIntegrationRealPackets(t *testing.T) {
 	if len(got) != 2 || got[1].IfIndex != want[1].IfIndex || len(got[2].Ingress) != len(want[2].Ingress) {
 		t.Errorf("endpoints after restart = %+v, want %+v", got, want)
 	}
-	progsAfter := kebpfProgs(t, tp.n, tp.ifA, tp.ifB)
-	if len(progsAfter) != 4 {
-		t.Errorf("after restart: %v, want 4 attachments (updated, not duplicated)", progsAfter)
-	}
+	// Updated, not duplicated.
+	progsAfter := attached(t, tp, mode, 4)
 	for i := range progsAfter {
 		if i < len(progsBefore) && progsAfter[i] == progsBefore[i] {
-			t.Errorf("pinned link still runs the old program: %s", progsAfter[i])
+			t.Errorf("attachment still runs the old program: %s", progsAfter[i])
 		}
 	}
 	applyIn(t, tp, o2, aPol) // idempotent re-apply
-	if got := kebpfProgs(t, tp.n, tp.ifA, tp.ifB); len(got) != 4 {
-		t.Errorf("after re-apply: %v, want 4 attachments", got)
-	}
+	attached(t, tp, mode, 4)
 	check(t)
 
 	// DeleteEndpoint detaches that pod only.
 	if err := inNetns(t, tp.n, func() error { return o2.DeleteEndpoint(2) }); err != nil {
 		t.Fatal(err)
 	}
-	if got := kebpfProgs(t, tp.n, tp.ifA, tp.ifB); len(got) != 2 {
+	if got := attached(t, tp, mode, 2); len(got) == 2 && (!strings.HasPrefix(got[0], fmt.Sprint(tp.ifA)+"/") || !strings.HasPrefix(got[1], fmt.Sprint(tp.ifA)+"/")) {
 		t.Errorf("after delete: %v, want a's 2 attachments", got)
 	}
 	if !probeTCP(t, tp.a, b80, allowWait) {
@@ -269,9 +287,7 @@ func TestIntegrationRealPackets(t *testing.T) {
 	if err := inNetns(t, tp.n, o2.Detach); err != nil {
 		t.Fatal(err)
 	}
-	if got := kebpfProgs(t, tp.n, tp.ifA, tp.ifB); len(got) != 0 {
-		t.Errorf("tcx programs after Detach: %v", got)
-	}
+	attached(t, tp, mode, 0)
 	if out := bpftoolIn(t, tp.n, "net", "show"); strings.Contains(out, "kebpf_") {
 		t.Errorf("bpftool net show after Detach:\n%s", out)
 	}

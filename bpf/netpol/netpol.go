@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 
@@ -114,6 +115,9 @@ type LoadOptions struct {
 	ICMPTimeout           time.Duration
 	OtherTimeout          time.Duration
 
+	// Attach selects the hook mechanism; the zero value is AttachAuto.
+	Attach AttachMode
+
 	// Logger receives warnings (re-attach failures at Load); default slog.Default().
 	Logger *slog.Logger
 
@@ -151,15 +155,100 @@ func (lo LoadOptions) withDefaults() LoadOptions {
 	return lo
 }
 
-// hook is one of the two tcx attachments per interface.
+// AttachMode is how the programs are hooked to the pod interfaces.
+type AttachMode int
+
+const (
+	// AttachAuto uses tcx when the kernel has it (6.6+), else clsact. The
+	// kernel is probed once per process.
+	AttachAuto AttachMode = iota
+	// AttachTCX attaches pinned tcx links at the head of the chain. Load
+	// fails on a kernel without tcx.
+	AttachTCX
+	// AttachClsact adds direct-action cls_bpf filters to the interface's
+	// clsact qdisc (created when missing) at ClsactPriority/ClsactHandle.
+	// Filters are not pinned: they stay until removed, and Detach and
+	// DetachPinned find them by name.
+	AttachClsact
+)
+
+var attachModeNames = [...]string{AttachAuto: "auto", AttachTCX: "tcx", AttachClsact: "clsact"}
+
+func (m AttachMode) String() string {
+	if m >= 0 && int(m) < len(attachModeNames) {
+		return attachModeNames[m]
+	}
+	return "AttachMode(" + strconv.Itoa(int(m)) + ")"
+}
+
+// ParseAttachMode parses "auto", "tcx" or "clsact" (the String forms).
+func ParseAttachMode(s string) (AttachMode, error) {
+	for m, name := range attachModeNames {
+		if s == name {
+			return AttachMode(m), nil
+		}
+	}
+	return 0, fmt.Errorf("attach mode %q: want auto, tcx or clsact", s)
+}
+
+// Set and Type make *AttachMode a command-line flag value (pflag.Value,
+// flag.Value).
+func (m *AttachMode) Set(s string) error {
+	v, err := ParseAttachMode(s)
+	if err != nil {
+		return err
+	}
+	*m = v
+	return nil
+}
+
+func (m *AttachMode) Type() string { return "auto|tcx|clsact" }
+
+// tcxSupported probes the kernel for tcx links once per process: creating
+// one on a nonexistent interface fails with ENODEV where tcx exists.
+var tcxSupported = sync.OnceValue(func() bool {
+	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Type:         ebpf.SchedCLS,
+		License:      "GPL",
+		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, -1), asm.Return()},
+	})
+	if err != nil {
+		// Cannot even load a tc program: let the real attach report it.
+		return true
+	}
+	defer prog.Close()
+	l, err := link.AttachTCX(link.TCXOptions{Interface: int(^uint32(0) >> 1), Program: prog, Attach: ebpf.AttachTCXIngress})
+	if err == nil {
+		l.Close()
+	}
+	return !errors.Is(err, link.ErrNotSupported)
+})
+
+// resolve turns AttachAuto into the mode this kernel supports.
+func (m AttachMode) resolve() (AttachMode, error) {
+	switch m {
+	case AttachAuto:
+		if tcxSupported() {
+			return AttachTCX, nil
+		}
+		return AttachClsact, nil
+	case AttachTCX, AttachClsact:
+		return m, nil
+	}
+	return 0, fmt.Errorf("invalid attach mode %d", m)
+}
+
+// hook is one of the two attachments per interface.
 type hook struct {
-	suffix string // link pin suffix
-	attach ebpf.AttachType
+	suffix    string // link pin suffix
+	attach    ebpf.AttachType
+	clsactDir string // clsact hook
+	prog      string // program name, also the cls_bpf filter's TCA_BPF_NAME
 }
 
 var hooks = [2]hook{
-	{"from", ebpf.AttachTCXIngress},
-	{"to", ebpf.AttachTCXEgress},
+	{"from", ebpf.AttachTCXIngress, "ingress", FromProgramName},
+	{"to", ebpf.AttachTCXEgress, "egress", ToProgramName},
 }
 
 // pinnedMaps carry state across restarts; Detach unpins them.
@@ -201,8 +290,13 @@ type Objects struct {
 	pinDir string
 	opts   LoadOptions
 	eps    map[uint32]*epState
+	// mode is opts.Attach resolved: AttachTCX or AttachClsact.
+	mode AttachMode
 	// links by ifindex: [0] from (tcx ingress), [1] to (tcx egress).
 	links map[int][2]link.Link
+	// filters marks the ifindexes this process put its programs' clsact
+	// filters on (AttachClsact).
+	filters map[int]bool
 	// polEntries counts kebpf_np_pol entries of all live generations.
 	polEntries int
 	// rev is the last revision handed out; revisions are node-wide so a
@@ -253,7 +347,15 @@ func Load(pinDir string, opts LoadOptions) (*Objects, error) {
 		}
 	}
 
-	o := &Objects{pinDir: pinDir, opts: lo, eps: map[uint32]*epState{}, links: map[int][2]link.Link{}}
+	mode, err := lo.Attach.resolve()
+	if err != nil {
+		return nil, err
+	}
+	if mode == AttachTCX && !lo.noAttach && !tcxSupported() {
+		return nil, fmt.Errorf("attach mode tcx: %w: the kernel has no tcx (< 6.6), use clsact", link.ErrNotSupported)
+	}
+	o := &Objects{pinDir: pinDir, opts: lo, mode: mode, eps: map[uint32]*epState{},
+		links: map[int][2]link.Link{}, filters: map[int]bool{}}
 	copts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: MapPinDir(pinDir)}}
 	if err := spec.LoadAndAssign(&o.objs, copts); err != nil {
 		var verr *ebpf.VerifierError
@@ -274,6 +376,10 @@ func Load(pinDir string, opts LoadOptions) (*Objects, error) {
 func (o *Objects) Programs() (from, to *ebpf.Program) {
 	return o.objs.KebpfNpFrom, o.objs.KebpfNpTo
 }
+
+// AttachMode is the mechanism the programs are attached with: AttachTCX or
+// AttachClsact (AttachAuto resolved at Load).
+func (o *Objects) AttachMode() AttachMode { return o.mode }
 
 // EventsMap is the ring buffer of verdict events (see Event).
 func (o *Objects) EventsMap() *ebpf.Map { return o.objs.KebpfNpEvents }
@@ -935,12 +1041,40 @@ func ParseEvent(b []byte) (Event, error) {
 	}, nil
 }
 
-// attach makes sure ifindex has both programs attached through pinned tcx
-// links: held links are kept, pinned ones get this process's programs, a
-// pin for a vanished or different interface is replaced.
+// attach makes sure ifindex has both programs attached in o.mode, and only
+// in that mode: the other mode's attachments (left by an agent run with
+// another mode) are removed once the new ones are in place, so packets are
+// never unenforced.
 func (o *Objects) attach(ifindex int) error {
-	held := o.links[ifindex]
 	progs := [2]*ebpf.Program{o.objs.KebpfNpFrom, o.objs.KebpfNpTo}
+	if o.mode == AttachClsact {
+		if o.filters[ifindex] {
+			return nil
+		}
+		// Replaces the filters of an earlier process in place.
+		if err := attachClsact(ifindex, progs); err != nil {
+			return err
+		}
+		o.filters[ifindex] = true
+		return o.detachLinks(ifindex)
+	}
+	held := o.links[ifindex]
+	if held[0] != nil && held[1] != nil {
+		return nil
+	}
+	if err := o.attachTCX(ifindex, progs); err != nil {
+		return err
+	}
+	if err := detachClsact(ifindex); err != nil {
+		return fmt.Errorf("remove clsact filters of ifindex %d: %w", ifindex, err)
+	}
+	return nil
+}
+
+// attachTCX: held links are kept, pinned ones get this process's programs,
+// a pin for a vanished or different interface is replaced.
+func (o *Objects) attachTCX(ifindex int, progs [2]*ebpf.Program) error {
+	held := o.links[ifindex]
 	for i, h := range hooks {
 		if held[i] != nil {
 			continue
@@ -978,7 +1112,7 @@ func (o *Objects) attachHook(ifindex int, h hook, prog *ebpf.Program) (link.Link
 	l, err = link.AttachTCX(link.TCXOptions{Interface: ifindex, Program: prog, Attach: h.attach, Anchor: link.Head()})
 	if err != nil {
 		if errors.Is(err, link.ErrNotSupported) {
-			return nil, fmt.Errorf("attach %s to ifindex %d: tcx unavailable (kernel < 6.6), clsact fallback not implemented: %w", prog, ifindex, err)
+			return nil, fmt.Errorf("attach %s to ifindex %d: tcx unavailable (kernel < 6.6), use AttachClsact: %w", prog, ifindex, err)
 		}
 		return nil, fmt.Errorf("attach %s to ifindex %d: %w", h.suffix, ifindex, err)
 	}
@@ -999,8 +1133,20 @@ func sameTCX(l link.Link, ifindex int, at ebpf.AttachType) bool {
 	return tcx != nil && int(tcx.Ifindex) == ifindex && ebpf.AttachType(tcx.AttachType) == at
 }
 
-// detach removes ifindex's links, held or only pinned.
+// detach removes ifindex's attachments: links, held or only pinned, and
+// clsact filters (whatever the mode: cleanup must not depend on it). A
+// vanished interface is not an error.
 func (o *Objects) detach(ifindex int) error {
+	errs := []error{o.detachLinks(ifindex)}
+	if err := detachClsact(ifindex); err != nil {
+		errs = append(errs, fmt.Errorf("detach clsact filters of ifindex %d: %w", ifindex, err))
+	}
+	delete(o.filters, ifindex)
+	return errors.Join(errs...)
+}
+
+// detachLinks removes ifindex's tcx links, held or only pinned.
+func (o *Objects) detachLinks(ifindex int) error {
 	var errs []error
 	held := o.links[ifindex]
 	for i, h := range hooks {
@@ -1040,6 +1186,8 @@ func (o *Objects) Close() error {
 		}
 		delete(o.links, ifindex)
 	}
+	// Filters hold their program themselves: nothing to release.
+	clear(o.filters)
 	if err := o.objs.Close(); err != nil {
 		errs = append(errs, fmt.Errorf("close objects: %w", err))
 	}
@@ -1047,19 +1195,26 @@ func (o *Objects) Close() error {
 }
 
 // Detach removes enforcement from every interface and deletes all state:
-// links, map pins, maps. Established connections keep flowing (nothing
+// links, clsact filters (those of every interface in the caller's network
+// namespace), map pins, maps. Established connections keep flowing (nothing
 // drops once the programs are gone). This is `disable policy`.
 func (o *Objects) Detach() error {
 	o.mu.Lock()
 	var errs []error
 	for ifindex := range o.links {
-		if err := o.detach(ifindex); err != nil {
+		if err := o.detachLinks(ifindex); err != nil {
 			errs = append(errs, err)
 		}
 	}
+	clear(o.filters)
 	o.mu.Unlock()
 	if err := detachPinnedLinks(o.pinDir); err != nil {
 		errs = append(errs, err)
+	}
+	if !o.opts.noAttach {
+		if err := detachAllClsact(); err != nil {
+			errs = append(errs, fmt.Errorf("detach clsact filters: %w", err))
+		}
 	}
 	for _, m := range []*ebpf.Map{o.objs.KebpfNpEp, o.objs.KebpfNpPol, o.objs.KebpfNpCt, o.objs.KebpfNpHost,
 		o.objs.KebpfNpCnt, o.objs.KebpfNpVerd, o.objs.KebpfNpEvents} {
@@ -1077,10 +1232,16 @@ func (o *Objects) Detach() error {
 	return errors.Join(errs...)
 }
 
-// DetachPinned removes every netpol link and map pin under pinDir without
-// loading anything (the agent's `cleanup`). Missing pins are not an error.
+// DetachPinned removes every netpol link and map pin under pinDir, and
+// every netpol clsact filter (TCA_BPF_NAME kebpf_np_*) on the interfaces of
+// the caller's network namespace, without loading anything (the agent's
+// `cleanup`). Clsact qdiscs stay. Missing pins are not an error.
 func DetachPinned(pinDir string) error {
-	return errors.Join(detachPinnedLinks(pinDir), pins.RemoveFiles(MapPinPaths(pinDir)))
+	var errs []error
+	if err := detachAllClsact(); err != nil {
+		errs = append(errs, fmt.Errorf("detach clsact filters: %w", err))
+	}
+	return errors.Join(append(errs, detachPinnedLinks(pinDir), pins.RemoveFiles(MapPinPaths(pinDir)))...)
 }
 
 func detachPinnedLinks(pinDir string) error {
