@@ -68,6 +68,10 @@ type Options struct {
 	PolicyScales []int
 	NetpolConns  int           // connections per netpol sample
 	NetpolRR     time.Duration // UDP request/response time per netpol sample
+	NetpolFlows  time.Duration // UDP new-flow time per netpol sample
+	// NetpolRounds: rounds per scale, each measuring every policy datapath
+	// once in a rotated order; cells are the median over the rounds.
+	NetpolRounds int
 	// OnEnv is called with the run id once the environment exists (tests
 	// check later that nothing with that id is left).
 	OnEnv func(id string)
@@ -99,10 +103,16 @@ func (o *Options) defaults() {
 		o.PolicyScales = []int{0, 10, 1000, 10000}
 	}
 	if o.NetpolConns == 0 {
-		o.NetpolConns = 5000
+		o.NetpolConns = 3000
 	}
 	if o.NetpolRR == 0 {
-		o.NetpolRR = 3 * time.Second
+		o.NetpolRR = 1500 * time.Millisecond
+	}
+	if o.NetpolFlows == 0 {
+		o.NetpolFlows = o.NetpolRR
+	}
+	if o.NetpolRounds == 0 {
+		o.NetpolRounds = 5
 	}
 }
 

@@ -100,7 +100,7 @@ func monoNow() int64 {
 // workerReq and workerResp are the line-delimited JSON protocol between the
 // harness and a worker.
 type workerReq struct {
-	Op        string `json:"op"` // lat | wait | sweep | conns | udprr (TimeoutMs = duration)
+	Op        string `json:"op"` // lat | wait | sweep | conns | udprr, udpflows (TimeoutMs = duration)
 	Addr      string `json:"addr,omitempty"`
 	Count     int    `json:"count,omitempty"`
 	Expect    string `json:"expect,omitempty"` // wait: backend ip:port the answer must name; "" any answer
@@ -118,8 +118,8 @@ type workerResp struct {
 	Errors     int     `json:"errors,omitempty"`
 	Mono       int64   `json:"mono,omitempty"` // wait/sweep: when the condition was met
 	Answered   int     `json:"answered,omitempty"`
-	RRPerSec   float64 `json:"rrPerSec,omitempty"` // udprr: round trips/s
-	RRus       float64 `json:"rrUs,omitempty"`     // udprr: µs per round trip
+	RRPerSec   float64 `json:"rrPerSec,omitempty"` // udprr, udpflows: round trips/s
+	RRus       float64 `json:"rrUs,omitempty"`     // udprr, udpflows: µs per round trip
 	OK         bool    `json:"ok"`
 }
 
@@ -143,6 +143,8 @@ func runWorker(in io.Reader, out io.Writer) error {
 			resp = connsOp(req)
 		case "udprr":
 			resp = udpRROp(req)
+		case "udpflows":
+			resp = udpFlowsOp(req)
 		default:
 			resp.Err = "unknown op " + req.Op
 		}

@@ -9,9 +9,11 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -60,7 +62,9 @@ var netpolTitle = map[string]string{
 	NetpolNone: "no policy", NetpolEBPF: "eBPF (ours)", NetpolIptables: "iptables linear", NetpolIpset: "ipset",
 }
 
-// NetpolPoint is one policy datapath at N CIDRs.
+// NetpolPoint is one policy datapath at N CIDRs: every number is the median
+// over the rounds in Samples that produced numbers (a bench.json from before
+// rounds has no Samples and one measurement per point).
 type NetpolPoint struct {
 	Datapath string `json:"datapath"`
 	CIDRs    int    `json:"cidrs"`
@@ -75,8 +79,32 @@ type NetpolPoint struct {
 	// every round trip is two packets through the node and the policy.
 	RRPerSec float64 `json:"udpRRPerSec,omitempty"`
 	RRus     float64 `json:"udpRRus,omitempty"`
-	Errors   int     `json:"errors,omitempty"`
-	NA       string  `json:"na,omitempty"`
+	// UDP request/response, each from a fresh source port: a new flow (new
+	// conntrack entry, full rule walk or LPM lookup) per round trip.
+	FlowsPerSec float64 `json:"udpNewFlowsPerSec,omitempty"`
+	FlowUs      float64 `json:"udpNewFlowUs,omitempty"`
+	Errors      int     `json:"errors,omitempty"`
+	NA          string  `json:"na,omitempty"`
+	// Rounds is how many of Samples produced numbers.
+	Rounds  int            `json:"rounds,omitempty"`
+	Samples []NetpolSample `json:"samples,omitempty"`
+}
+
+// NetpolSample is one round of one datapath at one scale.
+type NetpolSample struct {
+	Round          int     `json:"round"` // 0-based
+	Slot           int     `json:"slot"`  // position in the round's rotated order, 0 first
+	ProgramSeconds float64 `json:"programSeconds,omitempty"`
+	ConnPerSec     float64 `json:"connPerSec,omitempty"`
+	ConnP50us      float64 `json:"connP50us,omitempty"`
+	ConnP99us      float64 `json:"connP99us,omitempty"`
+	RRPerSec       float64 `json:"udpRRPerSec,omitempty"`
+	RRus           float64 `json:"udpRRus,omitempty"`
+	FlowsPerSec    float64 `json:"udpNewFlowsPerSec,omitempty"`
+	FlowUs         float64 `json:"udpNewFlowUs,omitempty"`
+	Errors         int     `json:"errors,omitempty"`
+	NA             string  `json:"na,omitempty"`
+	Seconds        float64 `json:"seconds"` // wall time of program, checks, samples and teardown
 }
 
 // NetpolPoint looks up one policy measurement.
@@ -99,6 +127,13 @@ type npEnv struct {
 	worker     *proc
 	conns      int           // connections per sample
 	rr         time.Duration // UDP request/response time per sample
+	flows      time.Duration // UDP new-flow time per sample
+	rounds     int
+	// rules are the inputs of program at scale rulesN, built once per scale.
+	rulesN int
+	rules  map[string]string // datapath -> iptables-restore input
+	ipset  string
+	policy netpol.EndpointPolicy
 }
 
 // newNetpolEnv builds the three netns, the veths, a private bpffs and starts
@@ -113,7 +148,7 @@ func newNetpolEnv(ctx context.Context, o Options) (_ *npEnv, err error) {
 	p := namePrefix + id
 	e := &npEnv{env: &env{log: o.Log, id: id, self: self, procs: map[string]*proc{}},
 		pc: p + "-pc", ps: p + "-ps", pn: p + "-pn", hostVeth: "kbps" + id, set: "kebpf-np-" + id,
-		conns: o.NetpolConns, rr: o.NetpolRR}
+		conns: o.NetpolConns, rr: o.NetpolRR, flows: o.NetpolFlows, rounds: o.NetpolRounds, rulesN: -1}
 	defer func() {
 		if err != nil {
 			e.close()
@@ -152,6 +187,11 @@ func newNetpolEnv(ctx context.Context, o Options) (_ *npEnv, err error) {
 		if err := run(ctx, "ip", s...); err != nil {
 			return nil, err
 		}
+	}
+	// Between samples the node's conntrack table is flushed, so a new-flow
+	// sample never finds an entry a previous one left.
+	if _, err := exec.LookPath("conntrack"); err != nil {
+		return nil, fmt.Errorf("conntrack (conntrack-tools) is needed to flush the node netns between samples: %w", err)
 	}
 	if err := run(ctx, "ip", "netns", "exec", e.pn, "sysctl", "-qw", "net.ipv4.ip_forward=1"); err != nil {
 		return nil, err
@@ -307,21 +347,35 @@ func (e *npEnv) execIn(ctx context.Context, stdin, name string, args ...string) 
 	return run(ctx, "sh", "-c", fmt.Sprintf(`exec ip netns exec %s %s %s < %s`, e.pn, name, strings.Join(args, " "), path))
 }
 
+// prepare builds the rule sets of every datapath at n CIDRs once: the
+// rounds then only write them.
+func (e *npEnv) prepare(n int) {
+	if e.rulesN == n {
+		return
+	}
+	e.rulesN, e.policy, e.ipset = n, e.endpointPolicy(n), e.ipsetRestore(n)
+	e.rules = map[string]string{
+		NetpolIptables: e.iptablesRules(NetpolIptables, n),
+		NetpolIpset:    e.iptablesRules(NetpolIpset, n),
+	}
+}
+
 // program enforces the policy with dp at n CIDRs.
 func (e *npEnv) program(ctx context.Context, dp string, n int) error {
+	e.prepare(n)
 	switch dp {
 	case NetpolNone:
 		return nil
 	case NetpolEBPF:
-		p := e.endpointPolicy(n)
+		p := e.policy
 		return inNetns(e.pn, func() error { return e.objs.ApplyEndpoint(p) })
 	case NetpolIpset:
-		if err := e.execIn(ctx, e.ipsetRestore(n), "ipset", "-exist", "restore"); err != nil {
+		if err := e.execIn(ctx, e.ipset, "ipset", "-exist", "restore"); err != nil {
 			return err
 		}
 		fallthrough
 	case NetpolIptables:
-		return e.execIn(ctx, e.iptablesRules(dp, n), "iptables-restore", "-w")
+		return e.execIn(ctx, e.rules[dp], "iptables-restore", "-w")
 	}
 	return fmt.Errorf("unknown policy datapath %q", dp)
 }
@@ -341,6 +395,11 @@ func (e *npEnv) unprogram(ctx context.Context) error {
 		errs = append(errs, err)
 	}
 	_ = run(ctx, "ip", "netns", "exec", e.pn, "ipset", "destroy", e.set)
+	// Flows the rules tracked outlive the rules; the next sample must start
+	// with none (the eBPF flow table is purged by DeleteEndpoint).
+	if err := run(ctx, "ip", "netns", "exec", e.pn, "conntrack", "-F"); err != nil {
+		errs = append(errs, err)
+	}
 	return errors.Join(errs...)
 }
 
@@ -367,11 +426,15 @@ func (e *npEnv) enforced() (bool, error) {
 	return false, nil
 }
 
-// runNetpol measures every policy datapath at every scale in one run.
+// runNetpol measures every policy datapath at every scale in one run: per
+// scale, o.NetpolRounds rounds, each measuring every datapath once in an
+// order rotated per round (none ebpf iptables ipset, then ebpf iptables
+// ipset none, ...), so drift of a noisy machine hits every column alike.
 func runNetpol(ctx context.Context, o Options, res *Results) (err error) {
 	res.PolicyScales, res.Netpol = o.PolicyScales, nil
 	res.NetpolDate = time.Now().UTC().Format(time.RFC3339)
 	res.NetpolConns, res.NetpolRRSeconds = o.NetpolConns, o.NetpolRR.Seconds()
+	res.NetpolFlowsSeconds, res.NetpolRounds = o.NetpolFlows.Seconds(), o.NetpolRounds
 	e, err := newNetpolEnv(ctx, o)
 	if err != nil {
 		return err
@@ -399,65 +462,96 @@ func runNetpol(ctx context.Context, o Options, res *Results) (err error) {
 	if _, err := e.worker.call(workerReq{Op: "wait", Addr: srv, TimeoutMs: 10000}); err != nil {
 		return fmt.Errorf("server unreachable before any policy: %w: %s", err, e.logTail("np-server"))
 	}
+	total := len(o.PolicyScales) * len(NetpolDatapaths) * e.rounds
+	k, start := 0, time.Now()
 	for _, n := range o.PolicyScales {
-		for _, dp := range NetpolDatapaths {
-			p := e.point(ctx, dp, n)
-			if ctx.Err() != nil {
-				return ctx.Err()
+		byDP := map[string][]NetpolSample{}
+		for r := 0; r < e.rounds; r++ {
+			order := rotation(NetpolDatapaths, r)
+			o.Log.Info("netpol round", "cidrs", n, "round", fmt.Sprintf("%d/%d", r+1, e.rounds), "order", strings.Join(order, ","))
+			for slot, dp := range order {
+				t := time.Now()
+				s := e.sample(ctx, dp, n)
+				if ctx.Err() != nil {
+					return ctx.Err()
+				}
+				s.Round, s.Slot, s.Seconds = r, slot, time.Since(t).Seconds()
+				byDP[dp] = append(byDP[dp], s)
+				k++
+				o.Log.Info("netpol sample", "progress", fmt.Sprintf("%d/%d", k, total), "elapsed", time.Since(start).Round(time.Second),
+					"cidrs", n, "round", r+1, "datapath", dp, "connPerSec", int(s.ConnPerSec), "connP50us", s.ConnP50us,
+					"udpRRPerSec", int(s.RRPerSec), "udpNewFlowsPerSec", int(s.FlowsPerSec),
+					"programSeconds", s.ProgramSeconds, "seconds", fmt.Sprintf("%.1f", s.Seconds), "na", s.NA)
 			}
-			res.Netpol = append(res.Netpol, p)
-			o.Log.Info("netpol point", "datapath", dp, "cidrs", n, "connPerSec", int(p.ConnPerSec),
-				"connP50us", p.ConnP50us, "udpRRPerSec", int(p.RRPerSec), "udpRRus", p.RRus,
-				"programSeconds", p.ProgramSeconds, "na", p.NA)
-			res.write(o.Out, o.Log)
 		}
+		for _, dp := range NetpolDatapaths {
+			p := aggregateNetpol(dp, n, byDP[dp])
+			res.Netpol = append(res.Netpol, p)
+			o.Log.Info("netpol point (median over rounds)", "datapath", dp, "cidrs", n, "rounds", fmt.Sprintf("%d/%d", p.Rounds, len(p.Samples)),
+				"connPerSec", int(p.ConnPerSec), "udpRRPerSec", int(p.RRPerSec), "udpNewFlowsPerSec", int(p.FlowsPerSec),
+				"programSeconds", p.ProgramSeconds, "na", p.NA)
+		}
+		res.write(o.Out, o.Log)
 	}
 	return nil
 }
 
-func (e *npEnv) point(ctx context.Context, dp string, n int) NetpolPoint {
-	pt := NetpolPoint{Datapath: dp, CIDRs: n}
+// sample programs dp at n CIDRs, checks it enforces (the denied port times
+// out, the client is answered), measures connections, the established UDP
+// flow and UDP new flows, and removes the rules again: every sample starts
+// from the bare node netns with an empty conntrack table.
+func (e *npEnv) sample(ctx context.Context, dp string, n int) NetpolSample {
+	var s NetpolSample
 	defer func() {
-		if err := e.unprogram(context.Background()); err != nil && pt.NA == "" {
-			pt.NA = "teardown: " + err.Error()
+		if err := e.unprogram(context.Background()); err != nil && s.NA == "" {
+			s.NA = "teardown: " + err.Error()
 		}
 	}()
 	srv := fmt.Sprintf("%s:%d", npServerIP, npTCPPort)
+	udp := fmt.Sprintf("%s:%d", npServerIP, npUDPPort)
+	e.prepare(n)
 	t := time.Now()
 	if err := e.program(ctx, dp, n); err != nil {
-		pt.NA = err.Error()
-		return pt
+		s.NA = err.Error()
+		return s
 	}
 	if _, err := e.worker.call(workerReq{Op: "wait", Addr: srv, TimeoutMs: 10000}); err != nil {
-		pt.NA = "client not allowed: " + err.Error()
-		return pt
+		s.NA = "client not allowed: " + err.Error()
+		return s
 	}
 	if dp != NetpolNone {
-		pt.ProgramSeconds = time.Since(t).Seconds()
+		s.ProgramSeconds = time.Since(t).Seconds()
 		ok, err := e.enforced()
 		if err != nil {
-			pt.NA = err.Error()
-			return pt
+			s.NA = err.Error()
+			return s
 		}
 		if !ok {
-			pt.NA = fmt.Sprintf("not enforced: port %d reached the server", npDeniedPort)
-			return pt
+			s.NA = fmt.Sprintf("not enforced: port %d reached the server", npDeniedPort)
+			return s
 		}
 	}
 	resp, err := e.worker.call(workerReq{Op: "conns", Addr: srv, Count: e.conns})
 	if err != nil && resp.ConnPerSec == 0 {
-		pt.NA = "connections: " + err.Error()
-		return pt
+		s.NA = "connections: " + err.Error()
+		return s
 	}
-	pt.ConnPerSec, pt.ConnP50us, pt.ConnP99us, pt.Errors = resp.ConnPerSec, resp.P50us, resp.P99us, resp.Errors
-	resp, err = e.worker.call(workerReq{Op: "udprr", Addr: fmt.Sprintf("%s:%d", npServerIP, npUDPPort), TimeoutMs: int(e.rr / time.Millisecond)})
+	s.ConnPerSec, s.ConnP50us, s.ConnP99us, s.Errors = resp.ConnPerSec, resp.P50us, resp.P99us, resp.Errors
+	resp, err = e.worker.call(workerReq{Op: "udprr", Addr: udp, TimeoutMs: int(e.rr / time.Millisecond)})
 	if err != nil && resp.RRPerSec == 0 {
-		pt.NA = "udp rr: " + err.Error()
-		return pt
+		s.NA = "udp rr: " + err.Error()
+		return s
 	}
-	pt.RRPerSec, pt.RRus = resp.RRPerSec, resp.RRus
-	pt.Errors += resp.Errors
-	return pt
+	s.RRPerSec, s.RRus = resp.RRPerSec, resp.RRus
+	s.Errors += resp.Errors
+	resp, err = e.worker.call(workerReq{Op: "udpflows", Addr: udp, TimeoutMs: int(e.flows / time.Millisecond)})
+	if err != nil && resp.RRPerSec == 0 {
+		s.NA = "udp new flows: " + err.Error()
+		return s
+	}
+	s.FlowsPerSec, s.FlowUs = resp.RRPerSec, resp.RRus
+	s.Errors += resp.Errors
+	return s
 }
 
 // runNPServer is the server pod: TCP on npTCPPort answers and closes
@@ -574,15 +668,105 @@ func udpRROp(req workerReq) workerResp {
 	return resp
 }
 
+// Source ports of the new-flow sample: every request comes from the next
+// one, so no 5-tuple repeats within a sample (nor the warm-up's), and the
+// node's conntrack tables are flushed between samples.
+const (
+	npFlowPortLo = 10000
+	npFlowPortHi = 65535
+	npFlowWarmup = 200
+)
+
+// udpFlowsOp sends 64-byte requests for req.TimeoutMs, each from a new
+// socket bound to a source port not used before in this sample, and waits
+// for each echo: every round trip is a new flow through the node (a new
+// conntrack entry, the policy's rule walk or LPM lookup). It stops early
+// when the ports run out.
+func udpFlowsOp(req workerReq) workerResp {
+	sa, err := sockaddr(req.Addr)
+	if err != nil {
+		return workerResp{Err: err.Error()}
+	}
+	msg := make([]byte, 64)
+	buf := make([]byte, 2048)
+	port := npFlowPortLo
+	// once returns false, nil for a port already taken: skipped, not an error.
+	once := func() (bool, error) {
+		p := port
+		port++
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return false, err
+		}
+		defer unix.Close(fd)
+		if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Sec: 1}); err != nil {
+			return false, err
+		}
+		if err := unix.Bind(fd, &unix.SockaddrInet4{Port: p}); err != nil {
+			if errors.Is(err, unix.EADDRINUSE) {
+				return false, nil
+			}
+			return false, err
+		}
+		if err := unix.Connect(fd, sa); err != nil {
+			return false, err
+		}
+		if _, err := unix.Write(fd, msg); err != nil {
+			return false, err
+		}
+		if _, err := unix.Read(fd, buf); err != nil {
+			return false, err
+		}
+		return true, nil
+	}
+	for i := 0; i < npFlowWarmup && port <= npFlowPortHi; i++ {
+		_, _ = once()
+	}
+	var n, errs int
+	var firstErr error
+	d := time.Duration(req.TimeoutMs) * time.Millisecond
+	start := time.Now()
+	for time.Since(start) < d && port <= npFlowPortHi {
+		ok, err := once()
+		switch {
+		case err != nil:
+			errs++
+			firstErr = err
+		case ok:
+			n++
+		}
+	}
+	wall := time.Since(start)
+	resp := workerResp{Errors: errs, OK: n > 0}
+	if errs > 0 {
+		resp.Err = firstErr.Error()
+	}
+	if n > 0 {
+		resp.RRPerSec = float64(n) / wall.Seconds()
+		resp.RRus = wall.Seconds() * 1e6 / float64(n)
+	}
+	return resp
+}
+
 // netpolMarkdown renders the policy table: one row per metric and scale,
-// one column per policy datapath.
+// one column per policy datapath; a cell is the median over the rounds with
+// their min–max range.
 func (r *Results) netpolMarkdown(b *strings.Builder) {
-	fmt.Fprintf(b, "\n## NetworkPolicy: connections and an established flow through a policed pod\n\n")
+	fmt.Fprintf(b, "\n## NetworkPolicy: connections, an established flow and new flows through a policed pod\n\n")
 	fmt.Fprintf(b, "- date: %s; client pod netns -> node netns (routing, where the policy is enforced on the server's host-side veth) -> server pod netns\n", r.NetpolDate)
 	fmt.Fprintf(b, "- policy: ingress on the server pod allowing N /32s (198.18.0.0/15, never the client), then the client's /32 on the served ports last: every measured packet is allowed only after the whole rule set\n")
 	fmt.Fprintf(b, "- eBPF (ours): bpf/netpol tcx on the veth, N+1 LPM entries, conntrack; iptables linear: FORWARD -o veth -> per-pod chain, ctstate ESTABLISHED,RELATED accept, N `-s CIDR -j ACCEPT`, client rule, DROP (iptables-nft); ipset: same chain with one `-m set --match-set` hash:net of N entries\n")
+	if r.NetpolRounds > 0 {
+		fmt.Fprintf(b, "- rounds: %d per scale; a round programs, checks (the denied port %d must time out, the client must be answered), measures and removes every datapath in turn, in an order rotated per round (%s, then %s, ...), so drift of the machine hits every column alike; the node netns conntrack table is flushed after every sample\n",
+			r.NetpolRounds, npDeniedPort, strings.Join(rotation(NetpolDatapaths, 0), " "), strings.Join(rotation(NetpolDatapaths, 1), " "))
+		fmt.Fprintf(b, "- cells: median over the rounds (min–max in parentheses); [k/R rounds] marks a cell where only k rounds produced numbers\n")
+	}
 	fmt.Fprintf(b, "- connections/s: %d new TCP connections per sample, one after another from one client, the server answers one line and closes; p50/p99 is connect to answer\n", r.NetpolConns)
-	fmt.Fprintf(b, "- per-packet cost: UDP request/response (64 B) on one connected socket for %.0f s, an established flow: 2 packets through the node per round trip\n\n", r.NetpolRRSeconds)
+	fmt.Fprintf(b, "- established flow: UDP request/response (64 B) on one connected socket for %s s: 2 packets through the node per round trip, after the first both engines only hit conntrack\n", fmtSeconds(r.NetpolRRSeconds))
+	if r.NetpolFlowsSeconds > 0 {
+		fmt.Fprintf(b, "- new flows: UDP request/response (64 B) for %s s, each from a new socket bound to a source port not used before in the sample: a new conntrack entry per round trip, so iptables walks its N rules (ipset: one hash lookup) and eBPF does its LPM lookup once per flow\n", fmtSeconds(r.NetpolFlowsSeconds))
+	}
+	fmt.Fprintf(b, "- program time: writing the prepared rule set (ApplyEndpoint; ipset restore + iptables-restore) until the client's first connection is answered\n\n")
 	fmt.Fprintf(b, "| metric |")
 	for _, dp := range NetpolDatapaths {
 		fmt.Fprintf(b, " %s |", netpolTitle[dp])
@@ -602,26 +786,43 @@ func (r *Results) netpolMarkdown(b *strings.Builder) {
 			case p.NA != "":
 				fmt.Fprintf(b, " %s |", shortNA(p.NA))
 			default:
-				fmt.Fprintf(b, " %s |", f(p))
+				fmt.Fprintf(b, " %s%s |", f(p), roundsNote(p))
 			}
 		}
 		fmt.Fprintln(b)
 	}
+	// Points from before rounds existed carry one sample of higher
+	// precision; keep their old formatting.
+	us := "%.0f"
+	if r.NetpolRounds == 0 {
+		us = "%.1f"
+	}
 	for _, n := range r.PolicyScales {
 		row(fmt.Sprintf("connections/s, %s CIDRs", human(n)), n, func(p NetpolPoint) string {
-			return fmt.Sprintf("%.0f", p.ConnPerSec)
+			return statCell(p, "%.0f", p.ConnPerSec, func(s NetpolSample) float64 { return s.ConnPerSec })
 		})
 		row(fmt.Sprintf("connection p50 / p99 µs, %s CIDRs", human(n)), n, func(p NetpolPoint) string {
-			return fmt.Sprintf("%.1f / %.1f", p.ConnP50us, p.ConnP99us)
+			return statCell(p, us, p.ConnP50us, func(s NetpolSample) float64 { return s.ConnP50us }) + " / " +
+				statCell(p, us, p.ConnP99us, func(s NetpolSample) float64 { return s.ConnP99us })
 		})
-		row(fmt.Sprintf("UDP round trips/s (µs each), %s CIDRs", human(n)), n, func(p NetpolPoint) string {
-			return fmt.Sprintf("%.0f (%.1f)", p.RRPerSec, p.RRus)
+		row(fmt.Sprintf("UDP round trips/s, established flow, %s CIDRs", human(n)), n, func(p NetpolPoint) string {
+			return statCell(p, "%.0f", p.RRPerSec, func(s NetpolSample) float64 { return s.RRPerSec })
 		})
+		if r.NetpolFlowsSeconds > 0 {
+			row(fmt.Sprintf("UDP new flows/s (fresh source port each), %s CIDRs", human(n)), n, func(p NetpolPoint) string {
+				return statCell(p, "%.0f", p.FlowsPerSec, func(s NetpolSample) float64 { return s.FlowsPerSec })
+			})
+		}
 		row(fmt.Sprintf("program time to first allowed connection, %s CIDRs", human(n)), n, func(p NetpolPoint) string {
 			if p.Datapath == NetpolNone {
 				return "—"
 			}
-			return fmt.Sprintf("%.3f s", p.ProgramSeconds)
+			return statCell(p, "%.3f", p.ProgramSeconds, func(s NetpolSample) float64 { return s.ProgramSeconds }) + " s"
 		})
 	}
+}
+
+// fmtSeconds prints a sample duration without trailing zeros: 3, 1.5, 0.2.
+func fmtSeconds(s float64) string {
+	return strconv.FormatFloat(s, 'f', -1, 64)
 }

@@ -8,15 +8,17 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 )
 
 // TestIntegrationBenchNetpolSmoke runs the NetworkPolicy bench at N=0 and
-// N=10 with tiny samples: every column must produce numbers (and enforce:
-// point() records n/a when a denied port gets through), and teardown must
-// leave no netns, mount, process, rule or set behind.
+// N=10 with tiny samples in two rounds: every column must produce numbers
+// in every round (and enforce: sample() records n/a when a denied port gets
+// through or the client is refused), and teardown must leave no netns,
+// mount, process, rule or set behind.
 func TestIntegrationBenchNetpolSmoke(t *testing.T) {
 	if testing.Short() {
 		t.Skip("integration: needs root, netns, BPF, iptables and ipset")
@@ -24,7 +26,7 @@ func TestIntegrationBenchNetpolSmoke(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root")
 	}
-	for _, tool := range []string{"ip", "iptables-restore", "ipset", "nft"} {
+	for _, tool := range []string{"ip", "iptables-restore", "ipset", "nft", "conntrack"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			t.Skipf("%s not installed", tool)
 		}
@@ -35,6 +37,7 @@ func TestIntegrationBenchNetpolSmoke(t *testing.T) {
 	defer cancel()
 	res, err := Run(ctx, Options{
 		Modes: []string{ModeNetpol}, PolicyScales: []int{0, 10}, NetpolConns: 100, NetpolRR: 200 * time.Millisecond,
+		NetpolFlows: 200 * time.Millisecond, NetpolRounds: 2,
 		Out:   out,
 		Log:   slog.New(slog.NewTextHandler(testWriter{t}, nil)),
 		OnEnv: func(s string) { id = s },
@@ -63,10 +66,18 @@ func TestIntegrationBenchNetpolSmoke(t *testing.T) {
 				t.Errorf("%s: no measurement at N=%d", dp, n)
 			case p.NA != "":
 				t.Errorf("%s N=%d: n/a: %s", dp, n, p.NA)
-			case p.ConnPerSec <= 0 || p.ConnP50us <= 0 || p.ConnP99us < p.ConnP50us || p.RRPerSec <= 0 || p.RRus <= 0:
+			case len(p.Samples) != 2 || p.Rounds != 2:
+				t.Errorf("%s N=%d: want 2 rounds with numbers, got %d of %d: %+v", dp, n, p.Rounds, len(p.Samples), p.Samples)
+			case p.ConnPerSec <= 0 || p.ConnP50us <= 0 || p.ConnP99us < p.ConnP50us || p.RRPerSec <= 0 || p.RRus <= 0 ||
+				p.FlowsPerSec <= 0 || p.FlowUs <= 0:
 				t.Errorf("%s N=%d: implausible numbers %+v", dp, n, p)
 			case dp != NetpolNone && p.ProgramSeconds <= 0:
 				t.Errorf("%s N=%d: no program time %+v", dp, n, p)
+			}
+			for r, smp := range p.Samples {
+				if want := slices.Index(rotation(NetpolDatapaths, r), dp); smp.Round != r || smp.Slot != want {
+					t.Errorf("%s N=%d sample %d: round %d slot %d, want round %d slot %d", dp, n, r, smp.Round, smp.Slot, r, want)
+				}
 			}
 		}
 	}
@@ -74,7 +85,7 @@ func TestIntegrationBenchNetpolSmoke(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"no policy", "eBPF (ours)", "iptables linear", "ipset", "10 CIDRs"} {
+	for _, want := range []string{"no policy", "eBPF (ours)", "iptables linear", "ipset", "10 CIDRs", "UDP new flows/s", "rounds: 2 per scale"} {
 		if !strings.Contains(string(md), want) {
 			t.Errorf("bench.md lacks %q:\n%s", want, md)
 		}

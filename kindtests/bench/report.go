@@ -64,11 +64,15 @@ type Results struct {
 
 	// NetworkPolicy bench (mode netpol), possibly from another run than
 	// the Service rows (NetpolDate).
-	NetpolDate      string        `json:"netpolDate,omitempty"`
-	PolicyScales    []int         `json:"policyScales,omitempty"`
-	NetpolConns     int           `json:"netpolConnectionsPerSample,omitempty"`
-	NetpolRRSeconds float64       `json:"netpolUDPRRSecondsPerSample,omitempty"`
-	Netpol          []NetpolPoint `json:"netpol,omitempty"`
+	NetpolDate      string  `json:"netpolDate,omitempty"`
+	PolicyScales    []int   `json:"policyScales,omitempty"`
+	NetpolConns     int     `json:"netpolConnectionsPerSample,omitempty"`
+	NetpolRRSeconds float64 `json:"netpolUDPRRSecondsPerSample,omitempty"`
+	// NetpolFlowsSeconds: UDP new-flow time per sample; NetpolRounds:
+	// rounds per scale (0 in a bench.json from before rounds).
+	NetpolFlowsSeconds float64       `json:"netpolUDPNewFlowsSecondsPerSample,omitempty"`
+	NetpolRounds       int           `json:"netpolRounds,omitempty"`
+	Netpol             []NetpolPoint `json:"netpol,omitempty"`
 }
 
 // carryOver keeps the rows of dir/bench.json this run does not measure, so
@@ -104,6 +108,7 @@ func (r *Results) carryOver(dir string, svc, np bool, log *slog.Logger) {
 	if !np {
 		r.NetpolDate, r.PolicyScales, r.NetpolConns, r.NetpolRRSeconds, r.Netpol =
 			old.NetpolDate, old.PolicyScales, old.NetpolConns, old.NetpolRRSeconds, old.Netpol
+		r.NetpolFlowsSeconds, r.NetpolRounds = old.NetpolFlowsSeconds, old.NetpolRounds
 	}
 }
 

@@ -29,8 +29,10 @@ func main() {
 		scales  = flag.String("scales", "10,1000,10000,100000", "numbers of Services to measure connect() at")
 		modes   = flag.String("modes", strings.Join(bench.AllModes, ","), "datapaths: direct,socklb,iptables,nftables (Services) and netpol (NetworkPolicy: none/eBPF/iptables/ipset)")
 		pScales = flag.String("policy-scales", "0,10,1000,10000", "netpol: numbers of CIDRs in the policy selecting the server pod")
-		pConns  = flag.Int("policy-connects", 5000, "netpol: new TCP connections per sample")
-		pRR     = flag.Duration("policy-rr", 3*time.Second, "netpol: UDP request/response time per sample")
+		pConns  = flag.Int("policy-connects", 3000, "netpol: new TCP connections per sample")
+		pRR     = flag.Duration("policy-rr", 1500*time.Millisecond, "netpol: UDP request/response time (established flow) per sample")
+		pFlows  = flag.Duration("policy-flows", 0, "netpol: UDP new-flow time (fresh source port per request) per sample (default: --policy-rr)")
+		pRounds = flag.Int("policy-rounds", 5, "netpol: rounds per scale, each measuring every datapath once in a rotated order; cells are median (min–max)")
 		out     = flag.String("out", "results", "results directory")
 		quick   = flag.Bool("quick", false, "fast smoke run at small N")
 		bulk    = flag.Int("bulk", 20000, "Services created (x --bulk-endpoints) with the datapath running; 0 skips")
@@ -45,7 +47,11 @@ func main() {
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	o := bench.Options{Out: *out, BulkServices: *bulk, BulkEndpoints: *bulkEps, Changes: *changes,
 		LatCount: *count, ModeTimeout: *timeout, KubeBinDir: *binDir, Etcd: *etcd, Log: log,
-		NetpolConns: *pConns, NetpolRR: *pRR}
+		NetpolConns: *pConns, NetpolRR: *pRR, NetpolFlows: *pFlows, NetpolRounds: *pRounds}
+	if *pRounds < 1 {
+		fmt.Fprintln(os.Stderr, "kebpf-bench: --policy-rounds must be at least 1")
+		os.Exit(2)
+	}
 	for _, s := range strings.Split(*scales, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(s))
 		if err != nil || n < 1 {
@@ -71,7 +77,7 @@ func main() {
 	if *quick {
 		o.Scales = []int{10, 100}
 		o.BulkServices, o.Changes, o.LatCount, o.ModeTimeout = 200, 10, 1000, 2*time.Minute
-		o.PolicyScales, o.NetpolConns, o.NetpolRR = []int{0, 10}, 1000, time.Second
+		o.PolicyScales, o.NetpolConns, o.NetpolRR, o.NetpolFlows, o.NetpolRounds = []int{0, 10}, 1000, 500*time.Millisecond, 500*time.Millisecond, 2
 	}
 	if os.Geteuid() != 0 {
 		fmt.Fprintln(os.Stderr, "kebpf-bench: needs root (network namespaces, cgroups, BPF)")

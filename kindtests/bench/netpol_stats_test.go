@@ -1,0 +1,194 @@
+//go:build linux
+
+package bench
+
+import (
+	"encoding/json"
+	"slices"
+	"strings"
+	"testing"
+)
+
+func TestRotation(t *testing.T) {
+	dps := []string{"A", "B", "C", "D"}
+	want := [][]string{
+		{"A", "B", "C", "D"},
+		{"B", "C", "D", "A"},
+		{"C", "D", "A", "B"},
+		{"D", "A", "B", "C"},
+		{"A", "B", "C", "D"},
+	}
+	for r, w := range want {
+		if got := rotation(dps, r); !slices.Equal(got, w) {
+			t.Errorf("round %d: %v, want %v", r, got, w)
+		}
+	}
+	// Over len rounds every item takes every position once.
+	for _, dp := range dps {
+		var slots []int
+		for r := range dps {
+			slots = append(slots, slices.Index(rotation(dps, r), dp))
+		}
+		slices.Sort(slots)
+		if !slices.Equal(slots, []int{0, 1, 2, 3}) {
+			t.Errorf("%s takes slots %v over 4 rounds", dp, slots)
+		}
+	}
+	if !slices.Equal(dps, []string{"A", "B", "C", "D"}) {
+		t.Errorf("rotation changed its input: %v", dps)
+	}
+	if got := rotation(nil, 3); len(got) != 0 {
+		t.Errorf("empty: %v", got)
+	}
+	if got := rotation(NetpolDatapaths, 0); !slices.Equal(got, NetpolDatapaths) {
+		t.Errorf("round 0 is not the column order: %v", got)
+	}
+}
+
+func TestMedianRange(t *testing.T) {
+	for _, c := range []struct {
+		in          []float64
+		med, lo, hi float64
+		ok          bool
+	}{
+		{nil, 0, 0, 0, false},
+		{[]float64{7}, 7, 7, 7, true},
+		{[]float64{3, 1, 2}, 2, 1, 3, true},
+		{[]float64{4, 1, 3, 2}, 2.5, 1, 4, true},
+		{[]float64{5300, 4900, 5170, 5100, 5200}, 5170, 4900, 5300, true},
+	} {
+		in := slices.Clone(c.in)
+		med, lo, hi, ok := medianRange(in)
+		if med != c.med || lo != c.lo || hi != c.hi || ok != c.ok {
+			t.Errorf("medianRange(%v) = %v %v %v %v, want %v %v %v %v", c.in, med, lo, hi, ok, c.med, c.lo, c.hi, c.ok)
+		}
+		if !slices.Equal(in, c.in) {
+			t.Errorf("medianRange sorted its input: %v", in)
+		}
+	}
+}
+
+func rounds(vals ...float64) []NetpolSample {
+	var ss []NetpolSample
+	for i, v := range vals {
+		ss = append(ss, NetpolSample{Round: i, ConnPerSec: v, ConnP50us: v / 10, ConnP99us: v / 5, RRPerSec: 2 * v, RRus: 1e6 / (2 * v),
+			FlowsPerSec: v + 1, FlowUs: 1e6 / (v + 1), ProgramSeconds: v / 1e5, Errors: 1})
+	}
+	return ss
+}
+
+func TestAggregateNetpol(t *testing.T) {
+	p := aggregateNetpol(NetpolEBPF, 10, rounds(5300, 4900, 5170, 5100, 5200))
+	if p.NA != "" || p.Rounds != 5 || len(p.Samples) != 5 {
+		t.Fatalf("point %+v", p)
+	}
+	if p.ConnPerSec != 5170 || p.RRPerSec != 10340 || p.FlowsPerSec != 5171 || p.ConnP50us != 517 || p.ProgramSeconds != 0.0517 || p.Errors != 5 {
+		t.Errorf("medians %+v", p)
+	}
+
+	// A failed round is left out of the medians and counted.
+	ss := rounds(100, 300, 200)
+	ss[1].NA = "udp rr: timeout"
+	p = aggregateNetpol(NetpolIptables, 10, ss)
+	if p.NA != "" || p.Rounds != 2 || p.ConnPerSec != 150 {
+		t.Errorf("partial: %+v", p)
+	}
+	if note := roundsNote(p); note != " [2/3 rounds]" {
+		t.Errorf("rounds note %q", note)
+	}
+
+	// A round that did not enforce makes the whole cell n/a.
+	ss = rounds(100, 300, 200)
+	ss[2].NA = "not enforced: port 8082 reached the server"
+	if p = aggregateNetpol(NetpolIpset, 10, ss); !strings.Contains(p.NA, "round 3: not enforced") {
+		t.Errorf("enforcement failure: %+v", p)
+	}
+	ss = rounds(100)
+	ss[0].NA = "client not allowed: timeout"
+	if p = aggregateNetpol(NetpolIpset, 10, ss); !strings.Contains(p.NA, "client not allowed") {
+		t.Errorf("client refused: %+v", p)
+	}
+
+	// No round with numbers: n/a with the first reason.
+	ss = rounds(1, 2)
+	ss[0].NA, ss[1].NA = "connections: refused", "udp rr: timeout"
+	if p = aggregateNetpol(NetpolEBPF, 0, ss); p.NA != "round 1: connections: refused" {
+		t.Errorf("all failed: %+v", p)
+	}
+}
+
+func TestStatCell(t *testing.T) {
+	p := aggregateNetpol(NetpolEBPF, 10, rounds(5300, 4900, 5170, 5100, 5200))
+	if got := statCell(p, "%.0f", p.ConnPerSec, func(s NetpolSample) float64 { return s.ConnPerSec }); got != "5170 (4900–5300)" {
+		t.Errorf("cell %q", got)
+	}
+	one := aggregateNetpol(NetpolEBPF, 10, rounds(5170))
+	if got := statCell(one, "%.0f", one.ConnPerSec, func(s NetpolSample) float64 { return s.ConnPerSec }); got != "5170" {
+		t.Errorf("one round: %q", got)
+	}
+	old := NetpolPoint{Datapath: NetpolEBPF, ConnPerSec: 5170}
+	if got := statCell(old, "%.0f", old.ConnPerSec, func(s NetpolSample) float64 { return s.ConnPerSec }); got != "5170" {
+		t.Errorf("no samples: %q", got)
+	}
+}
+
+func TestNetpolMarkdownRounds(t *testing.T) {
+	r := &Results{NetpolDate: "2026-12-01T00:00:00Z", PolicyScales: []int{0, 1000}, NetpolConns: 3000,
+		NetpolRRSeconds: 1.5, NetpolFlowsSeconds: 1.5, NetpolRounds: 5}
+	for _, n := range r.PolicyScales {
+		for i, dp := range NetpolDatapaths {
+			base := float64(5000 + 100*i)
+			r.Netpol = append(r.Netpol, aggregateNetpol(dp, n, rounds(base+130, base-270, base, base-70, base+30)))
+		}
+	}
+	bad := rounds(1, 2, 3)
+	bad[0].NA = "not enforced: port 8082 reached the server"
+	r.Netpol[len(r.Netpol)-1] = aggregateNetpol(NetpolIpset, 1000, bad)
+	var b strings.Builder
+	r.netpolMarkdown(&b)
+	md := b.String()
+	for _, want := range []string{
+		"- rounds: 5 per scale;",
+		"(none ebpf iptables ipset, then ebpf iptables ipset none, ...)",
+		"median over the rounds (min–max in parentheses)",
+		"for 1.5 s, each from a new socket",
+		"| metric | no policy | eBPF (ours) | iptables linear | ipset |",
+		"| connections/s, 0 CIDRs | 5000 (4730–5130) | 5100 (4830–5230) | 5200 (4930–5330) | 5300 (5030–5430) |",
+		"| connection p50 / p99 µs, 1k CIDRs | 500 (473–513) / 1000 (946–1026) |",
+		"| UDP round trips/s, established flow, 0 CIDRs | 10000 (9460–10260) |",
+		"| UDP new flows/s (fresh source port each), 1k CIDRs | 5001 (4731–5131) |",
+		"| program time to first allowed connection, 0 CIDRs | — | 0.051 (0.048–0.052) s |",
+		"| n/a (round 1: not enforced: port 8082 reached the server) |",
+	} {
+		if !strings.Contains(md, want) {
+			t.Errorf("markdown lacks %q:\n%s", want, md)
+		}
+	}
+	if rows := strings.Count(md, "\n| ") - 1; rows != 2*5 {
+		t.Errorf("%d table rows, want 10 (5 per scale):\n%s", rows, md)
+	}
+}
+
+// A bench.json written before rounds existed still loads (the Service rows
+// it carries must survive a netpol-only run) and renders its single values.
+func TestNetpolMarkdownOldResults(t *testing.T) {
+	old := `{"policyScales":[10],"netpolConnectionsPerSample":5000,"netpolUDPRRSecondsPerSample":3,
+	"netpol":[{"datapath":"ebpf","cidrs":10,"programSeconds":0.026,"connPerSec":4598,"connP50us":198.5,"connP99us":698.7,"udpRRPerSec":23460,"udpRRus":42.6}]}`
+	var r Results
+	if err := json.Unmarshal([]byte(old), &r); err != nil {
+		t.Fatal(err)
+	}
+	var b strings.Builder
+	r.netpolMarkdown(&b)
+	md := b.String()
+	for _, want := range []string{"| connections/s, 10 CIDRs | — | 4598 |", "198.5 / 698.7", "| 23460 |", "| 0.026 s |"} {
+		if !strings.Contains(md, want) {
+			t.Errorf("markdown lacks %q:\n%s", want, md)
+		}
+	}
+	for _, unwanted := range []string{"rounds:", "UDP new flows/s"} {
+		if strings.Contains(md, unwanted) {
+			t.Errorf("markdown of an old run has %q:\n%s", unwanted, md)
+		}
+	}
+}
