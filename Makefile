@@ -24,8 +24,8 @@ GOTEST       := $(GO) test -count=1 -p 1
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-build: ## build kubectl-ebpf and kebpf-agent into bin/
-	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/ ./plugin/cmd/kubectl-ebpf ./nodeagent/cmd/kebpf-agent
+build: ## build kubectl-ebpf, kebpf-agent and kebpf-cni into bin/
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/ ./plugin/cmd/kubectl-ebpf ./nodeagent/cmd/kebpf-agent ./nodeagent/cmd/kebpf-cni
 	install -m 0755 plugin/kubectl_complete-ebpf $(BIN)/
 
 $(CLUSTER_TOOL): FORCE

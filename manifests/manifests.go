@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
@@ -79,6 +80,29 @@ type RenderOptions struct {
 	// until the agent itself has programmed the socket LB. Both or neither.
 	APIServerHost string
 	APIServerPort string
+	// CNIConfDir and CNIBinDir are the nodes' CNI directories (defaults
+	// DefaultCNIConfDir, DefaultCNIBinDir). While the policy feature runs the
+	// agent chains kebpf-cni into the conf dir's primary config, so a new
+	// pod's policy is programmed before its containers start.
+	CNIConfDir, CNIBinDir string
+	// NoCNIChaining leaves the nodes' CNI config alone: a new pod is then
+	// enforced once the agent sees its IP in the API, not before its first
+	// packet.
+	NoCNIChaining bool
+}
+
+// Default CNI directories, as on kind nodes and most distributions.
+const (
+	DefaultCNIConfDir = "/etc/cni/net.d"
+	DefaultCNIBinDir  = "/opt/cni/bin"
+)
+
+// validHostDir accepts absolute, clean paths the template can quote.
+func validHostDir(what, p string) error {
+	if !strings.HasPrefix(p, "/") || filepath.Clean(p) != p || p == "/" || strings.ContainsAny(p, " \t\n\"'{}\\") {
+		return fmt.Errorf("invalid %s %q: an absolute, clean host path is required", what, p)
+	}
+	return nil
 }
 
 // Objects renders every embedded manifest, in apply order (namespace and CRD
@@ -104,6 +128,18 @@ func Objects(opts RenderOptions) ([]*unstructured.Unstructured, error) {
 		if p, err := strconv.Atoi(opts.APIServerPort); err != nil || p < 1 || p > 65535 {
 			return nil, fmt.Errorf("invalid API server port %q", opts.APIServerPort)
 		}
+	}
+	if opts.CNIConfDir == "" {
+		opts.CNIConfDir = DefaultCNIConfDir
+	}
+	if opts.CNIBinDir == "" {
+		opts.CNIBinDir = DefaultCNIBinDir
+	}
+	if err := validHostDir("CNI conf dir", opts.CNIConfDir); err != nil {
+		return nil, err
+	}
+	if err := validHostDir("CNI bin dir", opts.CNIBinDir); err != nil {
+		return nil, err
 	}
 	cfg := DefaultConfig()
 	if opts.Config != nil {

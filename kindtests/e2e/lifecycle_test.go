@@ -94,6 +94,22 @@ type nodeBPF struct {
 	attached []string // cgroup attachments of kebpf_* programs
 }
 
+// The nodes' CNI dirs: the install defaults, which both providers use.
+const (
+	cniConfDir = "/etc/cni/net.d"
+	cniBinDir  = "/opt/cni/bin"
+)
+
+// cniChained reports whether a CNI config of the node carries kebpf-cni and
+// whether its binary is installed.
+func cniChained(t *testing.T, node string) (entry, binary bool) {
+	t.Helper()
+	_, err := onNode(t, node, "sh", "-c", `grep -qs '"kebpf-cni"' `+cniConfDir+`/*`)
+	entry = err == nil
+	_, err = onNode(t, node, "test", "-x", cniBinDir+"/kebpf-cni")
+	return entry, err == nil
+}
+
 func inspectNode(t *testing.T, node string) nodeBPF {
 	t.Helper()
 	var s nodeBPF
@@ -198,6 +214,10 @@ func TestIntegrationLifecycle(t *testing.T) {
 		if !st.pinDir || !slices.Contains(st.programs, "kebpf_sockstat") || len(st.attached) == 0 {
 			t.Fatalf("node %s after install: pin dir %v, programs %v, attached %v", node, st.pinDir, st.programs, st.attached)
 		}
+		// The policy feature (on by default) chained kebpf-cni.
+		if entry, bin := cniChained(t, node); !entry || !bin {
+			t.Errorf("node %s after install: kebpf-cni in %s %v, binary in %s %v", node, cniConfDir, entry, cniBinDir, bin)
+		}
 		// The agent's metrics answer on the node's loopback only.
 		out, err := onNode(t, node, "curl", "-sf", "http://127.0.0.1:9890/metrics")
 		if err != nil || !strings.Contains(out, "kebpf_sockets_created_total") {
@@ -235,6 +255,9 @@ func TestIntegrationLifecycle(t *testing.T) {
 		st := inspectNode(t, node)
 		if st.pinDir || len(st.programs) > 0 || len(st.attached) > 0 {
 			t.Errorf("node %s after uninstall: pin dir %v, programs %v, attached %v", node, st.pinDir, st.programs, st.attached)
+		}
+		if entry, bin := cniChained(t, node); entry || bin {
+			t.Errorf("node %s after uninstall: kebpf-cni still in %s %v, binary in %s %v", node, cniConfDir, entry, cniBinDir, bin)
 		}
 	}
 	if r := kubectl(t, time.Minute, "get", "namespace", "kubectl-ebpf-system"); r.code == 0 {

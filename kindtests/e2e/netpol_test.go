@@ -348,6 +348,47 @@ func TestIntegrationNetworkPolicy(t *testing.T) {
 		checkMatrix(t, ips, npCase{name: "ipBlock except y/b", proto: "tcp", port: 80, allow: func(f, to npPod) bool { return !is(to, "x", "a") || !is(f, "y", "b") }})
 	})
 
+	t.Run("a new pod is protected before its first packet", func(t *testing.T) {
+		deleteAllPolicies(t)
+		// Default-deny egress for pods labelled fresh=deny. Each pod's only
+		// process connects to x/b the moment it starts: with the kebpf-cni
+		// hold the policy is in the kernel before that first SYN.
+		kubectlStdin(t, policy("x", "fresh-deny\n  podSelector: {matchLabels: {fresh: \"deny\"}}\n  policyTypes: [Egress]\n"), "apply", "-f", "-")
+		target := ips[npPod{"x", "b"}] + ":80"
+		for i, c := range []struct {
+			label string
+			allow bool
+		}{{"deny", false}, {"free", true}, {"deny", false}, {"deny", false}, {"free", true}} {
+			// "free" pods prove the network works at a pod's first packet,
+			// so a denied "deny" pod is the policy, not a network not
+			// ready yet.
+			name := fmt.Sprintf("fresh-%d-%s", i, c.label)
+			kubectlStdin(t, fmt.Sprintf(`apiVersion: v1
+kind: Pod
+metadata: {name: %s, namespace: %s, labels: {fresh: "%s"}}
+spec:
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: main
+    image: %s
+    imagePullPolicy: IfNotPresent
+    command: [/usr/local/bin/kebpf-testserver]
+    args: [probe, --to, '%s', --timeout, 2s]
+`, name, npNS("x"), c.label, env.Product.TestServerRef, target), "apply", "-f", "-")
+			t.Cleanup(func() { kubectl(t, time.Minute, "-n", npNS("x"), "delete", "pod", name, "--wait=false", "--ignore-not-found") })
+			phase := waitPodDone(t, npNS("x"), name, 90*time.Second)
+			logs := strings.TrimSpace(mustKubectl(t, time.Minute, "-n", npNS("x"), "logs", name))
+			var p probeResult
+			if err := json.Unmarshal([]byte(logs), &p); err != nil {
+				t.Fatalf("pod %s: logs %q: %v", name, logs, err)
+			}
+			if p.OK != c.allow {
+				t.Errorf("pod %s (fresh=%s, phase %s): first connection to x/b ok=%v, want %v: %+v", name, c.label, phase, p.OK, c.allow, p)
+			}
+		}
+	})
+
 	t.Run("disable policy then enable policy", func(t *testing.T) {
 		deleteAllPolicies(t)
 		kubectlStdin(t, policy("x", "deny\n  podSelector: {}\n  policyTypes: [Ingress]\n"), "apply", "-f", "-")
@@ -372,9 +413,17 @@ func TestIntegrationNetworkPolicy(t *testing.T) {
 			if len(left) > 0 {
 				t.Errorf("node %s: %v still loaded after disable policy", node, left)
 			}
+			if entry, bin := cniChained(t, node); entry || bin {
+				t.Errorf("node %s after disable policy: kebpf-cni still chained %v / installed %v", node, entry, bin)
+			}
 		}
 		checkMatrix(t, ips, npCase{name: "disabled", proto: "tcp", port: 80, allow: allowAll})
 		mustKubectl(t, 3*time.Minute, "ebpf", "enable", "policy", "--wait")
+		for _, node := range env.Cluster.Nodes {
+			if entry, bin := cniChained(t, node); !entry || !bin {
+				t.Errorf("node %s after enable policy: kebpf-cni chained %v / installed %v", node, entry, bin)
+			}
+		}
 		checkMatrix(t, ips, denyX)
 		if s, r := status(t); r.code != 0 {
 			t.Errorf("status after enable policy: exit %d: %+v", r.code, s)
@@ -417,4 +466,21 @@ spec:
 			t.Errorf("x/a -> Service y/yb (%s) with egress to y allowed: %+v", to, p)
 		}
 	})
+}
+
+// waitPodDone waits until the pod ran to completion and returns its phase.
+func waitPodDone(t *testing.T, ns, name string, timeout time.Duration) string {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		phase := strings.TrimSpace(kubectlQuiet(t, time.Minute, "-n", ns, "get", "pod", name, "-o", "jsonpath={.status.phase}").stdout)
+		if phase == "Succeeded" || phase == "Failed" {
+			return phase
+		}
+		if time.Now().After(deadline) {
+			desc := kubectl(t, time.Minute, "-n", ns, "describe", "pod", name)
+			t.Fatalf("pod %s/%s still %q after %v\n%s", ns, name, phase, timeout, desc.stdout)
+		}
+		time.Sleep(300 * time.Millisecond)
+	}
 }

@@ -79,16 +79,26 @@ func BuildProduct(ctx context.Context, root, outDir, version string) (Product, e
 	if err := os.MkdirAll(outDir, 0o755); err != nil {
 		return p, err
 	}
-	for _, img := range []struct{ pkg, bin, ref, tar string }{
-		{"./nodeagent/cmd/kebpf-agent", "kebpf-agent", p.AgentRef, p.AgentTar},
-		{"./kindtests/testserver", "kebpf-testserver", p.TestServerRef, p.TestServerTar},
+	// The agent image also carries kebpf-cni, which the agent copies into
+	// the node's CNI bin dir.
+	for _, img := range []struct {
+		ref, tar string
+		pkgs     map[string]string // main package -> binary name
+		entry    string
+	}{
+		{p.AgentRef, p.AgentTar, map[string]string{"./nodeagent/cmd/kebpf-agent": "kebpf-agent", "./nodeagent/cmd/kebpf-cni": "kebpf-cni"}, "kebpf-agent"},
+		{p.TestServerRef, p.TestServerTar, map[string]string{"./kindtests/testserver": "kebpf-testserver"}, "kebpf-testserver"},
 	} {
-		bin := filepath.Join(outDir, img.bin)
-		if err := GoBuild(ctx, root, img.pkg, bin, version); err != nil {
-			return p, err
+		files := map[string]string{}
+		for pkg, name := range img.pkgs {
+			bin := filepath.Join(outDir, name)
+			if err := GoBuild(ctx, root, pkg, bin, version); err != nil {
+				return p, err
+			}
+			files["/usr/local/bin/"+name] = bin
 		}
-		inImage := "/usr/local/bin/" + img.bin
-		if err := BuildBinaryImage(ctx, img.ref, map[string]string{inImage: bin}, []string{inImage}, img.tar); err != nil {
+		entry := "/usr/local/bin/" + img.entry
+		if err := BuildBinaryImage(ctx, img.ref, files, []string{entry}, img.tar); err != nil {
 			return p, fmt.Errorf("image %s: %w", img.ref, err)
 		}
 	}

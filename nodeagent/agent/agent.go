@@ -82,6 +82,8 @@ type Config struct {
 	ServiceSyncMin, ServiceSyncMax time.Duration
 	// OnServiceSync observes every service sync (tests, benchmarks).
 	OnServiceSync func(servicelb.SyncResult)
+	// CNI chains kebpf-cni while the policy feature runs.
+	CNI CNIConfig
 }
 
 // Agent is one running agent.
@@ -177,6 +179,10 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	a.log.Info("serving health and metrics", "addr", ln.Addr().String())
+	if err := a.serveCNI(ctx); err != nil {
+		srv.Close()
+		return err
+	}
 	defer func() {
 		shutdownCtx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()

@@ -24,6 +24,9 @@ const PolicyFeature = "policy"
 type policyFeature struct {
 	syncedFeature
 	a *Agent
+
+	// chainStop ends the loop keeping kebpf-cni chained (cni.go).
+	chainStop func()
 }
 
 func newPolicyFeature(a *Agent) *policyFeature {
@@ -86,6 +89,42 @@ func (f *policyFeature) Enable(ctx context.Context) error {
 		return err
 	}
 	f.start(ctx, objs, s)
+	// Chained only once the syncer runs, so the plugin never waits for a
+	// feature that is not there; from then on no pod starts unprogrammed.
+	f.chainStop = f.a.keepChained(ctx, dp.MapPinPaths(f.a.cfg.PinDir)[0])
 	f.a.log.Info("enabled", "feature", PolicyFeature, "nodeIPs", ips)
 	return nil
+}
+
+// Disable unchains the CNI plugin first (new pods stop waiting for us),
+// then removes enforcement.
+func (f *policyFeature) Disable() error {
+	f.stopChain()
+	err := f.a.unchain()
+	return errors.Join(err, f.syncedFeature.Disable())
+}
+
+// Close (agent exit) leaves the plugin chained: while the agent restarts,
+// a pod's sandbox fails and is retried rather than starting unprotected.
+func (f *policyFeature) Close() error {
+	f.stopChain()
+	return f.syncedFeature.Close()
+}
+
+func (f *policyFeature) stopChain() {
+	f.mu.Lock()
+	stop := f.chainStop
+	f.chainStop = nil
+	f.mu.Unlock()
+	if stop != nil {
+		stop()
+	}
+}
+
+// policySyncer is the running policy sync, nil when the feature is off.
+func (f *policyFeature) policySyncer() *netpol.Syncer {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	s, _ := f.syncer.(*netpol.Syncer)
+	return s
 }

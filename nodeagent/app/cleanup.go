@@ -3,16 +3,20 @@
 package app
 
 import (
+	"errors"
+	"fmt"
 	"io"
 
 	"github.com/spf13/cobra"
 
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/cleanup"
+	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/cni"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/mounts"
 )
 
 func newCleanupCommand(lo *logOptions, stdout, stderr io.Writer) *cobra.Command {
 	opts := cleanup.Options{Out: stdout}
+	var cniConfDir, cniBinDir string
 	cmd := &cobra.Command{
 		Use:   "cleanup",
 		Short: "Detach and unpin everything of ours; exit 0 only when nothing remains",
@@ -22,7 +26,22 @@ func newCleanupCommand(lo *logOptions, stdout, stderr io.Writer) *cobra.Command 
 			if err != nil {
 				return err
 			}
+			var errs []error
+			// Unchain first: from here on new pods no longer wait for an
+			// agent that is gone.
+			if cniConfDir != "" {
+				done, err := cni.Remove(cniConfDir, cniBinDir)
+				for _, d := range done {
+					fmt.Fprintln(stdout, d)
+				}
+				if err != nil {
+					errs = append(errs, fmt.Errorf("unchain kebpf-cni: %w", err))
+				}
+			}
 			if err := cleanup.Run(opts); err != nil {
+				errs = append(errs, err)
+			}
+			if err := errors.Join(errs...); err != nil {
 				return err
 			}
 			log.Info("cleanup complete", "pinDir", opts.PinDir, "cgroupRoot", opts.CgroupRoot)
@@ -32,5 +51,7 @@ func newCleanupCommand(lo *logOptions, stdout, stderr io.Writer) *cobra.Command 
 	f := cmd.Flags()
 	f.StringVar(&opts.PinDir, "pin-dir", mounts.DefaultPinDir, "bpffs directory to remove")
 	f.StringVar(&opts.CgroupRoot, "cgroup-root", mounts.DefaultCgroupRoot, "our cgroup2 mount to unmount")
+	f.StringVar(&cniConfDir, "cni-conf-dir", "", "CNI config dir to take kebpf-cni out of (empty: leave CNI config alone)")
+	f.StringVar(&cniBinDir, "cni-bin-dir", "", "CNI plugin dir to delete kebpf-cni from")
 	return cmd
 }

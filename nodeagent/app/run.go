@@ -17,6 +17,7 @@ import (
 
 	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/agent"
+	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/cni"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/mounts"
 )
 
@@ -26,6 +27,7 @@ type runOptions struct {
 	cgroupRoot string
 	healthAddr string
 	kubeconfig string
+	cni        agent.CNIConfig
 }
 
 func newRunCommand(lo *logOptions, stderr io.Writer) *cobra.Command {
@@ -60,6 +62,7 @@ func newRunCommand(lo *logOptions, stderr io.Writer) *cobra.Command {
 				Client:     client,
 				Kube:       kube,
 				Log:        log,
+				CNI:        o.cni,
 			})
 			if err != nil {
 				return err
@@ -79,6 +82,10 @@ func newRunCommand(lo *logOptions, stderr io.Writer) *cobra.Command {
 	f.StringVar(&o.cgroupRoot, "cgroup-root", mounts.DefaultCgroupRoot, "cgroup v2 mount to attach cgroup programs at")
 	f.StringVar(&o.healthAddr, "health-addr", "127.0.0.1:9890", "loopback address for /healthz, /readyz and /metrics")
 	f.StringVar(&o.kubeconfig, "kubeconfig", "", "kubeconfig for running outside a pod (default: in-cluster config)")
+	f.StringVar(&o.cni.Socket, "cni-socket", cni.DefaultSocket, "unix socket the kebpf-cni plugin calls (empty: no socket, no chaining)")
+	f.StringVar(&o.cni.ConfDir, "cni-conf-dir", "", "the node's CNI config dir as mounted in the agent; kebpf-cni is chained into its primary config while the policy feature runs (empty: no chaining)")
+	f.StringVar(&o.cni.BinDir, "cni-bin-dir", "", "the node's CNI plugin dir as mounted in the agent (kebpf-cni is copied there)")
+	f.StringVar(&o.cni.Plugin, "cni-plugin", "/usr/local/bin/kebpf-cni", "the kebpf-cni binary to install")
 	return cmd
 }
 

@@ -116,9 +116,14 @@ type Syncer struct {
 	retries    map[types.NamespacedName]int
 	hostIPsSet bool
 
+	// synced is closed once the informer caches are synced (Admit waits).
+	synced chan struct{}
+
 	mu       sync.Mutex
 	problems map[types.NamespacedName]map[string]Problem // per local pod, by Problem.String()
 	syncErr  error
+	hints    map[types.NamespacedName]hint         // IPs from the CNI plugin (admit.go)
+	admits   map[types.NamespacedName][]*admitWait // Admit calls waiting for a sync
 }
 
 type ifaceCache struct {
@@ -159,6 +164,9 @@ func New(opts Options) (*Syncer, error) {
 		ifaces:   map[types.NamespacedName]ifaceCache{},
 		retries:  map[types.NamespacedName]int{},
 		problems: map[types.NamespacedName]map[string]Problem{},
+		synced:   make(chan struct{}),
+		hints:    map[types.NamespacedName]hint{},
+		admits:   map[types.NamespacedName][]*admitWait{},
 	}
 	s.runner = runner.New(s.sync, opts.MinSyncInterval, opts.MaxSyncInterval, opts.RetryInterval)
 	return s, nil
@@ -242,6 +250,7 @@ func (s *Syncer) Run(ctx context.Context) error {
 			return fmt.Errorf("policy informer %v: cache not synced", typ)
 		}
 	}
+	close(s.synced)
 	if w, ok := s.opts.Interfaces.(InterfaceWatcher); ok {
 		go func() {
 			err := w.Watch(ctx, func() {
@@ -313,11 +322,17 @@ func (l listerSource) Policies(ns string) []*networkingv1.NetworkPolicy {
 }
 
 func (l listerSource) Pods(ns string) []*corev1.Pod {
+	var out []*corev1.Pod
 	if ns == "" {
-		out, _ := l.s.podLister.List(labels.Everything())
-		return out
+		out, _ = l.s.podLister.List(labels.Everything())
+	} else {
+		out, _ = l.s.podLister.Pods(ns).List(labels.Everything())
 	}
-	out, _ := l.s.podLister.Pods(ns).List(labels.Everything())
+	// The cache's slice is ours (List copies the pointers): pods the CNI
+	// announced before the API has their IPs take their hinted IPs.
+	for i, p := range out {
+		out[i] = l.s.withHint(p)
+	}
 	return out
 }
 
@@ -499,6 +514,9 @@ func (s *Syncer) sync(full bool) (err error) {
 		}
 		s.hostIPsSet = true
 	}
+	s.pruneHints()
+	compileFailed := map[types.NamespacedName]bool{}
+	defer func() { s.finishAdmits(compileFailed) }()
 	changes := s.tracker.Take()
 	var todo map[types.NamespacedName]bool
 	if full {
@@ -531,6 +549,7 @@ func (s *Syncer) sync(full bool) (err error) {
 	sort.Slice(keys, func(i, j int) bool { return keys[i].String() < keys[j].String() })
 	for _, k := range keys {
 		pod, _ := s.podLister.Pods(k.Namespace).Get(k.Name)
+		pod = s.withHint(pod)
 		prev, had := s.applied[k]
 		if pod == nil || !IsLocalEndpoint(pod, s.opts.NodeName) || (had && prev.uid != pod.UID) {
 			if had {
@@ -554,6 +573,7 @@ func (s *Syncer) sync(full bool) (err error) {
 		ep, problems, ok := c.Endpoint(pod)
 		s.setPodProblems(k, problems)
 		if !ok {
+			compileFailed[k] = true
 			continue // keep what is programmed; the problem says why
 		}
 		idx, err := s.ifIndex(k, pod, ep.IPs)
@@ -572,6 +592,7 @@ func (s *Syncer) sync(full bool) (err error) {
 			if errors.Is(err, dp.ErrFull) {
 				s.setPodProblems(k, append(problems, Problem{Namespace: k.Namespace, Pod: k.Name,
 					Reason: ReasonTooManyRules, Message: err.Error()}))
+				compileFailed[k] = true
 				continue
 			}
 			errs = append(errs, fmt.Errorf("apply endpoint %s: %w", k, err))

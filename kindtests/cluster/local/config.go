@@ -60,11 +60,11 @@ oom_score = 0
         Root = %q
 
   [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
+    bin_dir = %q
     conf_dir = %q
     max_conf_num = 1
 `, s.path("containerd", "root"), s.path("containerd", "state"), s.sock, s.path("containerd", "opt"),
-		PauseImage, s.runcRoot, s.path("cni", "net.d"))
+		PauseImage, s.runcRoot, CNIBinDir, CNIConfDir)
 }
 
 func (s *state) cniConfig() string {

@@ -219,7 +219,6 @@ func (p *Provider) Create(ctx context.Context, opts cluster.Options) (*cluster.C
 	}
 	for path, content := range map[string]string{
 		s.path("containerd", "config.toml"):         s.containerdConfig(),
-		s.path("cni", "net.d", "10-kebpf.conflist"): s.cniConfig(),
 		s.path("kubelet-config.yaml"):               s.kubeletConfig(),
 		s.path("kube-proxy-config.yaml"):            s.kubeProxyConfig(),
 	} {
@@ -227,7 +226,10 @@ func (p *Provider) Create(ctx context.Context, opts cluster.Options) (*cluster.C
 			return nil, err
 		}
 	}
-	st.done("pki and configs written to %s", s.dir)
+	if err := s.installCNI(); err != nil {
+		return nil, err
+	}
+	st.done("pki and configs written to %s, CNI config to %s", s.dir, CNIConfDir)
 
 	if err := s.setupNetwork(ctx); err != nil {
 		return nil, err

@@ -452,6 +452,9 @@ func (s *state) removeFiles() error {
 		os.Remove(r)
 	}
 	os.RemoveAll("/var/lib/cni/networks/kebpf")
+	if err := removeCNI(); err != nil {
+		errs = append(errs, fmt.Errorf("remove CNI config: %w", err))
+	}
 	if rec, ok := s.readRecord(); ok {
 		for _, p := range rec.Absent {
 			if len(mountsUnder(p)) > 0 {

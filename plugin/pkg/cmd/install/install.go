@@ -44,6 +44,9 @@ type Options struct {
 	// config (or DefaultConfig on a first install).
 	Enable  []string
 	Disable []string
+	// CNI directories on the nodes, and whether to chain kebpf-cni at all.
+	CNIConfDir, CNIBinDir string
+	NoCNIChaining         bool
 
 	// Clients may be preset (tests); Complete builds them otherwise.
 	Clients *kube.Clients
@@ -79,6 +82,9 @@ func NewCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStr
 	cmd.Flags().StringVar(&o.DryRun, "dry-run", DryRunNone, `"none", "client" (print what would be applied) or "server" (validate with the API server, persist nothing)`)
 	cmd.Flags().Lookup("dry-run").NoOptDefVal = DryRunClient
 	cmd.Flags().StringVarP(&o.Output, "output", "o", "", `"yaml" prints the manifests instead of applying them`)
+	cmd.Flags().StringVar(&o.CNIConfDir, "cni-conf-dir", manifests.DefaultCNIConfDir, "the nodes' CNI config dir: while the policy feature runs, kebpf-cni is chained into its first config so a new pod's policy is programmed before its containers start")
+	cmd.Flags().StringVar(&o.CNIBinDir, "cni-bin-dir", manifests.DefaultCNIBinDir, "the nodes' CNI plugin dir (kebpf-cni is installed there)")
+	cmd.Flags().BoolVar(&o.NoCNIChaining, "no-cni-chaining", false, "leave the nodes' CNI config alone; a new pod is then enforced once its IP is in the API, which can be after its first packets")
 	known := strings.Join(manifests.KnownFeatures, ", ")
 	cmd.Flags().StringArrayVar(&o.Enable, "enable", nil, "enable this feature (repeatable; "+known+"); features not named keep their current state, all on for a first install")
 	cmd.Flags().StringArrayVar(&o.Disable, "disable", nil, "disable this feature (repeatable; "+known+")")
@@ -106,6 +112,7 @@ func (o *Options) Complete() error {
 
 func (o *Options) render(ro manifests.RenderOptions) error {
 	ro.Image, ro.Version = o.Image, imageVersion(o.Image)
+	ro.CNIConfDir, ro.CNIBinDir, ro.NoCNIChaining = o.CNIConfDir, o.CNIBinDir, o.NoCNIChaining
 	objs, err := manifests.Objects(ro)
 	if err != nil {
 		return err

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
@@ -39,6 +40,8 @@ type Options struct {
 	// Clients may be preset (tests); Complete builds them otherwise.
 	Clients      *kube.Clients
 	PollInterval time.Duration
+
+	cniDirs *CNIDirs // where the agent chained kebpf-cni; nil: nowhere
 }
 
 // NewCmd returns the uninstall command.
@@ -128,11 +131,16 @@ func (o *Options) Run(ctx context.Context) error {
 	}
 
 	image := manifests.DefaultImage()
+	// Without the DaemonSet (an interrupted uninstall) the CNI dirs it
+	// mounted are unknown: the defaults are cleaned, which is harmless
+	// where we never chained.
+	o.cniDirs = &CNIDirs{Conf: manifests.DefaultCNIConfDir, Bin: manifests.DefaultCNIBinDir}
 	if ns != nil {
 		ds, err := c.Kube.AppsV1().DaemonSets(manifests.Namespace).Get(ctx, manifests.DaemonSetName, metav1.GetOptions{})
 		switch {
 		case err == nil:
 			image = health.AgentImage(ds)
+			o.cniDirs = AgentCNIDirs(ds)
 			// Background: the pods are waited for below; foreground deletion
 			// would also need the garbage collector to finish first.
 			if err := c.Kube.AppsV1().DaemonSets(manifests.Namespace).Delete(ctx, ds.Name, metav1.DeleteOptions{PropagationPolicy: ptr.To(metav1.DeletePropagationBackground)}); err != nil && !apierrors.IsNotFound(err) {
@@ -247,7 +255,7 @@ func (o *Options) cleanupNodes(ctx context.Context, image string) error {
 			fmt.Fprintf(o.Out, "node %s: not ready, skipping BPF cleanup\n", n.Name)
 			continue
 		}
-		p, err := pods.Create(ctx, CleanupPod(n.Name, image), metav1.CreateOptions{})
+		p, err := pods.Create(ctx, CleanupPod(n.Name, image, o.cniDirs), metav1.CreateOptions{})
 		if err != nil {
 			return fmt.Errorf("create cleanup pod on node %s: %w", n.Name, err)
 		}
@@ -361,12 +369,12 @@ func (o *Options) printLog(ctx context.Context, node, pod string) string {
 }
 
 // CleanupPod is the privileged pod, pinned to node, that removes our BPF state.
-func CleanupPod(node, image string) *corev1.Pod {
+func CleanupPod(node, image string, cni *CNIDirs) *corev1.Pod {
 	labels := manifests.CommonLabels()
 	labels[manifests.LabelName] = CleanupName
 	bidir := corev1.MountPropagationBidirectional
 	hostDir := corev1.HostPathDirectoryOrCreate
-	return &corev1.Pod{
+	p := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{
 			GenerateName: CleanupName + "-",
 			Namespace:    manifests.Namespace,
@@ -398,6 +406,44 @@ func CleanupPod(node, image string) *corev1.Pod {
 			},
 		},
 	}
+	if cni != nil {
+		// Unchained before the BPF objects go, so no new pod waits for an
+		// agent that is gone (nodeagent/cni).
+		c := &p.Spec.Containers[0]
+		c.Args = append(c.Args, "--cni-conf-dir=/host/cni/net.d", "--cni-bin-dir=/host/cni/bin")
+		c.VolumeMounts = append(c.VolumeMounts,
+			corev1.VolumeMount{Name: "cni-conf", MountPath: "/host/cni/net.d"},
+			corev1.VolumeMount{Name: "cni-bin", MountPath: "/host/cni/bin"})
+		p.Spec.Volumes = append(p.Spec.Volumes,
+			corev1.Volume{Name: "cni-conf", VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: cni.Conf}}},
+			corev1.Volume{Name: "cni-bin", VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: cni.Bin}}})
+	}
+	return p
+}
+
+// CNIDirs are the nodes' CNI directories the agent chained kebpf-cni into.
+type CNIDirs struct{ Conf, Bin string }
+
+// AgentCNIDirs reads them from the agent DaemonSet's "cni-conf" and
+// "cni-bin" hostPath volumes; nil when it has none (installed with
+// --no-cni-chaining).
+func AgentCNIDirs(ds *appsv1.DaemonSet) *CNIDirs {
+	var d CNIDirs
+	for _, v := range ds.Spec.Template.Spec.Volumes {
+		if v.HostPath == nil {
+			continue
+		}
+		switch v.Name {
+		case "cni-conf":
+			d.Conf = v.HostPath.Path
+		case "cni-bin":
+			d.Bin = v.HostPath.Path
+		}
+	}
+	if d.Conf == "" || d.Bin == "" {
+		return nil
+	}
+	return &d
 }
 
 // deleteManaged deletes, by label, every kind of object install creates:

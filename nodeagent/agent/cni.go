@@ -1,0 +1,171 @@
+//go:build linux
+
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/netip"
+	"time"
+
+	"k8s.io/apimachinery/pkg/types"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/cni"
+	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/netpol"
+)
+
+// CNIConfig chains kebpf-cni into the node's CNI configuration while the
+// policy feature runs, so a new pod's policy is programmed before its
+// containers start (package nodeagent/cni).
+type CNIConfig struct {
+	// Socket the plugin calls; empty disables the socket and chaining.
+	Socket string
+	// ConfDir and BinDir are the node's CNI directories as the agent sees
+	// them; empty ConfDir: do not chain (the socket is still served).
+	ConfDir, BinDir string
+	// Plugin is the kebpf-cni binary to install into BinDir.
+	Plugin string
+	// HostSocket is Socket's path on the host, written into the chained
+	// entry for the plugin (which runs on the host); Socket when empty.
+	HostSocket string
+}
+
+// DefaultChainInterval: how soon a CNI that rewrote its config gets our
+// entry back.
+const DefaultChainInterval = 5 * time.Second
+
+// serveCNI serves the plugin's socket until ctx ends.
+func (a *Agent) serveCNI(ctx context.Context) error {
+	if a.cfg.CNI.Socket == "" {
+		return nil
+	}
+	ln, err := cni.Listen(a.cfg.CNI.Socket)
+	if err != nil {
+		return err
+	}
+	srv := &http.Server{Handler: cni.Handler(cniAdmitter{a}, a.log.With("component", "cni")), ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		<-ctx.Done()
+		srv.Close()
+	}()
+	go func() {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			a.log.Error("cni socket", "err", err)
+		}
+	}()
+	a.log.Info("serving the CNI plugin", "socket", a.cfg.CNI.Socket)
+	return nil
+}
+
+// cniAdmitter answers the plugin from the policy feature.
+type cniAdmitter struct{ a *Agent }
+
+func (c cniAdmitter) policy() (*netpol.Syncer, bool) {
+	a := c.a
+	a.mu.Lock()
+	wanted := a.haveConfig && a.want.Enabled(PolicyFeature)
+	a.mu.Unlock()
+	for _, st := range a.feats {
+		if f, ok := st.f.(*policyFeature); ok {
+			return f.policySyncer(), wanted
+		}
+	}
+	return nil, wanted
+}
+
+func (c cniAdmitter) Admit(ctx context.Context, req cni.AddRequest) (cni.AddResponse, error) {
+	s, wanted := c.policy()
+	if s == nil {
+		if wanted {
+			// Switched on but not running (yet, or failing): a pod started
+			// now would go unprotected.
+			return cni.AddResponse{}, fmt.Errorf("the policy feature is enabled but not running on node %s yet", c.a.cfg.NodeName)
+		}
+		return cni.AddResponse{Enforced: false}, nil
+	}
+	var ips []netip.Addr
+	for _, s := range req.IPs {
+		ip, err := netip.ParseAddr(s)
+		if err != nil {
+			return cni.AddResponse{}, fmt.Errorf("pod IP %q: %w", s, err)
+		}
+		ips = append(ips, ip.Unmap())
+	}
+	res, err := s.Admit(ctx, req.Namespace, req.Name, types.UID(req.UID), ips)
+	if err != nil {
+		return cni.AddResponse{}, err
+	}
+	return cni.AddResponse{Enforced: true, Endpoint: res.Endpoint, Ingress: res.Ingress, Egress: res.Egress}, nil
+}
+
+func (c cniAdmitter) Release(req cni.DelRequest) {
+	if s, _ := c.policy(); s != nil {
+		s.Release(req.Namespace, req.Name, types.UID(req.UID))
+	}
+}
+
+// keepChained chains the plugin now and every DefaultChainInterval until
+// the returned stop is called. marker is the path whose existence tells
+// the plugin enforcement is loaded.
+func (a *Agent) keepChained(ctx context.Context, marker string) (stop func()) {
+	c := a.cfg.CNI
+	if c.Socket == "" || c.ConfDir == "" {
+		return func() {}
+	}
+	host := c.HostSocket
+	if host == "" {
+		host = c.Socket
+	}
+	in := &cni.Installer{ConfDir: c.ConfDir, BinDir: c.BinDir, PluginBinary: c.Plugin,
+		Entry: map[string]any{"socket": host, "enforcedMarker": marker}}
+	var lastErr string
+	ensure := func() {
+		changed, err := in.Ensure()
+		for _, ch := range changed {
+			a.log.Info("cni", "change", ch)
+		}
+		if msg := fmt.Sprint(err); err != nil && msg != lastErr {
+			a.log.Warn("cni chaining", "err", err, "confDir", c.ConfDir)
+			lastErr = msg
+		} else if err == nil {
+			lastErr = ""
+		}
+	}
+	// Once before Enable returns, so a ready agent has chained (when the
+	// node has a CNI config at all).
+	ensure()
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		t := time.NewTicker(DefaultChainInterval)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+				ensure()
+			}
+		}
+	}()
+	return func() {
+		cancel()
+		<-done
+	}
+}
+
+// unchain removes the plugin from the node's CNI configuration.
+func (a *Agent) unchain() error {
+	c := a.cfg.CNI
+	if c.ConfDir == "" {
+		return nil
+	}
+	done, err := cni.Remove(c.ConfDir, c.BinDir)
+	for _, d := range done {
+		a.log.Info("cni", "change", d)
+	}
+	return err
+}

@@ -1,0 +1,204 @@
+package netpol
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/types"
+)
+
+// Admission: the CNI plugin (nodeagent/cni) calls Admit while the runtime
+// creates a pod's sandbox, before any container of the pod runs. The pod's
+// IPs are not in the API yet (the kubelet reports them only after the
+// sandbox is up), so the plugin's IPs are kept as a hint and used wherever
+// the pod's status has none: the pod is compiled as an endpoint, its veth
+// attached, and Admit returns. Local peers see the new pod's IP at once
+// too. The hint is dropped when the pod's status carries IPs, when the
+// pod goes, or on CNI DEL.
+
+// admitPoll is how often Admit looks for a pod the informer has not
+// delivered yet (the pod is bound before the kubelet creates its sandbox,
+// so this is usually already the case).
+const admitPoll = 10 * time.Millisecond
+
+type hint struct {
+	uid types.UID // empty: the runtime did not say
+	ips []netip.Addr
+}
+
+// AdmitResult is what Admit programmed.
+type AdmitResult struct {
+	Endpoint        uint32
+	Ingress, Egress bool
+}
+
+type admitWait struct {
+	uid  types.UID
+	ips  []netip.Addr
+	done chan admitOutcome
+}
+
+type admitOutcome struct {
+	res AdmitResult
+	err error
+}
+
+// Admit programs the endpoint of pod ns/name (uid may be empty) with these
+// IPs and returns once its programs are attached, or ctx ends.
+func (s *Syncer) Admit(ctx context.Context, ns, name string, uid types.UID, ips []netip.Addr) (AdmitResult, error) {
+	if len(ips) == 0 {
+		return AdmitResult{}, fmt.Errorf("pod %s/%s: no IPs", ns, name)
+	}
+	select {
+	case <-s.synced:
+	case <-ctx.Done():
+		return AdmitResult{}, fmt.Errorf("pod %s/%s: policy informers not synced yet: %w", ns, name, ctx.Err())
+	}
+	k := types.NamespacedName{Namespace: ns, Name: name}
+	var pod *corev1.Pod
+	for {
+		p, _ := s.podLister.Pods(ns).Get(name)
+		if p != nil && (uid == "" || p.UID == uid) && p.Spec.NodeName == s.opts.NodeName {
+			pod = p
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return AdmitResult{}, fmt.Errorf("pod %s/%s (uid %q) bound to node %s not in the API cache: %w", ns, name, uid, s.opts.NodeName, ctx.Err())
+		case <-time.After(admitPoll):
+		}
+	}
+	if pod.Spec.HostNetwork {
+		return AdmitResult{}, nil
+	}
+	ips = slices.Clone(ips)
+	w := &admitWait{uid: pod.UID, ips: ips, done: make(chan admitOutcome, 1)}
+	s.mu.Lock()
+	s.hints[k] = hint{uid: pod.UID, ips: ips}
+	s.admits[k] = append(s.admits[k], w)
+	s.mu.Unlock()
+	defer s.dropWait(k, w)
+	// As a pod change, so local pods whose policies name it as a peer are
+	// recompiled with its IP too.
+	s.tracker.RecordPod(pod, s.withHint(pod))
+	s.tracker.RecordRetry([]types.NamespacedName{k})
+	s.runner.Request()
+	select {
+	case out := <-w.done:
+		return out.res, out.err
+	case <-ctx.Done():
+		why := "its interface was not found"
+		s.mu.Lock()
+		if ps := s.problems[k]; len(ps) > 0 {
+			var names []string
+			for n := range ps {
+				names = append(names, n)
+			}
+			slices.Sort(names)
+			why = strings.Join(names, "; ")
+		}
+		s.mu.Unlock()
+		return AdmitResult{}, fmt.Errorf("pod %s/%s not programmed (%s): %w", ns, name, why, ctx.Err())
+	}
+}
+
+// Release forgets the hint of a pod whose sandbox is gone.
+func (s *Syncer) Release(ns, name string, uid types.UID) {
+	k := types.NamespacedName{Namespace: ns, Name: name}
+	s.mu.Lock()
+	h, ok := s.hints[k]
+	if ok && (uid == "" || h.uid == uid) {
+		delete(s.hints, k)
+	}
+	s.mu.Unlock()
+	if ok {
+		s.tracker.RecordRetry([]types.NamespacedName{k})
+		s.runner.Request()
+	}
+}
+
+func (s *Syncer) dropWait(k types.NamespacedName, w *admitWait) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.admits[k] = slices.DeleteFunc(s.admits[k], func(x *admitWait) bool { return x == w })
+	if len(s.admits[k]) == 0 {
+		delete(s.admits, k)
+	}
+}
+
+// withHint returns pod with the CNI's IPs when its status has none yet.
+func (s *Syncer) withHint(pod *corev1.Pod) *corev1.Pod {
+	if pod == nil || len(pod.Status.PodIPs) > 0 || pod.Status.PodIP != "" {
+		return pod
+	}
+	s.mu.Lock()
+	h, ok := s.hints[key(pod)]
+	s.mu.Unlock()
+	if !ok || h.uid != pod.UID {
+		return pod
+	}
+	q := *pod
+	q.Status.PodIPs = nil
+	for _, ip := range h.ips {
+		q.Status.PodIPs = append(q.Status.PodIPs, corev1.PodIP{IP: ip.String()})
+	}
+	q.Status.PodIP = h.ips[0].String()
+	return &q
+}
+
+// finishAdmits answers the Admit calls whose pod the sync just programmed
+// (or could not compile); runs on the runner goroutine, after a sync.
+func (s *Syncer) finishAdmits(compileFailed map[types.NamespacedName]bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for k, ws := range s.admits {
+		a, ok := s.applied[k]
+		var waiting []*admitWait
+		for _, w := range ws {
+			switch {
+			case ok && a.uid == w.uid && containsAll(a.ep.IPs, w.ips):
+				w.done <- admitOutcome{res: AdmitResult{Endpoint: a.ep.ID, Ingress: a.ep.IngressEnforced, Egress: a.ep.EgressEnforced}}
+			case compileFailed[k]:
+				var names []string
+				for n := range s.problems[k] {
+					names = append(names, n)
+				}
+				slices.Sort(names)
+				w.done <- admitOutcome{err: fmt.Errorf("policy for pod %s cannot be programmed: %s", k, strings.Join(names, "; "))}
+			default:
+				waiting = append(waiting, w) // not yet: interface retry or a later sync
+			}
+		}
+		if len(waiting) == 0 {
+			delete(s.admits, k)
+		} else {
+			s.admits[k] = waiting
+		}
+	}
+}
+
+// pruneHints drops hints the API has caught up with, or whose pod is gone.
+func (s *Syncer) pruneHints() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for k, h := range s.hints {
+		p, _ := s.podLister.Pods(k.Namespace).Get(k.Name)
+		if p == nil || p.UID != h.uid || len(PodIPs(p)) > 0 {
+			delete(s.hints, k)
+		}
+	}
+}
+
+func containsAll(have, want []netip.Addr) bool {
+	for _, w := range want {
+		if !slices.Contains(have, w.Unmap()) {
+			return false
+		}
+	}
+	return true
+}
