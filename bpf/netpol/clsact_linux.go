@@ -480,3 +480,8 @@ func (c *rtnl) clsactInterfaces() ([]int, error) {
 	slices.Sort(out)
 	return slices.Compact(out), nil
 }
+
+// DetachClsactFilters removes every filter of ours (kebpf_np_*) from the
+// clsact qdiscs of the caller's network namespace, for `kebpf-agent
+// cleanup`, which has no Objects and no pins naming them.
+func DetachClsactFilters() error { return detachAllClsact() }

@@ -389,6 +389,42 @@ spec:
 		}
 	})
 
+	t.Run("agent away: a new pod waits for it instead of starting unprotected", func(t *testing.T) {
+		deleteAllPolicies(t)
+		ds := []string{"-n", "kubectl-ebpf-system"}
+		// Park the agents on no node; the policy datapath stays pinned.
+		mustKubectl(t, time.Minute, append(ds, "patch", "ds", "kebpf-agent", "--type", "merge", "-p",
+			`{"spec":{"template":{"spec":{"nodeSelector":{"kebpf-test/parked":"yes"}}}}}`)...)
+		unpark := func() {
+			// Idempotent: the cleanup repeats it.
+			kubectl(t, time.Minute, append(ds, "patch", "ds", "kebpf-agent", "--type", "merge", "-p",
+				`{"spec":{"template":{"spec":{"nodeSelector":null}}}}`)...)
+		}
+		t.Cleanup(func() {
+			unpark()
+			kubectl(t, 6*time.Minute, "ebpf", "status", "--wait", "--timeout", "5m")
+		})
+		mustKubectl(t, 2*time.Minute, append(ds, "wait", "--for=delete", "pod", "-l", "app.kubernetes.io/name=kebpf-agent", "--timeout=90s")...)
+		name := "while-agent-away"
+		mustKubectl(t, time.Minute, "-n", npNS("x"), "run", name, "--image", env.Product.TestServerRef, "--restart=Never",
+			"--command", "--", "/usr/local/bin/kebpf-testserver", "serve", "--tcp", "80", "--udp", "80", "--http", "0", "--name", name)
+		t.Cleanup(func() { kubectl(t, time.Minute, "-n", npNS("x"), "delete", "pod", name, "--wait=false", "--ignore-not-found") })
+		var msg string
+		for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline) && msg == ""; time.Sleep(time.Second) {
+			msg = kubectlQuiet(t, time.Minute, "-n", npNS("x"), "get", "events", "--field-selector",
+				"reason=FailedCreatePodSandBox,involvedObject.name="+name, "-o", "jsonpath={.items[*].message}").stdout
+		}
+		if !strings.Contains(msg, "kubectl-ebpf agent not reachable") || !strings.Contains(msg, "unprotected") {
+			t.Fatalf("want the sandbox refused with our reason while the agent is away; events: %q", msg)
+		}
+		if phase := kubectlQuiet(t, time.Minute, "-n", npNS("x"), "get", "pod", name, "-o", "jsonpath={.status.phase}").stdout; phase != "Pending" {
+			t.Fatalf("pod %s is %q while the agent is away, want Pending", name, phase)
+		}
+		unpark()
+		// The kubelet retries the sandbox; with the agent back it starts.
+		mustKubectl(t, 3*time.Minute, "-n", npNS("x"), "wait", "--for=condition=Ready", "pod/"+name, "--timeout=150s")
+	})
+
 	t.Run("disable policy then enable policy", func(t *testing.T) {
 		deleteAllPolicies(t)
 		kubectlStdin(t, policy("x", "deny\n  podSelector: {}\n  policyTypes: [Ingress]\n"), "apply", "-f", "-")

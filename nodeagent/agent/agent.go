@@ -25,6 +25,7 @@ import (
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/netpol"
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/socklb"
 	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/features"
@@ -84,6 +85,9 @@ type Config struct {
 	OnServiceSync func(servicelb.SyncResult)
 	// CNI chains kebpf-cni while the policy feature runs.
 	CNI CNIConfig
+	// PolicyAttach selects tcx or clsact for the policy programs (zero:
+	// auto, tcx where the kernel has it).
+	PolicyAttach netpol.AttachMode
 }
 
 // Agent is one running agent.

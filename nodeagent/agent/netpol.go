@@ -66,14 +66,18 @@ func (f *policyFeature) Enable(ctx context.Context) error {
 	if f.a.cfg.Kube == nil {
 		return errors.New("needs an API client to watch NetworkPolicies")
 	}
-	if err := f.a.requireKernel(features.BPFSyscall, features.ProgSchedCLS, features.LinkTCX, features.MapLPMTrie, features.MapLRUHash); err != nil {
+	need := []string{features.BPFSyscall, features.ProgSchedCLS, features.MapLPMTrie, features.MapLRUHash}
+	if f.a.cfg.PolicyAttach == dp.AttachTCX {
+		need = append(need, features.LinkTCX) // auto falls back to clsact
+	}
+	if err := f.a.requireKernel(need...); err != nil {
 		return err
 	}
 	ips, err := f.a.nodeIPs(ctx)
 	if err != nil {
 		return err
 	}
-	objs, err := dp.Load(f.a.cfg.PinDir, dp.LoadOptions{Logger: f.a.log.With("feature", PolicyFeature)})
+	objs, err := dp.Load(f.a.cfg.PinDir, dp.LoadOptions{Logger: f.a.log.With("feature", PolicyFeature), Attach: f.a.cfg.PolicyAttach})
 	if err != nil {
 		return err
 	}
@@ -92,7 +96,7 @@ func (f *policyFeature) Enable(ctx context.Context) error {
 	// Chained only once the syncer runs, so the plugin never waits for a
 	// feature that is not there; from then on no pod starts unprogrammed.
 	f.chainStop = f.a.keepChained(ctx, dp.MapPinPaths(f.a.cfg.PinDir)[0])
-	f.a.log.Info("enabled", "feature", PolicyFeature, "nodeIPs", ips)
+	f.a.log.Info("enabled", "feature", PolicyFeature, "nodeIPs", ips, "attach", objs.AttachMode().String())
 	return nil
 }
 

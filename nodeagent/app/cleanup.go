@@ -9,6 +9,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/netpol"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/cleanup"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/cni"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/mounts"
@@ -37,6 +38,11 @@ func newCleanupCommand(lo *logOptions, stdout, stderr io.Writer) *cobra.Command 
 				if err != nil {
 					errs = append(errs, fmt.Errorf("unchain kebpf-cni: %w", err))
 				}
+			}
+			// clsact filters are not pinned; they hold our programs until
+			// removed by name.
+			if err := netpol.DetachClsactFilters(); err != nil {
+				errs = append(errs, fmt.Errorf("clsact filters: %w", err))
 			}
 			if err := cleanup.Run(opts); err != nil {
 				errs = append(errs, err)

@@ -15,6 +15,7 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/netpol"
 	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/agent"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/cni"
@@ -28,6 +29,7 @@ type runOptions struct {
 	healthAddr string
 	kubeconfig string
 	cni        agent.CNIConfig
+	attach     netpol.AttachMode
 }
 
 func newRunCommand(lo *logOptions, stderr io.Writer) *cobra.Command {
@@ -54,15 +56,16 @@ func newRunCommand(lo *logOptions, stderr io.Writer) *cobra.Command {
 				return fmt.Errorf("kubernetes client: %w", err)
 			}
 			a, err := agent.New(agent.Config{
-				NodeName:   o.nodeName,
-				PinDir:     o.pinDir,
-				CgroupRoot: o.cgroupRoot,
-				HealthAddr: o.healthAddr,
-				Version:    manifests.Version,
-				Client:     client,
-				Kube:       kube,
-				Log:        log,
-				CNI:        o.cni,
+				NodeName:     o.nodeName,
+				PinDir:       o.pinDir,
+				CgroupRoot:   o.cgroupRoot,
+				HealthAddr:   o.healthAddr,
+				Version:      manifests.Version,
+				Client:       client,
+				Kube:         kube,
+				Log:          log,
+				CNI:          o.cni,
+				PolicyAttach: o.attach,
 			})
 			if err != nil {
 				return err
@@ -85,6 +88,7 @@ func newRunCommand(lo *logOptions, stderr io.Writer) *cobra.Command {
 	f.StringVar(&o.cni.Socket, "cni-socket", cni.DefaultSocket, "unix socket the kebpf-cni plugin calls (empty: no socket, no chaining)")
 	f.StringVar(&o.cni.ConfDir, "cni-conf-dir", "", "the node's CNI config dir as mounted in the agent; kebpf-cni is chained into its primary config while the policy feature runs (empty: no chaining)")
 	f.StringVar(&o.cni.BinDir, "cni-bin-dir", "", "the node's CNI plugin dir as mounted in the agent (kebpf-cni is copied there)")
+	f.Var(&o.attach, "policy-attach", "how the policy programs attach to pod interfaces: auto (tcx where the kernel has it, else clsact), tcx or clsact")
 	f.StringVar(&o.cni.Plugin, "cni-plugin", "/usr/local/bin/kebpf-cni", "the kebpf-cni binary to install")
 	return cmd
 }

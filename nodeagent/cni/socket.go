@@ -110,7 +110,7 @@ func Handler(a Admitter, log *slog.Logger) http.Handler {
 			http.Error(w, err.Error(), http.StatusServiceUnavailable)
 			return
 		}
-		log.Debug("cni add", "pod", req.Namespace+"/"+req.Name, "ips", req.IPs, "enforced", resp.Enforced,
+		log.Info("cni add", "pod", req.Namespace+"/"+req.Name, "ips", req.IPs, "enforced", resp.Enforced,
 			"endpoint", resp.Endpoint, "took", time.Since(start))
 		w.Header().Set("Content-Type", "application/json")
 		_ = json.NewEncoder(w).Encode(resp)

@@ -2,6 +2,7 @@ package netpol
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -10,6 +11,8 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/types"
+
+	dp "github.com/kubectl-ebpf/kubectl-ebpf/bpf/netpol"
 )
 
 // Admission: the CNI plugin (nodeagent/cni) calls Admit while the runtime
@@ -201,4 +204,65 @@ func containsAll(have, want []netip.Addr) bool {
 		}
 	}
 	return true
+}
+
+// endpointLister is implemented by datapaths that keep endpoints across
+// agent restarts (bpf/netpol's pinned maps).
+type endpointLister interface {
+	Endpoints() (map[uint32]dp.EndpointPolicy, error)
+}
+
+// adoptPinned runs before the first sync of a restarted agent: each local
+// pod takes over the endpoint a previous agent programmed for one of its
+// IPs, and endpoints of pods that went away meanwhile are deleted. Without
+// it the new agent's fresh IDs would collide with the pinned ones.
+func (s *Syncer) adoptPinned() error {
+	el, ok := s.opts.Datapath.(endpointLister)
+	if !ok {
+		return nil
+	}
+	pinned, err := el.Endpoints()
+	if err != nil {
+		return fmt.Errorf("read pinned endpoints: %w", err)
+	}
+	byIP := map[netip.Addr]uint32{}
+	var maxID uint32
+	for id, ep := range pinned {
+		maxID = max(maxID, id)
+		for _, ip := range ep.IPs {
+			byIP[ip.Unmap()] = id
+		}
+	}
+	s.ids.SkipEndpoints(maxID)
+	claimed := map[uint32]bool{}
+	for _, p := range s.localPods() {
+		p = s.withHint(p)
+		if !IsLocalEndpoint(p, s.opts.NodeName) {
+			continue
+		}
+		for _, ip := range PodIPs(p) {
+			id, ok := byIP[ip]
+			if !ok || claimed[id] {
+				continue
+			}
+			if s.ids.AdoptEndpoint(p.UID, id) {
+				claimed[id] = true
+				s.applied[key(p)] = applied{uid: p.UID, ep: pinned[id]}
+			}
+			break
+		}
+	}
+	var errs []error
+	for id := range pinned {
+		if claimed[id] {
+			continue
+		}
+		if err := s.opts.Datapath.DeleteEndpoint(id); err != nil {
+			errs = append(errs, fmt.Errorf("delete stale endpoint %d: %w", id, err))
+		}
+	}
+	if len(pinned) > 0 {
+		s.log.Info("took over pinned endpoints", "adopted", len(claimed), "stale", len(pinned)-len(claimed))
+	}
+	return errors.Join(errs...)
 }

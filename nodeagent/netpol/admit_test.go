@@ -139,3 +139,49 @@ func TestSyncAdmitErrors(t *testing.T) {
 		}
 	})
 }
+
+// pinnedDatapath is a fakeDatapath that, like bpf/netpol, keeps endpoints
+// across agent restarts.
+type pinnedDatapath struct{ *fakeDatapath }
+
+func (p pinnedDatapath) Endpoints() (map[uint32]dp.EndpointPolicy, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := map[uint32]dp.EndpointPolicy{}
+	for id, ep := range p.state {
+		out[id] = ep
+	}
+	return out, nil
+}
+
+// A restarted agent takes over the previous agent's endpoints instead of
+// colliding with them (the ifindex of x/a is still programmed as 7).
+func TestSyncRestartAdoptsPinnedEndpoints(t *testing.T) {
+	a := mkPod(podSpec{ns: "x", name: "a", node: testNode, ips: []string{"10.0.0.10"}})
+	b := mkPod(podSpec{ns: "x", name: "b", node: testNode, ips: []string{"10.0.0.11"}})
+	fdp := &fakeDatapath{state: map[uint32]dp.EndpointPolicy{
+		7: {ID: 7, IfIndex: 110, IPs: []netip.Addr{netip.MustParseAddr("10.0.0.10")}},
+		// A pod that went away while no agent ran.
+		9: {ID: 9, IfIndex: 150, IPs: []netip.Addr{netip.MustParseAddr("10.0.0.50")}},
+	}}
+	h := startSyncer(t, func(o *Options) { o.Datapath = pinnedDatapath{fdp} }, mkNamespace("x", nil), a, b)
+	h.dp = fdp
+	h.settle(0)
+	if id := h.s.ids.Endpoint(a.UID); id != 7 {
+		t.Errorf("x/a has endpoint %d, want the pinned 7", id)
+	}
+	if id := h.s.ids.Endpoint(b.UID); id <= 9 {
+		t.Errorf("x/b got endpoint %d, a pinned ID of another pod may not be reused", id)
+	}
+	fdp.mu.Lock()
+	defer fdp.mu.Unlock()
+	if _, ok := fdp.state[9]; ok {
+		t.Error("the stale endpoint 9 is still programmed")
+	}
+	if ep := fdp.state[7]; ep.IfIndex != 110 {
+		t.Errorf("x/a's endpoint: %+v", ep)
+	}
+	if len(fdp.state) != 2 {
+		t.Errorf("endpoints %v, want x/a and x/b only", fdp.state)
+	}
+}

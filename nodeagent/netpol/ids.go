@@ -94,3 +94,33 @@ func (ids *IDs) ReleaseEndpoint(uid types.UID) {
 	defer ids.mu.Unlock()
 	delete(ids.endpoints, uid)
 }
+
+// AdoptEndpoint gives uid the ID a previous agent programmed for it (found
+// pinned in the datapath), so a restart keeps endpoint IDs, counters and
+// flows. False when uid already has another ID or id is taken.
+func (ids *IDs) AdoptEndpoint(uid types.UID, id uint32) bool {
+	ids.mu.Lock()
+	defer ids.mu.Unlock()
+	if id == 0 {
+		return false
+	}
+	if have, ok := ids.endpoints[uid]; ok {
+		return have == id
+	}
+	for _, have := range ids.endpoints {
+		if have == id {
+			return false
+		}
+	}
+	ids.endpoints[uid] = id
+	ids.nextEndpoint = max(ids.nextEndpoint, id+1)
+	return true
+}
+
+// SkipEndpoints makes new endpoint IDs start above id: IDs a previous agent
+// used are not handed to other pods.
+func (ids *IDs) SkipEndpoints(id uint32) {
+	ids.mu.Lock()
+	defer ids.mu.Unlock()
+	ids.nextEndpoint = max(ids.nextEndpoint, id+1)
+}

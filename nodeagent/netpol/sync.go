@@ -115,6 +115,7 @@ type Syncer struct {
 	ifaces     map[types.NamespacedName]ifaceCache
 	retries    map[types.NamespacedName]int
 	hostIPsSet bool
+	adopted    bool // pinned endpoints of a previous agent taken over
 
 	// synced is closed once the informer caches are synced (Admit waits).
 	synced chan struct{}
@@ -513,6 +514,13 @@ func (s *Syncer) sync(full bool) (err error) {
 			return fmt.Errorf("set host IPs: %w", err)
 		}
 		s.hostIPsSet = true
+	}
+	if !s.adopted {
+		if err := s.adoptPinned(); err != nil {
+			return err
+		}
+		s.adopted = true
+		full = true
 	}
 	s.pruneHints()
 	compileFailed := map[types.NamespacedName]bool{}
