@@ -376,7 +376,9 @@ spec:
     command: [/usr/local/bin/kebpf-testserver]
     args: [probe, --to, '%s', --timeout, 2s]
 `, name, npNS("x"), c.label, env.Product.TestServerRef, target), "apply", "-f", "-")
-			t.Cleanup(func() { kubectl(t, time.Minute, "-n", npNS("x"), "delete", "pod", name, "--wait=false", "--ignore-not-found") })
+			t.Cleanup(func() {
+				kubectl(t, time.Minute, "-n", npNS("x"), "delete", "pod", name, "--wait=false", "--ignore-not-found")
+			})
 			phase := waitPodDone(t, npNS("x"), name, 90*time.Second)
 			logs := strings.TrimSpace(mustKubectl(t, time.Minute, "-n", npNS("x"), "logs", name))
 			var p probeResult
@@ -412,7 +414,9 @@ spec:
 		name := "while-agent-away"
 		mustKubectl(t, time.Minute, "-n", npNS("x"), "run", name, "--image", env.Product.TestServerRef, "--restart=Never",
 			"--command", "--", "/usr/local/bin/kebpf-testserver", "serve", "--tcp", "80", "--udp", "80", "--http", "0", "--name", name)
-		t.Cleanup(func() { kubectl(t, time.Minute, "-n", npNS("x"), "delete", "pod", name, "--wait=false", "--ignore-not-found") })
+		t.Cleanup(func() {
+			kubectl(t, time.Minute, "-n", npNS("x"), "delete", "pod", name, "--wait=false", "--ignore-not-found")
+		})
 		var msg string
 		for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline) && msg == ""; time.Sleep(time.Second) {
 			msg = kubectlQuiet(t, time.Minute, "-n", npNS("x"), "get", "events", "--field-selector",

@@ -218,9 +218,9 @@ func (p *Provider) Create(ctx context.Context, opts cluster.Options) (*cluster.C
 		}
 	}
 	for path, content := range map[string]string{
-		s.path("containerd", "config.toml"):         s.containerdConfig(),
-		s.path("kubelet-config.yaml"):               s.kubeletConfig(),
-		s.path("kube-proxy-config.yaml"):            s.kubeProxyConfig(),
+		s.path("containerd", "config.toml"): s.containerdConfig(),
+		s.path("kubelet-config.yaml"):       s.kubeletConfig(),
+		s.path("kube-proxy-config.yaml"):    s.kubeProxyConfig(),
 	} {
 		if err := writeFile(path, content); err != nil {
 			return nil, err
