@@ -12,6 +12,8 @@ import (
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/rtattr"
 )
 
 // The clsact fallback for kernels without tcx (< 6.6): one cls_bpf filter
@@ -217,49 +219,14 @@ func ackError(m syscall.NetlinkMessage) error {
 		off = 4 + int(binary.NativeEndian.Uint32(m.Data[4:]))
 	}
 	if off <= len(m.Data) {
-		for _, a := range parseNlAttrs(m.Data[off:]) {
-			if a.typ == unix.NLMSGERR_ATTR_MSG {
-				ne.msg = strings.TrimRight(string(a.value), "\x00")
+		for _, a := range rtattr.Parse(m.Data[off:]) {
+			if a.Type == unix.NLMSGERR_ATTR_MSG {
+				ne.msg = strings.TrimRight(string(a.Value), "\x00")
 			}
 		}
 	}
 	return ne
 }
-
-type nlAttr struct {
-	typ   uint16
-	value []byte
-}
-
-// parseNlAttrs reads attributes up to the first malformed one.
-func parseNlAttrs(b []byte) []nlAttr {
-	var out []nlAttr
-	for len(b) >= unix.SizeofRtAttr {
-		l := int(binary.NativeEndian.Uint16(b[0:]))
-		typ := binary.NativeEndian.Uint16(b[2:]) &^ unix.NLA_F_NESTED
-		if l < unix.SizeofRtAttr || l > len(b) {
-			break
-		}
-		out = append(out, nlAttr{typ, b[unix.SizeofRtAttr:l]})
-		b = b[min(len(b), (l+unix.RTA_ALIGNTO-1)&^(unix.RTA_ALIGNTO-1)):]
-	}
-	return out
-}
-
-func nlAttrBytes(typ uint16, data []byte) []byte {
-	l := unix.SizeofRtAttr + len(data)
-	b := make([]byte, (l+unix.RTA_ALIGNTO-1)&^(unix.RTA_ALIGNTO-1))
-	binary.NativeEndian.PutUint16(b[0:], uint16(l))
-	binary.NativeEndian.PutUint16(b[2:], typ)
-	copy(b[unix.SizeofRtAttr:], data)
-	return b
-}
-
-func nlAttrU32(typ uint16, v uint32) []byte {
-	return nlAttrBytes(typ, binary.NativeEndian.AppendUint32(nil, v))
-}
-
-func nlAttrString(typ uint16, s string) []byte { return nlAttrBytes(typ, append([]byte(s), 0)) }
 
 func tcMsg(ifindex int, handle, parent, info uint32) []byte {
 	b := make([]byte, sizeofTcMsg)
@@ -273,7 +240,7 @@ func tcMsg(ifindex int, handle, parent, info uint32) []byte {
 
 // ensureClsact creates the clsact qdisc of ifindex unless one is there.
 func (c *rtnl) ensureClsact(ifindex int) error {
-	body := append(tcMsg(ifindex, tcHMake(tcHClsact, 0), tcHClsact, 0), nlAttrString(unix.TCA_KIND, "clsact")...)
+	body := append(tcMsg(ifindex, tcHMake(tcHClsact, 0), tcHClsact, 0), rtattr.String(unix.TCA_KIND, "clsact")...)
 	_, err := c.do(unix.RTM_NEWQDISC, unix.NLM_F_CREATE|unix.NLM_F_EXCL, body)
 	if errors.Is(err, unix.EEXIST) {
 		// Ours from before, or someone else's (also when it is a plain
@@ -307,22 +274,22 @@ func (c *rtnl) dumpFilters(ifindex int, parent uint32) ([]tcFilter, error) {
 			// The classifier itself (one message per priority), no filter.
 			continue
 		}
-		for _, a := range parseNlAttrs(m[sizeofTcMsg:]) {
-			switch a.typ {
+		for _, a := range rtattr.Parse(m[sizeofTcMsg:]) {
+			switch a.Type {
 			case unix.TCA_KIND:
-				f.kind = strings.TrimRight(string(a.value), "\x00")
+				f.kind = strings.TrimRight(string(a.Value), "\x00")
 			case unix.TCA_CHAIN:
-				if len(a.value) >= 4 {
-					f.chain = binary.NativeEndian.Uint32(a.value)
+				if len(a.Value) >= 4 {
+					f.chain = binary.NativeEndian.Uint32(a.Value)
 				}
 			case unix.TCA_OPTIONS:
-				for _, o := range parseNlAttrs(a.value) {
-					switch o.typ {
+				for _, o := range rtattr.Parse(a.Value) {
+					switch o.Type {
 					case tcaBPFName:
-						f.name = strings.TrimRight(string(o.value), "\x00")
+						f.name = strings.TrimRight(string(o.Value), "\x00")
 					case tcaBPFID:
-						if len(o.value) >= 4 {
-							f.progID = binary.NativeEndian.Uint32(o.value)
+						if len(o.Value) >= 4 {
+							f.progID = binary.NativeEndian.Uint32(o.Value)
 						}
 					}
 				}
@@ -337,14 +304,14 @@ func (c *rtnl) dumpFilters(ifindex int, parent uint32) ([]tcFilter, error) {
 // at (prio, handle) on one hook of ifindex.
 func (c *rtnl) setBPFFilter(ifindex int, parent uint32, prio uint16, handle uint32, prog *ebpf.Program, name string) error {
 	opts := slices.Concat(
-		nlAttrU32(tcaBPFFD, uint32(prog.FD())),
-		nlAttrString(tcaBPFName, name),
-		nlAttrU32(tcaBPFFlags, tcaBPFFlagActDirect),
+		rtattr.U32(tcaBPFFD, uint32(prog.FD())),
+		rtattr.String(tcaBPFName, name),
+		rtattr.U32(tcaBPFFlags, tcaBPFFlagActDirect),
 	)
 	body := slices.Concat(
 		tcMsg(ifindex, handle, parent, uint32(prio)<<16|uint32(ethPAll)),
-		nlAttrString(unix.TCA_KIND, "bpf"),
-		nlAttrBytes(unix.TCA_OPTIONS|unix.NLA_F_NESTED, opts),
+		rtattr.String(unix.TCA_KIND, "bpf"),
+		rtattr.Bytes(unix.TCA_OPTIONS|unix.NLA_F_NESTED, opts),
 	)
 	// NLM_F_CREATE without NLM_F_EXCL: create, or replace the filter that
 	// has this handle (tc filter replace).
@@ -355,9 +322,9 @@ func (c *rtnl) setBPFFilter(ifindex int, parent uint32, prio uint16, handle uint
 // delFilter deletes exactly f (its priority, protocol, handle and chain):
 // never the whole classifier of a priority other filters may share.
 func (c *rtnl) delFilter(f tcFilter) error {
-	body := slices.Concat(tcMsg(f.ifindex, f.handle, f.parent, f.info), nlAttrString(unix.TCA_KIND, f.kind))
+	body := slices.Concat(tcMsg(f.ifindex, f.handle, f.parent, f.info), rtattr.String(unix.TCA_KIND, f.kind))
 	if f.chain != 0 {
-		body = append(body, nlAttrU32(unix.TCA_CHAIN, f.chain)...)
+		body = append(body, rtattr.U32(unix.TCA_CHAIN, f.chain)...)
 	}
 	_, err := c.do(unix.RTM_DELTFILTER, 0, body)
 	if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENODEV) {
@@ -471,8 +438,8 @@ func (c *rtnl) clsactInterfaces() ([]int, error) {
 		if len(m) < sizeofTcMsg {
 			continue
 		}
-		for _, a := range parseNlAttrs(m[sizeofTcMsg:]) {
-			if a.typ == unix.TCA_KIND && strings.TrimRight(string(a.value), "\x00") == "clsact" {
+		for _, a := range rtattr.Parse(m[sizeofTcMsg:]) {
+			if a.Type == unix.TCA_KIND && strings.TrimRight(string(a.Value), "\x00") == "clsact" {
 				out = append(out, int(int32(binary.NativeEndian.Uint32(m[4:]))))
 			}
 		}

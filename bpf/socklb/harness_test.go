@@ -161,6 +161,18 @@ func socket(fam, typ int) (int, error) {
 	return fd, nil
 }
 
+// retryEINTR repeats a receive the Go runtime's preemption signal (SIGURG)
+// interrupted: with SO_RCVTIMEO set the kernel does not restart it, even
+// under SA_RESTART (signal(7)).
+func retryEINTR(f func() (int, error)) (int, error) {
+	for {
+		n, err := f()
+		if err != unix.EINTR {
+			return n, err
+		}
+	}
+}
+
 func doTCP(dst string) attempt {
 	var a attempt
 	fam, sa := sockaddr(dst)
@@ -176,7 +188,7 @@ func doTCP(dst string) attempt {
 		a.Peer = saString(p)
 	}
 	buf := make([]byte, 128)
-	n, err := unix.Read(fd, buf)
+	n, err := retryEINTR(func() (int, error) { return unix.Read(fd, buf) })
 	if err != nil {
 		return failed(a, "read", err)
 	}
@@ -210,7 +222,11 @@ func doUDP(dst string, connected bool) attempt {
 
 func udpRecv(fd int, a attempt) attempt {
 	buf := make([]byte, 128)
-	n, from, err := unix.Recvfrom(fd, buf, 0)
+	var from unix.Sockaddr
+	n, err := retryEINTR(func() (n int, err error) {
+		n, from, err = unix.Recvfrom(fd, buf, 0)
+		return n, err
+	})
 	if err != nil {
 		return failed(a, "recvfrom", err)
 	}

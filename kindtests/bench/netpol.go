@@ -638,7 +638,7 @@ func udpRROp(req workerReq) workerResp {
 		if _, err := unix.Write(fd, msg); err != nil {
 			return err
 		}
-		_, err := unix.Read(fd, buf)
+		_, err := readRetry(fd, buf)
 		return err
 	}
 	for i := 0; i < 1000; i++ {
@@ -714,7 +714,7 @@ func udpFlowsOp(req workerReq) workerResp {
 		if _, err := unix.Write(fd, msg); err != nil {
 			return false, err
 		}
-		if _, err := unix.Read(fd, buf); err != nil {
+		if _, err := readRetry(fd, buf); err != nil {
 			return false, err
 		}
 		return true, nil
@@ -825,4 +825,15 @@ func (r *Results) netpolMarkdown(b *strings.Builder) {
 // fmtSeconds prints a sample duration without trailing zeros: 3, 1.5, 0.2.
 func fmtSeconds(s float64) string {
 	return strconv.FormatFloat(s, 'f', -1, 64)
+}
+
+// readRetry repeats a read the Go runtime's preemption signal interrupted:
+// with SO_RCVTIMEO set the kernel does not restart it (signal(7)).
+func readRetry(fd int, buf []byte) (int, error) {
+	for {
+		n, err := unix.Read(fd, buf)
+		if err != unix.EINTR {
+			return n, err
+		}
+	}
 }

@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/rtattr"
 )
 
 // Interface discovery with raw rtnetlink (vishvananda/netlink is not a
@@ -227,6 +229,9 @@ func request(fd int, typ uint16, flags uint16, body []byte) ([]syscall.NetlinkMe
 	buf := make([]byte, 1<<16)
 	for {
 		n, _, err := unix.Recvfrom(fd, buf, 0)
+		if errors.Is(err, unix.EINTR) {
+			continue // the Go runtime's preemption signal; SO_RCVTIMEO disables the restart
+		}
 		if err != nil {
 			return nil, err
 		}
@@ -259,15 +264,6 @@ func request(fd int, typ uint16, flags uint16, body []byte) ([]syscall.NetlinkMe
 	}
 }
 
-func rtattr(typ uint16, data []byte) []byte {
-	l := unix.SizeofRtAttr + len(data)
-	b := make([]byte, (l+unix.RTA_ALIGNTO-1)&^(unix.RTA_ALIGNTO-1))
-	binary.NativeEndian.PutUint16(b[0:], uint16(l))
-	binary.NativeEndian.PutUint16(b[2:], typ)
-	copy(b[unix.SizeofRtAttr:], data)
-	return b
-}
-
 // routeGet asks the kernel which route it would use to reach ip.
 func routeGet(ip netip.Addr) (oif int, rtype uint8, err error) {
 	fd, err := hostSocket()
@@ -282,7 +278,7 @@ func routeGet(ip netip.Addr) (oif int, rtype uint8, err error) {
 	body := make([]byte, unix.SizeofRtMsg)
 	body[0] = byte(family)
 	body[1] = byte(ip.BitLen()) // dst_len
-	body = append(body, rtattr(unix.RTA_DST, ip.AsSlice())...)
+	body = append(body, rtattr.Bytes(unix.RTA_DST, ip.AsSlice())...)
 	msgs, err := request(fd, unix.RTM_GETROUTE, 0, body)
 	if err != nil {
 		return 0, 0, err
@@ -292,9 +288,9 @@ func routeGet(ip netip.Addr) (oif int, rtype uint8, err error) {
 			continue
 		}
 		rtype = m.Data[7] // rtm_type
-		for _, a := range parseAttrs(m.Data[unix.SizeofRtMsg:]) {
-			if a.typ == unix.RTA_OIF {
-				oif = u32(a.value)
+		for _, a := range rtattr.Parse(m.Data[unix.SizeofRtMsg:]) {
+			if a.Type == unix.RTA_OIF {
+				oif = u32(a.Value)
 			}
 		}
 		return oif, rtype, nil
@@ -339,45 +335,23 @@ func dumpLinksFd(fd int, only int) (map[int]link, error) {
 		}
 		idx := int(int32(binary.NativeEndian.Uint32(m.Data[4:8])))
 		var l link
-		for _, a := range parseAttrs(m.Data[unix.SizeofIfInfomsg:]) {
-			switch a.typ {
+		for _, a := range rtattr.Parse(m.Data[unix.SizeofIfInfomsg:]) {
+			switch a.Type {
 			case unix.IFLA_IFNAME:
-				l.name = string(trimNul(a.value))
+				l.name = string(trimNul(a.Value))
 			case unix.IFLA_MASTER:
-				l.master = u32(a.value)
+				l.master = u32(a.Value)
 			case unix.IFLA_LINK:
-				l.link = u32(a.value)
+				l.link = u32(a.Value)
 			case unix.IFLA_LINK_NETNSID:
 				l.hasLinkNetns = true
 			case unix.IFLA_LINKINFO:
-				l.kind = linkKind(a.value)
+				l.kind = linkKind(a.Value)
 			}
 		}
 		out[idx] = l
 	}
 	return out, nil
-}
-
-type attr struct {
-	typ   uint16
-	value []byte
-}
-
-// parseAttrs reads route attributes up to the first malformed one. The
-// syscall package's parser rejects a whole message for one attribute it
-// does not like (bridges carry plenty), which would hide the link.
-func parseAttrs(b []byte) []attr {
-	var out []attr
-	for len(b) >= unix.SizeofRtAttr {
-		l := int(binary.NativeEndian.Uint16(b[0:]))
-		typ := binary.NativeEndian.Uint16(b[2:]) &^ unix.NLA_F_NESTED
-		if l < unix.SizeofRtAttr || l > len(b) {
-			break
-		}
-		out = append(out, attr{typ, b[unix.SizeofRtAttr:l]})
-		b = b[min(len(b), (l+unix.RTA_ALIGNTO-1)&^(unix.RTA_ALIGNTO-1)):]
-	}
-	return out
 }
 
 func u32(b []byte) int {
@@ -388,9 +362,9 @@ func u32(b []byte) int {
 }
 
 func linkKind(nested []byte) string {
-	for _, a := range parseAttrs(nested) {
-		if a.typ == unix.IFLA_INFO_KIND {
-			return string(trimNul(a.value))
+	for _, a := range rtattr.Parse(nested) {
+		if a.Type == unix.IFLA_INFO_KIND {
+			return string(trimNul(a.Value))
 		}
 	}
 	return ""
@@ -420,11 +394,11 @@ func addrIndex(fd int, ip netip.Addr) (int, error) {
 			continue
 		}
 		idx := int(binary.NativeEndian.Uint32(m.Data[4:8]))
-		for _, a := range parseAttrs(m.Data[unix.SizeofIfAddrmsg:]) {
-			if a.typ != unix.IFA_LOCAL && a.typ != unix.IFA_ADDRESS {
+		for _, a := range rtattr.Parse(m.Data[unix.SizeofIfAddrmsg:]) {
+			if a.Type != unix.IFA_LOCAL && a.Type != unix.IFA_ADDRESS {
 				continue
 			}
-			if got, ok := netip.AddrFromSlice(a.value); ok && got.Unmap() == ip {
+			if got, ok := netip.AddrFromSlice(a.Value); ok && got.Unmap() == ip {
 				return idx, nil
 			}
 		}
