@@ -213,3 +213,55 @@ func TestConfigMapRendersConfig(t *testing.T) {
 		})
 	}
 }
+
+func TestAgentCNIChaining(t *testing.T) {
+	tests := []struct {
+		name          string
+		opts          RenderOptions
+		wantArgs      string
+		wantConf, bin string // hostPaths; "" = no CNI volumes
+		wantErr       string
+	}{
+		{name: "defaults", wantArgs: "run --cni-conf-dir=/host/cni/net.d --cni-bin-dir=/host/cni/bin", wantConf: DefaultCNIConfDir, bin: DefaultCNIBinDir},
+		{name: "custom dirs", opts: RenderOptions{CNIConfDir: "/var/lib/cni/conf", CNIBinDir: "/usr/lib/cni"},
+			wantArgs: "run --cni-conf-dir=/host/cni/net.d --cni-bin-dir=/host/cni/bin", wantConf: "/var/lib/cni/conf", bin: "/usr/lib/cni"},
+		{name: "opted out", opts: RenderOptions{NoCNIChaining: true}, wantArgs: "run"},
+		{name: "relative dir", opts: RenderOptions{CNIConfDir: "etc/cni"}, wantErr: "invalid CNI conf dir"},
+		{name: "unclean dir", opts: RenderOptions{CNIBinDir: "/opt/../cni"}, wantErr: "invalid CNI bin dir"},
+		{name: "injection", opts: RenderOptions{CNIConfDir: "/etc\"\n  evil: x"}, wantErr: "invalid CNI conf dir"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			objs, err := Objects(tt.opts)
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("err = %v, want %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			ds := find(t, objs, "DaemonSet")
+			cs, _, _ := unstructured.NestedSlice(ds.Object, "spec", "template", "spec", "containers")
+			var args []string
+			for _, a := range cs[0].(map[string]any)["args"].([]any) {
+				args = append(args, a.(string))
+			}
+			if got := strings.Join(args, " "); got != tt.wantArgs {
+				t.Errorf("agent args %q, want %q", got, tt.wantArgs)
+			}
+			vols, _, _ := unstructured.NestedSlice(ds.Object, "spec", "template", "spec", "volumes")
+			got := map[string]string{}
+			for _, v := range vols {
+				v := v.(map[string]any)
+				if hp, ok := v["hostPath"].(map[string]any); ok {
+					got[v["name"].(string)] = hp["path"].(string)
+				}
+			}
+			if got["cni-conf"] != tt.wantConf || got["cni-bin"] != tt.bin {
+				t.Errorf("CNI hostPaths conf %q bin %q, want %q %q", got["cni-conf"], got["cni-bin"], tt.wantConf, tt.bin)
+			}
+		})
+	}
+}

@@ -137,3 +137,40 @@ func TestUninstallNothingInstalled(t *testing.T) {
 		t.Errorf("changed the cluster: %v", m)
 	}
 }
+
+// An agent that chained kebpf-cni: the cleanup pod mounts the same host CNI
+// dirs and unchains there.
+func TestUninstallUnchainsCNI(t *testing.T) {
+	objs := installed()
+	ds := objs[1].(*appsv1.DaemonSet)
+	ds.Spec.Template.Spec.Volumes = []corev1.Volume{
+		{Name: "cni-conf", VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: "/etc/custom/net.d"}}},
+		{Name: "cni-bin", VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: "/usr/lib/cni"}}},
+	}
+	f := testutil.NewFake(t, objs)
+	created := cleanupPhase(f, corev1.PodSucceeded)
+	if out, err := run(t, f); err != nil {
+		t.Fatalf("uninstall: %v\n%s", err, out)
+	}
+	if len(*created) != 1 {
+		t.Fatalf("%d cleanup pods", len(*created))
+	}
+	p := (*created)[0]
+	if got := strings.Join(p.Spec.Containers[0].Args, " "); got != "cleanup --cni-conf-dir=/host/cni/net.d --cni-bin-dir=/host/cni/bin" {
+		t.Errorf("cleanup args %q", got)
+	}
+	host := map[string]string{}
+	for _, v := range p.Spec.Volumes {
+		if v.HostPath != nil {
+			host[v.Name] = v.HostPath.Path
+		}
+	}
+	mounted := map[string]string{}
+	for _, m := range p.Spec.Containers[0].VolumeMounts {
+		mounted[m.Name] = m.MountPath
+	}
+	if host["cni-conf"] != "/etc/custom/net.d" || host["cni-bin"] != "/usr/lib/cni" ||
+		mounted["cni-conf"] != "/host/cni/net.d" || mounted["cni-bin"] != "/host/cni/bin" {
+		t.Errorf("CNI volumes %v mounted at %v", host, mounted)
+	}
+}
