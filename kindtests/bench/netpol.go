@@ -656,16 +656,7 @@ func udpRROp(req workerReq) workerResp {
 		}
 		n++
 	}
-	wall := time.Since(start)
-	resp := workerResp{Errors: errs, OK: n > 0}
-	if errs > 0 {
-		resp.Err = firstErr.Error()
-	}
-	if n > 0 {
-		resp.RRPerSec = float64(n) / wall.Seconds()
-		resp.RRus = wall.Seconds() * 1e6 / float64(n)
-	}
-	return resp
+	return rateResp(n, errs, firstErr, time.Since(start))
 }
 
 // Source ports of the new-flow sample: every request comes from the next
@@ -736,16 +727,7 @@ func udpFlowsOp(req workerReq) workerResp {
 			n++
 		}
 	}
-	wall := time.Since(start)
-	resp := workerResp{Errors: errs, OK: n > 0}
-	if errs > 0 {
-		resp.Err = firstErr.Error()
-	}
-	if n > 0 {
-		resp.RRPerSec = float64(n) / wall.Seconds()
-		resp.RRus = wall.Seconds() * 1e6 / float64(n)
-	}
-	return resp
+	return rateResp(n, errs, firstErr, time.Since(start))
 }
 
 // netpolMarkdown renders the policy table: one row per metric and scale,
@@ -836,4 +818,17 @@ func readRetry(fd int, buf []byte) (int, error) {
 			return n, err
 		}
 	}
+}
+
+// rateResp is a request/response sample: n answered in wall, errs failed.
+func rateResp(n, errs int, firstErr error, wall time.Duration) workerResp {
+	resp := workerResp{Errors: errs, OK: n > 0}
+	if errs > 0 {
+		resp.Err = firstErr.Error()
+	}
+	if n > 0 {
+		resp.RRPerSec = float64(n) / wall.Seconds()
+		resp.RRus = wall.Seconds() * 1e6 / float64(n)
+	}
+	return resp
 }
