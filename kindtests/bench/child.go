@@ -253,21 +253,7 @@ func latency(req workerReq) workerResp {
 		}
 		samples = append(samples, d)
 	}
-	wall := time.Since(start)
-	resp := workerResp{Errors: errs, OK: len(samples) > 0}
-	if errs > 0 {
-		resp.Err = firstErr.Error()
-	}
-	if len(samples) == 0 {
-		return resp
-	}
-	slices.Sort(samples)
-	q := func(p float64) float64 {
-		return float64(samples[int(p*float64(len(samples)-1))]) / float64(time.Microsecond)
-	}
-	resp.P50us, resp.P99us = q(0.50), q(0.99)
-	resp.ConnPerSec = float64(len(samples)) / wall.Seconds()
-	return resp
+	return connResp(samples, errs, firstErr, time.Since(start))
 }
 
 // wait polls one address until the answer names req.Expect (or anything,
@@ -444,4 +430,23 @@ func watchAttached(ctx context.Context, dp *swappable, pinDir string, log *slog.
 			return
 		}
 	}
+}
+
+// connResp is a connection sample: one latency per answered connection in
+// wall, errs failed.
+func connResp(samples []time.Duration, errs int, firstErr error, wall time.Duration) workerResp {
+	resp := workerResp{Errors: errs, OK: len(samples) > 0}
+	if errs > 0 {
+		resp.Err = firstErr.Error()
+	}
+	if len(samples) == 0 {
+		return resp
+	}
+	slices.Sort(samples)
+	q := func(p float64) float64 {
+		return float64(samples[int(p*float64(len(samples)-1))]) / float64(time.Microsecond)
+	}
+	resp.P50us, resp.P99us = q(0.50), q(0.99)
+	resp.ConnPerSec = float64(len(samples)) / wall.Seconds()
+	return resp
 }

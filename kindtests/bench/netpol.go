@@ -12,7 +12,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
-	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -597,21 +596,7 @@ func connsOp(req workerReq) workerResp {
 		}
 		samples = append(samples, time.Since(t0))
 	}
-	wall := time.Since(start)
-	resp := workerResp{Errors: errs, OK: len(samples) > 0}
-	if errs > 0 {
-		resp.Err = firstErr.Error()
-	}
-	if len(samples) == 0 {
-		return resp
-	}
-	slices.Sort(samples)
-	q := func(p float64) float64 {
-		return float64(samples[int(p*float64(len(samples)-1))]) / float64(time.Microsecond)
-	}
-	resp.P50us, resp.P99us = q(0.50), q(0.99)
-	resp.ConnPerSec = float64(len(samples)) / wall.Seconds()
-	return resp
+	return connResp(samples, errs, firstErr, time.Since(start))
 }
 
 // udpRROp sends 64-byte requests on one connected UDP socket and waits for
