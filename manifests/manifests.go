@@ -97,6 +97,15 @@ const (
 	DefaultCNIBinDir  = "/opt/cni/bin"
 )
 
+// The agent DaemonSet's CNI hostPath volumes and where the agent (and the
+// uninstall cleanup pod) mount them; 40-daemonset.yaml spells the same.
+const (
+	CNIConfVolume = "cni-conf"
+	CNIBinVolume  = "cni-bin"
+	CNIConfMount  = "/host/cni/net.d"
+	CNIBinMount   = "/host/cni/bin"
+)
+
 // validHostDir accepts absolute, clean paths the template can quote.
 func validHostDir(what, p string) error {
 	if !strings.HasPrefix(p, "/") || filepath.Clean(p) != p || p == "/" || strings.ContainsAny(p, " \t\n\"'{}\\") {

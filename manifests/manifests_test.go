@@ -222,6 +222,7 @@ func TestAgentCNIChaining(t *testing.T) {
 		wantConf, bin string // hostPaths; "" = no CNI volumes
 		wantErr       string
 	}{
+		// The literal paths also pin 40-daemonset.yaml to CNIConfMount/CNIBinMount.
 		{name: "defaults", wantArgs: "run --cni-conf-dir=/host/cni/net.d --cni-bin-dir=/host/cni/bin", wantConf: DefaultCNIConfDir, bin: DefaultCNIBinDir},
 		{name: "custom dirs", opts: RenderOptions{CNIConfDir: "/var/lib/cni/conf", CNIBinDir: "/usr/lib/cni"},
 			wantArgs: "run --cni-conf-dir=/host/cni/net.d --cni-bin-dir=/host/cni/bin", wantConf: "/var/lib/cni/conf", bin: "/usr/lib/cni"},
@@ -259,8 +260,11 @@ func TestAgentCNIChaining(t *testing.T) {
 					got[v["name"].(string)] = hp["path"].(string)
 				}
 			}
-			if got["cni-conf"] != tt.wantConf || got["cni-bin"] != tt.bin {
-				t.Errorf("CNI hostPaths conf %q bin %q, want %q %q", got["cni-conf"], got["cni-bin"], tt.wantConf, tt.bin)
+			if got[CNIConfVolume] != tt.wantConf || got[CNIBinVolume] != tt.bin {
+				t.Errorf("CNI hostPaths conf %q bin %q, want %q %q", got[CNIConfVolume], got[CNIBinVolume], tt.wantConf, tt.bin)
+			}
+			if tt.wantConf != "" && !strings.Contains(tt.wantArgs, "--cni-conf-dir="+CNIConfMount) {
+				t.Errorf("agent args %q do not use CNIConfMount %s", tt.wantArgs, CNIConfMount)
 			}
 		})
 	}

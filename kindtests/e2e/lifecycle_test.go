@@ -12,6 +12,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
 )
 
 // result is one finished command.
@@ -96,8 +98,8 @@ type nodeBPF struct {
 
 // The nodes' CNI dirs: the install defaults, which both providers use.
 const (
-	cniConfDir = "/etc/cni/net.d"
-	cniBinDir  = "/opt/cni/bin"
+	cniConfDir = manifests.DefaultCNIConfDir
+	cniBinDir  = manifests.DefaultCNIBinDir
 )
 
 // cniChained reports whether a CNI config of the node carries kebpf-cni and

@@ -7,13 +7,15 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
 )
 
 // The node's CNI lives at the standard paths, as on kind nodes, so
 // `kubectl ebpf install` chains kebpf-cni with its defaults on both.
 const (
-	CNIConfDir = "/etc/cni/net.d"
-	CNIBinDir  = "/opt/cni/bin"
+	CNIConfDir = manifests.DefaultCNIConfDir
+	CNIBinDir  = manifests.DefaultCNIBinDir
 	// cniConfName sorts first: the runtime uses the first config by name.
 	cniConfName = "10-kebpf.conflist"
 )

@@ -410,13 +410,13 @@ func CleanupPod(node, image string, cni *CNIDirs) *corev1.Pod {
 		// Unchained before the BPF objects go, so no new pod waits for an
 		// agent that is gone (nodeagent/cni).
 		c := &p.Spec.Containers[0]
-		c.Args = append(c.Args, "--cni-conf-dir=/host/cni/net.d", "--cni-bin-dir=/host/cni/bin")
+		c.Args = append(c.Args, "--cni-conf-dir="+manifests.CNIConfMount, "--cni-bin-dir="+manifests.CNIBinMount)
 		c.VolumeMounts = append(c.VolumeMounts,
-			corev1.VolumeMount{Name: "cni-conf", MountPath: "/host/cni/net.d"},
-			corev1.VolumeMount{Name: "cni-bin", MountPath: "/host/cni/bin"})
+			corev1.VolumeMount{Name: manifests.CNIConfVolume, MountPath: manifests.CNIConfMount},
+			corev1.VolumeMount{Name: manifests.CNIBinVolume, MountPath: manifests.CNIBinMount})
 		p.Spec.Volumes = append(p.Spec.Volumes,
-			corev1.Volume{Name: "cni-conf", VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: cni.Conf}}},
-			corev1.Volume{Name: "cni-bin", VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: cni.Bin}}})
+			corev1.Volume{Name: manifests.CNIConfVolume, VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: cni.Conf}}},
+			corev1.Volume{Name: manifests.CNIBinVolume, VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: cni.Bin}}})
 	}
 	return p
 }
@@ -434,9 +434,9 @@ func AgentCNIDirs(ds *appsv1.DaemonSet) *CNIDirs {
 			continue
 		}
 		switch v.Name {
-		case "cni-conf":
+		case manifests.CNIConfVolume:
 			d.Conf = v.HostPath.Path
-		case "cni-bin":
+		case manifests.CNIBinVolume:
 			d.Bin = v.HostPath.Path
 		}
 	}
