@@ -40,7 +40,8 @@ type Installer struct {
 	// "type" is added.
 	Entry map[string]any
 
-	binary []byte // PluginBinary's bytes, read once
+	binary   []byte      // PluginBinary's bytes, read once
+	verified os.FileInfo // the installed binary when it last matched
 }
 
 // Ensure installs the binary when it differs and our entry in the primary
@@ -55,12 +56,18 @@ func (in *Installer) Ensure() ([]string, error) {
 			}
 			in.binary = b
 		}
-		ok, err := copyIfDifferent(in.binary, filepath.Join(in.BinDir, PluginType))
-		if err != nil {
-			return nil, err
-		}
-		if ok {
-			changed = append(changed, "installed "+filepath.Join(in.BinDir, PluginType))
+		dst := filepath.Join(in.BinDir, PluginType)
+		// Every period: read the installed binary back only when it changed
+		// on disk since it last matched.
+		if fi, err := os.Stat(dst); err != nil || in.verified == nil || !sameFile(fi, in.verified) {
+			ok, err := copyIfDifferent(in.binary, dst)
+			if err != nil {
+				return nil, err
+			}
+			if ok {
+				changed = append(changed, "installed "+dst)
+			}
+			in.verified, _ = os.Stat(dst)
 		}
 	}
 	path, err := primaryConfig(in.ConfDir)
@@ -257,6 +264,10 @@ func writeAtomic(path string, b []byte, mode os.FileMode) error {
 		return fmt.Errorf("replace %s: %w", path, err)
 	}
 	return nil
+}
+
+func sameFile(a, b os.FileInfo) bool {
+	return os.SameFile(a, b) && a.Size() == b.Size() && a.ModTime().Equal(b.ModTime())
 }
 
 // copyIfDifferent installs want at dst (atomically, executable) unless dst

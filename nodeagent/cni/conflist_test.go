@@ -83,6 +83,15 @@ func TestEnsureChainsLastAndIsIdempotent(t *testing.T) {
 	if changed, err := in.Ensure(); err != nil || len(changed) != 0 {
 		t.Fatalf("second Ensure changed %v (err %v)", changed, err)
 	}
+	// Someone replaces the installed binary: it is put back.
+	os.Remove(filepath.Join(in.BinDir, PluginType))
+	os.WriteFile(filepath.Join(in.BinDir, PluginType), []byte("other"), 0o755)
+	if changed, err := in.Ensure(); err != nil || len(changed) != 1 {
+		t.Fatalf("after the binary was replaced: %v %v", changed, err)
+	}
+	if b, _ := os.ReadFile(filepath.Join(in.BinDir, PluginType)); string(b) != "#!/bin/true\n" {
+		t.Fatalf("binary not restored: %q", b)
+	}
 	// The CNI rewrites its config (kindnet does on start): we come back.
 	os.WriteFile(primary, []byte(bridgeList), 0o644)
 	if changed, err := in.Ensure(); err != nil || len(changed) != 1 {
