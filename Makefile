@@ -35,15 +35,15 @@ FORCE:
 deps: ## install the Debian packages the tests and the local cluster need
 	@bash .ci/deps
 
-generate: ## regenerate the BPF objects and Go bindings (clang-19)
-	$(GO) generate ./bpf/...
+generate: ## regenerate API deepcopy + CRD YAML (controller-gen) and the BPF objects and Go bindings (clang-19)
+	$(GO) generate ./api/... ./bpf/...
 
 verify: ## gofmt, go vet, and generated files match their sources
 	@echo "== verify: gofmt, vet, generate"
 	@test -z "$$(gofmt -l $$(git ls-files '*.go' | grep -v '_bpfel.go$$'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1; }
 	$(GO) vet ./...
 	$(MAKE) --no-print-directory generate
-	@git diff --exit-code -- bpf || { echo "generated BPF files differ from the committed ones: run make generate and commit"; exit 1; }
+	@git diff --exit-code -- api bpf manifests/yaml || { echo "generated files differ from the committed ones: run make generate and commit"; exit 1; }
 
 unit: ## fast tests (no root, no cluster)
 	@echo "== unit tier"

@@ -7,6 +7,7 @@ import (
 	"embed"
 	"errors"
 	"fmt"
+	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"io"
 	"io/fs"
 	"path/filepath"
@@ -69,10 +70,10 @@ type RenderOptions struct {
 	Image string
 	// Version recorded in the app.kubernetes.io/version label; Version when empty.
 	Version string
-	// Config is written to the ConfigMap; DefaultConfig() when nil. install
+	// Config is written to the ConfigMap; apiv1.DefaultConfig() when nil. install
 	// passes the cluster's current config so a re-install keeps what
 	// `kubectl ebpf enable|disable` set.
-	Config *Config
+	Config *apiv1.AgentConfig
 	// APIServerHost and APIServerPort, when set, become KUBERNETES_SERVICE_HOST
 	// and KUBERNETES_SERVICE_PORT of the agent container: the API server's real
 	// endpoint, so the hostNetwork agent reaches it on clusters without
@@ -150,7 +151,7 @@ func Objects(opts RenderOptions) ([]*unstructured.Unstructured, error) {
 	if err := validHostDir("CNI bin dir", opts.CNIBinDir); err != nil {
 		return nil, err
 	}
-	cfg := DefaultConfig()
+	cfg := apiv1.DefaultConfig()
 	if opts.Config != nil {
 		cfg = *opts.Config
 	}
@@ -188,8 +189,8 @@ func Objects(opts RenderOptions) ([]*unstructured.Unstructured, error) {
 		// Set here, not in the template: a YAML block scalar inside a
 		// template is one indentation slip away from a different document.
 		if o.GetKind() == "ConfigMap" && o.GetName() == ConfigMapName {
-			if err := unstructured.SetNestedField(o.Object, string(cfgYAML), "data", ConfigKey); err != nil {
-				return nil, fmt.Errorf("set %s: %w", ConfigKey, err)
+			if err := unstructured.SetNestedField(o.Object, string(cfgYAML), "data", apiv1.ConfigKey); err != nil {
+				return nil, fmt.Errorf("set %s: %w", apiv1.ConfigKey, err)
 			}
 		}
 	}

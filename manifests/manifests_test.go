@@ -1,6 +1,7 @@
 package manifests
 
 import (
+	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"strings"
 	"testing"
 
@@ -187,10 +188,10 @@ func TestAgentAPIServerEnv(t *testing.T) {
 }
 
 func TestConfigMapRendersConfig(t *testing.T) {
-	off := Config{Features: map[string]bool{"sockstats": true, "service-lb": false}}
+	off := apiv1.AgentConfig{Features: map[string]bool{"sockstats": true, "service-lb": false}}
 	tests := []struct {
 		name string
-		cfg  *Config
+		cfg  *apiv1.AgentConfig
 		want string
 	}{
 		{name: "first install: defaults", want: "features:\n  policy: true\n  service-lb: true\n  sockstats: true\n"},
@@ -203,11 +204,11 @@ func TestConfigMapRendersConfig(t *testing.T) {
 				t.Fatal(err)
 			}
 			cm := find(t, objs, "ConfigMap")
-			got, _, _ := unstructured.NestedString(cm.Object, "data", ConfigKey)
+			got, _, _ := unstructured.NestedString(cm.Object, "data", apiv1.ConfigKey)
 			if got != tt.want {
 				t.Errorf("config.yaml = %q, want %q", got, tt.want)
 			}
-			if _, err := ParseConfig([]byte(got)); err != nil {
+			if _, err := apiv1.ParseConfig([]byte(got)); err != nil {
 				t.Errorf("agent would reject the rendered config: %v", err)
 			}
 		})

@@ -25,12 +25,12 @@ import (
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 
+	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/netpol"
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/socklb"
 	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/features"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/mounts"
-	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/nodestate"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/servicelb"
 )
 
@@ -101,8 +101,8 @@ type Agent struct {
 	wake  chan struct{}
 
 	mu         sync.Mutex
-	features   []nodestate.Feature // kernel probes
-	want       manifests.Config
+	features   []apiv1.KernelFeature // kernel probes
+	want       apiv1.AgentConfig
 	haveConfig bool
 	configErr  string
 	published  bool
@@ -264,22 +264,22 @@ func (a *Agent) ensureMounts() error {
 }
 
 // State is the NodeState the agent would publish now.
-func (a *Agent) State() *nodestate.NodeState {
+func (a *Agent) State() *apiv1.NodeState {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	active, errs := a.activeAndErrorsLocked()
-	st := nodestate.Status{
+	st := apiv1.NodeStateStatus{
 		AgentVersion: a.cfg.Version,
 		Kernel:       a.kernel,
-		Features:     append([]nodestate.Feature(nil), a.features...),
+		Features:     append([]apiv1.KernelFeature(nil), a.features...),
 		Active:       active,
 		Errors:       errs,
 		Heartbeat:    metav1.NewTime(time.Now().UTC().Truncate(time.Second)),
 	}
 	// Ready in NodeState is stricter than /readyz: any error counts.
 	st.Ready = a.haveConfig && a.allEnabledActiveLocked() && len(st.Errors) == 0
-	return &nodestate.NodeState{
-		TypeMeta: metav1.TypeMeta{APIVersion: nodestate.GVK.GroupVersion().String(), Kind: nodestate.Kind},
+	return &apiv1.NodeState{
+		TypeMeta: metav1.TypeMeta{APIVersion: apiv1.NodeStateGVK.GroupVersion().String(), Kind: apiv1.NodeStateKind},
 		ObjectMeta: metav1.ObjectMeta{
 			Name: a.cfg.NodeName,
 			Labels: map[string]string{
@@ -298,14 +298,14 @@ func (a *Agent) publish(ctx context.Context) {
 		return
 	}
 	state := a.State()
-	u, err := nodestate.ToUnstructured(state)
+	u, err := apiv1.ToUnstructured(state)
 	if err != nil {
 		a.log.Error("publish nodestate", "err", err)
 		return
 	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	_, err = a.cfg.Client.Resource(nodestate.GVR).Apply(ctx, a.cfg.NodeName, u,
+	_, err = a.cfg.Client.Resource(apiv1.NodeStateGVR).Apply(ctx, a.cfg.NodeName, u,
 		metav1.ApplyOptions{FieldManager: FieldManager, Force: true})
 	if err != nil {
 		a.log.Error("publish nodestate", "node", a.cfg.NodeName, "err", err)

@@ -24,8 +24,8 @@ import (
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/rest"
 
+	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/sockstats"
-	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/nodestate"
 )
 
 func requireRoot(t *testing.T) {
@@ -64,7 +64,7 @@ func testCgroup(t *testing.T) string {
 // fakeAPI records server-side applies of NodeState.
 type fakeAPI struct {
 	mu      sync.Mutex
-	applies []nodestate.NodeState
+	applies []apiv1.NodeState
 	queries []string
 	fail    bool
 }
@@ -82,7 +82,7 @@ func (f *fakeAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, `{"kind":"Status","apiVersion":"v1","status":"Failure","code":500}`, http.StatusInternalServerError)
 		return
 	}
-	var ns nodestate.NodeState
+	var ns apiv1.NodeState
 	if err := json.Unmarshal(body, &ns); err != nil {
 		http.Error(w, err.Error(), http.StatusBadRequest)
 		return
@@ -93,11 +93,11 @@ func (f *fakeAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	w.Write(body)
 }
 
-func (f *fakeAPI) last() (nodestate.NodeState, string, int) {
+func (f *fakeAPI) last() (apiv1.NodeState, string, int) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if len(f.applies) == 0 {
-		return nodestate.NodeState{}, "", 0
+		return apiv1.NodeState{}, "", 0
 	}
 	return f.applies[len(f.applies)-1], f.queries[len(f.queries)-1], len(f.applies)
 }
@@ -194,7 +194,7 @@ func TestIntegrationRunAttachesPublishesAndKeepsPinsOnExit(t *testing.T) {
 	if !strings.Contains(query, "fieldManager=kebpf-agent") || !strings.Contains(query, "force=true") {
 		t.Errorf("apply query = %q, want fieldManager=kebpf-agent and force=true", query)
 	}
-	if ns.Name != "kebpf-node" || ns.Kind != nodestate.Kind || ns.APIVersion != "kubectl-ebpf.io/v1alpha1" {
+	if ns.Name != "kebpf-node" || ns.Kind != apiv1.NodeStateKind || ns.APIVersion != "kubectl-ebpf.io/v1alpha1" {
 		t.Errorf("applied object = %s %s %s", ns.APIVersion, ns.Kind, ns.Name)
 	}
 	if !ns.Status.Ready || len(ns.Status.Active) != 1 || ns.Status.Active[0] != "sockstats" || len(ns.Status.Errors) != 0 {

@@ -5,6 +5,7 @@ package agent
 import (
 	"context"
 	"fmt"
+	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 
 	v1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -12,7 +13,6 @@ import (
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/tools/cache"
 
-	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
 )
 
 // watchConfig follows the cluster config through the API (a mounted
@@ -72,13 +72,13 @@ func (a *Agent) setConfig(cm *v1.ConfigMap) {
 	if cm == nil {
 		return
 	}
-	data, ok := cm.Data[manifests.ConfigKey]
-	var cfg manifests.Config
+	data, ok := cm.Data[apiv1.ConfigKey]
+	var cfg apiv1.AgentConfig
 	var err error
 	if !ok {
-		err = fmt.Errorf("no key %s", manifests.ConfigKey)
+		err = fmt.Errorf("no key %s", apiv1.ConfigKey)
 	} else {
-		cfg, err = manifests.ParseConfig([]byte(data))
+		cfg, err = apiv1.ParseConfig([]byte(data))
 	}
 	if err != nil {
 		a.setConfigErr(fmt.Sprintf("ConfigMap %s/%s: %v; keeping the current features", cm.Namespace, cm.Name, err))

@@ -8,9 +8,8 @@ import (
 	"slices"
 	"strings"
 
-	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
+	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/features"
-	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/nodestate"
 )
 
 // Feature is one datapath feature the cluster config switches on and off
@@ -177,8 +176,8 @@ func (a *Agent) notReadyReasonLocked() string {
 }
 
 // defaultConfig enables every known feature this agent has.
-func (a *Agent) defaultConfig() manifests.Config {
-	c := manifests.DefaultConfig()
+func (a *Agent) defaultConfig() apiv1.AgentConfig {
+	c := apiv1.DefaultConfig()
 	for name := range c.Features {
 		if !slices.ContainsFunc(a.feats, func(st *featureState) bool { return st.f.Name() == name }) {
 			delete(c.Features, name)
@@ -195,7 +194,7 @@ func (a *Agent) requireKernel(names ...string) error {
 	a.mu.Unlock()
 	var missing []string
 	for _, n := range names {
-		i := slices.IndexFunc(probed, func(f nodestate.Feature) bool { return f.Name == n })
+		i := slices.IndexFunc(probed, func(f apiv1.KernelFeature) bool { return f.Name == n })
 		switch {
 		case i < 0:
 			missing = append(missing, n+" (not probed)")

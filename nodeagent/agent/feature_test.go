@@ -5,6 +5,7 @@ package agent
 import (
 	"context"
 	"errors"
+	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -68,7 +69,7 @@ func configMap(t *testing.T, data string) *v1.ConfigMap {
 	t.Helper()
 	return &v1.ConfigMap{
 		ObjectMeta: metav1.ObjectMeta{Namespace: manifests.Namespace, Name: manifests.ConfigMapName},
-		Data:       map[string]string{manifests.ConfigKey: data},
+		Data:       map[string]string{apiv1.ConfigKey: data},
 	}
 }
 

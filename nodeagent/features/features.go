@@ -19,8 +19,8 @@ import (
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 
+	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/mounts"
-	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/nodestate"
 )
 
 // Feature names as they appear in NodeState.Status.Features.
@@ -55,7 +55,7 @@ type probe struct {
 // Probe runs every probe; cgroupRoot is where the agent attaches cgroup
 // programs (--cgroup-root). Features come back in a fixed order, each
 // unavailable one with the reason in Detail.
-func Probe(cgroupRoot string) []nodestate.Feature {
+func Probe(cgroupRoot string) []apiv1.KernelFeature {
 	probes := []probe{
 		{BPFSyscall, probeSyscall},
 		{BTF, func() error { _, err := btf.LoadKernelSpec(); return err }},
@@ -74,9 +74,9 @@ func Probe(cgroupRoot string) []nodestate.Feature {
 		{LinkTCX, probeTCX},
 		{LinkCgroup, probeCgroupLink},
 	}
-	out := make([]nodestate.Feature, 0, len(probes))
+	out := make([]apiv1.KernelFeature, 0, len(probes))
 	for _, p := range probes {
-		f := nodestate.Feature{Name: p.name, Available: true}
+		f := apiv1.KernelFeature{Name: p.name, Available: true}
 		if err := p.run(); err != nil {
 			f.Available = false
 			f.Detail = detail(err)
@@ -87,7 +87,7 @@ func Probe(cgroupRoot string) []nodestate.Feature {
 }
 
 // MissingRequired returns one message per required feature that is absent.
-func MissingRequired(fs []nodestate.Feature) []string {
+func MissingRequired(fs []apiv1.KernelFeature) []string {
 	var msgs []string
 	for _, name := range Required {
 		found := false

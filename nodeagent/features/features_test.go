@@ -7,7 +7,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/nodestate"
+	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 )
 
 // hostCgroup2 is this machine's cgroup v2 mount (hybrid layout).
@@ -63,10 +63,10 @@ func TestProbeCgroupRootNotMounted(t *testing.T) {
 }
 
 func TestMissingRequired(t *testing.T) {
-	all := func(except string, detail string) []nodestate.Feature {
-		var fs []nodestate.Feature
+	all := func(except string, detail string) []apiv1.KernelFeature {
+		var fs []apiv1.KernelFeature
 		for _, n := range Required {
-			f := nodestate.Feature{Name: n, Available: n != except}
+			f := apiv1.KernelFeature{Name: n, Available: n != except}
 			if !f.Available {
 				f.Detail = detail
 			}
@@ -76,7 +76,7 @@ func TestMissingRequired(t *testing.T) {
 	}
 	tests := []struct {
 		name     string
-		features []nodestate.Feature
+		features []apiv1.KernelFeature
 		want     []string // substrings, one per message
 	}{
 		{name: "all present", features: all("", "")},

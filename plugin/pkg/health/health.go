@@ -18,8 +18,8 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
-	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/nodestate"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/kube"
 )
 
@@ -186,7 +186,7 @@ func Collect(ctx context.Context, c *kube.Clients, now time.Time) (*Report, erro
 	if err != nil {
 		return nil, fmt.Errorf("list agent pods: %w", err)
 	}
-	states, err := c.Dynamic.Resource(nodestate.GVR).List(ctx, metav1.ListOptions{})
+	states, err := c.Dynamic.Resource(apiv1.NodeStateGVR).List(ctx, metav1.ListOptions{})
 	if err != nil {
 		return nil, fmt.Errorf("list nodestates: %w", err)
 	}
@@ -198,9 +198,9 @@ func Collect(ctx context.Context, c *kube.Clients, now time.Time) (*Report, erro
 			podByNode[p.Spec.NodeName] = p
 		}
 	}
-	stateByNode := map[string]*nodestate.NodeState{}
+	stateByNode := map[string]*apiv1.NodeState{}
 	for i := range states.Items {
-		ns, err := nodestate.FromUnstructured(&states.Items[i])
+		ns, err := apiv1.FromUnstructured(&states.Items[i])
 		if err != nil {
 			return nil, err
 		}
@@ -218,7 +218,7 @@ func Collect(ctx context.Context, c *kube.Clients, now time.Time) (*Report, erro
 	default:
 		// Judged as the agent judges it: an unknown feature name makes the
 		// whole config invalid.
-		cfg, err := manifests.ParseConfig([]byte(cm.Data[manifests.ConfigKey]))
+		cfg, err := apiv1.ParseConfig([]byte(cm.Data[apiv1.ConfigKey]))
 		if err != nil {
 			r.ConfigError = fmt.Sprintf("ConfigMap %s: %v", manifests.ConfigMapName, err)
 			break
@@ -242,7 +242,7 @@ func Collect(ctx context.Context, c *kube.Clients, now time.Time) (*Report, erro
 	return r, nil
 }
 
-func nodeRow(n corev1.Node, pod *corev1.Pod, ns *nodestate.NodeState, now time.Time) Node {
+func nodeRow(n corev1.Node, pod *corev1.Pod, ns *apiv1.NodeState, now time.Time) Node {
 	row := Node{Name: n.Name, Kernel: n.Status.NodeInfo.KernelVersion, Features: []Feature{}, Active: []string{}, Errors: []string{}}
 	podOK := false
 	switch {

@@ -13,8 +13,8 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
 
+	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
-	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/nodestate"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/health"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/testutil"
 )
@@ -35,9 +35,9 @@ func agentPod(nodeName string, status corev1.PodStatus) *corev1.Pod {
 
 var runningReady = corev1.PodStatus{Phase: corev1.PodRunning, Conditions: []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionTrue}}}
 
-func state(t *testing.T, name string, s nodestate.Status) runtime.Object {
+func state(t *testing.T, name string, s apiv1.NodeStateStatus) runtime.Object {
 	t.Helper()
-	u, err := nodestate.ToUnstructured(&nodestate.NodeState{ObjectMeta: metav1.ObjectMeta{Name: name}, Status: s})
+	u, err := apiv1.ToUnstructured(&apiv1.NodeState{ObjectMeta: metav1.ObjectMeta{Name: name}, Status: s})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -77,10 +77,10 @@ func TestCollect(t *testing.T) {
 			agentPod("n3", corev1.PodStatus{Phase: corev1.PodPending, InitContainerStatuses: []corev1.ContainerStatus{{Name: "mount", State: corev1.ContainerState{Waiting: &corev1.ContainerStateWaiting{Reason: "ErrImageNeverPull"}}}}}),
 		},
 		crd(),
-		state(t, "n1", nodestate.Status{AgentVersion: "v1", Kernel: "6.18.0-1", Ready: true, Heartbeat: fresh, Active: []string{"sockstats"},
-			Features: []nodestate.Feature{{Name: "cgroup_sock", Available: true}, {Name: "tcx", Available: false}}}),
-		state(t, "n2", nodestate.Status{AgentVersion: "v1", Kernel: "6.18.0-1", Ready: true, Heartbeat: metav1.NewTime(now.Add(-5 * time.Minute))}),
-		state(t, "n4", nodestate.Status{AgentVersion: "v1", Ready: false, Heartbeat: fresh, Errors: []string{"attach sockstats: permission denied"}}),
+		state(t, "n1", apiv1.NodeStateStatus{AgentVersion: "v1", Kernel: "6.18.0-1", Ready: true, Heartbeat: fresh, Active: []string{"sockstats"},
+			Features: []apiv1.KernelFeature{{Name: "cgroup_sock", Available: true}, {Name: "tcx", Available: false}}}),
+		state(t, "n2", apiv1.NodeStateStatus{AgentVersion: "v1", Kernel: "6.18.0-1", Ready: true, Heartbeat: metav1.NewTime(now.Add(-5 * time.Minute))}),
+		state(t, "n4", apiv1.NodeStateStatus{AgentVersion: "v1", Ready: false, Heartbeat: fresh, Errors: []string{"attach sockstats: permission denied"}}),
 	)
 	r, err := health.Collect(context.Background(), f.Clients, now)
 	if err != nil {
@@ -158,7 +158,7 @@ func TestHealthyNeedsRollout(t *testing.T) {
 	fresh := metav1.NewTime(now)
 	f := testutil.NewFake(t,
 		[]runtime.Object{namespace(), daemonSet(1, 1, 0), node("n1"), agentPod("n1", runningReady)},
-		crd(), state(t, "n1", nodestate.Status{Ready: true, Heartbeat: fresh}))
+		crd(), state(t, "n1", apiv1.NodeStateStatus{Ready: true, Heartbeat: fresh}))
 	r, err := health.Collect(context.Background(), f.Clients, now)
 	if err != nil {
 		t.Fatal(err)

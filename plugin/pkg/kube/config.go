@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"slices"
 	"sort"
 	"strconv"
@@ -38,18 +39,18 @@ func (c *Clients) GetConfigMap(ctx context.Context) (*corev1.ConfigMap, error) {
 
 // LenientConfig parses the ConfigMap's config.yaml keeping only the features
 // this plugin knows; it returns the names it dropped. Unlike
-// manifests.ParseConfig it tolerates unknown names, so a config written by a
+// apiv1.ParseConfig it tolerates unknown names, so a config written by a
 // newer plugin (or edited by hand) can still be carried over and repaired.
-func LenientConfig(cm *corev1.ConfigMap) (cfg manifests.Config, dropped []string, err error) {
-	raw := cm.Data[manifests.ConfigKey]
+func LenientConfig(cm *corev1.ConfigMap) (cfg apiv1.AgentConfig, dropped []string, err error) {
+	raw := cm.Data[apiv1.ConfigKey]
 	if err := yaml.Unmarshal([]byte(raw), &cfg); err != nil {
-		return manifests.Config{}, nil, fmt.Errorf("parse %s in ConfigMap %s/%s: %w", manifests.ConfigKey, cm.Namespace, cm.Name, err)
+		return apiv1.AgentConfig{}, nil, fmt.Errorf("parse %s in ConfigMap %s/%s: %w", apiv1.ConfigKey, cm.Namespace, cm.Name, err)
 	}
 	if cfg.Features == nil {
 		cfg.Features = map[string]bool{}
 	}
 	for name := range cfg.Features {
-		if !slices.Contains(manifests.KnownFeatures, name) {
+		if !slices.Contains(apiv1.KnownFeatures, name) {
 			dropped = append(dropped, name)
 			delete(cfg.Features, name)
 		}
@@ -59,7 +60,7 @@ func LenientConfig(cm *corev1.ConfigMap) (cfg manifests.Config, dropped []string
 }
 
 // EnabledFeatures lists the features cfg switches on, sorted.
-func EnabledFeatures(cfg manifests.Config) []string {
+func EnabledFeatures(cfg apiv1.AgentConfig) []string {
 	out := []string{}
 	for name, on := range cfg.Features {
 		if on {
@@ -127,7 +128,7 @@ func (c *Clients) SetFeature(ctx context.Context, feature string, on bool) (chan
 }
 
 // configMapApply is the agent ConfigMap as install would apply it with cfg.
-func configMapApply(cfg manifests.Config) (*corev1ac.ConfigMapApplyConfiguration, error) {
+func configMapApply(cfg apiv1.AgentConfig) (*corev1ac.ConfigMapApplyConfiguration, error) {
 	objs, err := manifests.Objects(manifests.RenderOptions{Config: &cfg})
 	if err != nil {
 		return nil, err

@@ -12,7 +12,7 @@ import (
 	"k8s.io/client-go/kubernetes/fake"
 	clienttesting "k8s.io/client-go/testing"
 
-	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/nodestate"
+	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/kube"
 )
 
@@ -42,7 +42,7 @@ func NewFake(t *testing.T, kubeObjs []runtime.Object, dynObjs ...runtime.Object)
 	})
 	AllowAll(kc)
 	listKinds := map[schema.GroupVersionResource]string{
-		nodestate.GVR:                                          "NodeStateList",
+		apiv1.NodeStateGVR:                                     "NodeStateList",
 		kube.CRDGVR:                                            "CustomResourceDefinitionList",
 		{Version: "v1", Resource: "namespaces"}:                "NamespaceList",
 		{Version: "v1", Resource: "serviceaccounts"}:           "ServiceAccountList",
@@ -68,7 +68,7 @@ func NewFake(t *testing.T, kubeObjs []runtime.Object, dynObjs ...runtime.Object)
 		{schema.GroupVersionKind{Group: "rbac.authorization.k8s.io", Version: "v1", Kind: "Role"}, meta.RESTScopeNamespace},
 		{schema.GroupVersionKind{Group: "rbac.authorization.k8s.io", Version: "v1", Kind: "RoleBinding"}, meta.RESTScopeNamespace},
 		{schema.GroupVersionKind{Group: "apiextensions.k8s.io", Version: "v1", Kind: "CustomResourceDefinition"}, meta.RESTScopeRoot},
-		{nodestate.GVK, meta.RESTScopeRoot},
+		{apiv1.NodeStateGVK, meta.RESTScopeRoot},
 	} {
 		mapper.Add(k.gvk, k.scope)
 	}

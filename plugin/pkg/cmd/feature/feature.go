@@ -16,8 +16,8 @@ import (
 	"k8s.io/cli-runtime/pkg/genericclioptions"
 	"k8s.io/cli-runtime/pkg/genericiooptions"
 
+	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
-	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/nodestate"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/kube"
 )
 
@@ -54,7 +54,7 @@ func newCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStr
 	if !enable {
 		verb, does = "disable", "detach"
 	}
-	known := strings.Join(manifests.KnownFeatures, ", ")
+	known := strings.Join(apiv1.KnownFeatures, ", ")
 	cmd := &cobra.Command{
 		Use:   verb + " FEATURE",
 		Short: strings.ToUpper(verb[:1]) + verb[1:] + " a datapath feature on every node (" + known + ")",
@@ -67,7 +67,7 @@ func newCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStr
 			if len(args) > 0 {
 				return nil, cobra.ShellCompDirectiveNoFileComp
 			}
-			return slices.Clone(manifests.KnownFeatures), cobra.ShellCompDirectiveNoFileComp
+			return slices.Clone(apiv1.KnownFeatures), cobra.ShellCompDirectiveNoFileComp
 		},
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if err := o.Complete(args); err != nil {
@@ -94,7 +94,7 @@ func (o *Options) verb() string {
 // Complete takes the feature name from args.
 func (o *Options) Complete(args []string) error {
 	if len(args) != 1 {
-		return fmt.Errorf("%s needs exactly one feature, one of: %s", o.verb(), strings.Join(manifests.KnownFeatures, ", "))
+		return fmt.Errorf("%s needs exactly one feature, one of: %s", o.verb(), strings.Join(apiv1.KnownFeatures, ", "))
 	}
 	o.Feature = args[0]
 	if o.PollInterval <= 0 {
@@ -105,8 +105,8 @@ func (o *Options) Complete(args []string) error {
 
 // Validate checks the feature name and flags; it makes no API call.
 func (o *Options) Validate() error {
-	if !slices.Contains(manifests.KnownFeatures, o.Feature) {
-		return fmt.Errorf("unknown feature %q: known features are %s", o.Feature, strings.Join(manifests.KnownFeatures, ", "))
+	if !slices.Contains(apiv1.KnownFeatures, o.Feature) {
+		return fmt.Errorf("unknown feature %q: known features are %s", o.Feature, strings.Join(apiv1.KnownFeatures, ", "))
 	}
 	if o.Timeout <= 0 {
 		return fmt.Errorf("invalid --timeout %s: must be positive", o.Timeout)
@@ -131,7 +131,7 @@ func (o *Options) Run(ctx context.Context) error {
 		return err
 	}
 	if len(dropped) > 0 {
-		fmt.Fprintf(o.ErrOut, "warning: removed unknown feature(s) %s from the config (known: %s)\n", strings.Join(dropped, ", "), strings.Join(manifests.KnownFeatures, ", "))
+		fmt.Fprintf(o.ErrOut, "warning: removed unknown feature(s) %s from the config (known: %s)\n", strings.Join(dropped, ", "), strings.Join(apiv1.KnownFeatures, ", "))
 	}
 	if changed {
 		fmt.Fprintf(o.Out, "feature %s %sd\n", o.Feature, o.verb())
@@ -197,7 +197,7 @@ func pendingNodes(ctx context.Context, c *kube.Clients, feature string, enable b
 	if err != nil {
 		return nil, nil, fmt.Errorf("list nodes: %w", err)
 	}
-	list, err := c.Dynamic.Resource(nodestate.GVR).List(ctx, metav1.ListOptions{})
+	list, err := c.Dynamic.Resource(apiv1.NodeStateGVR).List(ctx, metav1.ListOptions{})
 	if err != nil {
 		return nil, nil, fmt.Errorf("list nodestates: %w", err)
 	}
@@ -205,7 +205,7 @@ func pendingNodes(ctx context.Context, c *kube.Clients, feature string, enable b
 	reported := map[string]bool{}
 	errs := map[string][]string{}
 	for i := range list.Items {
-		ns, err := nodestate.FromUnstructured(&list.Items[i])
+		ns, err := apiv1.FromUnstructured(&list.Items[i])
 		if err != nil {
 			return nil, nil, err
 		}

@@ -3,6 +3,7 @@ package feature_test
 import (
 	"context"
 	"encoding/json"
+	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"strings"
 	"sync"
 	"testing"
@@ -16,23 +17,23 @@ import (
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/testutil"
 )
 
-func getConfig(t *testing.T, c *kube.Clients) (*corev1.ConfigMap, manifests.Config) {
+func getConfig(t *testing.T, c *kube.Clients) (*corev1.ConfigMap, apiv1.AgentConfig) {
 	t.Helper()
 	cm, err := c.Kube.CoreV1().ConfigMaps(manifests.Namespace).Get(context.Background(), manifests.ConfigMapName, metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	// Strict, as the agent reads it: what we write must be a valid config.
-	cfg, err := manifests.ParseConfig([]byte(cm.Data[manifests.ConfigKey]))
+	cfg, err := apiv1.ParseConfig([]byte(cm.Data[apiv1.ConfigKey]))
 	if err != nil {
 		t.Fatalf("agent would reject the config: %v", err)
 	}
 	return cm, cfg
 }
 
-func wantFeatures(t *testing.T, cfg manifests.Config, want map[string]bool) {
+func wantFeatures(t *testing.T, cfg apiv1.AgentConfig, want map[string]bool) {
 	t.Helper()
-	for _, f := range manifests.KnownFeatures {
+	for _, f := range apiv1.KnownFeatures {
 		if cfg.Enabled(f) != want[f] {
 			t.Errorf("feature %s enabled = %v, want %v (config %v)", f, cfg.Enabled(f), want[f], cfg.Features)
 		}
@@ -178,8 +179,8 @@ func TestIntegrationConcurrentSwitchesKeepBoth(t *testing.T) {
 	for round := range 5 {
 		on := round%2 == 1
 		var wg sync.WaitGroup
-		errs := make([]error, len(manifests.KnownFeatures))
-		for i, f := range manifests.KnownFeatures {
+		errs := make([]error, len(apiv1.KnownFeatures))
+		for i, f := range apiv1.KnownFeatures {
 			wg.Go(func() {
 				// Separate clients: separate connections, real concurrency.
 				_, _, errs[i] = testutil.Clients(t, kc).SetFeature(context.Background(), f, on)
@@ -192,7 +193,7 @@ func TestIntegrationConcurrentSwitchesKeepBoth(t *testing.T) {
 			}
 		}
 		_, cfg := getConfig(t, testutil.Clients(t, kc))
-		for _, f := range manifests.KnownFeatures {
+		for _, f := range apiv1.KnownFeatures {
 			if cfg.Enabled(f) != on {
 				t.Errorf("round %d: feature %s = %v, want %v: a concurrent write was lost", round, f, cfg.Enabled(f), on)
 			}

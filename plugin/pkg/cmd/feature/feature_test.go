@@ -17,8 +17,8 @@ import (
 	"k8s.io/cli-runtime/pkg/genericiooptions"
 	clienttesting "k8s.io/client-go/testing"
 
+	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
-	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/nodestate"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/cmd/feature"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/kube"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/testutil"
@@ -27,13 +27,13 @@ import (
 func configMap(config string) *corev1.ConfigMap {
 	return &corev1.ConfigMap{
 		ObjectMeta: metav1.ObjectMeta{Name: manifests.ConfigMapName, Namespace: manifests.Namespace, Labels: manifests.CommonLabels()},
-		Data:       map[string]string{manifests.ConfigKey: config},
+		Data:       map[string]string{apiv1.ConfigKey: config},
 	}
 }
 
 func nodeState(t *testing.T, name string, active ...string) runtime.Object {
 	t.Helper()
-	u, err := nodestate.ToUnstructured(&nodestate.NodeState{ObjectMeta: metav1.ObjectMeta{Name: name}, Status: nodestate.Status{Ready: true, Active: active}})
+	u, err := apiv1.ToUnstructured(&apiv1.NodeState{ObjectMeta: metav1.ObjectMeta{Name: name}, Status: apiv1.NodeStateStatus{Ready: true, Active: active}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -114,7 +114,7 @@ func TestCompletion(t *testing.T) {
 			if r.Code != 0 {
 				t.Fatal(r)
 			}
-			for _, f := range manifests.KnownFeatures {
+			for _, f := range apiv1.KnownFeatures {
 				if !strings.Contains(r.Stdout, f+"\n") {
 					t.Errorf("completion lacks %s: %q", f, r.Stdout)
 				}
@@ -174,7 +174,7 @@ func TestSwitch(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if got := cm.Data[manifests.ConfigKey]; got != tt.wantConfig {
+			if got := cm.Data[apiv1.ConfigKey]; got != tt.wantConfig {
 				t.Errorf("config.yaml = %q, want %q", got, tt.wantConfig)
 			}
 			if len(cm.Labels) != len(manifests.CommonLabels()) {
@@ -242,7 +242,7 @@ func TestConflictRetryKeepsConcurrentChange(t *testing.T) {
 		t.Fatal(err)
 	}
 	cm, _ := f.Kube.CoreV1().ConfigMaps(manifests.Namespace).Get(context.Background(), manifests.ConfigMapName, metav1.GetOptions{})
-	if got, want := cm.Data[manifests.ConfigKey], "features:\n  service-lb: false\n  sockstats: false\n"; got != want {
+	if got, want := cm.Data[apiv1.ConfigKey], "features:\n  service-lb: false\n  sockstats: false\n"; got != want {
 		t.Errorf("config.yaml = %q, want %q (lost the concurrent change?)", got, want)
 	}
 }
@@ -301,9 +301,9 @@ func TestEnableWaitFollowsTheAgent(t *testing.T) {
 	go func() {
 		for range 200 {
 			cm, err := f.Kube.CoreV1().ConfigMaps(manifests.Namespace).Get(context.Background(), manifests.ConfigMapName, metav1.GetOptions{})
-			if err == nil && strings.Contains(cm.Data[manifests.ConfigKey], "service-lb: true") {
+			if err == nil && strings.Contains(cm.Data[apiv1.ConfigKey], "service-lb: true") {
 				u := nodeState(t, "a", "sockstats", "service-lb")
-				if _, err := f.Dynamic.Resource(nodestate.GVR).Update(context.Background(), u.(*unstructured.Unstructured), metav1.UpdateOptions{}); err != nil {
+				if _, err := f.Dynamic.Resource(apiv1.NodeStateGVR).Update(context.Background(), u.(*unstructured.Unstructured), metav1.UpdateOptions{}); err != nil {
 					t.Error(err)
 				}
 				return

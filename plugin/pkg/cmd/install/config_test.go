@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"strings"
 	"testing"
 	"time"
@@ -62,7 +63,7 @@ func endpointSlice(name string, addrType discoveryv1.AddressType, addr string, p
 func existingConfig(config string) *corev1.ConfigMap {
 	return &corev1.ConfigMap{
 		ObjectMeta: metav1.ObjectMeta{Name: manifests.ConfigMapName, Namespace: manifests.Namespace},
-		Data:       map[string]string{manifests.ConfigKey: config},
+		Data:       map[string]string{apiv1.ConfigKey: config},
 	}
 }
 
@@ -157,7 +158,7 @@ func TestInstallKeepsFeaturesAndSetsAPIServer(t *testing.T) {
 			if cm == nil || ds == nil {
 				t.Fatalf("ConfigMap or DaemonSet not applied: %v", got)
 			}
-			if c, _, _ := unstructured.NestedString(cm.Object, "data", manifests.ConfigKey); c != tt.wantConfig {
+			if c, _, _ := unstructured.NestedString(cm.Object, "data", apiv1.ConfigKey); c != tt.wantConfig {
 				t.Errorf("config.yaml = %q, want %q", c, tt.wantConfig)
 			}
 			env := agentEnv(t, ds)

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"maps"
 	"slices"
 	"strings"
@@ -85,11 +86,11 @@ func NewCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStr
 	cmd.Flags().StringVar(&o.CNIConfDir, "cni-conf-dir", manifests.DefaultCNIConfDir, "the nodes' CNI config dir: while the policy feature runs, kebpf-cni is chained into its first config so a new pod's policy is programmed before its containers start")
 	cmd.Flags().StringVar(&o.CNIBinDir, "cni-bin-dir", manifests.DefaultCNIBinDir, "the nodes' CNI plugin dir (kebpf-cni is installed there)")
 	cmd.Flags().BoolVar(&o.NoCNIChaining, "no-cni-chaining", false, "leave the nodes' CNI config alone; a new pod is then enforced once its IP is in the API, which can be after its first packets")
-	known := strings.Join(manifests.KnownFeatures, ", ")
+	known := strings.Join(apiv1.KnownFeatures, ", ")
 	cmd.Flags().StringArrayVar(&o.Enable, "enable", nil, "enable this feature (repeatable; "+known+"); features not named keep their current state, all on for a first install")
 	cmd.Flags().StringArrayVar(&o.Disable, "disable", nil, "disable this feature (repeatable; "+known+")")
 	complete := func(*cobra.Command, []string, string) ([]cobra.Completion, cobra.ShellCompDirective) {
-		return slices.Clone(manifests.KnownFeatures), cobra.ShellCompDirectiveNoFileComp
+		return slices.Clone(apiv1.KnownFeatures), cobra.ShellCompDirectiveNoFileComp
 	}
 	_ = cmd.RegisterFlagCompletionFunc("enable", complete)
 	_ = cmd.RegisterFlagCompletionFunc("disable", complete)
@@ -106,7 +107,7 @@ func (o *Options) Complete() error {
 	}
 	// Rendered without the cluster here, so a bad --image fails before any
 	// API call; Run renders again with the cluster's config and API endpoint.
-	cfg := o.withFlags(manifests.DefaultConfig())
+	cfg := o.withFlags(apiv1.DefaultConfig())
 	return o.render(manifests.RenderOptions{Config: &cfg})
 }
 
@@ -122,8 +123,8 @@ func (o *Options) render(ro manifests.RenderOptions) error {
 }
 
 // withFlags applies --enable and --disable to a copy of cfg.
-func (o *Options) withFlags(cfg manifests.Config) manifests.Config {
-	out := manifests.Config{Features: maps.Clone(cfg.Features)}
+func (o *Options) withFlags(cfg apiv1.AgentConfig) apiv1.AgentConfig {
+	out := apiv1.AgentConfig{Features: maps.Clone(cfg.Features)}
 	if out.Features == nil {
 		out.Features = map[string]bool{}
 	}
@@ -157,8 +158,8 @@ func (o *Options) Validate() error {
 		return fmt.Errorf("--wait cannot be combined with --dry-run or -o")
 	}
 	for _, f := range append(slices.Clone(o.Enable), o.Disable...) {
-		if !slices.Contains(manifests.KnownFeatures, f) {
-			return fmt.Errorf("unknown feature %q: known features are %s", f, strings.Join(manifests.KnownFeatures, ", "))
+		if !slices.Contains(apiv1.KnownFeatures, f) {
+			return fmt.Errorf("unknown feature %q: known features are %s", f, strings.Join(apiv1.KnownFeatures, ", "))
 		}
 	}
 	for _, f := range o.Enable {
@@ -255,7 +256,7 @@ const offlineNote = `# Rendered without a cluster: the ConfigMap holds the defau
 // knows: its current features, so a re-install or upgrade never resets what
 // `kubectl ebpf enable|disable` set, and the API server's real endpoint.
 func (o *Options) renderForCluster(ctx context.Context) error {
-	base := manifests.DefaultConfig()
+	base := apiv1.DefaultConfig()
 	cm, err := o.Clients.GetConfigMap(ctx)
 	switch {
 	case errors.Is(err, kube.ErrNotInstalled):
@@ -269,7 +270,7 @@ func (o *Options) renderForCluster(ctx context.Context) error {
 			break
 		}
 		if len(dropped) > 0 {
-			fmt.Fprintf(o.ErrOut, "warning: dropping unknown feature(s) %s from the config (known: %s)\n", strings.Join(dropped, ", "), strings.Join(manifests.KnownFeatures, ", "))
+			fmt.Fprintf(o.ErrOut, "warning: dropping unknown feature(s) %s from the config (known: %s)\n", strings.Join(dropped, ", "), strings.Join(apiv1.KnownFeatures, ", "))
 		}
 		base = cfg
 	}

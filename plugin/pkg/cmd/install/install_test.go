@@ -13,8 +13,8 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/cli-runtime/pkg/genericiooptions"
 
+	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
-	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/nodestate"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/cmd/install"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/testutil"
 )
@@ -146,9 +146,9 @@ func TestWaitReadyWaitsForConfiguredFeatures(t *testing.T) {
 	// yet running service-lb.
 	cm := &corev1.ConfigMap{
 		ObjectMeta: metav1.ObjectMeta{Name: manifests.ConfigMapName, Namespace: manifests.Namespace, CreationTimestamp: metav1.Now()},
-		Data:       map[string]string{manifests.ConfigKey: "features:\n  service-lb: true\n  sockstats: true\n"},
+		Data:       map[string]string{apiv1.ConfigKey: "features:\n  service-lb: true\n  sockstats: true\n"},
 	}
-	ns, err := nodestate.ToUnstructured(&nodestate.NodeState{ObjectMeta: metav1.ObjectMeta{Name: "kebpf-node"}, Status: nodestate.Status{
+	ns, err := apiv1.ToUnstructured(&apiv1.NodeState{ObjectMeta: metav1.ObjectMeta{Name: "kebpf-node"}, Status: apiv1.NodeStateStatus{
 		Ready: true, Heartbeat: metav1.Now(), Active: []string{"sockstats"},
 	}})
 	if err != nil {

@@ -18,8 +18,8 @@ import (
 	"k8s.io/cli-runtime/pkg/genericiooptions"
 	"k8s.io/utils/ptr"
 
+	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
-	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/nodestate"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/cmd/status"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/cmdutil"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/testutil"
@@ -40,7 +40,7 @@ func clusterWithConfig(t *testing.T, ready bool, active []string, config string,
 	crd.SetAPIVersion("apiextensions.k8s.io/v1")
 	crd.SetKind("CustomResourceDefinition")
 	crd.SetName(manifests.CRDName)
-	ns, err := nodestate.ToUnstructured(&nodestate.NodeState{ObjectMeta: metav1.ObjectMeta{Name: "kebpf-node"}, Status: nodestate.Status{
+	ns, err := apiv1.ToUnstructured(&apiv1.NodeState{ObjectMeta: metav1.ObjectMeta{Name: "kebpf-node"}, Status: apiv1.NodeStateStatus{
 		AgentVersion: "dev", Kernel: "6.18.0", Ready: ready, Heartbeat: metav1.NewTime(now), Active: active,
 	}})
 	if err != nil {
@@ -63,7 +63,7 @@ func clusterWithConfig(t *testing.T, ready bool, active []string, config string,
 					{Manager: manifests.FieldManager, Operation: metav1.ManagedFieldsOperationApply, Time: ptr.To(metav1.NewTime(now.Add(-24 * time.Hour)))},
 					{Manager: manifests.FieldManager, Operation: metav1.ManagedFieldsOperationUpdate, Time: ptr.To(metav1.NewTime(now.Add(-changedAgo)))},
 				}},
-			Data: map[string]string{manifests.ConfigKey: config},
+			Data: map[string]string{apiv1.ConfigKey: config},
 		},
 	}, crd, ns)
 }
@@ -195,11 +195,11 @@ func TestStatusWaitWaitsForConvergence(t *testing.T) {
 	f := clusterWithConfig(t, true, []string{"sockstats"}, "features:\n  service-lb: true\n  sockstats: true\n", 5*time.Second)
 	go func() {
 		time.Sleep(50 * time.Millisecond)
-		u, err := nodestate.ToUnstructured(&nodestate.NodeState{ObjectMeta: metav1.ObjectMeta{Name: "kebpf-node"}, Status: nodestate.Status{
+		u, err := apiv1.ToUnstructured(&apiv1.NodeState{ObjectMeta: metav1.ObjectMeta{Name: "kebpf-node"}, Status: apiv1.NodeStateStatus{
 			AgentVersion: "dev", Kernel: "6.18.0", Ready: true, Heartbeat: metav1.NewTime(now), Active: []string{"sockstats", "service-lb"},
 		}})
 		if err == nil {
-			_, err = f.Dynamic.Resource(nodestate.GVR).Update(context.Background(), u, metav1.UpdateOptions{})
+			_, err = f.Dynamic.Resource(apiv1.NodeStateGVR).Update(context.Background(), u, metav1.UpdateOptions{})
 		}
 		if err != nil {
 			t.Error(err)

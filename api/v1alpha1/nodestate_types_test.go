@@ -1,4 +1,4 @@
-package nodestate
+package v1alpha1
 
 import (
 	"reflect"
@@ -11,9 +11,9 @@ import (
 func TestUnstructuredRoundTrip(t *testing.T) {
 	in := &NodeState{
 		ObjectMeta: metav1.ObjectMeta{Name: "kebpf-node"},
-		Status: Status{
+		Status: NodeStateStatus{
 			AgentVersion: "dev", Kernel: "6.18.0", Ready: true,
-			Features:  []Feature{{Name: "btf", Available: true}, {Name: "link-tcx", Detail: "not supported"}},
+			Features:  []KernelFeature{{Name: "btf", Available: true}, {Name: "link-tcx", Detail: "not supported"}},
 			Active:    []string{"sockstats"},
 			Heartbeat: metav1.NewTime(time.Date(2025, 1, 2, 3, 4, 5, 0, time.UTC)),
 		},

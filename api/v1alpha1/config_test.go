@@ -1,4 +1,4 @@
-package manifests
+package v1alpha1
 
 import (
 	"reflect"
@@ -66,7 +66,7 @@ func TestDefaultConfigRoundTrip(t *testing.T) {
 	if !reflect.DeepEqual(back, d) {
 		t.Errorf("round trip = %v, want %v", back, d)
 	}
-	if b, _ := (Config{}).Marshal(); string(b) != "features: {}\n" {
+	if b, _ := (AgentConfig{}).Marshal(); string(b) != "features: {}\n" {
 		t.Errorf("empty Marshal = %q", b)
 	}
 }

@@ -1,4 +1,4 @@
-package manifests
+package v1alpha1
 
 import (
 	"bytes"
@@ -13,19 +13,35 @@ import (
 // cluster-wide agent config.
 const ConfigKey = "config.yaml"
 
-// KnownFeatures are the datapath features an agent can switch on and off.
-var KnownFeatures = []string{"sockstats", "service-lb", "policy"}
+// The datapath features an agent can switch on and off: the names users type
+// (`kubectl ebpf enable NAME`), the keys of AgentConfig.Features and the
+// entries of NodeStateStatus.Active. The one place these names are spelled.
+const (
+	// FeatureSockStats counts socket creations (cgroup/sock_create).
+	FeatureSockStats = "sockstats"
+	// FeatureServiceLB is connect-time service load balancing.
+	FeatureServiceLB = "service-lb"
+	// FeaturePolicy is L3/L4 NetworkPolicy enforcement.
+	FeaturePolicy = "policy"
+)
 
-// Config is the cluster-wide agent config, stored as YAML under ConfigKey.
-type Config struct {
+// KnownFeatures are the datapath features an agent can switch on and off,
+// in the order agents attach them.
+var KnownFeatures = []string{FeatureSockStats, FeatureServiceLB, FeaturePolicy}
+
+// AgentConfig is the cluster-wide agent config, stored as YAML under ConfigKey
+// of the ConfigMap kubectl-ebpf-config.
+//
+// +kubebuilder:object:generate=false
+type AgentConfig struct {
 	// Features maps a feature name to whether agents attach it. A feature
 	// missing from the map is disabled.
 	Features map[string]bool `json:"features"`
 }
 
 // DefaultConfig enables every known feature; `install` writes it.
-func DefaultConfig() Config {
-	c := Config{Features: make(map[string]bool, len(KnownFeatures))}
+func DefaultConfig() AgentConfig {
+	c := AgentConfig{Features: make(map[string]bool, len(KnownFeatures))}
 	for _, f := range KnownFeatures {
 		c.Features[f] = true
 	}
@@ -34,13 +50,13 @@ func DefaultConfig() Config {
 
 // ParseConfig parses and validates a config.yaml. Unknown fields and unknown
 // feature names are errors: a typo must not silently switch a feature off.
-func ParseConfig(data []byte) (Config, error) {
-	var c Config
+func ParseConfig(data []byte) (AgentConfig, error) {
+	var c AgentConfig
 	if len(bytes.TrimSpace(data)) == 0 {
-		return Config{}, fmt.Errorf("parse %s: empty", ConfigKey)
+		return AgentConfig{}, fmt.Errorf("parse %s: empty", ConfigKey)
 	}
 	if err := yaml.UnmarshalStrict(data, &c); err != nil {
-		return Config{}, fmt.Errorf("parse %s: %w", ConfigKey, err)
+		return AgentConfig{}, fmt.Errorf("parse %s: %w", ConfigKey, err)
 	}
 	var unknown []string
 	for name := range c.Features {
@@ -50,7 +66,7 @@ func ParseConfig(data []byte) (Config, error) {
 	}
 	if len(unknown) > 0 {
 		slices.Sort(unknown)
-		return Config{}, fmt.Errorf("parse %s: unknown feature(s) %s (known: %s)", ConfigKey,
+		return AgentConfig{}, fmt.Errorf("parse %s: unknown feature(s) %s (known: %s)", ConfigKey,
 			strings.Join(unknown, ", "), strings.Join(KnownFeatures, ", "))
 	}
 	if c.Features == nil {
@@ -60,11 +76,11 @@ func ParseConfig(data []byte) (Config, error) {
 }
 
 // Enabled reports whether feature is switched on.
-func (c Config) Enabled(feature string) bool { return c.Features[feature] }
+func (c AgentConfig) Enabled(feature string) bool { return c.Features[feature] }
 
 // Marshal renders the config as config.yaml content (keys sorted, so the
 // same config always yields the same bytes and patches stay no-ops).
-func (c Config) Marshal() ([]byte, error) {
+func (c AgentConfig) Marshal() ([]byte, error) {
 	if c.Features == nil {
 		c.Features = map[string]bool{}
 	}

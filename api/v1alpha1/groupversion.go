@@ -1,0 +1,37 @@
+// Package v1alpha1 holds kubectl-ebpf's API: the custom resources the agents
+// write and the plugin reads, and the agent config the plugin writes into the
+// ConfigMap. It imports nothing of ours, so the plugin, the agents and the xDS
+// server can share it without reaching into each other's trees.
+//
+// +kubebuilder:object:generate=true
+// +groupName=kubectl-ebpf.io
+package v1alpha1
+
+import (
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+)
+
+const (
+	// Group is the API group of our CRDs.
+	Group = "kubectl-ebpf.io"
+	// Version is the served version.
+	Version = "v1alpha1"
+)
+
+// SchemeGroupVersion is group/version of every type in this package.
+var SchemeGroupVersion = schema.GroupVersion{Group: Group, Version: Version}
+
+var (
+	// SchemeBuilder registers this package's types.
+	SchemeBuilder = runtime.NewSchemeBuilder(addKnownTypes)
+	// AddToScheme adds this package's types to a scheme.
+	AddToScheme = SchemeBuilder.AddToScheme
+)
+
+func addKnownTypes(s *runtime.Scheme) error {
+	s.AddKnownTypes(SchemeGroupVersion, &NodeState{}, &NodeStateList{})
+	metav1.AddToGroupVersion(s, SchemeGroupVersion)
+	return nil
+}
