@@ -29,6 +29,7 @@ import (
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/netpol"
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/socklb"
 	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
+	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/apisync"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/features"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/mounts"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/servicelb"
@@ -75,12 +76,13 @@ type Config struct {
 	// ConfigNamespace/ConfigName locate the cluster config ConfigMap
 	// (defaults: manifests.Namespace, manifests.ConfigMapName).
 	ConfigNamespace, ConfigName string
-	// Features replaces the built-in features (tests).
+	// Features replaces the registered features (tests).
 	Features []Feature
 	// ServiceLB sizes the socket LB maps (zero: socklb's defaults).
 	ServiceLB socklb.LoadOptions
-	// ServiceSyncMin/Max override the service sync's runner intervals.
-	ServiceSyncMin, ServiceSyncMax time.Duration
+	// ServiceSync overrides the service sync's runner intervals (zero
+	// fields: servicelb.DefaultIntervals).
+	ServiceSync apisync.Intervals
 	// OnServiceSync observes every service sync (tests, benchmarks).
 	OnServiceSync func(servicelb.SyncResult)
 	// CNI chains kebpf-cni while the policy feature runs.
@@ -132,20 +134,20 @@ func New(cfg Config) (*Agent, error) {
 	a := &Agent{cfg: cfg, log: cfg.Log, kernel: kernelRelease(), reg: prometheus.NewRegistry(),
 		wake: make(chan struct{}, 1)}
 	a.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	fs := cfg.Features
-	if fs == nil {
-		ss := &sockstatsFeature{a: a}
-		a.reg.MustRegister(&socketCollector{f: ss})
-		fs = []Feature{ss}
-		// Without an API client there is nothing to program Services from.
-		if cfg.Kube != nil {
-			lb := newServiceLBFeature(a, servicelb.NewMetrics(a.reg))
-			a.reg.MustRegister(&lbCollector{f: lb})
-			fs = append(fs, lb, newPolicyFeature(a))
-		}
-	}
-	for _, f := range fs {
+	for _, f := range cfg.Features {
 		a.feats = append(a.feats, &featureState{f: f})
+	}
+	if cfg.Features == nil {
+		for _, r := range registered() {
+			if r.NeedsAPI && cfg.Kube == nil {
+				continue
+			}
+			st := &featureState{f: r.New(a, a.reg)}
+			if r.Kernel != nil {
+				st.kernel = r.Kernel(&a.cfg)
+			}
+			a.feats = append(a.feats, st)
+		}
 	}
 	return a, nil
 }

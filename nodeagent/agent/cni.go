@@ -12,6 +12,7 @@ import (
 
 	"k8s.io/apimachinery/pkg/types"
 
+	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/cni"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/netpol"
 )
@@ -65,7 +66,7 @@ type cniAdmitter struct{ a *Agent }
 func (c cniAdmitter) policy() (*netpol.Syncer, bool) {
 	a := c.a
 	a.mu.Lock()
-	wanted := a.haveConfig && a.want.Enabled(PolicyFeature)
+	wanted := a.haveConfig && a.want.Enabled(apiv1.FeaturePolicy)
 	a.mu.Unlock()
 	for _, st := range a.feats {
 		if f, ok := st.f.(*policyFeature); ok {

@@ -9,7 +9,6 @@ import (
 	"strings"
 
 	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
-	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/features"
 )
 
 // Feature is one datapath feature the cluster config switches on and off
@@ -38,7 +37,9 @@ type ErrorReporter interface {
 
 // featureState is the agent's view of one feature.
 type featureState struct {
-	f      Feature
+	f Feature
+	// kernel are the probes Enable needs (Registration.Kernel).
+	kernel []string
 	active bool
 	// clean: Disable succeeded since the agent started, so a disabled
 	// feature needs no further work.
@@ -61,7 +62,10 @@ func (a *Agent) converge(ctx context.Context) {
 			if st.active {
 				continue
 			}
-			err := a.ensureMounts()
+			err := a.requireKernel(st.kernel...)
+			if err == nil {
+				err = a.ensureMounts()
+			}
 			if err == nil {
 				err = st.f.Enable(ctx)
 			}
@@ -207,6 +211,3 @@ func (a *Agent) requireKernel(names ...string) error {
 	}
 	return nil
 }
-
-// sockstatsRequired are the probes the foundation datapath needs.
-var sockstatsRequired = features.Required

@@ -8,16 +8,30 @@ import (
 	"fmt"
 	"net/netip"
 
+	"github.com/prometheus/client_golang/prometheus"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	dp "github.com/kubectl-ebpf/kubectl-ebpf/bpf/netpol"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/features"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/netpol"
 )
 
-// PolicyFeature is the feature name of L3/L4 NetworkPolicy enforcement.
-const PolicyFeature = "policy"
+func init() {
+	register(Registration{
+		Name: apiv1.FeaturePolicy,
+		Kernel: func(cfg *Config) []string {
+			need := []string{features.BPFSyscall, features.ProgSchedCLS, features.MapLPMTrie, features.MapLRUHash}
+			if cfg.PolicyAttach == dp.AttachTCX {
+				need = append(need, features.LinkTCX) // auto falls back to clsact
+			}
+			return need
+		},
+		NeedsAPI: true, // NetworkPolicies, Pods, Namespaces
+		New:      func(a *Agent, _ prometheus.Registerer) Feature { return newPolicyFeature(a) },
+	})
+}
 
 // policyFeature enforces NetworkPolicy on this node's pods: tcx programs on
 // each pod's host-side interface, programmed by the policy compiler.
@@ -31,12 +45,12 @@ type policyFeature struct {
 
 func newPolicyFeature(a *Agent) *policyFeature {
 	f := &policyFeature{a: a}
-	f.syncedFeature = syncedFeature{name: PolicyFeature, log: a.log,
+	f.syncedFeature = syncedFeature{name: apiv1.FeaturePolicy, log: a.log,
 		detachPinned: func() error { return dp.DetachPinned(a.cfg.PinDir) }}
 	return f
 }
 
-func (f *policyFeature) Name() string { return PolicyFeature }
+func (f *policyFeature) Name() string { return apiv1.FeaturePolicy }
 
 // nodeIPs are the node's addresses from its Node object: traffic between the
 // node and its pods (kubelet probes) is always allowed.
@@ -63,21 +77,11 @@ func (f *policyFeature) Enable(ctx context.Context) error {
 	if f.running() {
 		return nil
 	}
-	if f.a.cfg.Kube == nil {
-		return errors.New("needs an API client to watch NetworkPolicies")
-	}
-	need := []string{features.BPFSyscall, features.ProgSchedCLS, features.MapLPMTrie, features.MapLRUHash}
-	if f.a.cfg.PolicyAttach == dp.AttachTCX {
-		need = append(need, features.LinkTCX) // auto falls back to clsact
-	}
-	if err := f.a.requireKernel(need...); err != nil {
-		return err
-	}
 	ips, err := f.a.nodeIPs(ctx)
 	if err != nil {
 		return err
 	}
-	objs, err := dp.Load(f.a.cfg.PinDir, dp.LoadOptions{Logger: f.a.log.With("feature", PolicyFeature), Attach: f.a.cfg.PolicyAttach})
+	objs, err := dp.Load(f.a.cfg.PinDir, dp.LoadOptions{Logger: f.a.log.With("feature", apiv1.FeaturePolicy), Attach: f.a.cfg.PolicyAttach})
 	if err != nil {
 		return err
 	}
@@ -86,7 +90,7 @@ func (f *policyFeature) Enable(ctx context.Context) error {
 		NodeName: f.a.cfg.NodeName,
 		NodeIPs:  ips,
 		Datapath: objs,
-		Log:      f.a.log.With("feature", PolicyFeature),
+		Log:      f.a.log.With("feature", apiv1.FeaturePolicy),
 	})
 	if err != nil {
 		objs.Close()
@@ -96,7 +100,7 @@ func (f *policyFeature) Enable(ctx context.Context) error {
 	// Chained only once the syncer runs, so the plugin never waits for a
 	// feature that is not there; from then on no pod starts unprogrammed.
 	f.chainStop = f.a.keepChained(ctx, dp.MapPinPaths(f.a.cfg.PinDir)[0])
-	f.a.log.Info("enabled", "feature", PolicyFeature, "nodeIPs", ips, "attach", objs.AttachMode().String())
+	f.a.log.Info("enabled", "feature", apiv1.FeaturePolicy, "nodeIPs", ips, "attach", objs.AttachMode().String())
 	return nil
 }
 

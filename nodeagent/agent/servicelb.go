@@ -4,16 +4,31 @@ package agent
 
 import (
 	"context"
-	"errors"
 	"os"
 	"path/filepath"
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/socklb"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/features"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/servicelb"
 )
+
+func init() {
+	register(Registration{
+		Name: apiv1.FeatureServiceLB,
+		Kernel: func(*Config) []string {
+			return []string{features.BPFSyscall, features.CgroupV2, features.ProgCgroupSockAddr, features.LinkCgroup}
+		},
+		NeedsAPI: true, // Services and EndpointSlices
+		New: func(a *Agent, reg prometheus.Registerer) Feature {
+			f := newServiceLBFeature(a, servicelb.NewMetrics(reg))
+			reg.MustRegister(&lbCollector{f: f})
+			return f
+		},
+	})
+}
 
 // serviceLBFeature is connect-time service load balancing: the socklb
 // programs plus the service sync that programs their maps.
@@ -25,24 +40,18 @@ type serviceLBFeature struct {
 
 func newServiceLBFeature(a *Agent, m *servicelb.Metrics) *serviceLBFeature {
 	f := &serviceLBFeature{a: a, metrics: m}
-	f.syncedFeature = syncedFeature{name: socklb.Feature, log: a.log,
+	f.syncedFeature = syncedFeature{name: apiv1.FeatureServiceLB, log: a.log,
 		detachPinned: func() error { return socklb.DetachPinned(a.cfg.PinDir) }}
 	return f
 }
 
-func (f *serviceLBFeature) Name() string { return socklb.Feature }
+func (f *serviceLBFeature) Name() string { return apiv1.FeatureServiceLB }
 
 func (f *serviceLBFeature) Enable(ctx context.Context) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.running() {
 		return nil
-	}
-	if f.a.cfg.Kube == nil {
-		return errors.New("needs an API client to watch Services")
-	}
-	if err := f.a.requireKernel(features.BPFSyscall, features.CgroupV2, features.ProgCgroupSockAddr, features.LinkCgroup); err != nil {
-		return err
 	}
 	opts := f.a.cfg.ServiceLB
 	if opts.DestroyNetns == nil {
@@ -60,21 +69,20 @@ func (f *serviceLBFeature) Enable(ctx context.Context) error {
 		return err
 	}
 	s, err := servicelb.New(servicelb.Options{
-		Client:          f.a.cfg.Kube,
-		NodeName:        f.a.cfg.NodeName,
-		Datapath:        objs,
-		Metrics:         f.metrics,
-		Log:             f.a.log.With("feature", socklb.Feature),
-		MinSyncInterval: f.a.cfg.ServiceSyncMin,
-		MaxSyncInterval: f.a.cfg.ServiceSyncMax,
-		OnSync:          f.a.cfg.OnServiceSync,
+		Client:    f.a.cfg.Kube,
+		NodeName:  f.a.cfg.NodeName,
+		Datapath:  objs,
+		Metrics:   f.metrics,
+		Log:       f.a.log.With("feature", apiv1.FeatureServiceLB),
+		Intervals: f.a.cfg.ServiceSync,
+		OnSync:    f.a.cfg.OnServiceSync,
 	})
 	if err != nil {
 		objs.Close()
 		return err
 	}
 	f.start(ctx, objs, s)
-	f.a.log.Info("attached", "feature", socklb.Feature, "hooks", socklb.Hooks(), "cgroup", f.a.cfg.CgroupRoot)
+	f.a.log.Info("attached", "feature", apiv1.FeatureServiceLB, "hooks", socklb.Hooks(), "cgroup", f.a.cfg.CgroupRoot)
 	return nil
 }
 

@@ -11,8 +11,22 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/sockstats"
+	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/features"
 )
+
+func init() {
+	register(Registration{
+		Name:   apiv1.FeatureSockStats,
+		Kernel: func(*Config) []string { return features.Required },
+		New: func(a *Agent, reg prometheus.Registerer) Feature {
+			f := &sockstatsFeature{a: a}
+			reg.MustRegister(&socketCollector{f: f})
+			return f
+		},
+	})
+}
 
 // sockstatsFeature is the foundation datapath: socket creation counters.
 type sockstatsFeature struct {
@@ -21,16 +35,13 @@ type sockstatsFeature struct {
 	objs *sockstats.Objects
 }
 
-func (f *sockstatsFeature) Name() string { return sockstats.Feature }
+func (f *sockstatsFeature) Name() string { return apiv1.FeatureSockStats }
 
 func (f *sockstatsFeature) Enable(context.Context) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.objs != nil && f.objs.Attached() {
 		return nil
-	}
-	if err := f.a.requireKernel(sockstatsRequired...); err != nil {
-		return err
 	}
 	objs, err := sockstats.Load(f.a.cfg.PinDir)
 	if err != nil {

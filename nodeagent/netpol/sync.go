@@ -20,15 +20,13 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/kubernetes/scheme"
-	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
 	corelisters "k8s.io/client-go/listers/core/v1"
 	networkinglisters "k8s.io/client-go/listers/networking/v1"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/record"
 
 	dp "github.com/kubectl-ebpf/kubectl-ebpf/bpf/netpol"
-	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/runner"
+	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/apisync"
 )
 
 // Interfaces finds the host-side interface of a local pod.
@@ -45,16 +43,14 @@ type InterfaceWatcher interface {
 	Watch(ctx context.Context, notify func()) error
 }
 
-// Defaults for Options.
+// DefaultIntervals bound the policy sync's runner: bursts of events
+// coalesce within Min and a policy change still reaches the maps well
+// within the 100 ms budget; Max is the period of the full resync that
+// repairs drift and retries endpoints left unprogrammed; Retry how soon a
+// failed sync is retried (in full).
+var DefaultIntervals = apisync.Intervals{Min: 5 * time.Millisecond, Max: time.Minute, Retry: time.Second}
+
 const (
-	// DefaultMinSyncInterval: bursts of events coalesce, and a policy change
-	// still reaches the maps well within the 100 ms budget.
-	DefaultMinSyncInterval = 5 * time.Millisecond
-	// DefaultMaxSyncInterval is the period of the full resync that repairs
-	// drift and retries endpoints left unprogrammed.
-	DefaultMaxSyncInterval = time.Minute
-	// DefaultRetryInterval is how soon a failed sync is retried (in full).
-	DefaultRetryInterval = time.Second
 	// interface lookups for a pod that has no interface yet back off from
 	// ifaceRetryMin to ifaceRetryMax.
 	ifaceRetryMin = 10 * time.Millisecond
@@ -76,9 +72,8 @@ type Options struct {
 	Recorder record.EventRecorder
 	Log      *slog.Logger
 
-	MinSyncInterval time.Duration
-	MaxSyncInterval time.Duration
-	RetryInterval   time.Duration
+	// Intervals bound the runner; zero fields take DefaultIntervals.
+	Intervals apisync.Intervals
 	// OnSync, when set, is called after every sync.
 	OnSync func(SyncResult)
 }
@@ -103,7 +98,7 @@ type Syncer struct {
 	log     *slog.Logger
 	ids     *IDs
 	tracker *Tracker
-	runner  *runner.Runner
+	runner  *apisync.Runner
 
 	podLister corelisters.PodLister
 	podIndex  cache.Indexer
@@ -147,18 +142,10 @@ func New(opts Options) (*Syncer, error) {
 	if opts.IDs == nil {
 		opts.IDs = NewIDs()
 	}
-	if opts.MinSyncInterval <= 0 {
-		opts.MinSyncInterval = DefaultMinSyncInterval
-	}
-	if opts.MaxSyncInterval <= 0 {
-		opts.MaxSyncInterval = DefaultMaxSyncInterval
-	}
-	if opts.RetryInterval <= 0 {
-		opts.RetryInterval = DefaultRetryInterval
-	}
+	opts.Intervals = opts.Intervals.Or(DefaultIntervals)
 	s := &Syncer{
 		opts:     opts,
-		log:      opts.Log.With("feature", "policy"),
+		log:      opts.Log,
 		ids:      opts.IDs,
 		tracker:  NewTracker(),
 		applied:  map[types.NamespacedName]applied{},
@@ -169,7 +156,7 @@ func New(opts Options) (*Syncer, error) {
 		hints:    map[types.NamespacedName]hint{},
 		admits:   map[types.NamespacedName][]*admitWait{},
 	}
-	s.runner = runner.New(s.sync, opts.MinSyncInterval, opts.MaxSyncInterval, opts.RetryInterval)
+	s.runner = apisync.NewRunner(s.sync, opts.Intervals)
 	return s, nil
 }
 
@@ -206,10 +193,9 @@ const nodeIndex = "node"
 // Disable, not a side effect of stopping.
 func (s *Syncer) Run(ctx context.Context) error {
 	if s.opts.Recorder == nil {
-		b := record.NewBroadcaster(record.WithContext(ctx))
-		b.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: s.opts.Client.CoreV1().Events("")})
-		defer b.Shutdown()
-		s.opts.Recorder = b.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "kebpf-agent", Host: s.opts.NodeName})
+		rec, stop := apisync.EventRecorder(ctx, s.opts.Client, s.opts.NodeName)
+		defer stop()
+		s.opts.Recorder = rec
 	}
 	factory := informers.NewSharedInformerFactory(s.opts.Client, 0)
 	podInf := factory.Core().V1().Pods()
@@ -235,21 +221,19 @@ func (s *Syncer) Run(ctx context.Context) error {
 		inf cache.SharedIndexInformer
 		h   cache.ResourceEventHandler
 	}{
-		{podInf.Informer(), handler(s, s.tracker.RecordPod)},
-		{npInf.Informer(), handler(s, s.tracker.RecordPolicy)},
-		{nsInf.Informer(), handler(s, s.tracker.RecordNamespace)},
+		{podInf.Informer(), apisync.Handler(s.tracker.RecordPod, s.runner.Request)},
+		{npInf.Informer(), apisync.Handler(s.tracker.RecordPolicy, s.runner.Request)},
+		{nsInf.Informer(), apisync.Handler(s.tracker.RecordNamespace, s.runner.Request)},
 	}
 	for _, h := range handlers {
 		if _, err := h.inf.AddEventHandler(h.h); err != nil {
 			return fmt.Errorf("policy informer handler: %w", err)
 		}
 	}
-	factory.Start(ctx.Done())
-	defer factory.Shutdown()
-	for typ, ok := range factory.WaitForCacheSync(ctx.Done()) {
-		if !ok {
-			return fmt.Errorf("policy informer %v: cache not synced", typ)
-		}
+	stop, err := apisync.StartInformers(ctx, factory)
+	defer stop()
+	if err != nil {
+		return fmt.Errorf("policy sync: %w", err)
 	}
 	close(s.synced)
 	if w, ok := s.opts.Interfaces.(InterfaceWatcher); ok {
@@ -266,31 +250,6 @@ func (s *Syncer) Run(ctx context.Context) error {
 	s.log.Info("policy sync started", "node", s.opts.NodeName)
 	s.runner.Loop(ctx)
 	return nil
-}
-
-// handler turns informer callbacks into tracker records; it never computes.
-func handler[T any](s *Syncer, rec func(prev, cur *T) bool) cache.ResourceEventHandler {
-	as := func(o any) *T {
-		if d, ok := o.(cache.DeletedFinalStateUnknown); ok {
-			o = d.Obj
-		}
-		t, _ := o.(*T)
-		return t
-	}
-	req := func(need bool) {
-		if need {
-			s.runner.Request()
-		}
-	}
-	return cache.ResourceEventHandlerFuncs{
-		AddFunc:    func(o any) { req(rec(nil, as(o))) },
-		UpdateFunc: func(o, n any) { req(rec(as(o), as(n))) },
-		DeleteFunc: func(o any) {
-			if t := as(o); t != nil {
-				req(rec(t, nil))
-			}
-		},
-	}
 }
 
 func stripPod(o any) (any, error) {
@@ -375,7 +334,7 @@ func (s *Syncer) affected(c Changes) map[types.NamespacedName]bool {
 	}
 	// A policy change touches the pods it selects now or selected before.
 	for _, ch := range c.Policies {
-		for _, p := range []*networkingv1.NetworkPolicy{ch.prev, ch.cur} {
+		for _, p := range []*networkingv1.NetworkPolicy{ch.Prev, ch.Cur} {
 			if p != nil {
 				selectedBy(func(pod *corev1.Pod) bool { return Selects(p, pod) })
 			}
@@ -392,11 +351,11 @@ func (s *Syncer) affected(c Changes) map[types.NamespacedName]bool {
 	// A pod change touches the pod itself and the local pods of every
 	// policy whose peers name it, before or after.
 	for k, ch := range c.Pods {
-		if (ch.prev != nil && ch.prev.Spec.NodeName == s.opts.NodeName) || (ch.cur != nil && ch.cur.Spec.NodeName == s.opts.NodeName) {
+		if (ch.Prev != nil && ch.Prev.Spec.NodeName == s.opts.NodeName) || (ch.Cur != nil && ch.Cur.Spec.NodeName == s.opts.NodeName) {
 			out[k] = true
 		}
 		for _, pol := range policies {
-			if (ch.prev != nil && peersMayName(pol, ch.prev, nsLabels)) || (ch.cur != nil && peersMayName(pol, ch.cur, nsLabels)) {
+			if (ch.Prev != nil && peersMayName(pol, ch.Prev, nsLabels)) || (ch.Cur != nil && peersMayName(pol, ch.Cur, nsLabels)) {
 				selectedBy(func(pod *corev1.Pod) bool { return Selects(pol, pod) })
 			}
 		}
@@ -405,7 +364,7 @@ func (s *Syncer) affected(c Changes) map[types.NamespacedName]bool {
 	// match it before or after.
 	for _, ch := range c.Namespaces {
 		for _, pol := range policies {
-			for _, n := range []*corev1.Namespace{ch.prev, ch.cur} {
+			for _, n := range []*corev1.Namespace{ch.Prev, ch.Cur} {
 				if n != nil && nsSelectorsMatch(pol, namespaceLabels(n)) {
 					selectedBy(func(pod *corev1.Pod) bool { return Selects(pol, pod) })
 				}
@@ -610,7 +569,7 @@ func (s *Syncer) sync(full bool) (err error) {
 		s.applied[k] = applied{uid: pod.UID, ep: ep}
 	}
 	for k, ch := range changes.Policies {
-		if ch.cur == nil {
+		if ch.Cur == nil {
 			s.ids.ReleasePolicy(k.Namespace, k.Name)
 		}
 	}

@@ -320,7 +320,7 @@ func assertMatchesFullCompile(t *testing.T, h *syncHarness) {
 }
 
 func TestSyncRetriesAfterDatapathError(t *testing.T) {
-	h := startSyncer(t, func(o *Options) { o.RetryInterval = 10 * time.Millisecond }, mkNamespace("x", nil),
+	h := startSyncer(t, func(o *Options) { o.Intervals.Retry = 10 * time.Millisecond }, mkNamespace("x", nil),
 		mkPod(podSpec{ns: "x", name: "a", node: testNode, ips: []string{"10.0.0.10"}}))
 	h.settle(1)
 	h.dp.mu.Lock()

@@ -9,17 +9,15 @@ import (
 	networkingv1 "k8s.io/api/networking/v1"
 	apiequality "k8s.io/apimachinery/pkg/api/equality"
 	"k8s.io/apimachinery/pkg/types"
-)
 
-// change is one object's previous (as last synced) and current state; nil
-// means absent.
-type change[T any] struct{ prev, cur *T }
+	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/apisync"
+)
 
 // Changes is what accumulated since the last sync.
 type Changes struct {
-	Policies   map[types.NamespacedName]change[networkingv1.NetworkPolicy]
-	Pods       map[types.NamespacedName]change[corev1.Pod]
-	Namespaces map[string]change[corev1.Namespace]
+	Policies   map[types.NamespacedName]apisync.Change[networkingv1.NetworkPolicy]
+	Pods       map[types.NamespacedName]apisync.Change[corev1.Pod]
+	Namespaces map[string]apisync.Change[corev1.Namespace]
 	// Retry lists local pods whose interface was not found yet.
 	Retry map[types.NamespacedName]bool
 	// Interfaces: links came or went; every local pod's interface is
@@ -31,27 +29,28 @@ func (c *Changes) empty() bool {
 	return len(c.Policies) == 0 && len(c.Pods) == 0 && len(c.Namespaces) == 0 && len(c.Retry) == 0 && !c.Interfaces
 }
 
-// Tracker records changes the way kube-proxy's change trackers do: event
-// handlers only note the first previous and the latest current state of an
-// object, and an object whose relevant fields end up where they started
-// drops out, so a burst of status updates costs no sync.
+// Tracker records changes the way kube-proxy's change trackers do
+// (apisync.ChangeSet): an object whose relevant fields end up where they
+// started drops out, so a burst of status updates costs no sync.
 type Tracker struct {
-	mu sync.Mutex
-	c  Changes
+	mu         sync.Mutex
+	policies   *apisync.ChangeSet[types.NamespacedName, networkingv1.NetworkPolicy]
+	pods       *apisync.ChangeSet[types.NamespacedName, corev1.Pod]
+	namespaces *apisync.ChangeSet[string, corev1.Namespace]
+	retry      map[types.NamespacedName]bool
+	interfaces bool
 }
 
 func NewTracker() *Tracker {
-	t := &Tracker{}
-	t.reset()
-	return t
-}
-
-func (t *Tracker) reset() {
-	t.c = Changes{
-		Policies:   map[types.NamespacedName]change[networkingv1.NetworkPolicy]{},
-		Pods:       map[types.NamespacedName]change[corev1.Pod]{},
-		Namespaces: map[string]change[corev1.Namespace]{},
-		Retry:      map[types.NamespacedName]bool{},
+	return &Tracker{
+		policies: apisync.NewChangeSet[types.NamespacedName](func(a, b *networkingv1.NetworkPolicy) bool {
+			return apiequality.Semantic.DeepEqual(a.Spec, b.Spec)
+		}),
+		pods: apisync.NewChangeSet[types.NamespacedName](samePod),
+		namespaces: apisync.NewChangeSet[string](func(a, b *corev1.Namespace) bool {
+			return maps.Equal(a.Labels, b.Labels)
+		}),
+		retry: map[types.NamespacedName]bool{},
 	}
 }
 
@@ -59,55 +58,32 @@ func (t *Tracker) reset() {
 func (t *Tracker) Take() Changes {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	c := t.c
-	t.reset()
+	c := Changes{Policies: t.policies.Take(), Pods: t.pods.Take(), Namespaces: t.namespaces.Take(),
+		Retry: t.retry, Interfaces: t.interfaces}
+	t.retry, t.interfaces = map[types.NamespacedName]bool{}, false
 	return c
-}
-
-func recordChange[K comparable, T any](m map[K]change[T], key K, prev, cur *T, same func(a, b *T) bool) bool {
-	ch, pending := m[key]
-	if !pending {
-		ch.prev = prev
-	}
-	ch.cur = cur
-	if (ch.prev == nil && ch.cur == nil) || (ch.prev != nil && ch.cur != nil && same(ch.prev, ch.cur)) {
-		delete(m, key)
-		return false
-	}
-	m[key] = ch
-	return true
 }
 
 // RecordPolicy notes a policy add (prev nil), update or delete (cur nil) and
 // reports whether a sync is needed.
 func (t *Tracker) RecordPolicy(prev, cur *networkingv1.NetworkPolicy) bool {
-	key := nsName(prev, cur, func(p *networkingv1.NetworkPolicy) (string, string) { return p.Namespace, p.Name })
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	return recordChange(t.c.Policies, key, prev, cur, func(a, b *networkingv1.NetworkPolicy) bool {
-		return apiequality.Semantic.DeepEqual(a.Spec, b.Spec)
-	})
+	return t.policies.Record(apisync.Key(prev, cur), prev, cur)
 }
 
 // RecordPod notes a pod change; only fields the compiler reads count.
 func (t *Tracker) RecordPod(prev, cur *corev1.Pod) bool {
-	key := nsName(prev, cur, func(p *corev1.Pod) (string, string) { return p.Namespace, p.Name })
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	return recordChange(t.c.Pods, key, prev, cur, samePod)
+	return t.pods.Record(apisync.Key(prev, cur), prev, cur)
 }
 
 // RecordNamespace notes a namespace change; only labels count.
 func (t *Tracker) RecordNamespace(prev, cur *corev1.Namespace) bool {
-	name := ""
-	if prev != nil {
-		name = prev.Name
-	} else if cur != nil {
-		name = cur.Name
-	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	return recordChange(t.c.Namespaces, name, prev, cur, func(a, b *corev1.Namespace) bool { return maps.Equal(a.Labels, b.Labels) })
+	return t.namespaces.Record(apisync.Key(prev, cur).Name, prev, cur)
 }
 
 // RecordRetry asks for the interfaces of these pods to be looked up again.
@@ -115,7 +91,7 @@ func (t *Tracker) RecordRetry(keys []types.NamespacedName) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	for _, k := range keys {
-		t.c.Retry[k] = true
+		t.retry[k] = true
 	}
 }
 
@@ -123,16 +99,7 @@ func (t *Tracker) RecordRetry(keys []types.NamespacedName) {
 func (t *Tracker) RecordInterfaces() {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	t.c.Interfaces = true
-}
-
-func nsName[T any](prev, cur *T, f func(*T) (string, string)) types.NamespacedName {
-	o := cur
-	if o == nil {
-		o = prev
-	}
-	ns, n := f(o)
-	return types.NamespacedName{Namespace: ns, Name: n}
+	t.interfaces = true
 }
 
 func samePod(a, b *corev1.Pod) bool {

@@ -20,15 +20,13 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/kubernetes/scheme"
-	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
 	corelisters "k8s.io/client-go/listers/core/v1"
 	discoverylisters "k8s.io/client-go/listers/discovery/v1"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/record"
 
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/socklb"
-	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/runner"
+	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/apisync"
 )
 
 // Datapath is the socket LB map layer the sync programs: socklb's contract
@@ -53,19 +51,12 @@ const (
 	sliceSelector         = "!" + labelServiceProxyName + ",!" + v1.IsHeadlessService
 )
 
-// Defaults for Options.
-const (
-	// DefaultMinSyncInterval bounds how often the delta is applied. It is
-	// small because one endpoint change must reach the maps well within
-	// 50ms; bursts of events still coalesce into one sync.
-	DefaultMinSyncInterval = 2 * time.Millisecond
-	// DefaultMaxSyncInterval is the period of the full resync that repairs
-	// any drift between the caches and the maps.
-	DefaultMaxSyncInterval = time.Minute
-	// DefaultRetryInterval is how soon a failed sync is retried, as a full
-	// resync.
-	DefaultRetryInterval = time.Second
-)
+// DefaultIntervals bound the service sync's runner. Min is small because
+// one endpoint change must reach the maps well within 50ms; bursts of
+// events still coalesce into one sync. Max is the period of the full resync
+// that repairs any drift between the caches and the maps; Retry how soon a
+// failed sync is retried, as a full resync.
+var DefaultIntervals = apisync.Intervals{Min: 2 * time.Millisecond, Max: time.Minute, Retry: time.Second}
 
 // Options configures a Syncer.
 type Options struct {
@@ -78,9 +69,8 @@ type Options struct {
 	Recorder record.EventRecorder
 	Log      *slog.Logger
 
-	MinSyncInterval time.Duration
-	MaxSyncInterval time.Duration
-	RetryInterval   time.Duration
+	// Intervals bound the runner; zero fields take DefaultIntervals.
+	Intervals apisync.Intervals
 
 	// OnSync, when set, is called after every sync (tests and benchmarks
 	// use it to see a change land).
@@ -101,7 +91,7 @@ type Syncer struct {
 	opts    Options
 	log     *slog.Logger
 	tracker *Tracker
-	runner  *runner.Runner
+	runner  *apisync.Runner
 
 	svcLister   corelisters.ServiceLister
 	sliceLister discoverylisters.EndpointSliceLister
@@ -136,15 +126,7 @@ func New(opts Options) (*Syncer, error) {
 	if opts.Metrics == nil {
 		opts.Metrics = NewMetrics(nil)
 	}
-	if opts.MinSyncInterval <= 0 {
-		opts.MinSyncInterval = DefaultMinSyncInterval
-	}
-	if opts.MaxSyncInterval <= 0 {
-		opts.MaxSyncInterval = DefaultMaxSyncInterval
-	}
-	if opts.RetryInterval <= 0 {
-		opts.RetryInterval = DefaultRetryInterval
-	}
+	opts.Intervals = opts.Intervals.Or(DefaultIntervals)
 	s := &Syncer{
 		opts:       opts,
 		log:        opts.Log,
@@ -160,7 +142,7 @@ func New(opts Options) (*Syncer, error) {
 		needFull:   true,
 		fullErrs:   map[types.NamespacedName]string{},
 	}
-	s.runner = runner.New(s.sync, opts.MinSyncInterval, opts.MaxSyncInterval, opts.RetryInterval)
+	s.runner = apisync.NewRunner(s.sync, opts.Intervals)
 	return s, nil
 }
 
@@ -168,11 +150,9 @@ func New(opts Options) (*Syncer, error) {
 // done. It leaves the datapath as it is on return.
 func (s *Syncer) Run(ctx context.Context) error {
 	if s.opts.Recorder == nil {
-		b := record.NewBroadcaster(record.WithContext(ctx))
-		b.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: s.opts.Client.CoreV1().Events("")})
-		defer b.Shutdown()
-		// The scheme must know core/v1 to reference Services in Events.
-		s.opts.Recorder = b.NewRecorder(scheme.Scheme, v1.EventSource{Component: "kebpf-agent", Host: s.opts.NodeName})
+		rec, stop := apisync.EventRecorder(ctx, s.opts.Client, s.opts.NodeName)
+		defer stop()
+		s.opts.Recorder = rec
 	}
 	svcFactory := informers.NewSharedInformerFactoryWithOptions(s.opts.Client, 0,
 		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = serviceSelector }))
@@ -188,80 +168,30 @@ func (s *Syncer) Run(ctx context.Context) error {
 	nodeInf := nodeFactory.Core().V1().Nodes()
 	s.svcLister, s.sliceLister, s.nodeLister = svcInf.Lister(), sliceInf.Lister(), nodeInf.Lister()
 
-	if _, err := svcInf.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
-		AddFunc:    func(o any) { s.request(s.tracker.RecordService(nil, asService(o))) },
-		UpdateFunc: func(o, n any) { s.request(s.tracker.RecordService(asService(o), asService(n))) },
-		DeleteFunc: func(o any) { s.request(s.tracker.RecordService(asService(o), nil)) },
-	}); err != nil {
-		return fmt.Errorf("service informer: %w", err)
+	handlers := []struct {
+		inf cache.SharedIndexInformer
+		h   cache.ResourceEventHandler
+	}{
+		{svcInf.Informer(), apisync.Handler(s.tracker.RecordService, s.runner.Request)},
+		{sliceInf.Informer(), apisync.Handler(s.tracker.RecordSlice, s.runner.Request)},
+		{nodeInf.Informer(), apisync.Handler(s.tracker.RecordNode, s.runner.Request)},
 	}
-	if _, err := sliceInf.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
-		AddFunc:    func(o any) { s.request(s.tracker.RecordSlice(nil, asSlice(o))) },
-		UpdateFunc: func(o, n any) { s.request(s.tracker.RecordSlice(asSlice(o), asSlice(n))) },
-		DeleteFunc: func(o any) { s.request(s.tracker.RecordSlice(asSlice(o), nil)) },
-	}); err != nil {
-		return fmt.Errorf("endpointslice informer: %w", err)
-	}
-	if _, err := nodeInf.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
-		AddFunc:    func(o any) { s.request(s.tracker.RecordNode(nil, asNode(o))) },
-		UpdateFunc: func(o, n any) { s.request(s.tracker.RecordNode(asNode(o), asNode(n))) },
-		DeleteFunc: func(o any) { s.request(s.tracker.RecordNode(asNode(o), nil)) },
-	}); err != nil {
-		return fmt.Errorf("node informer: %w", err)
-	}
-
-	fs := []informers.SharedInformerFactory{svcFactory, sliceFactory, nodeFactory}
-	for _, f := range fs {
-		f.Start(ctx.Done())
-	}
-	defer func() {
-		for _, f := range fs {
-			f.Shutdown()
+	for _, h := range handlers {
+		if _, err := h.inf.AddEventHandler(h.h); err != nil {
+			return fmt.Errorf("service sync informer handler: %w", err)
 		}
-	}()
-	for _, f := range fs {
-		for typ, ok := range f.WaitForCacheSync(ctx.Done()) {
-			if !ok {
-				if ctx.Err() != nil {
-					return nil
-				}
-				return fmt.Errorf("wait for %v cache: not synced", typ)
-			}
+	}
+	stop, err := apisync.StartInformers(ctx, svcFactory, sliceFactory, nodeFactory)
+	defer stop()
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil
 		}
+		return err
 	}
 	s.log.Info("service sync caches ready; starting sync", "node", s.opts.NodeName)
 	s.runner.Loop(ctx)
 	return nil
-}
-
-func (s *Syncer) request(changed bool) {
-	if changed {
-		s.runner.Request()
-	}
-}
-
-func asService(o any) *v1.Service {
-	if t, ok := o.(cache.DeletedFinalStateUnknown); ok {
-		o = t.Obj
-	}
-	svc, _ := o.(*v1.Service)
-	return svc
-}
-
-func asSlice(o any) *discovery.EndpointSlice {
-	if t, ok := o.(cache.DeletedFinalStateUnknown); ok {
-		o = t.Obj
-	}
-	sl, _ := o.(*discovery.EndpointSlice)
-	return sl
-}
-
-func asNode(o any) *v1.Node {
-	if t, ok := o.(cache.DeletedFinalStateUnknown); ok {
-		o = t.Obj
-	}
-	n, _ := o.(*v1.Node)
-	return n
 }
 
 // Synced reports whether the first full sync has succeeded.
@@ -307,7 +237,7 @@ func (s *Syncer) sync(periodic bool) error {
 	s.mu.Lock()
 	if err != nil {
 		s.needFull = true
-		s.syncErr = fmt.Sprintf("service sync: %v (full resync in %s)", err, s.opts.RetryInterval)
+		s.syncErr = fmt.Sprintf("service sync: %v (full resync in %s)", err, s.opts.Intervals.Retry)
 	} else {
 		s.syncErr = ""
 		if full {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/apisync"
 	"io"
 	"log/slog"
 	"maps"
@@ -150,8 +151,8 @@ func startSyncerOpts(t *testing.T, parent context.Context, dp Datapath, tweak fu
 	}
 	opts := Options{
 		Client: h.client, NodeName: "node-a", Datapath: dp, Recorder: h.recorder, Metrics: h.metrics,
-		Log:           slog.New(slog.NewTextHandler(io.Discard, nil)),
-		RetryInterval: 20 * time.Millisecond,
+		Log:       slog.New(slog.NewTextHandler(io.Discard, nil)),
+		Intervals: apisync.Intervals{Retry: 20 * time.Millisecond},
 		OnSync: func(r SyncResult) {
 			select {
 			case h.syncs <- r:
@@ -439,7 +440,7 @@ func TestSyncAdoptsIDsAfterRestart(t *testing.T) {
 
 func TestSyncPeriodicFullSyncRepairsDrift(t *testing.T) {
 	dp := newFakeDatapath(100, 100)
-	h := startSyncer(t, dp, func(o *Options) { o.MaxSyncInterval = 50 * time.Millisecond }, service("ns", "web"))
+	h := startSyncer(t, dp, func(o *Options) { o.Intervals.Max = 50 * time.Millisecond }, service("ns", "web"))
 	eventually(t, "programmed", func() bool { _, ok := byFrontend(t, dp, fe("10.96.0.10", 80, tcp)); return ok })
 	dp.mu.Lock()
 	dp.svcs = map[uint32]socklb.Service{} // someone wiped the maps

@@ -7,25 +7,23 @@ import (
 	discovery "k8s.io/api/discovery/v1"
 	apiequality "k8s.io/apimachinery/pkg/api/equality"
 	"k8s.io/apimachinery/pkg/types"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/apisync"
 )
 
-// Tracker records what changed since the last sync, in kube-proxy's style:
-// for each object the state at the last sync (previous) and the latest one
-// (current). An object that went back to its previous state is dropped, so a
-// no-op update or an add+delete between two syncs costs nothing.
+// Tracker records what changed since the last sync, in kube-proxy's style
+// (apisync.ChangeSet): an object that went back to its previous state is
+// dropped, so a no-op update or an add+delete between two syncs costs
+// nothing.
 //
 // Event handlers call the Record methods from informer goroutines; the sync
-// takes the accumulated changes with Take.
+// takes the accumulated changes with Take, all sets at one instant.
 type Tracker struct {
 	mu       sync.Mutex
-	services map[types.NamespacedName]*serviceChange
-	slices   map[types.NamespacedName]*sliceChange // keyed by slice namespace/name
-	node     *nodeChange
+	services *apisync.ChangeSet[types.NamespacedName, v1.Service]
+	slices   *apisync.ChangeSet[types.NamespacedName, discovery.EndpointSlice] // keyed by slice namespace/name
+	node     *apisync.ChangeSet[struct{}, NodeInfo]
 }
-
-type serviceChange struct{ previous, current *v1.Service }
-type sliceChange struct{ previous, current *discovery.EndpointSlice }
-type nodeChange struct{ previous, current NodeInfo }
 
 // Changes are the changes taken from a Tracker.
 type Changes struct {
@@ -48,25 +46,20 @@ func (c Changes) Empty() bool {
 // NewTracker returns an empty tracker.
 func NewTracker() *Tracker {
 	return &Tracker{
-		services: map[types.NamespacedName]*serviceChange{},
-		slices:   map[types.NamespacedName]*sliceChange{},
+		services: apisync.NewChangeSet[types.NamespacedName](serviceEqual),
+		slices:   apisync.NewChangeSet[types.NamespacedName](sliceEqual),
+		node:     apisync.NewChangeSet[struct{}](nodeInfoEqual),
 	}
 }
 
 // serviceEqual compares what translation reads; metadata such as
 // resourceVersion or managedFields churns without changing the datapath.
 func serviceEqual(a, b *v1.Service) bool {
-	if a == nil || b == nil {
-		return a == b
-	}
 	return apiequality.Semantic.DeepEqual(a.Spec, b.Spec) &&
 		apiequality.Semantic.DeepEqual(a.Status.LoadBalancer, b.Status.LoadBalancer)
 }
 
 func sliceEqual(a, b *discovery.EndpointSlice) bool {
-	if a == nil || b == nil {
-		return a == b
-	}
 	return a.AddressType == b.AddressType &&
 		a.Labels[discovery.LabelServiceName] == b.Labels[discovery.LabelServiceName] &&
 		apiequality.Semantic.DeepEqual(a.Endpoints, b.Endpoints) &&
@@ -77,52 +70,16 @@ func sliceEqual(a, b *discovery.EndpointSlice) bool {
 // update, (svc, nil) delete. It reports whether a change is pending for
 // that Service afterwards.
 func (t *Tracker) RecordService(previous, current *v1.Service) bool {
-	svc := current
-	if svc == nil {
-		svc = previous
-	}
-	if svc == nil {
-		return false
-	}
-	key := types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name}
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	c, ok := t.services[key]
-	if !ok {
-		c = &serviceChange{previous: previous}
-		t.services[key] = c
-	}
-	c.current = current
-	if serviceEqual(c.previous, c.current) {
-		delete(t.services, key)
-		return false
-	}
-	return true
+	return t.services.Record(apisync.Key(previous, current), previous, current)
 }
 
 // RecordSlice records one EndpointSlice event, like RecordService.
 func (t *Tracker) RecordSlice(previous, current *discovery.EndpointSlice) bool {
-	sl := current
-	if sl == nil {
-		sl = previous
-	}
-	if sl == nil {
-		return false
-	}
-	key := types.NamespacedName{Namespace: sl.Namespace, Name: sl.Name}
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	c, ok := t.slices[key]
-	if !ok {
-		c = &sliceChange{previous: previous}
-		t.slices[key] = c
-	}
-	c.current = current
-	if sliceEqual(c.previous, c.current) {
-		delete(t.slices, key)
-		return false
-	}
-	return true
+	return t.slices.Record(apisync.Key(previous, current), previous, current)
 }
 
 // RecordNode records the agent's Node (nil when it was deleted).
@@ -130,18 +87,10 @@ func (t *Tracker) RecordNode(previous, current *v1.Node) bool {
 	prev, cur := NodeInfoFromNode(previous), NodeInfoFromNode(current)
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if t.node == nil {
-		t.node = &nodeChange{previous: prev}
-	}
-	t.node.current = cur
-	if nodeInfoEqual(t.node.previous, t.node.current) {
-		t.node = nil
-		return false
-	}
-	return true
+	return t.node.Record(struct{}{}, &prev, &cur)
 }
 
-func nodeInfoEqual(a, b NodeInfo) bool {
+func nodeInfoEqual(a, b *NodeInfo) bool {
 	if a.Name != b.Name || len(a.IPs) != len(b.IPs) {
 		return false
 	}
@@ -157,35 +106,28 @@ func nodeInfoEqual(a, b NodeInfo) bool {
 func (t *Tracker) Pending() int {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	n := len(t.services) + len(t.slices)
-	if t.node != nil {
-		n++
-	}
-	return n
+	return t.services.Len() + t.slices.Len() + t.node.Len()
 }
 
 // Take returns the accumulated changes and empties the tracker.
 func (t *Tracker) Take() Changes {
 	t.mu.Lock()
-	defer t.mu.Unlock()
+	services, slices, node := t.services.Take(), t.slices.Take(), t.node.Take()
+	t.mu.Unlock()
 	c := Changes{
-		Services:       make(map[types.NamespacedName]*v1.Service, len(t.services)),
-		Slices:         make(map[types.NamespacedName]*discovery.EndpointSlice, len(t.slices)),
-		PreviousSlices: make(map[types.NamespacedName]*discovery.EndpointSlice, len(t.slices)),
+		Services:       make(map[types.NamespacedName]*v1.Service, len(services)),
+		Slices:         make(map[types.NamespacedName]*discovery.EndpointSlice, len(slices)),
+		PreviousSlices: make(map[types.NamespacedName]*discovery.EndpointSlice, len(slices)),
 	}
-	for k, sc := range t.services {
-		c.Services[k] = sc.current
+	for k, ch := range services {
+		c.Services[k] = ch.Cur
 	}
-	for k, sc := range t.slices {
-		c.Slices[k] = sc.current
-		c.PreviousSlices[k] = sc.previous
+	for k, ch := range slices {
+		c.Slices[k] = ch.Cur
+		c.PreviousSlices[k] = ch.Prev
 	}
-	if t.node != nil {
-		n := t.node.current
-		c.Node = &n
+	if ch, ok := node[struct{}{}]; ok {
+		c.Node = ch.Cur
 	}
-	t.services = map[types.NamespacedName]*serviceChange{}
-	t.slices = map[types.NamespacedName]*sliceChange{}
-	t.node = nil
 	return c
 }

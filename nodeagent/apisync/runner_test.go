@@ -1,4 +1,4 @@
-package runner
+package apisync
 
 import (
 	"context"
@@ -48,7 +48,7 @@ func wait(t *testing.T, ch chan struct{}) {
 
 func TestRunner(t *testing.T) {
 	rec := &recorder{ran: make(chan struct{}, 100)}
-	r := New(rec.fn, 50*time.Millisecond, time.Hour, 20*time.Millisecond)
+	r := NewRunner(rec.fn, Intervals{Min: 50 * time.Millisecond, Max: time.Hour, Retry: 20 * time.Millisecond})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { r.Loop(ctx); close(done) }()

@@ -1,16 +1,16 @@
-// Package runner is the bounded-frequency runner every datapath sync of the
-// agent uses, after kube-proxy's async.BoundedFrequencyRunner: event handlers
-// only Request a run, and the runner coalesces requests so fn runs at most
-// once per minInterval, at least once per maxInterval, and retryInterval
-// after a failed run.
-package runner
+package apisync
+
+// Runner is the bounded-frequency runner every datapath sync of the agent
+// uses, after kube-proxy's async.BoundedFrequencyRunner: event handlers only
+// Request a run, and the runner coalesces requests so fn runs at most once
+// per minInterval, at least once per maxInterval, and retryInterval after a
+// failed run.
 
 import (
 	"context"
 	"time"
 )
 
-// Runner runs one sync function at a bounded frequency.
 type Runner struct {
 	fn            func(full bool) error
 	minInterval   time.Duration
@@ -19,11 +19,11 @@ type Runner struct {
 	requests      chan struct{}
 }
 
-// New returns a runner of fn. fn's argument says whether the run must be a
+// NewRunner returns a runner of fn. fn's argument says whether the run must be a
 // full resync: the first run, every maxInterval run (repairs drift in the
 // datapath) and the run after a failure; requested runs apply only the delta.
-func New(fn func(full bool) error, minInterval, maxInterval, retryInterval time.Duration) *Runner {
-	return &Runner{fn: fn, minInterval: minInterval, maxInterval: maxInterval, retryInterval: retryInterval,
+func NewRunner(fn func(full bool) error, iv Intervals) *Runner {
+	return &Runner{fn: fn, minInterval: iv.Min, maxInterval: iv.Max, retryInterval: iv.Retry,
 		requests: make(chan struct{}, 1)}
 }
 
