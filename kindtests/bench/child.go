@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/apisync"
 	"io"
 	"log/slog"
 	"net"
@@ -342,7 +343,7 @@ func runAgent() error {
 		return fmt.Errorf("attach socklb: %w", err)
 	}
 	dp := &swappable{objs: objs}
-	syncer, err := servicelb.New(servicelb.Options{Client: client, NodeName: nodeName, Datapath: dp, Log: log})
+	syncer, err := servicelb.New(servicelb.Options{Base: apisync.Base{Client: client, NodeName: nodeName, Log: log}, Datapath: dp})
 	if err != nil {
 		objs.Detach()
 		return err

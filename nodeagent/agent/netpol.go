@@ -14,6 +14,7 @@ import (
 
 	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	dp "github.com/kubectl-ebpf/kubectl-ebpf/bpf/netpol"
+	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/apisync"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/features"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/netpol"
 )
@@ -86,11 +87,9 @@ func (f *policyFeature) Enable(ctx context.Context) error {
 		return err
 	}
 	s, err := netpol.New(netpol.Options{
-		Client:   f.a.cfg.Kube,
-		NodeName: f.a.cfg.NodeName,
+		Base:     f.a.syncBase(apiv1.FeaturePolicy, apisync.Intervals{}),
 		NodeIPs:  ips,
 		Datapath: objs,
-		Log:      f.a.log.With("feature", apiv1.FeaturePolicy),
 	})
 	if err != nil {
 		objs.Close()

@@ -69,13 +69,10 @@ func (f *serviceLBFeature) Enable(ctx context.Context) error {
 		return err
 	}
 	s, err := servicelb.New(servicelb.Options{
-		Client:    f.a.cfg.Kube,
-		NodeName:  f.a.cfg.NodeName,
-		Datapath:  objs,
-		Metrics:   f.metrics,
-		Log:       f.a.log.With("feature", apiv1.FeatureServiceLB),
-		Intervals: f.a.cfg.ServiceSync,
-		OnSync:    f.a.cfg.OnServiceSync,
+		Base:     f.a.syncBase(apiv1.FeatureServiceLB, f.a.cfg.ServiceSync),
+		Datapath: objs,
+		Metrics:  f.metrics,
+		OnSync:   f.a.cfg.OnServiceSync,
 	})
 	if err != nil {
 		objs.Close()

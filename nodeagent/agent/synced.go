@@ -6,6 +6,8 @@ import (
 	"context"
 	"log/slog"
 	"sync"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/apisync"
 )
 
 // datapathObjects are a feature's loaded BPF objects.
@@ -109,4 +111,9 @@ func (f *syncedFeature) Errors() []string {
 		out = append(out, s.Errors()...)
 	}
 	return out
+}
+
+// syncBase is what every feature's sync gets from the agent.
+func (a *Agent) syncBase(feature string, iv apisync.Intervals) apisync.Base {
+	return apisync.Base{Client: a.cfg.Kube, NodeName: a.cfg.NodeName, Log: a.log.With("feature", feature), Intervals: iv}
 }

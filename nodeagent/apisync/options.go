@@ -3,6 +3,7 @@ package apisync
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -70,4 +71,40 @@ func StartInformers(ctx context.Context, factories ...informers.SharedInformerFa
 		}
 	}
 	return stop, nil
+}
+
+// Base is what every sync's Options start with (embedded).
+type Base struct {
+	// Client reads the API; NodeName is this agent's node.
+	Client   kubernetes.Interface
+	NodeName string
+	// Recorder nil: Events are written through Client (StartRecorder).
+	Recorder record.EventRecorder
+	// Log nil: slog.Default().
+	Log *slog.Logger
+	// Intervals bound the runner; zero fields take the sync's defaults.
+	Intervals Intervals
+}
+
+// Complete checks what every sync needs and fills in the defaults; what
+// names the sync in the error.
+func (b *Base) Complete(what string, def Intervals) error {
+	if b.Client == nil || b.NodeName == "" {
+		return fmt.Errorf("%s: client and node name are required", what)
+	}
+	if b.Log == nil {
+		b.Log = slog.Default()
+	}
+	b.Intervals = b.Intervals.Or(def)
+	return nil
+}
+
+// StartRecorder makes Recorder write Events through Client when no
+// recorder was given; stop flushes and ends it.
+func (b *Base) StartRecorder(ctx context.Context) (stop func()) {
+	if b.Recorder != nil {
+		return func() {}
+	}
+	b.Recorder, stop = EventRecorder(ctx, b.Client, b.NodeName)
+	return stop
 }

@@ -19,11 +19,9 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/informers"
-	"k8s.io/client-go/kubernetes"
 	corelisters "k8s.io/client-go/listers/core/v1"
 	networkinglisters "k8s.io/client-go/listers/networking/v1"
 	"k8s.io/client-go/tools/cache"
-	"k8s.io/client-go/tools/record"
 
 	dp "github.com/kubectl-ebpf/kubectl-ebpf/bpf/netpol"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/apisync"
@@ -59,8 +57,7 @@ const (
 
 // Options configures a Syncer.
 type Options struct {
-	Client   kubernetes.Interface
-	NodeName string
+	apisync.Base
 	// NodeIPs are handed to Datapath.SetHostIPs before the first sync.
 	NodeIPs  []netip.Addr
 	Datapath dp.Datapath
@@ -68,12 +65,7 @@ type Options struct {
 	Interfaces Interfaces
 	// IDs nil: a fresh allocator (exposed by Syncer.IDs).
 	IDs *IDs
-	// Recorder nil: Events are written through Client.
-	Recorder record.EventRecorder
-	Log      *slog.Logger
 
-	// Intervals bound the runner; zero fields take DefaultIntervals.
-	Intervals apisync.Intervals
 	// OnSync, when set, is called after every sync.
 	OnSync func(SyncResult)
 }
@@ -130,11 +122,11 @@ type ifaceCache struct {
 
 // New checks opts and returns a Syncer; Run starts it.
 func New(opts Options) (*Syncer, error) {
-	if opts.Client == nil || opts.Datapath == nil || opts.NodeName == "" {
-		return nil, errors.New("policy sync: client, datapath and node name are required")
+	if err := opts.Complete("policy sync", DefaultIntervals); err != nil {
+		return nil, err
 	}
-	if opts.Log == nil {
-		opts.Log = slog.Default()
+	if opts.Datapath == nil {
+		return nil, errors.New("policy sync: datapath is required")
 	}
 	if opts.Interfaces == nil {
 		opts.Interfaces = defaultInterfaces()
@@ -142,7 +134,6 @@ func New(opts Options) (*Syncer, error) {
 	if opts.IDs == nil {
 		opts.IDs = NewIDs()
 	}
-	opts.Intervals = opts.Intervals.Or(DefaultIntervals)
 	s := &Syncer{
 		opts:     opts,
 		log:      opts.Log,
@@ -192,11 +183,7 @@ const nodeIndex = "node"
 // done. The datapath is left as it is on return: detaching is the feature's
 // Disable, not a side effect of stopping.
 func (s *Syncer) Run(ctx context.Context) error {
-	if s.opts.Recorder == nil {
-		rec, stop := apisync.EventRecorder(ctx, s.opts.Client, s.opts.NodeName)
-		defer stop()
-		s.opts.Recorder = rec
-	}
+	defer s.opts.StartRecorder(ctx)()
 	factory := informers.NewSharedInformerFactory(s.opts.Client, 0)
 	podInf := factory.Core().V1().Pods()
 	npInf := factory.Networking().V1().NetworkPolicies()

@@ -3,6 +3,7 @@ package netpol
 import (
 	"context"
 	"errors"
+	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/apisync"
 	"io"
 	"log/slog"
 	"net/netip"
@@ -103,9 +104,10 @@ func startSyncer(t *testing.T, mod func(*Options), objs ...runtime.Object) *sync
 	h := &syncHarness{t: t, client: fake.NewClientset(objs...), dp: &fakeDatapath{state: map[uint32]dp.EndpointPolicy{}},
 		syncs: make(chan SyncResult, 100)}
 	opts := Options{
-		Client: h.client, NodeName: testNode, Datapath: h.dp, Interfaces: fakeInterfaces{},
-		NodeIPs:  []netip.Addr{netip.MustParseAddr("192.0.2.2")},
-		Recorder: record.NewFakeRecorder(100), Log: slog.New(slog.NewTextHandler(io.Discard, nil)),
+		Base: apisync.Base{Client: h.client, NodeName: testNode,
+			Recorder: record.NewFakeRecorder(100), Log: slog.New(slog.NewTextHandler(io.Discard, nil))},
+		Datapath: h.dp, Interfaces: fakeInterfaces{},
+		NodeIPs: []netip.Addr{netip.MustParseAddr("192.0.2.2")},
 		OnSync: func(r SyncResult) {
 			select {
 			case h.syncs <- r:

@@ -19,11 +19,9 @@ import (
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/informers"
-	"k8s.io/client-go/kubernetes"
 	corelisters "k8s.io/client-go/listers/core/v1"
 	discoverylisters "k8s.io/client-go/listers/discovery/v1"
 	"k8s.io/client-go/tools/cache"
-	"k8s.io/client-go/tools/record"
 
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/socklb"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/apisync"
@@ -60,17 +58,10 @@ var DefaultIntervals = apisync.Intervals{Min: 2 * time.Millisecond, Max: time.Mi
 
 // Options configures a Syncer.
 type Options struct {
-	Client   kubernetes.Interface
-	NodeName string
+	apisync.Base
 	Datapath Datapath
 	// Metrics nil: unregistered metrics are used.
 	Metrics *Metrics
-	// Recorder nil: Events are written through Client.
-	Recorder record.EventRecorder
-	Log      *slog.Logger
-
-	// Intervals bound the runner; zero fields take DefaultIntervals.
-	Intervals apisync.Intervals
 
 	// OnSync, when set, is called after every sync (tests and benchmarks
 	// use it to see a change land).
@@ -117,16 +108,15 @@ type Syncer struct {
 
 // New checks opts and returns a Syncer; Run starts it.
 func New(opts Options) (*Syncer, error) {
-	if opts.Client == nil || opts.Datapath == nil || opts.NodeName == "" {
-		return nil, errors.New("service sync: client, datapath and node name are required")
+	if err := opts.Complete("service sync", DefaultIntervals); err != nil {
+		return nil, err
 	}
-	if opts.Log == nil {
-		opts.Log = slog.Default()
+	if opts.Datapath == nil {
+		return nil, errors.New("service sync: datapath is required")
 	}
 	if opts.Metrics == nil {
 		opts.Metrics = NewMetrics(nil)
 	}
-	opts.Intervals = opts.Intervals.Or(DefaultIntervals)
 	s := &Syncer{
 		opts:       opts,
 		log:        opts.Log,
@@ -149,11 +139,7 @@ func New(opts Options) (*Syncer, error) {
 // Run starts the informers, waits for their caches and syncs until ctx is
 // done. It leaves the datapath as it is on return.
 func (s *Syncer) Run(ctx context.Context) error {
-	if s.opts.Recorder == nil {
-		rec, stop := apisync.EventRecorder(ctx, s.opts.Client, s.opts.NodeName)
-		defer stop()
-		s.opts.Recorder = rec
-	}
+	defer s.opts.StartRecorder(ctx)()
 	svcFactory := informers.NewSharedInformerFactoryWithOptions(s.opts.Client, 0,
 		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = serviceSelector }))
 	sliceFactory := informers.NewSharedInformerFactoryWithOptions(s.opts.Client, 0,

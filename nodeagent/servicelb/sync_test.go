@@ -150,9 +150,9 @@ func startSyncerOpts(t *testing.T, parent context.Context, dp Datapath, tweak fu
 		syncs:    make(chan SyncResult, 1000),
 	}
 	opts := Options{
-		Client: h.client, NodeName: "node-a", Datapath: dp, Recorder: h.recorder, Metrics: h.metrics,
-		Log:       slog.New(slog.NewTextHandler(io.Discard, nil)),
-		Intervals: apisync.Intervals{Retry: 20 * time.Millisecond},
+		Base: apisync.Base{Client: h.client, NodeName: "node-a", Recorder: h.recorder,
+			Log: slog.New(slog.NewTextHandler(io.Discard, nil)), Intervals: apisync.Intervals{Retry: 20 * time.Millisecond}},
+		Datapath: dp, Metrics: h.metrics,
 		OnSync: func(r SyncResult) {
 			select {
 			case h.syncs <- r:
