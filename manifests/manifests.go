@@ -90,6 +90,10 @@ type RenderOptions struct {
 	// enforced once the agent sees its IP in the API, not before its first
 	// packet.
 	NoCNIChaining bool
+	// CNIHistory are the CNI dirs earlier installs chained kebpf-cni into
+	// (CNIRecordOf the installed DaemonSet); the agent takes it out of every
+	// pair that is not the current one (CNIStale).
+	CNIHistory []CNIDirs
 }
 
 // Default CNI directories, as on kind nodes and most distributions.
@@ -151,6 +155,18 @@ func Objects(opts RenderOptions) ([]*unstructured.Unstructured, error) {
 	if err := validHostDir("CNI bin dir", opts.CNIBinDir); err != nil {
 		return nil, err
 	}
+	for _, d := range opts.CNIHistory {
+		if err := validHostDir("earlier CNI conf dir", d.Conf); err != nil {
+			return nil, err
+		}
+		if err := validHostDir("earlier CNI bin dir", d.Bin); err != nil {
+			return nil, err
+		}
+	}
+	cniRecord, err := opts.CNIRecordJSON()
+	if err != nil {
+		return nil, err
+	}
 	cfg := apiv1.DefaultConfig()
 	if opts.Config != nil {
 		cfg = *opts.Config
@@ -188,6 +204,14 @@ func Objects(opts RenderOptions) ([]*unstructured.Unstructured, error) {
 		addLabels(o)
 		// Set here, not in the template: a YAML block scalar inside a
 		// template is one indentation slip away from a different document.
+		if o.GetKind() == "DaemonSet" && o.GetName() == DaemonSetName {
+			a := o.GetAnnotations()
+			if a == nil {
+				a = map[string]string{}
+			}
+			a[AnnotationCNIDirs] = cniRecord
+			o.SetAnnotations(a)
+		}
 		if o.GetKind() == "ConfigMap" && o.GetName() == ConfigMapName {
 			if err := unstructured.SetNestedField(o.Object, string(cfgYAML), "data", apiv1.ConfigKey); err != nil {
 				return nil, fmt.Errorf("set %s: %w", apiv1.ConfigKey, err)

@@ -215,19 +215,37 @@ func TestConfigMapRendersConfig(t *testing.T) {
 	}
 }
 
+var defaultDirs = CNIDirs{Conf: DefaultCNIConfDir, Bin: DefaultCNIBinDir}
+
 func TestAgentCNIChaining(t *testing.T) {
 	tests := []struct {
 		name          string
 		opts          RenderOptions
 		wantArgs      string
-		wantConf, bin string // hostPaths; "" = no CNI volumes
+		wantConf, bin string            // hostPaths; "" = no CNI volumes
+		wantStale     map[string]string // stale volume name -> hostPath
+		wantRecord    string            // the DaemonSet's AnnotationCNIDirs
 		wantErr       string
 	}{
 		// The literal paths also pin 40-daemonset.yaml to CNIConfMount/CNIBinMount.
-		{name: "defaults", wantArgs: "run --cni-conf-dir=/host/cni/net.d --cni-bin-dir=/host/cni/bin", wantConf: DefaultCNIConfDir, bin: DefaultCNIBinDir},
+		{name: "defaults", wantArgs: "run --cni-conf-dir=/host/cni/net.d --cni-bin-dir=/host/cni/bin", wantConf: DefaultCNIConfDir, bin: DefaultCNIBinDir,
+			wantRecord: `[{"conf":"/etc/cni/net.d","bin":"/opt/cni/bin"}]`},
 		{name: "custom dirs", opts: RenderOptions{CNIConfDir: "/var/lib/cni/conf", CNIBinDir: "/usr/lib/cni"},
-			wantArgs: "run --cni-conf-dir=/host/cni/net.d --cni-bin-dir=/host/cni/bin", wantConf: "/var/lib/cni/conf", bin: "/usr/lib/cni"},
-		{name: "opted out", opts: RenderOptions{NoCNIChaining: true}, wantArgs: "run"},
+			wantArgs: "run --cni-conf-dir=/host/cni/net.d --cni-bin-dir=/host/cni/bin", wantConf: "/var/lib/cni/conf", bin: "/usr/lib/cni",
+			wantRecord: `[{"conf":"/var/lib/cni/conf","bin":"/usr/lib/cni"}]`},
+		{name: "opted out", opts: RenderOptions{NoCNIChaining: true}, wantArgs: "run", wantRecord: "[]"},
+		{name: "chaining switched off after an install that chained", opts: RenderOptions{NoCNIChaining: true, CNIHistory: []CNIDirs{defaultDirs}},
+			wantArgs:   "run --cni-unchain=/host/cni-stale/0/net.d:/host/cni-stale/0/bin",
+			wantStale:  map[string]string{"cni-stale-0-conf": DefaultCNIConfDir, "cni-stale-0-bin": DefaultCNIBinDir},
+			wantRecord: `[{"conf":"/etc/cni/net.d","bin":"/opt/cni/bin"}]`},
+		{name: "conf dir moved: only the old conf dir is stale", opts: RenderOptions{CNIConfDir: "/var/lib/cni/conf", CNIHistory: []CNIDirs{defaultDirs}},
+			wantArgs: "run --cni-conf-dir=/host/cni/net.d --cni-bin-dir=/host/cni/bin --cni-unchain=/host/cni-stale/0/net.d:",
+			wantConf: "/var/lib/cni/conf", bin: DefaultCNIBinDir, wantStale: map[string]string{"cni-stale-0-conf": DefaultCNIConfDir},
+			wantRecord: `[{"conf":"/etc/cni/net.d","bin":"/opt/cni/bin"},{"conf":"/var/lib/cni/conf","bin":"/opt/cni/bin"}]`},
+		{name: "same dirs again: nothing stale", opts: RenderOptions{CNIHistory: []CNIDirs{defaultDirs, defaultDirs}},
+			wantArgs: "run --cni-conf-dir=/host/cni/net.d --cni-bin-dir=/host/cni/bin", wantConf: DefaultCNIConfDir, bin: DefaultCNIBinDir,
+			wantRecord: `[{"conf":"/etc/cni/net.d","bin":"/opt/cni/bin"}]`},
+		{name: "bad earlier dir", opts: RenderOptions{CNIHistory: []CNIDirs{{Conf: "etc", Bin: "/opt"}}}, wantErr: "invalid earlier CNI conf dir"},
 		{name: "relative dir", opts: RenderOptions{CNIConfDir: "etc/cni"}, wantErr: "invalid CNI conf dir"},
 		{name: "unclean dir", opts: RenderOptions{CNIBinDir: "/opt/../cni"}, wantErr: "invalid CNI bin dir"},
 		{name: "injection", opts: RenderOptions{CNIConfDir: "/etc\"\n  evil: x"}, wantErr: "invalid CNI conf dir"},
@@ -263,6 +281,30 @@ func TestAgentCNIChaining(t *testing.T) {
 			}
 			if got[CNIConfVolume] != tt.wantConf || got[CNIBinVolume] != tt.bin {
 				t.Errorf("CNI hostPaths conf %q bin %q, want %q %q", got[CNIConfVolume], got[CNIBinVolume], tt.wantConf, tt.bin)
+			}
+			mounts := map[string]string{}
+			for _, m := range cs[0].(map[string]any)["volumeMounts"].([]any) {
+				m := m.(map[string]any)
+				mounts[m["name"].(string)] = m["mountPath"].(string)
+			}
+			for name, path := range got {
+				if !strings.HasPrefix(name, "cni-stale-") {
+					continue
+				}
+				if tt.wantStale[name] != path {
+					t.Errorf("stale volume %s = %q, want %q", name, path, tt.wantStale[name])
+				}
+				if mounts[name] == "" {
+					t.Errorf("stale volume %s not mounted in the agent", name)
+				}
+			}
+			for name := range tt.wantStale {
+				if _, ok := got[name]; !ok {
+					t.Errorf("stale volume %s missing", name)
+				}
+			}
+			if rec := ds.GetAnnotations()[AnnotationCNIDirs]; rec != tt.wantRecord {
+				t.Errorf("annotation %s = %s, want %s", AnnotationCNIDirs, rec, tt.wantRecord)
 			}
 			if tt.wantConf != "" && !strings.Contains(tt.wantArgs, "--cni-conf-dir="+CNIConfMount) {
 				t.Errorf("agent args %q do not use CNIConfMount %s", tt.wantArgs, CNIConfMount)

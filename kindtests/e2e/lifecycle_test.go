@@ -112,6 +112,25 @@ func cniChained(t *testing.T, node string) (entry, binary bool) {
 	return entry, err == nil
 }
 
+// waitCNIChained waits until every node's CNI config and bin dir carry
+// kebpf-cni (want) or neither does, failing after timeout.
+func waitCNIChained(t *testing.T, want bool, timeout time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for _, node := range env.Cluster.Nodes {
+		for {
+			entry, bin := cniChained(t, node)
+			if entry == want && bin == want {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("node %s after %s: kebpf-cni in %s %v, binary in %s %v; want %v", node, timeout, cniConfDir, entry, cniBinDir, bin, want)
+			}
+			time.Sleep(500 * time.Millisecond)
+		}
+	}
+}
+
 func inspectNode(t *testing.T, node string) nodeBPF {
 	t.Helper()
 	var s nodeBPF
@@ -251,6 +270,16 @@ func TestIntegrationLifecycle(t *testing.T) {
 		}
 	})
 
+	t.Run("switching CNI chaining off unchains, on again chains", func(t *testing.T) {
+		mustKubectl(t, 6*time.Minute, "ebpf", "install", "--no-cni-chaining", "--wait", "--timeout", "5m")
+		waitCNIChained(t, false, 30*time.Second)
+		mustKubectl(t, 6*time.Minute, "ebpf", "install", "--wait", "--timeout", "5m")
+		waitCNIChained(t, true, 30*time.Second)
+	})
+
+	// The last install does not chain, so its DaemonSet mounts no CNI dir:
+	// uninstall must still clean where an earlier install chained.
+	mustKubectl(t, 2*time.Minute, "ebpf", "install", "--no-cni-chaining")
 	mustKubectl(t, 6*time.Minute, "ebpf", "uninstall", "--wait")
 
 	for _, node := range env.Cluster.Nodes {

@@ -189,6 +189,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		srv.Close()
 		return err
 	}
+	go a.unchainStale(ctx)
 	defer func() {
 		shutdownCtx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()

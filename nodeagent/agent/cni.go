@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/netip"
+	"slices"
 	"time"
 
 	"k8s.io/apimachinery/pkg/types"
@@ -31,6 +32,10 @@ type CNIConfig struct {
 	// HostSocket is Socket's path on the host, written into the chained
 	// entry for the plugin (which runs on the host); Socket when empty.
 	HostSocket string
+	// Unchain are the dirs an earlier install chained kebpf-cni into and
+	// this one does not (chaining switched off, or moved): it is taken out
+	// of them at start, retried until that succeeds.
+	Unchain cni.DirsList
 }
 
 // DefaultChainInterval: how soon a CNI that rewrote its config gets our
@@ -169,4 +174,34 @@ func (a *Agent) unchain() error {
 		a.log.Info("cni", "change", d)
 	}
 	return err
+}
+
+// unchainStale takes kebpf-cni out of the dirs an earlier install chained
+// it into, retrying every DefaultChainInterval until every pair is clean
+// or ctx ends. The DaemonSet replaced the earlier agent before this one
+// started, so nothing chains there again.
+func (a *Agent) unchainStale(ctx context.Context) {
+	todo := slices.Clone(a.cfg.CNI.Unchain)
+	for len(todo) > 0 {
+		var failed cni.DirsList
+		for _, d := range todo {
+			done, err := cni.Remove(d.Conf, d.Bin)
+			for _, ch := range done {
+				a.log.Info("cni: earlier install's dirs", "change", ch)
+			}
+			if err != nil {
+				a.log.Warn("cni: taking kebpf-cni out of an earlier install's dirs", "dirs", d.String(), "err", err)
+				failed = append(failed, d)
+			}
+		}
+		todo = failed
+		if len(todo) == 0 {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(DefaultChainInterval):
+		}
+	}
 }

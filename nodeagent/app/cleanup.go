@@ -18,6 +18,7 @@ import (
 func newCleanupCommand(lo *logOptions, stdout, stderr io.Writer) *cobra.Command {
 	opts := cleanup.Options{Out: stdout}
 	var cniConfDir, cniBinDir string
+	var unchain cni.DirsList
 	cmd := &cobra.Command{
 		Use:   "cleanup",
 		Short: "Detach and unpin everything of ours; exit 0 only when nothing remains",
@@ -31,12 +32,15 @@ func newCleanupCommand(lo *logOptions, stdout, stderr io.Writer) *cobra.Command 
 			// Unchain first: from here on new pods no longer wait for an
 			// agent that is gone.
 			if cniConfDir != "" {
-				done, err := cni.Remove(cniConfDir, cniBinDir)
-				for _, d := range done {
-					fmt.Fprintln(stdout, d)
+				unchain = append(unchain, cni.Dirs{Conf: cniConfDir, Bin: cniBinDir})
+			}
+			for _, d := range unchain {
+				done, err := cni.Remove(d.Conf, d.Bin)
+				for _, line := range done {
+					fmt.Fprintln(stdout, line)
 				}
 				if err != nil {
-					errs = append(errs, fmt.Errorf("unchain kebpf-cni: %w", err))
+					errs = append(errs, fmt.Errorf("unchain kebpf-cni from %s: %w", d, err))
 				}
 			}
 			// clsact filters are not pinned; they hold our programs until
@@ -59,5 +63,6 @@ func newCleanupCommand(lo *logOptions, stdout, stderr io.Writer) *cobra.Command 
 	f.StringVar(&opts.CgroupRoot, "cgroup-root", mounts.DefaultCgroupRoot, "our cgroup2 mount to unmount")
 	f.StringVar(&cniConfDir, "cni-conf-dir", "", "CNI config dir to take kebpf-cni out of (empty: leave CNI config alone)")
 	f.StringVar(&cniBinDir, "cni-bin-dir", "", "CNI plugin dir to delete kebpf-cni from")
+	f.Var(&unchain, "cni-unchain", "CONF_DIR:BIN_DIR to take kebpf-cni out of (repeatable; one side may be empty)")
 	return cmd
 }

@@ -88,6 +88,7 @@ func newRunCommand(lo *logOptions, stderr io.Writer) *cobra.Command {
 	f.StringVar(&o.cni.Socket, "cni-socket", cni.DefaultSocket, "unix socket the kebpf-cni plugin calls (empty: no socket, no chaining)")
 	f.StringVar(&o.cni.ConfDir, "cni-conf-dir", "", "the node's CNI config dir as mounted in the agent; kebpf-cni is chained into its primary config while the policy feature runs (empty: no chaining)")
 	f.StringVar(&o.cni.BinDir, "cni-bin-dir", "", "the node's CNI plugin dir as mounted in the agent (kebpf-cni is copied there)")
+	f.Var(&o.cni.Unchain, "cni-unchain", "CONF_DIR:BIN_DIR an earlier install chained kebpf-cni into, as mounted in the agent: taken out at start (repeatable; one side may be empty)")
 	f.Var(&o.attach, "policy-attach", "how the policy programs attach to pod interfaces: auto (tcx where the kernel has it, else clsact), tcx or clsact")
 	f.StringVar(&o.cni.Plugin, "cni-plugin", "/usr/local/bin/kebpf-cni", "the kebpf-cni binary to install")
 	return cmd

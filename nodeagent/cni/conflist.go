@@ -129,13 +129,17 @@ func (in *Installer) Ensure() ([]string, error) {
 
 // Remove takes our entry out of every config in confDir (restoring a .conf
 // we converted) and deletes the plugin binary from binDir. Missing dirs are
-// not an error. It reports what it removed.
+// not an error; an empty one is left alone. It reports what it removed.
 func Remove(confDir, binDir string) ([]string, error) {
 	var done []string
 	var errs []error
-	entries, err := os.ReadDir(confDir)
-	if err != nil && !errors.Is(err, os.ErrNotExist) {
-		return nil, err
+	var entries []os.DirEntry
+	if confDir != "" {
+		var err error
+		entries, err = os.ReadDir(confDir)
+		if err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, err
+		}
 	}
 	for _, e := range entries {
 		name := e.Name()
@@ -179,6 +183,9 @@ func Remove(confDir, binDir string) ([]string, error) {
 			continue
 		}
 		done = append(done, "unchained from "+path)
+	}
+	if binDir == "" {
+		return done, errors.Join(errs...)
 	}
 	bin := filepath.Join(binDir, PluginType)
 	if err := os.Remove(bin); err == nil {
@@ -281,3 +288,39 @@ func copyIfDifferent(want []byte, dst string) (bool, error) {
 	}
 	return true, writeAtomic(dst, want, 0o755)
 }
+
+// Dirs is a pair of CNI dirs as the agent sees them, an earlier install's
+// (--cni-unchain): Remove takes kebpf-cni out of them. An empty side is
+// left alone: it is where the current install chains.
+type Dirs struct{ Conf, Bin string }
+
+func (d Dirs) String() string { return d.Conf + ":" + d.Bin }
+
+// DirsList is a repeatable CONF_DIR:BIN_DIR flag.
+type DirsList []Dirs
+
+func (l *DirsList) String() string {
+	var parts []string
+	for _, d := range *l {
+		parts = append(parts, d.String())
+	}
+	return strings.Join(parts, ",")
+}
+
+// Set parses one CONF_DIR:BIN_DIR; either side may be empty, not both,
+// and a given side must be an absolute path.
+func (l *DirsList) Set(s string) error {
+	conf, bin, ok := strings.Cut(s, ":")
+	if !ok || (conf == "" && bin == "") {
+		return fmt.Errorf("%q: want CONF_DIR:BIN_DIR (one side may be empty)", s)
+	}
+	for _, p := range []string{conf, bin} {
+		if p != "" && !filepath.IsAbs(p) {
+			return fmt.Errorf("%q: %q is not an absolute path", s, p)
+		}
+	}
+	*l = append(*l, Dirs{Conf: conf, Bin: bin})
+	return nil
+}
+
+func (l *DirsList) Type() string { return "confDir:binDir" }

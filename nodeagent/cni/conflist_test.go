@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 )
 
@@ -175,5 +176,64 @@ func TestEnsureNoConfigAndBadConfig(t *testing.T) {
 	}
 	if b, _ := os.ReadFile(filepath.Join(bad.ConfDir, "10-bad.conflist")); string(b) != "{broken" {
 		t.Fatal("a config we could not parse was rewritten")
+	}
+}
+
+// Remove with one side empty leaves that side alone: the current install
+// chains there (a stale pair that shares a dir with the current one).
+func TestRemoveOneSide(t *testing.T) {
+	for _, side := range []string{"conf only", "bin only"} {
+		t.Run(side, func(t *testing.T) {
+			in := setup(t, map[string]string{"10-kebpf.conflist": bridgeList})
+			if _, err := in.Ensure(); err != nil {
+				t.Fatal(err)
+			}
+			conf, bin := in.ConfDir, in.BinDir
+			if side == "conf only" {
+				bin = ""
+			} else {
+				conf = ""
+			}
+			if _, err := Remove(conf, bin); err != nil {
+				t.Fatal(err)
+			}
+			chained, err := Chained(in.ConfDir)
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, statErr := os.Stat(filepath.Join(in.BinDir, PluginType))
+			if chained != (conf == "") || (statErr == nil) != (bin == "") {
+				t.Errorf("after Remove(%q, %q): chained %v, binary stat %v", conf, bin, chained, statErr)
+			}
+		})
+	}
+}
+
+func TestDirsListFlag(t *testing.T) {
+	tests := []struct {
+		in      string
+		want    Dirs
+		wantErr string
+	}{
+		{in: "/a/net.d:/a/bin", want: Dirs{Conf: "/a/net.d", Bin: "/a/bin"}},
+		{in: "/a/net.d:", want: Dirs{Conf: "/a/net.d"}},
+		{in: ":/a/bin", want: Dirs{Bin: "/a/bin"}},
+		{in: ":", wantErr: "want CONF_DIR:BIN_DIR"},
+		{in: "/a/net.d", wantErr: "want CONF_DIR:BIN_DIR"},
+		{in: "net.d:/bin", wantErr: "not an absolute path"},
+	}
+	for _, tt := range tests {
+		var l DirsList
+		err := l.Set(tt.in)
+		switch {
+		case tt.wantErr != "":
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+				t.Errorf("Set(%q) = %v, want error %q", tt.in, err, tt.wantErr)
+			}
+		case err != nil || len(l) != 1 || l[0] != tt.want:
+			t.Errorf("Set(%q) = %v, %v; want %+v", tt.in, l, err, tt.want)
+		case l.String() != tt.in:
+			t.Errorf("String() = %q, want %q", l.String(), tt.in)
+		}
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -226,5 +227,99 @@ func TestInstallOfflineYAMLSaysWhatIsMissing(t *testing.T) {
 	r = testutil.Run(t, testutil.Flags(t, "/nonexistent/kubeconfig"), "install", "--dry-run=client")
 	if r.Code != 0 || !strings.Contains(r.Stderr, "KUBERNETES_SERVICE_HOST/PORT not set") {
 		t.Errorf("dry-run=client does not note the missing endpoint: %s", r)
+	}
+}
+
+// installedAgent is the agent DaemonSet an earlier install left: the CNI
+// dirs it mounts and its record of where kebpf-cni was chained.
+func installedAgent(mounts *manifests.CNIDirs, record string) *appsv1.DaemonSet {
+	ds := &appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Name: manifests.DaemonSetName, Namespace: manifests.Namespace}}
+	if record != "" {
+		ds.Annotations = map[string]string{manifests.AnnotationCNIDirs: record}
+	}
+	if mounts != nil {
+		ds.Spec.Template.Spec.Volumes = []corev1.Volume{
+			{Name: manifests.CNIConfVolume, VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: mounts.Conf}}},
+			{Name: manifests.CNIBinVolume, VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: mounts.Bin}}},
+		}
+	}
+	return ds
+}
+
+// An install that chains elsewhere or not at all has the new agent take
+// kebpf-cni out of wherever an earlier install chained it, and the record
+// keeps every such place for uninstall.
+func TestInstallRemembersCNIDirs(t *testing.T) {
+	def := &manifests.CNIDirs{Conf: manifests.DefaultCNIConfDir, Bin: manifests.DefaultCNIBinDir}
+	const defRecord = `[{"conf":"/etc/cni/net.d","bin":"/opt/cni/bin"}]`
+	tests := []struct {
+		name        string
+		existing    *appsv1.DaemonSet
+		flags       func(*install.Options)
+		wantUnchain []string
+		wantRecord  string
+		wantWarn    string
+	}{
+		{name: "first install", wantRecord: defRecord},
+		{name: "--no-cni-chaining over a release that chained (no record yet)", existing: installedAgent(def, ""),
+			flags:       func(o *install.Options) { o.NoCNIChaining = true },
+			wantUnchain: []string{"--cni-unchain=/host/cni-stale/0/net.d:/host/cni-stale/0/bin"}, wantRecord: defRecord},
+		{name: "--no-cni-chaining again keeps the record", existing: installedAgent(nil, defRecord),
+			flags:       func(o *install.Options) { o.NoCNIChaining = true },
+			wantUnchain: []string{"--cni-unchain=/host/cni-stale/0/net.d:/host/cni-stale/0/bin"}, wantRecord: defRecord},
+		{name: "chaining back on where it was", existing: installedAgent(nil, defRecord), wantRecord: defRecord},
+		{name: "both dirs moved", existing: installedAgent(def, defRecord),
+			flags:       func(o *install.Options) { o.CNIConfDir, o.CNIBinDir = "/var/lib/cni/net.d", "/usr/lib/cni" },
+			wantUnchain: []string{"--cni-unchain=/host/cni-stale/0/net.d:/host/cni-stale/0/bin"},
+			wantRecord:  `[{"conf":"/etc/cni/net.d","bin":"/opt/cni/bin"},{"conf":"/var/lib/cni/net.d","bin":"/usr/lib/cni"}]`},
+		{name: "a hand-edited record is warned about, the mounts still count", existing: installedAgent(def, `[{"conf":"etc","bin":"/x"}]`),
+			flags:       func(o *install.Options) { o.NoCNIChaining = true },
+			wantUnchain: []string{"--cni-unchain=/host/cni-stale/0/net.d:/host/cni-stale/0/bin"}, wantRecord: defRecord,
+			wantWarn: "invalid CNI conf dir in annotation kubectl-ebpf.io/cni-dirs"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			objs := []runtime.Object{endpointSlice("kubernetes", discoveryv1.AddressTypeIPv4, "10.1.2.3", 6443)}
+			if tt.existing != nil {
+				objs = append(objs, tt.existing)
+			}
+			f := testutil.NewFake(t, objs)
+			got := applied(t, f)
+			var out, errOut bytes.Buffer
+			o := &install.Options{IOStreams: genericiooptions.IOStreams{Out: &out, ErrOut: &errOut}, DryRun: "none", Timeout: time.Minute,
+				Clients: f.Clients, CNIConfDir: manifests.DefaultCNIConfDir, CNIBinDir: manifests.DefaultCNIBinDir}
+			if tt.flags != nil {
+				tt.flags(o)
+			}
+			if err := o.Complete(); err != nil {
+				t.Fatal(err)
+			}
+			if err := o.Validate(); err != nil {
+				t.Fatal(err)
+			}
+			if err := o.Run(context.Background()); err != nil {
+				t.Fatalf("%v\n%s%s", err, out.String(), errOut.String())
+			}
+			ds := got["DaemonSet"]
+			if ds == nil {
+				t.Fatal("DaemonSet not applied")
+			}
+			if rec := ds.GetAnnotations()[manifests.AnnotationCNIDirs]; rec != tt.wantRecord {
+				t.Errorf("record %s, want %s", rec, tt.wantRecord)
+			}
+			cs, _, _ := unstructured.NestedSlice(ds.Object, "spec", "template", "spec", "containers")
+			var unchain []string
+			for _, a := range cs[0].(map[string]any)["args"].([]any) {
+				if strings.HasPrefix(a.(string), "--cni-unchain") {
+					unchain = append(unchain, a.(string))
+				}
+			}
+			if strings.Join(unchain, " ") != strings.Join(tt.wantUnchain, " ") {
+				t.Errorf("agent unchain args %q, want %q", unchain, tt.wantUnchain)
+			}
+			if tt.wantWarn != "" && !strings.Contains(errOut.String(), tt.wantWarn) {
+				t.Errorf("stderr %q lacks %q", errOut.String(), tt.wantWarn)
+			}
+		})
 	}
 }

@@ -276,6 +276,20 @@ func (o *Options) renderForCluster(ctx context.Context) error {
 	}
 	cfg := o.withFlags(base)
 	ro := manifests.RenderOptions{Config: &cfg}
+	// Where earlier installs chained kebpf-cni: the new agent takes it out
+	// of every pair this install does not chain into.
+	ds, err := o.Clients.Kube.AppsV1().DaemonSets(manifests.Namespace).Get(ctx, manifests.DaemonSetName, metav1.GetOptions{})
+	switch {
+	case apierrors.IsNotFound(err):
+	case err != nil:
+		return fmt.Errorf("get DaemonSet %s: %w", manifests.DaemonSetName, err)
+	default:
+		hist, err := manifests.CNIRecordOf(ds)
+		if err != nil {
+			fmt.Fprintf(o.ErrOut, "warning: %v; only the CNI dirs the DaemonSet mounts are known\n", err)
+		}
+		ro.CNIHistory = hist
+	}
 	host, port, err := o.Clients.APIServerEndpoint(ctx)
 	if err != nil {
 		// Not fatal: with kube-proxy the agent reaches the API through the

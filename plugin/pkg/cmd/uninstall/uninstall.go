@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
-	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
@@ -41,7 +40,7 @@ type Options struct {
 	Clients      *kube.Clients
 	PollInterval time.Duration
 
-	cniDirs *CNIDirs // where the agent chained kebpf-cni; nil: nowhere
+	cniDirs []manifests.CNIDirs // every pair of dirs an install chained kebpf-cni into
 }
 
 // NewCmd returns the uninstall command.
@@ -132,15 +131,22 @@ func (o *Options) Run(ctx context.Context) error {
 
 	image := manifests.DefaultImage()
 	// Without the DaemonSet (an interrupted uninstall) the CNI dirs it
-	// mounted are unknown: the defaults are cleaned, which is harmless
+	// recorded are unknown: the defaults are cleaned, which is harmless
 	// where we never chained.
-	o.cniDirs = &CNIDirs{Conf: manifests.DefaultCNIConfDir, Bin: manifests.DefaultCNIBinDir}
+	o.cniDirs = []manifests.CNIDirs{{Conf: manifests.DefaultCNIConfDir, Bin: manifests.DefaultCNIBinDir}}
 	if ns != nil {
 		ds, err := c.Kube.AppsV1().DaemonSets(manifests.Namespace).Get(ctx, manifests.DaemonSetName, metav1.GetOptions{})
 		switch {
 		case err == nil:
 			image = health.AgentImage(ds)
-			o.cniDirs = AgentCNIDirs(ds)
+			// Every dir any install chained into, whatever the current
+			// install's flags (--no-cni-chaining mounts none).
+			dirs, err := manifests.CNIRecordOf(ds)
+			if err != nil {
+				fmt.Fprintf(o.ErrOut, "warning: %v; cleaning the CNI dirs the DaemonSet mounts and the defaults\n", err)
+				dirs = append(dirs, o.cniDirs...)
+			}
+			o.cniDirs = dirs
 			// Background: the pods are waited for below; foreground deletion
 			// would also need the garbage collector to finish first.
 			if err := c.Kube.AppsV1().DaemonSets(manifests.Namespace).Delete(ctx, ds.Name, metav1.DeleteOptions{PropagationPolicy: ptr.To(metav1.DeletePropagationBackground)}); err != nil && !apierrors.IsNotFound(err) {
@@ -368,8 +374,9 @@ func (o *Options) printLog(ctx context.Context, node, pod string) string {
 	return last
 }
 
-// CleanupPod is the privileged pod, pinned to node, that removes our BPF state.
-func CleanupPod(node, image string, cni *CNIDirs) *corev1.Pod {
+// CleanupPod is the privileged pod, pinned to node, that removes our BPF
+// state and takes kebpf-cni out of every pair of CNI dirs in cni.
+func CleanupPod(node, image string, cni []manifests.CNIDirs) *corev1.Pod {
 	labels := manifests.CommonLabels()
 	labels[manifests.LabelName] = CleanupName
 	bidir := corev1.MountPropagationBidirectional
@@ -406,44 +413,20 @@ func CleanupPod(node, image string, cni *CNIDirs) *corev1.Pod {
 			},
 		},
 	}
-	if cni != nil {
-		// Unchained before the BPF objects go, so no new pod waits for an
-		// agent that is gone (nodeagent/cni).
-		c := &p.Spec.Containers[0]
-		c.Args = append(c.Args, "--cni-conf-dir="+manifests.CNIConfMount, "--cni-bin-dir="+manifests.CNIBinMount)
+	// Unchained before the BPF objects go, so no new pod waits for an
+	// agent that is gone (nodeagent/cni).
+	c := &p.Spec.Containers[0]
+	for i, d := range cni {
+		m := manifests.CNIStaleMount(i)
+		conf, bin := fmt.Sprintf("cni-%d-conf", i), fmt.Sprintf("cni-%d-bin", i)
+		c.Args = append(c.Args, "--cni-unchain="+m.Conf+":"+m.Bin)
 		c.VolumeMounts = append(c.VolumeMounts,
-			corev1.VolumeMount{Name: manifests.CNIConfVolume, MountPath: manifests.CNIConfMount},
-			corev1.VolumeMount{Name: manifests.CNIBinVolume, MountPath: manifests.CNIBinMount})
+			corev1.VolumeMount{Name: conf, MountPath: m.Conf}, corev1.VolumeMount{Name: bin, MountPath: m.Bin})
 		p.Spec.Volumes = append(p.Spec.Volumes,
-			corev1.Volume{Name: manifests.CNIConfVolume, VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: cni.Conf}}},
-			corev1.Volume{Name: manifests.CNIBinVolume, VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: cni.Bin}}})
+			corev1.Volume{Name: conf, VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: d.Conf}}},
+			corev1.Volume{Name: bin, VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: d.Bin}}})
 	}
 	return p
-}
-
-// CNIDirs are the nodes' CNI directories the agent chained kebpf-cni into.
-type CNIDirs struct{ Conf, Bin string }
-
-// AgentCNIDirs reads them from the agent DaemonSet's "cni-conf" and
-// "cni-bin" hostPath volumes; nil when it has none (installed with
-// --no-cni-chaining).
-func AgentCNIDirs(ds *appsv1.DaemonSet) *CNIDirs {
-	var d CNIDirs
-	for _, v := range ds.Spec.Template.Spec.Volumes {
-		if v.HostPath == nil {
-			continue
-		}
-		switch v.Name {
-		case manifests.CNIConfVolume:
-			d.Conf = v.HostPath.Path
-		case manifests.CNIBinVolume:
-			d.Bin = v.HostPath.Path
-		}
-	}
-	if d.Conf == "" || d.Bin == "" {
-		return nil
-	}
-	return &d
 }
 
 // deleteManaged deletes, by label, every kind of object install creates:

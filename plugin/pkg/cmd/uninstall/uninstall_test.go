@@ -3,6 +3,7 @@ package uninstall_test
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -138,39 +139,64 @@ func TestUninstallNothingInstalled(t *testing.T) {
 	}
 }
 
-// An agent that chained kebpf-cni: the cleanup pod mounts the same host CNI
-// dirs and unchains there.
+// The cleanup pod takes kebpf-cni out of every pair of CNI dirs an install
+// chained it into: the ones the DaemonSet mounts (a release before the
+// record) and the ones its annotation records, whatever the current flags.
 func TestUninstallUnchainsCNI(t *testing.T) {
-	objs := installed()
-	ds := objs[1].(*appsv1.DaemonSet)
-	ds.Spec.Template.Spec.Volumes = []corev1.Volume{
-		{Name: "cni-conf", VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: "/etc/custom/net.d"}}},
-		{Name: "cni-bin", VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: "/usr/lib/cni"}}},
+	tests := []struct {
+		name       string
+		volumes    []corev1.Volume
+		annotation string
+		want       []manifests.CNIDirs
+	}{
+		{name: "dirs the DaemonSet mounts", volumes: []corev1.Volume{
+			{Name: "cni-conf", VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: "/etc/custom/net.d"}}},
+			{Name: "cni-bin", VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: "/usr/lib/cni"}}},
+		}, want: []manifests.CNIDirs{{Conf: "/etc/custom/net.d", Bin: "/usr/lib/cni"}}},
+		{name: "installed with --no-cni-chaining after installs that chained",
+			annotation: `[{"conf":"/etc/cni/net.d","bin":"/opt/cni/bin"},{"conf":"/etc/custom/net.d","bin":"/usr/lib/cni"}]`,
+			want:       []manifests.CNIDirs{{Conf: "/etc/cni/net.d", Bin: "/opt/cni/bin"}, {Conf: "/etc/custom/net.d", Bin: "/usr/lib/cni"}}},
+		{name: "never chained", annotation: `[]`},
 	}
-	f := testutil.NewFake(t, objs)
-	created := cleanupPhase(f, corev1.PodSucceeded)
-	if out, err := run(t, f); err != nil {
-		t.Fatalf("uninstall: %v\n%s", err, out)
-	}
-	if len(*created) != 1 {
-		t.Fatalf("%d cleanup pods", len(*created))
-	}
-	p := (*created)[0]
-	if got := strings.Join(p.Spec.Containers[0].Args, " "); got != "cleanup --cni-conf-dir=/host/cni/net.d --cni-bin-dir=/host/cni/bin" {
-		t.Errorf("cleanup args %q", got)
-	}
-	host := map[string]string{}
-	for _, v := range p.Spec.Volumes {
-		if v.HostPath != nil {
-			host[v.Name] = v.HostPath.Path
-		}
-	}
-	mounted := map[string]string{}
-	for _, m := range p.Spec.Containers[0].VolumeMounts {
-		mounted[m.Name] = m.MountPath
-	}
-	if host["cni-conf"] != "/etc/custom/net.d" || host["cni-bin"] != "/usr/lib/cni" ||
-		mounted["cni-conf"] != "/host/cni/net.d" || mounted["cni-bin"] != "/host/cni/bin" {
-		t.Errorf("CNI volumes %v mounted at %v", host, mounted)
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			objs := installed()
+			ds := objs[1].(*appsv1.DaemonSet)
+			ds.Spec.Template.Spec.Volumes = tt.volumes
+			if tt.annotation != "" {
+				ds.Annotations = map[string]string{manifests.AnnotationCNIDirs: tt.annotation}
+			}
+			f := testutil.NewFake(t, objs)
+			created := cleanupPhase(f, corev1.PodSucceeded)
+			if out, err := run(t, f); err != nil {
+				t.Fatalf("uninstall: %v\n%s", err, out)
+			}
+			if len(*created) != 1 {
+				t.Fatalf("%d cleanup pods", len(*created))
+			}
+			p := (*created)[0]
+			host := map[string]string{}
+			for _, v := range p.Spec.Volumes {
+				if v.HostPath != nil {
+					host[v.Name] = v.HostPath.Path
+				}
+			}
+			mounted := map[string]string{}
+			for _, m := range p.Spec.Containers[0].VolumeMounts {
+				mounted[m.Name] = m.MountPath
+			}
+			wantArgs := []string{"cleanup"}
+			for i, d := range tt.want {
+				m := manifests.CNIStaleMount(i)
+				wantArgs = append(wantArgs, "--cni-unchain="+m.Conf+":"+m.Bin)
+				conf, bin := fmt.Sprintf("cni-%d-conf", i), fmt.Sprintf("cni-%d-bin", i)
+				if host[conf] != d.Conf || host[bin] != d.Bin || mounted[conf] != m.Conf || mounted[bin] != m.Bin {
+					t.Errorf("pair %d: host %q %q mounted at %q %q, want %+v at %+v", i, host[conf], host[bin], mounted[conf], mounted[bin], d, m)
+				}
+			}
+			if got := strings.Join(p.Spec.Containers[0].Args, " "); got != strings.Join(wantArgs, " ") {
+				t.Errorf("cleanup args %q, want %q", got, strings.Join(wantArgs, " "))
+			}
+		})
 	}
 }
