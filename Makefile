@@ -35,7 +35,7 @@ FORCE:
 deps: ## install the Debian packages the tests and the local cluster need
 	@bash .ci/deps
 
-generate: ## regenerate API deepcopy + CRD YAML (controller-gen) and the BPF objects and Go bindings (clang-19)
+generate: ## regenerate API deepcopy + CRD YAML (controller-gen), the clientset (client-gen) and the BPF objects and Go bindings (clang-19)
 	$(GO) generate ./api/... ./bpf/...
 
 verify: ## gofmt, go vet, and generated files match their sources
@@ -44,6 +44,7 @@ verify: ## gofmt, go vet, and generated files match their sources
 	$(GO) vet ./...
 	$(MAKE) --no-print-directory generate
 	@git diff --exit-code -- api bpf manifests/yaml || { echo "generated files differ from the committed ones: run make generate and commit"; exit 1; }
+	@test -z "$$(git status --porcelain --untracked-files=all -- api bpf manifests/yaml)" || { git status --short -- api bpf manifests/yaml; echo "generated files not committed: run make generate and commit"; exit 1; }
 
 unit: ## fast tests (no root, no cluster)
 	@echo "== unit tier"

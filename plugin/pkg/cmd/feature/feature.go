@@ -197,18 +197,14 @@ func pendingNodes(ctx context.Context, c *kube.Clients, feature string, enable b
 	if err != nil {
 		return nil, nil, fmt.Errorf("list nodes: %w", err)
 	}
-	list, err := c.Dynamic.Resource(apiv1.NodeStateGVR).List(ctx, metav1.ListOptions{})
+	list, err := c.NodeStates().List(ctx, metav1.ListOptions{})
 	if err != nil {
 		return nil, nil, fmt.Errorf("list nodestates: %w", err)
 	}
 	active := map[string][]string{}
 	reported := map[string]bool{}
 	errs := map[string][]string{}
-	for i := range list.Items {
-		ns, err := apiv1.FromUnstructured(&list.Items[i])
-		if err != nil {
-			return nil, nil, err
-		}
+	for _, ns := range list.Items {
 		active[ns.Name] = ns.Status.Active
 		errs[ns.Name] = ns.Status.Errors
 		reported[ns.Name] = true

@@ -11,7 +11,6 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/cli-runtime/pkg/genericiooptions"
@@ -31,13 +30,8 @@ func configMap(config string) *corev1.ConfigMap {
 	}
 }
 
-func nodeState(t *testing.T, name string, active ...string) runtime.Object {
-	t.Helper()
-	u, err := apiv1.ToUnstructured(&apiv1.NodeState{ObjectMeta: metav1.ObjectMeta{Name: name}, Status: apiv1.NodeStateStatus{Ready: true, Active: active}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return u
+func nodeState(name string, active ...string) *apiv1.NodeState {
+	return testutil.NodeState(name, apiv1.NodeStateStatus{Ready: true, Active: active})
 }
 
 func node(name string) *corev1.Node { return &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name}} }
@@ -258,21 +252,21 @@ func TestWaitNodes(t *testing.T) {
 	}{
 		{name: "enable converged", enable: true, objs: []runtime.Object{node("a"), node("b")},
 			states: func(t *testing.T) []runtime.Object {
-				return []runtime.Object{nodeState(t, "a", "sockstats", "service-lb"), nodeState(t, "b", "service-lb")}
+				return []runtime.Object{nodeState("a", "sockstats", "service-lb"), nodeState("b", "service-lb")}
 			},
 			wantOut: []string{"node a: service-lb active\n", "node b: service-lb active\n", "feature service-lb active on 2 node(s)\n"}},
 		{name: "enable timeout names the nodes", enable: true, objs: []runtime.Object{node("a"), node("b"), node("c")},
 			states: func(t *testing.T) []runtime.Object {
-				return []runtime.Object{nodeState(t, "a", "service-lb"), nodeState(t, "b", "sockstats")}
+				return []runtime.Object{nodeState("a", "service-lb"), nodeState("b", "sockstats")}
 			},
 			wantErr: "timed out after 100ms waiting for feature service-lb to be active on node(s) b, c",
 			wantOut: []string{"node a: service-lb active\n", "node b: waiting (active: sockstats)\n", "node c: waiting (no NodeState reported)\n"}},
 		{name: "disable converged", objs: []runtime.Object{node("a")},
-			states:  func(t *testing.T) []runtime.Object { return []runtime.Object{nodeState(t, "a", "sockstats")} },
+			states:  func(t *testing.T) []runtime.Object { return []runtime.Object{nodeState("a", "sockstats")} },
 			wantOut: []string{"node a: service-lb inactive\n", "feature service-lb inactive on 1 node(s)\n"}},
 		{name: "disable still attached", objs: []runtime.Object{node("a")},
 			states: func(t *testing.T) []runtime.Object {
-				return []runtime.Object{nodeState(t, "a", "sockstats", "service-lb")}
+				return []runtime.Object{nodeState("a", "sockstats", "service-lb")}
 			},
 			wantErr: "timed out after 100ms waiting for feature service-lb to be inactive on node(s) a",
 			wantOut: []string{"node a: waiting (active: sockstats,service-lb)\n"}},
@@ -296,14 +290,13 @@ func TestWaitNodes(t *testing.T) {
 }
 
 func TestEnableWaitFollowsTheAgent(t *testing.T) {
-	f := testutil.NewFake(t, []runtime.Object{configMap("features:\n  service-lb: false\n  sockstats: true\n"), node("a")}, nodeState(t, "a", "sockstats"))
+	f := testutil.NewFake(t, []runtime.Object{configMap("features:\n  service-lb: false\n  sockstats: true\n"), node("a")}, nodeState("a", "sockstats"))
 	// The fake agent attaches the feature once it sees the ConfigMap change.
 	go func() {
 		for range 200 {
 			cm, err := f.Kube.CoreV1().ConfigMaps(manifests.Namespace).Get(context.Background(), manifests.ConfigMapName, metav1.GetOptions{})
 			if err == nil && strings.Contains(cm.Data[apiv1.ConfigKey], "service-lb: true") {
-				u := nodeState(t, "a", "sockstats", "service-lb")
-				if _, err := f.Dynamic.Resource(apiv1.NodeStateGVR).Update(context.Background(), u.(*unstructured.Unstructured), metav1.UpdateOptions{}); err != nil {
+				if _, err := f.EBPF.EbpfV1alpha1().NodeStates().Update(context.Background(), nodeState("a", "sockstats", "service-lb"), metav1.UpdateOptions{}); err != nil {
 					t.Error(err)
 				}
 				return

@@ -120,7 +120,7 @@ func TestWaitReadyTimeoutNamesNodesAndReasons(t *testing.T) {
 	f := testutil.NewFake(t, []runtime.Object{
 		&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: manifests.Namespace}}, ds, pod,
 		&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "kebpf-node"}},
-	}, crdObject())
+	}, testutil.CRD())
 	var out bytes.Buffer
 	err := install.WaitReady(context.Background(), f.Clients, genericiooptions.IOStreams{Out: &out}, 100*time.Millisecond, 20*time.Millisecond)
 	want := "timed out after 100ms: not ready: kebpf-node (agent pod Pending (agent: ErrImageNeverPull); no NodeState reported)"
@@ -137,29 +137,20 @@ func TestWaitReadyWaitsForConfiguredFeatures(t *testing.T) {
 		ObjectMeta: metav1.ObjectMeta{Name: manifests.DaemonSetName, Namespace: manifests.Namespace},
 		Status:     appsv1.DaemonSetStatus{DesiredNumberScheduled: 1, NumberReady: 1, UpdatedNumberScheduled: 1},
 	}
-	pod := &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: "kebpf-agent-x", Namespace: manifests.Namespace, Labels: map[string]string{manifests.LabelName: manifests.DaemonSetName}},
-		Spec:       corev1.PodSpec{NodeName: "kebpf-node"},
-		Status:     corev1.PodStatus{Phase: corev1.PodRunning, Conditions: []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionTrue}}},
-	}
+	pod := testutil.AgentPod("kebpf-agent-x", "kebpf-node", testutil.RunningReady)
 	// Just written: within the grace period, so the node is ready but not
 	// yet running service-lb.
 	cm := &corev1.ConfigMap{
 		ObjectMeta: metav1.ObjectMeta{Name: manifests.ConfigMapName, Namespace: manifests.Namespace, CreationTimestamp: metav1.Now()},
 		Data:       map[string]string{apiv1.ConfigKey: "features:\n  service-lb: true\n  sockstats: true\n"},
 	}
-	ns, err := apiv1.ToUnstructured(&apiv1.NodeState{ObjectMeta: metav1.ObjectMeta{Name: "kebpf-node"}, Status: apiv1.NodeStateStatus{
-		Ready: true, Heartbeat: metav1.Now(), Active: []string{"sockstats"},
-	}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	ns := testutil.NodeState("kebpf-node", apiv1.NodeStateStatus{Ready: true, Heartbeat: metav1.Now(), Active: []string{"sockstats"}})
 	f := testutil.NewFake(t, []runtime.Object{
-		&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: manifests.Namespace}}, ds, pod, cm,
+		testutil.Namespace(), ds, pod, cm,
 		&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "kebpf-node"}},
-	}, crdObject(), ns)
+	}, testutil.CRD(), ns)
 	var out bytes.Buffer
-	err = install.WaitReady(context.Background(), f.Clients, genericiooptions.IOStreams{Out: &out}, 100*time.Millisecond, 20*time.Millisecond)
+	err := install.WaitReady(context.Background(), f.Clients, genericiooptions.IOStreams{Out: &out}, 100*time.Millisecond, 20*time.Millisecond)
 	want := "timed out after 100ms: features service-lb,sockstats not active on: kebpf-node (active sockstats)"
 	if err == nil || err.Error() != want {
 		t.Errorf("err = %v\nwant %s", err, want)
