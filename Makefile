@@ -10,7 +10,12 @@ CLUSTER  ?= kebpf
 # PROVIDER=kind|local forces a cluster provider; empty picks kind where it can
 # run privileged containers, else the Docker-free local node.
 PROVIDER ?=
-VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+# VERSION tags the agent image and is stamped into the binaries: the first
+# 12 hex digits of HEAD, "-dirty" when `git status --porcelain` shows anything.
+# A plain `go build` of the plugin derives the same from Go's vcs.revision and
+# vcs.modified (manifests.RevisionVersion), so it installs the image make built.
+VERSION  ?= $(shell r=$$(git rev-parse HEAD 2>/dev/null | cut -c1-12); \
+              if [ -z "$$r" ]; then echo dev; elif [ -n "$$(git status --porcelain 2>/dev/null)" ]; then echo $$r-dirty; else echo $$r; fi)
 LDFLAGS  := -s -w -X github.com/kubectl-ebpf/kubectl-ebpf/manifests.Version=$(VERSION)
 BIN      := bin
 export KEBPF_PROVIDER := $(PROVIDER)

@@ -25,9 +25,20 @@ type Info struct {
 
 // Client describes this binary.
 type Client struct {
-	Version   string `json:"version"`
-	GitCommit string `json:"gitCommit,omitempty"`
-	Image     string `json:"defaultImage"`
+	Version string `json:"version"`
+	// VersionSource says where Version came from: "ldflags", "vcs" (the
+	// revision in the build info), "module" (go install pkg@vX) or "none".
+	VersionSource string `json:"versionSource"`
+	GitCommit     string `json:"gitCommit,omitempty"`
+	Image         string `json:"defaultImage"`
+}
+
+// sourceText explains a version source to a reader.
+var sourceText = map[string]string{
+	manifests.SourceLDFlags: "set at build time",
+	manifests.SourceVCS:     "VCS revision in the build info",
+	manifests.SourceModule:  "module version in the build info",
+	manifests.SourceNone:    "no version in the build info: built outside a git checkout or with -buildvcs=false",
 }
 
 // Server describes the cluster and the installed agent.
@@ -86,7 +97,8 @@ func (o *Options) Validate() error {
 // Run prints the versions. The client version is printed even when the
 // cluster cannot be reached; the error follows.
 func (o *Options) Run(ctx context.Context) error {
-	info := Info{Client: Client{Version: manifests.Version, GitCommit: manifests.GitCommit, Image: manifests.DefaultImage()}}
+	info := Info{Client: Client{Version: manifests.Version, VersionSource: manifests.VersionSource,
+		GitCommit: manifests.GitCommit, Image: manifests.DefaultImage()}}
 	var serr error
 	if !o.Client {
 		info.Server, serr = o.server(ctx)
@@ -97,11 +109,11 @@ func (o *Options) Run(ctx context.Context) error {
 		}
 		return serr
 	}
-	commit := ""
+	from := sourceText[info.Client.VersionSource]
 	if info.Client.GitCommit != "" {
-		commit = " (commit " + info.Client.GitCommit + ")"
+		from += ", commit " + info.Client.GitCommit
 	}
-	fmt.Fprintf(o.Out, "Client Version: %s%s\n", info.Client.Version, commit)
+	fmt.Fprintf(o.Out, "Client Version: %s (%s)\nDefault Image: %s\n", info.Client.Version, from, info.Client.Image)
 	if s := info.Server; s != nil {
 		fmt.Fprintf(o.Out, "Kubernetes Version: %s\n", s.Kubernetes)
 		if s.Installed {
