@@ -23,7 +23,7 @@ import (
 
 // Options are the inputs of one enable or disable.
 type Options struct {
-	Flags *genericclioptions.ConfigFlags
+	kube.Conn
 	genericiooptions.IOStreams
 
 	// Enable is true for `enable`, false for `disable`.
@@ -32,8 +32,6 @@ type Options struct {
 	Wait    bool
 	Timeout time.Duration
 
-	// Clients may be preset (tests); Run builds them otherwise.
-	Clients *kube.Clients
 	// PollInterval is how often --wait re-reads the NodeStates.
 	PollInterval time.Duration
 }
@@ -49,7 +47,7 @@ func NewDisableCmd(flags *genericclioptions.ConfigFlags, streams genericiooption
 }
 
 func newCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStreams, enable bool) *cobra.Command {
-	o := &Options{Flags: flags, IOStreams: streams, Enable: enable, PollInterval: time.Second}
+	o := &Options{Conn: kube.Conn{Flags: flags}, IOStreams: streams, Enable: enable, PollInterval: time.Second}
 	verb, does := "enable", "attach"
 	if !enable {
 		verb, does = "disable", "detach"
@@ -116,14 +114,7 @@ func (o *Options) Validate() error {
 
 // Run switches the feature and, with --wait, follows the nodes.
 func (o *Options) Run(ctx context.Context) error {
-	if o.Clients == nil {
-		c, err := kube.New(o.Flags)
-		if err != nil {
-			return err
-		}
-		o.Clients = c
-	}
-	if _, err := o.Clients.Reachable(ctx); err != nil {
+	if _, _, err := o.Connect(ctx); err != nil {
 		return err
 	}
 	changed, dropped, err := o.Clients.SetFeature(ctx, o.Feature, o.Enable)

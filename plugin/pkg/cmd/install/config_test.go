@@ -21,6 +21,7 @@ import (
 
 	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/cmd/install"
+	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/kube"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/testutil"
 )
 
@@ -144,7 +145,7 @@ func TestInstallKeepsFeaturesAndSetsAPIServer(t *testing.T) {
 			got := applied(t, f)
 			var out, errOut bytes.Buffer
 			o := &install.Options{IOStreams: genericiooptions.IOStreams{Out: &out, ErrOut: &errOut}, DryRun: "none", Timeout: time.Minute,
-				Clients: f.Clients, Enable: tt.enable, Disable: tt.disable}
+				Conn: kube.Conn{Clients: f.Clients}, Enable: tt.enable, Disable: tt.disable}
 			if err := o.Complete(); err != nil {
 				t.Fatal(err)
 			}

@@ -33,7 +33,7 @@ const (
 
 // Options are the inputs of one install.
 type Options struct {
-	Flags *genericclioptions.ConfigFlags
+	kube.Conn
 	genericiooptions.IOStreams
 
 	Image   string
@@ -49,8 +49,6 @@ type Options struct {
 	CNIConfDir, CNIBinDir string
 	NoCNIChaining         bool
 
-	// Clients may be preset (tests); Complete builds them otherwise.
-	Clients *kube.Clients
 	// PollInterval is how often --wait re-reads the cluster.
 	PollInterval time.Duration
 
@@ -59,7 +57,7 @@ type Options struct {
 
 // NewCmd returns the install command.
 func NewCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStreams) *cobra.Command {
-	o := &Options{Flags: flags, IOStreams: streams, PollInterval: 2 * time.Second}
+	o := &Options{Conn: kube.Conn{Flags: flags}, IOStreams: streams, PollInterval: 2 * time.Second}
 	cmd := &cobra.Command{
 		Use:   "install",
 		Short: "Install or upgrade the node agents",
@@ -183,7 +181,7 @@ func (o *Options) Run(ctx context.Context) error {
 		}
 		return nil
 	}
-	if err := o.connect(); err != nil {
+	if _, _, err := o.Connect(ctx); err != nil {
 		return err
 	}
 	if err := Preflight(ctx, o.Clients); err != nil {
@@ -415,18 +413,4 @@ func imageVersion(image string) string {
 		return image[i+1:]
 	}
 	return manifests.Version
-}
-
-// connect builds the clients unless a test preset them. It runs after
-// Validate so bad flags are reported before a bad kubeconfig; it makes no API call.
-func (o *Options) connect() error {
-	if o.Clients != nil {
-		return nil
-	}
-	c, err := kube.New(o.Flags)
-	if err != nil {
-		return err
-	}
-	o.Clients = c
-	return nil
 }

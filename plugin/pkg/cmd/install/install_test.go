@@ -16,6 +16,7 @@ import (
 	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/cmd/install"
+	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/kube"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/testutil"
 )
 
@@ -87,7 +88,7 @@ func TestPreflightFailureAppliesNothing(t *testing.T) {
 				testutil.DenyAll(f.Kube)
 			}
 			var out bytes.Buffer
-			o := &install.Options{IOStreams: genericiooptions.IOStreams{Out: &out, ErrOut: &out}, DryRun: "none", Timeout: time.Minute, Clients: f.Clients}
+			o := &install.Options{IOStreams: genericiooptions.IOStreams{Out: &out, ErrOut: &out}, DryRun: "none", Timeout: time.Minute, Conn: kube.Conn{Clients: f.Clients}}
 			if err := o.Complete(); err != nil {
 				t.Fatal(err)
 			}

@@ -21,15 +21,13 @@ var ErrNotInstalled = errors.New(`not installed: run "kubectl ebpf install"`)
 
 // Options are the inputs of one status.
 type Options struct {
-	Flags *genericclioptions.ConfigFlags
+	kube.Conn
 	genericiooptions.IOStreams
 
 	Output  string
 	Wait    bool
 	Timeout time.Duration
 
-	// Clients may be preset (tests); Complete builds them otherwise.
-	Clients *kube.Clients
 	// Now is the clock heartbeats are judged by.
 	Now          func() time.Time
 	PollInterval time.Duration
@@ -37,7 +35,7 @@ type Options struct {
 
 // NewCmd returns the status command.
 func NewCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStreams) *cobra.Command {
-	o := &Options{Flags: flags, IOStreams: streams, Now: time.Now, PollInterval: 2 * time.Second}
+	o := &Options{Conn: kube.Conn{Flags: flags}, IOStreams: streams, Now: time.Now, PollInterval: 2 * time.Second}
 	cmd := &cobra.Command{
 		Use:   "status",
 		Short: "Show the agent's health on every node",
@@ -84,10 +82,7 @@ func (o *Options) Validate() error {
 
 // Run prints the report; its error says whether everything is healthy.
 func (o *Options) Run(ctx context.Context) error {
-	if err := o.connect(); err != nil {
-		return err
-	}
-	if _, err := o.Clients.Reachable(ctx); err != nil {
+	if _, _, err := o.Connect(ctx); err != nil {
 		return err
 	}
 	r, err := o.collect(ctx)
@@ -145,18 +140,4 @@ func (o *Options) collect(ctx context.Context) (*health.Report, error) {
 			return r, nil
 		}
 	}
-}
-
-// connect builds the clients unless a test preset them. It runs after
-// Validate so bad flags are reported before a bad kubeconfig; it makes no API call.
-func (o *Options) connect() error {
-	if o.Clients != nil {
-		return nil
-	}
-	c, err := kube.New(o.Flags)
-	if err != nil {
-		return err
-	}
-	o.Clients = c
-	return nil
 }

@@ -21,6 +21,7 @@ import (
 	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/cmd/status"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/cmdutil"
+	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/kube"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/testutil"
 )
 
@@ -62,7 +63,7 @@ func agentState(ready bool, active ...string) *apiv1.NodeState {
 func run(t *testing.T, f *testutil.Fake, output string) (string, error) {
 	t.Helper()
 	var out bytes.Buffer
-	o := &status.Options{IOStreams: genericiooptions.IOStreams{Out: &out, ErrOut: &out}, Output: output, Timeout: time.Second, Clients: f.Clients, Now: func() time.Time { return now }}
+	o := &status.Options{IOStreams: genericiooptions.IOStreams{Out: &out, ErrOut: &out}, Output: output, Timeout: time.Second, Conn: kube.Conn{Clients: f.Clients}, Now: func() time.Time { return now }}
 	if err := o.Complete(); err != nil {
 		t.Fatal(err)
 	}
@@ -192,7 +193,7 @@ func TestStatusWaitWaitsForConvergence(t *testing.T) {
 		}
 	}()
 	var out bytes.Buffer
-	o := &status.Options{IOStreams: genericiooptions.IOStreams{Out: &out, ErrOut: &out}, Wait: true, Timeout: 5 * time.Second, PollInterval: 10 * time.Millisecond, Clients: f.Clients, Now: func() time.Time { return now }}
+	o := &status.Options{IOStreams: genericiooptions.IOStreams{Out: &out, ErrOut: &out}, Wait: true, Timeout: 5 * time.Second, PollInterval: 10 * time.Millisecond, Conn: kube.Conn{Clients: f.Clients}, Now: func() time.Time { return now }}
 	if err := o.Complete(); err != nil {
 		t.Fatal(err)
 	}

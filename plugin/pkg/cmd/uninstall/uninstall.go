@@ -30,15 +30,13 @@ const CleanupName = "kebpf-cleanup"
 
 // Options are the inputs of one uninstall.
 type Options struct {
-	Flags *genericclioptions.ConfigFlags
+	kube.Conn
 	genericiooptions.IOStreams
 
 	Wait        bool
 	Timeout     time.Duration
 	SkipCleanup bool
 
-	// Clients may be preset (tests); Complete builds them otherwise.
-	Clients      *kube.Clients
 	PollInterval time.Duration
 
 	cniDirs *CNIDirs // where the agent chained kebpf-cni; nil: nowhere
@@ -46,7 +44,7 @@ type Options struct {
 
 // NewCmd returns the uninstall command.
 func NewCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStreams) *cobra.Command {
-	o := &Options{Flags: flags, IOStreams: streams, PollInterval: time.Second}
+	o := &Options{Conn: kube.Conn{Flags: flags}, IOStreams: streams, PollInterval: time.Second}
 	cmd := &cobra.Command{
 		Use:   "uninstall",
 		Short: "Remove the agents, their BPF state on every node, and every object install created",
@@ -102,11 +100,8 @@ func Permissions() []kube.Permission {
 
 // Run uninstalls.
 func (o *Options) Run(ctx context.Context) error {
-	if err := o.connect(); err != nil {
-		return err
-	}
-	c := o.Clients
-	if _, err := c.Reachable(ctx); err != nil {
+	c, _, err := o.Connect(ctx)
+	if err != nil {
 		return err
 	}
 	if err := c.RequirePermissions(ctx, Permissions()); err != nil {
@@ -564,18 +559,4 @@ func ignoreNotFound(err error) error {
 		return nil
 	}
 	return err
-}
-
-// connect builds the clients unless a test preset them. It runs after
-// Validate so bad flags are reported before a bad kubeconfig; it makes no API call.
-func (o *Options) connect() error {
-	if o.Clients != nil {
-		return nil
-	}
-	c, err := kube.New(o.Flags)
-	if err != nil {
-		return err
-	}
-	o.Clients = c
-	return nil
 }

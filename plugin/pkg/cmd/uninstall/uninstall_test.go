@@ -17,6 +17,7 @@ import (
 
 	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/cmd/uninstall"
+	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/kube"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/testutil"
 )
 
@@ -56,7 +57,7 @@ func cleanupPhase(f *testutil.Fake, phase corev1.PodPhase) *[]*corev1.Pod {
 func run(t *testing.T, f *testutil.Fake) (string, error) {
 	t.Helper()
 	var out bytes.Buffer
-	o := &uninstall.Options{IOStreams: genericiooptions.IOStreams{Out: &out, ErrOut: &out}, Timeout: 5 * time.Second, Clients: f.Clients, PollInterval: 10 * time.Millisecond}
+	o := &uninstall.Options{IOStreams: genericiooptions.IOStreams{Out: &out, ErrOut: &out}, Timeout: 5 * time.Second, Conn: kube.Conn{Clients: f.Clients}, PollInterval: 10 * time.Millisecond}
 	if err := o.Complete(); err != nil {
 		t.Fatal(err)
 	}

@@ -52,19 +52,16 @@ type Server struct {
 
 // Options are the inputs of one version.
 type Options struct {
-	Flags *genericclioptions.ConfigFlags
+	kube.Conn
 	genericiooptions.IOStreams
 
 	Output string
 	Client bool
-
-	// Clients may be preset (tests); Complete builds them otherwise.
-	Clients *kube.Clients
 }
 
 // NewCmd returns the version command.
 func NewCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStreams) *cobra.Command {
-	o := &Options{Flags: flags, IOStreams: streams}
+	o := &Options{Conn: kube.Conn{Flags: flags}, IOStreams: streams}
 	cmd := &cobra.Command{
 		Use:   "version",
 		Short: "Print the plugin, Kubernetes and agent versions",
@@ -126,10 +123,7 @@ func (o *Options) Run(ctx context.Context) error {
 }
 
 func (o *Options) server(ctx context.Context) (*Server, error) {
-	if err := o.connect(); err != nil {
-		return nil, err
-	}
-	v, err := o.Clients.Reachable(ctx)
+	_, v, err := o.Connect(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -145,18 +139,4 @@ func (o *Options) server(ctx context.Context) (*Server, error) {
 	s.AgentImage = health.AgentImage(ds)
 	s.AgentVersion = ds.Labels["app.kubernetes.io/version"]
 	return s, nil
-}
-
-// connect builds the clients unless a test preset them. It runs after
-// Validate so bad flags are reported before a bad kubeconfig; it makes no API call.
-func (o *Options) connect() error {
-	if o.Clients != nil {
-		return nil
-	}
-	c, err := kube.New(o.Flags)
-	if err != nil {
-		return err
-	}
-	o.Clients = c
-	return nil
 }
