@@ -146,7 +146,7 @@ func TestInstallKeepsFeaturesAndSetsAPIServer(t *testing.T) {
 			var out, errOut bytes.Buffer
 			o := &install.Options{IOStreams: genericiooptions.IOStreams{Out: &out, ErrOut: &errOut}, DryRun: "none", Timeout: time.Minute,
 				Conn: kube.Conn{Clients: f.Clients}, Enable: tt.enable, Disable: tt.disable}
-			if err := o.Complete(); err != nil {
+			if err := o.Complete(nil); err != nil {
 				t.Fatal(err)
 			}
 			if err := o.Validate(); err != nil {

@@ -65,15 +65,7 @@ func NewCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStr
 			"config and the agent DaemonSet. Running it again is a no-op, or an upgrade when --image differs.",
 		Example: "  kubectl ebpf install --wait\n  kubectl ebpf install -o yaml > kubectl-ebpf.yaml",
 		Args:    cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := o.Complete(); err != nil {
-				return err
-			}
-			if err := o.Validate(); err != nil {
-				return err
-			}
-			return o.Run(cmd.Context())
-		},
+		RunE:    cmdutil.RunE(o),
 	}
 	cmd.Flags().StringVar(&o.Image, "image", manifests.DefaultImage(), "agent image")
 	cmd.Flags().BoolVar(&o.Wait, "wait", false, "wait until the agent is ready on every node")
@@ -96,7 +88,7 @@ func NewCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStr
 }
 
 // Complete fills in defaults and renders the manifests.
-func (o *Options) Complete() error {
+func (o *Options) Complete(_ []string) error {
 	if o.DryRun == "" {
 		o.DryRun = DryRunNone
 	}

@@ -89,7 +89,7 @@ func TestPreflightFailureAppliesNothing(t *testing.T) {
 			}
 			var out bytes.Buffer
 			o := &install.Options{IOStreams: genericiooptions.IOStreams{Out: &out, ErrOut: &out}, DryRun: "none", Timeout: time.Minute, Conn: kube.Conn{Clients: f.Clients}}
-			if err := o.Complete(); err != nil {
+			if err := o.Complete(nil); err != nil {
 				t.Fatal(err)
 			}
 			err := o.Run(context.Background())

@@ -42,15 +42,7 @@ func NewCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStr
 		Long: "One row per node from the NodeState objects the agents write, the DaemonSet and the agent pods. " +
 			"Exits non-zero when kubectl-ebpf is not installed or any node is not ready.",
 		Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := o.Complete(); err != nil {
-				return err
-			}
-			if err := o.Validate(); err != nil {
-				return err
-			}
-			return o.Run(cmd.Context())
-		},
+		RunE: cmdutil.RunE(o),
 	}
 	cmd.Flags().StringVarP(&o.Output, "output", "o", "", `"wide", "json" or "yaml"`)
 	cmd.Flags().BoolVar(&o.Wait, "wait", false, "wait until every node is ready and runs the configured features")
@@ -59,7 +51,7 @@ func NewCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStr
 }
 
 // Complete fills in defaults.
-func (o *Options) Complete() error {
+func (o *Options) Complete(_ []string) error {
 	if o.Now == nil {
 		o.Now = time.Now
 	}

@@ -64,7 +64,7 @@ func run(t *testing.T, f *testutil.Fake, output string) (string, error) {
 	t.Helper()
 	var out bytes.Buffer
 	o := &status.Options{IOStreams: genericiooptions.IOStreams{Out: &out, ErrOut: &out}, Output: output, Timeout: time.Second, Conn: kube.Conn{Clients: f.Clients}, Now: func() time.Time { return now }}
-	if err := o.Complete(); err != nil {
+	if err := o.Complete(nil); err != nil {
 		t.Fatal(err)
 	}
 	if err := o.Validate(); err != nil {
@@ -194,7 +194,7 @@ func TestStatusWaitWaitsForConvergence(t *testing.T) {
 	}()
 	var out bytes.Buffer
 	o := &status.Options{IOStreams: genericiooptions.IOStreams{Out: &out, ErrOut: &out}, Wait: true, Timeout: 5 * time.Second, PollInterval: 10 * time.Millisecond, Conn: kube.Conn{Clients: f.Clients}, Now: func() time.Time { return now }}
-	if err := o.Complete(); err != nil {
+	if err := o.Complete(nil); err != nil {
 		t.Fatal(err)
 	}
 	if err := o.Run(context.Background()); err != nil {

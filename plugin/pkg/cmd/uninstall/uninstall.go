@@ -21,6 +21,7 @@ import (
 	"k8s.io/utils/ptr"
 
 	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
+	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/cmdutil"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/health"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/kube"
 )
@@ -52,15 +53,7 @@ func NewCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStr
 			"all of kubectl-ebpf's BPF programs, maps and links, then deletes every object labelled " +
 			manifests.ManagedSelector + " (the namespace last).",
 		Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := o.Complete(); err != nil {
-				return err
-			}
-			if err := o.Validate(); err != nil {
-				return err
-			}
-			return o.Run(cmd.Context())
-		},
+		RunE: cmdutil.RunE(o),
 	}
 	cmd.Flags().BoolVar(&o.Wait, "wait", false, "wait until the namespace and the CRD are gone")
 	cmd.Flags().DurationVar(&o.Timeout, "timeout", 5*time.Minute, "how long uninstall may take")
@@ -69,7 +62,7 @@ func NewCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStr
 }
 
 // Complete fills in defaults.
-func (o *Options) Complete() error {
+func (o *Options) Complete(_ []string) error {
 	if o.PollInterval <= 0 {
 		o.PollInterval = time.Second
 	}

@@ -66,15 +66,7 @@ func NewCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStr
 		Use:   "version",
 		Short: "Print the plugin, Kubernetes and agent versions",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := o.Complete(); err != nil {
-				return err
-			}
-			if err := o.Validate(); err != nil {
-				return err
-			}
-			return o.Run(cmd.Context())
-		},
+		RunE:  cmdutil.RunE(o),
 	}
 	cmd.Flags().StringVarP(&o.Output, "output", "o", "", `"json" or "yaml"`)
 	cmd.Flags().BoolVar(&o.Client, "client", false, "print the client version only (no cluster needed)")
@@ -82,7 +74,7 @@ func NewCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStr
 }
 
 // Complete fills in defaults.
-func (o *Options) Complete() error {
+func (o *Options) Complete(_ []string) error {
 	return nil
 }
 
