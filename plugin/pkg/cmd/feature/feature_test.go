@@ -86,14 +86,7 @@ func TestBadInputMakesNoAPICall(t *testing.T) {
 		{"disable", "sockstats", "--timeout", "0s"},
 	} {
 		t.Run(strings.Join(args, " "), func(t *testing.T) {
-			r := testutil.Run(t, testutil.Flags(t, "/nonexistent/kubeconfig"), args...)
-			if r.Code == 0 {
-				t.Fatalf("succeeded: %s", r)
-			}
-			line := testutil.OneLine(t, r.Stderr)
-			if strings.Contains(line, "kubeconfig") || strings.Contains(line, "reach") {
-				t.Errorf("error mentions the cluster, so an API call was tried: %q", line)
-			}
+			line := testutil.FailsBeforeAPICall(t, args...)
 			if len(args) > 1 && args[1] == "bogus" && !strings.Contains(line, "known features are sockstats, service-lb, policy") {
 				t.Errorf("error does not list the known features: %q", line)
 			}
@@ -152,13 +145,7 @@ func TestSwitch(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			f := testutil.NewFake(t, []runtime.Object{configMap(tt.config)})
 			o, out, errOut := newOpts(f, tt.enable)
-			if err := o.Complete([]string{tt.feature}); err != nil {
-				t.Fatal(err)
-			}
-			if err := o.Validate(); err != nil {
-				t.Fatal(err)
-			}
-			if err := o.Run(context.Background()); err != nil {
+			if err := testutil.RunOptions(t, o, tt.feature); err != nil {
 				t.Fatal(err)
 			}
 			if out.String() != tt.wantOut || errOut.String() != tt.wantWarn {
@@ -184,10 +171,7 @@ func TestSwitch(t *testing.T) {
 func TestNotInstalled(t *testing.T) {
 	f := testutil.NewFake(t, nil)
 	o, out, _ := newOpts(f, true)
-	if err := o.Complete([]string{"service-lb"}); err != nil {
-		t.Fatal(err)
-	}
-	err := o.Run(context.Background())
+	err := testutil.RunOptions(t, o, "service-lb")
 	if !errors.Is(err, kube.ErrNotInstalled) || strings.Contains(err.Error(), "\n") {
 		t.Fatalf("err = %v, want one-line %v", err, kube.ErrNotInstalled)
 	}
@@ -199,10 +183,7 @@ func TestNotInstalled(t *testing.T) {
 func TestUnparsableConfigIsAnError(t *testing.T) {
 	f := testutil.NewFake(t, []runtime.Object{configMap("features: [")})
 	o, _, _ := newOpts(f, true)
-	if err := o.Complete([]string{"service-lb"}); err != nil {
-		t.Fatal(err)
-	}
-	err := o.Run(context.Background())
+	err := testutil.RunOptions(t, o, "service-lb")
 	if err == nil || !strings.Contains(err.Error(), `run "kubectl ebpf install" to reset it`) {
 		t.Fatalf("err = %v", err)
 	}
@@ -229,10 +210,7 @@ func TestConflictRetryKeepsConcurrentChange(t *testing.T) {
 		return true, nil, apierrors.NewConflict(schema.GroupResource{Resource: "configmaps"}, cm.Name, errors.New("the object has been modified"))
 	})
 	o, _, _ := newOpts(f, false)
-	if err := o.Complete([]string{"service-lb"}); err != nil {
-		t.Fatal(err)
-	}
-	if err := o.Run(context.Background()); err != nil {
+	if err := testutil.RunOptions(t, o, "service-lb"); err != nil {
 		t.Fatal(err)
 	}
 	cm, _ := f.Kube.CoreV1().ConfigMaps(manifests.Namespace).Get(context.Background(), manifests.ConfigMapName, metav1.GetOptions{})
@@ -306,10 +284,7 @@ func TestEnableWaitFollowsTheAgent(t *testing.T) {
 	}()
 	o, out, _ := newOpts(f, true)
 	o.Wait = true
-	if err := o.Complete([]string{"service-lb"}); err != nil {
-		t.Fatal(err)
-	}
-	if err := o.Run(context.Background()); err != nil {
+	if err := testutil.RunOptions(t, o, "service-lb"); err != nil {
 		t.Fatalf("%v\n%s", err, out.String())
 	}
 	// Whether the "waiting" line appears depends on who polls first.

@@ -2,7 +2,6 @@ package install_test
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
 	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"strings"
@@ -146,13 +145,7 @@ func TestInstallKeepsFeaturesAndSetsAPIServer(t *testing.T) {
 			var out, errOut bytes.Buffer
 			o := &install.Options{IOStreams: genericiooptions.IOStreams{Out: &out, ErrOut: &errOut}, DryRun: "none", Timeout: time.Minute,
 				Conn: kube.Conn{Clients: f.Clients}, Enable: tt.enable, Disable: tt.disable}
-			if err := o.Complete(nil); err != nil {
-				t.Fatal(err)
-			}
-			if err := o.Validate(); err != nil {
-				t.Fatal(err)
-			}
-			if err := o.Run(context.Background()); err != nil {
+			if err := testutil.RunOptions(t, o); err != nil {
 				t.Fatalf("%v\n%s%s", err, out.String(), errOut.String())
 			}
 			cm, ds := got["ConfigMap"], got["DaemonSet"]

@@ -57,14 +57,7 @@ func TestBadInputMakesNoAPICall(t *testing.T) {
 		{"frobnicate"},
 	} {
 		t.Run(strings.Join(args, " "), func(t *testing.T) {
-			r := testutil.Run(t, testutil.Flags(t, "/nonexistent/kubeconfig"), args...)
-			if r.Code == 0 {
-				t.Fatalf("succeeded: %s", r)
-			}
-			line := testutil.OneLine(t, r.Stderr)
-			if strings.Contains(line, "kubeconfig") || strings.Contains(line, "reach") {
-				t.Errorf("error mentions the cluster, so an API call was tried: %q", line)
-			}
+			testutil.FailsBeforeAPICall(t, args...)
 		})
 	}
 }
@@ -89,10 +82,7 @@ func TestPreflightFailureAppliesNothing(t *testing.T) {
 			}
 			var out bytes.Buffer
 			o := &install.Options{IOStreams: genericiooptions.IOStreams{Out: &out, ErrOut: &out}, DryRun: "none", Timeout: time.Minute, Conn: kube.Conn{Clients: f.Clients}}
-			if err := o.Complete(nil); err != nil {
-				t.Fatal(err)
-			}
-			err := o.Run(context.Background())
+			err := testutil.RunOptions(t, o)
 			if err == nil || !strings.HasPrefix(err.Error(), tt.wantErr) {
 				t.Fatalf("err = %v, want prefix %q", err, tt.wantErr)
 			}

@@ -64,13 +64,7 @@ func run(t *testing.T, f *testutil.Fake, output string) (string, error) {
 	t.Helper()
 	var out bytes.Buffer
 	o := &status.Options{IOStreams: genericiooptions.IOStreams{Out: &out, ErrOut: &out}, Output: output, Timeout: time.Second, Conn: kube.Conn{Clients: f.Clients}, Now: func() time.Time { return now }}
-	if err := o.Complete(nil); err != nil {
-		t.Fatal(err)
-	}
-	if err := o.Validate(); err != nil {
-		t.Fatal(err)
-	}
-	err := o.Run(context.Background())
+	err := testutil.RunOptions(t, o)
 	return out.String(), err
 }
 
@@ -194,10 +188,7 @@ func TestStatusWaitWaitsForConvergence(t *testing.T) {
 	}()
 	var out bytes.Buffer
 	o := &status.Options{IOStreams: genericiooptions.IOStreams{Out: &out, ErrOut: &out}, Wait: true, Timeout: 5 * time.Second, PollInterval: 10 * time.Millisecond, Conn: kube.Conn{Clients: f.Clients}, Now: func() time.Time { return now }}
-	if err := o.Complete(nil); err != nil {
-		t.Fatal(err)
-	}
-	if err := o.Run(context.Background()); err != nil {
+	if err := testutil.RunOptions(t, o); err != nil {
 		t.Fatalf("%v\n%s", err, out.String())
 	}
 	if !strings.Contains(out.String(), "sockstats,service-lb") {

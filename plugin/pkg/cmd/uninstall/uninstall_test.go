@@ -58,13 +58,7 @@ func run(t *testing.T, f *testutil.Fake) (string, error) {
 	t.Helper()
 	var out bytes.Buffer
 	o := &uninstall.Options{IOStreams: genericiooptions.IOStreams{Out: &out, ErrOut: &out}, Timeout: 5 * time.Second, Conn: kube.Conn{Clients: f.Clients}, PollInterval: 10 * time.Millisecond}
-	if err := o.Complete(nil); err != nil {
-		t.Fatal(err)
-	}
-	if err := o.Validate(); err != nil {
-		t.Fatal(err)
-	}
-	err := o.Run(context.Background())
+	err := testutil.RunOptions(t, o)
 	return out.String(), err
 }
 
