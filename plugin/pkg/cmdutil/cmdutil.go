@@ -11,6 +11,7 @@ import (
 	"io"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 	"sigs.k8s.io/yaml"
@@ -89,4 +90,12 @@ func RunE(o Options) func(*cobra.Command, []string) error {
 		}
 		return o.Run(cmd.Context())
 	}
+}
+
+// ValidateTimeout checks a --timeout value.
+func ValidateTimeout(d time.Duration) error {
+	if d <= 0 {
+		return fmt.Errorf("invalid --timeout %s: must be positive", d)
+	}
+	return nil
 }

@@ -31,13 +31,7 @@ func agentPod(nodeName string, status corev1.PodStatus) *corev1.Pod {
 var runningReady = testutil.RunningReady
 
 func daemonSet(desired, ready, updated int32) *appsv1.DaemonSet {
-	return &appsv1.DaemonSet{
-		ObjectMeta: metav1.ObjectMeta{Name: manifests.DaemonSetName, Namespace: manifests.Namespace, Generation: 1},
-		Spec: appsv1.DaemonSetSpec{Template: corev1.PodTemplateSpec{Spec: corev1.PodSpec{
-			Containers: []corev1.Container{{Name: "agent", Image: "localhost/kubectl-ebpf/agent:v1"}},
-		}}},
-		Status: appsv1.DaemonSetStatus{ObservedGeneration: 1, DesiredNumberScheduled: desired, NumberReady: ready, UpdatedNumberScheduled: updated},
-	}
+	return testutil.DaemonSet("localhost/kubectl-ebpf/agent:v1", desired, ready, updated)
 }
 
 func TestCollect(t *testing.T) {

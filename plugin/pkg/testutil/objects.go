@@ -1,6 +1,7 @@
 package testutil
 
 import (
+	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
@@ -43,5 +44,17 @@ func AgentPod(name, nodeName string, status corev1.PodStatus) *corev1.Pod {
 		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: manifests.Namespace, Labels: map[string]string{manifests.LabelName: manifests.DaemonSetName}},
 		Spec:       corev1.PodSpec{NodeName: nodeName},
 		Status:     status,
+	}
+}
+
+// DaemonSet is the agent DaemonSet running image (empty: no container
+// image), its controller caught up with its spec, with the given counts.
+func DaemonSet(image string, desired, ready, updated int32) *appsv1.DaemonSet {
+	return &appsv1.DaemonSet{
+		ObjectMeta: metav1.ObjectMeta{Name: manifests.DaemonSetName, Namespace: manifests.Namespace, Generation: 1},
+		Spec: appsv1.DaemonSetSpec{Template: corev1.PodTemplateSpec{Spec: corev1.PodSpec{
+			Containers: []corev1.Container{{Name: manifests.AgentContainer, Image: image}},
+		}}},
+		Status: appsv1.DaemonSetStatus{ObservedGeneration: 1, DesiredNumberScheduled: desired, NumberReady: ready, UpdatedNumberScheduled: updated},
 	}
 }

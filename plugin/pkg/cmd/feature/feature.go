@@ -99,10 +99,7 @@ func (o *Options) Validate() error {
 	if !slices.Contains(apiv1.KnownFeatures, o.Feature) {
 		return fmt.Errorf("unknown feature %q: known features are %s", o.Feature, strings.Join(apiv1.KnownFeatures, ", "))
 	}
-	if o.Timeout <= 0 {
-		return fmt.Errorf("invalid --timeout %s: must be positive", o.Timeout)
-	}
-	return nil
+	return cmdutil.ValidateTimeout(o.Timeout)
 }
 
 // Run switches the feature and, with --wait, follows the nodes.

@@ -141,8 +141,8 @@ func (o *Options) Validate() error {
 	if err := cmdutil.ValidateOutput(o.Output, "yaml"); err != nil {
 		return err
 	}
-	if o.Timeout <= 0 {
-		return fmt.Errorf("invalid --timeout %s: must be positive", o.Timeout)
+	if err := cmdutil.ValidateTimeout(o.Timeout); err != nil {
+		return err
 	}
 	if o.Wait && (o.DryRun != DryRunNone || o.Output != "") {
 		return fmt.Errorf("--wait cannot be combined with --dry-run or -o")

@@ -7,7 +7,6 @@ import (
 	"testing"
 	"time"
 
-	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -97,10 +96,7 @@ func TestPreflightFailureAppliesNothing(t *testing.T) {
 }
 
 func TestWaitReadyTimeoutNamesNodesAndReasons(t *testing.T) {
-	ds := &appsv1.DaemonSet{
-		ObjectMeta: metav1.ObjectMeta{Name: manifests.DaemonSetName, Namespace: manifests.Namespace},
-		Status:     appsv1.DaemonSetStatus{DesiredNumberScheduled: 1},
-	}
+	ds := testutil.DaemonSet("", 1, 0, 0)
 	pod := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: "kebpf-agent-x", Namespace: manifests.Namespace, Labels: map[string]string{manifests.LabelName: manifests.DaemonSetName}},
 		Spec:       corev1.PodSpec{NodeName: "kebpf-node"},
@@ -124,10 +120,7 @@ func TestWaitReadyTimeoutNamesNodesAndReasons(t *testing.T) {
 }
 
 func TestWaitReadyWaitsForConfiguredFeatures(t *testing.T) {
-	ds := &appsv1.DaemonSet{
-		ObjectMeta: metav1.ObjectMeta{Name: manifests.DaemonSetName, Namespace: manifests.Namespace},
-		Status:     appsv1.DaemonSetStatus{DesiredNumberScheduled: 1, NumberReady: 1, UpdatedNumberScheduled: 1},
-	}
+	ds := testutil.DaemonSet("", 1, 1, 1)
 	pod := testutil.AgentPod("kebpf-agent-x", "kebpf-node", testutil.RunningReady)
 	// Just written: within the grace period, so the node is ready but not
 	// yet running service-lb.

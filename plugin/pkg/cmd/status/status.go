@@ -4,7 +4,6 @@ package status
 import (
 	"context"
 	"errors"
-	"fmt"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -66,10 +65,7 @@ func (o *Options) Validate() error {
 	if err := cmdutil.ValidateOutput(o.Output, "wide", "json", "yaml"); err != nil {
 		return err
 	}
-	if o.Timeout <= 0 {
-		return fmt.Errorf("invalid --timeout %s: must be positive", o.Timeout)
-	}
-	return nil
+	return cmdutil.ValidateTimeout(o.Timeout)
 }
 
 // Run prints the report; its error says whether everything is healthy.

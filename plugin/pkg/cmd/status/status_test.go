@@ -10,7 +10,6 @@ import (
 	"testing"
 	"time"
 
-	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -38,8 +37,7 @@ func clusterWithConfig(t *testing.T, ready bool, active []string, config string,
 	t.Helper()
 	return testutil.NewFake(t, []runtime.Object{
 		testutil.Namespace(),
-		&appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Name: manifests.DaemonSetName, Namespace: manifests.Namespace},
-			Status: appsv1.DaemonSetStatus{DesiredNumberScheduled: 1, NumberReady: 1, UpdatedNumberScheduled: 1}},
+		testutil.DaemonSet("", 1, 1, 1),
 		&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "kebpf-node"}},
 		testutil.AgentPod("kebpf-agent-abc", "kebpf-node", testutil.RunningReady),
 		&corev1.ConfigMap{

@@ -71,10 +71,7 @@ func (o *Options) Complete(_ []string) error {
 
 // Validate checks the flags.
 func (o *Options) Validate() error {
-	if o.Timeout <= 0 {
-		return fmt.Errorf("invalid --timeout %s: must be positive", o.Timeout)
-	}
-	return nil
+	return cmdutil.ValidateTimeout(o.Timeout)
 }
 
 // Permissions are what uninstall needs.

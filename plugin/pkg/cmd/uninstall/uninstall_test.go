@@ -31,13 +31,8 @@ func readyNode(name string, ready bool) *corev1.Node {
 
 func installed() []runtime.Object {
 	return []runtime.Object{
-		&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: manifests.Namespace}},
-		&appsv1.DaemonSet{
-			ObjectMeta: metav1.ObjectMeta{Name: manifests.DaemonSetName, Namespace: manifests.Namespace},
-			Spec: appsv1.DaemonSetSpec{Template: corev1.PodTemplateSpec{Spec: corev1.PodSpec{
-				Containers: []corev1.Container{{Name: "agent", Image: "localhost/kubectl-ebpf/agent:v7"}},
-			}}},
-		},
+		testutil.Namespace(),
+		testutil.DaemonSet("localhost/kubectl-ebpf/agent:v7", 0, 0, 0),
 		readyNode("n1", true), readyNode("down", false),
 	}
 }
