@@ -11,32 +11,25 @@ func TestFromBuildInfo(t *testing.T) {
 		return []debug.BuildSetting{{Key: "vcs", Value: "git"}, {Key: "vcs.revision", Value: rev}, {Key: "vcs.modified", Value: modified}}
 	}
 	tests := []struct {
-		name                         string
-		bi                           *debug.BuildInfo
-		wantVersion, wantCommit, src string
+		name string
+		bi   *debug.BuildInfo
+		want [3]string
 	}{
-		{name: "no build info", bi: nil, wantVersion: "dev", src: SourceNone},
-		{name: "go build in a clean checkout", bi: &debug.BuildInfo{Main: debug.Module{Version: "v0.0.0-20261206024229-96cb62e1a2b3"}, Settings: vcs("false")},
-			wantVersion: "96cb62e1a2b3", wantCommit: rev, src: SourceVCS},
-		{name: "go build in a modified checkout", bi: &debug.BuildInfo{Main: debug.Module{Version: "v0.0.0-20261206024229-96cb62e1a2b3+dirty"}, Settings: vcs("true")},
-			wantVersion: "96cb62e1a2b3-dirty", wantCommit: rev, src: SourceVCS},
-		{name: "tagged checkout: still the revision make tags", bi: &debug.BuildInfo{Main: debug.Module{Version: "v1.2.3"}, Settings: vcs("false")},
-			wantVersion: "96cb62e1a2b3", wantCommit: rev, src: SourceVCS},
-		{name: "go install pkg@v1.2.3", bi: &debug.BuildInfo{Main: debug.Module{Version: "v1.2.3"}},
-			wantVersion: "v1.2.3", src: SourceModule},
-		{name: "module version with build metadata", bi: &debug.BuildInfo{Main: debug.Module{Version: "v2.0.0+incompatible"}},
-			wantVersion: "v2.0.0-incompatible", src: SourceModule},
-		{name: "-buildvcs=false", bi: &debug.BuildInfo{Main: debug.Module{Version: "(devel)"}},
-			wantVersion: "dev", src: SourceNone},
-		{name: "test binary", bi: &debug.BuildInfo{}, wantVersion: "dev", src: SourceNone},
+		{name: "no build info", bi: nil, want: [3]string{"dev", "", SourceNone}},
+		{name: "go build in a clean checkout", bi: &debug.BuildInfo{Main: debug.Module{Version: "v0.0.0-20261206024229-96cb62e1a2b3"}, Settings: vcs("false")}, want: [3]string{"96cb62e1a2b3", rev, SourceVCS}},
+		{name: "go build in a modified checkout", bi: &debug.BuildInfo{Main: debug.Module{Version: "v0.0.0-20261206024229-96cb62e1a2b3+dirty"}, Settings: vcs("true")}, want: [3]string{"96cb62e1a2b3-dirty", rev, SourceVCS}},
+		{name: "tagged checkout: still the revision make tags", bi: &debug.BuildInfo{Main: debug.Module{Version: "v1.2.3"}, Settings: vcs("false")}, want: [3]string{"96cb62e1a2b3", rev, SourceVCS}},
+		{name: "go install pkg@v1.2.3", bi: &debug.BuildInfo{Main: debug.Module{Version: "v1.2.3"}}, want: [3]string{"v1.2.3", "", SourceModule}},
+		{name: "module version with build metadata", bi: &debug.BuildInfo{Main: debug.Module{Version: "v2.0.0+incompatible"}}, want: [3]string{"v2.0.0-incompatible", "", SourceModule}},
+		{name: "-buildvcs=false", bi: &debug.BuildInfo{Main: debug.Module{Version: "(devel)"}}, want: [3]string{"dev", "", SourceNone}},
+		{name: "test binary", bi: &debug.BuildInfo{}, want: [3]string{"dev", "", SourceNone}},
 	}
 	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			v, c, s := FromBuildInfo(tt.bi)
-			if v != tt.wantVersion || c != tt.wantCommit || s != tt.src {
-				t.Errorf("FromBuildInfo = %q, %q, %q; want %q, %q, %q", v, c, s, tt.wantVersion, tt.wantCommit, tt.src)
-			}
-		})
+		var got [3]string // version, commit, source
+		got[0], got[1], got[2] = FromBuildInfo(tt.bi)
+		if got != tt.want {
+			t.Errorf("%s: FromBuildInfo = %q, want %q", tt.name, got, tt.want)
+		}
 	}
 }
 
