@@ -1,12 +1,13 @@
 package manifests
 
 import (
-	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"strings"
 	"testing"
 
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"sigs.k8s.io/yaml"
+
+	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 )
 
 func TestObjectsLabelledAndImageSubstituted(t *testing.T) {
