@@ -14,8 +14,11 @@ PROVIDER ?=
 # 12 hex digits of HEAD, "-dirty" when `git status --porcelain` shows anything.
 # A plain `go build` of the plugin derives the same from Go's vcs.revision and
 # vcs.modified (manifests.RevisionVersion), so it installs the image make built.
-VERSION  ?= $(shell r=$$(git rev-parse HEAD 2>/dev/null | cut -c1-12); \
+# Computed once (:=), so every target of one run sees the same value.
+ifeq ($(origin VERSION),undefined)
+VERSION  := $(shell r=$$(git rev-parse HEAD 2>/dev/null | cut -c1-12); \
               if [ -z "$$r" ]; then echo dev; elif [ -n "$$(git status --porcelain 2>/dev/null)" ]; then echo $$r-dirty; else echo $$r; fi)
+endif
 LDFLAGS  := -s -w -X github.com/kubectl-ebpf/kubectl-ebpf/manifests.Version=$(VERSION)
 BIN      := bin
 export KEBPF_PROVIDER := $(PROVIDER)
