@@ -173,10 +173,11 @@ func (o *Options) Run(ctx context.Context) error {
 		}
 		return nil
 	}
-	if _, _, err := o.Connect(ctx); err != nil {
+	c, _, err := o.Connect(ctx)
+	if err != nil {
 		return err
 	}
-	if err := Preflight(ctx, o.Clients); err != nil {
+	if err := Preflight(ctx, c); err != nil {
 		return err
 	}
 	if err := o.renderForCluster(ctx); err != nil {
@@ -293,13 +294,10 @@ func Permissions() []kube.Permission {
 	return p
 }
 
-// Preflight checks, before anything is applied, that the cluster answers,
-// that the user may create everything install creates, and that every node's
-// kernel is new enough.
+// Preflight checks, before anything is applied (and after Connect found the
+// cluster answering), that the user may create everything install creates,
+// and that every node's kernel is new enough.
 func Preflight(ctx context.Context, c *kube.Clients) error {
-	if _, err := c.Reachable(ctx); err != nil {
-		return err
-	}
 	if err := c.RequirePermissions(ctx, Permissions()); err != nil {
 		return err
 	}
