@@ -1,5 +1,7 @@
-// Package kube wraps the API calls the commands share: building clients from
-// the kubeconfig flags, preflight checks, server-side apply and waiting.
+// Package kube wraps the API calls the commands share: connecting (Conn,
+// clients from the kubeconfig flags, typed NodeState access through the
+// generated clientset in api/client), preflight checks, server-side apply
+// and waiting.
 package kube
 
 import (
