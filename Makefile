@@ -10,7 +10,15 @@ CLUSTER  ?= kebpf
 # PROVIDER=kind|local forces a cluster provider; empty picks kind where it can
 # run privileged containers, else the Docker-free local node.
 PROVIDER ?=
-VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+# VERSION tags the agent image and is stamped into the binaries: the first
+# 12 hex digits of HEAD, "-dirty" when `git status --porcelain` shows anything.
+# A plain `go build` of the plugin derives the same from Go's vcs.revision and
+# vcs.modified (manifests.RevisionVersion), so it installs the image make built.
+# Computed once (:=), so every target of one run sees the same value.
+ifeq ($(origin VERSION),undefined)
+VERSION  := $(shell r=$$(git rev-parse HEAD 2>/dev/null | cut -c1-12); \
+              if [ -z "$$r" ]; then echo dev; elif [ -n "$$(git status --porcelain 2>/dev/null)" ]; then echo $$r-dirty; else echo $$r; fi)
+endif
 LDFLAGS  := -s -w -X github.com/kubectl-ebpf/kubectl-ebpf/manifests.Version=$(VERSION)
 BIN      := bin
 export KEBPF_PROVIDER := $(PROVIDER)
@@ -35,7 +43,7 @@ FORCE:
 deps: ## install the Debian packages the tests and the local cluster need
 	@bash .ci/deps
 
-generate: ## regenerate API deepcopy + CRD YAML (controller-gen) and the BPF objects and Go bindings (clang-19)
+generate: ## regenerate API deepcopy + CRD YAML (controller-gen), the clientset (client-gen) and the BPF objects and Go bindings (clang-19)
 	$(GO) generate ./api/... ./bpf/...
 
 verify: ## gofmt, go vet, and generated files match their sources
@@ -44,6 +52,7 @@ verify: ## gofmt, go vet, and generated files match their sources
 	$(GO) vet ./...
 	$(MAKE) --no-print-directory generate
 	@git diff --exit-code -- api bpf manifests/yaml || { echo "generated files differ from the committed ones: run make generate and commit"; exit 1; }
+	@test -z "$$(git status --porcelain --untracked-files=all -- api bpf manifests/yaml)" || { git status --short -- api bpf manifests/yaml; echo "generated files not committed: run make generate and commit"; exit 1; }
 
 unit: ## fast tests (no root, no cluster)
 	@echo "== unit tier"

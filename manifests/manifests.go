@@ -7,7 +7,6 @@ import (
 	"embed"
 	"errors"
 	"fmt"
-	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"io"
 	"io/fs"
 	"path/filepath"
@@ -18,20 +17,9 @@ import (
 
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
+
+	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 )
-
-// Version is the release of the plugin and of the agent image it installs,
-// set with -ldflags -X github.com/kubectl-ebpf/kubectl-ebpf/manifests.Version=...
-var Version = "dev"
-
-// GitCommit is the source revision, set with -ldflags -X like Version.
-var GitCommit = ""
-
-// ImageRepository is the agent image without its tag.
-const ImageRepository = "localhost/kubectl-ebpf/agent"
-
-// DefaultImage is the agent image matching this build.
-func DefaultImage() string { return ImageRepository + ":" + Version }
 
 // Names shared by the plugin commands and the manifests.
 const (

@@ -1,12 +1,13 @@
 package manifests
 
 import (
-	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"strings"
 	"testing"
 
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"sigs.k8s.io/yaml"
+
+	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 )
 
 func TestObjectsLabelledAndImageSubstituted(t *testing.T) {
@@ -128,6 +129,23 @@ func find(t *testing.T, objs []*unstructured.Unstructured, kind string) *unstruc
 	return nil
 }
 
+// renderDaemonSet renders opts and returns the DaemonSet; with wantErr it
+// checks the render fails with it and returns nil.
+func renderDaemonSet(t *testing.T, opts RenderOptions, wantErr string) *unstructured.Unstructured {
+	t.Helper()
+	objs, err := Objects(opts)
+	if wantErr != "" {
+		if err == nil || !strings.Contains(err.Error(), wantErr) {
+			t.Fatalf("err = %v, want %q", err, wantErr)
+		}
+		return nil
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return find(t, objs, "DaemonSet")
+}
+
 func TestAgentAPIServerEnv(t *testing.T) {
 	tests := []struct {
 		name       string
@@ -146,17 +164,10 @@ func TestAgentAPIServerEnv(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			objs, err := Objects(RenderOptions{APIServerHost: tt.host, APIServerPort: tt.port})
-			if tt.wantErr != "" {
-				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
-					t.Fatalf("err = %v, want %q", err, tt.wantErr)
-				}
+			ds := renderDaemonSet(t, RenderOptions{APIServerHost: tt.host, APIServerPort: tt.port}, tt.wantErr)
+			if ds == nil {
 				return
 			}
-			if err != nil {
-				t.Fatal(err)
-			}
-			ds := find(t, objs, "DaemonSet")
 			for _, path := range [][]string{{"spec", "template", "spec", "containers"}, {"spec", "template", "spec", "initContainers"}} {
 				cs, _, _ := unstructured.NestedSlice(ds.Object, path...)
 				for _, c := range cs {
@@ -252,17 +263,10 @@ func TestAgentCNIChaining(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			objs, err := Objects(tt.opts)
-			if tt.wantErr != "" {
-				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
-					t.Fatalf("err = %v, want %q", err, tt.wantErr)
-				}
+			ds := renderDaemonSet(t, tt.opts, tt.wantErr)
+			if ds == nil {
 				return
 			}
-			if err != nil {
-				t.Fatal(err)
-			}
-			ds := find(t, objs, "DaemonSet")
 			cs, _, _ := unstructured.NestedSlice(ds.Object, "spec", "template", "spec", "containers")
 			var args []string
 			for _, a := range cs[0].(map[string]any)["args"].([]any) {

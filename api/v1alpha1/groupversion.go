@@ -1,10 +1,3 @@
-// Package v1alpha1 holds kubectl-ebpf's API: the custom resources the agents
-// write and the plugin reads, and the agent config the plugin writes into the
-// ConfigMap. It imports nothing of ours, so the plugin, the agents and the xDS
-// server can share it without reaching into each other's trees.
-//
-// +kubebuilder:object:generate=true
-// +groupName=kubectl-ebpf.io
 package v1alpha1
 
 import (

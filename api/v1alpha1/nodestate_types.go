@@ -1,11 +1,7 @@
 package v1alpha1
 
 import (
-	"fmt"
-
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	"k8s.io/apimachinery/pkg/runtime"
 )
 
 const (
@@ -15,7 +11,7 @@ const (
 	NodeStateResource = "nodestates"
 )
 
-// NodeStateGVR addresses NodeState objects through the dynamic client.
+// NodeStateGVR is the NodeState resource (RBAC, discovery, uninstall).
 var NodeStateGVR = SchemeGroupVersion.WithResource(NodeStateResource)
 
 // NodeStateGVK is the group/version/kind written into TypeMeta of every NodeState.
@@ -27,6 +23,9 @@ var NodeStateGVK = SchemeGroupVersion.WithKind(NodeStateKind)
 // but status, written by one agent, so a plain create/update of the whole
 // object is the simplest protocol.
 //
+// +genclient
+// +genclient:nonNamespaced
+// +genclient:noStatus
 // +kubebuilder:object:root=true
 // +kubebuilder:resource:scope=Cluster,shortName=kns
 // +kubebuilder:printcolumn:name="Ready",type=boolean,JSONPath=`.status.ready`
@@ -88,28 +87,4 @@ type KernelFeature struct {
 	// Detail says why the feature is unavailable.
 	// +optional
 	Detail string `json:"detail,omitempty"`
-}
-
-// ToUnstructured converts ns for the dynamic client, filling in apiVersion
-// and kind when the caller left them empty (server-side apply requires both).
-func ToUnstructured(ns *NodeState) (*unstructured.Unstructured, error) {
-	c := *ns
-	if c.APIVersion == "" || c.Kind == "" {
-		c.APIVersion = SchemeGroupVersion.String()
-		c.Kind = NodeStateKind
-	}
-	m, err := runtime.DefaultUnstructuredConverter.ToUnstructured(&c)
-	if err != nil {
-		return nil, fmt.Errorf("convert nodestate %s: %w", ns.Name, err)
-	}
-	return &unstructured.Unstructured{Object: m}, nil
-}
-
-// FromUnstructured converts an object read with the dynamic client.
-func FromUnstructured(u *unstructured.Unstructured) (*NodeState, error) {
-	var ns NodeState
-	if err := runtime.DefaultUnstructuredConverter.FromUnstructured(u.Object, &ns); err != nil {
-		return nil, fmt.Errorf("convert nodestate %s: %w", u.GetName(), err)
-	}
-	return &ns, nil
 }

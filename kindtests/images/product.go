@@ -7,6 +7,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
 )
 
 // Product names the images of one build of the product.
@@ -36,17 +38,25 @@ func ModuleRoot(ctx context.Context) (string, error) {
 }
 
 // SourceVersion is the version stamped into binaries and image tags built from
-// the working tree: $KEBPF_VERSION, else `git describe --always --dirty`.
+// the working tree: $KEBPF_VERSION, else the revision and modified state of
+// the checkout, spelled as the Makefile's VERSION and a plain `go build` of
+// the plugin spell it (manifests.RevisionVersion).
 func SourceVersion(ctx context.Context, root string) string {
 	if v := os.Getenv("KEBPF_VERSION"); v != "" {
 		return v
 	}
-	cmd := exec.CommandContext(ctx, "git", "describe", "--tags", "--always", "--dirty")
-	cmd.Dir = root
-	if out, err := cmd.Output(); err == nil && len(strings.TrimSpace(string(out))) > 0 {
-		return strings.TrimSpace(string(out))
+	git := func(args ...string) (string, error) {
+		cmd := exec.CommandContext(ctx, "git", args...)
+		cmd.Dir = root
+		out, err := cmd.Output()
+		return strings.TrimSpace(string(out)), err
 	}
-	return "dev"
+	rev, err := git("rev-parse", "HEAD")
+	if err != nil || rev == "" {
+		return "dev"
+	}
+	status, err := git("status", "--porcelain")
+	return manifests.RevisionVersion(rev, err != nil || status != "")
 }
 
 // LDFlags stamps version into the product's binaries.
@@ -71,7 +81,7 @@ func GoBuild(ctx context.Context, root, pkg, out, version string) error {
 func BuildProduct(ctx context.Context, root, outDir, version string) (Product, error) {
 	p := Product{
 		Version:       version,
-		AgentRef:      "localhost/kubectl-ebpf/agent:" + version,
+		AgentRef:      manifests.ImageRepository + ":" + version,
 		AgentTar:      filepath.Join(outDir, "agent.tar"),
 		TestServerRef: "localhost/kubectl-ebpf/testserver:" + version,
 		TestServerTar: filepath.Join(outDir, "testserver.tar"),

@@ -6,6 +6,7 @@ package agent
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -22,9 +23,10 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"golang.org/x/sys/unix"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/dynamic"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
 
+	"github.com/kubectl-ebpf/kubectl-ebpf/api/client/versioned"
 	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/netpol"
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/socklb"
@@ -59,7 +61,7 @@ type Config struct {
 	Version    string
 	// Client publishes NodeState; nil runs without an API server (the
 	// agent then never becomes ready, as readiness requires a publish).
-	Client dynamic.Interface
+	Client versioned.Interface
 	// Kube watches the cluster config and, for service-lb, Services,
 	// EndpointSlices and the node. Nil: no config watch, every feature
 	// this agent can run without it is enabled (tests, bare runs).
@@ -301,15 +303,18 @@ func (a *Agent) publish(ctx context.Context) {
 		return
 	}
 	state := a.State()
-	u, err := apiv1.ToUnstructured(state)
+	// The clientset has no Apply without generated apply configurations; a
+	// whole NodeState (apiVersion and kind set by State) is a valid apply
+	// patch, and the agent owns every field of it.
+	body, err := json.Marshal(state)
 	if err != nil {
 		a.log.Error("publish nodestate", "err", err)
 		return
 	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	_, err = a.cfg.Client.Resource(apiv1.NodeStateGVR).Apply(ctx, a.cfg.NodeName, u,
-		metav1.ApplyOptions{FieldManager: FieldManager, Force: true})
+	_, err = a.cfg.Client.EbpfV1alpha1().NodeStates().Patch(ctx, a.cfg.NodeName, types.ApplyPatchType, body,
+		metav1.PatchOptions{FieldManager: FieldManager, Force: new(true)})
 	if err != nil {
 		a.log.Error("publish nodestate", "node", a.cfg.NodeName, "err", err)
 		return

@@ -21,9 +21,9 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
-	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/rest"
 
+	"github.com/kubectl-ebpf/kubectl-ebpf/api/client/versioned"
 	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/sockstats"
 )
@@ -112,7 +112,7 @@ func start(t *testing.T, api *fakeAPI, pinDir, cgroupRoot string) *running {
 	t.Helper()
 	srv := httptest.NewServer(api)
 	t.Cleanup(srv.Close)
-	client, err := dynamic.NewForConfig(&rest.Config{Host: srv.URL})
+	client, err := versioned.NewForConfig(&rest.Config{Host: srv.URL})
 	if err != nil {
 		t.Fatal(err)
 	}

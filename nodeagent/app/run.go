@@ -10,11 +10,11 @@ import (
 	"syscall"
 
 	"github.com/spf13/cobra"
-	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
+	"github.com/kubectl-ebpf/kubectl-ebpf/api/client/versioned"
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/netpol"
 	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/agent"
@@ -47,9 +47,9 @@ func newRunCommand(lo *logOptions, stderr io.Writer) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			client, err := dynamic.NewForConfig(cfg)
+			client, err := versioned.NewForConfig(cfg)
 			if err != nil {
-				return fmt.Errorf("dynamic client: %w", err)
+				return fmt.Errorf("nodestate client: %w", err)
 			}
 			kube, err := kubernetes.NewForConfig(cfg)
 			if err != nil {

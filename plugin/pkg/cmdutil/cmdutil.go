@@ -1,15 +1,19 @@
-// Package cmdutil holds what every kubectl-ebpf command shares: the exit-code
-// error type, output-format validation and YAML/JSON printing.
+// Package cmdutil holds what every kubectl-ebpf command shares: the
+// Complete/Validate/Run sequence, the exit-code error type, output-format
+// validation and YAML/JSON printing.
 package cmdutil
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"slices"
 	"strings"
+	"time"
 
+	"github.com/spf13/cobra"
 	"sigs.k8s.io/yaml"
 )
 
@@ -65,4 +69,33 @@ func Print(w io.Writer, format string, v any) error {
 		return PrintJSON(w, v)
 	}
 	return PrintYAML(w, v)
+}
+
+// Options are one command's inputs, run in the order sample-cli-plugin
+// uses: Complete (defaults, args), Validate (no API call), Run.
+type Options interface {
+	Complete(args []string) error
+	Validate() error
+	Run(ctx context.Context) error
+}
+
+// RunE is the cobra RunE of every command: Complete, Validate, Run.
+func RunE(o Options) func(*cobra.Command, []string) error {
+	return func(cmd *cobra.Command, args []string) error {
+		if err := o.Complete(args); err != nil {
+			return err
+		}
+		if err := o.Validate(); err != nil {
+			return err
+		}
+		return o.Run(cmd.Context())
+	}
+}
+
+// ValidateTimeout checks a --timeout value.
+func ValidateTimeout(d time.Duration) error {
+	if d <= 0 {
+		return fmt.Errorf("invalid --timeout %s: must be positive", d)
+	}
+	return nil
 }

@@ -186,7 +186,7 @@ func Collect(ctx context.Context, c *kube.Clients, now time.Time) (*Report, erro
 	if err != nil {
 		return nil, fmt.Errorf("list agent pods: %w", err)
 	}
-	states, err := c.Dynamic.Resource(apiv1.NodeStateGVR).List(ctx, metav1.ListOptions{})
+	states, err := c.NodeStates().List(ctx, metav1.ListOptions{})
 	if err != nil {
 		return nil, fmt.Errorf("list nodestates: %w", err)
 	}
@@ -200,11 +200,7 @@ func Collect(ctx context.Context, c *kube.Clients, now time.Time) (*Report, erro
 	}
 	stateByNode := map[string]*apiv1.NodeState{}
 	for i := range states.Items {
-		ns, err := apiv1.FromUnstructured(&states.Items[i])
-		if err != nil {
-			return nil, err
-		}
-		stateByNode[ns.Name] = ns
+		stateByNode[states.Items[i].Name] = &states.Items[i]
 	}
 	var configured []string
 	var changed time.Time

@@ -10,7 +10,6 @@ import (
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
 
 	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
@@ -26,61 +25,30 @@ func node(name string) *corev1.Node {
 }
 
 func agentPod(nodeName string, status corev1.PodStatus) *corev1.Pod {
-	return &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: "kebpf-agent-" + nodeName, Namespace: manifests.Namespace, Labels: map[string]string{manifests.LabelName: manifests.DaemonSetName}},
-		Spec:       corev1.PodSpec{NodeName: nodeName},
-		Status:     status,
-	}
+	return testutil.AgentPod("kebpf-agent-"+nodeName, nodeName, status)
 }
 
-var runningReady = corev1.PodStatus{Phase: corev1.PodRunning, Conditions: []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionTrue}}}
-
-func state(t *testing.T, name string, s apiv1.NodeStateStatus) runtime.Object {
-	t.Helper()
-	u, err := apiv1.ToUnstructured(&apiv1.NodeState{ObjectMeta: metav1.ObjectMeta{Name: name}, Status: s})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return u
-}
-
-func crd() runtime.Object {
-	u := &unstructured.Unstructured{}
-	u.SetAPIVersion("apiextensions.k8s.io/v1")
-	u.SetKind("CustomResourceDefinition")
-	u.SetName(manifests.CRDName)
-	return u
-}
+var runningReady = testutil.RunningReady
 
 func daemonSet(desired, ready, updated int32) *appsv1.DaemonSet {
-	return &appsv1.DaemonSet{
-		ObjectMeta: metav1.ObjectMeta{Name: manifests.DaemonSetName, Namespace: manifests.Namespace, Generation: 1},
-		Spec: appsv1.DaemonSetSpec{Template: corev1.PodTemplateSpec{Spec: corev1.PodSpec{
-			Containers: []corev1.Container{{Name: "agent", Image: "localhost/kubectl-ebpf/agent:v1"}},
-		}}},
-		Status: appsv1.DaemonSetStatus{ObservedGeneration: 1, DesiredNumberScheduled: desired, NumberReady: ready, UpdatedNumberScheduled: updated},
-	}
-}
-
-func namespace() *corev1.Namespace {
-	return &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: manifests.Namespace}}
+	return testutil.DaemonSet("localhost/kubectl-ebpf/agent:v1", desired, ready, updated)
 }
 
 func TestCollect(t *testing.T) {
 	fresh := metav1.NewTime(now.Add(-10 * time.Second))
 	f := testutil.NewFake(t,
 		[]runtime.Object{
-			namespace(), daemonSet(4, 2, 4),
+			testutil.Namespace(), daemonSet(4, 2, 4),
 			node("n1"), node("n2"), node("n3"), node("n4"),
 			agentPod("n1", runningReady),
 			agentPod("n2", runningReady),
 			agentPod("n3", corev1.PodStatus{Phase: corev1.PodPending, InitContainerStatuses: []corev1.ContainerStatus{{Name: "mount", State: corev1.ContainerState{Waiting: &corev1.ContainerStateWaiting{Reason: "ErrImageNeverPull"}}}}}),
 		},
-		crd(),
-		state(t, "n1", apiv1.NodeStateStatus{AgentVersion: "v1", Kernel: "6.18.0-1", Ready: true, Heartbeat: fresh, Active: []string{"sockstats"},
+		testutil.CRD(),
+		testutil.NodeState("n1", apiv1.NodeStateStatus{AgentVersion: "v1", Kernel: "6.18.0-1", Ready: true, Heartbeat: fresh, Active: []string{"sockstats"},
 			Features: []apiv1.KernelFeature{{Name: "cgroup_sock", Available: true}, {Name: "tcx", Available: false}}}),
-		state(t, "n2", apiv1.NodeStateStatus{AgentVersion: "v1", Kernel: "6.18.0-1", Ready: true, Heartbeat: metav1.NewTime(now.Add(-5 * time.Minute))}),
-		state(t, "n4", apiv1.NodeStateStatus{AgentVersion: "v1", Ready: false, Heartbeat: fresh, Errors: []string{"attach sockstats: permission denied"}}),
+		testutil.NodeState("n2", apiv1.NodeStateStatus{AgentVersion: "v1", Kernel: "6.18.0-1", Ready: true, Heartbeat: metav1.NewTime(now.Add(-5 * time.Minute))}),
+		testutil.NodeState("n4", apiv1.NodeStateStatus{AgentVersion: "v1", Ready: false, Heartbeat: fresh, Errors: []string{"attach sockstats: permission denied"}}),
 	)
 	r, err := health.Collect(context.Background(), f.Clients, now)
 	if err != nil {
@@ -137,8 +105,8 @@ func TestCollectNotInstalled(t *testing.T) {
 		missing string
 	}{
 		{name: "no namespace", missing: "namespace " + manifests.Namespace},
-		{name: "no CRD", kube: []runtime.Object{namespace()}, missing: "CRD " + manifests.CRDName},
-		{name: "no DaemonSet", kube: []runtime.Object{namespace()}, dyn: []runtime.Object{crd()}, missing: "DaemonSet " + manifests.DaemonSetName},
+		{name: "no CRD", kube: []runtime.Object{testutil.Namespace()}, missing: "CRD " + manifests.CRDName},
+		{name: "no DaemonSet", kube: []runtime.Object{testutil.Namespace()}, dyn: []runtime.Object{testutil.CRD()}, missing: "DaemonSet " + manifests.DaemonSetName},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -157,8 +125,8 @@ func TestCollectNotInstalled(t *testing.T) {
 func TestHealthyNeedsRollout(t *testing.T) {
 	fresh := metav1.NewTime(now)
 	f := testutil.NewFake(t,
-		[]runtime.Object{namespace(), daemonSet(1, 1, 0), node("n1"), agentPod("n1", runningReady)},
-		crd(), state(t, "n1", apiv1.NodeStateStatus{Ready: true, Heartbeat: fresh}))
+		[]runtime.Object{testutil.Namespace(), daemonSet(1, 1, 0), node("n1"), agentPod("n1", runningReady)},
+		testutil.CRD(), testutil.NodeState("n1", apiv1.NodeStateStatus{Ready: true, Heartbeat: fresh}))
 	r, err := health.Collect(context.Background(), f.Clients, now)
 	if err != nil {
 		t.Fatal(err)

@@ -1,5 +1,7 @@
-// Package kube wraps the API calls the commands share: building clients from
-// the kubeconfig flags, preflight checks, server-side apply and waiting.
+// Package kube wraps the API calls the commands share: connecting (Conn,
+// clients from the kubeconfig flags, typed NodeState access through the
+// generated clientset in api/client), preflight checks, server-side apply
+// and waiting.
 package kube
 
 import (
@@ -17,6 +19,9 @@ import (
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/api/client/versioned"
+	ebpfv1alpha1 "github.com/kubectl-ebpf/kubectl-ebpf/api/client/versioned/typed/api/v1alpha1"
 )
 
 // ProbeTimeout bounds the first request to the cluster, so an unreachable
@@ -26,8 +31,11 @@ const ProbeTimeout = 5 * time.Second
 // Clients are the API clients one command run uses.
 type Clients struct {
 	// Host is the API server URL, used in error messages.
-	Host    string
-	Kube    kubernetes.Interface
+	Host string
+	Kube kubernetes.Interface
+	// EBPF is the typed clientset of our own API (NodeState).
+	EBPF versioned.Interface
+	// Dynamic applies the embedded manifests and reads CRDs.
 	Dynamic dynamic.Interface
 	Mapper  meta.RESTMapper
 	// Probe talks to the same server as Kube with ProbeTimeout.
@@ -47,6 +55,10 @@ func New(flags *genericclioptions.ConfigFlags) (*Clients, error) {
 	if err != nil {
 		return nil, fmt.Errorf("kubernetes client: %w", err)
 	}
+	ec, err := versioned.NewForConfig(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("kubectl-ebpf client: %w", err)
+	}
 	dc, err := dynamic.NewForConfig(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("dynamic client: %w", err)
@@ -61,7 +73,12 @@ func New(flags *genericclioptions.ConfigFlags) (*Clients, error) {
 	if err != nil {
 		return nil, fmt.Errorf("discovery client: %w", err)
 	}
-	return &Clients{Host: cfg.Host, Kube: kc, Dynamic: dc, Mapper: mapper, Probe: probe}, nil
+	return &Clients{Host: cfg.Host, Kube: kc, EBPF: ec, Dynamic: dc, Mapper: mapper, Probe: probe}, nil
+}
+
+// NodeStates is the typed NodeState client.
+func (c *Clients) NodeStates() ebpfv1alpha1.NodeStateInterface {
+	return c.EBPF.EbpfV1alpha1().NodeStates()
 }
 
 // Reachable checks that the API server answers, returning its version.

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"slices"
 	"sort"
 	"strconv"
@@ -19,6 +18,7 @@ import (
 	"k8s.io/client-go/util/retry"
 	"sigs.k8s.io/yaml"
 
+	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
 )
 

@@ -2,6 +2,7 @@ package testutil
 
 import (
 	"fmt"
+	"slices"
 	"sync/atomic"
 	"testing"
 
@@ -12,23 +13,36 @@ import (
 	"k8s.io/client-go/kubernetes/fake"
 	clienttesting "k8s.io/client-go/testing"
 
+	ebpffake "github.com/kubectl-ebpf/kubectl-ebpf/api/client/versioned/fake"
 	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/kube"
 )
 
-// Fake is a fake cluster for unit tests: typed and dynamic clients over
-// separate trackers, and a REST mapper knowing the kinds install uses.
+// Fake is a fake cluster for unit tests: the Kubernetes, kubectl-ebpf
+// (NodeState) and dynamic clients over separate trackers, and a REST mapper
+// knowing the kinds install uses.
 type Fake struct {
 	Clients *kube.Clients
 	Kube    *fake.Clientset
+	EBPF    *ebpffake.Clientset
 	Dynamic *dynamicfake.FakeDynamicClient
 }
 
-// NewFake builds a fake cluster holding kubeObjs (typed) and dynObjs
-// (unstructured: NodeStates, CRDs). Every access review is allowed unless
-// the test installs its own reactor.
-func NewFake(t *testing.T, kubeObjs []runtime.Object, dynObjs ...runtime.Object) *Fake {
+// NewFake builds a fake cluster holding kubeObjs (Kubernetes types) and
+// objs: NodeStates go to the kubectl-ebpf clientset, anything else
+// (unstructured CRDs) to the dynamic client. Every access review is allowed
+// unless the test installs its own reactor.
+func NewFake(t *testing.T, kubeObjs []runtime.Object, objs ...runtime.Object) *Fake {
 	t.Helper()
+	var states, dynObjs []runtime.Object
+	for _, o := range objs {
+		if _, ok := o.(*apiv1.NodeState); ok {
+			states = append(states, o)
+		} else {
+			dynObjs = append(dynObjs, o)
+		}
+	}
+	ec := ebpffake.NewSimpleClientset(states...)
 	kc := fake.NewClientset(kubeObjs...)
 	// The fake tracker does not implement generateName.
 	var n atomic.Int64
@@ -42,12 +56,11 @@ func NewFake(t *testing.T, kubeObjs []runtime.Object, dynObjs ...runtime.Object)
 	})
 	AllowAll(kc)
 	listKinds := map[schema.GroupVersionResource]string{
-		apiv1.NodeStateGVR:                                     "NodeStateList",
-		kube.CRDGVR:                                            "CustomResourceDefinitionList",
-		{Version: "v1", Resource: "namespaces"}:                "NamespaceList",
-		{Version: "v1", Resource: "serviceaccounts"}:           "ServiceAccountList",
-		{Version: "v1", Resource: "configmaps"}:                "ConfigMapList",
-		{Group: "apps", Version: "v1", Resource: "daemonsets"}: "DaemonSetList",
+		kube.CRDGVR:                                                                          "CustomResourceDefinitionList",
+		{Version: "v1", Resource: "namespaces"}:                                              "NamespaceList",
+		{Version: "v1", Resource: "serviceaccounts"}:                                         "ServiceAccountList",
+		{Version: "v1", Resource: "configmaps"}:                                              "ConfigMapList",
+		{Group: "apps", Version: "v1", Resource: "daemonsets"}:                               "DaemonSetList",
 		{Group: "rbac.authorization.k8s.io", Version: "v1", Resource: "clusterroles"}:        "ClusterRoleList",
 		{Group: "rbac.authorization.k8s.io", Version: "v1", Resource: "clusterrolebindings"}: "ClusterRoleBindingList",
 		{Group: "rbac.authorization.k8s.io", Version: "v1", Resource: "roles"}:               "RoleList",
@@ -73,8 +86,9 @@ func NewFake(t *testing.T, kubeObjs []runtime.Object, dynObjs ...runtime.Object)
 		mapper.Add(k.gvk, k.scope)
 	}
 	return &Fake{
-		Clients: &kube.Clients{Host: "https://fake.test", Kube: kc, Dynamic: dc, Mapper: mapper, Probe: kc.Discovery()},
+		Clients: &kube.Clients{Host: "https://fake.test", Kube: kc, EBPF: ec, Dynamic: dc, Mapper: mapper, Probe: kc.Discovery()},
 		Kube:    kc,
+		EBPF:    ec,
 		Dynamic: dc,
 	}
 }
@@ -97,10 +111,10 @@ func DenyAll(kc *fake.Clientset) {
 	})
 }
 
-// Mutations counts create/update/patch/delete actions seen by both clients.
+// Mutations lists the create/update/patch/delete actions every client saw.
 func (f *Fake) Mutations() []string {
 	var out []string
-	for _, a := range append(f.Kube.Actions(), f.Dynamic.Actions()...) {
+	for _, a := range slices.Concat(f.Kube.Actions(), f.EBPF.Actions(), f.Dynamic.Actions()) {
 		switch a.GetVerb() {
 		case "create", "update", "patch", "delete", "delete-collection":
 			if a.GetResource().Resource == "selfsubjectaccessreviews" {

@@ -18,12 +18,13 @@ import (
 
 	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
+	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/cmdutil"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/kube"
 )
 
 // Options are the inputs of one enable or disable.
 type Options struct {
-	Flags *genericclioptions.ConfigFlags
+	kube.Conn
 	genericiooptions.IOStreams
 
 	// Enable is true for `enable`, false for `disable`.
@@ -32,8 +33,6 @@ type Options struct {
 	Wait    bool
 	Timeout time.Duration
 
-	// Clients may be preset (tests); Run builds them otherwise.
-	Clients *kube.Clients
 	// PollInterval is how often --wait re-reads the NodeStates.
 	PollInterval time.Duration
 }
@@ -49,7 +48,7 @@ func NewDisableCmd(flags *genericclioptions.ConfigFlags, streams genericiooption
 }
 
 func newCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStreams, enable bool) *cobra.Command {
-	o := &Options{Flags: flags, IOStreams: streams, Enable: enable, PollInterval: time.Second}
+	o := &Options{Conn: kube.Conn{Flags: flags}, IOStreams: streams, Enable: enable, PollInterval: time.Second}
 	verb, does := "enable", "attach"
 	if !enable {
 		verb, does = "disable", "detach"
@@ -69,15 +68,7 @@ func newCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStr
 			}
 			return slices.Clone(apiv1.KnownFeatures), cobra.ShellCompDirectiveNoFileComp
 		},
-		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := o.Complete(args); err != nil {
-				return err
-			}
-			if err := o.Validate(); err != nil {
-				return err
-			}
-			return o.Run(cmd.Context())
-		},
+		RunE: cmdutil.RunE(o),
 	}
 	cmd.Flags().BoolVar(&o.Wait, "wait", false, "wait until every node reports the feature "+map[bool]string{true: "active", false: "inactive"}[enable])
 	cmd.Flags().DurationVar(&o.Timeout, "timeout", 2*time.Minute, "how long --wait waits")
@@ -108,22 +99,12 @@ func (o *Options) Validate() error {
 	if !slices.Contains(apiv1.KnownFeatures, o.Feature) {
 		return fmt.Errorf("unknown feature %q: known features are %s", o.Feature, strings.Join(apiv1.KnownFeatures, ", "))
 	}
-	if o.Timeout <= 0 {
-		return fmt.Errorf("invalid --timeout %s: must be positive", o.Timeout)
-	}
-	return nil
+	return cmdutil.ValidateTimeout(o.Timeout)
 }
 
 // Run switches the feature and, with --wait, follows the nodes.
 func (o *Options) Run(ctx context.Context) error {
-	if o.Clients == nil {
-		c, err := kube.New(o.Flags)
-		if err != nil {
-			return err
-		}
-		o.Clients = c
-	}
-	if _, err := o.Clients.Reachable(ctx); err != nil {
+	if _, _, err := o.Connect(ctx); err != nil {
 		return err
 	}
 	changed, dropped, err := o.Clients.SetFeature(ctx, o.Feature, o.Enable)
@@ -197,18 +178,14 @@ func pendingNodes(ctx context.Context, c *kube.Clients, feature string, enable b
 	if err != nil {
 		return nil, nil, fmt.Errorf("list nodes: %w", err)
 	}
-	list, err := c.Dynamic.Resource(apiv1.NodeStateGVR).List(ctx, metav1.ListOptions{})
+	list, err := c.NodeStates().List(ctx, metav1.ListOptions{})
 	if err != nil {
 		return nil, nil, fmt.Errorf("list nodestates: %w", err)
 	}
 	active := map[string][]string{}
 	reported := map[string]bool{}
 	errs := map[string][]string{}
-	for i := range list.Items {
-		ns, err := apiv1.FromUnstructured(&list.Items[i])
-		if err != nil {
-			return nil, nil, err
-		}
+	for _, ns := range list.Items {
 		active[ns.Name] = ns.Status.Active
 		errs[ns.Name] = ns.Status.Errors
 		reported[ns.Name] = true

@@ -3,7 +3,6 @@ package feature_test
 import (
 	"context"
 	"encoding/json"
-	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"strings"
 	"sync"
 	"testing"
@@ -12,6 +11,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/cli-runtime/pkg/genericclioptions"
 
+	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/kube"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/testutil"

@@ -11,7 +11,6 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/cli-runtime/pkg/genericiooptions"
@@ -31,13 +30,8 @@ func configMap(config string) *corev1.ConfigMap {
 	}
 }
 
-func nodeState(t *testing.T, name string, active ...string) runtime.Object {
-	t.Helper()
-	u, err := apiv1.ToUnstructured(&apiv1.NodeState{ObjectMeta: metav1.ObjectMeta{Name: name}, Status: apiv1.NodeStateStatus{Ready: true, Active: active}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return u
+func nodeState(name string, active ...string) *apiv1.NodeState {
+	return testutil.NodeState(name, apiv1.NodeStateStatus{Ready: true, Active: active})
 }
 
 func node(name string) *corev1.Node { return &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name}} }
@@ -92,14 +86,7 @@ func TestBadInputMakesNoAPICall(t *testing.T) {
 		{"disable", "sockstats", "--timeout", "0s"},
 	} {
 		t.Run(strings.Join(args, " "), func(t *testing.T) {
-			r := testutil.Run(t, testutil.Flags(t, "/nonexistent/kubeconfig"), args...)
-			if r.Code == 0 {
-				t.Fatalf("succeeded: %s", r)
-			}
-			line := testutil.OneLine(t, r.Stderr)
-			if strings.Contains(line, "kubeconfig") || strings.Contains(line, "reach") {
-				t.Errorf("error mentions the cluster, so an API call was tried: %q", line)
-			}
+			line := testutil.FailsBeforeAPICall(t, args...)
 			if len(args) > 1 && args[1] == "bogus" && !strings.Contains(line, "known features are sockstats, service-lb, policy") {
 				t.Errorf("error does not list the known features: %q", line)
 			}
@@ -158,13 +145,7 @@ func TestSwitch(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			f := testutil.NewFake(t, []runtime.Object{configMap(tt.config)})
 			o, out, errOut := newOpts(f, tt.enable)
-			if err := o.Complete([]string{tt.feature}); err != nil {
-				t.Fatal(err)
-			}
-			if err := o.Validate(); err != nil {
-				t.Fatal(err)
-			}
-			if err := o.Run(context.Background()); err != nil {
+			if err := testutil.RunOptions(t, o, tt.feature); err != nil {
 				t.Fatal(err)
 			}
 			if out.String() != tt.wantOut || errOut.String() != tt.wantWarn {
@@ -190,10 +171,7 @@ func TestSwitch(t *testing.T) {
 func TestNotInstalled(t *testing.T) {
 	f := testutil.NewFake(t, nil)
 	o, out, _ := newOpts(f, true)
-	if err := o.Complete([]string{"service-lb"}); err != nil {
-		t.Fatal(err)
-	}
-	err := o.Run(context.Background())
+	err := testutil.RunOptions(t, o, "service-lb")
 	if !errors.Is(err, kube.ErrNotInstalled) || strings.Contains(err.Error(), "\n") {
 		t.Fatalf("err = %v, want one-line %v", err, kube.ErrNotInstalled)
 	}
@@ -205,10 +183,7 @@ func TestNotInstalled(t *testing.T) {
 func TestUnparsableConfigIsAnError(t *testing.T) {
 	f := testutil.NewFake(t, []runtime.Object{configMap("features: [")})
 	o, _, _ := newOpts(f, true)
-	if err := o.Complete([]string{"service-lb"}); err != nil {
-		t.Fatal(err)
-	}
-	err := o.Run(context.Background())
+	err := testutil.RunOptions(t, o, "service-lb")
 	if err == nil || !strings.Contains(err.Error(), `run "kubectl ebpf install" to reset it`) {
 		t.Fatalf("err = %v", err)
 	}
@@ -235,10 +210,7 @@ func TestConflictRetryKeepsConcurrentChange(t *testing.T) {
 		return true, nil, apierrors.NewConflict(schema.GroupResource{Resource: "configmaps"}, cm.Name, errors.New("the object has been modified"))
 	})
 	o, _, _ := newOpts(f, false)
-	if err := o.Complete([]string{"service-lb"}); err != nil {
-		t.Fatal(err)
-	}
-	if err := o.Run(context.Background()); err != nil {
+	if err := testutil.RunOptions(t, o, "service-lb"); err != nil {
 		t.Fatal(err)
 	}
 	cm, _ := f.Kube.CoreV1().ConfigMaps(manifests.Namespace).Get(context.Background(), manifests.ConfigMapName, metav1.GetOptions{})
@@ -258,21 +230,21 @@ func TestWaitNodes(t *testing.T) {
 	}{
 		{name: "enable converged", enable: true, objs: []runtime.Object{node("a"), node("b")},
 			states: func(t *testing.T) []runtime.Object {
-				return []runtime.Object{nodeState(t, "a", "sockstats", "service-lb"), nodeState(t, "b", "service-lb")}
+				return []runtime.Object{nodeState("a", "sockstats", "service-lb"), nodeState("b", "service-lb")}
 			},
 			wantOut: []string{"node a: service-lb active\n", "node b: service-lb active\n", "feature service-lb active on 2 node(s)\n"}},
 		{name: "enable timeout names the nodes", enable: true, objs: []runtime.Object{node("a"), node("b"), node("c")},
 			states: func(t *testing.T) []runtime.Object {
-				return []runtime.Object{nodeState(t, "a", "service-lb"), nodeState(t, "b", "sockstats")}
+				return []runtime.Object{nodeState("a", "service-lb"), nodeState("b", "sockstats")}
 			},
 			wantErr: "timed out after 100ms waiting for feature service-lb to be active on node(s) b, c",
 			wantOut: []string{"node a: service-lb active\n", "node b: waiting (active: sockstats)\n", "node c: waiting (no NodeState reported)\n"}},
 		{name: "disable converged", objs: []runtime.Object{node("a")},
-			states:  func(t *testing.T) []runtime.Object { return []runtime.Object{nodeState(t, "a", "sockstats")} },
+			states:  func(t *testing.T) []runtime.Object { return []runtime.Object{nodeState("a", "sockstats")} },
 			wantOut: []string{"node a: service-lb inactive\n", "feature service-lb inactive on 1 node(s)\n"}},
 		{name: "disable still attached", objs: []runtime.Object{node("a")},
 			states: func(t *testing.T) []runtime.Object {
-				return []runtime.Object{nodeState(t, "a", "sockstats", "service-lb")}
+				return []runtime.Object{nodeState("a", "sockstats", "service-lb")}
 			},
 			wantErr: "timed out after 100ms waiting for feature service-lb to be inactive on node(s) a",
 			wantOut: []string{"node a: waiting (active: sockstats,service-lb)\n"}},
@@ -296,14 +268,13 @@ func TestWaitNodes(t *testing.T) {
 }
 
 func TestEnableWaitFollowsTheAgent(t *testing.T) {
-	f := testutil.NewFake(t, []runtime.Object{configMap("features:\n  service-lb: false\n  sockstats: true\n"), node("a")}, nodeState(t, "a", "sockstats"))
+	f := testutil.NewFake(t, []runtime.Object{configMap("features:\n  service-lb: false\n  sockstats: true\n"), node("a")}, nodeState("a", "sockstats"))
 	// The fake agent attaches the feature once it sees the ConfigMap change.
 	go func() {
 		for range 200 {
 			cm, err := f.Kube.CoreV1().ConfigMaps(manifests.Namespace).Get(context.Background(), manifests.ConfigMapName, metav1.GetOptions{})
 			if err == nil && strings.Contains(cm.Data[apiv1.ConfigKey], "service-lb: true") {
-				u := nodeState(t, "a", "sockstats", "service-lb")
-				if _, err := f.Dynamic.Resource(apiv1.NodeStateGVR).Update(context.Background(), u.(*unstructured.Unstructured), metav1.UpdateOptions{}); err != nil {
+				if _, err := f.EBPF.EbpfV1alpha1().NodeStates().Update(context.Background(), nodeState("a", "sockstats", "service-lb"), metav1.UpdateOptions{}); err != nil {
 					t.Error(err)
 				}
 				return
@@ -313,10 +284,7 @@ func TestEnableWaitFollowsTheAgent(t *testing.T) {
 	}()
 	o, out, _ := newOpts(f, true)
 	o.Wait = true
-	if err := o.Complete([]string{"service-lb"}); err != nil {
-		t.Fatal(err)
-	}
-	if err := o.Run(context.Background()); err != nil {
+	if err := testutil.RunOptions(t, o, "service-lb"); err != nil {
 		t.Fatalf("%v\n%s", err, out.String())
 	}
 	// Whether the "waiting" line appears depends on who polls first.

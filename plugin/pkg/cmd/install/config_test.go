@@ -2,9 +2,7 @@ package install_test
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
-	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"strings"
 	"testing"
 	"time"
@@ -20,8 +18,10 @@ import (
 	clienttesting "k8s.io/client-go/testing"
 	"k8s.io/utils/ptr"
 
+	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/cmd/install"
+	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/kube"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/testutil"
 )
 
@@ -145,14 +145,8 @@ func TestInstallKeepsFeaturesAndSetsAPIServer(t *testing.T) {
 			got := applied(t, f)
 			var out, errOut bytes.Buffer
 			o := &install.Options{IOStreams: genericiooptions.IOStreams{Out: &out, ErrOut: &errOut}, DryRun: "none", Timeout: time.Minute,
-				Clients: f.Clients, Enable: tt.enable, Disable: tt.disable}
-			if err := o.Complete(); err != nil {
-				t.Fatal(err)
-			}
-			if err := o.Validate(); err != nil {
-				t.Fatal(err)
-			}
-			if err := o.Run(context.Background()); err != nil {
+				Conn: kube.Conn{Clients: f.Clients}, Enable: tt.enable, Disable: tt.disable}
+			if err := testutil.RunOptions(t, o); err != nil {
 				t.Fatalf("%v\n%s%s", err, out.String(), errOut.String())
 			}
 			cm, ds := got["ConfigMap"], got["DaemonSet"]

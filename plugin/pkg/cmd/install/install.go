@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"maps"
 	"slices"
 	"strings"
@@ -18,6 +17,7 @@ import (
 	"k8s.io/cli-runtime/pkg/genericclioptions"
 	"k8s.io/cli-runtime/pkg/genericiooptions"
 
+	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/cmdutil"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/health"
@@ -33,7 +33,7 @@ const (
 
 // Options are the inputs of one install.
 type Options struct {
-	Flags *genericclioptions.ConfigFlags
+	kube.Conn
 	genericiooptions.IOStreams
 
 	Image   string
@@ -49,8 +49,6 @@ type Options struct {
 	CNIConfDir, CNIBinDir string
 	NoCNIChaining         bool
 
-	// Clients may be preset (tests); Complete builds them otherwise.
-	Clients *kube.Clients
 	// PollInterval is how often --wait re-reads the cluster.
 	PollInterval time.Duration
 
@@ -59,7 +57,7 @@ type Options struct {
 
 // NewCmd returns the install command.
 func NewCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStreams) *cobra.Command {
-	o := &Options{Flags: flags, IOStreams: streams, PollInterval: 2 * time.Second}
+	o := &Options{Conn: kube.Conn{Flags: flags}, IOStreams: streams, PollInterval: 2 * time.Second}
 	cmd := &cobra.Command{
 		Use:   "install",
 		Short: "Install or upgrade the node agents",
@@ -67,15 +65,7 @@ func NewCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStr
 			"config and the agent DaemonSet. Running it again is a no-op, or an upgrade when --image differs.",
 		Example: "  kubectl ebpf install --wait\n  kubectl ebpf install -o yaml > kubectl-ebpf.yaml",
 		Args:    cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := o.Complete(); err != nil {
-				return err
-			}
-			if err := o.Validate(); err != nil {
-				return err
-			}
-			return o.Run(cmd.Context())
-		},
+		RunE:    cmdutil.RunE(o),
 	}
 	cmd.Flags().StringVar(&o.Image, "image", manifests.DefaultImage(), "agent image")
 	cmd.Flags().BoolVar(&o.Wait, "wait", false, "wait until the agent is ready on every node")
@@ -98,7 +88,7 @@ func NewCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStr
 }
 
 // Complete fills in defaults and renders the manifests.
-func (o *Options) Complete() error {
+func (o *Options) Complete(_ []string) error {
 	if o.DryRun == "" {
 		o.DryRun = DryRunNone
 	}
@@ -151,8 +141,8 @@ func (o *Options) Validate() error {
 	if err := cmdutil.ValidateOutput(o.Output, "yaml"); err != nil {
 		return err
 	}
-	if o.Timeout <= 0 {
-		return fmt.Errorf("invalid --timeout %s: must be positive", o.Timeout)
+	if err := cmdutil.ValidateTimeout(o.Timeout); err != nil {
+		return err
 	}
 	if o.Wait && (o.DryRun != DryRunNone || o.Output != "") {
 		return fmt.Errorf("--wait cannot be combined with --dry-run or -o")
@@ -183,10 +173,11 @@ func (o *Options) Run(ctx context.Context) error {
 		}
 		return nil
 	}
-	if err := o.connect(); err != nil {
+	c, _, err := o.Connect(ctx)
+	if err != nil {
 		return err
 	}
-	if err := Preflight(ctx, o.Clients); err != nil {
+	if err := Preflight(ctx, c); err != nil {
 		return err
 	}
 	if err := o.renderForCluster(ctx); err != nil {
@@ -317,13 +308,10 @@ func Permissions() []kube.Permission {
 	return p
 }
 
-// Preflight checks, before anything is applied, that the cluster answers,
-// that the user may create everything install creates, and that every node's
-// kernel is new enough.
+// Preflight checks, before anything is applied (and after Connect found the
+// cluster answering), that the user may create everything install creates,
+// and that every node's kernel is new enough.
 func Preflight(ctx context.Context, c *kube.Clients) error {
-	if _, err := c.Reachable(ctx); err != nil {
-		return err
-	}
 	if err := c.RequirePermissions(ctx, Permissions()); err != nil {
 		return err
 	}
@@ -429,18 +417,4 @@ func imageVersion(image string) string {
 		return image[i+1:]
 	}
 	return manifests.Version
-}
-
-// connect builds the clients unless a test preset them. It runs after
-// Validate so bad flags are reported before a bad kubeconfig; it makes no API call.
-func (o *Options) connect() error {
-	if o.Clients != nil {
-		return nil
-	}
-	c, err := kube.New(o.Flags)
-	if err != nil {
-		return err
-	}
-	o.Clients = c
-	return nil
 }

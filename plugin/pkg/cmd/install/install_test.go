@@ -7,7 +7,6 @@ import (
 	"testing"
 	"time"
 
-	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -16,6 +15,7 @@ import (
 	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/cmd/install"
+	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/kube"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/testutil"
 )
 
@@ -56,14 +56,7 @@ func TestBadInputMakesNoAPICall(t *testing.T) {
 		{"frobnicate"},
 	} {
 		t.Run(strings.Join(args, " "), func(t *testing.T) {
-			r := testutil.Run(t, testutil.Flags(t, "/nonexistent/kubeconfig"), args...)
-			if r.Code == 0 {
-				t.Fatalf("succeeded: %s", r)
-			}
-			line := testutil.OneLine(t, r.Stderr)
-			if strings.Contains(line, "kubeconfig") || strings.Contains(line, "reach") {
-				t.Errorf("error mentions the cluster, so an API call was tried: %q", line)
-			}
+			testutil.FailsBeforeAPICall(t, args...)
 		})
 	}
 }
@@ -87,11 +80,8 @@ func TestPreflightFailureAppliesNothing(t *testing.T) {
 				testutil.DenyAll(f.Kube)
 			}
 			var out bytes.Buffer
-			o := &install.Options{IOStreams: genericiooptions.IOStreams{Out: &out, ErrOut: &out}, DryRun: "none", Timeout: time.Minute, Clients: f.Clients}
-			if err := o.Complete(); err != nil {
-				t.Fatal(err)
-			}
-			err := o.Run(context.Background())
+			o := &install.Options{IOStreams: genericiooptions.IOStreams{Out: &out, ErrOut: &out}, DryRun: "none", Timeout: time.Minute, Conn: kube.Conn{Clients: f.Clients}}
+			err := testutil.RunOptions(t, o)
 			if err == nil || !strings.HasPrefix(err.Error(), tt.wantErr) {
 				t.Fatalf("err = %v, want prefix %q", err, tt.wantErr)
 			}
@@ -106,10 +96,7 @@ func TestPreflightFailureAppliesNothing(t *testing.T) {
 }
 
 func TestWaitReadyTimeoutNamesNodesAndReasons(t *testing.T) {
-	ds := &appsv1.DaemonSet{
-		ObjectMeta: metav1.ObjectMeta{Name: manifests.DaemonSetName, Namespace: manifests.Namespace},
-		Status:     appsv1.DaemonSetStatus{DesiredNumberScheduled: 1},
-	}
+	ds := testutil.DaemonSet("", 1, 0, 0)
 	pod := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: "kebpf-agent-x", Namespace: manifests.Namespace, Labels: map[string]string{manifests.LabelName: manifests.DaemonSetName}},
 		Spec:       corev1.PodSpec{NodeName: "kebpf-node"},
@@ -120,7 +107,7 @@ func TestWaitReadyTimeoutNamesNodesAndReasons(t *testing.T) {
 	f := testutil.NewFake(t, []runtime.Object{
 		&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: manifests.Namespace}}, ds, pod,
 		&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "kebpf-node"}},
-	}, crdObject())
+	}, testutil.CRD())
 	var out bytes.Buffer
 	err := install.WaitReady(context.Background(), f.Clients, genericiooptions.IOStreams{Out: &out}, 100*time.Millisecond, 20*time.Millisecond)
 	want := "timed out after 100ms: not ready: kebpf-node (agent pod Pending (agent: ErrImageNeverPull); no NodeState reported)"
@@ -133,33 +120,21 @@ func TestWaitReadyTimeoutNamesNodesAndReasons(t *testing.T) {
 }
 
 func TestWaitReadyWaitsForConfiguredFeatures(t *testing.T) {
-	ds := &appsv1.DaemonSet{
-		ObjectMeta: metav1.ObjectMeta{Name: manifests.DaemonSetName, Namespace: manifests.Namespace},
-		Status:     appsv1.DaemonSetStatus{DesiredNumberScheduled: 1, NumberReady: 1, UpdatedNumberScheduled: 1},
-	}
-	pod := &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: "kebpf-agent-x", Namespace: manifests.Namespace, Labels: map[string]string{manifests.LabelName: manifests.DaemonSetName}},
-		Spec:       corev1.PodSpec{NodeName: "kebpf-node"},
-		Status:     corev1.PodStatus{Phase: corev1.PodRunning, Conditions: []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionTrue}}},
-	}
+	ds := testutil.DaemonSet("", 1, 1, 1)
+	pod := testutil.AgentPod("kebpf-agent-x", "kebpf-node", testutil.RunningReady)
 	// Just written: within the grace period, so the node is ready but not
 	// yet running service-lb.
 	cm := &corev1.ConfigMap{
 		ObjectMeta: metav1.ObjectMeta{Name: manifests.ConfigMapName, Namespace: manifests.Namespace, CreationTimestamp: metav1.Now()},
 		Data:       map[string]string{apiv1.ConfigKey: "features:\n  service-lb: true\n  sockstats: true\n"},
 	}
-	ns, err := apiv1.ToUnstructured(&apiv1.NodeState{ObjectMeta: metav1.ObjectMeta{Name: "kebpf-node"}, Status: apiv1.NodeStateStatus{
-		Ready: true, Heartbeat: metav1.Now(), Active: []string{"sockstats"},
-	}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	ns := testutil.NodeState("kebpf-node", apiv1.NodeStateStatus{Ready: true, Heartbeat: metav1.Now(), Active: []string{"sockstats"}})
 	f := testutil.NewFake(t, []runtime.Object{
-		&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: manifests.Namespace}}, ds, pod, cm,
+		testutil.Namespace(), ds, pod, cm,
 		&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "kebpf-node"}},
-	}, crdObject(), ns)
+	}, testutil.CRD(), ns)
 	var out bytes.Buffer
-	err = install.WaitReady(context.Background(), f.Clients, genericiooptions.IOStreams{Out: &out}, 100*time.Millisecond, 20*time.Millisecond)
+	err := install.WaitReady(context.Background(), f.Clients, genericiooptions.IOStreams{Out: &out}, 100*time.Millisecond, 20*time.Millisecond)
 	want := "timed out after 100ms: features service-lb,sockstats not active on: kebpf-node (active sockstats)"
 	if err == nil || err.Error() != want {
 		t.Errorf("err = %v\nwant %s", err, want)

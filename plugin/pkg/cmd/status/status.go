@@ -4,7 +4,6 @@ package status
 import (
 	"context"
 	"errors"
-	"fmt"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -21,15 +20,13 @@ var ErrNotInstalled = errors.New(`not installed: run "kubectl ebpf install"`)
 
 // Options are the inputs of one status.
 type Options struct {
-	Flags *genericclioptions.ConfigFlags
+	kube.Conn
 	genericiooptions.IOStreams
 
 	Output  string
 	Wait    bool
 	Timeout time.Duration
 
-	// Clients may be preset (tests); Complete builds them otherwise.
-	Clients *kube.Clients
 	// Now is the clock heartbeats are judged by.
 	Now          func() time.Time
 	PollInterval time.Duration
@@ -37,22 +34,14 @@ type Options struct {
 
 // NewCmd returns the status command.
 func NewCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStreams) *cobra.Command {
-	o := &Options{Flags: flags, IOStreams: streams, Now: time.Now, PollInterval: 2 * time.Second}
+	o := &Options{Conn: kube.Conn{Flags: flags}, IOStreams: streams, Now: time.Now, PollInterval: 2 * time.Second}
 	cmd := &cobra.Command{
 		Use:   "status",
 		Short: "Show the agent's health on every node",
 		Long: "One row per node from the NodeState objects the agents write, the DaemonSet and the agent pods. " +
 			"Exits non-zero when kubectl-ebpf is not installed or any node is not ready.",
 		Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := o.Complete(); err != nil {
-				return err
-			}
-			if err := o.Validate(); err != nil {
-				return err
-			}
-			return o.Run(cmd.Context())
-		},
+		RunE: cmdutil.RunE(o),
 	}
 	cmd.Flags().StringVarP(&o.Output, "output", "o", "", `"wide", "json" or "yaml"`)
 	cmd.Flags().BoolVar(&o.Wait, "wait", false, "wait until every node is ready and runs the configured features")
@@ -61,7 +50,7 @@ func NewCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStr
 }
 
 // Complete fills in defaults.
-func (o *Options) Complete() error {
+func (o *Options) Complete(_ []string) error {
 	if o.Now == nil {
 		o.Now = time.Now
 	}
@@ -76,18 +65,12 @@ func (o *Options) Validate() error {
 	if err := cmdutil.ValidateOutput(o.Output, "wide", "json", "yaml"); err != nil {
 		return err
 	}
-	if o.Timeout <= 0 {
-		return fmt.Errorf("invalid --timeout %s: must be positive", o.Timeout)
-	}
-	return nil
+	return cmdutil.ValidateTimeout(o.Timeout)
 }
 
 // Run prints the report; its error says whether everything is healthy.
 func (o *Options) Run(ctx context.Context) error {
-	if err := o.connect(); err != nil {
-		return err
-	}
-	if _, err := o.Clients.Reachable(ctx); err != nil {
+	if _, _, err := o.Connect(ctx); err != nil {
 		return err
 	}
 	r, err := o.collect(ctx)
@@ -145,18 +128,4 @@ func (o *Options) collect(ctx context.Context) (*health.Report, error) {
 			return r, nil
 		}
 	}
-}
-
-// connect builds the clients unless a test preset them. It runs after
-// Validate so bad flags are reported before a bad kubeconfig; it makes no API call.
-func (o *Options) connect() error {
-	if o.Clients != nil {
-		return nil
-	}
-	c, err := kube.New(o.Flags)
-	if err != nil {
-		return err
-	}
-	o.Clients = c
-	return nil
 }

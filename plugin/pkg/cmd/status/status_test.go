@@ -10,10 +10,8 @@ import (
 	"testing"
 	"time"
 
-	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/cli-runtime/pkg/genericiooptions"
 	"k8s.io/utils/ptr"
@@ -22,6 +20,7 @@ import (
 	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/cmd/status"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/cmdutil"
+	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/kube"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/testutil"
 )
 
@@ -36,26 +35,11 @@ func cluster(t *testing.T, ready bool) *testutil.Fake {
 // config.yaml written changedAgo before now.
 func clusterWithConfig(t *testing.T, ready bool, active []string, config string, changedAgo time.Duration) *testutil.Fake {
 	t.Helper()
-	crd := &unstructured.Unstructured{}
-	crd.SetAPIVersion("apiextensions.k8s.io/v1")
-	crd.SetKind("CustomResourceDefinition")
-	crd.SetName(manifests.CRDName)
-	ns, err := apiv1.ToUnstructured(&apiv1.NodeState{ObjectMeta: metav1.ObjectMeta{Name: "kebpf-node"}, Status: apiv1.NodeStateStatus{
-		AgentVersion: "dev", Kernel: "6.18.0", Ready: ready, Heartbeat: metav1.NewTime(now), Active: active,
-	}})
-	if err != nil {
-		t.Fatal(err)
-	}
 	return testutil.NewFake(t, []runtime.Object{
-		&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: manifests.Namespace}},
-		&appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Name: manifests.DaemonSetName, Namespace: manifests.Namespace},
-			Status: appsv1.DaemonSetStatus{DesiredNumberScheduled: 1, NumberReady: 1, UpdatedNumberScheduled: 1}},
+		testutil.Namespace(),
+		testutil.DaemonSet("", 1, 1, 1),
 		&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "kebpf-node"}},
-		&corev1.Pod{
-			ObjectMeta: metav1.ObjectMeta{Name: "kebpf-agent-abc", Namespace: manifests.Namespace, Labels: map[string]string{manifests.LabelName: manifests.DaemonSetName}},
-			Spec:       corev1.PodSpec{NodeName: "kebpf-node"},
-			Status:     corev1.PodStatus{Phase: corev1.PodRunning, Conditions: []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionTrue}}},
-		},
+		testutil.AgentPod("kebpf-agent-abc", "kebpf-node", testutil.RunningReady),
 		&corev1.ConfigMap{
 			ObjectMeta: metav1.ObjectMeta{Name: manifests.ConfigMapName, Namespace: manifests.Namespace,
 				CreationTimestamp: metav1.NewTime(now.Add(-24 * time.Hour)),
@@ -65,20 +49,20 @@ func clusterWithConfig(t *testing.T, ready bool, active []string, config string,
 				}},
 			Data: map[string]string{apiv1.ConfigKey: config},
 		},
-	}, crd, ns)
+	}, testutil.CRD(), agentState(ready, active...))
+}
+
+func agentState(ready bool, active ...string) *apiv1.NodeState {
+	return testutil.NodeState("kebpf-node", apiv1.NodeStateStatus{
+		AgentVersion: "dev", Kernel: "6.18.0", Ready: ready, Heartbeat: metav1.NewTime(now), Active: active,
+	})
 }
 
 func run(t *testing.T, f *testutil.Fake, output string) (string, error) {
 	t.Helper()
 	var out bytes.Buffer
-	o := &status.Options{IOStreams: genericiooptions.IOStreams{Out: &out, ErrOut: &out}, Output: output, Timeout: time.Second, Clients: f.Clients, Now: func() time.Time { return now }}
-	if err := o.Complete(); err != nil {
-		t.Fatal(err)
-	}
-	if err := o.Validate(); err != nil {
-		t.Fatal(err)
-	}
-	err := o.Run(context.Background())
+	o := &status.Options{IOStreams: genericiooptions.IOStreams{Out: &out, ErrOut: &out}, Output: output, Timeout: time.Second, Conn: kube.Conn{Clients: f.Clients}, Now: func() time.Time { return now }}
+	err := testutil.RunOptions(t, o)
 	return out.String(), err
 }
 
@@ -195,22 +179,14 @@ func TestStatusWaitWaitsForConvergence(t *testing.T) {
 	f := clusterWithConfig(t, true, []string{"sockstats"}, "features:\n  service-lb: true\n  sockstats: true\n", 5*time.Second)
 	go func() {
 		time.Sleep(50 * time.Millisecond)
-		u, err := apiv1.ToUnstructured(&apiv1.NodeState{ObjectMeta: metav1.ObjectMeta{Name: "kebpf-node"}, Status: apiv1.NodeStateStatus{
-			AgentVersion: "dev", Kernel: "6.18.0", Ready: true, Heartbeat: metav1.NewTime(now), Active: []string{"sockstats", "service-lb"},
-		}})
-		if err == nil {
-			_, err = f.Dynamic.Resource(apiv1.NodeStateGVR).Update(context.Background(), u, metav1.UpdateOptions{})
-		}
+		_, err := f.EBPF.EbpfV1alpha1().NodeStates().Update(context.Background(), agentState(true, "sockstats", "service-lb"), metav1.UpdateOptions{})
 		if err != nil {
 			t.Error(err)
 		}
 	}()
 	var out bytes.Buffer
-	o := &status.Options{IOStreams: genericiooptions.IOStreams{Out: &out, ErrOut: &out}, Wait: true, Timeout: 5 * time.Second, PollInterval: 10 * time.Millisecond, Clients: f.Clients, Now: func() time.Time { return now }}
-	if err := o.Complete(); err != nil {
-		t.Fatal(err)
-	}
-	if err := o.Run(context.Background()); err != nil {
+	o := &status.Options{IOStreams: genericiooptions.IOStreams{Out: &out, ErrOut: &out}, Wait: true, Timeout: 5 * time.Second, PollInterval: 10 * time.Millisecond, Conn: kube.Conn{Clients: f.Clients}, Now: func() time.Time { return now }}
+	if err := testutil.RunOptions(t, o); err != nil {
 		t.Fatalf("%v\n%s", err, out.String())
 	}
 	if !strings.Contains(out.String(), "sockstats,service-lb") {

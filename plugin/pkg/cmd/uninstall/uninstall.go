@@ -20,6 +20,7 @@ import (
 	"k8s.io/utils/ptr"
 
 	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
+	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/cmdutil"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/health"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/kube"
 )
@@ -29,15 +30,13 @@ const CleanupName = "kebpf-cleanup"
 
 // Options are the inputs of one uninstall.
 type Options struct {
-	Flags *genericclioptions.ConfigFlags
+	kube.Conn
 	genericiooptions.IOStreams
 
 	Wait        bool
 	Timeout     time.Duration
 	SkipCleanup bool
 
-	// Clients may be preset (tests); Complete builds them otherwise.
-	Clients      *kube.Clients
 	PollInterval time.Duration
 
 	cniDirs []manifests.CNIDirs // every pair of dirs an install chained kebpf-cni into
@@ -45,7 +44,7 @@ type Options struct {
 
 // NewCmd returns the uninstall command.
 func NewCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStreams) *cobra.Command {
-	o := &Options{Flags: flags, IOStreams: streams, PollInterval: time.Second}
+	o := &Options{Conn: kube.Conn{Flags: flags}, IOStreams: streams, PollInterval: time.Second}
 	cmd := &cobra.Command{
 		Use:   "uninstall",
 		Short: "Remove the agents, their BPF state on every node, and every object install created",
@@ -53,15 +52,7 @@ func NewCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStr
 			"all of kubectl-ebpf's BPF programs, maps and links, then deletes every object labelled " +
 			manifests.ManagedSelector + " (the namespace last).",
 		Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := o.Complete(); err != nil {
-				return err
-			}
-			if err := o.Validate(); err != nil {
-				return err
-			}
-			return o.Run(cmd.Context())
-		},
+		RunE: cmdutil.RunE(o),
 	}
 	cmd.Flags().BoolVar(&o.Wait, "wait", false, "wait until the namespace and the CRD are gone")
 	cmd.Flags().DurationVar(&o.Timeout, "timeout", 5*time.Minute, "how long uninstall may take")
@@ -70,7 +61,7 @@ func NewCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStr
 }
 
 // Complete fills in defaults.
-func (o *Options) Complete() error {
+func (o *Options) Complete(_ []string) error {
 	if o.PollInterval <= 0 {
 		o.PollInterval = time.Second
 	}
@@ -79,10 +70,7 @@ func (o *Options) Complete() error {
 
 // Validate checks the flags.
 func (o *Options) Validate() error {
-	if o.Timeout <= 0 {
-		return fmt.Errorf("invalid --timeout %s: must be positive", o.Timeout)
-	}
-	return nil
+	return cmdutil.ValidateTimeout(o.Timeout)
 }
 
 // Permissions are what uninstall needs.
@@ -101,11 +89,8 @@ func Permissions() []kube.Permission {
 
 // Run uninstalls.
 func (o *Options) Run(ctx context.Context) error {
-	if err := o.connect(); err != nil {
-		return err
-	}
-	c := o.Clients
-	if _, err := c.Reachable(ctx); err != nil {
+	c, _, err := o.Connect(ctx)
+	if err != nil {
 		return err
 	}
 	if err := c.RequirePermissions(ctx, Permissions()); err != nil {
@@ -547,18 +532,4 @@ func ignoreNotFound(err error) error {
 		return nil
 	}
 	return err
-}
-
-// connect builds the clients unless a test preset them. It runs after
-// Validate so bad flags are reported before a bad kubeconfig; it makes no API call.
-func (o *Options) connect() error {
-	if o.Clients != nil {
-		return nil
-	}
-	c, err := kube.New(o.Flags)
-	if err != nil {
-		return err
-	}
-	o.Clients = c
-	return nil
 }

@@ -18,6 +18,7 @@ import (
 
 	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/cmd/uninstall"
+	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/kube"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/testutil"
 )
 
@@ -31,13 +32,8 @@ func readyNode(name string, ready bool) *corev1.Node {
 
 func installed() []runtime.Object {
 	return []runtime.Object{
-		&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: manifests.Namespace}},
-		&appsv1.DaemonSet{
-			ObjectMeta: metav1.ObjectMeta{Name: manifests.DaemonSetName, Namespace: manifests.Namespace},
-			Spec: appsv1.DaemonSetSpec{Template: corev1.PodTemplateSpec{Spec: corev1.PodSpec{
-				Containers: []corev1.Container{{Name: "agent", Image: "localhost/kubectl-ebpf/agent:v7"}},
-			}}},
-		},
+		testutil.Namespace(),
+		testutil.DaemonSet("localhost/kubectl-ebpf/agent:v7", 0, 0, 0),
 		readyNode("n1", true), readyNode("down", false),
 	}
 }
@@ -57,14 +53,8 @@ func cleanupPhase(f *testutil.Fake, phase corev1.PodPhase) *[]*corev1.Pod {
 func run(t *testing.T, f *testutil.Fake) (string, error) {
 	t.Helper()
 	var out bytes.Buffer
-	o := &uninstall.Options{IOStreams: genericiooptions.IOStreams{Out: &out, ErrOut: &out}, Timeout: 5 * time.Second, Clients: f.Clients, PollInterval: 10 * time.Millisecond}
-	if err := o.Complete(); err != nil {
-		t.Fatal(err)
-	}
-	if err := o.Validate(); err != nil {
-		t.Fatal(err)
-	}
-	err := o.Run(context.Background())
+	o := &uninstall.Options{IOStreams: genericiooptions.IOStreams{Out: &out, ErrOut: &out}, Timeout: 5 * time.Second, Conn: kube.Conn{Clients: f.Clients}, PollInterval: 10 * time.Millisecond}
+	err := testutil.RunOptions(t, o)
 	return out.String(), err
 }
 

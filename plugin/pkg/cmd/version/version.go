@@ -25,9 +25,20 @@ type Info struct {
 
 // Client describes this binary.
 type Client struct {
-	Version   string `json:"version"`
-	GitCommit string `json:"gitCommit,omitempty"`
-	Image     string `json:"defaultImage"`
+	Version string `json:"version"`
+	// VersionSource says where Version came from: "ldflags", "vcs" (the
+	// revision in the build info), "module" (go install pkg@vX) or "none".
+	VersionSource string `json:"versionSource"`
+	GitCommit     string `json:"gitCommit,omitempty"`
+	Image         string `json:"defaultImage"`
+}
+
+// sourceText explains a version source to a reader.
+var sourceText = map[string]string{
+	manifests.SourceLDFlags: "set at build time",
+	manifests.SourceVCS:     "VCS revision in the build info",
+	manifests.SourceModule:  "module version in the build info",
+	manifests.SourceNone:    "no version in the build info: built outside a git checkout or with -buildvcs=false",
 }
 
 // Server describes the cluster and the installed agent.
@@ -41,32 +52,21 @@ type Server struct {
 
 // Options are the inputs of one version.
 type Options struct {
-	Flags *genericclioptions.ConfigFlags
+	kube.Conn
 	genericiooptions.IOStreams
 
 	Output string
 	Client bool
-
-	// Clients may be preset (tests); Complete builds them otherwise.
-	Clients *kube.Clients
 }
 
 // NewCmd returns the version command.
 func NewCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStreams) *cobra.Command {
-	o := &Options{Flags: flags, IOStreams: streams}
+	o := &Options{Conn: kube.Conn{Flags: flags}, IOStreams: streams}
 	cmd := &cobra.Command{
 		Use:   "version",
 		Short: "Print the plugin, Kubernetes and agent versions",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := o.Complete(); err != nil {
-				return err
-			}
-			if err := o.Validate(); err != nil {
-				return err
-			}
-			return o.Run(cmd.Context())
-		},
+		RunE:  cmdutil.RunE(o),
 	}
 	cmd.Flags().StringVarP(&o.Output, "output", "o", "", `"json" or "yaml"`)
 	cmd.Flags().BoolVar(&o.Client, "client", false, "print the client version only (no cluster needed)")
@@ -74,7 +74,7 @@ func NewCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStr
 }
 
 // Complete fills in defaults.
-func (o *Options) Complete() error {
+func (o *Options) Complete(_ []string) error {
 	return nil
 }
 
@@ -86,7 +86,8 @@ func (o *Options) Validate() error {
 // Run prints the versions. The client version is printed even when the
 // cluster cannot be reached; the error follows.
 func (o *Options) Run(ctx context.Context) error {
-	info := Info{Client: Client{Version: manifests.Version, GitCommit: manifests.GitCommit, Image: manifests.DefaultImage()}}
+	info := Info{Client: Client{Version: manifests.Version, VersionSource: manifests.VersionSource,
+		GitCommit: manifests.GitCommit, Image: manifests.DefaultImage()}}
 	var serr error
 	if !o.Client {
 		info.Server, serr = o.server(ctx)
@@ -97,11 +98,11 @@ func (o *Options) Run(ctx context.Context) error {
 		}
 		return serr
 	}
-	commit := ""
+	from := sourceText[info.Client.VersionSource]
 	if info.Client.GitCommit != "" {
-		commit = " (commit " + info.Client.GitCommit + ")"
+		from += ", commit " + info.Client.GitCommit
 	}
-	fmt.Fprintf(o.Out, "Client Version: %s%s\n", info.Client.Version, commit)
+	fmt.Fprintf(o.Out, "Client Version: %s (%s)\nDefault Image: %s\n", info.Client.Version, from, info.Client.Image)
 	if s := info.Server; s != nil {
 		fmt.Fprintf(o.Out, "Kubernetes Version: %s\n", s.Kubernetes)
 		if s.Installed {
@@ -114,10 +115,7 @@ func (o *Options) Run(ctx context.Context) error {
 }
 
 func (o *Options) server(ctx context.Context) (*Server, error) {
-	if err := o.connect(); err != nil {
-		return nil, err
-	}
-	v, err := o.Clients.Reachable(ctx)
+	_, v, err := o.Connect(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -133,18 +131,4 @@ func (o *Options) server(ctx context.Context) (*Server, error) {
 	s.AgentImage = health.AgentImage(ds)
 	s.AgentVersion = ds.Labels["app.kubernetes.io/version"]
 	return s, nil
-}
-
-// connect builds the clients unless a test preset them. It runs after
-// Validate so bad flags are reported before a bad kubeconfig; it makes no API call.
-func (o *Options) connect() error {
-	if o.Clients != nil {
-		return nil
-	}
-	c, err := kube.New(o.Flags)
-	if err != nil {
-		return err
-	}
-	o.Clients = c
-	return nil
 }

@@ -44,7 +44,9 @@ func TestIntegrationVersion(t *testing.T) {
 func TestVersionClientOnly(t *testing.T) {
 	// --client needs no cluster, even an unreachable one.
 	r := testutil.Run(t, testutil.Flags(t, "/nonexistent/kubeconfig"), "version", "--client")
-	if r.Code != 0 || r.Stdout != "Client Version: "+manifests.Version+"\n" {
+	want := "Client Version: " + manifests.Version + " (no version in the build info: built outside a git checkout or with -buildvcs=false)\n" +
+		"Default Image: " + manifests.DefaultImage() + "\n"
+	if r.Code != 0 || r.Stdout != want {
 		t.Errorf("version --client: %s", r)
 	}
 }
