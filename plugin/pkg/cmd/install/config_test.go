@@ -281,17 +281,11 @@ func TestInstallRemembersCNIDirs(t *testing.T) {
 			got := applied(t, f)
 			var out, errOut bytes.Buffer
 			o := &install.Options{IOStreams: genericiooptions.IOStreams{Out: &out, ErrOut: &errOut}, DryRun: "none", Timeout: time.Minute,
-				Clients: f.Clients, CNIConfDir: manifests.DefaultCNIConfDir, CNIBinDir: manifests.DefaultCNIBinDir}
+				Conn: kube.Conn{Clients: f.Clients}, CNIConfDir: manifests.DefaultCNIConfDir, CNIBinDir: manifests.DefaultCNIBinDir}
 			if tt.flags != nil {
 				tt.flags(o)
 			}
-			if err := o.Complete(); err != nil {
-				t.Fatal(err)
-			}
-			if err := o.Validate(); err != nil {
-				t.Fatal(err)
-			}
-			if err := o.Run(context.Background()); err != nil {
+			if err := testutil.RunOptions(t, o); err != nil {
 				t.Fatalf("%v\n%s%s", err, out.String(), errOut.String())
 			}
 			ds := got["DaemonSet"]
