@@ -51,13 +51,13 @@ unit: ## fast tests (no root, no cluster)
 
 root: ## root tier: real BPF programs, real cgroups, real netns; the local cluster's own lifecycle
 	@echo "== root tier"
-	$(GOTEST) -timeout 30m ./bpf/... ./nodeagent/... ./kindtests/cluster/... ./kindtests/bench/...
+	KEBPF_E2E=1 $(GOTEST) -timeout 30m ./bpf/... ./nodeagent/... ./kindtests/cluster/... ./kindtests/bench/...
 
 e2e: $(CLUSTER_TOOL) ## end-to-end: bring up a cluster, run plugin integration and e2e suites, tear down
 	@echo "== e2e tier (cluster $(CLUSTER))"
 	@trap '$(CLUSTER_TOOL) down --name $(CLUSTER)' EXIT; \
 	  kc=$$($(CLUSTER_TOOL) up --name $(CLUSTER)); \
-	  KEBPF_KUBECONFIG=$$kc KEBPF_CLUSTER=$(CLUSTER) KEBPF_AGENT_IMAGE=localhost/kubectl-ebpf/agent:$(VERSION) $(GOTEST) -timeout 40m ./plugin/... ./manifests/... ./kindtests/e2e/...
+	  KEBPF_E2E=1 KEBPF_KUBECONFIG=$$kc KEBPF_CLUSTER=$(CLUSTER) KEBPF_AGENT_IMAGE=localhost/kubectl-ebpf/agent:$(VERSION) $(GOTEST) -timeout 40m ./plugin/... ./manifests/... ./kindtests/e2e/...
 
 test: deps verify unit root e2e ## every test tier (what CI runs)
 	@echo "== all test tiers passed"

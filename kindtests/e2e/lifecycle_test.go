@@ -22,16 +22,6 @@ type result struct {
 	code           int
 }
 
-func requireEnv(t *testing.T) {
-	t.Helper()
-	if testing.Short() {
-		t.Skip("e2e needs root and a local cluster; skipped under -short")
-	}
-	if os.Geteuid() != 0 {
-		t.Fatal("e2e needs root (this machine and CI run as root)")
-	}
-}
-
 // kubectl runs the kubectl built from the pinned Kubernetes module with the
 // env's bin dir first on PATH, so `kubectl ebpf ...` resolves our plugin
 // through kubectl's own plugin lookup.
