@@ -20,6 +20,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/utils/ptr"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/kindtests/k8sbin"
 )
 
 // Datapath modes, in table column order.
@@ -91,7 +93,7 @@ func (o *Options) defaults() {
 		o.ModeTimeout = 10 * time.Minute
 	}
 	if o.KubeBinDir == "" {
-		o.KubeBinDir = "/root/.cache/kubectl-ebpf/k8s-v1.35.4/bin"
+		o.KubeBinDir = k8sbin.BinDir()
 	}
 	if o.Etcd == "" {
 		o.Etcd = "/usr/bin/etcd"
