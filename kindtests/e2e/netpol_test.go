@@ -1,8 +1,6 @@
 package e2e
 
 import (
-	"bufio"
-	"encoding/json"
 	"fmt"
 	"strings"
 	"sync"
@@ -121,9 +119,7 @@ func npIPs(t *testing.T) map[npPod]string {
 				}
 			}
 		}
-		if err := json.Unmarshal([]byte(mustKubectl(t, time.Minute, "-n", npNS(ns), "get", "pods", "-o", "json")), &pods); err != nil {
-			t.Fatal(err)
-		}
+		kubectlJSON(t, &pods, "-n", npNS(ns), "get", "pods", "-o", "json")
 		for _, p := range pods.Items {
 			ips[npPod{ns, p.Metadata.Name}] = p.Status.PodIP
 		}
@@ -152,22 +148,18 @@ func probeMatrix(t *testing.T, ips map[npPod]string, proto string, port int) mat
 			defer func() { <-sem }()
 			r := kubectlQuiet(t, 2*time.Minute, "-n", npNS(from.ns), "exec", from.name, "--", "/usr/local/bin/kebpf-testserver", "probe",
 				"--protocol", proto, "--to", strings.Join(targets, ","), "--timeout", "1s")
+			res, err := decodeNProbes(r, len(targets))
+			if err != nil {
+				// No row: the matrix differs from any wanted one, and
+				// the error is the test's failure, not a "deny".
+				t.Errorf("probe from %s: %v", from, err)
+				return
+			}
 			row := map[npPod]bool{}
-			sc := bufio.NewScanner(strings.NewReader(r.stdout))
-			i := 0
-			for sc.Scan() && i < len(targets) {
-				var p probeResult
-				if err := json.Unmarshal(sc.Bytes(), &p); err != nil {
-					t.Errorf("probe from %s: %v: %q", from, err, sc.Text())
-					return
-				}
+			for i, p := range res {
 				to := allNPPods()[i]
 				// Connected to the right pod, not just connected.
 				row[to] = p.OK && p.Reply == to.String()
-				i++
-			}
-			if i != len(targets) {
-				t.Errorf("probe from %s: %d results, want %d (exit %d: %s)", from, i, len(targets), r.code, r.stderr)
 			}
 			mu.Lock()
 			got[from] = row
@@ -380,11 +372,11 @@ spec:
 				kubectl(t, time.Minute, "-n", npNS("x"), "delete", "pod", name, "--wait=false", "--ignore-not-found")
 			})
 			phase := waitPodDone(t, npNS("x"), name, 90*time.Second)
-			logs := strings.TrimSpace(mustKubectl(t, time.Minute, "-n", npNS("x"), "logs", name))
-			var p probeResult
-			if err := json.Unmarshal([]byte(logs), &p); err != nil {
-				t.Fatalf("pod %s: logs %q: %v", name, logs, err)
+			res, err := decodeNProbes(result{stdout: mustKubectl(t, time.Minute, "-n", npNS("x"), "logs", name)}, 1)
+			if err != nil {
+				t.Fatalf("pod %s: logs: %v", name, err)
 			}
+			p := res[0]
 			if p.OK != c.allow {
 				t.Errorf("pod %s (fresh=%s, phase %s): first connection to x/b ok=%v, want %v: %+v", name, c.label, phase, p.OK, c.allow, p)
 			}
@@ -488,13 +480,19 @@ spec:
 				ClusterIP string `json:"clusterIP"`
 			}
 		}
-		json.Unmarshal([]byte(mustKubectl(t, time.Minute, "-n", npNS("y"), "get", "svc", "yb", "-o", "json")), &svc)
+		kubectlJSON(t, &svc, "-n", npNS("y"), "get", "svc", "yb", "-o", "json")
+		if svc.Spec.ClusterIP == "" {
+			t.Fatal("Service y/yb has no ClusterIP")
+		}
 		to := svc.Spec.ClusterIP + ":8080"
 		probe := func() probeResult {
+			t.Helper()
 			r := kubectlQuiet(t, time.Minute, "-n", npNS("x"), "exec", "a", "--", "/usr/local/bin/kebpf-testserver", "probe", "--to", to, "--timeout", "1s")
-			var p probeResult
-			json.Unmarshal([]byte(strings.TrimSpace(r.stdout)), &p)
-			return p
+			res, err := decodeNProbes(r, 1)
+			if err != nil {
+				t.Fatalf("probe x/a -> %s: %v", to, err)
+			}
+			return res[0]
 		}
 		// Egress of x/a only to z: the ClusterIP of y/b is denied...
 		kubectlStdin(t, policy("x", "a-to-z\n  podSelector: {matchLabels: {pod: \"a\"}}\n  policyTypes: [Egress]\n  egress:\n  - to: [{namespaceSelector: {matchLabels: {ns: \"z\"}}}]\n"), "apply", "-f", "-")
