@@ -58,7 +58,10 @@ type Options struct {
 	BulkEndpoints int
 	Changes       int // endpoint changes timed per mode; 0 skips
 	LatCount      int // connects per latency sample
-	Workers       int // parallel API writers
+	// Rounds: rounds per scale of the Service table, each measuring every
+	// mode once in a rotated order; cells are the median over the rounds.
+	Rounds  int
+	Workers int // parallel API writers
 	// ModeTimeout bounds how long a datapath may take to program a scale
 	// point before it is recorded n/a.
 	ModeTimeout time.Duration
@@ -85,6 +88,9 @@ func (o *Options) defaults() {
 	}
 	if o.LatCount == 0 {
 		o.LatCount = 5000
+	}
+	if o.Rounds == 0 {
+		o.Rounds = 3
 	}
 	if o.Workers == 0 {
 		o.Workers = 32
@@ -172,6 +178,8 @@ func runServices(ctx context.Context, o Options, res *Results) (err error) {
 		case <-done:
 		}
 	}()
+	res.KubeProxy = toolVersion(filepath.Join(o.KubeBinDir, "kube-proxy"), "--version")
+	res.Etcd = toolVersion(o.Etcd, "--version")
 	r := &runner{o: o, e: e, res: res, log: o.Log}
 	return r.run(ctx)
 }
@@ -257,16 +265,27 @@ func (r *runner) run(ctx context.Context) error {
 			r.res.CreateSeconds[n] = d.Seconds()
 			created = n
 		}
-		for _, m := range r.o.Modes {
-			p := r.scalePoint(ctx, m, n)
+		byMode, err := measureRounds(r.o.Rounds, r.o.Modes, func(round, slot int, m string) (ServiceSample, error) {
+			t := time.Now()
+			s := r.scalePoint(ctx, m, n)
 			if ctx.Err() != nil {
-				return ctx.Err()
+				return s, ctx.Err()
 			}
-			r.res.Scale = append(r.res.Scale, p)
-			r.log.Info("scale point", "mode", m, "services", n, "p50us", p.P50us, "p99us", p.P99us,
-				"connPerSec", int(p.ConnPerSec), "programSeconds", p.ProgramSeconds, "na", p.NA)
-			r.res.write(r.o.Out, r.log)
+			s.Round, s.Slot, s.Seconds = round, slot, time.Since(t).Seconds()
+			r.log.Info("scale sample", "mode", m, "services", n, "round", fmt.Sprintf("%d/%d", round+1, r.o.Rounds), "slot", slot,
+				"p50us", s.P50us, "p99us", s.P99us, "connPerSec", int(s.ConnPerSec), "programSeconds", s.ProgramSeconds, "na", s.NA)
+			return s, nil
+		})
+		if err != nil {
+			return err
 		}
+		for _, m := range r.o.Modes {
+			p := aggregatePoint(m, n, byMode[m])
+			r.res.Scale = append(r.res.Scale, p)
+			r.log.Info("scale point (median over rounds)", "mode", m, "services", n, "rounds", fmt.Sprintf("%d/%d", p.Rounds, len(p.Samples)),
+				"p50us", p.P50us, "p99us", p.P99us, "connPerSec", int(p.ConnPerSec), "programSeconds", p.ProgramSeconds, "na", p.NA)
+		}
+		r.res.write(r.o.Out, r.log)
 	}
 	r.log.Info("bench done", "took", time.Since(t0).Round(time.Second))
 	return nil
@@ -479,11 +498,11 @@ func (r *runner) bulkAndChurn(ctx context.Context, mode string) error {
 	return nil
 }
 
-// scalePoint measures one mode at n Services: program time from a cold
+// scalePoint measures one mode at n Services once: program time from a cold
 // controller start to the last Service answering, then connect() latency to
 // that last Service.
-func (r *runner) scalePoint(ctx context.Context, mode string, n int) Point {
-	pt := Point{Mode: mode, Services: n}
+func (r *runner) scalePoint(ctx context.Context, mode string, n int) ServiceSample {
+	var pt ServiceSample
 	last := scaleSet.addr(n - 1)
 	if mode == ModeDirect {
 		last = fmt.Sprintf("%s:%d", backendOf(n-1, 0), backendPort)

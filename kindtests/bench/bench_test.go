@@ -4,6 +4,8 @@ package bench
 
 import (
 	"context"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -25,7 +27,7 @@ func TestIntegrationBenchSmoke(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	res, _ := runClean(t, ctx, Options{
-		Scales: []int{10}, Modes: modes, BulkServices: 20, BulkEndpoints: 2, Changes: 3, LatCount: 200,
+		Scales: []int{10}, Modes: modes, Rounds: 2, BulkServices: 20, BulkEndpoints: 2, Changes: 3, LatCount: 200,
 		ModeTimeout: time.Minute, KubeBinDir: kubeBin,
 	})
 	for _, m := range modes {
@@ -35,8 +37,17 @@ func TestIntegrationBenchSmoke(t *testing.T) {
 			t.Errorf("%s: no measurement at N=10", m)
 		case p.NA != "":
 			t.Errorf("%s: n/a: %s", m, p.NA)
+		case len(p.Samples) != 2 || p.Rounds != 2:
+			t.Errorf("%s: want 2 rounds with numbers, got %d of %d: %+v", m, p.Rounds, len(p.Samples), p.Samples)
 		case p.P50us <= 0 || p.P99us < p.P50us || p.ConnPerSec <= 0:
 			t.Errorf("%s: implausible numbers %+v", m, p)
+		case m != ModeDirect && p.ProgramSeconds <= 0:
+			t.Errorf("%s: no program time %+v", m, p)
+		}
+		for r, smp := range p.Samples {
+			if want := slices.Index(rotation(modes, r), m); smp.Round != r || smp.Slot != want {
+				t.Errorf("%s sample %d: round %d slot %d, want round %d slot %d", m, r, smp.Round, smp.Slot, r, want)
+			}
 		}
 		if m == ModeDirect {
 			continue
@@ -46,7 +57,10 @@ func TestIntegrationBenchSmoke(t *testing.T) {
 			t.Errorf("%s: bulk/churn phase incomplete: %+v", m, b)
 		}
 	}
-	if md := res.Markdown(); len(md) == 0 {
-		t.Error("empty markdown")
+	md := res.Markdown()
+	for _, want := range []string{"- rounds: 2 per scale", "Kubernetes " + k8sbin.Version, "revision ", "iptables v"} {
+		if !strings.Contains(md, want) {
+			t.Errorf("bench.md lacks %q:\n%s", want, md)
+		}
 	}
 }

@@ -464,24 +464,25 @@ func runNetpol(ctx context.Context, o Options, res *Results) (err error) {
 	total := len(o.PolicyScales) * len(NetpolDatapaths) * e.rounds
 	k, start := 0, time.Now()
 	for _, n := range o.PolicyScales {
-		byDP := map[string][]NetpolSample{}
-		for r := 0; r < e.rounds; r++ {
-			order := rotation(NetpolDatapaths, r)
-			o.Log.Info("netpol round", "cidrs", n, "round", fmt.Sprintf("%d/%d", r+1, e.rounds), "order", strings.Join(order, ","))
-			for slot, dp := range order {
-				t := time.Now()
-				s := e.sample(ctx, dp, n)
-				if ctx.Err() != nil {
-					return ctx.Err()
-				}
-				s.Round, s.Slot, s.Seconds = r, slot, time.Since(t).Seconds()
-				byDP[dp] = append(byDP[dp], s)
-				k++
-				o.Log.Info("netpol sample", "progress", fmt.Sprintf("%d/%d", k, total), "elapsed", time.Since(start).Round(time.Second),
-					"cidrs", n, "round", r+1, "datapath", dp, "connPerSec", int(s.ConnPerSec), "connP50us", s.ConnP50us,
-					"udpRRPerSec", int(s.RRPerSec), "udpNewFlowsPerSec", int(s.FlowsPerSec),
-					"programSeconds", s.ProgramSeconds, "seconds", fmt.Sprintf("%.1f", s.Seconds), "na", s.NA)
+		byDP, err := measureRounds(e.rounds, NetpolDatapaths, func(r, slot int, dp string) (NetpolSample, error) {
+			if slot == 0 {
+				o.Log.Info("netpol round", "cidrs", n, "round", fmt.Sprintf("%d/%d", r+1, e.rounds), "order", strings.Join(rotation(NetpolDatapaths, r), ","))
 			}
+			t := time.Now()
+			s := e.sample(ctx, dp, n)
+			if ctx.Err() != nil {
+				return s, ctx.Err()
+			}
+			s.Round, s.Slot, s.Seconds = r, slot, time.Since(t).Seconds()
+			k++
+			o.Log.Info("netpol sample", "progress", fmt.Sprintf("%d/%d", k, total), "elapsed", time.Since(start).Round(time.Second),
+				"cidrs", n, "round", r+1, "datapath", dp, "connPerSec", int(s.ConnPerSec), "connP50us", s.ConnP50us,
+				"udpRRPerSec", int(s.RRPerSec), "udpNewFlowsPerSec", int(s.FlowsPerSec),
+				"programSeconds", s.ProgramSeconds, "seconds", fmt.Sprintf("%.1f", s.Seconds), "na", s.NA)
+			return s, nil
+		})
+		if err != nil {
+			return err
 		}
 		for _, dp := range NetpolDatapaths {
 			p := aggregateNetpol(dp, n, byDP[dp])
@@ -753,7 +754,7 @@ func (r *Results) netpolMarkdown(b *strings.Builder) {
 			case p.NA != "":
 				fmt.Fprintf(b, " %s |", shortNA(p.NA))
 			default:
-				fmt.Fprintf(b, " %s%s |", f(p), roundsNote(p))
+				fmt.Fprintf(b, " %s%s |", f(p), roundsNote(p.Rounds, len(p.Samples)))
 			}
 		}
 		fmt.Fprintln(b)
@@ -766,25 +767,25 @@ func (r *Results) netpolMarkdown(b *strings.Builder) {
 	}
 	for _, n := range r.PolicyScales {
 		row(fmt.Sprintf("connections/s, %s CIDRs", human(n)), n, func(p NetpolPoint) string {
-			return statCell(p, "%.0f", p.ConnPerSec, func(s NetpolSample) float64 { return s.ConnPerSec })
+			return statCell(p.Samples, "%.0f", p.ConnPerSec, func(s NetpolSample) float64 { return s.ConnPerSec })
 		})
 		row(fmt.Sprintf("connection p50 / p99 µs, %s CIDRs", human(n)), n, func(p NetpolPoint) string {
-			return statCell(p, us, p.ConnP50us, func(s NetpolSample) float64 { return s.ConnP50us }) + " / " +
-				statCell(p, us, p.ConnP99us, func(s NetpolSample) float64 { return s.ConnP99us })
+			return statCell(p.Samples, us, p.ConnP50us, func(s NetpolSample) float64 { return s.ConnP50us }) + " / " +
+				statCell(p.Samples, us, p.ConnP99us, func(s NetpolSample) float64 { return s.ConnP99us })
 		})
 		row(fmt.Sprintf("UDP round trips/s, established flow, %s CIDRs", human(n)), n, func(p NetpolPoint) string {
-			return statCell(p, "%.0f", p.RRPerSec, func(s NetpolSample) float64 { return s.RRPerSec })
+			return statCell(p.Samples, "%.0f", p.RRPerSec, func(s NetpolSample) float64 { return s.RRPerSec })
 		})
 		if r.NetpolFlowsSeconds > 0 {
 			row(fmt.Sprintf("UDP new flows/s (fresh source port each), %s CIDRs", human(n)), n, func(p NetpolPoint) string {
-				return statCell(p, "%.0f", p.FlowsPerSec, func(s NetpolSample) float64 { return s.FlowsPerSec })
+				return statCell(p.Samples, "%.0f", p.FlowsPerSec, func(s NetpolSample) float64 { return s.FlowsPerSec })
 			})
 		}
 		row(fmt.Sprintf("program time to first allowed connection, %s CIDRs", human(n)), n, func(p NetpolPoint) string {
 			if p.Datapath == NetpolNone {
 				return "—"
 			}
-			return statCell(p, "%.3f", p.ProgramSeconds, func(s NetpolSample) float64 { return s.ProgramSeconds }) + " s"
+			return statCell(p.Samples, "%.3f", p.ProgramSeconds, func(s NetpolSample) float64 { return s.ProgramSeconds }) + " s"
 		})
 	}
 }

@@ -12,14 +12,15 @@ import (
 	"strings"
 	"time"
 
-	"golang.org/x/sys/unix"
 	"gonum.org/v1/plot"
 	"gonum.org/v1/plot/plotter"
 	"gonum.org/v1/plot/plotutil"
 	"gonum.org/v1/plot/vg"
 )
 
-// Point is one mode at one number of Services.
+// Point is one mode at one number of Services: every number is the median
+// over the rounds in Samples that produced numbers (a bench.json from before
+// rounds has no Samples and one measurement per point).
 type Point struct {
 	Mode     string `json:"mode"`
 	Services int    `json:"services"`
@@ -31,6 +32,24 @@ type Point struct {
 	Errors         int     `json:"errors,omitempty"`
 	RSSKB          int64   `json:"rssKB,omitempty"`
 	NA             string  `json:"na,omitempty"`
+	// Rounds is how many of Samples produced numbers.
+	Rounds  int             `json:"rounds,omitempty"`
+	Samples []ServiceSample `json:"samples,omitempty"`
+}
+
+// ServiceSample is one round of one Service datapath at one scale: a cold
+// controller start until the last Service answers, then connect() latency.
+type ServiceSample struct {
+	Round          int     `json:"round"` // 0-based
+	Slot           int     `json:"slot"`  // position in the round's rotated order, 0 first
+	ProgramSeconds float64 `json:"programSeconds,omitempty"`
+	P50us          float64 `json:"p50us,omitempty"`
+	P99us          float64 `json:"p99us,omitempty"`
+	ConnPerSec     float64 `json:"connPerSec,omitempty"`
+	Errors         int     `json:"errors,omitempty"`
+	RSSKB          int64   `json:"rssKB,omitempty"`
+	NA             string  `json:"na,omitempty"`
+	Seconds        float64 `json:"seconds"` // wall time of start, program, samples and stop
 }
 
 // Bulk is the create-then-answer and endpoint-change phase of one mode.
@@ -50,14 +69,25 @@ type Bulk struct {
 
 // Results is everything a run measured (bench.json).
 type Results struct {
-	Date          string          `json:"date"`
-	Host          string          `json:"host"`
-	Kernel        string          `json:"kernel"`
-	CPUs          int             `json:"cpus"`
-	CPUModel      string          `json:"cpuModel"`
-	Modes         []string        `json:"modes"`
-	Scales        []int           `json:"scales"`
-	LatCount      int             `json:"connectsPerSample"`
+	Date     string `json:"date"`
+	Host     string `json:"host"`
+	Kernel   string `json:"kernel"`
+	CPUs     int    `json:"cpus"`
+	CPUModel string `json:"cpuModel"`
+	// Run metadata, read from this machine and the binaries at run time.
+	GoVersion string `json:"goVersion,omitempty"`
+	Revision  string `json:"revision,omitempty"` // git revision of the bench's source
+	Iptables  string `json:"iptablesVersion,omitempty"`
+	Ipset     string `json:"ipsetVersion,omitempty"`
+
+	Modes    []string `json:"modes"`
+	Scales   []int    `json:"scales"`
+	LatCount int      `json:"connectsPerSample"`
+	// Rounds per scale of the Service table (0 in a bench.json from before
+	// rounds); KubeProxy and Etcd are the versions its binaries reported.
+	Rounds        int             `json:"rounds,omitempty"`
+	KubeProxy     string          `json:"kubeProxyVersion,omitempty"`
+	Etcd          string          `json:"etcdVersion,omitempty"`
 	CreateSeconds map[int]float64 `json:"createSeconds"` // API time to grow the scale set to N
 	Scale         []Point         `json:"scale"`
 	Bulk          map[string]Bulk `json:"bulk"`
@@ -97,6 +127,7 @@ func (r *Results) carryOver(dir string, svc, np bool, log *slog.Logger) {
 	}
 	if !svc {
 		r.Date, r.Modes, r.Scales, r.LatCount = old.Date, serviceModes(old.Modes), old.Scales, old.LatCount
+		r.Rounds, r.KubeProxy, r.Etcd = old.Rounds, old.KubeProxy, old.Etcd
 		r.CreateSeconds, r.Scale, r.Bulk = old.CreateSeconds, old.Scale, old.Bulk
 		if r.CreateSeconds == nil {
 			r.CreateSeconds = map[int]float64{}
@@ -113,21 +144,12 @@ func (r *Results) carryOver(dir string, svc, np bool, log *slog.Logger) {
 }
 
 func newResults(o Options) *Results {
-	var u unix.Utsname
-	_ = unix.Uname(&u)
 	host, _ := os.Hostname()
-	model := ""
-	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
-		for _, l := range strings.Split(string(b), "\n") {
-			if strings.HasPrefix(l, "model name") {
-				model = strings.TrimSpace(l[strings.Index(l, ":")+1:])
-				break
-			}
-		}
-	}
 	return &Results{
-		Date: time.Now().UTC().Format(time.RFC3339), Host: host, Kernel: unix.ByteSliceToString(u.Release[:]),
-		CPUs: runtime.NumCPU(), CPUModel: model, Modes: serviceModes(o.Modes), Scales: o.Scales, LatCount: o.LatCount,
+		Date: time.Now().UTC().Format(time.RFC3339), Host: host, Kernel: kernelRelease(),
+		CPUs: runtime.NumCPU(), CPUModel: cpuModel(), GoVersion: runtime.Version(), Revision: revision(),
+		Iptables: toolVersion("iptables", "--version"), Ipset: toolVersion("ipset", "--version"),
+		Modes: serviceModes(o.Modes), Scales: o.Scales, LatCount: o.LatCount, Rounds: o.Rounds,
 		CreateSeconds: map[int]float64{}, Bulk: map[string]Bulk{},
 	}
 }
@@ -188,6 +210,7 @@ func (r *Results) Markdown() string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "# kubectl-ebpf benchmark\n\n")
 	fmt.Fprintf(&b, "- date: %s\n- machine: %s, %d CPUs (%s)\n- kernel: %s\n", r.Date, r.Host, r.CPUs, r.CPUModel, r.Kernel)
+	fmt.Fprintf(&b, "- built from revision %s with %s; %s, %s\n", orUnknown(r.Revision), orUnknown(r.GoVersion), orUnknown(r.Iptables), orUnknown(r.Ipset))
 	if len(r.Scale) > 0 || len(r.Bulk) > 0 {
 		r.serviceMarkdown(&b)
 	}
@@ -198,8 +221,15 @@ func (r *Results) Markdown() string {
 }
 
 func (r *Results) serviceMarkdown(b *strings.Builder) {
-	fmt.Fprintf(b, "- kube-proxy v1.35.4 (defaults, minSyncPeriod 1s; iptables mode through iptables-nft), etcd 3.4 on tmpfs, all inside private netns\n")
-	fmt.Fprintf(b, "- connect(): %d TCP connects per sample, from one client to the last-created Service (1 endpoint), closed with RST\n\n", r.LatCount)
+	fmt.Fprintf(b, "- %s (kube-proxy's defaults, minSyncPeriod 1s; its iptables mode through %s), %s on tmpfs, all inside private netns\n",
+		orUnknown(r.KubeProxy), orUnknown(r.Iptables), orUnknown(r.Etcd))
+	fmt.Fprintf(b, "- connect(): %d TCP connects per sample, from one client to the last-created Service (1 endpoint), closed with RST\n", r.LatCount)
+	if r.Rounds > 0 {
+		fmt.Fprintf(b, "- rounds: %d per scale; a round starts every datapath cold in turn, waits until the last Service answers, measures and stops it, in an order rotated per round (%s, then %s, ...), so drift of the machine hits every column alike\n",
+			r.Rounds, strings.Join(rotation(r.Modes, 0), " "), strings.Join(rotation(r.Modes, 1), " "))
+		fmt.Fprintf(b, "- scale cells: median over the rounds (min–max in parentheses); [k/R rounds] marks a cell where only k rounds produced numbers; the bulk and EndpointSlice rows are one run per datapath\n")
+	}
+	fmt.Fprintln(b)
 	modes := r.Modes
 	fmt.Fprintf(b, "| metric |")
 	for _, m := range modes {
@@ -226,21 +256,22 @@ func (r *Results) serviceMarkdown(b *strings.Builder) {
 			if p.NA != "" {
 				return shortNA(p.NA)
 			}
-			return f(p)
+			return f(p) + roundsNote(p.Rounds, len(p.Samples))
 		})
 	}
 	for _, n := range r.Scales {
 		scaleRow(fmt.Sprintf("connect() p50 / p99 µs, %s Services", human(n)), n, func(p Point) string {
-			return fmt.Sprintf("%.1f / %.1f", p.P50us, p.P99us)
+			return statCell(p.Samples, "%.1f", p.P50us, func(s ServiceSample) float64 { return s.P50us }) + " / " +
+				statCell(p.Samples, "%.1f", p.P99us, func(s ServiceSample) float64 { return s.P99us })
 		})
 		scaleRow(fmt.Sprintf("connections/s, %s Services", human(n)), n, func(p Point) string {
-			return fmt.Sprintf("%.0f", p.ConnPerSec)
+			return statCell(p.Samples, "%.0f", p.ConnPerSec, func(s ServiceSample) float64 { return s.ConnPerSec })
 		})
 		scaleRow(fmt.Sprintf("cold start to last Service answering, %s Services", human(n)), n, func(p Point) string {
 			if p.Mode == ModeDirect {
 				return "—"
 			}
-			return fmt.Sprintf("%.2f s", p.ProgramSeconds)
+			return statCell(p.Samples, "%.2f", p.ProgramSeconds, func(s ServiceSample) float64 { return s.ProgramSeconds }) + " s"
 		})
 	}
 	for _, n := range r.Scales {
@@ -298,6 +329,13 @@ func (r *Results) serviceMarkdown(b *strings.Builder) {
 		}
 		fmt.Fprintln(b)
 	}
+}
+
+func orUnknown(s string) string {
+	if s == "" {
+		return "unknown"
+	}
+	return s
 }
 
 func (r *Results) plot(path string) error {
