@@ -152,36 +152,44 @@ func Run(ctx context.Context, o Options) (*Results, error) {
 	return res, err
 }
 
-func runServices(ctx context.Context, o Options, res *Results) (err error) {
+func runServices(ctx context.Context, o Options, res *Results) error {
 	e, err := newEnv(ctx, o.Log)
 	if err != nil {
 		return err
 	}
+	res.KubeProxy = toolVersion(filepath.Join(o.KubeBinDir, "kube-proxy"), "--version")
+	res.Etcd = toolVersion(o.Etcd, "--version")
+	r := &runner{o: o, e: e, res: res, log: o.Log}
+	return runIn(ctx, o, res, e, e.close, []string{"worker-plain", "worker-socklb"}, func() error { return r.run(ctx) })
+}
+
+// runIn runs body in the environment e of one table: OnEnv learns the run's
+// id; an interrupt kills the named workers, since a worker blocked in a long
+// sweep or wait would keep the run from reaching teardown; afterwards
+// closeEnv removes the environment and the results are written, also after
+// an error.
+func runIn(ctx context.Context, o Options, res *Results, e *env, closeEnv func() error, workers []string, body func() error) (err error) {
 	if o.OnEnv != nil {
 		o.OnEnv(e.id)
 	}
 	defer func() {
-		if cerr := e.close(); cerr != nil {
+		if cerr := closeEnv(); cerr != nil {
 			err = errors.Join(err, cerr)
 		}
 		res.write(o.Out, o.Log)
 	}()
-	// A worker blocked in a long sweep or wait would keep an interrupted run
-	// from reaching teardown: killing the workers ends their answers.
 	done := make(chan struct{})
 	defer close(done)
 	go func() {
 		select {
 		case <-ctx.Done():
-			e.stop("worker-plain", time.Second)
-			e.stop("worker-socklb", time.Second)
+			for _, w := range workers {
+				e.stop(w, time.Second)
+			}
 		case <-done:
 		}
 	}()
-	res.KubeProxy = toolVersion(filepath.Join(o.KubeBinDir, "kube-proxy"), "--version")
-	res.Etcd = toolVersion(o.Etcd, "--version")
-	r := &runner{o: o, e: e, res: res, log: o.Log}
-	return r.run(ctx)
+	return body()
 }
 
 type runner struct {

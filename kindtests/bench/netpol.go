@@ -67,6 +67,21 @@ var netpolTitle = map[string]string{
 type NetpolPoint struct {
 	Datapath string `json:"datapath"`
 	CIDRs    int    `json:"cidrs"`
+	NetpolNumbers
+	// Rounds is how many of Samples produced numbers.
+	Rounds  int            `json:"rounds,omitempty"`
+	Samples []NetpolSample `json:"samples,omitempty"`
+}
+
+// NetpolSample is one round of one datapath at one scale; Seconds is the
+// wall time of program, checks, samples and teardown.
+type NetpolSample struct {
+	RoundSlot
+	NetpolNumbers
+}
+
+// NetpolNumbers are what one measurement of a policy datapath yields.
+type NetpolNumbers struct {
 	// ProgramSeconds: writing the N+1 rules (ApplyEndpoint; iptables-restore
 	// plus ipset restore) until the client's first connection is answered.
 	ProgramSeconds float64 `json:"programSeconds,omitempty"`
@@ -84,26 +99,6 @@ type NetpolPoint struct {
 	FlowUs      float64 `json:"udpNewFlowUs,omitempty"`
 	Errors      int     `json:"errors,omitempty"`
 	NA          string  `json:"na,omitempty"`
-	// Rounds is how many of Samples produced numbers.
-	Rounds  int            `json:"rounds,omitempty"`
-	Samples []NetpolSample `json:"samples,omitempty"`
-}
-
-// NetpolSample is one round of one datapath at one scale.
-type NetpolSample struct {
-	Round          int     `json:"round"` // 0-based
-	Slot           int     `json:"slot"`  // position in the round's rotated order, 0 first
-	ProgramSeconds float64 `json:"programSeconds,omitempty"`
-	ConnPerSec     float64 `json:"connPerSec,omitempty"`
-	ConnP50us      float64 `json:"connP50us,omitempty"`
-	ConnP99us      float64 `json:"connP99us,omitempty"`
-	RRPerSec       float64 `json:"udpRRPerSec,omitempty"`
-	RRus           float64 `json:"udpRRus,omitempty"`
-	FlowsPerSec    float64 `json:"udpNewFlowsPerSec,omitempty"`
-	FlowUs         float64 `json:"udpNewFlowUs,omitempty"`
-	Errors         int     `json:"errors,omitempty"`
-	NA             string  `json:"na,omitempty"`
-	Seconds        float64 `json:"seconds"` // wall time of program, checks, samples and teardown
 }
 
 // NetpolPoint looks up one policy measurement.
@@ -429,7 +424,7 @@ func (e *npEnv) enforced() (bool, error) {
 // scale, o.NetpolRounds rounds, each measuring every datapath once in an
 // order rotated per round (none ebpf iptables ipset, then ebpf iptables
 // ipset none, ...), so drift of a noisy machine hits every column alike.
-func runNetpol(ctx context.Context, o Options, res *Results) (err error) {
+func runNetpol(ctx context.Context, o Options, res *Results) error {
 	res.PolicyScales, res.Netpol = o.PolicyScales, nil
 	res.NetpolDate = time.Now().UTC().Format(time.RFC3339)
 	res.NetpolConns, res.NetpolRRSeconds = o.NetpolConns, o.NetpolRR.Seconds()
@@ -438,25 +433,11 @@ func runNetpol(ctx context.Context, o Options, res *Results) (err error) {
 	if err != nil {
 		return err
 	}
-	if o.OnEnv != nil {
-		o.OnEnv(e.id)
-	}
-	defer func() {
-		if cerr := e.close(); cerr != nil {
-			err = errors.Join(err, cerr)
-		}
-		res.write(o.Out, o.Log)
-	}()
-	done := make(chan struct{})
-	defer close(done)
-	go func() {
-		// A worker call never outlives an interrupt: its answer ends with it.
-		select {
-		case <-ctx.Done():
-			e.stop("np-worker", time.Second)
-		case <-done:
-		}
-	}()
+	return runIn(ctx, o, res, e.env, e.close, []string{"np-worker"}, func() error { return e.measure(ctx, o, res) })
+}
+
+// measure is runNetpol's rounds in the built environment.
+func (e *npEnv) measure(ctx context.Context, o Options, res *Results) error {
 	srv := fmt.Sprintf("%s:%d", npServerIP, npTCPPort)
 	if _, err := e.worker.call(workerReq{Op: "wait", Addr: srv, TimeoutMs: 10000}); err != nil {
 		return fmt.Errorf("server unreachable before any policy: %w: %s", err, e.logTail("np-server"))

@@ -24,6 +24,23 @@ import (
 type Point struct {
 	Mode     string `json:"mode"`
 	Services int    `json:"services"`
+	ServiceNumbers
+	// Rounds is how many of Samples produced numbers.
+	Rounds  int             `json:"rounds,omitempty"`
+	Samples []ServiceSample `json:"samples,omitempty"`
+}
+
+// ServiceSample is one round of one Service datapath at one scale; Seconds
+// is the wall time of start, program, samples and stop.
+type ServiceSample struct {
+	RoundSlot
+	ServiceNumbers
+}
+
+// ServiceNumbers are what one measurement of a Service datapath yields: a
+// cold controller start until the last Service answers, then connect()
+// latency to it.
+type ServiceNumbers struct {
 	// ProgramSeconds: controller start (cold) to the last Service answering.
 	ProgramSeconds float64 `json:"programSeconds,omitempty"`
 	P50us          float64 `json:"p50us,omitempty"`
@@ -32,24 +49,13 @@ type Point struct {
 	Errors         int     `json:"errors,omitempty"`
 	RSSKB          int64   `json:"rssKB,omitempty"`
 	NA             string  `json:"na,omitempty"`
-	// Rounds is how many of Samples produced numbers.
-	Rounds  int             `json:"rounds,omitempty"`
-	Samples []ServiceSample `json:"samples,omitempty"`
 }
 
-// ServiceSample is one round of one Service datapath at one scale: a cold
-// controller start until the last Service answers, then connect() latency.
-type ServiceSample struct {
-	Round          int     `json:"round"` // 0-based
-	Slot           int     `json:"slot"`  // position in the round's rotated order, 0 first
-	ProgramSeconds float64 `json:"programSeconds,omitempty"`
-	P50us          float64 `json:"p50us,omitempty"`
-	P99us          float64 `json:"p99us,omitempty"`
-	ConnPerSec     float64 `json:"connPerSec,omitempty"`
-	Errors         int     `json:"errors,omitempty"`
-	RSSKB          int64   `json:"rssKB,omitempty"`
-	NA             string  `json:"na,omitempty"`
-	Seconds        float64 `json:"seconds"` // wall time of start, program, samples and stop
+// RoundSlot places one sample of either table in its run.
+type RoundSlot struct {
+	Round   int     `json:"round"` // 0-based
+	Slot    int     `json:"slot"`  // position in the round's rotated order, 0 first
+	Seconds float64 `json:"seconds"`
 }
 
 // Bulk is the create-then-answer and endpoint-change phase of one mode.
@@ -331,9 +337,11 @@ func (r *Results) serviceMarkdown(b *strings.Builder) {
 	}
 }
 
+// orUnknown stands in for metadata a bench.json from before it was
+// recorded lacks.
 func orUnknown(s string) string {
 	if s == "" {
-		return "unknown"
+		return "(not recorded)"
 	}
 	return s
 }

@@ -19,8 +19,8 @@ type sample interface {
 	na() string
 }
 
-func (s NetpolSample) na() string  { return s.NA }
-func (s ServiceSample) na() string { return s.NA }
+func (n NetpolNumbers) na() string  { return n.NA }
+func (n ServiceNumbers) na() string { return n.NA }
 
 // rotation is the column order of round r (0-based): items shifted left
 // by r, so over len(items) rounds every item takes every position once.

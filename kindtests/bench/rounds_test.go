@@ -72,8 +72,8 @@ func TestMedianRange(t *testing.T) {
 func rounds(vals ...float64) []NetpolSample {
 	var ss []NetpolSample
 	for i, v := range vals {
-		ss = append(ss, NetpolSample{Round: i, ConnPerSec: v, ConnP50us: v / 10, ConnP99us: v / 5, RRPerSec: 2 * v, RRus: 1e6 / (2 * v),
-			FlowsPerSec: v + 1, FlowUs: 1e6 / (v + 1), ProgramSeconds: v / 1e5, Errors: 1})
+		ss = append(ss, NetpolSample{RoundSlot{Round: i}, NetpolNumbers{ConnPerSec: v, ConnP50us: v / 10, ConnP99us: v / 5, RRPerSec: 2 * v, RRus: 1e6 / (2 * v),
+			FlowsPerSec: v + 1, FlowUs: 1e6 / (v + 1), ProgramSeconds: v / 1e5, Errors: 1}})
 	}
 	return ss
 }
@@ -127,7 +127,7 @@ func TestStatCell(t *testing.T) {
 	if got := statCell(one.Samples, "%.0f", one.ConnPerSec, func(s NetpolSample) float64 { return s.ConnPerSec }); got != "5170" {
 		t.Errorf("one round: %q", got)
 	}
-	old := NetpolPoint{Datapath: NetpolEBPF, ConnPerSec: 5170}
+	old := NetpolPoint{Datapath: NetpolEBPF, NetpolNumbers: NetpolNumbers{ConnPerSec: 5170}}
 	if got := statCell(old.Samples, "%.0f", old.ConnPerSec, func(s NetpolSample) float64 { return s.ConnPerSec }); got != "5170" {
 		t.Errorf("no samples: %q", got)
 	}
@@ -199,7 +199,7 @@ func TestMeasureRounds(t *testing.T) {
 	var order []string
 	by, err := measureRounds(3, cols, func(r, slot int, col string) (ServiceSample, error) {
 		order = append(order, col)
-		return ServiceSample{Round: r, Slot: slot}, nil
+		return ServiceSample{RoundSlot: RoundSlot{Round: r, Slot: slot}}, nil
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -233,7 +233,7 @@ func TestMeasureRounds(t *testing.T) {
 func svcRounds(vals ...float64) []ServiceSample {
 	var ss []ServiceSample
 	for i, v := range vals {
-		ss = append(ss, ServiceSample{Round: i, Slot: i % 2, P50us: v, P99us: 2 * v, ConnPerSec: 1e6 / v, ProgramSeconds: v / 100, RSSKB: int64(v) * 1000, Errors: 1})
+		ss = append(ss, ServiceSample{RoundSlot{Round: i, Slot: i % 2}, ServiceNumbers{P50us: v, P99us: 2 * v, ConnPerSec: 1e6 / v, ProgramSeconds: v / 100, RSSKB: int64(v) * 1000, Errors: 1}})
 	}
 	return ss
 }
