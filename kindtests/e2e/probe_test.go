@@ -56,6 +56,42 @@ func decodeNProbes(r result, n int) ([]probeResult, error) {
 	return res, nil
 }
 
+// serverPod is a pod running kebpf-testserver, the one image of every
+// workload of the suites.
+type serverPod struct {
+	name, ns string
+	labels   string // body of a YAML flow mapping: `app: web`
+	args     string // body of a YAML flow sequence: `serve, --tcp, '80'`
+	// hostNetwork runs it in the node's netns; once does not restart it
+	// (restartPolicy Never).
+	hostNetwork, once bool
+	// container is more YAML of the container (ports, env, probes),
+	// indented by four spaces.
+	container string
+}
+
+func (p serverPod) yaml() string {
+	restart := "Always"
+	if p.once {
+		restart = "Never"
+	}
+	return fmt.Sprintf(`---
+apiVersion: v1
+kind: Pod
+metadata: {name: %s, namespace: %s, labels: {%s}}
+spec:
+  hostNetwork: %v
+  restartPolicy: %s
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: main
+    image: %s
+    imagePullPolicy: IfNotPresent
+    command: [/usr/local/bin/kebpf-testserver]
+    args: [%s]
+%s`, p.name, p.ns, p.labels, p.hostNetwork, restart, env.Product.TestServerRef, p.args, p.container)
+}
+
 // kubectlJSON runs kubectl (which must succeed) and decodes its stdout into v.
 func kubectlJSON(t *testing.T, v any, args ...string) {
 	t.Helper()

@@ -54,7 +54,6 @@ func probeFrom(t *testing.T, pod, proto, to string, n int, extra ...string) []pr
 // lbWorkloads are the suite's pods and Services: three backends, a pod
 // client, and a hostNetwork client standing for processes of the node itself.
 func lbWorkloads() string {
-	img := env.Product.TestServerRef
 	var b strings.Builder
 	fmt.Fprintf(&b, `apiVersion: v1
 kind: Namespace
@@ -68,22 +67,9 @@ metadata: {name: %s}
 		if hostNet {
 			ports = "" // a hostNetwork pod's ports are the node's
 		}
-		fmt.Fprintf(&b, `---
-apiVersion: v1
-kind: Pod
-metadata: {name: %s, namespace: %s, labels: {%s}}
-spec:
-  hostNetwork: %v
-  terminationGracePeriodSeconds: 1
-  containers:
-  - name: main
-    image: %s
-    imagePullPolicy: IfNotPresent
-    command: [/usr/local/bin/kebpf-testserver]
-    args: [%s]
-    env: [{name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}]
-%s    readinessProbe: {tcpSocket: {port: %d}, periodSeconds: 1}
-`, name, lbNamespace, labels, hostNet, img, args, ports, ready)
+		b.WriteString(serverPod{name: name, ns: lbNamespace, labels: labels, args: args, hostNetwork: hostNet,
+			container: `    env: [{name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}]
+` + ports + fmt.Sprintf("    readinessProbe: {tcpSocket: {port: %d}, periodSeconds: 1}\n", ready)}.yaml())
 	}
 	for _, n := range []string{"web-a", "web-b", "web-c"} {
 		pod(n, "app: web", false, "serve, --tcp, '80,8081', --udp, '53', --http, '0'", 8081)
