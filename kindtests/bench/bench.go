@@ -402,29 +402,10 @@ func (r *runner) startDatapath(ctx context.Context, mode string, timeout time.Du
 	}
 }
 
+// kubeProxyConfig is kube-proxy's defaults (what users run) in the client
+// netns, with the host's conntrack sysctls left alone.
 func kubeProxyConfig(mode, kubeconfig string) string {
-	// Zero conntrack sizes and timeouts: kube-proxy leaves those sysctls
-	// (some global to the host) alone. Everything else is kube-proxy's
-	// default, minSyncPeriod included: the bench compares what users run.
-	return fmt.Sprintf(`apiVersion: kubeproxy.config.k8s.io/v1alpha1
-kind: KubeProxyConfiguration
-clientConnection:
-  kubeconfig: %s
-mode: %s
-hostnameOverride: %s
-healthzBindAddress: 127.0.0.1:10256
-metricsBindAddress: 127.0.0.1:10249
-nodePortAddresses: ["%s/32"]
-iptables:
-  localhostNodePorts: false
-conntrack:
-  maxPerCore: 0
-  min: 0
-  tcpEstablishedTimeout: 0s
-  tcpCloseWaitTimeout: 0s
-  udpTimeout: 0s
-  udpStreamTimeout: 0s
-`, kubeconfig, mode, nodeName, clientIP)
+	return k8sbin.KubeProxy{Kubeconfig: kubeconfig, Mode: mode, Hostname: nodeName, NodeIP: clientIP}.Config()
 }
 
 // bulkAndChurn: with the datapath running, create BulkServices x
