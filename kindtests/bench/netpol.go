@@ -716,29 +716,12 @@ func (r *Results) netpolMarkdown(b *strings.Builder) {
 		fmt.Fprintf(b, "- new flows: UDP request/response (64 B) for %s s, each from a new socket bound to a source port not used before in the sample: a new conntrack entry per round trip, so iptables walks its N rules (ipset: one hash lookup) and eBPF does its LPM lookup once per flow\n", fmtSeconds(r.NetpolFlowsSeconds))
 	}
 	fmt.Fprintf(b, "- program time: writing the prepared rule set (ApplyEndpoint; ipset restore + iptables-restore) until the client's first connection is answered\n\n")
-	fmt.Fprintf(b, "| metric |")
-	for _, dp := range NetpolDatapaths {
-		fmt.Fprintf(b, " %s |", netpolTitle[dp])
-	}
-	fmt.Fprintf(b, "\n|---|")
-	for range NetpolDatapaths {
-		fmt.Fprintf(b, "---|")
-	}
-	fmt.Fprintln(b)
+	tableRow := table(b, NetpolDatapaths, netpolTitle)
 	row := func(name string, n int, f func(p NetpolPoint) string) {
-		fmt.Fprintf(b, "| %s |", name)
-		for _, dp := range NetpolDatapaths {
+		tableRow(name, func(dp string) string {
 			p, ok := r.NetpolPoint(dp, n)
-			switch {
-			case !ok:
-				fmt.Fprintf(b, " — |")
-			case p.NA != "":
-				fmt.Fprintf(b, " %s |", shortNA(p.NA))
-			default:
-				fmt.Fprintf(b, " %s%s |", f(p), roundsNote(p.Rounds, len(p.Samples)))
-			}
-		}
-		fmt.Fprintln(b)
+			return cell(ok, p.NA, p.Rounds, len(p.Samples), func() string { return f(p) })
+		})
 	}
 	// Points from before rounds existed carry one sample of higher
 	// precision; keep their old formatting.

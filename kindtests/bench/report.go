@@ -236,33 +236,11 @@ func (r *Results) serviceMarkdown(b *strings.Builder) {
 		fmt.Fprintf(b, "- scale cells: median over the rounds (min–max in parentheses); [k/R rounds] marks a cell where only k rounds produced numbers; the bulk and EndpointSlice rows are one run per datapath\n")
 	}
 	fmt.Fprintln(b)
-	modes := r.Modes
-	fmt.Fprintf(b, "| metric |")
-	for _, m := range modes {
-		fmt.Fprintf(b, " %s |", columnTitle[m])
-	}
-	fmt.Fprintf(b, "\n|---|")
-	for range modes {
-		fmt.Fprintf(b, "---|")
-	}
-	fmt.Fprintln(b)
-	row := func(name string, cell func(m string) string) {
-		fmt.Fprintf(b, "| %s |", name)
-		for _, m := range modes {
-			fmt.Fprintf(b, " %s |", cell(m))
-		}
-		fmt.Fprintln(b)
-	}
+	row := table(b, r.Modes, columnTitle)
 	scaleRow := func(name string, n int, f func(p Point) string) {
 		row(name, func(m string) string {
 			p, ok := r.Point(m, n)
-			if !ok {
-				return "—"
-			}
-			if p.NA != "" {
-				return shortNA(p.NA)
-			}
-			return f(p) + roundsNote(p.Rounds, len(p.Samples))
+			return cell(ok, p.NA, p.Rounds, len(p.Samples), func() string { return f(p) })
 		})
 	}
 	for _, n := range r.Scales {
@@ -294,13 +272,7 @@ func (r *Results) serviceMarkdown(b *strings.Builder) {
 	bulkRow := func(name string, f func(b Bulk) string) {
 		row(name, func(m string) string {
 			bk, ok := r.Bulk[m]
-			if !ok {
-				return "—"
-			}
-			if bk.NA != "" {
-				return shortNA(bk.NA)
-			}
-			return f(bk)
+			return cell(ok, bk.NA, 0, 0, func() string { return f(bk) })
 		})
 	}
 	var bulk Bulk
@@ -335,6 +307,35 @@ func (r *Results) serviceMarkdown(b *strings.Builder) {
 		}
 		fmt.Fprintln(b)
 	}
+}
+
+// table writes the header of a markdown table with a metric column and one
+// column per key, and returns the function that writes a row.
+func table(b *strings.Builder, keys []string, title map[string]string) (row func(name string, cell func(key string) string)) {
+	fmt.Fprintf(b, "| metric |")
+	for _, k := range keys {
+		fmt.Fprintf(b, " %s |", title[k])
+	}
+	fmt.Fprintf(b, "\n|---|%s\n", strings.Repeat("---|", len(keys)))
+	return func(name string, cell func(key string) string) {
+		fmt.Fprintf(b, "| %s |", name)
+		for _, k := range keys {
+			fmt.Fprintf(b, " %s |", cell(k))
+		}
+		fmt.Fprintln(b)
+	}
+}
+
+// cell renders one measured cell: "—" when not measured, n/a with the reason,
+// else the numbers and, for a median over fewer rounds than ran, a note.
+func cell(ok bool, na string, rounds, samples int, numbers func() string) string {
+	switch {
+	case !ok:
+		return "—"
+	case na != "":
+		return shortNA(na)
+	}
+	return numbers() + roundsNote(rounds, samples)
 }
 
 // orUnknown stands in for metadata a bench.json from before it was

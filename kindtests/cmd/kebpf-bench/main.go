@@ -53,22 +53,8 @@ func main() {
 		fmt.Fprintln(os.Stderr, "kebpf-bench: --rounds and --policy-rounds must be at least 1")
 		os.Exit(2)
 	}
-	for _, s := range strings.Split(*scales, ",") {
-		n, err := strconv.Atoi(strings.TrimSpace(s))
-		if err != nil || n < 1 {
-			fmt.Fprintf(os.Stderr, "kebpf-bench: bad --scales entry %q\n", s)
-			os.Exit(2)
-		}
-		o.Scales = append(o.Scales, n)
-	}
-	for _, s := range strings.Split(*pScales, ",") {
-		n, err := strconv.Atoi(strings.TrimSpace(s))
-		if err != nil || n < 0 {
-			fmt.Fprintf(os.Stderr, "kebpf-bench: bad --policy-scales entry %q\n", s)
-			os.Exit(2)
-		}
-		o.PolicyScales = append(o.PolicyScales, n)
-	}
+	o.Scales = intList("scales", *scales, 1)
+	o.PolicyScales = intList("policy-scales", *pScales, 0)
 	services := false
 	for _, m := range strings.Split(*modes, ",") {
 		m = strings.TrimSpace(m)
@@ -106,4 +92,19 @@ func main() {
 		fmt.Fprintf(os.Stderr, "kebpf-bench: %v\n", err)
 		os.Exit(1)
 	}
+}
+
+// intList parses the comma-separated numbers of flag name, each at least
+// min; a bad entry is a usage error.
+func intList(name, list string, min int) []int {
+	var out []int
+	for _, s := range strings.Split(list, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(s))
+		if err != nil || n < min {
+			fmt.Fprintf(os.Stderr, "kebpf-bench: bad --%s entry %q\n", name, s)
+			os.Exit(2)
+		}
+		out = append(out, n)
+	}
+	return out
 }
