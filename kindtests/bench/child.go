@@ -123,6 +123,12 @@ type workerResp struct {
 	OK         bool    `json:"ok"`
 }
 
+// workerOps are the requests a worker answers, by workerReq.Op.
+var workerOps = map[string]func(workerReq) workerResp{
+	"lat": latency, "wait": wait, "sweep": sweep, // Service table
+	"conns": connsOp, "udprr": udpRROp, "udpflows": udpFlowsOp, // policy table
+}
+
 func runWorker(in io.Reader, out io.Writer) error {
 	sc := bufio.NewScanner(in)
 	enc := json.NewEncoder(out)
@@ -131,22 +137,9 @@ func runWorker(in io.Reader, out io.Writer) error {
 		if err := json.Unmarshal(sc.Bytes(), &req); err != nil {
 			return err
 		}
-		var resp workerResp
-		switch req.Op {
-		case "lat":
-			resp = latency(req)
-		case "wait":
-			resp = wait(req)
-		case "sweep":
-			resp = sweep(req)
-		case "conns":
-			resp = connsOp(req)
-		case "udprr":
-			resp = udpRROp(req)
-		case "udpflows":
-			resp = udpFlowsOp(req)
-		default:
-			resp.Err = "unknown op " + req.Op
+		resp := workerResp{Err: "unknown op " + req.Op}
+		if op, ok := workerOps[req.Op]; ok {
+			resp = op(req)
 		}
 		if err := enc.Encode(resp); err != nil {
 			return err

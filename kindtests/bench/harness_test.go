@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"os/exec"
+	"strings"
 	"testing"
 )
 
@@ -59,6 +60,22 @@ func runClean(t *testing.T, ctx context.Context, o Options) (res *Results, id st
 		t.Errorf("left behind after the run:\n%v", left)
 	}
 	return res, id
+}
+
+// checkMarkdown fails for every wanted string md lacks and every unwanted
+// one it holds.
+func checkMarkdown(t *testing.T, md string, want, unwanted []string) {
+	t.Helper()
+	for _, w := range want {
+		if !strings.Contains(md, w) {
+			t.Errorf("markdown lacks %q:\n%s", w, md)
+		}
+	}
+	for _, u := range unwanted {
+		if strings.Contains(md, u) {
+			t.Errorf("markdown holds %q:\n%s", u, md)
+		}
+	}
 }
 
 type testWriter struct{ t *testing.T }

@@ -201,14 +201,9 @@ func newNetpolEnv(ctx context.Context, o Options) (_ *npEnv, err error) {
 		return nil, fmt.Errorf("find %s: %w", e.hostVeth, err)
 	}
 
-	e.bpffs = filepath.Join(e.dir, "bpffs")
-	if err := os.Mkdir(e.bpffs, 0o700); err != nil {
+	if err := e.mountBPFFS(); err != nil {
 		return nil, err
 	}
-	if err := unix.Mount("bpf", e.bpffs, "bpf", 0, "mode=0700"); err != nil {
-		return nil, fmt.Errorf("mount private bpffs: %w", err)
-	}
-	e.undo = append(e.undo, func() error { return unix.Unmount(e.bpffs, unix.MNT_DETACH) })
 	// Sized for the largest scale: an apply holds old and new entries at once.
 	maxN := 0
 	for _, n := range o.PolicyScales {

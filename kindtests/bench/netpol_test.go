@@ -63,9 +63,5 @@ func TestIntegrationBenchNetpolSmoke(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"no policy", "eBPF (ours)", "iptables linear", "ipset", "10 CIDRs", "UDP new flows/s", "rounds: 2 per scale"} {
-		if !strings.Contains(string(md), want) {
-			t.Errorf("bench.md lacks %q:\n%s", want, md)
-		}
-	}
+	checkMarkdown(t, string(md), []string{"no policy", "eBPF (ours)", "iptables linear", "ipset", "10 CIDRs", "UDP new flows/s", "rounds: 2 per scale"}, nil)
 }

@@ -17,7 +17,10 @@ import (
 type sample interface {
 	// na is why the round produced no numbers ("" when it did).
 	na() string
+	round() int // 0-based
 }
+
+func (r RoundSlot) round() int { return r.Round }
 
 func (n NetpolNumbers) na() string  { return n.NA }
 func (n ServiceNumbers) na() string { return n.NA }
@@ -97,14 +100,18 @@ func medianOf[S any](ss []S, f func(S) float64) float64 {
 	return m
 }
 
-// firstNA is "round k: why" for the first round without numbers.
-func firstNA[S sample](ss []S, round func(S) int) string {
+// usable returns the rounds that produced numbers or, when none did, why
+// not: "round k: why" for the first.
+func usable[S sample](ss []S) (ok []S, na string) {
+	if ok = okSamples(ss); len(ok) > 0 {
+		return ok, ""
+	}
 	for _, s := range ss {
 		if s.na() != "" {
-			return fmt.Sprintf("round %d: %s", round(s)+1, s.na())
+			return nil, fmt.Sprintf("round %d: %s", s.round()+1, s.na())
 		}
 	}
-	return "no round produced numbers"
+	return nil, "no round produced numbers"
 }
 
 // enforcementFailure marks a round whose datapath let the denied port
@@ -125,10 +132,8 @@ func aggregateNetpol(dp string, n int, ss []NetpolSample) NetpolPoint {
 			return p
 		}
 	}
-	ok := okSamples(ss)
-	p.Rounds = len(ok)
-	if len(ok) == 0 {
-		p.NA = firstNA(ss, func(s NetpolSample) int { return s.Round })
+	ok, na := usable(ss)
+	if p.Rounds, p.NA = len(ok), na; na != "" {
 		return p
 	}
 	med := func(f func(NetpolSample) float64) float64 { return medianOf(ok, f) }
@@ -150,10 +155,8 @@ func aggregateNetpol(dp string, n int, ss []NetpolSample) NetpolPoint {
 // a point, as aggregateNetpol does for the policy table.
 func aggregatePoint(mode string, n int, ss []ServiceSample) Point {
 	p := Point{Mode: mode, Services: n, Samples: ss}
-	ok := okSamples(ss)
-	p.Rounds = len(ok)
-	if len(ok) == 0 {
-		p.NA = firstNA(ss, func(s ServiceSample) int { return s.Round })
+	ok, na := usable(ss)
+	if p.Rounds, p.NA = len(ok), na; na != "" {
 		return p
 	}
 	med := func(f func(ServiceSample) float64) float64 { return medianOf(ok, f) }
