@@ -224,25 +224,36 @@ func pollFd(fd int, ev int16, timeout time.Duration) error {
 }
 
 func latency(req workerReq) workerResp {
+	// Warm the neighbour cache, conntrack and branch predictors alike for
+	// every datapath.
+	return connectSeries(req, 200, false)
+}
+
+// connectSeries dials req.Addr warm times unmeasured, then req.Count times
+// one after another: a sample is the connect() or, with read, connect to the
+// server's answer.
+func connectSeries(req workerReq, warm int, read bool) workerResp {
 	sa, err := sockaddr(req.Addr)
 	if err != nil {
 		return workerResp{Err: err.Error()}
 	}
-	// Warm the neighbour cache, conntrack and branch predictors alike for
-	// every datapath.
-	for i := 0; i < 200; i++ {
-		_, _, _ = dial(sa, time.Second, false)
+	for range warm {
+		_, _, _ = dial(sa, time.Second, read)
 	}
 	samples := make([]time.Duration, 0, req.Count)
 	var errs int
 	var firstErr error
 	start := time.Now()
-	for i := 0; i < req.Count; i++ {
-		d, _, err := dial(sa, time.Second, false)
+	for range req.Count {
+		t0 := time.Now()
+		d, _, err := dial(sa, time.Second, read)
 		if err != nil {
 			errs++
 			firstErr = err
 			continue
+		}
+		if read {
+			d = time.Since(t0)
 		}
 		samples = append(samples, d)
 	}

@@ -553,27 +553,7 @@ func runNPServer() error {
 // connsOp opens req.Count new TCP connections one after another; each is
 // answered (one line) and closed by the server.
 func connsOp(req workerReq) workerResp {
-	sa, err := sockaddr(req.Addr)
-	if err != nil {
-		return workerResp{Err: err.Error()}
-	}
-	for i := 0; i < 100; i++ {
-		_, _, _ = dial(sa, time.Second, true)
-	}
-	samples := make([]time.Duration, 0, req.Count)
-	var errs int
-	var firstErr error
-	start := time.Now()
-	for i := 0; i < req.Count; i++ {
-		t0 := time.Now()
-		if _, _, err := dial(sa, time.Second, true); err != nil {
-			errs++
-			firstErr = err
-			continue
-		}
-		samples = append(samples, time.Since(t0))
-	}
-	return connResp(samples, errs, firstErr, time.Since(start))
+	return connectSeries(req, 100, true)
 }
 
 // udpRROp sends 64-byte requests on one connected UDP socket and waits for

@@ -286,23 +286,38 @@ func probeUDP(ctx context.Context, to string) (Result, error) {
 		c.SetDeadline(dl)
 	}
 	buf := make([]byte, 2048)
-	// Resend while waiting: the first datagram may race an ARP resolution.
-	for {
-		if _, err := c.Write([]byte("probe\n")); err != nil {
-			return r, err
-		}
-		c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	err = resendUntilAnswer(ctx, c, func() error {
+		_, err := c.Write([]byte("probe\n"))
+		return err
+	}, func() error {
 		n, err := c.Read(buf)
 		if err == nil {
 			r.Reply = strings.TrimSpace(string(buf[:n]))
-			return r, nil
+		}
+		return err
+	})
+	return r, err
+}
+
+// resendUntilAnswer sends and waits 300 ms for the answer, again and again
+// until one comes, a read fails other than by timing out, or ctx ends:
+// the first datagram may race an ARP resolution.
+func resendUntilAnswer(ctx context.Context, c net.Conn, send, recv func() error) error {
+	for {
+		if err := send(); err != nil {
+			return err
+		}
+		c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+		err := recv()
+		if err == nil {
+			return nil
 		}
 		var ne net.Error
 		if !errors.As(err, &ne) || !ne.Timeout() {
-			return r, err
+			return err
 		}
 		if ctx.Err() != nil {
-			return r, ctx.Err()
+			return ctx.Err()
 		}
 	}
 }
@@ -326,24 +341,17 @@ func probeUDPUnconnected(ctx context.Context, to string) (Result, error) {
 	defer c.Close()
 	var r Result
 	buf := make([]byte, 2048)
-	for {
-		if _, err := c.WriteToUDP([]byte("probe\n"), dst); err != nil {
-			return r, err
-		}
-		c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	err = resendUntilAnswer(ctx, c, func() error {
+		_, err := c.WriteToUDP([]byte("probe\n"), dst)
+		return err
+	}, func() error {
 		n, from, err := c.ReadFromUDP(buf)
 		if err == nil {
 			r.Reply, r.Peer = strings.TrimSpace(string(buf[:n])), from.String()
-			return r, nil
 		}
-		var ne net.Error
-		if !errors.As(err, &ne) || !ne.Timeout() {
-			return r, err
-		}
-		if ctx.Err() != nil {
-			return r, ctx.Err()
-		}
-	}
+		return err
+	})
+	return r, err
 }
 
 func probeHTTP(ctx context.Context, to string) (Result, error) {
