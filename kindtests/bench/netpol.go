@@ -507,26 +507,31 @@ func (e *npEnv) sample(ctx context.Context, dp string, n int) NetpolSample {
 			return s
 		}
 	}
-	resp, err := e.worker.call(workerReq{Op: "conns", Addr: srv, Count: e.conns})
-	if err != nil && resp.ConnPerSec == 0 {
-		s.NA = "connections: " + err.Error()
+	// step runs one worker request; one that failed without numbers makes
+	// the sample n/a, named by what.
+	step := func(what string, req workerReq, numbers func(workerResp) float64) (workerResp, bool) {
+		resp, err := e.worker.call(req)
+		if err != nil && numbers(resp) == 0 {
+			s.NA = what + ": " + err.Error()
+			return resp, false
+		}
+		s.Errors += resp.Errors
+		return resp, true
+	}
+	rate := func(r workerResp) float64 { return r.RRPerSec }
+	resp, ok := step("connections", workerReq{Op: "conns", Addr: srv, Count: e.conns}, func(r workerResp) float64 { return r.ConnPerSec })
+	if !ok {
 		return s
 	}
-	s.ConnPerSec, s.ConnP50us, s.ConnP99us, s.Errors = resp.ConnPerSec, resp.P50us, resp.P99us, resp.Errors
-	resp, err = e.worker.call(workerReq{Op: "udprr", Addr: udp, TimeoutMs: int(e.rr / time.Millisecond)})
-	if err != nil && resp.RRPerSec == 0 {
-		s.NA = "udp rr: " + err.Error()
+	s.ConnPerSec, s.ConnP50us, s.ConnP99us = resp.ConnPerSec, resp.P50us, resp.P99us
+	if resp, ok = step("udp rr", workerReq{Op: "udprr", Addr: udp, TimeoutMs: int(e.rr / time.Millisecond)}, rate); !ok {
 		return s
 	}
 	s.RRPerSec, s.RRus = resp.RRPerSec, resp.RRus
-	s.Errors += resp.Errors
-	resp, err = e.worker.call(workerReq{Op: "udpflows", Addr: udp, TimeoutMs: int(e.flows / time.Millisecond)})
-	if err != nil && resp.RRPerSec == 0 {
-		s.NA = "udp new flows: " + err.Error()
+	if resp, ok = step("udp new flows", workerReq{Op: "udpflows", Addr: udp, TimeoutMs: int(e.flows / time.Millisecond)}, rate); !ok {
 		return s
 	}
 	s.FlowsPerSec, s.FlowUs = resp.RRPerSec, resp.RRus
-	s.Errors += resp.Errors
 	return s
 }
 

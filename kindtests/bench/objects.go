@@ -109,20 +109,14 @@ func (s svcSet) create(ctx context.Context, c kubernetes.Interface, from, to, wo
 	start := time.Now()
 	var done atomic.Int64
 	err := parallel(ctx, from, to, workers, func(i int) error {
-		if err := retry(ctx, func() error {
+		if err := createRetry(ctx, func() error {
 			_, err := c.CoreV1().Services(s.ns).Create(ctx, s.service(i), metav1.CreateOptions{})
-			if apierrors.IsAlreadyExists(err) {
-				return nil
-			}
 			return err
 		}); err != nil {
 			return fmt.Errorf("create service %s/%s: %w", s.ns, s.name(i), err)
 		}
-		if err := retry(ctx, func() error {
+		if err := createRetry(ctx, func() error {
 			_, err := c.DiscoveryV1().EndpointSlices(s.ns).Create(ctx, s.slice(i), metav1.CreateOptions{})
-			if apierrors.IsAlreadyExists(err) {
-				return nil
-			}
 			return err
 		}); err != nil {
 			return fmt.Errorf("create endpointslice %s/%s: %w", s.ns, s.name(i), err)
@@ -179,6 +173,17 @@ func parallel(ctx context.Context, from, to, workers int, f func(i int) error) e
 	wg.Wait()
 	close(errc)
 	return <-errc
+}
+
+// createRetry retries create; an object that already exists (a retried
+// create that did reach the server) counts as created.
+func createRetry(ctx context.Context, create func() error) error {
+	return retry(ctx, func() error {
+		if err := create(); !apierrors.IsAlreadyExists(err) {
+			return err
+		}
+		return nil
+	})
 }
 
 func retry(ctx context.Context, f func() error) error {
