@@ -94,6 +94,25 @@ func sampleValues[S any](ss []S, f func(S) float64) []float64 {
 	return out
 }
 
+// medians sets every number of dst to the median of the same number (the
+// same position in floats) over ss.
+func medians[S any](dst []*float64, ss []S, floats func(*S) []*float64) {
+	for i, d := range dst {
+		*d = medianOf(ss, func(s S) float64 { return *floats(&s)[i] })
+	}
+}
+
+// floats are the numbers of a policy measurement a median is taken of.
+func (n *NetpolNumbers) floats() []*float64 {
+	return []*float64{&n.ProgramSeconds, &n.ConnPerSec, &n.ConnP50us, &n.ConnP99us, &n.RRPerSec, &n.RRus, &n.FlowsPerSec, &n.FlowUs}
+}
+
+// floats are the numbers of a Service measurement a median is taken of
+// (RSSKB, an integer, apart).
+func (n *ServiceNumbers) floats() []*float64 {
+	return []*float64{&n.ProgramSeconds, &n.P50us, &n.P99us, &n.ConnPerSec}
+}
+
 // medianOf is the median of one metric over ss.
 func medianOf[S any](ss []S, f func(S) float64) float64 {
 	m, _, _, _ := medianRange(sampleValues(ss, f))
@@ -136,15 +155,7 @@ func aggregateNetpol(dp string, n int, ss []NetpolSample) NetpolPoint {
 	if p.Rounds, p.NA = len(ok), na; na != "" {
 		return p
 	}
-	med := func(f func(NetpolSample) float64) float64 { return medianOf(ok, f) }
-	p.ProgramSeconds = med(func(s NetpolSample) float64 { return s.ProgramSeconds })
-	p.ConnPerSec = med(func(s NetpolSample) float64 { return s.ConnPerSec })
-	p.ConnP50us = med(func(s NetpolSample) float64 { return s.ConnP50us })
-	p.ConnP99us = med(func(s NetpolSample) float64 { return s.ConnP99us })
-	p.RRPerSec = med(func(s NetpolSample) float64 { return s.RRPerSec })
-	p.RRus = med(func(s NetpolSample) float64 { return s.RRus })
-	p.FlowsPerSec = med(func(s NetpolSample) float64 { return s.FlowsPerSec })
-	p.FlowUs = med(func(s NetpolSample) float64 { return s.FlowUs })
+	medians(p.floats(), ok, func(s *NetpolSample) []*float64 { return s.floats() })
 	for _, s := range ss {
 		p.Errors += s.Errors
 	}
@@ -159,12 +170,8 @@ func aggregatePoint(mode string, n int, ss []ServiceSample) Point {
 	if p.Rounds, p.NA = len(ok), na; na != "" {
 		return p
 	}
-	med := func(f func(ServiceSample) float64) float64 { return medianOf(ok, f) }
-	p.ProgramSeconds = med(func(s ServiceSample) float64 { return s.ProgramSeconds })
-	p.P50us = med(func(s ServiceSample) float64 { return s.P50us })
-	p.P99us = med(func(s ServiceSample) float64 { return s.P99us })
-	p.ConnPerSec = med(func(s ServiceSample) float64 { return s.ConnPerSec })
-	p.RSSKB = int64(med(func(s ServiceSample) float64 { return float64(s.RSSKB) }))
+	medians(p.floats(), ok, func(s *ServiceSample) []*float64 { return s.floats() })
+	p.RSSKB = int64(medianOf(ok, func(s ServiceSample) float64 { return float64(s.RSSKB) }))
 	for _, s := range ss {
 		p.Errors += s.Errors
 	}

@@ -253,17 +253,26 @@ func attempt(proto, to string, timeout time.Duration, unconnected bool) Result {
 	return r
 }
 
-func probeStream(ctx context.Context, network, to string) (Result, error) {
+// dialProbe connects to to, bounded by ctx's deadline; the result names
+// the peer the socket reports (getpeername()).
+func dialProbe(ctx context.Context, network, to string) (net.Conn, Result, error) {
 	var d net.Dialer
 	c, err := d.DialContext(ctx, network, to)
 	if err != nil {
-		return Result{}, err
+		return nil, Result{}, err
 	}
-	defer c.Close()
-	r := Result{Peer: c.RemoteAddr().String()}
 	if dl, ok := ctx.Deadline(); ok {
 		c.SetDeadline(dl)
 	}
+	return c, Result{Peer: c.RemoteAddr().String()}, nil
+}
+
+func probeStream(ctx context.Context, network, to string) (Result, error) {
+	c, r, err := dialProbe(ctx, network, to)
+	if err != nil {
+		return r, err
+	}
+	defer c.Close()
 	line, err := bufio.NewReader(c).ReadString('\n')
 	r.Reply = strings.TrimSpace(line)
 	if err != nil && r.Reply == "" {
@@ -275,16 +284,11 @@ func probeStream(ctx context.Context, network, to string) (Result, error) {
 // probeUDP uses a connected UDP socket, so ICMP errors (port unreachable) and
 // a socket-LB refusal surface as errors instead of a silent timeout.
 func probeUDP(ctx context.Context, to string) (Result, error) {
-	var d net.Dialer
-	c, err := d.DialContext(ctx, "udp", to)
+	c, r, err := dialProbe(ctx, "udp", to)
 	if err != nil {
-		return Result{}, err
+		return r, err
 	}
 	defer c.Close()
-	r := Result{Peer: c.RemoteAddr().String()}
-	if dl, ok := ctx.Deadline(); ok {
-		c.SetDeadline(dl)
-	}
 	buf := make([]byte, 2048)
 	err = resendUntilAnswer(ctx, c, func() error {
 		_, err := c.Write([]byte("probe\n"))
