@@ -95,9 +95,15 @@ spec:
 // kubectlJSON runs kubectl (which must succeed) and decodes its stdout into v.
 func kubectlJSON(t *testing.T, v any, args ...string) {
 	t.Helper()
-	out := mustKubectl(t, time.Minute, args...)
+	mustJSON(t, "kubectl "+strings.Join(args, " "), mustKubectl(t, time.Minute, args...), v)
+}
+
+// mustJSON decodes the output of what into v; output that is not JSON fails
+// the test.
+func mustJSON(t *testing.T, what, out string, v any) {
+	t.Helper()
 	if err := json.Unmarshal([]byte(out), v); err != nil {
-		t.Fatalf("kubectl %s: output is not JSON: %v\n%s", strings.Join(args, " "), err, out)
+		t.Fatalf("%s: output is not JSON: %v\n%s", what, err, out)
 	}
 }
 
