@@ -4,7 +4,6 @@ package bench
 
 import (
 	"context"
-	"slices"
 	"testing"
 	"time"
 
@@ -43,11 +42,7 @@ func TestIntegrationBenchSmoke(t *testing.T) {
 		case m != ModeDirect && p.ProgramSeconds <= 0:
 			t.Errorf("%s: no program time %+v", m, p)
 		}
-		for r, smp := range p.Samples {
-			if want := slices.Index(rotation(modes, r), m); smp.Round != r || smp.Slot != want {
-				t.Errorf("%s sample %d: round %d slot %d, want round %d slot %d", m, r, smp.Round, smp.Slot, r, want)
-			}
-		}
+		checkRotation(t, m, modes, m, p.Samples)
 		if m == ModeDirect {
 			continue
 		}

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -74,6 +75,17 @@ func checkMarkdown(t *testing.T, md string, want, unwanted []string) {
 	for _, u := range unwanted {
 		if strings.Contains(md, u) {
 			t.Errorf("markdown holds %q:\n%s", u, md)
+		}
+	}
+}
+
+// checkRotation fails unless sample r of col was measured in round r at
+// col's place in that round's rotated order of cols.
+func checkRotation[S sample](t *testing.T, what string, cols []string, col string, ss []S) {
+	t.Helper()
+	for r, s := range ss {
+		if want := slices.Index(rotation(cols, r), col); s.place().Round != r || s.place().Slot != want {
+			t.Errorf("%s sample %d: round %d slot %d, want round %d slot %d", what, r, s.place().Round, s.place().Slot, r, want)
 		}
 	}
 }

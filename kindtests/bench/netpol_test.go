@@ -7,7 +7,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -52,11 +51,7 @@ func TestIntegrationBenchNetpolSmoke(t *testing.T) {
 			case dp != NetpolNone && p.ProgramSeconds <= 0:
 				t.Errorf("%s N=%d: no program time %+v", dp, n, p)
 			}
-			for r, smp := range p.Samples {
-				if want := slices.Index(rotation(NetpolDatapaths, r), dp); smp.Round != r || smp.Slot != want {
-					t.Errorf("%s N=%d sample %d: round %d slot %d, want round %d slot %d", dp, n, r, smp.Round, smp.Slot, r, want)
-				}
-			}
+			checkRotation(t, dp+" at "+human(n)+" CIDRs", NetpolDatapaths, dp, p.Samples)
 		}
 	}
 	md, err := os.ReadFile(filepath.Join(out, "bench.md"))

@@ -17,10 +17,10 @@ import (
 type sample interface {
 	// na is why the round produced no numbers ("" when it did).
 	na() string
-	round() int // 0-based
+	place() RoundSlot
 }
 
-func (r RoundSlot) round() int { return r.Round }
+func (r RoundSlot) place() RoundSlot { return r }
 
 func (n NetpolNumbers) na() string  { return n.NA }
 func (n ServiceNumbers) na() string { return n.NA }
@@ -127,7 +127,7 @@ func usable[S sample](ss []S) (ok []S, na string) {
 	}
 	for _, s := range ss {
 		if s.na() != "" {
-			return nil, fmt.Sprintf("round %d: %s", s.round()+1, s.na())
+			return nil, fmt.Sprintf("round %d: %s", s.place().Round+1, s.na())
 		}
 	}
 	return nil, "no round produced numbers"
