@@ -186,3 +186,12 @@ func baseName(p string) string {
 	}
 	return p
 }
+
+func TestMountsUnder(t *testing.T) {
+	if got := mountsUnder("/proc"); len(got) == 0 || got[len(got)-1] != "/proc" {
+		t.Errorf("mountsUnder(/proc) = %v, want /proc last (deepest first)", got)
+	}
+	if got := mountsUnder("/nonexistent-kebpf"); len(got) != 0 {
+		t.Errorf("mountsUnder(/nonexistent-kebpf) = %v", got)
+	}
+}
