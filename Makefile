@@ -30,7 +30,7 @@ GOTEST       := $(GO) test -count=1 -p 1
 .PHONY: build deps generate verify unit root e2e test cluster-up cluster-down demo bench clean help
 
 help: ## list targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 build: ## build kubectl-ebpf, kebpf-agent and kebpf-cni into bin/
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/ ./plugin/cmd/kubectl-ebpf ./nodeagent/cmd/kebpf-agent ./nodeagent/cmd/kebpf-cni
@@ -54,19 +54,19 @@ verify: ## gofmt, go vet, and generated files match their sources
 	@git diff --exit-code -- api bpf manifests/yaml || { echo "generated files differ from the committed ones: run make generate and commit"; exit 1; }
 	@test -z "$$(git status --porcelain --untracked-files=all -- api bpf manifests/yaml)" || { git status --short -- api bpf manifests/yaml; echo "generated files not committed: run make generate and commit"; exit 1; }
 
-unit: ## fast tests (no root, no cluster)
+unit: ## go test -short ./...: needs no root and no cluster (root/cluster tests skip, saying what they need)
 	@echo "== unit tier"
 	$(GOTEST) -short ./...
 
-root: ## root tier: real BPF programs, real cgroups, real netns; the local cluster's own lifecycle
+root: ## needs root + a BPF kernel + make deps tools: real BPF programs, cgroups, netns; the local cluster's own up/down; bench smoke
 	@echo "== root tier"
-	$(GOTEST) -timeout 30m ./bpf/... ./nodeagent/... ./kindtests/cluster/... ./kindtests/bench/...
+	KEBPF_E2E=1 $(GOTEST) -timeout 30m ./bpf/... ./nodeagent/... ./kindtests/cluster/... ./kindtests/bench/...
 
-e2e: $(CLUSTER_TOOL) ## end-to-end: bring up a cluster, run plugin integration and e2e suites, tear down
+e2e: $(CLUSTER_TOOL) ## needs root: brings up the local cluster itself, runs plugin integration and e2e suites, tears it down
 	@echo "== e2e tier (cluster $(CLUSTER))"
 	@trap '$(CLUSTER_TOOL) down --name $(CLUSTER)' EXIT; \
 	  kc=$$($(CLUSTER_TOOL) up --name $(CLUSTER)); \
-	  KEBPF_KUBECONFIG=$$kc KEBPF_CLUSTER=$(CLUSTER) KEBPF_AGENT_IMAGE=localhost/kubectl-ebpf/agent:$(VERSION) $(GOTEST) -timeout 40m ./plugin/... ./manifests/... ./kindtests/e2e/...
+	  KEBPF_E2E=1 KEBPF_KUBECONFIG=$$kc KEBPF_CLUSTER=$(CLUSTER) KEBPF_AGENT_IMAGE=localhost/kubectl-ebpf/agent:$(VERSION) $(GOTEST) -timeout 40m ./plugin/... ./manifests/... ./kindtests/e2e/...
 
 test: deps verify unit root e2e ## every test tier (what CI runs)
 	@echo "== all test tiers passed"

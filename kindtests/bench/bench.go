@@ -20,6 +20,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/utils/ptr"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/kindtests/k8sbin"
 )
 
 // Datapath modes, in table column order.
@@ -56,7 +58,10 @@ type Options struct {
 	BulkEndpoints int
 	Changes       int // endpoint changes timed per mode; 0 skips
 	LatCount      int // connects per latency sample
-	Workers       int // parallel API writers
+	// Rounds: rounds per scale of the Service table, each measuring every
+	// mode once in a rotated order; cells are the median over the rounds.
+	Rounds  int
+	Workers int // parallel API writers
 	// ModeTimeout bounds how long a datapath may take to program a scale
 	// point before it is recorded n/a.
 	ModeTimeout time.Duration
@@ -84,6 +89,9 @@ func (o *Options) defaults() {
 	if o.LatCount == 0 {
 		o.LatCount = 5000
 	}
+	if o.Rounds == 0 {
+		o.Rounds = 3
+	}
 	if o.Workers == 0 {
 		o.Workers = 32
 	}
@@ -91,7 +99,7 @@ func (o *Options) defaults() {
 		o.ModeTimeout = 10 * time.Minute
 	}
 	if o.KubeBinDir == "" {
-		o.KubeBinDir = "/root/.cache/kubectl-ebpf/k8s-v1.35.4/bin"
+		o.KubeBinDir = k8sbin.BinDir()
 	}
 	if o.Etcd == "" {
 		o.Etcd = "/usr/bin/etcd"
@@ -144,34 +152,44 @@ func Run(ctx context.Context, o Options) (*Results, error) {
 	return res, err
 }
 
-func runServices(ctx context.Context, o Options, res *Results) (err error) {
+func runServices(ctx context.Context, o Options, res *Results) error {
 	e, err := newEnv(ctx, o.Log)
 	if err != nil {
 		return err
 	}
+	res.KubeProxy = toolVersion(filepath.Join(o.KubeBinDir, "kube-proxy"), "--version")
+	res.Etcd = toolVersion(o.Etcd, "--version")
+	r := &runner{o: o, e: e, res: res, log: o.Log}
+	return runIn(ctx, o, res, e, e.close, []string{"worker-plain", "worker-socklb"}, func() error { return r.run(ctx) })
+}
+
+// runIn runs body in the environment e of one table: OnEnv learns the run's
+// id; an interrupt kills the named workers, since a worker blocked in a long
+// sweep or wait would keep the run from reaching teardown; afterwards
+// closeEnv removes the environment and the results are written, also after
+// an error.
+func runIn(ctx context.Context, o Options, res *Results, e *env, closeEnv func() error, workers []string, body func() error) (err error) {
 	if o.OnEnv != nil {
 		o.OnEnv(e.id)
 	}
 	defer func() {
-		if cerr := e.close(); cerr != nil {
+		if cerr := closeEnv(); cerr != nil {
 			err = errors.Join(err, cerr)
 		}
 		res.write(o.Out, o.Log)
 	}()
-	// A worker blocked in a long sweep or wait would keep an interrupted run
-	// from reaching teardown: killing the workers ends their answers.
 	done := make(chan struct{})
 	defer close(done)
 	go func() {
 		select {
 		case <-ctx.Done():
-			e.stop("worker-plain", time.Second)
-			e.stop("worker-socklb", time.Second)
+			for _, w := range workers {
+				e.stop(w, time.Second)
+			}
 		case <-done:
 		}
 	}()
-	r := &runner{o: o, e: e, res: res, log: o.Log}
-	return r.run(ctx)
+	return body()
 }
 
 type runner struct {
@@ -255,16 +273,27 @@ func (r *runner) run(ctx context.Context) error {
 			r.res.CreateSeconds[n] = d.Seconds()
 			created = n
 		}
-		for _, m := range r.o.Modes {
-			p := r.scalePoint(ctx, m, n)
+		byMode, err := measureRounds(r.o.Rounds, r.o.Modes, func(round, slot int, m string) (ServiceSample, error) {
+			t := time.Now()
+			s := r.scalePoint(ctx, m, n)
 			if ctx.Err() != nil {
-				return ctx.Err()
+				return s, ctx.Err()
 			}
-			r.res.Scale = append(r.res.Scale, p)
-			r.log.Info("scale point", "mode", m, "services", n, "p50us", p.P50us, "p99us", p.P99us,
-				"connPerSec", int(p.ConnPerSec), "programSeconds", p.ProgramSeconds, "na", p.NA)
-			r.res.write(r.o.Out, r.log)
+			s.Round, s.Slot, s.Seconds = round, slot, time.Since(t).Seconds()
+			r.log.Info("scale sample", "mode", m, "services", n, "round", fmt.Sprintf("%d/%d", round+1, r.o.Rounds), "slot", slot,
+				"p50us", s.P50us, "p99us", s.P99us, "connPerSec", int(s.ConnPerSec), "programSeconds", s.ProgramSeconds, "na", s.NA)
+			return s, nil
+		})
+		if err != nil {
+			return err
 		}
+		for _, m := range r.o.Modes {
+			p := aggregatePoint(m, n, byMode[m])
+			r.res.Scale = append(r.res.Scale, p)
+			r.log.Info("scale point (median over rounds)", "mode", m, "services", n, "rounds", fmt.Sprintf("%d/%d", p.Rounds, len(p.Samples)),
+				"p50us", p.P50us, "p99us", p.P99us, "connPerSec", int(p.ConnPerSec), "programSeconds", p.ProgramSeconds, "na", p.NA)
+		}
+		r.res.write(r.o.Out, r.log)
 	}
 	r.log.Info("bench done", "took", time.Since(t0).Round(time.Second))
 	return nil
@@ -373,29 +402,10 @@ func (r *runner) startDatapath(ctx context.Context, mode string, timeout time.Du
 	}
 }
 
+// kubeProxyConfig is kube-proxy's defaults (what users run) in the client
+// netns, with the host's conntrack sysctls left alone.
 func kubeProxyConfig(mode, kubeconfig string) string {
-	// Zero conntrack sizes and timeouts: kube-proxy leaves those sysctls
-	// (some global to the host) alone. Everything else is kube-proxy's
-	// default, minSyncPeriod included: the bench compares what users run.
-	return fmt.Sprintf(`apiVersion: kubeproxy.config.k8s.io/v1alpha1
-kind: KubeProxyConfiguration
-clientConnection:
-  kubeconfig: %s
-mode: %s
-hostnameOverride: %s
-healthzBindAddress: 127.0.0.1:10256
-metricsBindAddress: 127.0.0.1:10249
-nodePortAddresses: ["%s/32"]
-iptables:
-  localhostNodePorts: false
-conntrack:
-  maxPerCore: 0
-  min: 0
-  tcpEstablishedTimeout: 0s
-  tcpCloseWaitTimeout: 0s
-  udpTimeout: 0s
-  udpStreamTimeout: 0s
-`, kubeconfig, mode, nodeName, clientIP)
+	return k8sbin.KubeProxy{Kubeconfig: kubeconfig, Mode: mode, Hostname: nodeName, NodeIP: clientIP}.Config()
 }
 
 // bulkAndChurn: with the datapath running, create BulkServices x
@@ -477,11 +487,11 @@ func (r *runner) bulkAndChurn(ctx context.Context, mode string) error {
 	return nil
 }
 
-// scalePoint measures one mode at n Services: program time from a cold
+// scalePoint measures one mode at n Services once: program time from a cold
 // controller start to the last Service answering, then connect() latency to
 // that last Service.
-func (r *runner) scalePoint(ctx context.Context, mode string, n int) Point {
-	pt := Point{Mode: mode, Services: n}
+func (r *runner) scalePoint(ctx context.Context, mode string, n int) ServiceSample {
+	var pt ServiceSample
 	last := scaleSet.addr(n - 1)
 	if mode == ModeDirect {
 		last = fmt.Sprintf("%s:%d", backendOf(n-1, 0), backendPort)

@@ -4,53 +4,30 @@ package bench
 
 import (
 	"context"
-	"log/slog"
-	"os"
 	"testing"
 	"time"
-)
 
-// TestMain lets the test binary serve as the harness's child processes
-// (backend server, client worker, socket-LB agent), as kebpf-bench does.
-func TestMain(m *testing.M) {
-	if Child() {
-		return
-	}
-	os.Exit(m.Run())
-}
+	"github.com/kubectl-ebpf/kubectl-ebpf/kindtests/k8sbin"
+)
 
 // TestIntegrationBenchSmoke runs the whole harness at N=10 and checks every
 // mode produced numbers and nothing of the run is left on the host.
 func TestIntegrationBenchSmoke(t *testing.T) {
-	if testing.Short() {
-		t.Skip("integration: needs root, netns, cgroup v2, BPF and the kube binaries")
-	}
-	if os.Geteuid() != 0 {
-		t.Skip("needs root")
-	}
-	kubeBin := "/root/.cache/kubectl-ebpf/k8s-v1.35.4/bin"
-	if _, err := os.Stat(kubeBin + "/kube-proxy"); err != nil {
-		t.Skipf("kube binaries not built (make cluster-up builds them): %v", err)
+	requireRoot(t, "netns, cgroup v2, BPF and the kube binaries")
+	requireTools(t, "ip", "nft", "conntrack", "etcd")
+	// The Kubernetes binaries are ours to build (once, cached under
+	// KEBPF_CACHE_DIR), so a missing one is built, never a reason to skip.
+	kubeBin, err := k8sbin.Ensure(t.Context(), testWriter{t})
+	if err != nil {
+		t.Fatalf("kubernetes binaries: %v", err)
 	}
 	modes := []string{ModeDirect, ModeSocklb, ModeIptables}
-	var id string
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	res, err := Run(ctx, Options{
-		Scales: []int{10}, Modes: modes, BulkServices: 20, BulkEndpoints: 2, Changes: 3, LatCount: 200,
+	res, _ := runClean(t, ctx, Options{
+		Scales: []int{10}, Modes: modes, Rounds: 2, BulkServices: 20, BulkEndpoints: 2, Changes: 3, LatCount: 200,
 		ModeTimeout: time.Minute, KubeBinDir: kubeBin,
-		Log:   slog.New(slog.NewTextHandler(testWriter{t}, nil)),
-		OnEnv: func(s string) { id = s },
 	})
-	if err != nil {
-		t.Fatalf("run: %v", err)
-	}
-	if id == "" {
-		t.Fatal("no environment was created")
-	}
-	if left := Leftovers(id); len(left) > 0 {
-		t.Errorf("left behind after the run:\n%v", left)
-	}
 	for _, m := range modes {
 		p, ok := res.Point(m, 10)
 		switch {
@@ -58,9 +35,14 @@ func TestIntegrationBenchSmoke(t *testing.T) {
 			t.Errorf("%s: no measurement at N=10", m)
 		case p.NA != "":
 			t.Errorf("%s: n/a: %s", m, p.NA)
+		case len(p.Samples) != 2 || p.Rounds != 2:
+			t.Errorf("%s: want 2 rounds with numbers, got %d of %d: %+v", m, p.Rounds, len(p.Samples), p.Samples)
 		case p.P50us <= 0 || p.P99us < p.P50us || p.ConnPerSec <= 0:
 			t.Errorf("%s: implausible numbers %+v", m, p)
+		case m != ModeDirect && p.ProgramSeconds <= 0:
+			t.Errorf("%s: no program time %+v", m, p)
 		}
+		checkRotation(t, m, modes, m, p.Samples)
 		if m == ModeDirect {
 			continue
 		}
@@ -69,15 +51,5 @@ func TestIntegrationBenchSmoke(t *testing.T) {
 			t.Errorf("%s: bulk/churn phase incomplete: %+v", m, b)
 		}
 	}
-	if md := res.Markdown(); len(md) == 0 {
-		t.Error("empty markdown")
-	}
-}
-
-type testWriter struct{ t *testing.T }
-
-func (w testWriter) Write(p []byte) (int, error) {
-	w.t.Helper()
-	w.t.Log(string(p))
-	return len(p), nil
+	checkMarkdown(t, res.Markdown(), []string{"- rounds: 2 per scale", "Kubernetes " + k8sbin.Version, "revision ", "iptables v"}, []string{"(not recorded)"})
 }

@@ -124,6 +124,12 @@ type workerResp struct {
 	OK         bool    `json:"ok"`
 }
 
+// workerOps are the requests a worker answers, by workerReq.Op.
+var workerOps = map[string]func(workerReq) workerResp{
+	"lat": latency, "wait": wait, "sweep": sweep, // Service table
+	"conns": connsOp, "udprr": udpRROp, "udpflows": udpFlowsOp, // policy table
+}
+
 func runWorker(in io.Reader, out io.Writer) error {
 	sc := bufio.NewScanner(in)
 	enc := json.NewEncoder(out)
@@ -132,22 +138,9 @@ func runWorker(in io.Reader, out io.Writer) error {
 		if err := json.Unmarshal(sc.Bytes(), &req); err != nil {
 			return err
 		}
-		var resp workerResp
-		switch req.Op {
-		case "lat":
-			resp = latency(req)
-		case "wait":
-			resp = wait(req)
-		case "sweep":
-			resp = sweep(req)
-		case "conns":
-			resp = connsOp(req)
-		case "udprr":
-			resp = udpRROp(req)
-		case "udpflows":
-			resp = udpFlowsOp(req)
-		default:
-			resp.Err = "unknown op " + req.Op
+		resp := workerResp{Err: "unknown op " + req.Op}
+		if op, ok := workerOps[req.Op]; ok {
+			resp = op(req)
 		}
 		if err := enc.Encode(resp); err != nil {
 			return err
@@ -232,25 +225,36 @@ func pollFd(fd int, ev int16, timeout time.Duration) error {
 }
 
 func latency(req workerReq) workerResp {
+	// Warm the neighbour cache, conntrack and branch predictors alike for
+	// every datapath.
+	return connectSeries(req, 200, false)
+}
+
+// connectSeries dials req.Addr warm times unmeasured, then req.Count times
+// one after another: a sample is the connect() or, with read, connect to the
+// server's answer.
+func connectSeries(req workerReq, warm int, read bool) workerResp {
 	sa, err := sockaddr(req.Addr)
 	if err != nil {
 		return workerResp{Err: err.Error()}
 	}
-	// Warm the neighbour cache, conntrack and branch predictors alike for
-	// every datapath.
-	for i := 0; i < 200; i++ {
-		_, _, _ = dial(sa, time.Second, false)
+	for range warm {
+		_, _, _ = dial(sa, time.Second, read)
 	}
 	samples := make([]time.Duration, 0, req.Count)
 	var errs int
 	var firstErr error
 	start := time.Now()
-	for i := 0; i < req.Count; i++ {
-		d, _, err := dial(sa, time.Second, false)
+	for range req.Count {
+		t0 := time.Now()
+		d, _, err := dial(sa, time.Second, read)
 		if err != nil {
 			errs++
 			firstErr = err
 			continue
+		}
+		if read {
+			d = time.Since(t0)
 		}
 		samples = append(samples, d)
 	}

@@ -166,14 +166,9 @@ func newEnv(ctx context.Context, log *slog.Logger) (_ *env, err error) {
 	}
 	e.undo = append(e.undo, e.cgFD.Close)
 
-	e.bpffs = filepath.Join(e.dir, "bpffs")
-	if err := os.Mkdir(e.bpffs, 0o700); err != nil {
+	if err := e.mountBPFFS(); err != nil {
 		return nil, err
 	}
-	if err := unix.Mount("bpf", e.bpffs, "bpf", 0, "mode=0700"); err != nil {
-		return nil, fmt.Errorf("mount private bpffs: %w", err)
-	}
-	e.undo = append(e.undo, func() error { return unix.Unmount(e.bpffs, unix.MNT_DETACH) })
 	log.Info("bench environment ready", "id", id, "clientNetns", e.nsC, "backendNetns", e.nsB, "cgroup", e.cgroup)
 	return e, nil
 }
@@ -374,4 +369,18 @@ func rssKB(pid int) int64 {
 		}
 	}
 	return 0
+}
+
+// mountBPFFS mounts a private bpffs at e.bpffs: the run's pins never meet
+// the host's, and teardown unmounts it with everything pinned there.
+func (e *env) mountBPFFS() error {
+	e.bpffs = filepath.Join(e.dir, "bpffs")
+	if err := os.Mkdir(e.bpffs, 0o700); err != nil {
+		return err
+	}
+	if err := unix.Mount("bpf", e.bpffs, "bpf", 0, "mode=0700"); err != nil {
+		return fmt.Errorf("mount private bpffs: %w", err)
+	}
+	e.undo = append(e.undo, func() error { return unix.Unmount(e.bpffs, unix.MNT_DETACH) })
+	return nil
 }

@@ -67,6 +67,21 @@ var netpolTitle = map[string]string{
 type NetpolPoint struct {
 	Datapath string `json:"datapath"`
 	CIDRs    int    `json:"cidrs"`
+	NetpolNumbers
+	// Rounds is how many of Samples produced numbers.
+	Rounds  int            `json:"rounds,omitempty"`
+	Samples []NetpolSample `json:"samples,omitempty"`
+}
+
+// NetpolSample is one round of one datapath at one scale; Seconds is the
+// wall time of program, checks, samples and teardown.
+type NetpolSample struct {
+	RoundSlot
+	NetpolNumbers
+}
+
+// NetpolNumbers are what one measurement of a policy datapath yields.
+type NetpolNumbers struct {
 	// ProgramSeconds: writing the N+1 rules (ApplyEndpoint; iptables-restore
 	// plus ipset restore) until the client's first connection is answered.
 	ProgramSeconds float64 `json:"programSeconds,omitempty"`
@@ -84,26 +99,6 @@ type NetpolPoint struct {
 	FlowUs      float64 `json:"udpNewFlowUs,omitempty"`
 	Errors      int     `json:"errors,omitempty"`
 	NA          string  `json:"na,omitempty"`
-	// Rounds is how many of Samples produced numbers.
-	Rounds  int            `json:"rounds,omitempty"`
-	Samples []NetpolSample `json:"samples,omitempty"`
-}
-
-// NetpolSample is one round of one datapath at one scale.
-type NetpolSample struct {
-	Round          int     `json:"round"` // 0-based
-	Slot           int     `json:"slot"`  // position in the round's rotated order, 0 first
-	ProgramSeconds float64 `json:"programSeconds,omitempty"`
-	ConnPerSec     float64 `json:"connPerSec,omitempty"`
-	ConnP50us      float64 `json:"connP50us,omitempty"`
-	ConnP99us      float64 `json:"connP99us,omitempty"`
-	RRPerSec       float64 `json:"udpRRPerSec,omitempty"`
-	RRus           float64 `json:"udpRRus,omitempty"`
-	FlowsPerSec    float64 `json:"udpNewFlowsPerSec,omitempty"`
-	FlowUs         float64 `json:"udpNewFlowUs,omitempty"`
-	Errors         int     `json:"errors,omitempty"`
-	NA             string  `json:"na,omitempty"`
-	Seconds        float64 `json:"seconds"` // wall time of program, checks, samples and teardown
 }
 
 // NetpolPoint looks up one policy measurement.
@@ -206,14 +201,9 @@ func newNetpolEnv(ctx context.Context, o Options) (_ *npEnv, err error) {
 		return nil, fmt.Errorf("find %s: %w", e.hostVeth, err)
 	}
 
-	e.bpffs = filepath.Join(e.dir, "bpffs")
-	if err := os.Mkdir(e.bpffs, 0o700); err != nil {
+	if err := e.mountBPFFS(); err != nil {
 		return nil, err
 	}
-	if err := unix.Mount("bpf", e.bpffs, "bpf", 0, "mode=0700"); err != nil {
-		return nil, fmt.Errorf("mount private bpffs: %w", err)
-	}
-	e.undo = append(e.undo, func() error { return unix.Unmount(e.bpffs, unix.MNT_DETACH) })
 	// Sized for the largest scale: an apply holds old and new entries at once.
 	maxN := 0
 	for _, n := range o.PolicyScales {
@@ -429,7 +419,7 @@ func (e *npEnv) enforced() (bool, error) {
 // scale, o.NetpolRounds rounds, each measuring every datapath once in an
 // order rotated per round (none ebpf iptables ipset, then ebpf iptables
 // ipset none, ...), so drift of a noisy machine hits every column alike.
-func runNetpol(ctx context.Context, o Options, res *Results) (err error) {
+func runNetpol(ctx context.Context, o Options, res *Results) error {
 	res.PolicyScales, res.Netpol = o.PolicyScales, nil
 	res.NetpolDate = time.Now().UTC().Format(time.RFC3339)
 	res.NetpolConns, res.NetpolRRSeconds = o.NetpolConns, o.NetpolRR.Seconds()
@@ -438,25 +428,11 @@ func runNetpol(ctx context.Context, o Options, res *Results) (err error) {
 	if err != nil {
 		return err
 	}
-	if o.OnEnv != nil {
-		o.OnEnv(e.id)
-	}
-	defer func() {
-		if cerr := e.close(); cerr != nil {
-			err = errors.Join(err, cerr)
-		}
-		res.write(o.Out, o.Log)
-	}()
-	done := make(chan struct{})
-	defer close(done)
-	go func() {
-		// A worker call never outlives an interrupt: its answer ends with it.
-		select {
-		case <-ctx.Done():
-			e.stop("np-worker", time.Second)
-		case <-done:
-		}
-	}()
+	return runIn(ctx, o, res, e.env, e.close, []string{"np-worker"}, func() error { return e.measure(ctx, o, res) })
+}
+
+// measure is runNetpol's rounds in the built environment.
+func (e *npEnv) measure(ctx context.Context, o Options, res *Results) error {
 	srv := fmt.Sprintf("%s:%d", npServerIP, npTCPPort)
 	if _, err := e.worker.call(workerReq{Op: "wait", Addr: srv, TimeoutMs: 10000}); err != nil {
 		return fmt.Errorf("server unreachable before any policy: %w: %s", err, e.logTail("np-server"))
@@ -464,24 +440,25 @@ func runNetpol(ctx context.Context, o Options, res *Results) (err error) {
 	total := len(o.PolicyScales) * len(NetpolDatapaths) * e.rounds
 	k, start := 0, time.Now()
 	for _, n := range o.PolicyScales {
-		byDP := map[string][]NetpolSample{}
-		for r := 0; r < e.rounds; r++ {
-			order := rotation(NetpolDatapaths, r)
-			o.Log.Info("netpol round", "cidrs", n, "round", fmt.Sprintf("%d/%d", r+1, e.rounds), "order", strings.Join(order, ","))
-			for slot, dp := range order {
-				t := time.Now()
-				s := e.sample(ctx, dp, n)
-				if ctx.Err() != nil {
-					return ctx.Err()
-				}
-				s.Round, s.Slot, s.Seconds = r, slot, time.Since(t).Seconds()
-				byDP[dp] = append(byDP[dp], s)
-				k++
-				o.Log.Info("netpol sample", "progress", fmt.Sprintf("%d/%d", k, total), "elapsed", time.Since(start).Round(time.Second),
-					"cidrs", n, "round", r+1, "datapath", dp, "connPerSec", int(s.ConnPerSec), "connP50us", s.ConnP50us,
-					"udpRRPerSec", int(s.RRPerSec), "udpNewFlowsPerSec", int(s.FlowsPerSec),
-					"programSeconds", s.ProgramSeconds, "seconds", fmt.Sprintf("%.1f", s.Seconds), "na", s.NA)
+		byDP, err := measureRounds(e.rounds, NetpolDatapaths, func(r, slot int, dp string) (NetpolSample, error) {
+			if slot == 0 {
+				o.Log.Info("netpol round", "cidrs", n, "round", fmt.Sprintf("%d/%d", r+1, e.rounds), "order", strings.Join(rotation(NetpolDatapaths, r), ","))
 			}
+			t := time.Now()
+			s := e.sample(ctx, dp, n)
+			if ctx.Err() != nil {
+				return s, ctx.Err()
+			}
+			s.Round, s.Slot, s.Seconds = r, slot, time.Since(t).Seconds()
+			k++
+			o.Log.Info("netpol sample", "progress", fmt.Sprintf("%d/%d", k, total), "elapsed", time.Since(start).Round(time.Second),
+				"cidrs", n, "round", r+1, "datapath", dp, "connPerSec", int(s.ConnPerSec), "connP50us", s.ConnP50us,
+				"udpRRPerSec", int(s.RRPerSec), "udpNewFlowsPerSec", int(s.FlowsPerSec),
+				"programSeconds", s.ProgramSeconds, "seconds", fmt.Sprintf("%.1f", s.Seconds), "na", s.NA)
+			return s, nil
+		})
+		if err != nil {
+			return err
 		}
 		for _, dp := range NetpolDatapaths {
 			p := aggregateNetpol(dp, n, byDP[dp])
@@ -530,26 +507,31 @@ func (e *npEnv) sample(ctx context.Context, dp string, n int) NetpolSample {
 			return s
 		}
 	}
-	resp, err := e.worker.call(workerReq{Op: "conns", Addr: srv, Count: e.conns})
-	if err != nil && resp.ConnPerSec == 0 {
-		s.NA = "connections: " + err.Error()
+	// step runs one worker request; one that failed without numbers makes
+	// the sample n/a, named by what.
+	step := func(what string, req workerReq, numbers func(workerResp) float64) (workerResp, bool) {
+		resp, err := e.worker.call(req)
+		if err != nil && numbers(resp) == 0 {
+			s.NA = what + ": " + err.Error()
+			return resp, false
+		}
+		s.Errors += resp.Errors
+		return resp, true
+	}
+	rate := func(r workerResp) float64 { return r.RRPerSec }
+	resp, ok := step("connections", workerReq{Op: "conns", Addr: srv, Count: e.conns}, func(r workerResp) float64 { return r.ConnPerSec })
+	if !ok {
 		return s
 	}
-	s.ConnPerSec, s.ConnP50us, s.ConnP99us, s.Errors = resp.ConnPerSec, resp.P50us, resp.P99us, resp.Errors
-	resp, err = e.worker.call(workerReq{Op: "udprr", Addr: udp, TimeoutMs: int(e.rr / time.Millisecond)})
-	if err != nil && resp.RRPerSec == 0 {
-		s.NA = "udp rr: " + err.Error()
+	s.ConnPerSec, s.ConnP50us, s.ConnP99us = resp.ConnPerSec, resp.P50us, resp.P99us
+	if resp, ok = step("udp rr", workerReq{Op: "udprr", Addr: udp, TimeoutMs: int(e.rr / time.Millisecond)}, rate); !ok {
 		return s
 	}
 	s.RRPerSec, s.RRus = resp.RRPerSec, resp.RRus
-	s.Errors += resp.Errors
-	resp, err = e.worker.call(workerReq{Op: "udpflows", Addr: udp, TimeoutMs: int(e.flows / time.Millisecond)})
-	if err != nil && resp.RRPerSec == 0 {
-		s.NA = "udp new flows: " + err.Error()
+	if resp, ok = step("udp new flows", workerReq{Op: "udpflows", Addr: udp, TimeoutMs: int(e.flows / time.Millisecond)}, rate); !ok {
 		return s
 	}
 	s.FlowsPerSec, s.FlowUs = resp.RRPerSec, resp.RRus
-	s.Errors += resp.Errors
 	return s
 }
 
@@ -576,27 +558,7 @@ func runNPServer() error {
 // connsOp opens req.Count new TCP connections one after another; each is
 // answered (one line) and closed by the server.
 func connsOp(req workerReq) workerResp {
-	sa, err := sockaddr(req.Addr)
-	if err != nil {
-		return workerResp{Err: err.Error()}
-	}
-	for i := 0; i < 100; i++ {
-		_, _, _ = dial(sa, time.Second, true)
-	}
-	samples := make([]time.Duration, 0, req.Count)
-	var errs int
-	var firstErr error
-	start := time.Now()
-	for i := 0; i < req.Count; i++ {
-		t0 := time.Now()
-		if _, _, err := dial(sa, time.Second, true); err != nil {
-			errs++
-			firstErr = err
-			continue
-		}
-		samples = append(samples, time.Since(t0))
-	}
-	return connResp(samples, errs, firstErr, time.Since(start))
+	return connectSeries(req, 100, true)
 }
 
 // udpRROp sends 64-byte requests on one connected UDP socket and waits for
@@ -734,29 +696,12 @@ func (r *Results) netpolMarkdown(b *strings.Builder) {
 		fmt.Fprintf(b, "- new flows: UDP request/response (64 B) for %s s, each from a new socket bound to a source port not used before in the sample: a new conntrack entry per round trip, so iptables walks its N rules (ipset: one hash lookup) and eBPF does its LPM lookup once per flow\n", fmtSeconds(r.NetpolFlowsSeconds))
 	}
 	fmt.Fprintf(b, "- program time: writing the prepared rule set (ApplyEndpoint; ipset restore + iptables-restore) until the client's first connection is answered\n\n")
-	fmt.Fprintf(b, "| metric |")
-	for _, dp := range NetpolDatapaths {
-		fmt.Fprintf(b, " %s |", netpolTitle[dp])
-	}
-	fmt.Fprintf(b, "\n|---|")
-	for range NetpolDatapaths {
-		fmt.Fprintf(b, "---|")
-	}
-	fmt.Fprintln(b)
+	tableRow := table(b, NetpolDatapaths, netpolTitle)
 	row := func(name string, n int, f func(p NetpolPoint) string) {
-		fmt.Fprintf(b, "| %s |", name)
-		for _, dp := range NetpolDatapaths {
+		tableRow(name, func(dp string) string {
 			p, ok := r.NetpolPoint(dp, n)
-			switch {
-			case !ok:
-				fmt.Fprintf(b, " — |")
-			case p.NA != "":
-				fmt.Fprintf(b, " %s |", shortNA(p.NA))
-			default:
-				fmt.Fprintf(b, " %s%s |", f(p), roundsNote(p))
-			}
-		}
-		fmt.Fprintln(b)
+			return cell(ok, p.NA, p.Rounds, len(p.Samples), func() string { return f(p) })
+		})
 	}
 	// Points from before rounds existed carry one sample of higher
 	// precision; keep their old formatting.
@@ -766,25 +711,25 @@ func (r *Results) netpolMarkdown(b *strings.Builder) {
 	}
 	for _, n := range r.PolicyScales {
 		row(fmt.Sprintf("connections/s, %s CIDRs", human(n)), n, func(p NetpolPoint) string {
-			return statCell(p, "%.0f", p.ConnPerSec, func(s NetpolSample) float64 { return s.ConnPerSec })
+			return statCell(p.Samples, "%.0f", p.ConnPerSec, func(s NetpolSample) float64 { return s.ConnPerSec })
 		})
 		row(fmt.Sprintf("connection p50 / p99 µs, %s CIDRs", human(n)), n, func(p NetpolPoint) string {
-			return statCell(p, us, p.ConnP50us, func(s NetpolSample) float64 { return s.ConnP50us }) + " / " +
-				statCell(p, us, p.ConnP99us, func(s NetpolSample) float64 { return s.ConnP99us })
+			return statCell(p.Samples, us, p.ConnP50us, func(s NetpolSample) float64 { return s.ConnP50us }) + " / " +
+				statCell(p.Samples, us, p.ConnP99us, func(s NetpolSample) float64 { return s.ConnP99us })
 		})
 		row(fmt.Sprintf("UDP round trips/s, established flow, %s CIDRs", human(n)), n, func(p NetpolPoint) string {
-			return statCell(p, "%.0f", p.RRPerSec, func(s NetpolSample) float64 { return s.RRPerSec })
+			return statCell(p.Samples, "%.0f", p.RRPerSec, func(s NetpolSample) float64 { return s.RRPerSec })
 		})
 		if r.NetpolFlowsSeconds > 0 {
 			row(fmt.Sprintf("UDP new flows/s (fresh source port each), %s CIDRs", human(n)), n, func(p NetpolPoint) string {
-				return statCell(p, "%.0f", p.FlowsPerSec, func(s NetpolSample) float64 { return s.FlowsPerSec })
+				return statCell(p.Samples, "%.0f", p.FlowsPerSec, func(s NetpolSample) float64 { return s.FlowsPerSec })
 			})
 		}
 		row(fmt.Sprintf("program time to first allowed connection, %s CIDRs", human(n)), n, func(p NetpolPoint) string {
 			if p.Datapath == NetpolNone {
 				return "—"
 			}
-			return statCell(p, "%.3f", p.ProgramSeconds, func(s NetpolSample) float64 { return s.ProgramSeconds }) + " s"
+			return statCell(p.Samples, "%.3f", p.ProgramSeconds, func(s NetpolSample) float64 { return s.ProgramSeconds }) + " s"
 		})
 	}
 }

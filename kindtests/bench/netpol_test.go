@@ -4,11 +4,9 @@ package bench
 
 import (
 	"context"
-	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -20,37 +18,16 @@ import (
 // through or the client is refused), and teardown must leave no netns,
 // mount, process, rule or set behind.
 func TestIntegrationBenchNetpolSmoke(t *testing.T) {
-	if testing.Short() {
-		t.Skip("integration: needs root, netns, BPF, iptables and ipset")
-	}
-	if os.Geteuid() != 0 {
-		t.Skip("needs root")
-	}
-	for _, tool := range []string{"ip", "iptables-restore", "ipset", "nft", "conntrack"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s not installed", tool)
-		}
-	}
+	requireRoot(t, "netns, BPF, iptables and ipset")
+	requireTools(t, "ip", "iptables-restore", "ipset", "nft", "conntrack")
 	out := t.TempDir()
-	var id string
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	res, err := Run(ctx, Options{
+	res, id := runClean(t, ctx, Options{
 		Modes: []string{ModeNetpol}, PolicyScales: []int{0, 10}, NetpolConns: 100, NetpolRR: 200 * time.Millisecond,
 		NetpolFlows: 200 * time.Millisecond, NetpolRounds: 2,
-		Out:   out,
-		Log:   slog.New(slog.NewTextHandler(testWriter{t}, nil)),
-		OnEnv: func(s string) { id = s },
+		Out: out,
 	})
-	if err != nil {
-		t.Fatalf("run: %v", err)
-	}
-	if id == "" {
-		t.Fatal("no environment was created")
-	}
-	if left := Leftovers(id); len(left) > 0 {
-		t.Errorf("left behind after the run:\n%v", left)
-	}
 	// Rules and sets lived only in the node netns: none may appear here.
 	if b, err := exec.Command("nft", "list", "ruleset").CombinedOutput(); err == nil && strings.Contains(string(b), npChain) {
 		t.Errorf("chain %s found in the host netns", npChain)
@@ -74,20 +51,12 @@ func TestIntegrationBenchNetpolSmoke(t *testing.T) {
 			case dp != NetpolNone && p.ProgramSeconds <= 0:
 				t.Errorf("%s N=%d: no program time %+v", dp, n, p)
 			}
-			for r, smp := range p.Samples {
-				if want := slices.Index(rotation(NetpolDatapaths, r), dp); smp.Round != r || smp.Slot != want {
-					t.Errorf("%s N=%d sample %d: round %d slot %d, want round %d slot %d", dp, n, r, smp.Round, smp.Slot, r, want)
-				}
-			}
+			checkRotation(t, dp+" at "+human(n)+" CIDRs", NetpolDatapaths, dp, p.Samples)
 		}
 	}
 	md, err := os.ReadFile(filepath.Join(out, "bench.md"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"no policy", "eBPF (ours)", "iptables linear", "ipset", "10 CIDRs", "UDP new flows/s", "rounds: 2 per scale"} {
-		if !strings.Contains(string(md), want) {
-			t.Errorf("bench.md lacks %q:\n%s", want, md)
-		}
-	}
+	checkMarkdown(t, string(md), []string{"no policy", "eBPF (ours)", "iptables linear", "ipset", "10 CIDRs", "UDP new flows/s", "rounds: 2 per scale"}, nil)
 }

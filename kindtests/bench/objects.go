@@ -107,48 +107,26 @@ func (s svcSet) create(ctx context.Context, c kubernetes.Interface, from, to, wo
 		return 0, err
 	}
 	start := time.Now()
-	var next, done atomic.Int64
-	next.Store(int64(from))
-	var wg sync.WaitGroup
-	errc := make(chan error, workers)
-	for w := 0; w < workers; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				i := int(next.Add(1) - 1)
-				if i >= to || ctx.Err() != nil {
-					return
-				}
-				if err := retry(ctx, func() error {
-					_, err := c.CoreV1().Services(s.ns).Create(ctx, s.service(i), metav1.CreateOptions{})
-					if apierrors.IsAlreadyExists(err) {
-						return nil
-					}
-					return err
-				}); err != nil {
-					errc <- fmt.Errorf("create service %s/%s: %w", s.ns, s.name(i), err)
-					return
-				}
-				if err := retry(ctx, func() error {
-					_, err := c.DiscoveryV1().EndpointSlices(s.ns).Create(ctx, s.slice(i), metav1.CreateOptions{})
-					if apierrors.IsAlreadyExists(err) {
-						return nil
-					}
-					return err
-				}); err != nil {
-					errc <- fmt.Errorf("create endpointslice %s/%s: %w", s.ns, s.name(i), err)
-					return
-				}
-				if d := done.Add(1); progress != nil && d%5000 == 0 {
-					progress(from + int(d))
-				}
-			}
-		}()
-	}
-	wg.Wait()
-	close(errc)
-	if err := <-errc; err != nil {
+	var done atomic.Int64
+	err := parallel(ctx, from, to, workers, func(i int) error {
+		if err := createRetry(ctx, func() error {
+			_, err := c.CoreV1().Services(s.ns).Create(ctx, s.service(i), metav1.CreateOptions{})
+			return err
+		}); err != nil {
+			return fmt.Errorf("create service %s/%s: %w", s.ns, s.name(i), err)
+		}
+		if err := createRetry(ctx, func() error {
+			_, err := c.DiscoveryV1().EndpointSlices(s.ns).Create(ctx, s.slice(i), metav1.CreateOptions{})
+			return err
+		}); err != nil {
+			return fmt.Errorf("create endpointslice %s/%s: %w", s.ns, s.name(i), err)
+		}
+		if d := done.Add(1); progress != nil && d%5000 == 0 {
+			progress(from + int(d))
+		}
+		return nil
+	})
+	if err != nil {
 		return 0, err
 	}
 	return time.Since(start), ctx.Err()
@@ -157,11 +135,26 @@ func (s svcSet) create(ctx context.Context, c kubernetes.Interface, from, to, wo
 // deleteRange removes Services [from, to) and their slices, in parallel (no
 // namespace controller runs, and Services have no deletecollection).
 func (s svcSet) deleteRange(ctx context.Context, c kubernetes.Interface, from, to, workers int) error {
+	return parallel(ctx, from, to, workers, func(i int) error {
+		if err := c.CoreV1().Services(s.ns).Delete(ctx, s.name(i), metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
+			return fmt.Errorf("delete service %s/%s: %w", s.ns, s.name(i), err)
+		}
+		if err := c.DiscoveryV1().EndpointSlices(s.ns).Delete(ctx, s.name(i), metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
+			return fmt.Errorf("delete endpointslice %s/%s: %w", s.ns, s.name(i), err)
+		}
+		return nil
+	})
+}
+
+// parallel calls f for every i in [from, to) from workers goroutines and
+// returns the first error; a worker stops at its first error, every worker
+// when ctx ends.
+func parallel(ctx context.Context, from, to, workers int, f func(i int) error) error {
 	var next atomic.Int64
 	next.Store(int64(from))
 	var wg sync.WaitGroup
 	errc := make(chan error, workers)
-	for w := 0; w < workers; w++ {
+	for range workers {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -170,12 +163,8 @@ func (s svcSet) deleteRange(ctx context.Context, c kubernetes.Interface, from, t
 				if i >= to || ctx.Err() != nil {
 					return
 				}
-				if err := c.CoreV1().Services(s.ns).Delete(ctx, s.name(i), metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
-					errc <- fmt.Errorf("delete service %s/%s: %w", s.ns, s.name(i), err)
-					return
-				}
-				if err := c.DiscoveryV1().EndpointSlices(s.ns).Delete(ctx, s.name(i), metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
-					errc <- fmt.Errorf("delete endpointslice %s/%s: %w", s.ns, s.name(i), err)
+				if err := f(i); err != nil {
+					errc <- err
 					return
 				}
 			}
@@ -184,6 +173,17 @@ func (s svcSet) deleteRange(ctx context.Context, c kubernetes.Interface, from, t
 	wg.Wait()
 	close(errc)
 	return <-errc
+}
+
+// createRetry retries create; an object that already exists (a retried
+// create that did reach the server) counts as created.
+func createRetry(ctx context.Context, create func() error) error {
+	return retry(ctx, func() error {
+		if err := create(); !apierrors.IsAlreadyExists(err) {
+			return err
+		}
+		return nil
+	})
 }
 
 func retry(ctx context.Context, f func() error) error {

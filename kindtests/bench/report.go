@@ -12,17 +12,35 @@ import (
 	"strings"
 	"time"
 
-	"golang.org/x/sys/unix"
 	"gonum.org/v1/plot"
 	"gonum.org/v1/plot/plotter"
 	"gonum.org/v1/plot/plotutil"
 	"gonum.org/v1/plot/vg"
 )
 
-// Point is one mode at one number of Services.
+// Point is one mode at one number of Services: every number is the median
+// over the rounds in Samples that produced numbers (a bench.json from before
+// rounds has no Samples and one measurement per point).
 type Point struct {
 	Mode     string `json:"mode"`
 	Services int    `json:"services"`
+	ServiceNumbers
+	// Rounds is how many of Samples produced numbers.
+	Rounds  int             `json:"rounds,omitempty"`
+	Samples []ServiceSample `json:"samples,omitempty"`
+}
+
+// ServiceSample is one round of one Service datapath at one scale; Seconds
+// is the wall time of start, program, samples and stop.
+type ServiceSample struct {
+	RoundSlot
+	ServiceNumbers
+}
+
+// ServiceNumbers are what one measurement of a Service datapath yields: a
+// cold controller start until the last Service answers, then connect()
+// latency to it.
+type ServiceNumbers struct {
 	// ProgramSeconds: controller start (cold) to the last Service answering.
 	ProgramSeconds float64 `json:"programSeconds,omitempty"`
 	P50us          float64 `json:"p50us,omitempty"`
@@ -31,6 +49,13 @@ type Point struct {
 	Errors         int     `json:"errors,omitempty"`
 	RSSKB          int64   `json:"rssKB,omitempty"`
 	NA             string  `json:"na,omitempty"`
+}
+
+// RoundSlot places one sample of either table in its run.
+type RoundSlot struct {
+	Round   int     `json:"round"` // 0-based
+	Slot    int     `json:"slot"`  // position in the round's rotated order, 0 first
+	Seconds float64 `json:"seconds"`
 }
 
 // Bulk is the create-then-answer and endpoint-change phase of one mode.
@@ -50,14 +75,25 @@ type Bulk struct {
 
 // Results is everything a run measured (bench.json).
 type Results struct {
-	Date          string          `json:"date"`
-	Host          string          `json:"host"`
-	Kernel        string          `json:"kernel"`
-	CPUs          int             `json:"cpus"`
-	CPUModel      string          `json:"cpuModel"`
-	Modes         []string        `json:"modes"`
-	Scales        []int           `json:"scales"`
-	LatCount      int             `json:"connectsPerSample"`
+	Date     string `json:"date"`
+	Host     string `json:"host"`
+	Kernel   string `json:"kernel"`
+	CPUs     int    `json:"cpus"`
+	CPUModel string `json:"cpuModel"`
+	// Run metadata, read from this machine and the binaries at run time.
+	GoVersion string `json:"goVersion,omitempty"`
+	Revision  string `json:"revision,omitempty"` // git revision of the bench's source
+	Iptables  string `json:"iptablesVersion,omitempty"`
+	Ipset     string `json:"ipsetVersion,omitempty"`
+
+	Modes    []string `json:"modes"`
+	Scales   []int    `json:"scales"`
+	LatCount int      `json:"connectsPerSample"`
+	// Rounds per scale of the Service table (0 in a bench.json from before
+	// rounds); KubeProxy and Etcd are the versions its binaries reported.
+	Rounds        int             `json:"rounds,omitempty"`
+	KubeProxy     string          `json:"kubeProxyVersion,omitempty"`
+	Etcd          string          `json:"etcdVersion,omitempty"`
 	CreateSeconds map[int]float64 `json:"createSeconds"` // API time to grow the scale set to N
 	Scale         []Point         `json:"scale"`
 	Bulk          map[string]Bulk `json:"bulk"`
@@ -97,6 +133,7 @@ func (r *Results) carryOver(dir string, svc, np bool, log *slog.Logger) {
 	}
 	if !svc {
 		r.Date, r.Modes, r.Scales, r.LatCount = old.Date, serviceModes(old.Modes), old.Scales, old.LatCount
+		r.Rounds, r.KubeProxy, r.Etcd = old.Rounds, old.KubeProxy, old.Etcd
 		r.CreateSeconds, r.Scale, r.Bulk = old.CreateSeconds, old.Scale, old.Bulk
 		if r.CreateSeconds == nil {
 			r.CreateSeconds = map[int]float64{}
@@ -113,21 +150,12 @@ func (r *Results) carryOver(dir string, svc, np bool, log *slog.Logger) {
 }
 
 func newResults(o Options) *Results {
-	var u unix.Utsname
-	_ = unix.Uname(&u)
 	host, _ := os.Hostname()
-	model := ""
-	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
-		for _, l := range strings.Split(string(b), "\n") {
-			if strings.HasPrefix(l, "model name") {
-				model = strings.TrimSpace(l[strings.Index(l, ":")+1:])
-				break
-			}
-		}
-	}
 	return &Results{
-		Date: time.Now().UTC().Format(time.RFC3339), Host: host, Kernel: unix.ByteSliceToString(u.Release[:]),
-		CPUs: runtime.NumCPU(), CPUModel: model, Modes: serviceModes(o.Modes), Scales: o.Scales, LatCount: o.LatCount,
+		Date: time.Now().UTC().Format(time.RFC3339), Host: host, Kernel: kernelRelease(),
+		CPUs: runtime.NumCPU(), CPUModel: cpuModel(), GoVersion: runtime.Version(), Revision: revision(),
+		Iptables: toolVersion("iptables", "--version"), Ipset: toolVersion("ipset", "--version"),
+		Modes: serviceModes(o.Modes), Scales: o.Scales, LatCount: o.LatCount, Rounds: o.Rounds,
 		CreateSeconds: map[int]float64{}, Bulk: map[string]Bulk{},
 	}
 }
@@ -188,6 +216,7 @@ func (r *Results) Markdown() string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "# kubectl-ebpf benchmark\n\n")
 	fmt.Fprintf(&b, "- date: %s\n- machine: %s, %d CPUs (%s)\n- kernel: %s\n", r.Date, r.Host, r.CPUs, r.CPUModel, r.Kernel)
+	fmt.Fprintf(&b, "- built from revision %s with %s; %s, %s\n", orUnknown(r.Revision), orUnknown(r.GoVersion), orUnknown(r.Iptables), orUnknown(r.Ipset))
 	if len(r.Scale) > 0 || len(r.Bulk) > 0 {
 		r.serviceMarkdown(&b)
 	}
@@ -198,49 +227,35 @@ func (r *Results) Markdown() string {
 }
 
 func (r *Results) serviceMarkdown(b *strings.Builder) {
-	fmt.Fprintf(b, "- kube-proxy v1.35.4 (defaults, minSyncPeriod 1s; iptables mode through iptables-nft), etcd 3.4 on tmpfs, all inside private netns\n")
-	fmt.Fprintf(b, "- connect(): %d TCP connects per sample, from one client to the last-created Service (1 endpoint), closed with RST\n\n", r.LatCount)
-	modes := r.Modes
-	fmt.Fprintf(b, "| metric |")
-	for _, m := range modes {
-		fmt.Fprintf(b, " %s |", columnTitle[m])
-	}
-	fmt.Fprintf(b, "\n|---|")
-	for range modes {
-		fmt.Fprintf(b, "---|")
+	fmt.Fprintf(b, "- %s (kube-proxy's defaults, minSyncPeriod 1s; its iptables mode through %s), %s on tmpfs, all inside private netns\n",
+		orUnknown(r.KubeProxy), orUnknown(r.Iptables), orUnknown(r.Etcd))
+	fmt.Fprintf(b, "- connect(): %d TCP connects per sample, from one client to the last-created Service (1 endpoint), closed with RST\n", r.LatCount)
+	if r.Rounds > 0 {
+		fmt.Fprintf(b, "- rounds: %d per scale; a round starts every datapath cold in turn, waits until the last Service answers, measures and stops it, in an order rotated per round (%s, then %s, ...), so drift of the machine hits every column alike\n",
+			r.Rounds, strings.Join(rotation(r.Modes, 0), " "), strings.Join(rotation(r.Modes, 1), " "))
+		fmt.Fprintf(b, "- scale cells: median over the rounds (min–max in parentheses); [k/R rounds] marks a cell where only k rounds produced numbers; the bulk and EndpointSlice rows are one run per datapath\n")
 	}
 	fmt.Fprintln(b)
-	row := func(name string, cell func(m string) string) {
-		fmt.Fprintf(b, "| %s |", name)
-		for _, m := range modes {
-			fmt.Fprintf(b, " %s |", cell(m))
-		}
-		fmt.Fprintln(b)
-	}
+	row := table(b, r.Modes, columnTitle)
 	scaleRow := func(name string, n int, f func(p Point) string) {
 		row(name, func(m string) string {
 			p, ok := r.Point(m, n)
-			if !ok {
-				return "—"
-			}
-			if p.NA != "" {
-				return shortNA(p.NA)
-			}
-			return f(p)
+			return cell(ok, p.NA, p.Rounds, len(p.Samples), func() string { return f(p) })
 		})
 	}
 	for _, n := range r.Scales {
 		scaleRow(fmt.Sprintf("connect() p50 / p99 µs, %s Services", human(n)), n, func(p Point) string {
-			return fmt.Sprintf("%.1f / %.1f", p.P50us, p.P99us)
+			return statCell(p.Samples, "%.1f", p.P50us, func(s ServiceSample) float64 { return s.P50us }) + " / " +
+				statCell(p.Samples, "%.1f", p.P99us, func(s ServiceSample) float64 { return s.P99us })
 		})
 		scaleRow(fmt.Sprintf("connections/s, %s Services", human(n)), n, func(p Point) string {
-			return fmt.Sprintf("%.0f", p.ConnPerSec)
+			return statCell(p.Samples, "%.0f", p.ConnPerSec, func(s ServiceSample) float64 { return s.ConnPerSec })
 		})
 		scaleRow(fmt.Sprintf("cold start to last Service answering, %s Services", human(n)), n, func(p Point) string {
 			if p.Mode == ModeDirect {
 				return "—"
 			}
-			return fmt.Sprintf("%.2f s", p.ProgramSeconds)
+			return statCell(p.Samples, "%.2f", p.ProgramSeconds, func(s ServiceSample) float64 { return s.ProgramSeconds }) + " s"
 		})
 	}
 	for _, n := range r.Scales {
@@ -257,13 +272,7 @@ func (r *Results) serviceMarkdown(b *strings.Builder) {
 	bulkRow := func(name string, f func(b Bulk) string) {
 		row(name, func(m string) string {
 			bk, ok := r.Bulk[m]
-			if !ok {
-				return "—"
-			}
-			if bk.NA != "" {
-				return shortNA(bk.NA)
-			}
-			return f(bk)
+			return cell(ok, bk.NA, 0, 0, func() string { return f(bk) })
 		})
 	}
 	var bulk Bulk
@@ -298,6 +307,44 @@ func (r *Results) serviceMarkdown(b *strings.Builder) {
 		}
 		fmt.Fprintln(b)
 	}
+}
+
+// table writes the header of a markdown table with a metric column and one
+// column per key, and returns the function that writes a row.
+func table(b *strings.Builder, keys []string, title map[string]string) (row func(name string, cell func(key string) string)) {
+	fmt.Fprintf(b, "| metric |")
+	for _, k := range keys {
+		fmt.Fprintf(b, " %s |", title[k])
+	}
+	fmt.Fprintf(b, "\n|---|%s\n", strings.Repeat("---|", len(keys)))
+	return func(name string, cell func(key string) string) {
+		fmt.Fprintf(b, "| %s |", name)
+		for _, k := range keys {
+			fmt.Fprintf(b, " %s |", cell(k))
+		}
+		fmt.Fprintln(b)
+	}
+}
+
+// cell renders one measured cell: "—" when not measured, n/a with the reason,
+// else the numbers and, for a median over fewer rounds than ran, a note.
+func cell(ok bool, na string, rounds, samples int, numbers func() string) string {
+	switch {
+	case !ok:
+		return "—"
+	case na != "":
+		return shortNA(na)
+	}
+	return numbers() + roundsNote(rounds, samples)
+}
+
+// orUnknown stands in for metadata a bench.json from before it was
+// recorded lacks.
+func orUnknown(s string) string {
+	if s == "" {
+		return "(not recorded)"
+	}
+	return s
 }
 
 func (r *Results) plot(path string) error {

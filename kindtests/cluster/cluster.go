@@ -78,3 +78,17 @@ type KubeProxySwitch interface {
 	// starts it and waits until its rules are programmed (on=true).
 	SetKubeProxy(ctx context.Context, name string, on bool) error
 }
+
+// EnvCreateInTests is the environment variable that lets a test create a
+// local cluster (`make root` and `make e2e` set it to 1). Only one cluster
+// fits on a host, so a plain `go test ./...` never creates one.
+const EnvCreateInTests = "KEBPF_E2E"
+
+// CreateInTests reports whether tests may create a cluster; when not, the
+// reason says how to run them.
+func CreateInTests() (ok bool, reason string) {
+	if os.Getenv(EnvCreateInTests) == "1" {
+		return true, ""
+	}
+	return false, "creates a local cluster: run make e2e / make root (or set " + EnvCreateInTests + "=1)"
+}

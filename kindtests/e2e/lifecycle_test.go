@@ -3,7 +3,6 @@ package e2e
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"os"
 	"os/exec"
@@ -20,16 +19,6 @@ import (
 type result struct {
 	stdout, stderr string
 	code           int
-}
-
-func requireEnv(t *testing.T) {
-	t.Helper()
-	if testing.Short() {
-		t.Skip("e2e needs root and a local cluster; skipped under -short")
-	}
-	if os.Geteuid() != 0 {
-		t.Fatal("e2e needs root (this machine and CI run as root)")
-	}
 }
 
 // kubectl runs the kubectl built from the pinned Kubernetes module with the
@@ -144,9 +133,7 @@ func inspectNode(t *testing.T, node string) nodeBPF {
 	var progs []struct {
 		Name string `json:"name"`
 	}
-	if err := json.Unmarshal([]byte(out), &progs); err != nil {
-		t.Fatalf("bpftool prog show: %v: %s", err, out)
-	}
+	mustJSON(t, "bpftool prog show on "+node, out, &progs)
 	for _, p := range progs {
 		if strings.HasPrefix(p.Name, "kebpf_") {
 			s.programs = append(s.programs, p.Name)
@@ -181,9 +168,7 @@ func status(t *testing.T) (statusJSON, result) {
 	t.Helper()
 	r := kubectl(t, time.Minute, "ebpf", "status", "-o", "json")
 	var s statusJSON
-	if err := json.Unmarshal([]byte(r.stdout), &s); err != nil {
-		t.Fatalf("status -o json is not JSON: %v\n%s", err, r.stdout)
-	}
+	mustJSON(t, "kubectl ebpf status -o json", r.stdout, &s)
 	return s, r
 }
 

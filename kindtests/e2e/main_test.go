@@ -1,6 +1,11 @@
 // Package e2e is the end-to-end suite: the product installed through the real
 // `kubectl ebpf` plugin mechanism on a real cluster, with every claim about the
 // nodes proven on the nodes. The same tests run against either provider.
+//
+// The suite runs only when asked: `make e2e` (which brings the cluster up and
+// names it in KEBPF_CLUSTER), or KEBPF_E2E=1 (cluster.EnvCreateInTests) to let
+// the suite bring up and remove a cluster of its own. A plain `go test ./...` never creates a
+// cluster: only one fits on a host, and a stray one collides with it.
 package e2e
 
 import (
@@ -15,24 +20,48 @@ import (
 	"github.com/kubectl-ebpf/kubectl-ebpf/kindtests/testenv"
 )
 
+// envCluster names the recorded cluster `make e2e` brought up.
+const envCluster = "KEBPF_CLUSTER"
+
 // env is the environment every test of this package runs against.
 var env *testenv.Env
 
-// TestMain uses the cluster `make e2e` brought up (KEBPF_CLUSTER names its
-// record); run bare, it brings one up itself and removes it afterwards.
+// skipReason is why no test of this package can run; empty when env is set.
+var skipReason string
+
+// requireEnv skips a test when the suite was not asked for (see the package
+// comment) and fails it when the suite was asked for without root.
+func requireEnv(t *testing.T) {
+	t.Helper()
+	if env == nil {
+		t.Skip(skipReason)
+	}
+	if os.Geteuid() != 0 {
+		t.Fatal("e2e needs root (this machine and CI run as root)")
+	}
+}
+
 func TestMain(m *testing.M) {
 	flag.Parse()
-	if testing.Short() {
-		fmt.Println("e2e: skipped under -short (needs root and a local cluster)")
+	name := os.Getenv(envCluster)
+	switch {
+	case testing.Short():
+		skipReason = "e2e: skipped under -short (needs root and a local cluster: run make e2e)"
+	case name == "":
+		if ok, why := cluster.CreateInTests(); !ok {
+			skipReason = "e2e: skipped: needs a local cluster, which it " + why
+		}
+	}
+	if skipReason != "" {
+		fmt.Println(skipReason)
 		os.Exit(m.Run())
 	}
-	name := os.Getenv("KEBPF_CLUSTER")
 	own := false
 	var err error
 	if name != "" {
 		env, err = testenv.Load(name)
 		if err != nil {
-			fmt.Fprintf(os.Stderr, "e2e: KEBPF_CLUSTER=%s but no environment is recorded: %v\n", name, err)
+			fmt.Fprintf(os.Stderr, "e2e: %s=%s but no environment is recorded: %v\n", envCluster, name, err)
 			os.Exit(1)
 		}
 	} else {

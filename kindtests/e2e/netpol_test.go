@@ -1,8 +1,6 @@
 package e2e
 
 import (
-	"bufio"
-	"encoding/json"
 	"fmt"
 	"strings"
 	"sync"
@@ -48,24 +46,14 @@ kind: Namespace
 metadata: {name: %s, labels: {ns: "%s"}}
 `, npNS(ns), ns)
 		for _, n := range npPodNames {
-			fmt.Fprintf(&b, `---
-apiVersion: v1
-kind: Pod
-metadata: {name: %s, namespace: %s, labels: {pod: "%s"}}
-spec:
-  terminationGracePeriodSeconds: 1
-  containers:
-  - name: main
-    image: %s
-    imagePullPolicy: IfNotPresent
-    command: [/usr/local/bin/kebpf-testserver]
-    args: [serve, --tcp, '80,81', --udp, '80,81', --http, '0', --name, '%s/%s']
-    ports:
+			b.WriteString(serverPod{name: n, ns: npNS(ns), labels: fmt.Sprintf("pod: %q", n),
+				args: fmt.Sprintf("serve, --tcp, '80,81', --udp, '80,81', --http, '0', --name, '%s/%s'", ns, n),
+				container: `    ports:
     - {name: serve-80-tcp, containerPort: 80, protocol: TCP}
     - {name: serve-81-tcp, containerPort: 81, protocol: TCP}
     - {name: serve-80-udp, containerPort: 80, protocol: UDP}
     - {name: serve-81-udp, containerPort: 81, protocol: UDP}
-`, n, npNS(ns), n, env.Product.TestServerRef, ns, n)
+`}.yaml())
 		}
 	}
 	return b.String()
@@ -121,9 +109,7 @@ func npIPs(t *testing.T) map[npPod]string {
 				}
 			}
 		}
-		if err := json.Unmarshal([]byte(mustKubectl(t, time.Minute, "-n", npNS(ns), "get", "pods", "-o", "json")), &pods); err != nil {
-			t.Fatal(err)
-		}
+		kubectlJSON(t, &pods, "-n", npNS(ns), "get", "pods", "-o", "json")
 		for _, p := range pods.Items {
 			ips[npPod{ns, p.Metadata.Name}] = p.Status.PodIP
 		}
@@ -152,22 +138,18 @@ func probeMatrix(t *testing.T, ips map[npPod]string, proto string, port int) mat
 			defer func() { <-sem }()
 			r := kubectlQuiet(t, 2*time.Minute, "-n", npNS(from.ns), "exec", from.name, "--", "/usr/local/bin/kebpf-testserver", "probe",
 				"--protocol", proto, "--to", strings.Join(targets, ","), "--timeout", "1s")
+			res, err := decodeNProbes(r, len(targets))
+			if err != nil {
+				// No row: the matrix differs from any wanted one, and
+				// the error is the test's failure, not a "deny".
+				t.Errorf("probe from %s: %v", from, err)
+				return
+			}
 			row := map[npPod]bool{}
-			sc := bufio.NewScanner(strings.NewReader(r.stdout))
-			i := 0
-			for sc.Scan() && i < len(targets) {
-				var p probeResult
-				if err := json.Unmarshal(sc.Bytes(), &p); err != nil {
-					t.Errorf("probe from %s: %v: %q", from, err, sc.Text())
-					return
-				}
+			for i, p := range res {
 				to := allNPPods()[i]
 				// Connected to the right pod, not just connected.
 				row[to] = p.OK && p.Reply == to.String()
-				i++
-			}
-			if i != len(targets) {
-				t.Errorf("probe from %s: %d results, want %d (exit %d: %s)", from, i, len(targets), r.code, r.stderr)
 			}
 			mu.Lock()
 			got[from] = row
@@ -221,7 +203,7 @@ func deleteAllPolicies(t *testing.T) {
 
 func npCases() []npCase {
 	is := func(p npPod, ns, name string) bool { return p.ns == ns && (name == "" || p.name == name) }
-	return []npCase{
+	cases := []npCase{
 		{name: "no policy: allow all", proto: "tcp", port: 80, allow: allowAll},
 		{name: "default-deny ingress in x", proto: "tcp", port: 80,
 			policies: policy("x", "deny-ingress\n  podSelector: {}\n  policyTypes: [Ingress]\n"),
@@ -245,18 +227,19 @@ func npCases() []npCase {
 		{name: "two peers (OR): x/a from y/* or z/b", proto: "tcp", port: 80,
 			policies: policy("x", "a-from-y-or-zb\n  podSelector: {matchLabels: {pod: \"a\"}}\n  ingress:\n  - from: [{namespaceSelector: {matchLabels: {ns: \"y\"}}}, {namespaceSelector: {matchLabels: {ns: \"z\"}}, podSelector: {matchLabels: {pod: \"b\"}}}]\n"),
 			allow:    func(f, to npPod) bool { return !is(to, "x", "a") || f.ns == "y" || is(f, "z", "b") }},
-		{name: "named port: x/* ingress only on serve-81-tcp (probe 80)", proto: "tcp", port: 80,
-			policies: policy("x", "only-81\n  podSelector: {}\n  ingress:\n  - ports: [{port: serve-81-tcp}]\n"),
-			allow:    func(f, to npPod) bool { return to.ns != "x" }},
-		{name: "named port: x/* ingress only on serve-81-tcp (probe 81)", proto: "tcp", port: 81,
-			policies: policy("x", "only-81\n  podSelector: {}\n  ingress:\n  - ports: [{port: serve-81-tcp}]\n"),
-			allow:    allowAll},
-		{name: "endPort: x/* ingress on 81-90 (probe 80)", proto: "tcp", port: 80,
-			policies: policy("x", "range\n  podSelector: {}\n  ingress:\n  - ports: [{protocol: TCP, port: 81, endPort: 90}]\n"),
-			allow:    func(f, to npPod) bool { return to.ns != "x" }},
-		{name: "endPort: x/* ingress on 81-90 (probe 81)", proto: "tcp", port: 81,
-			policies: policy("x", "range\n  podSelector: {}\n  ingress:\n  - ports: [{protocol: TCP, port: 81, endPort: 90}]\n"),
-			allow:    allowAll},
+	}
+	// A policy of x admitting some ports: closed on a port outside them,
+	// open on one inside.
+	for _, p := range []struct{ name, ports string }{
+		{"named port: x/* ingress only on serve-81-tcp", "[{port: serve-81-tcp}]"},
+		{"endPort: x/* ingress on 81-90", "[{protocol: TCP, port: 81, endPort: 90}]"},
+	} {
+		pol := policy("x", "ports\n  podSelector: {}\n  ingress:\n  - ports: "+p.ports+"\n")
+		cases = append(cases,
+			npCase{name: p.name + " (probe 80)", proto: "tcp", port: 80, policies: pol, allow: func(f, to npPod) bool { return to.ns != "x" }},
+			npCase{name: p.name + " (probe 81)", proto: "tcp", port: 81, policies: pol, allow: allowAll})
+	}
+	return append(cases, []npCase{
 		{name: "multiple policies are additive: x/a from x/b, and from z", proto: "tcp", port: 80,
 			policies: policy("x", "a-from-b\n  podSelector: {matchLabels: {pod: \"a\"}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {pod: \"b\"}}}]\n") +
 				policy("x", "a-from-z\n  podSelector: {matchLabels: {pod: \"a\"}}\n  ingress:\n  - from: [{namespaceSelector: {matchLabels: {ns: \"z\"}}}]\n"),
@@ -270,7 +253,7 @@ func npCases() []npCase {
 		{name: "egress: x/a may only reach y", proto: "tcp", port: 80,
 			policies: policy("x", "a-to-y\n  podSelector: {matchLabels: {pod: \"a\"}}\n  policyTypes: [Egress]\n  egress:\n  - to: [{namespaceSelector: {matchLabels: {ns: \"y\"}}}]\n"),
 			allow:    func(f, to npPod) bool { return !is(f, "x", "a") || to.ns == "y" }},
-	}
+	}...)
 }
 
 // kubectlQuiet is kubectl without logging every call (matrix probes are many).
@@ -363,28 +346,17 @@ func TestIntegrationNetworkPolicy(t *testing.T) {
 			// so a denied "deny" pod is the policy, not a network not
 			// ready yet.
 			name := fmt.Sprintf("fresh-%d-%s", i, c.label)
-			kubectlStdin(t, fmt.Sprintf(`apiVersion: v1
-kind: Pod
-metadata: {name: %s, namespace: %s, labels: {fresh: "%s"}}
-spec:
-  restartPolicy: Never
-  terminationGracePeriodSeconds: 1
-  containers:
-  - name: main
-    image: %s
-    imagePullPolicy: IfNotPresent
-    command: [/usr/local/bin/kebpf-testserver]
-    args: [probe, --to, '%s', --timeout, 2s]
-`, name, npNS("x"), c.label, env.Product.TestServerRef, target), "apply", "-f", "-")
+			kubectlStdin(t, serverPod{name: name, ns: npNS("x"), labels: fmt.Sprintf("fresh: %q", c.label), once: true,
+				args: fmt.Sprintf("probe, --to, '%s', --timeout, 2s", target)}.yaml(), "apply", "-f", "-")
 			t.Cleanup(func() {
 				kubectl(t, time.Minute, "-n", npNS("x"), "delete", "pod", name, "--wait=false", "--ignore-not-found")
 			})
 			phase := waitPodDone(t, npNS("x"), name, 90*time.Second)
-			logs := strings.TrimSpace(mustKubectl(t, time.Minute, "-n", npNS("x"), "logs", name))
-			var p probeResult
-			if err := json.Unmarshal([]byte(logs), &p); err != nil {
-				t.Fatalf("pod %s: logs %q: %v", name, logs, err)
+			res, err := decodeNProbes(result{stdout: mustKubectl(t, time.Minute, "-n", npNS("x"), "logs", name)}, 1)
+			if err != nil {
+				t.Fatalf("pod %s: logs: %v", name, err)
 			}
+			p := res[0]
 			if p.OK != c.allow {
 				t.Errorf("pod %s (fresh=%s, phase %s): first connection to x/b ok=%v, want %v: %+v", name, c.label, phase, p.OK, c.allow, p)
 			}
@@ -488,13 +460,19 @@ spec:
 				ClusterIP string `json:"clusterIP"`
 			}
 		}
-		json.Unmarshal([]byte(mustKubectl(t, time.Minute, "-n", npNS("y"), "get", "svc", "yb", "-o", "json")), &svc)
+		kubectlJSON(t, &svc, "-n", npNS("y"), "get", "svc", "yb", "-o", "json")
+		if svc.Spec.ClusterIP == "" {
+			t.Fatal("Service y/yb has no ClusterIP")
+		}
 		to := svc.Spec.ClusterIP + ":8080"
 		probe := func() probeResult {
+			t.Helper()
 			r := kubectlQuiet(t, time.Minute, "-n", npNS("x"), "exec", "a", "--", "/usr/local/bin/kebpf-testserver", "probe", "--to", to, "--timeout", "1s")
-			var p probeResult
-			json.Unmarshal([]byte(strings.TrimSpace(r.stdout)), &p)
-			return p
+			res, err := decodeNProbes(r, 1)
+			if err != nil {
+				t.Fatalf("probe x/a -> %s: %v", to, err)
+			}
+			return res[0]
 		}
 		// Egress of x/a only to z: the ClusterIP of y/b is denied...
 		kubectlStdin(t, policy("x", "a-to-z\n  podSelector: {matchLabels: {pod: \"a\"}}\n  policyTypes: [Egress]\n  egress:\n  - to: [{namespaceSelector: {matchLabels: {ns: \"z\"}}}]\n"), "apply", "-f", "-")

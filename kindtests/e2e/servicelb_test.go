@@ -1,9 +1,7 @@
 package e2e
 
 import (
-	"bufio"
 	"context"
-	"encoding/json"
 	"fmt"
 	"net"
 	"os"
@@ -27,15 +25,6 @@ const lbNamespace = "kebpf-lb"
 // machine) and fails instead of passing by accident.
 const extIP = "10.244.0.250"
 
-// probeResult is one line of `kebpf-testserver probe`.
-type probeResult struct {
-	OK    bool   `json:"ok"`
-	Reply string `json:"reply"`
-	Error string `json:"error"`
-	Class string `json:"class"`
-	Peer  string `json:"peer"`
-}
-
 // kubectlStdin runs kubectl with stdin.
 func kubectlStdin(t *testing.T, stdin string, args ...string) {
 	t.Helper()
@@ -55,17 +44,9 @@ func probeFrom(t *testing.T, pod, proto, to string, n int, extra ...string) []pr
 	args := []string{"-n", lbNamespace, "exec", pod, "--", "/usr/local/bin/kebpf-testserver", "probe",
 		"--protocol", proto, "--to", to, "--count", strconv.Itoa(n), "--timeout", "2s"}
 	r := kubectl(t, 2*time.Minute, append(args, extra...)...)
-	var out []probeResult
-	sc := bufio.NewScanner(strings.NewReader(r.stdout))
-	for sc.Scan() {
-		var p probeResult
-		if err := json.Unmarshal(sc.Bytes(), &p); err != nil {
-			t.Fatalf("probe output is not JSON: %v: %q (stderr %s)", err, sc.Text(), r.stderr)
-		}
-		out = append(out, p)
-	}
-	if len(out) != n {
-		t.Fatalf("probe from %s to %s: want %d results, got %d (exit %d, stderr %s)", pod, to, n, len(out), r.code, r.stderr)
+	out, err := decodeNProbes(r, n)
+	if err != nil {
+		t.Fatalf("probe from %s to %s: %v", pod, to, err)
 	}
 	return out
 }
@@ -73,7 +54,6 @@ func probeFrom(t *testing.T, pod, proto, to string, n int, extra ...string) []pr
 // lbWorkloads are the suite's pods and Services: three backends, a pod
 // client, and a hostNetwork client standing for processes of the node itself.
 func lbWorkloads() string {
-	img := env.Product.TestServerRef
 	var b strings.Builder
 	fmt.Fprintf(&b, `apiVersion: v1
 kind: Namespace
@@ -87,22 +67,9 @@ metadata: {name: %s}
 		if hostNet {
 			ports = "" // a hostNetwork pod's ports are the node's
 		}
-		fmt.Fprintf(&b, `---
-apiVersion: v1
-kind: Pod
-metadata: {name: %s, namespace: %s, labels: {%s}}
-spec:
-  hostNetwork: %v
-  terminationGracePeriodSeconds: 1
-  containers:
-  - name: main
-    image: %s
-    imagePullPolicy: IfNotPresent
-    command: [/usr/local/bin/kebpf-testserver]
-    args: [%s]
-    env: [{name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}]
-%s    readinessProbe: {tcpSocket: {port: %d}, periodSeconds: 1}
-`, name, lbNamespace, labels, hostNet, img, args, ports, ready)
+		b.WriteString(serverPod{name: name, ns: lbNamespace, labels: labels, args: args, hostNetwork: hostNet,
+			container: `    env: [{name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}]
+` + ports + fmt.Sprintf("    readinessProbe: {tcpSocket: {port: %d}, periodSeconds: 1}\n", ready)}.yaml())
 	}
 	for _, n := range []string{"web-a", "web-b", "web-c"} {
 		pod(n, "app: web", false, "serve, --tcp, '80,8081', --udp, '53', --http, '0'", 8081)
@@ -180,9 +147,7 @@ func readTopology(t *testing.T) lbTopology {
 			}
 		}
 	}
-	if err := json.Unmarshal([]byte(mustKubectl(t, time.Minute, "-n", lbNamespace, "get", "svc", "-o", "json")), &svcs); err != nil {
-		t.Fatal(err)
-	}
+	kubectlJSON(t, &svcs, "-n", lbNamespace, "get", "svc", "-o", "json")
 	for _, s := range svcs.Items {
 		top.clusterIP[s.Metadata.Name] = s.Spec.ClusterIP
 		if s.Metadata.Name == "np" {
@@ -200,9 +165,7 @@ func readTopology(t *testing.T) lbTopology {
 			}
 		}
 	}
-	if err := json.Unmarshal([]byte(mustKubectl(t, time.Minute, "-n", lbNamespace, "get", "pods", "-o", "json")), &pods); err != nil {
-		t.Fatal(err)
-	}
+	kubectlJSON(t, &pods, "-n", lbNamespace, "get", "pods", "-o", "json")
 	for _, p := range pods.Items {
 		top.podNode[p.Metadata.Name] = p.Spec.NodeName
 		top.podIP[p.Metadata.Name] = p.Status.PodIP
@@ -215,9 +178,7 @@ func readTopology(t *testing.T) lbTopology {
 			}
 		}
 	}
-	if err := json.Unmarshal([]byte(mustKubectl(t, time.Minute, "get", "nodes", "-o", "json")), &nodes); err != nil {
-		t.Fatal(err)
-	}
+	kubectlJSON(t, &nodes, "get", "nodes", "-o", "json")
 	for _, n := range nodes.Items {
 		for _, a := range n.Status.Addresses {
 			if a.Type == "InternalIP" && net.ParseIP(a.Address).To4() != nil {
@@ -322,7 +283,10 @@ func lbStats(t *testing.T, node string) map[string]float64 {
 			continue
 		}
 		f := strings.Fields(l)
-		v, _ := strconv.ParseFloat(f[len(f)-1], 64)
+		v, err := strconv.ParseFloat(f[len(f)-1], 64)
+		if err != nil {
+			t.Fatalf("metrics on %s: line %q: %v", node, l, err)
+		}
 		m[f[0]] = v
 	}
 	return m
@@ -401,25 +365,17 @@ func TestIntegrationServiceLBSwitch(t *testing.T) {
 	// ~12 s of connects, one every 50 ms, spanning both switches.
 	type loopOut struct {
 		res []probeResult
+		err error
 	}
 	done := make(chan loopOut, 1)
 	go func() {
-		args := []string{"-n", lbNamespace, "exec", "client", "--", "/usr/local/bin/kebpf-testserver", "probe",
-			"--protocol", "tcp", "--to", top.clusterIP["web"] + ":80", "--count", "240", "--interval", "50ms", "--timeout", "2s"}
-		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-		defer cancel()
-		cmd := exec.CommandContext(ctx, filepath.Join(env.BinDir, "kubectl"), args...)
-		cmd.Env = append(os.Environ(), "KUBECONFIG="+env.Cluster.Kubeconfig)
-		out, _ := cmd.Output()
-		var lo loopOut
-		sc := bufio.NewScanner(strings.NewReader(string(out)))
-		for sc.Scan() {
-			var p probeResult
-			if json.Unmarshal(sc.Bytes(), &p) == nil {
-				lo.res = append(lo.res, p)
-			}
-		}
-		done <- lo
+		// runKubectl calls t.Fatal only when kubectl cannot start at all,
+		// which ends this goroutine before the test reads done: the
+		// test then fails on the missing answer, never hangs past it.
+		r := kubectlQuiet(t, 3*time.Minute, "-n", lbNamespace, "exec", "client", "--", "/usr/local/bin/kebpf-testserver", "probe",
+			"--protocol", "tcp", "--to", top.clusterIP["web"]+":80", "--count", "240", "--interval", "50ms", "--timeout", "2s")
+		res, err := decodeNProbes(r, 240)
+		done <- loopOut{res, err}
 	}()
 	time.Sleep(2 * time.Second)
 	mustKubectl(t, 3*time.Minute, "ebpf", "disable", "service-lb", "--wait")
@@ -438,9 +394,14 @@ func TestIntegrationServiceLBSwitch(t *testing.T) {
 	}
 	time.Sleep(2 * time.Second)
 	mustKubectl(t, 3*time.Minute, "ebpf", "enable", "service-lb", "--wait")
-	lo := <-done
-	if len(lo.res) != 240 {
-		t.Fatalf("client loop produced %d results, want 240", len(lo.res))
+	var lo loopOut
+	select {
+	case lo = <-done:
+	case <-time.After(4 * time.Minute):
+		t.Fatal("client loop never finished")
+	}
+	if lo.err != nil {
+		t.Fatalf("client loop: %v", lo.err)
 	}
 	failed := 0
 	for _, r := range lo.res {

@@ -12,7 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
-	"strconv"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -218,28 +218,18 @@ func waitForeignBuild(ctx context.Context, dir string, log io.Writer) error {
 	}
 }
 
+// foreignBuild is the pid of a `go build` writing into dir, or 0.
 func foreignBuild(dir string) int {
-	ents, _ := os.ReadDir("/proc")
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == os.Getpid() {
-			continue
-		}
-		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-		if err != nil {
-			continue
-		}
-		args := strings.Split(strings.TrimRight(string(b), "\x00"), "\x00")
+	pids := cluster.FindProcs(func(args []string) bool {
 		if len(args) < 2 || filepath.Base(args[0]) != "go" || args[1] != "build" {
-			continue
+			return false
 		}
-		for _, a := range args {
-			if strings.TrimRight(a, "/") == strings.TrimRight(dir, "/") {
-				return pid
-			}
-		}
+		return slices.ContainsFunc(args, func(a string) bool { return strings.TrimRight(a, "/") == strings.TrimRight(dir, "/") })
+	})
+	if len(pids) == 0 {
+		return 0
 	}
-	return 0
+	return pids[0]
 }
 
 // SourceDir finds the wrapper module kindtests/k8sbuild: next to this source

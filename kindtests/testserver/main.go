@@ -253,17 +253,26 @@ func attempt(proto, to string, timeout time.Duration, unconnected bool) Result {
 	return r
 }
 
-func probeStream(ctx context.Context, network, to string) (Result, error) {
+// dialProbe connects to to, bounded by ctx's deadline; the result names
+// the peer the socket reports (getpeername()).
+func dialProbe(ctx context.Context, network, to string) (net.Conn, Result, error) {
 	var d net.Dialer
 	c, err := d.DialContext(ctx, network, to)
 	if err != nil {
-		return Result{}, err
+		return nil, Result{}, err
 	}
-	defer c.Close()
-	r := Result{Peer: c.RemoteAddr().String()}
 	if dl, ok := ctx.Deadline(); ok {
 		c.SetDeadline(dl)
 	}
+	return c, Result{Peer: c.RemoteAddr().String()}, nil
+}
+
+func probeStream(ctx context.Context, network, to string) (Result, error) {
+	c, r, err := dialProbe(ctx, network, to)
+	if err != nil {
+		return r, err
+	}
+	defer c.Close()
 	line, err := bufio.NewReader(c).ReadString('\n')
 	r.Reply = strings.TrimSpace(line)
 	if err != nil && r.Reply == "" {
@@ -275,34 +284,44 @@ func probeStream(ctx context.Context, network, to string) (Result, error) {
 // probeUDP uses a connected UDP socket, so ICMP errors (port unreachable) and
 // a socket-LB refusal surface as errors instead of a silent timeout.
 func probeUDP(ctx context.Context, to string) (Result, error) {
-	var d net.Dialer
-	c, err := d.DialContext(ctx, "udp", to)
+	c, r, err := dialProbe(ctx, "udp", to)
 	if err != nil {
-		return Result{}, err
+		return r, err
 	}
 	defer c.Close()
-	r := Result{Peer: c.RemoteAddr().String()}
-	if dl, ok := ctx.Deadline(); ok {
-		c.SetDeadline(dl)
-	}
 	buf := make([]byte, 2048)
-	// Resend while waiting: the first datagram may race an ARP resolution.
-	for {
-		if _, err := c.Write([]byte("probe\n")); err != nil {
-			return r, err
-		}
-		c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	err = resendUntilAnswer(ctx, c, func() error {
+		_, err := c.Write([]byte("probe\n"))
+		return err
+	}, func() error {
 		n, err := c.Read(buf)
 		if err == nil {
 			r.Reply = strings.TrimSpace(string(buf[:n]))
-			return r, nil
+		}
+		return err
+	})
+	return r, err
+}
+
+// resendUntilAnswer sends and waits 300 ms for the answer, again and again
+// until one comes, a read fails other than by timing out, or ctx ends:
+// the first datagram may race an ARP resolution.
+func resendUntilAnswer(ctx context.Context, c net.Conn, send, recv func() error) error {
+	for {
+		if err := send(); err != nil {
+			return err
+		}
+		c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+		err := recv()
+		if err == nil {
+			return nil
 		}
 		var ne net.Error
 		if !errors.As(err, &ne) || !ne.Timeout() {
-			return r, err
+			return err
 		}
 		if ctx.Err() != nil {
-			return r, ctx.Err()
+			return ctx.Err()
 		}
 	}
 }
@@ -326,24 +345,17 @@ func probeUDPUnconnected(ctx context.Context, to string) (Result, error) {
 	defer c.Close()
 	var r Result
 	buf := make([]byte, 2048)
-	for {
-		if _, err := c.WriteToUDP([]byte("probe\n"), dst); err != nil {
-			return r, err
-		}
-		c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	err = resendUntilAnswer(ctx, c, func() error {
+		_, err := c.WriteToUDP([]byte("probe\n"), dst)
+		return err
+	}, func() error {
 		n, from, err := c.ReadFromUDP(buf)
 		if err == nil {
 			r.Reply, r.Peer = strings.TrimSpace(string(buf[:n])), from.String()
-			return r, nil
 		}
-		var ne net.Error
-		if !errors.As(err, &ne) || !ne.Timeout() {
-			return r, err
-		}
-		if ctx.Err() != nil {
-			return r, ctx.Err()
-		}
-	}
+		return err
+	})
+	return r, err
 }
 
 func probeHTTP(ctx context.Context, to string) (Result, error) {

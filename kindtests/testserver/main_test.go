@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"io"
 	"net"
 	"testing"
 )
@@ -19,31 +20,51 @@ func probeOnce(t *testing.T, args ...string) (Result, int) {
 	return r, code
 }
 
-func TestProbe(t *testing.T) {
-	tl, err := net.Listen("tcp", "127.0.0.1:0")
+// serverTCP serves identity name on a loopback port until the test ends
+// and returns its address.
+func serverTCP(t *testing.T, name string) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { tl.Close() })
-	go serveTCP(tl, "pod-a")
+	t.Cleanup(func() { l.Close() })
+	go serveTCP(l, name)
+	return l.Addr().String()
+}
 
+// closedAddr is a loopback port nobody listens on (bound, then closed), so
+// the kernel refuses it.
+func closedAddr(t *testing.T, network string) string {
+	t.Helper()
+	var c io.Closer
+	var addr net.Addr
+	if network == "tcp" {
+		l, err := net.Listen(network, "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, addr = l, l.Addr()
+	} else {
+		pc, err := net.ListenPacket(network, "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, addr = pc, pc.LocalAddr()
+	}
+	c.Close()
+	return addr.String()
+}
+
+func TestProbe(t *testing.T) {
+	tcpAddr := serverTCP(t, "pod-a")
 	uc, err := net.ListenPacket("udp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { uc.Close() })
 	go serveUDP(uc, "pod-u")
-
-	// A port nobody listens on: bind then close, so the kernel refuses it.
-	closed, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	closedAddr := closed.Addr().String()
-	closed.Close()
-	uclosed, _ := net.ListenPacket("udp", "127.0.0.1:0")
-	uclosedAddr := uclosed.LocalAddr().String()
-	uclosed.Close()
+	closedTCP, closedUDP := closedAddr(t, "tcp"), closedAddr(t, "udp")
 
 	for _, tc := range []struct {
 		name      string
@@ -52,11 +73,11 @@ func TestProbe(t *testing.T) {
 		wantReply string
 		wantClass string
 	}{
-		{"tcp answers with identity", []string{"--protocol", "tcp", "--to", tl.Addr().String()}, true, "pod-a", ""},
+		{"tcp answers with identity", []string{"--protocol", "tcp", "--to", tcpAddr}, true, "pod-a", ""},
 		{"udp answers with identity", []string{"--protocol", "udp", "--to", uc.LocalAddr().String()}, true, "pod-u", ""},
 		{"unconnected udp answers", []string{"--protocol", "udp", "--unconnected", "--to", uc.LocalAddr().String()}, true, "pod-u", ""},
-		{"tcp refused", []string{"--protocol", "tcp", "--to", closedAddr}, false, "", "refused"},
-		{"udp refused by ICMP", []string{"--protocol", "udp", "--to", uclosedAddr, "--timeout", "1s"}, false, "", "refused"},
+		{"tcp refused", []string{"--protocol", "tcp", "--to", closedTCP}, false, "", "refused"},
+		{"udp refused by ICMP", []string{"--protocol", "udp", "--to", closedUDP, "--timeout", "1s"}, false, "", "refused"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r, code := probeOnce(t, tc.args...)
@@ -79,14 +100,8 @@ func TestParsePorts(t *testing.T) {
 }
 
 func TestProbeCount(t *testing.T) {
-	tl, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { tl.Close() })
-	go serveTCP(tl, "pod-a")
 	var out bytes.Buffer
-	if code := probe([]string{"--to", tl.Addr().String(), "--count", "3"}, &out); code != 0 {
+	if code := probe([]string{"--to", serverTCP(t, "pod-a"), "--count", "3"}, &out); code != 0 {
 		t.Fatalf("exit %d: %s", code, out.String())
 	}
 	if n := bytes.Count(out.Bytes(), []byte("\n")); n != 3 {
@@ -95,17 +110,9 @@ func TestProbeCount(t *testing.T) {
 }
 
 func TestProbeManyTargets(t *testing.T) {
-	a, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { a.Close() })
-	go serveTCP(a, "pod-a")
-	closed, _ := net.Listen("tcp", "127.0.0.1:0")
-	closedAddr := closed.Addr().String()
-	closed.Close()
+	a, closed := serverTCP(t, "pod-a"), closedAddr(t, "tcp")
 	var out bytes.Buffer
-	probe([]string{"--to", a.Addr().String() + "," + closedAddr}, &out)
+	probe([]string{"--to", a + "," + closed}, &out)
 	lines := bytes.Split(bytes.TrimSpace(out.Bytes()), []byte("\n"))
 	if len(lines) != 2 {
 		t.Fatalf("want 2 lines, got %q", out.String())
@@ -113,7 +120,7 @@ func TestProbeManyTargets(t *testing.T) {
 	var r0, r1 Result
 	json.Unmarshal(lines[0], &r0)
 	json.Unmarshal(lines[1], &r1)
-	if !r0.OK || r0.Target != a.Addr().String() || r1.OK || r1.Class != "refused" || r1.Target != closedAddr {
+	if !r0.OK || r0.Target != a || r1.OK || r1.Class != "refused" || r1.Target != closed {
 		t.Errorf("results out of order or wrong: %+v %+v", r0, r1)
 	}
 }

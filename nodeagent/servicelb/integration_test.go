@@ -75,7 +75,7 @@ func TestIntegrationSyncRealMaps(t *testing.T) {
 		fe("fd00:10:96::a", 53, udp): bes(be("fd00:10:244::4", 5353)),
 	}
 	checkMaps(t, objs, want)
-	svcs, _ := objs.Services()
+	svcs := services(t, objs)
 	if len(svcs) != 4 {
 		t.Errorf("%d datapath services, want 4 (2 ports x 2 families)", len(svcs))
 	}
@@ -108,8 +108,7 @@ func TestIntegrationSyncRealMaps(t *testing.T) {
 		must[*discovery.EndpointSlice](t)(epss.Update(ctx, sl, metav1.UpdateOptions{}))
 		written := time.Now()
 		for {
-			s, _ := byFrontend(t, objs, fe("10.96.0.10", 80, tcp))
-			if len(s.Backends) == wantN {
+			if s := frontend(t, objs, fe("10.96.0.10", 80, tcp)); len(s.Backends) == wantN {
 				break
 			}
 			if time.Since(start) > 5*time.Second {
@@ -129,7 +128,11 @@ func TestIntegrationSyncRealMaps(t *testing.T) {
 		}
 	}
 	slices.Sort(syncDur)
-	if len(syncDur) > 0 {
+	// Each of the 20 changes must have been applied by a partial sync, not
+	// by falling back to a full one.
+	if len(syncDur) == 0 {
+		t.Error("no partial sync applied the endpoint changes")
+	} else {
 		t.Logf("of which the partial sync itself (translate + Apply), %d runs: p50 %s, max %s",
 			len(syncDur), syncDur[len(syncDur)/2], syncDur[len(syncDur)-1])
 	}
@@ -140,8 +143,7 @@ func TestIntegrationSyncRealMaps(t *testing.T) {
 	sl.Endpoints = []discovery.Endpoint{ep("10.244.0.4"), ep("10.244.0.5", terminating(true))}
 	must[*discovery.EndpointSlice](t)(epss.Update(ctx, sl, metav1.UpdateOptions{}))
 	eventually(t, "terminating endpoint dropped while a ready one exists", func() bool {
-		s, _ := byFrontend(t, objs, fe("10.96.0.10", 80, tcp))
-		return slices.Equal(s.Backends, bes(be("10.244.0.4", 8080)))
+		return slices.Equal(frontend(t, objs, fe("10.96.0.10", 80, tcp)).Backends, bes(be("10.244.0.4", 8080)))
 	})
 
 	// Update the Service: drop the dns port, add affinity to http.
@@ -152,9 +154,9 @@ func TestIntegrationSyncRealMaps(t *testing.T) {
 	must[*v1.Service](t)(svcsAPI.Update(ctx, web, metav1.UpdateOptions{}))
 	delete(want, fe("10.96.0.10", 53, udp))
 	delete(want, fe("fd00:10:96::a", 53, udp))
-	eventually(t, "dns port removed", func() bool { svcs, _ := objs.Services(); return len(svcs) == 2 })
+	eventually(t, "dns port removed", func() bool { return len(services(t, objs)) == 2 })
 	checkMaps(t, objs, want)
-	s, _ := byFrontend(t, objs, fe("10.96.0.10", 80, tcp))
+	s := frontend(t, objs, fe("10.96.0.10", 80, tcp))
 	if s.AffinityTimeout != DefaultAffinityTimeout {
 		t.Errorf("affinity = %s, want %s", s.AffinityTimeout, DefaultAffinityTimeout)
 	}
@@ -168,13 +170,13 @@ func TestIntegrationSyncRealMaps(t *testing.T) {
 	}
 	want[fe("10.96.0.10", 80, tcp)] = bes()
 	want[fe("172.18.0.2", 30080, tcp)] = bes()
-	eventually(t, "v4 endpoints gone", func() bool { s, _ := byFrontend(t, objs, fe("10.96.0.10", 80, tcp)); return len(s.Backends) == 0 })
+	eventually(t, "v4 endpoints gone", func() bool { return len(frontend(t, objs, fe("10.96.0.10", 80, tcp)).Backends) == 0 })
 	checkMaps(t, objs, want)
 
 	if err := svcsAPI.Delete(ctx, "web", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "service deleted", func() bool { svcs, _ := objs.Services(); return len(svcs) == 0 })
+	eventually(t, "service deleted", func() bool { return len(services(t, objs)) == 0 })
 	if f, b := objs.Capacity(); f != socklb.DefaultMaxFrontends || b != socklb.DefaultMaxBackends {
 		t.Errorf("capacity after deleting everything = %d/%d, want all free", f, b)
 	}
@@ -191,29 +193,37 @@ func TestIntegrationSyncRestartKeepsIDs(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	h1 := startSyncerCtx(t, ctx, objs, webs[0], webs[1], sls[0])
 	eventually(t, "first sync", h1.syncer.Synced)
-	before, _ := objs.Services()
+	eventually(t, "a and b programmed", func() bool { return len(services(t, objs)) == 2 })
+	before := services(t, objs)
 	cancel()
 
 	reloaded, err := socklb.Load(pinDir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { reloaded.Close() })
+	t.Cleanup(func() {
+		if err := reloaded.Close(); err != nil {
+			t.Errorf("close reloaded maps: %v", err)
+		}
+	})
 	h2 := startSyncer(t, reloaded, nil, webs[0], webs[1], sls[0], service("ns", "c", clusterIPs("10.96.0.3")))
 	eventually(t, "c after restart", func() bool { _, ok := byFrontend(t, reloaded, fe("10.96.0.3", 80, tcp)); return ok })
-	after, _ := reloaded.Services()
+	eventually(t, "sync after restart", h2.syncer.Synced)
+	after := services(t, reloaded)
+	if len(after) != 3 {
+		t.Errorf("%d services after restart, want a, b and c", len(after))
+	}
 	for id, s := range before {
 		if !Equal(after[id], s) {
 			t.Errorf("ID %d after restart = %+v, want %+v", id, after[id], s)
 		}
 	}
-	c, _ := byFrontend(t, reloaded, fe("10.96.0.3", 80, tcp))
+	c := frontend(t, reloaded, fe("10.96.0.3", 80, tcp))
 	for id := range before {
 		if c.ID <= id {
 			t.Errorf("new service got ID %d, not above the existing %d", c.ID, id)
 		}
 	}
-	_ = h2
 }
 
 func TestIntegrationSyncMapFull(t *testing.T) {
@@ -240,10 +250,10 @@ func TestIntegrationSyncMapFull(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("no ServiceLBMapFull event")
 	}
-	if s, _ := byFrontend(t, objs, fe("10.96.0.2", 80, tcp)); len(s.Backends) != 0 {
+	if s := frontend(t, objs, fe("10.96.0.2", 80, tcp)); len(s.Backends) != 0 {
 		t.Errorf("b = %v, want its previous (empty) backend set kept", s.Backends)
 	}
-	if s, _ := byFrontend(t, objs, fe("10.96.0.1", 80, tcp)); len(s.Backends) != 3 {
+	if s := frontend(t, objs, fe("10.96.0.1", 80, tcp)); len(s.Backends) != 3 {
 		t.Errorf("a = %v, want untouched", s.Backends)
 	}
 	if errs := h.syncer.Errors(); len(errs) != 1 || !strings.Contains(errs[0], "ns/b") {
@@ -261,12 +271,30 @@ func TestIntegrationSyncMapFull(t *testing.T) {
 	eventually(t, "error cleared", func() bool { return len(h.syncer.Errors()) == 0 })
 }
 
-func checkMaps(t *testing.T, dp Datapath, want map[socklb.Frontend][]socklb.Backend) {
+// services reads every datapath service; a read error fails the test.
+func services(t *testing.T, dp Datapath) map[uint32]socklb.Service {
 	t.Helper()
 	svcs, err := dp.Services()
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("read datapath services: %v", err)
 	}
+	return svcs
+}
+
+// frontend is the service holding f; a missing one fails the test, so a
+// check on its backends never passes on an empty zero value.
+func frontend(t *testing.T, dp Datapath, f socklb.Frontend) socklb.Service {
+	t.Helper()
+	s, ok := byFrontend(t, dp, f)
+	if !ok {
+		t.Fatalf("frontend %s:%d/%d not in the datapath", f.IP, f.Port, f.Proto)
+	}
+	return s
+}
+
+func checkMaps(t *testing.T, dp Datapath, want map[socklb.Frontend][]socklb.Backend) {
+	t.Helper()
+	svcs := services(t, dp)
 	got := map[socklb.Frontend][]socklb.Backend{}
 	for _, s := range svcs {
 		for _, f := range s.Frontends {

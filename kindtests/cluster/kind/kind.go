@@ -75,11 +75,16 @@ func missingCapabilities() (uint64, error) {
 	if err != nil {
 		return 0, err
 	}
-	for _, line := range strings.Split(string(data), "\n") {
+	return missingFromStatus(string(data))
+}
+
+// missingFromStatus reads the CapBnd line of a /proc/<pid>/status text.
+func missingFromStatus(status string) (uint64, error) {
+	for _, line := range strings.Split(status, "\n") {
 		if v, ok := strings.CutPrefix(line, "CapBnd:"); ok {
 			var bnd uint64
 			if _, err := fmt.Sscanf(strings.TrimSpace(v), "%x", &bnd); err != nil {
-				return 0, err
+				return 0, fmt.Errorf("CapBnd %q: %w", strings.TrimSpace(v), err)
 			}
 			const all = (uint64(1) << 41) - 1 // CAP_CHOWN .. CAP_CHECKPOINT_RESTORE (40)
 			return all &^ bnd, nil

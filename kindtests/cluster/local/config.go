@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/kindtests/k8sbin"
 )
 
 func writeFile(path, content string) error {
@@ -129,29 +131,8 @@ evictionHard:
 `, NodeIP, s.path("pki", "ca.crt"), s.sock, s.path("pod-logs"))
 }
 
-// kubeProxyConfig leaves the host's conntrack sysctls alone (zero means "do
-// not set"), programs node ports only on the bridge address, and keeps
-// route_localnet untouched.
+// kubeProxyConfig programs node ports only on the bridge address.
 func (s *state) kubeProxyConfig() string {
-	return fmt.Sprintf(`apiVersion: kubeproxy.config.k8s.io/v1alpha1
-kind: KubeProxyConfiguration
-clientConnection:
-  kubeconfig: %s
-mode: iptables
-hostnameOverride: %s
-bindAddress: %s
-clusterCIDR: %s
-healthzBindAddress: 127.0.0.1:10256
-metricsBindAddress: 127.0.0.1:10249
-nodePortAddresses: ["%s/32"]
-iptables:
-  localhostNodePorts: false
-conntrack:
-  maxPerCore: 0
-  min: 0
-  tcpEstablishedTimeout: 0s
-  tcpCloseWaitTimeout: 0s
-  udpTimeout: 0s
-  udpStreamTimeout: 0s
-`, s.path("kube-proxy.kubeconfig"), NodeName, NodeIP, PodCIDR, NodeIP)
+	return k8sbin.KubeProxy{Kubeconfig: s.path("kube-proxy.kubeconfig"), Mode: "iptables", Hostname: NodeName,
+		NodeIP: NodeIP, BindAddress: NodeIP, ClusterCIDR: PodCIDR}.Config()
 }

@@ -319,11 +319,7 @@ func (p *Provider) Create(ctx context.Context, opts cluster.Options) (*cluster.C
 	// The controller manager exits on a forbidden configmap read when started
 	// before /readyz passes, so it comes only now.
 	comps := []component{
-		{name: "kube-controller-manager", bin: filepath.Join(binDir, "kube-controller-manager"), args: []string{
-			"--kubeconfig", s.path("controller-manager.kubeconfig"),
-			"--authentication-kubeconfig", s.path("controller-manager.kubeconfig"),
-			"--authorization-kubeconfig", s.path("controller-manager.kubeconfig"),
-			"--bind-address", "127.0.0.1",
+		{name: "kube-controller-manager", bin: filepath.Join(binDir, "kube-controller-manager"), args: s.controllerArgs("controller-manager.kubeconfig",
 			"--service-account-private-key-file", s.path("pki", "sa.key"),
 			"--root-ca-file", s.path("pki", "ca.crt"),
 			"--cluster-signing-cert-file", s.path("pki", "ca.crt"),
@@ -331,15 +327,8 @@ func (p *Provider) Create(ctx context.Context, opts cluster.Options) (*cluster.C
 			"--use-service-account-credentials=true",
 			"--service-cluster-ip-range", ServiceCIDR,
 			"--controllers", "*,bootstrapsigner,tokencleaner",
-			"--leader-elect=false",
-		}},
-		{name: "kube-scheduler", bin: filepath.Join(binDir, "kube-scheduler"), args: []string{
-			"--kubeconfig", s.path("scheduler.kubeconfig"),
-			"--authentication-kubeconfig", s.path("scheduler.kubeconfig"),
-			"--authorization-kubeconfig", s.path("scheduler.kubeconfig"),
-			"--bind-address", "127.0.0.1",
-			"--leader-elect=false",
-		}},
+		)},
+		{name: "kube-scheduler", bin: filepath.Join(binDir, "kube-scheduler"), args: s.controllerArgs("scheduler.kubeconfig")},
 		{name: "kubelet", bin: filepath.Join(binDir, "kubelet"), args: []string{
 			"--config", s.path("kubelet-config.yaml"),
 			"--kubeconfig", s.path("kubelet.kubeconfig"),
@@ -610,4 +599,16 @@ func (*Provider) Exec(ctx context.Context, name, node string, argv ...string) ([
 		return out, fmt.Errorf("exec %s on %s: %w", argv[0], NodeName, err)
 	}
 	return out, nil
+}
+
+// controllerArgs are the flags kube-controller-manager and kube-scheduler
+// share, then extra: one kubeconfig for the API and for delegated
+// authentication and authorization, the secure port on loopback, and no
+// leader election (one node, one instance).
+func (s *state) controllerArgs(kubeconfig string, extra ...string) []string {
+	kc := s.path(kubeconfig)
+	return append([]string{
+		"--kubeconfig", kc, "--authentication-kubeconfig", kc, "--authorization-kubeconfig", kc,
+		"--bind-address", "127.0.0.1", "--leader-elect=false",
+	}, extra...)
 }

@@ -5,6 +5,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -13,6 +14,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/kubectl-ebpf/kubectl-ebpf/kindtests/cluster"
+	"github.com/kubectl-ebpf/kubectl-ebpf/kindtests/k8sbin"
 )
 
 type testLog struct{ t *testing.T }
@@ -46,6 +48,9 @@ func TestSplitRule(t *testing.T) {
 func TestIntegrationLocalCluster(t *testing.T) {
 	if testing.Short() {
 		t.Skip("skipping local cluster integration test in -short mode (needs root, builds Kubernetes)")
+	}
+	if ok, why := cluster.CreateInTests(); !ok {
+		t.Skip(why)
 	}
 	p := New()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
@@ -134,7 +139,7 @@ func TestIntegrationLocalCluster(t *testing.T) {
 		t.Errorf("pod IP %s not in %s", ip, PodCIDR)
 	}
 	t.Logf("pod running with IP %s", ip)
-	kubectl := exec.CommandContext(ctx, "/root/.cache/kubectl-ebpf/k8s-v1.35.4/bin/kubectl", "--kubeconfig", c.Kubeconfig, "logs", "pause")
+	kubectl := exec.CommandContext(ctx, filepath.Join(k8sbin.BinDir(), "kubectl"), "--kubeconfig", c.Kubeconfig, "logs", "pause")
 	if out, err := kubectl.CombinedOutput(); err != nil {
 		t.Errorf("kubectl logs (apiserver -> kubelet): %v: %s", err, out)
 	}
@@ -180,4 +185,13 @@ func baseName(p string) string {
 		return p[i+1:]
 	}
 	return p
+}
+
+func TestMountsUnder(t *testing.T) {
+	if got := mountsUnder("/proc"); len(got) == 0 || got[len(got)-1] != "/proc" {
+		t.Errorf("mountsUnder(/proc) = %v, want /proc last (deepest first)", got)
+	}
+	if got := mountsUnder("/nonexistent-kebpf"); len(got) != 0 {
+		t.Errorf("mountsUnder(/nonexistent-kebpf) = %v", got)
+	}
 }

@@ -11,6 +11,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/kindtests/cluster"
 )
 
 // component is one long-running process of the cluster.
@@ -166,21 +168,4 @@ func killWait(pid int, grace time.Duration) error {
 }
 
 // findProcs lists pids whose command line satisfies match.
-func findProcs(match func(argv []string) bool) []int {
-	var pids []int
-	ents, _ := os.ReadDir("/proc")
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == os.Getpid() {
-			continue
-		}
-		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-		if err != nil || len(b) == 0 {
-			continue
-		}
-		if match(strings.Split(strings.TrimRight(string(b), "\x00"), "\x00")) {
-			pids = append(pids, pid)
-		}
-	}
-	return pids
-}
+var findProcs = cluster.FindProcs

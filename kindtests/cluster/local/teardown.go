@@ -377,22 +377,15 @@ func (s *state) removeNetworking(ctx context.Context) error {
 
 // mountsUnder lists mount points at or below any of dirs, deepest first.
 func mountsUnder(dirs ...string) []string {
-	f, err := os.Open("/proc/self/mountinfo")
+	mounts, err := readMountinfo()
 	if err != nil {
 		return nil
 	}
-	defer f.Close()
 	var mps []string
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) < 5 {
-			continue
-		}
-		mp := unescapeMount(fields[4])
+	for _, m := range mounts {
 		for _, d := range dirs {
-			if mp == d || strings.HasPrefix(mp, d+"/") {
-				mps = append(mps, mp)
+			if m.point == d || strings.HasPrefix(m.point, d+"/") {
+				mps = append(mps, m.point)
 				break
 			}
 		}

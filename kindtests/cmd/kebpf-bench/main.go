@@ -27,6 +27,7 @@ func main() {
 	}
 	var (
 		scales  = flag.String("scales", "10,1000,10000,100000", "numbers of Services to measure connect() at")
+		rounds  = flag.Int("rounds", 3, "Services: rounds per scale, each starting and measuring every datapath once in a rotated order; cells are median (min–max)")
 		modes   = flag.String("modes", strings.Join(bench.AllModes, ","), "datapaths: direct,socklb,iptables,nftables (Services) and netpol (NetworkPolicy: none/eBPF/iptables/ipset)")
 		pScales = flag.String("policy-scales", "0,10,1000,10000", "netpol: numbers of CIDRs in the policy selecting the server pod")
 		pConns  = flag.Int("policy-connects", 3000, "netpol: new TCP connections per sample")
@@ -46,28 +47,14 @@ func main() {
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	o := bench.Options{Out: *out, BulkServices: *bulk, BulkEndpoints: *bulkEps, Changes: *changes,
-		LatCount: *count, ModeTimeout: *timeout, KubeBinDir: *binDir, Etcd: *etcd, Log: log,
+		LatCount: *count, Rounds: *rounds, ModeTimeout: *timeout, KubeBinDir: *binDir, Etcd: *etcd, Log: log,
 		NetpolConns: *pConns, NetpolRR: *pRR, NetpolFlows: *pFlows, NetpolRounds: *pRounds}
-	if *pRounds < 1 {
-		fmt.Fprintln(os.Stderr, "kebpf-bench: --policy-rounds must be at least 1")
+	if *pRounds < 1 || *rounds < 1 {
+		fmt.Fprintln(os.Stderr, "kebpf-bench: --rounds and --policy-rounds must be at least 1")
 		os.Exit(2)
 	}
-	for _, s := range strings.Split(*scales, ",") {
-		n, err := strconv.Atoi(strings.TrimSpace(s))
-		if err != nil || n < 1 {
-			fmt.Fprintf(os.Stderr, "kebpf-bench: bad --scales entry %q\n", s)
-			os.Exit(2)
-		}
-		o.Scales = append(o.Scales, n)
-	}
-	for _, s := range strings.Split(*pScales, ",") {
-		n, err := strconv.Atoi(strings.TrimSpace(s))
-		if err != nil || n < 0 {
-			fmt.Fprintf(os.Stderr, "kebpf-bench: bad --policy-scales entry %q\n", s)
-			os.Exit(2)
-		}
-		o.PolicyScales = append(o.PolicyScales, n)
-	}
+	o.Scales = intList("scales", *scales, 1)
+	o.PolicyScales = intList("policy-scales", *pScales, 0)
 	services := false
 	for _, m := range strings.Split(*modes, ",") {
 		m = strings.TrimSpace(m)
@@ -76,7 +63,7 @@ func main() {
 	}
 	if *quick {
 		o.Scales = []int{10, 100}
-		o.BulkServices, o.Changes, o.LatCount, o.ModeTimeout = 200, 10, 1000, 2*time.Minute
+		o.BulkServices, o.Changes, o.LatCount, o.ModeTimeout, o.Rounds = 200, 10, 1000, 2*time.Minute, 2
 		o.PolicyScales, o.NetpolConns, o.NetpolRR, o.NetpolFlows, o.NetpolRounds = []int{0, 10}, 1000, 500*time.Millisecond, 500*time.Millisecond, 2
 	}
 	if os.Geteuid() != 0 {
@@ -105,4 +92,19 @@ func main() {
 		fmt.Fprintf(os.Stderr, "kebpf-bench: %v\n", err)
 		os.Exit(1)
 	}
+}
+
+// intList parses the comma-separated numbers of flag name, each at least
+// min; a bad entry is a usage error.
+func intList(name, list string, min int) []int {
+	var out []int
+	for _, s := range strings.Split(list, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(s))
+		if err != nil || n < min {
+			fmt.Fprintf(os.Stderr, "kebpf-bench: bad --%s entry %q\n", name, s)
+			os.Exit(2)
+		}
+		out = append(out, n)
+	}
+	return out
 }

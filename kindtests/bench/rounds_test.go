@@ -4,6 +4,7 @@ package bench
 
 import (
 	"encoding/json"
+	"errors"
 	"slices"
 	"strings"
 	"testing"
@@ -71,8 +72,8 @@ func TestMedianRange(t *testing.T) {
 func rounds(vals ...float64) []NetpolSample {
 	var ss []NetpolSample
 	for i, v := range vals {
-		ss = append(ss, NetpolSample{Round: i, ConnPerSec: v, ConnP50us: v / 10, ConnP99us: v / 5, RRPerSec: 2 * v, RRus: 1e6 / (2 * v),
-			FlowsPerSec: v + 1, FlowUs: 1e6 / (v + 1), ProgramSeconds: v / 1e5, Errors: 1})
+		ss = append(ss, NetpolSample{RoundSlot{Round: i}, NetpolNumbers{ConnPerSec: v, ConnP50us: v / 10, ConnP99us: v / 5, RRPerSec: 2 * v, RRus: 1e6 / (2 * v),
+			FlowsPerSec: v + 1, FlowUs: 1e6 / (v + 1), ProgramSeconds: v / 1e5, Errors: 1}})
 	}
 	return ss
 }
@@ -93,7 +94,7 @@ func TestAggregateNetpol(t *testing.T) {
 	if p.NA != "" || p.Rounds != 2 || p.ConnPerSec != 150 {
 		t.Errorf("partial: %+v", p)
 	}
-	if note := roundsNote(p); note != " [2/3 rounds]" {
+	if note := roundsNote(p.Rounds, len(p.Samples)); note != " [2/3 rounds]" {
 		t.Errorf("rounds note %q", note)
 	}
 
@@ -119,15 +120,15 @@ func TestAggregateNetpol(t *testing.T) {
 
 func TestStatCell(t *testing.T) {
 	p := aggregateNetpol(NetpolEBPF, 10, rounds(5300, 4900, 5170, 5100, 5200))
-	if got := statCell(p, "%.0f", p.ConnPerSec, func(s NetpolSample) float64 { return s.ConnPerSec }); got != "5170 (4900–5300)" {
+	if got := statCell(p.Samples, "%.0f", p.ConnPerSec, func(s NetpolSample) float64 { return s.ConnPerSec }); got != "5170 (4900–5300)" {
 		t.Errorf("cell %q", got)
 	}
 	one := aggregateNetpol(NetpolEBPF, 10, rounds(5170))
-	if got := statCell(one, "%.0f", one.ConnPerSec, func(s NetpolSample) float64 { return s.ConnPerSec }); got != "5170" {
+	if got := statCell(one.Samples, "%.0f", one.ConnPerSec, func(s NetpolSample) float64 { return s.ConnPerSec }); got != "5170" {
 		t.Errorf("one round: %q", got)
 	}
-	old := NetpolPoint{Datapath: NetpolEBPF, ConnPerSec: 5170}
-	if got := statCell(old, "%.0f", old.ConnPerSec, func(s NetpolSample) float64 { return s.ConnPerSec }); got != "5170" {
+	old := NetpolPoint{Datapath: NetpolEBPF, NetpolNumbers: NetpolNumbers{ConnPerSec: 5170}}
+	if got := statCell(old.Samples, "%.0f", old.ConnPerSec, func(s NetpolSample) float64 { return s.ConnPerSec }); got != "5170" {
 		t.Errorf("no samples: %q", got)
 	}
 }
@@ -147,7 +148,7 @@ func TestNetpolMarkdownRounds(t *testing.T) {
 	var b strings.Builder
 	r.netpolMarkdown(&b)
 	md := b.String()
-	for _, want := range []string{
+	checkMarkdown(t, md, []string{
 		"- rounds: 5 per scale;",
 		"(none ebpf iptables ipset, then ebpf iptables ipset none, ...)",
 		"median over the rounds (min–max in parentheses)",
@@ -159,11 +160,7 @@ func TestNetpolMarkdownRounds(t *testing.T) {
 		"| UDP new flows/s (fresh source port each), 1k CIDRs | 5001 (4731–5131) |",
 		"| program time to first allowed connection, 0 CIDRs | — | 0.051 (0.048–0.052) s |",
 		"| n/a (round 1: not enforced: port 8082 reached the server) |",
-	} {
-		if !strings.Contains(md, want) {
-			t.Errorf("markdown lacks %q:\n%s", want, md)
-		}
-	}
+	}, nil)
 	if rows := strings.Count(md, "\n| ") - 1; rows != 2*5 {
 		t.Errorf("%d table rows, want 10 (5 per scale):\n%s", rows, md)
 	}
@@ -181,14 +178,89 @@ func TestNetpolMarkdownOldResults(t *testing.T) {
 	var b strings.Builder
 	r.netpolMarkdown(&b)
 	md := b.String()
-	for _, want := range []string{"| connections/s, 10 CIDRs | — | 4598 |", "198.5 / 698.7", "| 23460 |", "| 0.026 s |"} {
-		if !strings.Contains(md, want) {
-			t.Errorf("markdown lacks %q:\n%s", want, md)
+	checkMarkdown(t, md, []string{"| connections/s, 10 CIDRs | — | 4598 |", "198.5 / 698.7", "| 23460 |", "| 0.026 s |"},
+		[]string{"rounds:", "UDP new flows/s"})
+}
+
+func TestMeasureRounds(t *testing.T) {
+	cols := []string{"a", "b", "c"}
+	var order []string
+	by, err := measureRounds(3, cols, func(r, slot int, col string) (ServiceSample, error) {
+		order = append(order, col)
+		return ServiceSample{RoundSlot: RoundSlot{Round: r, Slot: slot}}, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Join(order, ""); got != "abcbcacab" {
+		t.Errorf("measured in order %s, want abc bca cab", got)
+	}
+	for _, c := range cols {
+		if len(by[c]) != 3 {
+			t.Errorf("%s: %d samples, want 3", c, len(by[c]))
+		}
+		for r, s := range by[c] {
+			if s.Round != r || s.Slot != slices.Index(rotation(cols, r), c) {
+				t.Errorf("%s round %d: %+v", c, r, s)
+			}
 		}
 	}
-	for _, unwanted := range []string{"rounds:", "UDP new flows/s"} {
-		if strings.Contains(md, unwanted) {
-			t.Errorf("markdown of an old run has %q:\n%s", unwanted, md)
+	stop := errors.New("interrupted")
+	n := 0
+	if _, err := measureRounds(3, cols, func(r, slot int, col string) (ServiceSample, error) {
+		n++
+		if n == 2 {
+			return ServiceSample{}, stop
 		}
+		return ServiceSample{}, nil
+	}); err != stop || n != 2 {
+		t.Errorf("error after %d samples: %v, want stop after 2", n, err)
 	}
+}
+
+func svcRounds(vals ...float64) []ServiceSample {
+	var ss []ServiceSample
+	for i, v := range vals {
+		ss = append(ss, ServiceSample{RoundSlot{Round: i, Slot: i % 2}, ServiceNumbers{P50us: v, P99us: 2 * v, ConnPerSec: 1e6 / v, ProgramSeconds: v / 100, RSSKB: int64(v) * 1000, Errors: 1}})
+	}
+	return ss
+}
+
+func TestAggregatePoint(t *testing.T) {
+	p := aggregatePoint(ModeSocklb, 10, svcRounds(20, 18, 25))
+	if p.NA != "" || p.Rounds != 3 || len(p.Samples) != 3 || p.P50us != 20 || p.P99us != 40 || p.ConnPerSec != 50000 ||
+		p.ProgramSeconds != 0.2 || p.RSSKB != 20000 || p.Errors != 3 {
+		t.Errorf("point %+v", p)
+	}
+	ss := svcRounds(20, 18, 25)
+	ss[0].NA = "not programmed within 10m0s"
+	if p = aggregatePoint(ModeIptables, 10, ss); p.Rounds != 2 || p.P50us != 21.5 || roundsNote(p.Rounds, len(p.Samples)) != " [2/3 rounds]" {
+		t.Errorf("partial: %+v", p)
+	}
+	ss[1].NA, ss[2].NA = "x", "y"
+	if p = aggregatePoint(ModeIptables, 10, ss); p.NA != "round 1: not programmed within 10m0s" {
+		t.Errorf("all failed: %+v", p)
+	}
+}
+
+func TestServiceMarkdownRounds(t *testing.T) {
+	r := &Results{Date: "2026-12-01T00:00:00Z", Host: "vm", CPUs: 2, CPUModel: "AMD EPYC 7B13", Kernel: "6.18.0",
+		GoVersion: "go1.25.0", Revision: "abc123", Iptables: "iptables v1.8.11 (nf_tables)", Ipset: "ipset v7.23",
+		KubeProxy: "Kubernetes v1.35.4", Etcd: "etcd Version: 3.5.16",
+		Modes: []string{ModeDirect, ModeSocklb, ModeNftables}, Scales: []int{10}, LatCount: 5000, Rounds: 3,
+		Bulk: map[string]Bulk{}}
+	for i, m := range r.Modes {
+		base := float64(10 + 10*i)
+		r.Scale = append(r.Scale, aggregatePoint(m, 10, svcRounds(base, base-2, base+5)))
+	}
+	md := r.Markdown()
+	checkMarkdown(t, md, []string{
+		"- machine: vm, 2 CPUs (AMD EPYC 7B13)\n- kernel: 6.18.0\n",
+		"- built from revision abc123 with go1.25.0; iptables v1.8.11 (nf_tables), ipset v7.23\n",
+		"- Kubernetes v1.35.4 (kube-proxy's defaults, minSyncPeriod 1s; its iptables mode through iptables v1.8.11 (nf_tables)), etcd Version: 3.5.16 on tmpfs",
+		"- rounds: 3 per scale;",
+		"(direct socklb nftables, then socklb nftables direct, ...)",
+		"| connect() p50 / p99 µs, 10 Services | 10.0 (8.0–15.0) / 20.0 (16.0–30.0) | 20.0 (18.0–25.0) / 40.0 (36.0–50.0) |",
+		"| cold start to last Service answering, 10 Services | — | 0.20 (0.18–0.25) s | 0.30 (0.28–0.35) s |",
+	}, []string{"v1.35.4 (defaults", "etcd 3.4", "(not recorded)"})
 }
