@@ -16,28 +16,39 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/netnsutil"
 )
+
+// handleIn is a netlink handle in netns ns: no thread switching.
+func handleIn(t testing.TB, ns string) *netlink.Handle {
+	t.Helper()
+	nsh, err := netns.GetFromPath(netnsutil.Path(ns))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nsh.Close()
+	h, err := netlink.NewHandleAt(nsh)
+	if err != nil {
+		t.Fatalf("netlink handle in %s: %v", ns, err)
+	}
+	t.Cleanup(h.Close)
+	return h
+}
 
 // filtersIn dumps the filters of both clsact hooks of ifindex in ns.
 func filtersIn(t testing.TB, ns string, ifindex int) []tcFilter {
 	t.Helper()
+	h := handleIn(t, ns)
 	var out []tcFilter
-	if err := inNetns(t, ns, func() error {
-		c, err := openRtnl()
+	for _, parent := range clsactParents {
+		fs, err := dumpFilters(h, ifindex, parent)
 		if err != nil {
-			return err
+			t.Fatalf("dump filters of ifindex %d in %s: %v", ifindex, ns, err)
 		}
-		defer c.close()
-		for _, parent := range clsactParents {
-			fs, err := c.dumpFilters(ifindex, parent)
-			if err != nil {
-				return err
-			}
-			out = append(out, fs...)
-		}
-		return nil
-	}); err != nil {
-		t.Fatalf("dump filters of ifindex %d in %s: %v", ifindex, ns, err)
+		out = append(out, fs...)
 	}
 	return out
 }
@@ -57,7 +68,7 @@ func kebpfFilters(t testing.TB, ns string, ifindexes ...int) []string {
 	for _, ifi := range ifindexes {
 		for _, f := range filtersIn(t, ns, ifi) {
 			if f.ours() {
-				out = append(out, fmt.Sprintf("%d/%s/%s/%d/%#x/%d", ifi, dirOf(f.parent), f.name, f.prio(), f.handle, f.progID))
+				out = append(out, fmt.Sprintf("%d/%s/%s/%d/%#x/%d", ifi, dirOf(f.attrs.Parent), f.name, f.prio(), f.attrs.Handle, f.progID))
 			}
 		}
 	}
@@ -100,17 +111,11 @@ func passProg(t testing.TB) *ebpf.Program {
 // setFilterIn adds or replaces a cls_bpf filter in ns.
 func setFilterIn(t testing.TB, ns string, ifindex int, dir int, prio uint16, handle uint32, prog *ebpf.Program, name string) error {
 	t.Helper()
-	return inNetns(t, ns, func() error {
-		c, err := openRtnl()
-		if err != nil {
-			return err
-		}
-		defer c.close()
-		if err := c.ensureClsact(ifindex); err != nil {
-			return err
-		}
-		return c.setBPFFilter(ifindex, clsactParents[dir], prio, handle, prog, name)
-	})
+	h := handleIn(t, ns)
+	if err := ensureClsact(h, ifindex); err != nil {
+		return err
+	}
+	return setBPFFilter(h, ifindex, clsactParents[dir], prio, handle, prog, name)
 }
 
 func progID(t testing.TB, p *ebpf.Program) uint32 {
@@ -206,7 +211,7 @@ func TestClsactFilters(t *testing.T) {
 		for _, ifi := range []int{tp.ifA, tp.ifB} {
 			for _, f := range filtersIn(t, tp.n, ifi) {
 				if !f.ours() {
-					out = append(out, fmt.Sprintf("%d/%s/%s/%s/%d/%#x", ifi, dirOf(f.parent), f.kind, f.name, f.prio(), f.handle))
+					out = append(out, fmt.Sprintf("%d/%s/%s/%s/%d/%#x", ifi, dirOf(f.attrs.Parent), f.kind, f.name, f.prio(), f.attrs.Handle))
 				}
 			}
 		}
