@@ -5,6 +5,8 @@ package socklb
 import (
 	"sync"
 	"testing"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/bpftest"
 )
 
 // TestIntegrationApplyIsAtomicForReaders flips a service between two
@@ -12,7 +14,7 @@ import (
 // connects in a loop: every connect must reach a backend of one of the
 // sets, never fail and never see an empty or torn set.
 func TestIntegrationApplyIsAtomicForReaders(t *testing.T) {
-	requireRoot(t)
+	bpftest.RequireRoot(t)
 	ns := testNetns(t)
 	o, _, cg := attachLB(t, LoadOptions{})
 	a := []server{startServer(t, ns, "tcp", "127.0.0.1:0"), startServer(t, ns, "tcp", "127.0.0.1:0")}

@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/bpftest"
 )
 
 // flowWant is what a row of the flow table expects: either Errno (the
@@ -70,7 +72,7 @@ func addrs(ss ...server) []string {
 // TestIntegrationFlows is the packet-flow table: real clients in the test
 // cgroup and netns, real loopback servers, the real programs and maps.
 func TestIntegrationFlows(t *testing.T) {
-	requireRoot(t)
+	bpftest.RequireRoot(t)
 	ns := testNetns(t)
 	o, _, cg := attachLB(t, LoadOptions{})
 
@@ -161,7 +163,7 @@ func TestIntegrationFlows(t *testing.T) {
 }
 
 func TestIntegrationAffinity(t *testing.T) {
-	requireRoot(t)
+	bpftest.RequireRoot(t)
 	ns := testNetns(t)
 	o, _, cg := attachLB(t, LoadOptions{})
 	srv := []server{startServer(t, ns, "tcp", "127.0.0.1:0"), startServer(t, ns, "tcp", "127.0.0.1:0"), startServer(t, ns, "tcp", "127.0.0.1:0")}
@@ -225,7 +227,7 @@ func beEntries(t *testing.T, o *Objects) int {
 }
 
 func TestIntegrationApplyUpdateDelete(t *testing.T) {
-	requireRoot(t)
+	bpftest.RequireRoot(t)
 	ns := testNetns(t)
 	o, _, cg := attachLB(t, LoadOptions{})
 	s := []server{startServer(t, ns, "tcp", "127.0.0.1:0"), startServer(t, ns, "tcp", "127.0.0.1:0"), startServer(t, ns, "tcp", "127.0.0.1:0")}
@@ -302,8 +304,8 @@ func checkServices(t *testing.T, o *Objects, want map[uint32]Service) {
 }
 
 func TestIntegrationCapacityExhaustion(t *testing.T) {
-	requireRoot(t)
-	pinDir := privateBPFFS(t)
+	bpftest.RequireRoot(t)
+	pinDir := bpftest.PinDir(t)
 	o, err := Load(pinDir, LoadOptions{MaxFrontends: 4, MaxBackends: 5})
 	if err != nil {
 		t.Fatal(err)
@@ -370,10 +372,10 @@ func TestIntegrationCapacityExhaustion(t *testing.T) {
 // state (pinned maps and links), re-attaching swaps programs in place, and
 // Detach (the live `disable service-lb` switch) leaves nothing behind.
 func TestIntegrationRestartAndDetach(t *testing.T) {
-	requireRoot(t)
+	bpftest.RequireRoot(t)
 	ns := testNetns(t)
-	pinDir := privateBPFFS(t)
-	cg := testCgroup(t)
+	pinDir := bpftest.PinDir(t)
+	cg := bpftest.Cgroup(t)
 	t.Cleanup(func() { DetachPinned(pinDir) })
 	srv := startServer(t, ns, "tcp", "127.0.0.1:0")
 	usrv := startServer(t, ns, "udp", "[::1]:0")
@@ -466,7 +468,7 @@ func TestIntegrationRestartAndDetach(t *testing.T) {
 // removed is destroyed by Apply (bpf_sock_destroy from an iter/udp program);
 // a socket the app connected to that pod directly is left alone.
 func TestIntegrationUDPSocketDestroy(t *testing.T) {
-	requireRoot(t)
+	bpftest.RequireRoot(t)
 	ns := testNetns(t)
 	o, _, cg := attachLB(t, LoadOptions{DestroyNetns: func() []string { return []string{""} }})
 	if err := o.SocketDestroyError(); err != nil {
@@ -520,24 +522,34 @@ func TestIntegrationUDPSocketDestroy(t *testing.T) {
 	if err := dec.Decode(&res); err != nil {
 		t.Fatalf("child: %v\n%s", err, stderr.String())
 	}
-	x := res[0][0].Extra
-	t.Logf("after destroy: %v", x)
+	checkDestroyed(t, res[0][0].Extra, victim, keep.Addr)
+}
+
+// checkDestroyed checks the state of a holdUDP client after the destroy:
+// the LB'd socket reports ECONNABORTED once and is disconnected (sends fail,
+// no peer), the socket connected directly to direct still works, and a new
+// connect through the LB reaches again.
+func checkDestroyed(t *testing.T, x map[string]string, direct, again string) {
+	t.Helper()
 	if x["s1recv"] != "ECONNABORTED" {
 		t.Errorf("recv on the destroyed socket = %s, want ECONNABORTED", x["s1recv"])
 	}
 	if x["s1send"] == "ok" || x["s1send2"] == "ok" {
-		t.Errorf("send on the socket to the removed backend still succeeds: %v", x)
+		t.Errorf("send on the destroyed socket still succeeds: %v", x)
 	}
-	if x["s2send"] != "ok" || x["s2recv"] != victim {
-		t.Errorf("socket connected directly to %s was disturbed: %v", victim, x)
+	if x["s1peer"] != "ENOTCONN" {
+		t.Errorf("getpeername on the destroyed socket = %s, want ENOTCONN (disconnected)", x["s1peer"])
 	}
-	if x["again"] != keep.Addr {
-		t.Errorf("reconnect reached %q, want %s", x["again"], keep.Addr)
+	if x["s2send"] != "ok" || x["s2recv"] != direct {
+		t.Errorf("socket connected directly to %s was disturbed: %v", direct, x)
+	}
+	if x["again"] != again {
+		t.Errorf("reconnect reached %q, want %s", x["again"], again)
 	}
 }
 
 func TestIntegrationDestroyCountsDirectly(t *testing.T) {
-	requireRoot(t)
+	bpftest.RequireRoot(t)
 	ns := testNetns(t)
 	o, _, cg := attachLB(t, LoadOptions{})
 	u := startServer(t, ns, "udp", "[::1]:0")
@@ -565,7 +577,8 @@ func TestIntegrationDestroyCountsDirectly(t *testing.T) {
 	if err := dec.Decode(&res); err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("after destroy: %v", res[0][0].Extra)
+	// The backend stays in the service: a reconnect reaches it again.
+	checkDestroyed(t, res[0][0].Extra, u.Addr, u.Addr)
 }
 
 type bpftoolProg struct {
@@ -594,7 +607,7 @@ func attachedAt(t *testing.T, cgroup string) []bpftoolProg {
 // the kernel has no BPF_PROG_TEST_RUN for cgroup sock_addr programs. If a
 // future kernel adds it, this fails and a prog.Run table should join.
 func TestProgRunUnsupported(t *testing.T) {
-	requireRoot(t)
+	bpftest.RequireRoot(t)
 	spec, err := LoadSocklb()
 	if err != nil {
 		t.Fatal(err)
