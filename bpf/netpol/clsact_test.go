@@ -19,6 +19,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/bpftest"
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/netnsutil"
 )
 
@@ -142,7 +143,7 @@ func wantOurs(t *testing.T, ns string, ifindex int, from, to *ebpf.Program) {
 }
 
 func TestAttachModeAPI(t *testing.T) {
-	requireRoot(t)
+	bpftest.RequireRoot(t)
 	for _, m := range []AttachMode{AttachAuto, AttachTCX, AttachClsact} {
 		got, err := ParseAttachMode(m.String())
 		if err != nil || got != m {
@@ -166,7 +167,7 @@ func TestAttachModeAPI(t *testing.T) {
 	if o := loadMaps(t, "", LoadOptions{Attach: AttachClsact}); o.AttachMode() != AttachClsact {
 		t.Errorf("AttachClsact resolved to %v", o.AttachMode())
 	}
-	if _, err := Load(filepath.Join(privateBPFFS(t), "x"), LoadOptions{Attach: 7}); err == nil {
+	if _, err := Load(filepath.Join(bpftest.BPFFS(t), "x"), LoadOptions{Attach: 7}); err == nil {
 		t.Error("Load accepted attach mode 7")
 	}
 }
@@ -176,15 +177,12 @@ func TestAttachModeAPI(t *testing.T) {
 // restart, removal of a stray filter of ours, refusal to overwrite a
 // foreign filter in our slot, and removal by name from a fresh process.
 func TestClsactFilters(t *testing.T) {
-	if testing.Short() {
-		t.Skip("-short")
-	}
-	requireRoot(t)
+	bpftest.RequireRoot(t)
 	tp := newTopo(t)
 	serve(t, tp.b)
-	root := privateBPFFS(t)
+	root := bpftest.BPFFS(t)
 	pinDir := filepath.Join(root, "kubectl-ebpf")
-	t.Cleanup(func() { inNetns(t, tp.n, func() error { return DetachPinned(pinDir) }) })
+	t.Cleanup(func() { inNetns(tp.n, func() error { return DetachPinned(pinDir) }) })
 
 	// Foreign filters, and the qdisc, are there first: a cls_bpf at our
 	// priority with another handle (as Cilium's legacy tc mode would
@@ -284,14 +282,14 @@ func TestClsactFilters(t *testing.T) {
 	if err := setFilterIn(t, tp.n, ifC, 1, ClsactPriority, ClsactHandle, fp, "squatter"); err != nil {
 		t.Fatal(err)
 	}
-	err := inNetns(t, tp.n, func() error { return o2.ApplyEndpoint(EndpointPolicy{ID: 3, IfIndex: ifC}) })
+	err := inNetns(tp.n, func() error { return o2.ApplyEndpoint(EndpointPolicy{ID: 3, IfIndex: ifC}) })
 	if err == nil || !strings.Contains(err.Error(), "foreign") {
 		t.Errorf("apply on an interface whose slot a foreign filter holds: %v, want a foreign-filter error", err)
 	}
 	if fs := filtersIn(t, tp.n, ifC); !slices.ContainsFunc(fs, func(f tcFilter) bool { return f.name == "squatter" && f.inOurSlot() }) {
 		t.Errorf("squatter filter touched: %+v", fs)
 	}
-	if err := inNetns(t, tp.n, func() error { return o2.DeleteEndpoint(3) }); err != nil {
+	if err := inNetns(tp.n, func() error { return o2.DeleteEndpoint(3) }); err != nil {
 		t.Fatal(err)
 	}
 
@@ -301,7 +299,7 @@ func TestClsactFilters(t *testing.T) {
 		t.Fatal(err)
 	}
 	o3 := loadIn(t, tp, filepath.Join(root, "other"), AttachClsact)
-	if err := inNetns(t, tp.n, o3.Detach); err != nil {
+	if err := inNetns(tp.n, o3.Detach); err != nil {
 		t.Fatal(err)
 	}
 	if got := kebpfFilters(t, tp.n, tp.ifA, tp.ifB); len(got) != 0 {
@@ -321,7 +319,7 @@ func TestClsactFilters(t *testing.T) {
 	if err := o4.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if err := inNetns(t, tp.n, func() error { return DetachPinned(pinDir) }); err != nil {
+	if err := inNetns(tp.n, func() error { return DetachPinned(pinDir) }); err != nil {
 		t.Fatal(err)
 	}
 	if got := kebpfFilters(t, tp.n, tp.ifA, tp.ifB); len(got) != 0 {
@@ -337,7 +335,7 @@ func TestClsactFilters(t *testing.T) {
 	}
 	enforced(t, false)
 	// Nothing left to find: a second cleanup is a no-op.
-	if err := inNetns(t, tp.n, func() error { return DetachPinned(pinDir) }); err != nil {
+	if err := inNetns(tp.n, func() error { return DetachPinned(pinDir) }); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -347,17 +345,14 @@ func TestClsactFilters(t *testing.T) {
 // through. (The flood does see a gap: replacing by delete and add instead
 // let about 4400 of 24000 datagrams through in 300 rounds here.)
 func TestClsactReplaceNoGap(t *testing.T) {
-	if testing.Short() {
-		t.Skip("-short")
-	}
-	requireRoot(t)
+	bpftest.RequireRoot(t)
 	tp := newTopo(t)
-	pinDir := filepath.Join(privateBPFFS(t), "kubectl-ebpf")
-	t.Cleanup(func() { inNetns(t, tp.n, func() error { return DetachPinned(pinDir) }) })
+	pinDir := bpftest.PinDir(t)
+	t.Cleanup(func() { inNetns(tp.n, func() error { return DetachPinned(pinDir) }) })
 
 	var received atomic.Int64
 	var lc net.PacketConn
-	if err := inNetns(t, tp.b, func() error {
+	if err := inNetns(tp.b, func() error {
 		var err error
 		lc, err = net.ListenPacket("udp", ":5454")
 		return err
@@ -375,7 +370,7 @@ func TestClsactReplaceNoGap(t *testing.T) {
 		}
 	}()
 	var conn net.Conn
-	if err := inNetns(t, tp.a, func() error {
+	if err := inNetns(tp.a, func() error {
 		var err error
 		conn, err = net.Dial("udp", hostPort(ipB, 5454))
 		return err
@@ -418,7 +413,7 @@ func TestClsactReplaceNoGap(t *testing.T) {
 	from, to := o.Programs()
 	const replaces = 300
 	start := time.Now()
-	if err := inNetns(t, tp.n, func() error {
+	if err := inNetns(tp.n, func() error {
 		for range replaces {
 			if err := attachClsact(tp.ifB, [2]*ebpf.Program{from, to}); err != nil {
 				return err
@@ -446,14 +441,11 @@ func TestClsactReplaceNoGap(t *testing.T) {
 // restart): the re-apply attaches there, detaching the vanished one is not
 // an error, nor is deleting an endpoint whose interface is gone.
 func TestClsactInterfaceRecreated(t *testing.T) {
-	if testing.Short() {
-		t.Skip("-short")
-	}
-	requireRoot(t)
+	bpftest.RequireRoot(t)
 	tp := newTopo(t)
 	serve(t, tp.b)
-	pinDir := filepath.Join(privateBPFFS(t), "kubectl-ebpf")
-	t.Cleanup(func() { inNetns(t, tp.n, func() error { return DetachPinned(pinDir) }) })
+	pinDir := bpftest.PinDir(t)
+	t.Cleanup(func() { inNetns(tp.n, func() error { return DetachPinned(pinDir) }) })
 	o := loadIn(t, tp, pinDir, AttachClsact)
 	t.Cleanup(func() { o.Close() })
 	bPol := EndpointPolicy{ID: 2, IfIndex: tp.ifB, IPs: []netip.Addr{addr(ipB)}, IngressEnforced: true, DefaultDenyPolicy: 20,
@@ -497,10 +489,10 @@ func TestClsactInterfaceRecreated(t *testing.T) {
 	}
 
 	sh(t, "ip", "-n", tp.n, "link", "del", "vb")
-	if err := inNetns(t, tp.n, func() error { return o.DeleteEndpoint(2) }); err != nil {
+	if err := inNetns(tp.n, func() error { return o.DeleteEndpoint(2) }); err != nil {
 		t.Errorf("delete endpoint of a vanished interface: %v", err)
 	}
-	if err := inNetns(t, tp.n, o.Detach); err != nil {
+	if err := inNetns(tp.n, o.Detach); err != nil {
 		t.Errorf("detach with a vanished interface: %v", err)
 	}
 }
@@ -508,14 +500,11 @@ func TestClsactInterfaceRecreated(t *testing.T) {
 // Restarting with the other mode moves the attachments over: the new
 // mode's are in place before the old mode's go.
 func TestAttachModeSwitch(t *testing.T) {
-	if testing.Short() {
-		t.Skip("-short")
-	}
-	requireRoot(t)
+	bpftest.RequireRoot(t)
 	tp := newTopo(t)
 	serve(t, tp.b)
-	pinDir := filepath.Join(privateBPFFS(t), "kubectl-ebpf")
-	t.Cleanup(func() { inNetns(t, tp.n, func() error { return DetachPinned(pinDir) }) })
+	pinDir := bpftest.PinDir(t)
+	t.Cleanup(func() { inNetns(tp.n, func() error { return DetachPinned(pinDir) }) })
 	bPol := EndpointPolicy{ID: 2, IfIndex: tp.ifB, IPs: []netip.Addr{addr(ipB)}, IngressEnforced: true, DefaultDenyPolicy: 20,
 		Ingress: []PeerEntry{peer(ipA+"/32", rule(TCP, 80, 0, 21, 0))}}
 	aPol := EndpointPolicy{ID: 1, IfIndex: tp.ifA, IPs: []netip.Addr{addr(ipA)}}
@@ -536,7 +525,7 @@ func TestAttachModeSwitch(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if err := inNetns(t, tp.n, func() error { return DetachPinned(pinDir) }); err != nil {
+	if err := inNetns(tp.n, func() error { return DetachPinned(pinDir) }); err != nil {
 		t.Fatal(err)
 	}
 	attached(t, tp, AttachTCX, 0)

@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"os/exec"
 	"slices"
 	"sort"
 	"strings"
@@ -396,7 +395,7 @@ func TestIntegrationRestartAndDetach(t *testing.T) {
 	for _, s := range svcs {
 		mustApply(t, first, s)
 	}
-	before := attachedAt(t, cg)
+	before := bpftest.CgroupProgs(t, cg)
 	if len(before) != len(hooks) {
 		t.Fatalf("attached %+v, want %d programs", before, len(hooks))
 	}
@@ -424,7 +423,7 @@ func TestIntegrationRestartAndDetach(t *testing.T) {
 	if err := second.Attach(cg); err != nil {
 		t.Fatal(err)
 	}
-	after := attachedAt(t, cg)
+	after := bpftest.CgroupProgs(t, cg)
 	if len(after) != len(hooks) {
 		t.Fatalf("after re-attach: %+v, want exactly %d programs (links updated, not duplicated)", after, len(hooks))
 	}
@@ -448,7 +447,7 @@ func TestIntegrationRestartAndDetach(t *testing.T) {
 	if err := second.Detach(); err != nil {
 		t.Fatal(err)
 	}
-	if got := attachedAt(t, cg); len(got) != 0 {
+	if got := bpftest.CgroupProgs(t, cg); len(got) != 0 {
 		t.Errorf("after detach: attached = %+v, want none", got)
 	}
 	paths := MapPinPaths(pinDir)
@@ -579,28 +578,6 @@ func TestIntegrationDestroyCountsDirectly(t *testing.T) {
 	}
 	// The backend stays in the service: a reconnect reaches it again.
 	checkDestroyed(t, res[0][0].Extra, u.Addr, u.Addr)
-}
-
-type bpftoolProg struct {
-	ID         int    `json:"id"`
-	AttachType string `json:"attach_type"`
-	Name       string `json:"name"`
-}
-
-// attachedAt lists programs attached directly at cgroup, as bpftool sees them.
-func attachedAt(t *testing.T, cgroup string) []bpftoolProg {
-	t.Helper()
-	out, err := exec.Command("bpftool", "-j", "cgroup", "show", cgroup).Output()
-	if err != nil {
-		t.Fatalf("bpftool cgroup show %s: %v", cgroup, err)
-	}
-	var progs []bpftoolProg
-	if s := strings.TrimSpace(string(out)); s != "" {
-		if err := json.Unmarshal([]byte(s), &progs); err != nil {
-			t.Fatalf("parse bpftool output %q: %v", out, err)
-		}
-	}
-	return progs
 }
 
 // TestProgRunUnsupported documents why flows are tested with real sockets:
