@@ -38,26 +38,25 @@ func Do(path string, fn func() error) error {
 		return fmt.Errorf("open netns %s: %w", path, err)
 	}
 	defer ns.Close()
-	if err := DoNs(ns, fn); err != nil {
-		return fmt.Errorf("netns %s: %w", path, err)
-	}
-	return nil
+	return doNs(ns, path, fn)
 }
 
-// DoNs is Do for an open namespace handle.
-func DoNs(ns netns.NsHandle, fn func() error) error {
+// DoNs is Do for an open namespace handle. fn's error is returned as is.
+func DoNs(ns netns.NsHandle, fn func() error) error { return doNs(ns, ns.String(), fn) }
+
+func doNs(ns netns.NsHandle, name string, fn func() error) error {
 	errc := make(chan error, 1)
 	go func() {
 		// The thread is unlocked only once back in its own namespace: if
 		// switching back fails it stays locked and Go retires it with this
 		// goroutine instead of handing it to others in a foreign namespace.
 		runtime.LockOSThread()
-		errc <- doLocked(ns, fn)
+		errc <- doLocked(ns, name, fn)
 	}()
 	return <-errc
 }
 
-func doLocked(ns netns.NsHandle, fn func() error) error {
+func doLocked(ns netns.NsHandle, name string, fn func() error) error {
 	orig, err := netns.Get()
 	if err != nil {
 		runtime.UnlockOSThread()
@@ -66,11 +65,11 @@ func doLocked(ns netns.NsHandle, fn func() error) error {
 	defer orig.Close()
 	if err := netns.Set(ns); err != nil {
 		runtime.UnlockOSThread()
-		return fmt.Errorf("enter: %w", err)
+		return fmt.Errorf("enter netns %s: %w", name, err)
 	}
 	ferr := fn()
 	if err := netns.Set(orig); err != nil {
-		return errors.Join(ferr, fmt.Errorf("leave: %w", err))
+		return errors.Join(ferr, fmt.Errorf("leave netns %s: %w", name, err))
 	}
 	runtime.UnlockOSThread()
 	return ferr
