@@ -4,59 +4,61 @@ package netnsutil_test
 
 import (
 	"errors"
+	"os"
+	"syscall"
 	"testing"
-
-	"github.com/vishvananda/netns"
 
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/bpftest"
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/netnsutil"
 )
 
+// ino is the inode of a namespace file: equal inodes, same namespace.
+func ino(path string) (uint64, error) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return 0, err
+	}
+	return fi.Sys().(*syscall.Stat_t).Ino, nil
+}
+
+func nsIno(t *testing.T, path string) uint64 {
+	t.Helper()
+	n, err := ino(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
 // TestDo enters a fresh namespace, returns fn's error as is, and leaves the
-// caller's thread where it was.
+// caller where it was.
 func TestDo(t *testing.T) {
 	bpftest.RequireRoot(t)
-	name := bpftest.Netns(t, "kebpf-nsu-")
-	target, err := netns.GetFromPath(netnsutil.Path(name))
-	if err != nil {
-		t.Fatal(err)
+	path := netnsutil.Path(bpftest.Netns(t, "kebpf-nsu-"))
+	target, own := nsIno(t, path), nsIno(t, "/proc/self/ns/net")
+	if target == own {
+		t.Fatal("the new namespace is the test's own")
 	}
-	defer target.Close()
-	own, err := netns.Get()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer own.Close()
-
 	sentinel := errors.New("from fn")
-	var inside bool
-	err = netnsutil.Do(netnsutil.Path(name), func() error {
-		cur, err := netns.Get()
-		if err != nil {
+	var inside, before uint64
+	err := netnsutil.Do(path, func() error {
+		var err error
+		if inside, err = ino("/proc/thread-self/ns/net"); err != nil {
 			return err
 		}
-		defer cur.Close()
-		inside = cur.Equal(target)
 		return sentinel
 	})
 	if err != sentinel {
 		t.Errorf("Do returned %v, want fn's error as is", err)
 	}
-	if !inside {
+	if inside != target {
 		t.Error("fn did not run in the target namespace")
 	}
-	if err := netnsutil.Do("", func() error {
-		cur, err := netns.Get()
-		if err != nil {
-			return err
-		}
-		defer cur.Close()
-		if !cur.Equal(own) {
-			return errors.New("Do(\"\") left the caller's namespace")
-		}
-		return nil
-	}); err != nil {
-		t.Error(err)
+	if err := netnsutil.Do("", func() (err error) {
+		before, err = ino("/proc/thread-self/ns/net")
+		return err
+	}); err != nil || before != own {
+		t.Errorf("Do(\"\") = %v, ran in namespace %d, want the caller's %d", err, before, own)
 	}
 	if err := netnsutil.Do("/nonexistent/netns", func() error { return nil }); err == nil {
 		t.Error("Do on a missing path succeeded")

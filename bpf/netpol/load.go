@@ -12,6 +12,8 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/pins"
 )
 
 // Defaults: a node with a few hundred pods, each with up to a few hundred
@@ -151,11 +153,7 @@ func Load(pinDir string, opts LoadOptions) (*Objects, error) {
 		links: map[int][2]link.Link{}, filters: map[int]bool{}}
 	copts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: MapPinDir(pinDir)}}
 	if err := spec.LoadAndAssign(&o.objs, copts); err != nil {
-		var verr *ebpf.VerifierError
-		if errors.As(err, &verr) {
-			return nil, fmt.Errorf("load netpol: %+v", verr)
-		}
-		return nil, fmt.Errorf("load netpol: %w", err)
+		return nil, pins.LoadError("netpol", err)
 	}
 	if err := o.rebuild(); err != nil {
 		o.objs.Close()

@@ -5,7 +5,6 @@ package socklb
 import (
 	"errors"
 	"fmt"
-	"os"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -73,38 +72,7 @@ func (o *Objects) Attach(cgroupPath string) error {
 }
 
 func (o *Objects) attachHook(h hook, cgroupPath string) (link.Link, bool, error) {
-	pin := LinkPinPath(o.pinDir, h.name)
-	prog := o.objs.program(h.prog)
-
-	l, err := link.LoadPinnedLink(pin, nil)
-	switch {
-	case err == nil:
-		same, serr := pins.SameCgroup(l, cgroupPath)
-		if serr == nil && same {
-			if err := l.Update(prog); err != nil {
-				l.Close()
-				return nil, false, fmt.Errorf("update pinned link %s: %w", pin, err)
-			}
-			return l, false, nil
-		}
-		if err := pins.DetachAndClose(l); err != nil {
-			return nil, false, fmt.Errorf("replace pinned link %s: %w", pin, err)
-		}
-	case errors.Is(err, os.ErrNotExist):
-	default:
-		return nil, false, fmt.Errorf("load pinned link %s: %w", pin, err)
-	}
-
-	l, err = link.AttachCgroup(link.CgroupOptions{Path: cgroupPath, Attach: h.attach, Program: prog})
-	if err != nil {
-		return nil, false, fmt.Errorf("attach %s to %s: %w", h.prog, cgroupPath, err)
-	}
-	if err := l.Pin(pin); err != nil {
-		// Without a pin the attachment would vanish with this process.
-		l.Close()
-		return nil, false, fmt.Errorf("pin link %s: %w", pin, err)
-	}
-	return l, true, nil
+	return pins.AttachCgroup(h.prog, LinkPinPath(o.pinDir, h.name), cgroupPath, h.attach, o.objs.program(h.prog))
 }
 
 // Attached reports whether Attach succeeded.

@@ -11,6 +11,8 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/pins"
 )
 
 // Defaults sized for 100k Service frontends and 500k backends.
@@ -46,17 +48,18 @@ type LoadOptions struct {
 }
 
 func (lo LoadOptions) withDefaults() LoadOptions {
-	if lo.MaxFrontends <= 0 {
-		lo.MaxFrontends = DefaultMaxFrontends
-	}
-	if lo.MaxBackends <= 0 {
-		lo.MaxBackends = DefaultMaxBackends
-	}
-	if lo.MaxAffinity <= 0 {
-		lo.MaxAffinity = DefaultMaxAffinity
-	}
-	if lo.MaxRevNAT <= 0 {
-		lo.MaxRevNAT = DefaultMaxRevNAT
+	for _, f := range []struct {
+		v *int
+		d int
+	}{
+		{&lo.MaxFrontends, DefaultMaxFrontends},
+		{&lo.MaxBackends, DefaultMaxBackends},
+		{&lo.MaxAffinity, DefaultMaxAffinity},
+		{&lo.MaxRevNAT, DefaultMaxRevNAT},
+	} {
+		if *f.v <= 0 {
+			*f.v = f.d
+		}
 	}
 	if lo.Logger == nil {
 		lo.Logger = slog.Default()
@@ -148,7 +151,7 @@ func Load(pinDir string, opts ...LoadOptions) (*Objects, error) {
 	}
 	copts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: MapPinDir(pinDir)}}
 	if err := spec.LoadAndAssign(&o.objs, copts); err != nil {
-		return nil, loadErr("socklb", err)
+		return nil, pins.LoadError("socklb", err)
 	}
 
 	// The iterator shares the rev-NAT and request maps with the objects
@@ -160,7 +163,7 @@ func Load(pinDir string, opts ...LoadOptions) (*Objects, error) {
 		SocklbMapKebpfLbKill: o.objs.KebpfLbKill,
 	}}
 	if err := spec.LoadAndAssign(&ko, kopts); err != nil {
-		o.killErr = loadErr(KillProgramName, err)
+		o.killErr = pins.LoadError(KillProgramName, err)
 		lo.Logger.Warn("socket destroy unavailable", "err", o.killErr)
 	} else {
 		o.kill = ko.Kill
@@ -171,12 +174,4 @@ func Load(pinDir string, opts ...LoadOptions) (*Objects, error) {
 		return nil, err
 	}
 	return o, nil
-}
-
-func loadErr(what string, err error) error {
-	var verr *ebpf.VerifierError
-	if errors.As(err, &verr) {
-		return fmt.Errorf("load %s: %+v", what, verr)
-	}
-	return fmt.Errorf("load %s: %w", what, err)
 }
