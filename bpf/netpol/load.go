@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
 	"path/filepath"
 	"time"
 
@@ -107,10 +106,8 @@ func def[T int | time.Duration](v *T, d T) {
 // links switched to the new programs. pinDir must be on a bpffs.
 func Load(pinDir string, opts LoadOptions) (*Objects, error) {
 	lo := opts.withDefaults()
-	for _, dir := range []string{MapPinDir(pinDir), filepath.Join(pinDir, "links")} {
-		if err := os.MkdirAll(dir, 0o700); err != nil {
-			return nil, fmt.Errorf("create pin dir: %w", err)
-		}
+	if err := pins.MkdirAll(MapPinDir(pinDir), filepath.Join(pinDir, "links")); err != nil {
+		return nil, err
 	}
 	spec, err := LoadNetpol()
 	if err != nil {

@@ -116,3 +116,13 @@ func LoadError(what string, err error) error {
 	}
 	return fmt.Errorf("load %s: %w", what, err)
 }
+
+// MkdirAll creates the pin directories dirs (on a bpffs), private to root.
+func MkdirAll(dirs ...string) error {
+	for _, dir := range dirs {
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return fmt.Errorf("create pin dir: %w", err)
+		}
+	}
+	return nil
+}

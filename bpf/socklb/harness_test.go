@@ -349,6 +349,16 @@ func testNetns(tb testing.TB) string {
 	return netnsutil.Path(name)
 }
 
+// rootLB starts most root tests: a netns, and the LB loaded and attached
+// to a fresh cgroup.
+func rootLB(tb testing.TB, opts LoadOptions) (ns string, o *Objects, cg string) {
+	tb.Helper()
+	bpftest.RequireRoot(tb)
+	ns = testNetns(tb)
+	o, _, cg = attachLB(tb, opts)
+	return ns, o, cg
+}
+
 // attachLB loads with a private bpffs and attaches to a fresh cgroup; both
 // are torn down (links detached, pins removed) whatever the test does.
 func attachLB(tb testing.TB, opts LoadOptions) (*Objects, string, string) {
@@ -375,6 +385,16 @@ func attachLB(tb testing.TB, opts LoadOptions) (*Objects, string, string) {
 // with its own address:port.
 type server struct {
 	Addr string
+}
+
+// startServers starts n servers like startServer.
+func startServers(tb testing.TB, netns, network, addr string, n int) []server {
+	tb.Helper()
+	out := make([]server, n)
+	for i := range out {
+		out[i] = startServer(tb, netns, network, addr)
+	}
+	return out
 }
 
 func startServer(tb testing.TB, netns, network, addr string) server {

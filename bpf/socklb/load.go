@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
 	"path/filepath"
 
 	"github.com/cilium/ebpf"
@@ -127,10 +126,8 @@ func Load(pinDir string, opts ...LoadOptions) (*Objects, error) {
 		lo = opts[0]
 	}
 	lo = lo.withDefaults()
-	for _, dir := range []string{MapPinDir(pinDir), filepath.Join(pinDir, "links")} {
-		if err := os.MkdirAll(dir, 0o700); err != nil {
-			return nil, fmt.Errorf("create pin dir: %w", err)
-		}
+	if err := pins.MkdirAll(MapPinDir(pinDir), filepath.Join(pinDir, "links")); err != nil {
+		return nil, err
 	}
 	spec, err := LoadSocklb()
 	if err != nil {

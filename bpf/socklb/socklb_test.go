@@ -71,16 +71,14 @@ func addrs(ss ...server) []string {
 // TestIntegrationFlows is the packet-flow table: real clients in the test
 // cgroup and netns, real loopback servers, the real programs and maps.
 func TestIntegrationFlows(t *testing.T) {
-	bpftest.RequireRoot(t)
-	ns := testNetns(t)
-	o, _, cg := attachLB(t, LoadOptions{})
+	ns, o, cg := rootLB(t, LoadOptions{})
 
-	tcp := []server{startServer(t, ns, "tcp", "127.0.0.1:0"), startServer(t, ns, "tcp", "127.0.0.1:0"), startServer(t, ns, "tcp", "127.0.0.1:0")}
+	tcp := startServers(t, ns, "tcp", "127.0.0.1:0", 3)
 	tcpAlt := startServer(t, ns, "tcp", "127.0.0.1:0")
 	direct := startServer(t, ns, "tcp", "127.0.0.1:0")
-	udp := []server{startServer(t, ns, "udp", "127.0.0.1:0"), startServer(t, ns, "udp", "127.0.0.1:0"), startServer(t, ns, "udp", "127.0.0.1:0")}
-	tcp6 := []server{startServer(t, ns, "tcp", "[::1]:0"), startServer(t, ns, "tcp", "[::1]:0")}
-	udp6 := []server{startServer(t, ns, "udp", "[::1]:0"), startServer(t, ns, "udp", "[::1]:0")}
+	udp := startServers(t, ns, "udp", "127.0.0.1:0", 3)
+	tcp6 := startServers(t, ns, "tcp", "[::1]:0", 2)
+	udp6 := startServers(t, ns, "udp", "[::1]:0", 2)
 
 	for _, svc := range []Service{
 		{ID: 1, Frontends: []Frontend{fe("10.96.0.10:80", TCP)}, Backends: backends(tcp...)},
@@ -162,10 +160,8 @@ func TestIntegrationFlows(t *testing.T) {
 }
 
 func TestIntegrationAffinity(t *testing.T) {
-	bpftest.RequireRoot(t)
-	ns := testNetns(t)
-	o, _, cg := attachLB(t, LoadOptions{})
-	srv := []server{startServer(t, ns, "tcp", "127.0.0.1:0"), startServer(t, ns, "tcp", "127.0.0.1:0"), startServer(t, ns, "tcp", "127.0.0.1:0")}
+	ns, o, cg := rootLB(t, LoadOptions{})
+	srv := startServers(t, ns, "tcp", "127.0.0.1:0", 3)
 	mustApply(t, o, Service{ID: 1, Frontends: []Frontend{fe("10.96.1.1:80", TCP)}, Backends: backends(srv...), AffinityTimeout: 300 * time.Millisecond})
 
 	res := runChild(t, cg, ns,
@@ -226,10 +222,8 @@ func beEntries(t *testing.T, o *Objects) int {
 }
 
 func TestIntegrationApplyUpdateDelete(t *testing.T) {
-	bpftest.RequireRoot(t)
-	ns := testNetns(t)
-	o, _, cg := attachLB(t, LoadOptions{})
-	s := []server{startServer(t, ns, "tcp", "127.0.0.1:0"), startServer(t, ns, "tcp", "127.0.0.1:0"), startServer(t, ns, "tcp", "127.0.0.1:0")}
+	ns, o, cg := rootLB(t, LoadOptions{})
+	s := startServers(t, ns, "tcp", "127.0.0.1:0", 3)
 	f := []Frontend{fe("10.96.2.1:80", TCP)}
 
 	steps := []struct {
@@ -467,15 +461,13 @@ func TestIntegrationRestartAndDetach(t *testing.T) {
 // removed is destroyed by Apply (bpf_sock_destroy from an iter/udp program);
 // a socket the app connected to that pod directly is left alone.
 func TestIntegrationUDPSocketDestroy(t *testing.T) {
-	bpftest.RequireRoot(t)
-	ns := testNetns(t)
-	o, _, cg := attachLB(t, LoadOptions{DestroyNetns: func() []string { return []string{""} }})
+	ns, o, cg := rootLB(t, LoadOptions{DestroyNetns: func() []string { return []string{""} }})
 	if err := o.SocketDestroyError(); err != nil {
 		t.Fatalf("socket destroy unavailable on a kernel with bpf_sock_destroy: %v", err)
 	}
 	// Tests sweep the test netns; set after Load like an agent would learn pods.
 	o.opts.DestroyNetns = func() []string { return []string{ns} }
-	u := []server{startServer(t, ns, "udp", "127.0.0.1:0"), startServer(t, ns, "udp", "127.0.0.1:0")}
+	u := startServers(t, ns, "udp", "127.0.0.1:0", 2)
 	f := []Frontend{fe("10.96.5.1:53", UDP)}
 	mustApply(t, o, Service{ID: 1, Frontends: f, Backends: backends(u...)})
 
@@ -548,9 +540,7 @@ func checkDestroyed(t *testing.T, x map[string]string, direct, again string) {
 }
 
 func TestIntegrationDestroyCountsDirectly(t *testing.T) {
-	bpftest.RequireRoot(t)
-	ns := testNetns(t)
-	o, _, cg := attachLB(t, LoadOptions{})
+	ns, o, cg := rootLB(t, LoadOptions{})
 	u := startServer(t, ns, "udp", "[::1]:0")
 	mustApply(t, o, Service{ID: 1, Frontends: []Frontend{fe("[fd00:96::5]:53", UDP)}, Backends: backends(u)})
 

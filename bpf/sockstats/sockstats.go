@@ -80,10 +80,8 @@ type Objects struct {
 // <pinDir>/maps/kebpf_sockstats when it exists (counters survive restarts),
 // otherwise created and pinned there. pinDir must be on a bpffs.
 func Load(pinDir string) (*Objects, error) {
-	for _, dir := range []string{MapPinDir(pinDir), filepath.Dir(LinkPinPath(pinDir))} {
-		if err := os.MkdirAll(dir, 0o700); err != nil {
-			return nil, fmt.Errorf("create pin dir: %w", err)
-		}
+	if err := pins.MkdirAll(MapPinDir(pinDir), filepath.Dir(LinkPinPath(pinDir))); err != nil {
+		return nil, err
 	}
 	o := &Objects{pinDir: pinDir}
 	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: MapPinDir(pinDir)}}

@@ -2,7 +2,6 @@ package cni
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -14,55 +13,6 @@ import (
 	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/containernetworking/cni/pkg/version"
 )
-
-// The CNI protocol (environment, stdin, results, errors, VERSION) is
-// github.com/containernetworking/cni's: pkg/skel dispatches the commands to
-// Plugin, pkg/types parses the config and CNI_ARGS and converts the
-// previous plugin's result.
-
-// Versions are the CNI spec versions we support. We never build a result
-// ourselves, only return the previous plugin's, so every version with
-// prevResult (0.3.0 on) works.
-var Versions = version.PluginSupports("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
-
-// CNI error codes (spec section "Error"): 7 invalid network config, 11 try
-// again later; 100+ are ours.
-const (
-	codeInvalidConfig = types.ErrInvalidNetworkConfig
-	codeTryAgain      = types.ErrTryAgainLater
-	codeAgentRefused  = 100
-)
-
-// DefaultTimeout bounds one ADD: the agent answers as soon as the pod's
-// endpoint is programmed (milliseconds), unless the API server is slow to
-// show it the pod.
-const DefaultTimeout = 30 * time.Second
-
-// delTimeout bounds telling the agent about a DEL.
-const delTimeout = 5 * time.Second
-
-// NetConf is our entry in the conflist, as the runtime passes it on stdin
-// (with prevResult added).
-type NetConf struct {
-	types.PluginConf
-	// Socket of the agent; DefaultSocket when empty.
-	Socket string `json:"socket,omitempty"`
-	// EnforcedMarker exists while the policy datapath is loaded on the node
-	// (a pinned map). When the agent cannot be reached and it exists, ADD
-	// fails (fail closed); when it does not exist, ADD passes through.
-	EnforcedMarker string `json:"enforcedMarker,omitempty"`
-	// TimeoutSeconds bounds an ADD (DefaultTimeout when 0).
-	TimeoutSeconds int `json:"timeoutSeconds,omitempty"`
-}
-
-// k8sArgs are the CNI_ARGS a Kubernetes runtime passes.
-type k8sArgs struct {
-	types.CommonArgs
-	K8S_POD_NAMESPACE          types.UnmarshallableString
-	K8S_POD_NAME               types.UnmarshallableString
-	K8S_POD_INFRA_CONTAINER_ID types.UnmarshallableString
-	K8S_POD_UID                types.UnmarshallableString
-}
 
 // Plugin is the chained plugin: skel calls its commands (Funcs).
 type Plugin struct {
@@ -91,12 +41,9 @@ func (p *Plugin) Funcs() skel.CNIFuncs {
 func (p *Plugin) nothing(*skel.CmdArgs) error { return nil }
 
 func (p *Plugin) conf(args *skel.CmdArgs) (NetConf, error) {
-	var conf NetConf
-	if err := json.Unmarshal(args.StdinData, &conf); err != nil {
-		return conf, types.NewError(codeInvalidConfig, "parse network config", err.Error())
-	}
-	if conf.Socket == "" {
-		conf.Socket = DefaultSocket
+	conf, err := parseConf(args.StdinData)
+	if err != nil {
+		return conf, err
 	}
 	if p.Client == nil {
 		p.Client = NewClient(conf.Socket)

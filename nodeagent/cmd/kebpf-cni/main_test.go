@@ -1,9 +1,7 @@
 package main
 
 import (
-	"bytes"
 	"encoding/json"
-	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -36,15 +34,12 @@ func TestBinary(t *testing.T) {
 		c.Env = []string{"CNI_COMMAND=" + cmd, "CNI_CONTAINERID=abc", "CNI_NETNS=/var/run/netns/cni-x", "CNI_IFNAME=eth0",
 			"CNI_PATH=/opt/cni/bin", "CNI_ARGS=IgnoreUnknown=1;K8S_POD_NAMESPACE=x;K8S_POD_NAME=a"}
 		c.Stdin = strings.NewReader(conf)
-		var out bytes.Buffer
-		c.Stdout = &out
-		err := c.Run()
-		return out.String(), err
+		out, err := c.Output()
+		return string(out), err
 	}
 
 	out, err := runCNI("ADD")
-	var exit *exec.ExitError
-	if !errors.As(err, &exit) || exit.ExitCode() != 1 {
+	if exit, ok := err.(*exec.ExitError); !ok || exit.ExitCode() != 1 {
 		t.Fatalf("ADD with the agent gone and enforcement loaded: %v, want exit 1\n%s", err, out)
 	}
 	var cniErr struct {
