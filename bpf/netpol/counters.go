@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"net/netip"
 	"time"
+
+	"github.com/cilium/ebpf"
 )
 
 // DirCounters are one direction's counts.
@@ -70,20 +72,12 @@ type TrackedFlow struct {
 // Flows lists the conntrack entries (for tests and debugging; it walks the
 // whole table).
 func (o *Objects) Flows() ([]TrackedFlow, error) {
-	var k NetpolCtKey
-	var v NetpolCtVal
-	var out []TrackedFlow
-	it := o.objs.KebpfNpCt.Iterate()
-	for it.Next(&k, &v) {
-		out = append(out, TrackedFlow{
+	return readAll(o.objs.KebpfNpCt, NetpolMapKebpfNpCt, func(k NetpolCtKey, v NetpolCtVal) TrackedFlow {
+		return TrackedFlow{
 			Flow: ctFlow(k, v.OrigA == 1), Dir: Direction(v.OrigDir), PolicyID: v.PolicyId, Rule: v.Rule,
 			LastSeen: time.Duration(v.LastSeen), Closing: v.Rst == 1 || v.FinOrig == 1 && v.FinReply == 1,
-		})
-	}
-	if err := it.Err(); err != nil {
-		return nil, fmt.Errorf("read %s: %w", NetpolMapKebpfNpCt, err)
-	}
-	return out, nil
+		}
+	})
 }
 
 // Verdict is the last decision recorded for a flow.
@@ -99,16 +93,24 @@ type Verdict struct {
 
 // Verdicts lists the last-verdict map (for the trace feature and tests).
 func (o *Objects) Verdicts() ([]Verdict, error) {
-	var k NetpolCtKey
-	var v NetpolVerdictVal
-	var out []Verdict
-	it := o.objs.KebpfNpVerd.Iterate()
+	return readAll(o.objs.KebpfNpVerd, NetpolMapKebpfNpVerd, func(k NetpolCtKey, v NetpolVerdictVal) Verdict {
+		return Verdict{Flow: ctFlow(k, true), Dir: Direction(v.Dir), Verdict: v.Verdict, Reason: v.Reason,
+			PolicyID: v.PolicyId, Rule: v.Rule, At: time.Duration(v.Ts)}
+	})
+}
+
+// readAll decodes every entry of m (named name) with conv: a walk of the
+// whole map.
+func readAll[K, V, T any](m *ebpf.Map, name string, conv func(K, V) T) ([]T, error) {
+	var k K
+	var v V
+	var out []T
+	it := m.Iterate()
 	for it.Next(&k, &v) {
-		out = append(out, Verdict{Flow: ctFlow(k, true), Dir: Direction(v.Dir), Verdict: v.Verdict, Reason: v.Reason,
-			PolicyID: v.PolicyId, Rule: v.Rule, At: time.Duration(v.Ts)})
+		out = append(out, conv(k, v))
 	}
 	if err := it.Err(); err != nil {
-		return nil, fmt.Errorf("read %s: %w", NetpolMapKebpfNpVerd, err)
+		return nil, fmt.Errorf("read %s: %w", name, err)
 	}
 	return out, nil
 }

@@ -473,6 +473,50 @@ func childCmd(tb testing.TB, cgroup string, req childReq) (*exec.Cmd, func()) {
 	return cmd, func() { cg.Close() }
 }
 
+// holder is a client holding UDP sockets (op "hold") until released.
+type holder struct {
+	tb     testing.TB
+	stdin  io.Writer
+	dec    *json.Decoder
+	stderr *strings.Builder
+	// reached is the server the socket through the LB reached first.
+	reached string
+}
+
+// startHold starts a "hold" client to dst in cgroup+netns and returns once
+// its sockets are connected.
+func startHold(tb testing.TB, cgroup, netns, dst string) *holder {
+	tb.Helper()
+	cmd, done := childCmd(tb, cgroup, childReq{Netns: netns, Ops: []op{{Kind: "hold", Dst: dst}}})
+	tb.Cleanup(done)
+	h := &holder{tb: tb, stderr: &strings.Builder{}}
+	h.stdin, _ = cmd.StdinPipe()
+	stdout, _ := cmd.StdoutPipe()
+	cmd.Stderr = h.stderr
+	if err := cmd.Start(); err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	h.dec = json.NewDecoder(stdout)
+	var ready map[string]string
+	if err := h.dec.Decode(&ready); err != nil {
+		tb.Fatalf("child: %v\n%s", err, h.stderr.String())
+	}
+	h.reached = ready["ready"]
+	return h
+}
+
+// release lets the client go on and returns what it saw (holdUDP's Extra).
+func (h *holder) release() map[string]string {
+	h.tb.Helper()
+	io.WriteString(h.stdin, "go\n")
+	var res [][]attempt
+	if err := h.dec.Decode(&res); err != nil {
+		h.tb.Fatalf("child: %v\n%s", err, h.stderr.String())
+	}
+	return res[0][0].Extra
+}
+
 // runChild runs the client in cgroup+netns and returns one []attempt per op.
 func runChild(tb testing.TB, cgroup, netns string, ops ...op) [][]attempt {
 	tb.Helper()

@@ -3,18 +3,14 @@
 package socklb
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"slices"
 	"sort"
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/cilium/ebpf"
 
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/bpftest"
 )
@@ -471,22 +467,8 @@ func TestIntegrationUDPSocketDestroy(t *testing.T) {
 	f := []Frontend{fe("10.96.5.1:53", UDP)}
 	mustApply(t, o, Service{ID: 1, Frontends: f, Backends: backends(u...)})
 
-	cmd, done := childCmd(t, cg, childReq{Netns: ns, Ops: []op{{Kind: "hold", Dst: "10.96.5.1:53"}}})
-	defer done()
-	stdin, _ := cmd.StdinPipe()
-	stdout, _ := cmd.StdoutPipe()
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	dec := json.NewDecoder(stdout)
-	var ready map[string]string
-	if err := dec.Decode(&ready); err != nil {
-		t.Fatalf("child: %v\n%s", err, stderr.String())
-	}
-	victim := ready["ready"]
+	h := startHold(t, cg, ns, "10.96.5.1:53")
+	victim := h.reached
 	var keep server
 	for _, s := range u {
 		if s.Addr != victim {
@@ -508,12 +490,7 @@ func TestIntegrationUDPSocketDestroy(t *testing.T) {
 		t.Errorf("DestroySocketsToIn(victim) after Apply = %d, %v; want 0 (Apply destroyed it)", n, err)
 	}
 
-	io.WriteString(stdin, "go\n")
-	var res [][]attempt
-	if err := dec.Decode(&res); err != nil {
-		t.Fatalf("child: %v\n%s", err, stderr.String())
-	}
-	checkDestroyed(t, res[0][0].Extra, victim, keep.Addr)
+	checkDestroyed(t, h.release(), victim, keep.Addr)
 }
 
 // checkDestroyed checks the state of a holdUDP client after the destroy:
@@ -544,30 +521,13 @@ func TestIntegrationDestroyCountsDirectly(t *testing.T) {
 	u := startServer(t, ns, "udp", "[::1]:0")
 	mustApply(t, o, Service{ID: 1, Frontends: []Frontend{fe("[fd00:96::5]:53", UDP)}, Backends: backends(u)})
 
-	cmd, done := childCmd(t, cg, childReq{Netns: ns, Ops: []op{{Kind: "hold", Dst: "[fd00:96::5]:53"}}})
-	defer done()
-	stdin, _ := cmd.StdinPipe()
-	stdout, _ := cmd.StdoutPipe()
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	dec := json.NewDecoder(stdout)
-	var ready map[string]string
-	if err := dec.Decode(&ready); err != nil {
-		t.Fatal(err)
-	}
+	h := startHold(t, cg, ns, "[fd00:96::5]:53")
 	n, err := o.DestroySocketsToIn(ns, u.backend())
 	if err != nil || n != 1 {
 		t.Errorf("DestroySocketsToIn = %d, %v; want exactly the one LB'd socket (not the direct one)", n, err)
 	}
-	io.WriteString(stdin, "go\n")
-	var res [][]attempt
-	if err := dec.Decode(&res); err != nil {
-		t.Fatal(err)
-	}
 	// The backend stays in the service: a reconnect reaches it again.
-	checkDestroyed(t, res[0][0].Extra, u.Addr, u.Addr)
+	checkDestroyed(t, h.release(), u.Addr, u.Addr)
 }
 
 // TestProgRunUnsupported documents why flows are tested with real sockets:
@@ -579,18 +539,6 @@ func TestProgRunUnsupported(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, m := range spec.Maps {
-		m.Pinning = ebpf.PinNone
-	}
 	delete(spec.Programs, KillProgramName)
-	coll, err := ebpf.NewCollection(spec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer coll.Close()
-	_, err = coll.Programs[SocklbProgKebpfConnect4].Run(&ebpf.RunOptions{Context: make([]byte, 80)})
-	if err == nil {
-		t.Fatal("BPF_PROG_TEST_RUN works for cgroup/connect4 on this kernel: add a prog.Run table test")
-	}
-	t.Logf("prog.Run: %v (expected: not supported for this program type)", err)
+	bpftest.ProgRunUnsupported(t, spec, SocklbProgKebpfConnect4)
 }

@@ -12,7 +12,6 @@ import (
 	"syscall"
 	"testing"
 
-	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/bpftest"
@@ -227,15 +226,5 @@ func TestProgRunUnsupported(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	spec.Maps[MapName].Pinning = ebpf.PinNone
-	coll, err := ebpf.NewCollection(spec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer coll.Close()
-	_, err = coll.Programs[ProgramName].Run(&ebpf.RunOptions{Context: make([]byte, 80)})
-	if err == nil {
-		t.Fatal("BPF_PROG_TEST_RUN works for cgroup/sock_create on this kernel: add a prog.Run table test")
-	}
-	t.Logf("prog.Run: %v (expected: not supported for this program type)", err)
+	bpftest.ProgRunUnsupported(t, spec, ProgramName)
 }
