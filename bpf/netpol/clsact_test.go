@@ -347,8 +347,7 @@ func TestClsactFilters(t *testing.T) {
 func TestClsactReplaceNoGap(t *testing.T) {
 	bpftest.RequireRoot(t)
 	tp := newTopo(t)
-	pinDir := bpftest.PinDir(t)
-	t.Cleanup(func() { inNetns(tp.n, func() error { return DetachPinned(pinDir) }) })
+	pinDir := nodePinDir(t, tp)
 
 	var received atomic.Int64
 	var lc net.PacketConn
@@ -444,8 +443,7 @@ func TestClsactInterfaceRecreated(t *testing.T) {
 	bpftest.RequireRoot(t)
 	tp := newTopo(t)
 	serve(t, tp.b)
-	pinDir := bpftest.PinDir(t)
-	t.Cleanup(func() { inNetns(tp.n, func() error { return DetachPinned(pinDir) }) })
+	pinDir := nodePinDir(t, tp)
 	o := loadIn(t, tp, pinDir, AttachClsact)
 	t.Cleanup(func() { o.Close() })
 	bPol := EndpointPolicy{ID: 2, IfIndex: tp.ifB, IPs: []netip.Addr{addr(ipB)}, IngressEnforced: true, DefaultDenyPolicy: 20,
@@ -503,8 +501,7 @@ func TestAttachModeSwitch(t *testing.T) {
 	bpftest.RequireRoot(t)
 	tp := newTopo(t)
 	serve(t, tp.b)
-	pinDir := bpftest.PinDir(t)
-	t.Cleanup(func() { inNetns(tp.n, func() error { return DetachPinned(pinDir) }) })
+	pinDir := nodePinDir(t, tp)
 	bPol := EndpointPolicy{ID: 2, IfIndex: tp.ifB, IPs: []netip.Addr{addr(ipB)}, IngressEnforced: true, DefaultDenyPolicy: 20,
 		Ingress: []PeerEntry{peer(ipA+"/32", rule(TCP, 80, 0, 21, 0))}}
 	aPol := EndpointPolicy{ID: 1, IfIndex: tp.ifA, IPs: []netip.Addr{addr(ipA)}}

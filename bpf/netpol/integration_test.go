@@ -85,10 +85,7 @@ func testRealPackets(t *testing.T, mode AttachMode) {
 	tp := newTopo(t)
 	serve(t, tp.b)
 	serve(t, tp.a)
-	pinDir := bpftest.PinDir(t)
-	// In the node netns: DetachPinned sweeps the clsact filters of the
-	// caller's netns, which must not be the host's.
-	t.Cleanup(func() { inNetns(tp.n, func() error { return DetachPinned(pinDir) }) })
+	pinDir := nodePinDir(t, tp)
 
 	b80, b81, b53 := hostPort(ipB, 80), hostPort(ipB, 81), hostPort(ipB, 53)
 	b6 := hostPort(ip6B, 80)

@@ -103,6 +103,16 @@ func ifindexIn(t testing.TB, ns, dev string) int {
 	return links[0].Ifindex
 }
 
+// nodePinDir is a pin dir on a private bpffs; at cleanup its datapath is
+// removed from the node netns (DetachPinned sweeps the clsact filters of
+// the caller's netns, which must not be the host's).
+func nodePinDir(t testing.TB, tp *topo) string {
+	t.Helper()
+	pinDir := bpftest.PinDir(t)
+	t.Cleanup(func() { inNetns(tp.n, func() error { return DetachPinned(pinDir) }) })
+	return pinDir
+}
+
 // inNetns runs fn on a thread inside netns name. Sockets created there stay
 // in that netns after fn returns; so do ifindex-based attachments.
 func inNetns(name string, fn func() error) error {
