@@ -36,18 +36,10 @@ func loadMaps(t testing.TB, root string, opts LoadOptions) *Objects {
 	}
 	opts.noAttach = true
 	// Small maps: LRU maps preallocate, and tests load dozens of times.
-	if opts.MaxCT == 0 {
-		opts.MaxCT = 4096
-	}
-	if opts.MaxVerdicts == 0 {
-		opts.MaxVerdicts = 4096
-	}
-	if opts.MaxPolicyEntries == 0 {
-		opts.MaxPolicyEntries = 16384
-	}
-	if opts.MaxEndpoints == 0 {
-		opts.MaxEndpoints = 64
-	}
+	def(&opts.MaxCT, 4096)
+	def(&opts.MaxVerdicts, 4096)
+	def(&opts.MaxPolicyEntries, 16384)
+	def(&opts.MaxEndpoints, 64)
 	pinDir := filepath.Join(root, fmt.Sprintf("kubectl-ebpf-%d", pinSeq.Add(1)))
 	o, err := Load(pinDir, opts)
 	if err != nil {
