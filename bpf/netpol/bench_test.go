@@ -8,6 +8,8 @@ import (
 	"testing"
 
 	"github.com/cilium/ebpf"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/bpftest"
 )
 
 // BenchmarkVerdict runs the to-pod program in the kernel (BPF_PROG_TEST_RUN
@@ -23,8 +25,8 @@ import (
 //
 // No assertions: numbers for `make bench`.
 func BenchmarkVerdict(b *testing.B) {
-	requireRoot(b)
-	root := privateBPFFS(b)
+	bpftest.RequireRoot(b)
+	root := bpftest.BPFFS(b)
 	for _, n := range []int{0, 10, 1000, 10000} {
 		o := loadMaps(b, root, LoadOptions{MaxPolicyEntries: 32768})
 		_, to := o.Programs()

@@ -3,30 +3,23 @@
 package netpol
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"slices"
 	"strings"
-	"syscall"
 
 	"github.com/cilium/ebpf"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
-
-	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/rtattr"
 )
 
 // The clsact fallback for kernels without tcx (< 6.6): one cls_bpf filter
-// in direct-action mode per hook, on the clsact qdisc of the host-side veth.
-//
-// Raw rtnetlink over golang.org/x/sys/unix, in the style of
-// nodeagent/netpol/iface_linux.go: the module deliberately does not depend
-// on vishvananda/netlink (or mdlayher/netlink, only an indirect dependency),
-// and the few messages needed here (create a qdisc; add, dump and delete
-// cls_bpf filters) do not justify one.
+// in direct-action mode per hook, on the clsact qdisc of the host-side veth,
+// through github.com/vishvananda/netlink.
 //
 // Our filter sits at a fixed (ClsactPriority, ClsactHandle) on each hook.
-// Attaching again sends RTM_NEWTFILTER without NLM_F_EXCL for that slot, so
+// Attaching again is `tc filter replace` for that slot (no NLM_F_EXCL), so
 // the kernel replaces the filter in place (cls_bpf swaps the program under
 // RCU): no moment with no filter or with two. Filters are found again, by
 // a fresh process too, by their TCA_BPF_NAME: the program names, which all
@@ -38,6 +31,10 @@ import (
 // created it cannot be known from a fresh process, other filters may have
 // been added to it since, and deleting a qdisc deletes all its filters. An
 // empty clsact costs one empty classifier walk per packet.
+//
+// Everything works on the network namespace of the calling thread: a zero
+// netlink.Handle opens a socket per request there (tests hand in a handle
+// of another namespace made with netlink.NewHandleAt).
 
 const (
 	// ClsactPriority is the tc priority of our filters: 1, the first to
@@ -53,48 +50,33 @@ const (
 	clsactNamePrefix = "kebpf_np_"
 )
 
-// From linux/pkt_sched.h and linux/pkt_cls.h (not in x/sys/unix).
-const (
-	tcHClsact     uint32 = 0xFFFFFFF1 // TC_H_CLSACT (= TC_H_INGRESS)
-	tcHMinIngress uint32 = 0xFFF2
-	tcHMinEgress  uint32 = 0xFFF3
-
-	tcaBPFFD    = 6  // TCA_BPF_FD
-	tcaBPFName  = 7  // TCA_BPF_NAME
-	tcaBPFFlags = 8  // TCA_BPF_FLAGS
-	tcaBPFID    = 11 // TCA_BPF_ID
-
-	tcaBPFFlagActDirect = 1 // TCA_BPF_FLAG_ACT_DIRECT
-
-	sizeofTcMsg = 20 // struct tcmsg
-)
-
-func tcHMake(maj, min uint32) uint32 { return maj&0xFFFF0000 | min&0xFFFF }
+func init() {
+	// The kernel's error text ("Parent Qdisc doesn't exists", ...) in the
+	// errors of per-request sockets: the library's only switch for the
+	// extended ack is this package variable.
+	nl.EnableErrorMessageReporting = true
+}
 
 // clsactParents are the filter parents of the two hooks, in hooks order:
 // [0] ingress of the host-side veth (from the pod), [1] egress (to it).
-var clsactParents = [2]uint32{tcHMake(tcHClsact, tcHMinIngress), tcHMake(tcHClsact, tcHMinEgress)}
-
-// ethPAll is htons(ETH_P_ALL), the filter protocol: every packet.
-var ethPAll = func() uint16 {
-	var b [2]byte
-	binary.BigEndian.PutUint16(b[:], unix.ETH_P_ALL)
-	return binary.NativeEndian.Uint16(b[:])
-}()
+var clsactParents = [2]uint32{netlink.HANDLE_MIN_INGRESS, netlink.HANDLE_MIN_EGRESS}
 
 // tcFilter is one filter from a dump.
 type tcFilter struct {
-	ifindex int
-	parent  uint32
-	handle  uint32
-	info    uint32 // TC_H_MAKE(prio << 16, protocol)
-	chain   uint32
-	kind    string
-	name    string // TCA_BPF_NAME (cls_bpf only)
-	progID  uint32 // TCA_BPF_ID (cls_bpf only)
+	attrs  netlink.FilterAttrs
+	kind   string
+	name   string // TCA_BPF_NAME (cls_bpf only)
+	progID uint32 // TCA_BPF_ID (cls_bpf only)
 }
 
-func (f tcFilter) prio() uint16 { return uint16(f.info >> 16) }
+func (f tcFilter) prio() uint16 { return f.attrs.Priority }
+
+func (f tcFilter) chain() uint32 {
+	if f.attrs.Chain == nil {
+		return 0
+	}
+	return *f.attrs.Chain
+}
 
 // ours reports whether f is a netpol filter (any priority or handle, so
 // filters left by another version are found too).
@@ -102,146 +84,22 @@ func (f tcFilter) ours() bool { return f.kind == "bpf" && strings.HasPrefix(f.na
 
 // inOurSlot reports whether f sits where attachClsact puts our filter.
 func (f tcFilter) inOurSlot() bool {
-	return f.prio() == ClsactPriority && f.handle == ClsactHandle && f.chain == 0
+	return f.prio() == ClsactPriority && f.attrs.Handle == ClsactHandle && f.chain() == 0
 }
 
-// rtnl is a NETLINK_ROUTE socket in the netns of the calling thread.
-type rtnl struct {
-	fd  int
-	seq uint32
-}
-
-func openRtnl() (*rtnl, error) {
-	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_ROUTE)
-	if err != nil {
-		return nil, fmt.Errorf("rtnetlink socket: %w", err)
-	}
-	// The kernel's error text ("Parent Qdisc doesn't exists", ...) in the
-	// acks, and only the header of our request echoed back. Best effort.
-	_ = unix.SetsockoptInt(fd, unix.SOL_NETLINK, unix.NETLINK_EXT_ACK, 1)
-	_ = unix.SetsockoptInt(fd, unix.SOL_NETLINK, unix.NETLINK_CAP_ACK, 1)
-	return &rtnl{fd: fd}, nil
-}
-
-func (c *rtnl) close() { unix.Close(c.fd) }
-
-// nlError is an rtnetlink error with the kernel's extended ack message.
-type nlError struct {
-	errno syscall.Errno
-	msg   string
-}
-
-func (e *nlError) Error() string {
-	if e.msg == "" {
-		return e.errno.Error()
-	}
-	return e.errno.Error() + ": " + e.msg
-}
-
-func (e *nlError) Unwrap() error { return e.errno }
-
-// do sends one request and returns the payloads of the replies: of a dump
-// up to NLMSG_DONE; otherwise the request carries NLM_F_ACK and do returns
-// at the ack, or its error.
-func (c *rtnl) do(typ, flags uint16, body []byte) ([][]byte, error) {
-	c.seq++
-	dump := flags&unix.NLM_F_DUMP == unix.NLM_F_DUMP
-	if !dump {
-		flags |= unix.NLM_F_ACK
-	}
-	msg := make([]byte, unix.SizeofNlMsghdr, unix.SizeofNlMsghdr+len(body))
-	binary.NativeEndian.PutUint32(msg[0:], uint32(unix.SizeofNlMsghdr+len(body)))
-	binary.NativeEndian.PutUint16(msg[4:], typ)
-	binary.NativeEndian.PutUint16(msg[6:], flags|unix.NLM_F_REQUEST)
-	binary.NativeEndian.PutUint32(msg[8:], c.seq)
-	msg = append(msg, body...)
-	if err := unix.Sendto(c.fd, msg, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
-		return nil, err
-	}
-	var out [][]byte
-	buf := make([]byte, 1<<16)
-	for {
-		n, _, err := unix.Recvfrom(c.fd, buf, 0)
-		if errors.Is(err, unix.EINTR) {
-			continue
-		}
-		if err != nil {
-			return nil, err
-		}
-		msgs, err := syscall.ParseNetlinkMessage(buf[:n])
-		if err != nil {
-			return nil, err
-		}
-		for _, m := range msgs {
-			if m.Header.Seq != c.seq {
-				continue
-			}
-			switch m.Header.Type {
-			case unix.NLMSG_DONE:
-				// A dump that failed part way ends with DONE carrying the error.
-				if len(m.Data) >= 4 {
-					if e := int32(binary.NativeEndian.Uint32(m.Data)); e != 0 {
-						return nil, &nlError{errno: syscall.Errno(-e)}
-					}
-				}
-				return out, nil
-			case unix.NLMSG_ERROR:
-				if err := ackError(m); err != nil {
-					return nil, err
-				}
-				return out, nil
-			}
-			// buf is reused by the next receive: keep a copy.
-			out = append(out, slices.Clone(m.Data))
-			if !dump {
-				return out, nil
-			}
-		}
-	}
-}
-
-// ackError decodes an NLMSG_ERROR message (nil for a plain ack).
-func ackError(m syscall.NetlinkMessage) error {
-	if len(m.Data) < 4 {
-		return &nlError{errno: unix.EPROTO}
-	}
-	e := int32(binary.NativeEndian.Uint32(m.Data))
-	if e == 0 {
-		return nil
-	}
-	ne := &nlError{errno: syscall.Errno(-e)}
-	if m.Header.Flags&unix.NLM_F_ACK_TLVS == 0 || len(m.Data) < 4+unix.SizeofNlMsghdr {
-		return ne
-	}
-	off := 4 + unix.SizeofNlMsghdr
-	if m.Header.Flags&unix.NLM_F_CAPPED == 0 {
-		// The whole request was echoed: skip it.
-		off = 4 + int(binary.NativeEndian.Uint32(m.Data[4:]))
-	}
-	if off <= len(m.Data) {
-		for _, a := range rtattr.Parse(m.Data[off:]) {
-			if a.Type == unix.NLMSGERR_ATTR_MSG {
-				ne.msg = strings.TrimRight(string(a.Value), "\x00")
-			}
-		}
-	}
-	return ne
-}
-
-func tcMsg(ifindex int, handle, parent, info uint32) []byte {
-	b := make([]byte, sizeofTcMsg)
-	b[0] = unix.AF_UNSPEC
-	binary.NativeEndian.PutUint32(b[4:], uint32(int32(ifindex)))
-	binary.NativeEndian.PutUint32(b[8:], handle)
-	binary.NativeEndian.PutUint32(b[12:], parent)
-	binary.NativeEndian.PutUint32(b[16:], info)
-	return b
+// byIndex names an interface by index only (the library resolves a name
+// otherwise).
+func byIndex(ifindex int) netlink.Link {
+	return &netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: ifindex}}
 }
 
 // ensureClsact creates the clsact qdisc of ifindex unless one is there.
-func (c *rtnl) ensureClsact(ifindex int) error {
-	body := append(tcMsg(ifindex, tcHMake(tcHClsact, 0), tcHClsact, 0), rtattr.String(unix.TCA_KIND, "clsact")...)
-	_, err := c.do(unix.RTM_NEWQDISC, unix.NLM_F_CREATE|unix.NLM_F_EXCL, body)
+func ensureClsact(h *netlink.Handle, ifindex int) error {
+	err := h.QdiscAdd(&netlink.Clsact{QdiscAttrs: netlink.QdiscAttrs{
+		LinkIndex: ifindex,
+		Handle:    netlink.MakeHandle(0xffff, 0),
+		Parent:    netlink.HANDLE_CLSACT,
+	}})
 	if errors.Is(err, unix.EEXIST) {
 		// Ours from before, or someone else's (also when it is a plain
 		// ingress qdisc: then adding the egress filter fails, saying so).
@@ -254,79 +112,50 @@ func (c *rtnl) ensureClsact(ifindex int) error {
 }
 
 // dumpFilters lists the filters of one hook of ifindex. No qdisc: none.
-func (c *rtnl) dumpFilters(ifindex int, parent uint32) ([]tcFilter, error) {
-	msgs, err := c.do(unix.RTM_GETTFILTER, unix.NLM_F_DUMP, tcMsg(ifindex, 0, parent, 0))
+func dumpFilters(h *netlink.Handle, ifindex int, parent uint32) ([]tcFilter, error) {
+	fs, err := h.FilterList(byIndex(ifindex), parent)
+	for try := 0; errors.Is(err, netlink.ErrDumpInterrupted) && try < 3; try++ {
+		fs, err = h.FilterList(byIndex(ifindex), parent)
+	}
 	if err != nil {
 		return nil, err
 	}
 	var out []tcFilter
-	for _, m := range msgs {
-		if len(m) < sizeofTcMsg {
-			continue
+	for _, f := range fs {
+		a := *f.Attrs()
+		if a.Handle == 0 {
+			continue // the classifier itself (one message per priority), no filter
 		}
-		f := tcFilter{
-			ifindex: int(int32(binary.NativeEndian.Uint32(m[4:]))),
-			handle:  binary.NativeEndian.Uint32(m[8:]),
-			parent:  binary.NativeEndian.Uint32(m[12:]),
-			info:    binary.NativeEndian.Uint32(m[16:]),
+		tf := tcFilter{attrs: a, kind: f.Type()}
+		if b, ok := f.(*netlink.BpfFilter); ok {
+			tf.name, tf.progID = b.Name, uint32(b.Id)
 		}
-		if f.handle == 0 {
-			// The classifier itself (one message per priority), no filter.
-			continue
-		}
-		for _, a := range rtattr.Parse(m[sizeofTcMsg:]) {
-			switch a.Type {
-			case unix.TCA_KIND:
-				f.kind = strings.TrimRight(string(a.Value), "\x00")
-			case unix.TCA_CHAIN:
-				if len(a.Value) >= 4 {
-					f.chain = binary.NativeEndian.Uint32(a.Value)
-				}
-			case unix.TCA_OPTIONS:
-				for _, o := range rtattr.Parse(a.Value) {
-					switch o.Type {
-					case tcaBPFName:
-						f.name = strings.TrimRight(string(o.Value), "\x00")
-					case tcaBPFID:
-						if len(o.Value) >= 4 {
-							f.progID = binary.NativeEndian.Uint32(o.Value)
-						}
-					}
-				}
-			}
-		}
-		out = append(out, f)
+		out = append(out, tf)
 	}
 	return out, nil
 }
 
 // setBPFFilter adds, or replaces in place, the direct-action cls_bpf filter
 // at (prio, handle) on one hook of ifindex.
-func (c *rtnl) setBPFFilter(ifindex int, parent uint32, prio uint16, handle uint32, prog *ebpf.Program, name string) error {
-	opts := slices.Concat(
-		rtattr.U32(tcaBPFFD, uint32(prog.FD())),
-		rtattr.String(tcaBPFName, name),
-		rtattr.U32(tcaBPFFlags, tcaBPFFlagActDirect),
-	)
-	body := slices.Concat(
-		tcMsg(ifindex, handle, parent, uint32(prio)<<16|uint32(ethPAll)),
-		rtattr.String(unix.TCA_KIND, "bpf"),
-		rtattr.Bytes(unix.TCA_OPTIONS|unix.NLA_F_NESTED, opts),
-	)
-	// NLM_F_CREATE without NLM_F_EXCL: create, or replace the filter that
-	// has this handle (tc filter replace).
-	_, err := c.do(unix.RTM_NEWTFILTER, unix.NLM_F_CREATE, body)
-	return err
+func setBPFFilter(h *netlink.Handle, ifindex int, parent uint32, prio uint16, handle uint32, prog *ebpf.Program, name string) error {
+	return h.FilterReplace(&netlink.BpfFilter{
+		FilterAttrs: netlink.FilterAttrs{
+			LinkIndex: ifindex,
+			Parent:    parent,
+			Handle:    handle,
+			Priority:  prio,
+			Protocol:  unix.ETH_P_ALL,
+		},
+		Fd:           prog.FD(),
+		Name:         name,
+		DirectAction: true,
+	})
 }
 
 // delFilter deletes exactly f (its priority, protocol, handle and chain):
 // never the whole classifier of a priority other filters may share.
-func (c *rtnl) delFilter(f tcFilter) error {
-	body := slices.Concat(tcMsg(f.ifindex, f.handle, f.parent, f.info), rtattr.String(unix.TCA_KIND, f.kind))
-	if f.chain != 0 {
-		body = append(body, rtattr.U32(unix.TCA_CHAIN, f.chain)...)
-	}
-	_, err := c.do(unix.RTM_DELTFILTER, 0, body)
+func delFilter(h *netlink.Handle, f tcFilter) error {
+	err := h.FilterDel(&netlink.BpfFilter{FilterAttrs: f.attrs, Fd: -1})
 	if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENODEV) {
 		return nil // gone meanwhile
 	}
@@ -337,33 +166,29 @@ func (c *rtnl) delFilter(f tcFilter) error {
 // replacing our previous filters in place, and removes any other filter of
 // ours there (another priority or handle: another version's).
 func attachClsact(ifindex int, progs [2]*ebpf.Program) error {
-	c, err := openRtnl()
-	if err != nil {
-		return err
-	}
-	defer c.close()
-	if err := c.ensureClsact(ifindex); err != nil {
+	h := &netlink.Handle{}
+	if err := ensureClsact(h, ifindex); err != nil {
 		return err
 	}
 	for i, parent := range clsactParents {
-		h := hooks[i]
-		fs, err := c.dumpFilters(ifindex, parent)
+		hk := hooks[i]
+		fs, err := dumpFilters(h, ifindex, parent)
 		if err != nil {
-			return fmt.Errorf("list %s filters of ifindex %d: %w", h.clsactDir, ifindex, err)
+			return fmt.Errorf("list %s filters of ifindex %d: %w", hk.clsactDir, ifindex, err)
 		}
 		for _, f := range fs {
 			if f.inOurSlot() && !f.ours() {
 				return fmt.Errorf("attach %s to ifindex %d clsact %s: priority %d handle %#x holds a foreign %s filter %q",
-					h.suffix, ifindex, h.clsactDir, ClsactPriority, ClsactHandle, f.kind, f.name)
+					hk.suffix, ifindex, hk.clsactDir, ClsactPriority, ClsactHandle, f.kind, f.name)
 			}
 		}
-		if err := c.setBPFFilter(ifindex, parent, ClsactPriority, ClsactHandle, progs[i], h.prog); err != nil {
-			return fmt.Errorf("attach %s to ifindex %d clsact %s: %w", h.suffix, ifindex, h.clsactDir, err)
+		if err := setBPFFilter(h, ifindex, parent, ClsactPriority, ClsactHandle, progs[i], hk.prog); err != nil {
+			return fmt.Errorf("attach %s to ifindex %d clsact %s: %w", hk.suffix, ifindex, hk.clsactDir, err)
 		}
 		for _, f := range fs {
 			if f.ours() && !f.inOurSlot() {
-				if err := c.delFilter(f); err != nil {
-					return fmt.Errorf("delete stray filter %q (prio %d handle %#x) on ifindex %d: %w", f.name, f.prio(), f.handle, ifindex, err)
+				if err := delFilter(h, f); err != nil {
+					return fmt.Errorf("delete stray filter %q (prio %d handle %#x) on ifindex %d: %w", f.name, f.prio(), f.attrs.Handle, ifindex, err)
 				}
 			}
 		}
@@ -373,10 +198,12 @@ func attachClsact(ifindex int, progs [2]*ebpf.Program) error {
 
 // detachClsact removes our filters from both clsact hooks of ifindex. A
 // vanished interface or a missing qdisc is not an error.
-func (c *rtnl) detachClsact(ifindex int) error {
+func detachClsact(ifindex int) error { return detachClsactWith(&netlink.Handle{}, ifindex) }
+
+func detachClsactWith(h *netlink.Handle, ifindex int) error {
 	var errs []error
 	for _, parent := range clsactParents {
-		fs, err := c.dumpFilters(ifindex, parent)
+		fs, err := dumpFilters(h, ifindex, parent)
 		if errors.Is(err, unix.ENODEV) {
 			return nil
 		}
@@ -386,7 +213,7 @@ func (c *rtnl) detachClsact(ifindex int) error {
 		}
 		for _, f := range fs {
 			if f.ours() {
-				if err := c.delFilter(f); err != nil {
+				if err := delFilter(h, f); err != nil {
 					errs = append(errs, fmt.Errorf("delete filter %q on ifindex %d: %w", f.name, ifindex, err))
 				}
 			}
@@ -395,31 +222,18 @@ func (c *rtnl) detachClsact(ifindex int) error {
 	return errors.Join(errs...)
 }
 
-func detachClsact(ifindex int) error {
-	c, err := openRtnl()
-	if err != nil {
-		return err
-	}
-	defer c.close()
-	return c.detachClsact(ifindex)
-}
-
 // detachAllClsact removes our filters from every clsact qdisc in the
 // caller's network namespace (filters are not pinned: a fresh process finds
 // them by name).
 func detachAllClsact() error {
-	c, err := openRtnl()
-	if err != nil {
-		return err
-	}
-	defer c.close()
-	ifs, err := c.clsactInterfaces()
+	h := &netlink.Handle{}
+	ifs, err := clsactInterfaces(h)
 	if err != nil {
 		return err
 	}
 	var errs []error
 	for _, ifindex := range ifs {
-		if err := c.detachClsact(ifindex); err != nil {
+		if err := detachClsactWith(h, ifindex); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -428,20 +242,18 @@ func detachAllClsact() error {
 
 // clsactInterfaces lists the interfaces that have a clsact qdisc (one dump
 // of all qdiscs instead of two filter dumps per interface).
-func (c *rtnl) clsactInterfaces() ([]int, error) {
-	msgs, err := c.do(unix.RTM_GETQDISC, unix.NLM_F_DUMP, tcMsg(0, 0, 0, 0))
+func clsactInterfaces(h *netlink.Handle) ([]int, error) {
+	qs, err := h.QdiscList(nil)
+	for try := 0; errors.Is(err, netlink.ErrDumpInterrupted) && try < 3; try++ {
+		qs, err = h.QdiscList(nil)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("list qdiscs: %w", err)
 	}
 	var out []int
-	for _, m := range msgs {
-		if len(m) < sizeofTcMsg {
-			continue
-		}
-		for _, a := range rtattr.Parse(m[sizeofTcMsg:]) {
-			if a.Type == unix.TCA_KIND && strings.TrimRight(string(a.Value), "\x00") == "clsact" {
-				out = append(out, int(int32(binary.NativeEndian.Uint32(m[4:]))))
-			}
+	for _, q := range qs {
+		if q.Type() == "clsact" {
+			out = append(out, q.Attrs().LinkIndex)
 		}
 	}
 	slices.Sort(out)

@@ -16,28 +16,40 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/bpftest"
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/netnsutil"
 )
+
+// handleIn is a netlink handle in netns ns: no thread switching.
+func handleIn(t testing.TB, ns string) *netlink.Handle {
+	t.Helper()
+	nsh, err := netns.GetFromPath(netnsutil.Path(ns))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nsh.Close()
+	h, err := netlink.NewHandleAt(nsh)
+	if err != nil {
+		t.Fatalf("netlink handle in %s: %v", ns, err)
+	}
+	t.Cleanup(h.Close)
+	return h
+}
 
 // filtersIn dumps the filters of both clsact hooks of ifindex in ns.
 func filtersIn(t testing.TB, ns string, ifindex int) []tcFilter {
 	t.Helper()
+	h := handleIn(t, ns)
 	var out []tcFilter
-	if err := inNetns(t, ns, func() error {
-		c, err := openRtnl()
+	for _, parent := range clsactParents {
+		fs, err := dumpFilters(h, ifindex, parent)
 		if err != nil {
-			return err
+			t.Fatalf("dump filters of ifindex %d in %s: %v", ifindex, ns, err)
 		}
-		defer c.close()
-		for _, parent := range clsactParents {
-			fs, err := c.dumpFilters(ifindex, parent)
-			if err != nil {
-				return err
-			}
-			out = append(out, fs...)
-		}
-		return nil
-	}); err != nil {
-		t.Fatalf("dump filters of ifindex %d in %s: %v", ifindex, ns, err)
+		out = append(out, fs...)
 	}
 	return out
 }
@@ -57,7 +69,7 @@ func kebpfFilters(t testing.TB, ns string, ifindexes ...int) []string {
 	for _, ifi := range ifindexes {
 		for _, f := range filtersIn(t, ns, ifi) {
 			if f.ours() {
-				out = append(out, fmt.Sprintf("%d/%s/%s/%d/%#x/%d", ifi, dirOf(f.parent), f.name, f.prio(), f.handle, f.progID))
+				out = append(out, fmt.Sprintf("%d/%s/%s/%d/%#x/%d", ifi, dirOf(f.attrs.Parent), f.name, f.prio(), f.attrs.Handle, f.progID))
 			}
 		}
 	}
@@ -100,17 +112,11 @@ func passProg(t testing.TB) *ebpf.Program {
 // setFilterIn adds or replaces a cls_bpf filter in ns.
 func setFilterIn(t testing.TB, ns string, ifindex int, dir int, prio uint16, handle uint32, prog *ebpf.Program, name string) error {
 	t.Helper()
-	return inNetns(t, ns, func() error {
-		c, err := openRtnl()
-		if err != nil {
-			return err
-		}
-		defer c.close()
-		if err := c.ensureClsact(ifindex); err != nil {
-			return err
-		}
-		return c.setBPFFilter(ifindex, clsactParents[dir], prio, handle, prog, name)
-	})
+	h := handleIn(t, ns)
+	if err := ensureClsact(h, ifindex); err != nil {
+		return err
+	}
+	return setBPFFilter(h, ifindex, clsactParents[dir], prio, handle, prog, name)
 }
 
 func progID(t testing.TB, p *ebpf.Program) uint32 {
@@ -137,7 +143,7 @@ func wantOurs(t *testing.T, ns string, ifindex int, from, to *ebpf.Program) {
 }
 
 func TestAttachModeAPI(t *testing.T) {
-	requireRoot(t)
+	bpftest.RequireRoot(t)
 	for _, m := range []AttachMode{AttachAuto, AttachTCX, AttachClsact} {
 		got, err := ParseAttachMode(m.String())
 		if err != nil || got != m {
@@ -161,7 +167,7 @@ func TestAttachModeAPI(t *testing.T) {
 	if o := loadMaps(t, "", LoadOptions{Attach: AttachClsact}); o.AttachMode() != AttachClsact {
 		t.Errorf("AttachClsact resolved to %v", o.AttachMode())
 	}
-	if _, err := Load(filepath.Join(privateBPFFS(t), "x"), LoadOptions{Attach: 7}); err == nil {
+	if _, err := Load(filepath.Join(bpftest.BPFFS(t), "x"), LoadOptions{Attach: 7}); err == nil {
 		t.Error("Load accepted attach mode 7")
 	}
 }
@@ -171,15 +177,12 @@ func TestAttachModeAPI(t *testing.T) {
 // restart, removal of a stray filter of ours, refusal to overwrite a
 // foreign filter in our slot, and removal by name from a fresh process.
 func TestClsactFilters(t *testing.T) {
-	if testing.Short() {
-		t.Skip("-short")
-	}
-	requireRoot(t)
+	bpftest.RequireRoot(t)
 	tp := newTopo(t)
 	serve(t, tp.b)
-	root := privateBPFFS(t)
+	root := bpftest.BPFFS(t)
 	pinDir := filepath.Join(root, "kubectl-ebpf")
-	t.Cleanup(func() { inNetns(t, tp.n, func() error { return DetachPinned(pinDir) }) })
+	t.Cleanup(func() { inNetns(tp.n, func() error { return DetachPinned(pinDir) }) })
 
 	// Foreign filters, and the qdisc, are there first: a cls_bpf at our
 	// priority with another handle (as Cilium's legacy tc mode would
@@ -206,7 +209,7 @@ func TestClsactFilters(t *testing.T) {
 		for _, ifi := range []int{tp.ifA, tp.ifB} {
 			for _, f := range filtersIn(t, tp.n, ifi) {
 				if !f.ours() {
-					out = append(out, fmt.Sprintf("%d/%s/%s/%s/%d/%#x", ifi, dirOf(f.parent), f.kind, f.name, f.prio(), f.handle))
+					out = append(out, fmt.Sprintf("%d/%s/%s/%s/%d/%#x", ifi, dirOf(f.attrs.Parent), f.kind, f.name, f.prio(), f.attrs.Handle))
 				}
 			}
 		}
@@ -279,14 +282,14 @@ func TestClsactFilters(t *testing.T) {
 	if err := setFilterIn(t, tp.n, ifC, 1, ClsactPriority, ClsactHandle, fp, "squatter"); err != nil {
 		t.Fatal(err)
 	}
-	err := inNetns(t, tp.n, func() error { return o2.ApplyEndpoint(EndpointPolicy{ID: 3, IfIndex: ifC}) })
+	err := inNetns(tp.n, func() error { return o2.ApplyEndpoint(EndpointPolicy{ID: 3, IfIndex: ifC}) })
 	if err == nil || !strings.Contains(err.Error(), "foreign") {
 		t.Errorf("apply on an interface whose slot a foreign filter holds: %v, want a foreign-filter error", err)
 	}
 	if fs := filtersIn(t, tp.n, ifC); !slices.ContainsFunc(fs, func(f tcFilter) bool { return f.name == "squatter" && f.inOurSlot() }) {
 		t.Errorf("squatter filter touched: %+v", fs)
 	}
-	if err := inNetns(t, tp.n, func() error { return o2.DeleteEndpoint(3) }); err != nil {
+	if err := inNetns(tp.n, func() error { return o2.DeleteEndpoint(3) }); err != nil {
 		t.Fatal(err)
 	}
 
@@ -296,7 +299,7 @@ func TestClsactFilters(t *testing.T) {
 		t.Fatal(err)
 	}
 	o3 := loadIn(t, tp, filepath.Join(root, "other"), AttachClsact)
-	if err := inNetns(t, tp.n, o3.Detach); err != nil {
+	if err := inNetns(tp.n, o3.Detach); err != nil {
 		t.Fatal(err)
 	}
 	if got := kebpfFilters(t, tp.n, tp.ifA, tp.ifB); len(got) != 0 {
@@ -316,7 +319,7 @@ func TestClsactFilters(t *testing.T) {
 	if err := o4.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if err := inNetns(t, tp.n, func() error { return DetachPinned(pinDir) }); err != nil {
+	if err := inNetns(tp.n, func() error { return DetachPinned(pinDir) }); err != nil {
 		t.Fatal(err)
 	}
 	if got := kebpfFilters(t, tp.n, tp.ifA, tp.ifB); len(got) != 0 {
@@ -332,7 +335,7 @@ func TestClsactFilters(t *testing.T) {
 	}
 	enforced(t, false)
 	// Nothing left to find: a second cleanup is a no-op.
-	if err := inNetns(t, tp.n, func() error { return DetachPinned(pinDir) }); err != nil {
+	if err := inNetns(tp.n, func() error { return DetachPinned(pinDir) }); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -342,17 +345,13 @@ func TestClsactFilters(t *testing.T) {
 // through. (The flood does see a gap: replacing by delete and add instead
 // let about 4400 of 24000 datagrams through in 300 rounds here.)
 func TestClsactReplaceNoGap(t *testing.T) {
-	if testing.Short() {
-		t.Skip("-short")
-	}
-	requireRoot(t)
+	bpftest.RequireRoot(t)
 	tp := newTopo(t)
-	pinDir := filepath.Join(privateBPFFS(t), "kubectl-ebpf")
-	t.Cleanup(func() { inNetns(t, tp.n, func() error { return DetachPinned(pinDir) }) })
+	pinDir := nodePinDir(t, tp)
 
 	var received atomic.Int64
 	var lc net.PacketConn
-	if err := inNetns(t, tp.b, func() error {
+	if err := inNetns(tp.b, func() error {
 		var err error
 		lc, err = net.ListenPacket("udp", ":5454")
 		return err
@@ -370,7 +369,7 @@ func TestClsactReplaceNoGap(t *testing.T) {
 		}
 	}()
 	var conn net.Conn
-	if err := inNetns(t, tp.a, func() error {
+	if err := inNetns(tp.a, func() error {
 		var err error
 		conn, err = net.Dial("udp", hostPort(ipB, 5454))
 		return err
@@ -413,7 +412,7 @@ func TestClsactReplaceNoGap(t *testing.T) {
 	from, to := o.Programs()
 	const replaces = 300
 	start := time.Now()
-	if err := inNetns(t, tp.n, func() error {
+	if err := inNetns(tp.n, func() error {
 		for range replaces {
 			if err := attachClsact(tp.ifB, [2]*ebpf.Program{from, to}); err != nil {
 				return err
@@ -441,14 +440,10 @@ func TestClsactReplaceNoGap(t *testing.T) {
 // restart): the re-apply attaches there, detaching the vanished one is not
 // an error, nor is deleting an endpoint whose interface is gone.
 func TestClsactInterfaceRecreated(t *testing.T) {
-	if testing.Short() {
-		t.Skip("-short")
-	}
-	requireRoot(t)
+	bpftest.RequireRoot(t)
 	tp := newTopo(t)
 	serve(t, tp.b)
-	pinDir := filepath.Join(privateBPFFS(t), "kubectl-ebpf")
-	t.Cleanup(func() { inNetns(t, tp.n, func() error { return DetachPinned(pinDir) }) })
+	pinDir := nodePinDir(t, tp)
 	o := loadIn(t, tp, pinDir, AttachClsact)
 	t.Cleanup(func() { o.Close() })
 	bPol := EndpointPolicy{ID: 2, IfIndex: tp.ifB, IPs: []netip.Addr{addr(ipB)}, IngressEnforced: true, DefaultDenyPolicy: 20,
@@ -492,10 +487,10 @@ func TestClsactInterfaceRecreated(t *testing.T) {
 	}
 
 	sh(t, "ip", "-n", tp.n, "link", "del", "vb")
-	if err := inNetns(t, tp.n, func() error { return o.DeleteEndpoint(2) }); err != nil {
+	if err := inNetns(tp.n, func() error { return o.DeleteEndpoint(2) }); err != nil {
 		t.Errorf("delete endpoint of a vanished interface: %v", err)
 	}
-	if err := inNetns(t, tp.n, o.Detach); err != nil {
+	if err := inNetns(tp.n, o.Detach); err != nil {
 		t.Errorf("detach with a vanished interface: %v", err)
 	}
 }
@@ -503,14 +498,10 @@ func TestClsactInterfaceRecreated(t *testing.T) {
 // Restarting with the other mode moves the attachments over: the new
 // mode's are in place before the old mode's go.
 func TestAttachModeSwitch(t *testing.T) {
-	if testing.Short() {
-		t.Skip("-short")
-	}
-	requireRoot(t)
+	bpftest.RequireRoot(t)
 	tp := newTopo(t)
 	serve(t, tp.b)
-	pinDir := filepath.Join(privateBPFFS(t), "kubectl-ebpf")
-	t.Cleanup(func() { inNetns(t, tp.n, func() error { return DetachPinned(pinDir) }) })
+	pinDir := nodePinDir(t, tp)
 	bPol := EndpointPolicy{ID: 2, IfIndex: tp.ifB, IPs: []netip.Addr{addr(ipB)}, IngressEnforced: true, DefaultDenyPolicy: 20,
 		Ingress: []PeerEntry{peer(ipA+"/32", rule(TCP, 80, 0, 21, 0))}}
 	aPol := EndpointPolicy{ID: 1, IfIndex: tp.ifA, IPs: []netip.Addr{addr(ipA)}}
@@ -531,7 +522,7 @@ func TestAttachModeSwitch(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if err := inNetns(t, tp.n, func() error { return DetachPinned(pinDir) }); err != nil {
+	if err := inNetns(tp.n, func() error { return DetachPinned(pinDir) }); err != nil {
 		t.Fatal(err)
 	}
 	attached(t, tp, AttachTCX, 0)

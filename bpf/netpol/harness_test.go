@@ -5,13 +5,13 @@ package netpol
 import (
 	"fmt"
 	"net/netip"
-	"os"
 	"path/filepath"
 	"sync/atomic"
 	"testing"
 
 	"github.com/cilium/ebpf"
-	"golang.org/x/sys/unix"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/bpftest"
 )
 
 // Program return values (TC_ACT_UNSPEC = TCX_NEXT: pass on to the next
@@ -26,50 +26,20 @@ const (
 // caller's netns. Maps only: noAttach keeps the programs off the real lo.
 const testIfindex = 1
 
-func requireRoot(t testing.TB) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Fatal("this test loads BPF programs: run it as root (sudo go test ./bpf/netpol/)")
-	}
-}
-
-// privateBPFFS mounts a fresh bpffs so pins never touch /sys/fs/bpf.
-func privateBPFFS(t testing.TB) string {
-	t.Helper()
-	dir := t.TempDir()
-	if err := unix.Mount("bpf", dir, "bpf", 0, "mode=0700"); err != nil {
-		t.Fatalf("mount bpffs at %s: %v", dir, err)
-	}
-	t.Cleanup(func() {
-		if err := unix.Unmount(dir, 0); err != nil {
-			t.Errorf("unmount bpffs %s: %v", dir, err)
-		}
-	})
-	return dir
-}
-
 var pinSeq atomic.Int64
 
 // loadMaps loads the datapath under a private bpffs without attaching.
 func loadMaps(t testing.TB, root string, opts LoadOptions) *Objects {
 	t.Helper()
 	if root == "" {
-		root = privateBPFFS(t)
+		root = bpftest.BPFFS(t)
 	}
 	opts.noAttach = true
 	// Small maps: LRU maps preallocate, and tests load dozens of times.
-	if opts.MaxCT == 0 {
-		opts.MaxCT = 4096
-	}
-	if opts.MaxVerdicts == 0 {
-		opts.MaxVerdicts = 4096
-	}
-	if opts.MaxPolicyEntries == 0 {
-		opts.MaxPolicyEntries = 16384
-	}
-	if opts.MaxEndpoints == 0 {
-		opts.MaxEndpoints = 64
-	}
+	def(&opts.MaxCT, 4096)
+	def(&opts.MaxVerdicts, 4096)
+	def(&opts.MaxPolicyEntries, 16384)
+	def(&opts.MaxEndpoints, 64)
 	pinDir := filepath.Join(root, fmt.Sprintf("kubectl-ebpf-%d", pinSeq.Add(1)))
 	o, err := Load(pinDir, opts)
 	if err != nil {

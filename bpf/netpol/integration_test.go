@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf/ringbuf"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/bpftest"
 )
 
 const (
@@ -42,7 +44,7 @@ func sawEvent(t *testing.T, rd *ringbuf.Reader, match func(Event) bool) bool {
 func loadIn(t *testing.T, tp *topo, pinDir string, mode AttachMode) *Objects {
 	t.Helper()
 	var o *Objects
-	if err := inNetns(t, tp.n, func() error {
+	if err := inNetns(tp.n, func() error {
 		var err error
 		o, err = Load(pinDir, LoadOptions{MaxCT: 4096, MaxVerdicts: 4096, MaxPolicyEntries: 1024, MaxEndpoints: 16, Attach: mode})
 		return err
@@ -58,7 +60,7 @@ func loadIn(t *testing.T, tp *topo, pinDir string, mode AttachMode) *Objects {
 func applyIn(t *testing.T, tp *topo, o *Objects, p EndpointPolicy) time.Duration {
 	t.Helper()
 	var took time.Duration
-	if err := inNetns(t, tp.n, func() error {
+	if err := inNetns(tp.n, func() error {
 		start := time.Now()
 		err := o.ApplyEndpoint(p)
 		took = time.Since(start)
@@ -73,10 +75,7 @@ func applyIn(t *testing.T, tp *topo, o *Objects, p EndpointPolicy) time.Duration
 // programs attached by ApplyEndpoint to the host-side veths: the same table
 // with tcx links and with clsact filters.
 func TestIntegrationRealPackets(t *testing.T) {
-	if testing.Short() {
-		t.Skip("-short")
-	}
-	requireRoot(t)
+	bpftest.RequireRoot(t)
 	for _, mode := range []AttachMode{AttachTCX, AttachClsact} {
 		t.Run(mode.String(), func(t *testing.T) { testRealPackets(t, mode) })
 	}
@@ -86,10 +85,7 @@ func testRealPackets(t *testing.T, mode AttachMode) {
 	tp := newTopo(t)
 	serve(t, tp.b)
 	serve(t, tp.a)
-	pinDir := filepath.Join(privateBPFFS(t), "kubectl-ebpf")
-	// In the node netns: DetachPinned sweeps the clsact filters of the
-	// caller's netns, which must not be the host's.
-	t.Cleanup(func() { inNetns(t, tp.n, func() error { return DetachPinned(pinDir) }) })
+	pinDir := nodePinDir(t, tp)
 
 	b80, b81, b53 := hostPort(ipB, 80), hostPort(ipB, 81), hostPort(ipB, 53)
 	b6 := hostPort(ip6B, 80)
@@ -273,7 +269,7 @@ func testRealPackets(t *testing.T, mode AttachMode) {
 	check(t)
 
 	// DeleteEndpoint detaches that pod only.
-	if err := inNetns(t, tp.n, func() error { return o2.DeleteEndpoint(2) }); err != nil {
+	if err := inNetns(tp.n, func() error { return o2.DeleteEndpoint(2) }); err != nil {
 		t.Fatal(err)
 	}
 	if got := attached(t, tp, mode, 2); len(got) == 2 && (!strings.HasPrefix(got[0], fmt.Sprint(tp.ifA)+"/") || !strings.HasPrefix(got[1], fmt.Sprint(tp.ifA)+"/")) {
@@ -284,7 +280,7 @@ func testRealPackets(t *testing.T, mode AttachMode) {
 	}
 
 	// Detach: nothing of ours remains (this is `disable policy`).
-	if err := inNetns(t, tp.n, o2.Detach); err != nil {
+	if err := inNetns(tp.n, o2.Detach); err != nil {
 		t.Fatal(err)
 	}
 	attached(t, tp, mode, 0)

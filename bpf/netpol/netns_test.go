@@ -4,25 +4,21 @@ package netpol
 
 import (
 	"bufio"
-	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/netip"
-	"os"
 	"os/exec"
-	"path/filepath"
-	"runtime"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
-	"golang.org/x/sys/unix"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/bpftest"
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/netnsutil"
 )
 
 // topo is two "pods" (netns a and b) whose veths end in a third netns n
@@ -55,16 +51,7 @@ func sh(t testing.TB, args ...string) string {
 
 func newNetns(t testing.TB, role string) string {
 	t.Helper()
-	var b [3]byte
-	rand.Read(b[:])
-	name := "kebpf-np-" + role + hex.EncodeToString(b[:])
-	sh(t, "ip", "netns", "add", name)
-	t.Cleanup(func() {
-		if out, err := exec.Command("ip", "netns", "del", name).CombinedOutput(); err != nil {
-			t.Errorf("ip netns del %s: %v %s", name, err, out)
-		}
-	})
-	return name
+	return bpftest.Netns(t, "kebpf-np-"+role)
 }
 
 func newTopo(t testing.TB) *topo {
@@ -116,40 +103,20 @@ func ifindexIn(t testing.TB, ns, dev string) int {
 	return links[0].Ifindex
 }
 
+// nodePinDir is a pin dir on a private bpffs; at cleanup its datapath is
+// removed from the node netns (DetachPinned sweeps the clsact filters of
+// the caller's netns, which must not be the host's).
+func nodePinDir(t testing.TB, tp *topo) string {
+	t.Helper()
+	pinDir := bpftest.PinDir(t)
+	t.Cleanup(func() { inNetns(tp.n, func() error { return DetachPinned(pinDir) }) })
+	return pinDir
+}
+
 // inNetns runs fn on a thread inside netns name. Sockets created there stay
 // in that netns after fn returns; so do ifindex-based attachments.
-func inNetns(t testing.TB, name string, fn func() error) error {
-	t.Helper()
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := os.Open("/proc/thread-self/ns/net")
-		if err != nil {
-			errc <- err
-			return
-		}
-		defer orig.Close()
-		target, err := os.Open(filepath.Join("/run/netns", name))
-		if err != nil {
-			errc <- err
-			return
-		}
-		defer target.Close()
-		if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
-			errc <- fmt.Errorf("setns %s: %w", name, err)
-			return
-		}
-		ferr := fn()
-		if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
-			// Leave the thread locked: it dies with this goroutine instead
-			// of running other goroutines in the wrong netns.
-			errc <- errors.Join(ferr, err)
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- ferr
-	}()
-	return <-errc
+func inNetns(name string, fn func() error) error {
+	return netnsutil.Do(netnsutil.Path(name), fn)
 }
 
 // serve starts TCP echo servers on ports 80 and 81 and a UDP echo server on
@@ -157,7 +124,7 @@ func inNetns(t testing.TB, name string, fn func() error) error {
 func serve(t testing.TB, ns string) {
 	t.Helper()
 	var closers []io.Closer
-	err := inNetns(t, ns, func() error {
+	err := inNetns(ns, func() error {
 		for _, port := range []string{"80", "81"} {
 			l, err := net.Listen("tcp", ":"+port)
 			if err != nil {
@@ -217,7 +184,7 @@ func serve(t testing.TB, ns string) {
 func dialTCP(t testing.TB, ns, dst string, timeout time.Duration) (net.Conn, error) {
 	t.Helper()
 	var conn net.Conn
-	err := inNetns(t, ns, func() error {
+	err := inNetns(ns, func() error {
 		c, err := net.DialTimeout("tcp", dst, timeout)
 		if err != nil {
 			return err
@@ -265,7 +232,7 @@ func probeTCP(t testing.TB, ns, dst string, timeout time.Duration) bool {
 func probeUDP(t testing.TB, ns, dst string, timeout time.Duration) bool {
 	t.Helper()
 	var conn net.Conn
-	if err := inNetns(t, ns, func() error {
+	if err := inNetns(ns, func() error {
 		c, err := net.Dial("udp", dst)
 		conn = c
 		return err
@@ -299,7 +266,7 @@ func bpftoolIn(t testing.TB, ns string, args ...string) string {
 func kebpfProgs(t testing.TB, ns string, ifindexes ...int) []string {
 	t.Helper()
 	var out []string
-	err := inNetns(t, ns, func() error {
+	err := inNetns(ns, func() error {
 		for _, ifi := range ifindexes {
 			for _, at := range []ebpf.AttachType{ebpf.AttachTCXIngress, ebpf.AttachTCXEgress} {
 				res, err := link.QueryPrograms(link.QueryOptions{Target: ifi, Attach: at})

@@ -14,12 +14,14 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/ringbuf"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/bpftest"
 )
 
 // An established flow that a policy change denies is cut on its next packet
 // (both directions); flows the new policy still allows keep passing.
 func TestPolicyChangeRevokesEstablishedFlows(t *testing.T) {
-	requireRoot(t)
+	bpftest.RequireRoot(t)
 	o := loadMaps(t, "", LoadOptions{})
 	from, to := o.Programs()
 	both := endpoint(true, true, []PeerEntry{peer("10.125.0.0/24", rule(TCP, 80, 0, 1, 0), rule(TCP, 81, 0, 1, 1))}, nil)
@@ -87,7 +89,7 @@ func checkRevoked(t *testing.T, o *Objects) {
 // Counters, the last-verdict map and the event ring buffer name the policy
 // and rule that decided.
 func TestAttribution(t *testing.T) {
-	requireRoot(t)
+	bpftest.RequireRoot(t)
 	o := loadMaps(t, "", LoadOptions{})
 	from, to := o.Programs()
 	mustApply(t, o, *endpoint(true, false, []PeerEntry{peer("10.125.0.0/24", rule(UDP, 53, 0, 11, 3), rule(TCP, 80, 0, 12, 5))}, nil))
@@ -163,7 +165,7 @@ func TestAttribution(t *testing.T) {
 // allow Y; a mixed view would pass X (the /32 gone, the /24 still there) or
 // drop Y (nothing found).
 func TestGenerationSwapAtomic(t *testing.T) {
-	requireRoot(t)
+	bpftest.RequireRoot(t)
 	o := loadMaps(t, "", LoadOptions{MaxCT: 1 << 16})
 	_, to := o.Programs()
 	policy := func(id uint32) EndpointPolicy {
@@ -220,7 +222,7 @@ func TestGenerationSwapAtomic(t *testing.T) {
 
 // A full policy map refuses an apply up front and keeps what was there.
 func TestCapacity(t *testing.T) {
-	requireRoot(t)
+	bpftest.RequireRoot(t)
 	o := loadMaps(t, "", LoadOptions{MaxPolicyEntries: 8, MaxEndpoints: 2})
 	_, to := o.Programs()
 	five := func(id uint32, ifindex int, port uint16) EndpointPolicy {
@@ -277,8 +279,8 @@ func TestCapacity(t *testing.T) {
 // as applied, flows survive, and stale entries of an interrupted apply are
 // collected.
 func TestRestartReadsBack(t *testing.T) {
-	requireRoot(t)
-	root := privateBPFFS(t)
+	bpftest.RequireRoot(t)
+	root := bpftest.BPFFS(t)
 	pinDir := root + "/kubectl-ebpf"
 	opts := LoadOptions{MaxCT: 4096, MaxVerdicts: 4096, MaxPolicyEntries: 1024, MaxEndpoints: 16, noAttach: true}
 	o, err := Load(pinDir, opts)

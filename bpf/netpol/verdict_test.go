@@ -10,6 +10,8 @@ import (
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/bpftest"
 )
 
 const (
@@ -58,8 +60,8 @@ func endpoint(ingEnforced, egrEnforced bool, ingress, egress []PeerEntry) *Endpo
 }
 
 func TestVerdicts(t *testing.T) {
-	requireRoot(t)
-	root := privateBPFFS(t)
+	bpftest.RequireRoot(t)
+	root := bpftest.BPFFS(t)
 
 	web := []PeerEntry{peer("10.125.0.0/24", rule(TCP, 80, 0, 7, 0))}
 	syn := func(src, dst string, sport, dport uint16) pkt { return tcpPkt(src, dst, sport, dport, tcpSYN) }
@@ -333,7 +335,7 @@ func TestVerdicts(t *testing.T) {
 // device the stack never hands tc less either. The program still handles a
 // failed Ethernet load (pass: nothing claims IP).
 func TestShortFrame(t *testing.T) {
-	requireRoot(t)
+	bpftest.RequireRoot(t)
 	o := loadMaps(t, "", LoadOptions{})
 	mustApply(t, o, *endpoint(true, true, nil, nil))
 	from, _ := o.Programs()

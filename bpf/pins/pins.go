@@ -1,6 +1,7 @@
 // Package pins holds the link handling every datapath package of bpf/
 // shares: links are pinned so the datapath outlives the agent, which makes
-// removing one and recognising an existing one the same job everywhere.
+// attaching idempotently, removing one and recognising an existing one the
+// same job everywhere.
 package pins
 
 import (
@@ -9,6 +10,7 @@ import (
 	"os"
 	"syscall"
 
+	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 )
@@ -63,4 +65,64 @@ func RemoveFiles(paths []string) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// AttachCgroup attaches prog (named name in errors) at the cgroup v2
+// directory cgroupPath and pins the link at pin, idempotently across
+// restarts: a pinned link for the same cgroup gets prog swapped in (no
+// window without the program, never two attachments); one for another
+// cgroup, or unreadable, is detached and replaced. created reports a new
+// attachment (what a failed caller must undo).
+func AttachCgroup(name, pin, cgroupPath string, at ebpf.AttachType, prog *ebpf.Program) (l link.Link, created bool, err error) {
+	l, err = link.LoadPinnedLink(pin, nil)
+	switch {
+	case err == nil:
+		same, serr := SameCgroup(l, cgroupPath)
+		if serr == nil && same {
+			if err := l.Update(prog); err != nil {
+				l.Close()
+				return nil, false, fmt.Errorf("update pinned link %s: %w", pin, err)
+			}
+			return l, false, nil
+		}
+		// The pin points elsewhere (cgroup root changed) or is unreadable:
+		// drop it so the fresh attachment below is the only one.
+		if err := DetachAndClose(l); err != nil {
+			return nil, false, fmt.Errorf("replace pinned link %s: %w", pin, err)
+		}
+	case errors.Is(err, os.ErrNotExist):
+	default:
+		return nil, false, fmt.Errorf("load pinned link %s: %w", pin, err)
+	}
+	l, err = link.AttachCgroup(link.CgroupOptions{Path: cgroupPath, Attach: at, Program: prog})
+	if err != nil {
+		return nil, false, fmt.Errorf("attach %s to %s: %w", name, cgroupPath, err)
+	}
+	if err := l.Pin(pin); err != nil {
+		// Without a pin the attachment would vanish with this process,
+		// silently breaking the restart guarantee; refuse instead.
+		l.Close()
+		return nil, false, fmt.Errorf("pin link %s: %w", pin, err)
+	}
+	return l, true, nil
+}
+
+// LoadError is the error of loading what, with the verifier's whole log
+// when the verifier refused a program.
+func LoadError(what string, err error) error {
+	var verr *ebpf.VerifierError
+	if errors.As(err, &verr) {
+		return fmt.Errorf("load %s: %+v", what, verr)
+	}
+	return fmt.Errorf("load %s: %w", what, err)
+}
+
+// MkdirAll creates the pin directories dirs (on a bpffs), private to root.
+func MkdirAll(dirs ...string) error {
+	for _, dir := range dirs {
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return fmt.Errorf("create pin dir: %w", err)
+		}
+	}
+	return nil
 }

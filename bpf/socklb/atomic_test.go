@@ -12,11 +12,9 @@ import (
 // connects in a loop: every connect must reach a backend of one of the
 // sets, never fail and never see an empty or torn set.
 func TestIntegrationApplyIsAtomicForReaders(t *testing.T) {
-	requireRoot(t)
-	ns := testNetns(t)
-	o, _, cg := attachLB(t, LoadOptions{})
-	a := []server{startServer(t, ns, "tcp", "127.0.0.1:0"), startServer(t, ns, "tcp", "127.0.0.1:0")}
-	b := []server{startServer(t, ns, "tcp", "127.0.0.1:0"), startServer(t, ns, "tcp", "127.0.0.1:0"), startServer(t, ns, "tcp", "127.0.0.1:0")}
+	ns, o, cg := rootLB(t, LoadOptions{})
+	a := startServers(t, ns, "tcp", "127.0.0.1:0", 2)
+	b := startServers(t, ns, "tcp", "127.0.0.1:0", 3)
 	f := []Frontend{fe("10.96.6.1:80", TCP)}
 	mustApply(t, o, Service{ID: 1, Frontends: f, Backends: backends(a...)})
 

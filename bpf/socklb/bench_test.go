@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"net/netip"
 	"testing"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/bpftest"
 )
 
 // BenchmarkConnect measures connect() from a client in the test cgroup,
@@ -14,11 +16,11 @@ import (
 // connect() of a UDP socket (no packet: hook + route lookup only); tcp is a
 // full loopback handshake. ns/op is the time spent in connect() alone, measured inside the client.
 func BenchmarkConnect(b *testing.B) {
-	requireRoot(b)
+	bpftest.RequireRoot(b)
 	ns := testNetns(b)
 	// Two frontends (TCP and UDP) per service.
 	o, _, cg := attachLB(b, LoadOptions{MaxFrontends: 2 * 100000})
-	plain := testCgroup(b)
+	plain := bpftest.Cgroup(b)
 	srv := startServer(b, ns, "tcp", "127.0.0.1:0")
 	be := srv.backend()
 

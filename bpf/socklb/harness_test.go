@@ -4,8 +4,6 @@ package socklb
 
 import (
 	"bufio"
-	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -14,14 +12,17 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"runtime"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/bpftest"
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/netnsutil"
 )
 
 // The test binary re-executes itself as the client: it starts inside the
@@ -29,8 +30,6 @@ import (
 // calls with raw syscalls on one locked thread and prints JSON results.
 const (
 	childEnv = "KEBPF_SOCKLB_CHILD"
-	// cgroupParent is the host's cgroup v2 mount (hybrid layout).
-	cgroupParent = "/sys/fs/cgroup/unified"
 )
 
 // op is one client action, repeated Count times.
@@ -77,12 +76,12 @@ func childMain(spec string) int {
 	// Every syscall below runs on this thread, which is in the test netns.
 	runtime.LockOSThread()
 	if req.Netns != "" {
-		f, err := os.Open(req.Netns)
+		ns, err := netns.GetFromPath(req.Netns)
 		if err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			return 2
 		}
-		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
+		if err := netns.Set(ns); err != nil {
 			fmt.Fprintln(os.Stderr, "setns:", err)
 			return 2
 		}
@@ -339,76 +338,33 @@ func bench(kind, dst string, n int) attempt {
 
 // --- parent-side helpers -----------------------------------------------
 
-func requireRoot(tb testing.TB) {
-	tb.Helper()
-	if os.Geteuid() != 0 {
-		tb.Fatal("this test loads BPF programs, creates cgroups and netns: run it as root (sudo go test ./bpf/socklb/)")
-	}
-}
-
-func randSuffix(tb testing.TB) string {
-	tb.Helper()
-	var b [4]byte
-	if _, err := rand.Read(b[:]); err != nil {
-		tb.Fatal(err)
-	}
-	return hex.EncodeToString(b[:])
-}
-
-// privateBPFFS mounts a fresh bpffs so pins never touch /sys/fs/bpf.
-func privateBPFFS(tb testing.TB) string {
-	tb.Helper()
-	dir := tb.TempDir()
-	if err := unix.Mount("bpf", dir, "bpf", 0, "mode=0700"); err != nil {
-		tb.Fatalf("mount bpffs at %s: %v", dir, err)
-	}
-	tb.Cleanup(func() {
-		if err := unix.Unmount(dir, 0); err != nil {
-			tb.Errorf("unmount bpffs %s: %v", dir, err)
-		}
-	})
-	return filepath.Join(dir, "kubectl-ebpf")
-}
-
-func testCgroup(tb testing.TB) string {
-	tb.Helper()
-	dir := filepath.Join(cgroupParent, "kebpf-test-"+randSuffix(tb))
-	if err := os.Mkdir(dir, 0o755); err != nil {
-		tb.Fatalf("create cgroup %s: %v", dir, err)
-	}
-	tb.Cleanup(func() {
-		if err := os.Remove(dir); err != nil {
-			tb.Errorf("remove cgroup %s: %v", dir, err)
-		}
-	})
-	return dir
-}
-
 // testNetns creates a netns with only loopback up: anything not
 // translated to a loopback backend has no route and cannot leave.
 func testNetns(tb testing.TB) string {
 	tb.Helper()
-	name := "kebpf-test-" + randSuffix(tb)
-	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
-		tb.Fatalf("ip netns add %s: %v\n%s", name, err, out)
-	}
-	tb.Cleanup(func() {
-		if out, err := exec.Command("ip", "netns", "del", name).CombinedOutput(); err != nil {
-			tb.Errorf("ip netns del %s: %v\n%s", name, err, out)
-		}
-	})
+	name := bpftest.Netns(tb, "kebpf-test-")
 	if out, err := exec.Command("ip", "-n", name, "link", "set", "lo", "up").CombinedOutput(); err != nil {
 		tb.Fatalf("lo up in %s: %v\n%s", name, err, out)
 	}
-	return "/run/netns/" + name
+	return netnsutil.Path(name)
+}
+
+// rootLB starts most root tests: a netns, and the LB loaded and attached
+// to a fresh cgroup.
+func rootLB(tb testing.TB, opts LoadOptions) (ns string, o *Objects, cg string) {
+	tb.Helper()
+	bpftest.RequireRoot(tb)
+	ns = testNetns(tb)
+	o, _, cg = attachLB(tb, opts)
+	return ns, o, cg
 }
 
 // attachLB loads with a private bpffs and attaches to a fresh cgroup; both
 // are torn down (links detached, pins removed) whatever the test does.
 func attachLB(tb testing.TB, opts LoadOptions) (*Objects, string, string) {
 	tb.Helper()
-	pinDir := privateBPFFS(tb)
-	cg := testCgroup(tb)
+	pinDir := bpftest.PinDir(tb)
+	cg := bpftest.Cgroup(tb)
 	o, err := Load(pinDir, opts)
 	if err != nil {
 		tb.Fatal(err)
@@ -431,11 +387,21 @@ type server struct {
 	Addr string
 }
 
+// startServers starts n servers like startServer.
+func startServers(tb testing.TB, netns, network, addr string, n int) []server {
+	tb.Helper()
+	out := make([]server, n)
+	for i := range out {
+		out[i] = startServer(tb, netns, network, addr)
+	}
+	return out
+}
+
 func startServer(tb testing.TB, netns, network, addr string) server {
 	tb.Helper()
 	var s server
 	var closer io.Closer
-	err := inNetns(netns, func() error {
+	err := netnsutil.Do(netns, func() error {
 		switch network {
 		case "tcp":
 			ln, err := net.Listen("tcp", addr)
@@ -505,6 +471,50 @@ func childCmd(tb testing.TB, cgroup string, req childReq) (*exec.Cmd, func()) {
 	cmd.Env = append(os.Environ(), childEnv+"="+string(spec))
 	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
 	return cmd, func() { cg.Close() }
+}
+
+// holder is a client holding UDP sockets (op "hold") until released.
+type holder struct {
+	tb     testing.TB
+	stdin  io.Writer
+	dec    *json.Decoder
+	stderr *strings.Builder
+	// reached is the server the socket through the LB reached first.
+	reached string
+}
+
+// startHold starts a "hold" client to dst in cgroup+netns and returns once
+// its sockets are connected.
+func startHold(tb testing.TB, cgroup, netns, dst string) *holder {
+	tb.Helper()
+	cmd, done := childCmd(tb, cgroup, childReq{Netns: netns, Ops: []op{{Kind: "hold", Dst: dst}}})
+	tb.Cleanup(done)
+	h := &holder{tb: tb, stderr: &strings.Builder{}}
+	h.stdin, _ = cmd.StdinPipe()
+	stdout, _ := cmd.StdoutPipe()
+	cmd.Stderr = h.stderr
+	if err := cmd.Start(); err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	h.dec = json.NewDecoder(stdout)
+	var ready map[string]string
+	if err := h.dec.Decode(&ready); err != nil {
+		tb.Fatalf("child: %v\n%s", err, h.stderr.String())
+	}
+	h.reached = ready["ready"]
+	return h
+}
+
+// release lets the client go on and returns what it saw (holdUDP's Extra).
+func (h *holder) release() map[string]string {
+	h.tb.Helper()
+	io.WriteString(h.stdin, "go\n")
+	var res [][]attempt
+	if err := h.dec.Decode(&res); err != nil {
+		h.tb.Fatalf("child: %v\n%s", err, h.stderr.String())
+	}
+	return res[0][0].Extra
 }
 
 // runChild runs the client in cgroup+netns and returns one []attempt per op.

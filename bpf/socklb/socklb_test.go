@@ -3,19 +3,16 @@
 package socklb
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"os"
-	"os/exec"
 	"slices"
 	"sort"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/cilium/ebpf"
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/bpftest"
 )
 
 // flowWant is what a row of the flow table expects: either Errno (the
@@ -70,16 +67,14 @@ func addrs(ss ...server) []string {
 // TestIntegrationFlows is the packet-flow table: real clients in the test
 // cgroup and netns, real loopback servers, the real programs and maps.
 func TestIntegrationFlows(t *testing.T) {
-	requireRoot(t)
-	ns := testNetns(t)
-	o, _, cg := attachLB(t, LoadOptions{})
+	ns, o, cg := rootLB(t, LoadOptions{})
 
-	tcp := []server{startServer(t, ns, "tcp", "127.0.0.1:0"), startServer(t, ns, "tcp", "127.0.0.1:0"), startServer(t, ns, "tcp", "127.0.0.1:0")}
+	tcp := startServers(t, ns, "tcp", "127.0.0.1:0", 3)
 	tcpAlt := startServer(t, ns, "tcp", "127.0.0.1:0")
 	direct := startServer(t, ns, "tcp", "127.0.0.1:0")
-	udp := []server{startServer(t, ns, "udp", "127.0.0.1:0"), startServer(t, ns, "udp", "127.0.0.1:0"), startServer(t, ns, "udp", "127.0.0.1:0")}
-	tcp6 := []server{startServer(t, ns, "tcp", "[::1]:0"), startServer(t, ns, "tcp", "[::1]:0")}
-	udp6 := []server{startServer(t, ns, "udp", "[::1]:0"), startServer(t, ns, "udp", "[::1]:0")}
+	udp := startServers(t, ns, "udp", "127.0.0.1:0", 3)
+	tcp6 := startServers(t, ns, "tcp", "[::1]:0", 2)
+	udp6 := startServers(t, ns, "udp", "[::1]:0", 2)
 
 	for _, svc := range []Service{
 		{ID: 1, Frontends: []Frontend{fe("10.96.0.10:80", TCP)}, Backends: backends(tcp...)},
@@ -161,10 +156,8 @@ func TestIntegrationFlows(t *testing.T) {
 }
 
 func TestIntegrationAffinity(t *testing.T) {
-	requireRoot(t)
-	ns := testNetns(t)
-	o, _, cg := attachLB(t, LoadOptions{})
-	srv := []server{startServer(t, ns, "tcp", "127.0.0.1:0"), startServer(t, ns, "tcp", "127.0.0.1:0"), startServer(t, ns, "tcp", "127.0.0.1:0")}
+	ns, o, cg := rootLB(t, LoadOptions{})
+	srv := startServers(t, ns, "tcp", "127.0.0.1:0", 3)
 	mustApply(t, o, Service{ID: 1, Frontends: []Frontend{fe("10.96.1.1:80", TCP)}, Backends: backends(srv...), AffinityTimeout: 300 * time.Millisecond})
 
 	res := runChild(t, cg, ns,
@@ -225,10 +218,8 @@ func beEntries(t *testing.T, o *Objects) int {
 }
 
 func TestIntegrationApplyUpdateDelete(t *testing.T) {
-	requireRoot(t)
-	ns := testNetns(t)
-	o, _, cg := attachLB(t, LoadOptions{})
-	s := []server{startServer(t, ns, "tcp", "127.0.0.1:0"), startServer(t, ns, "tcp", "127.0.0.1:0"), startServer(t, ns, "tcp", "127.0.0.1:0")}
+	ns, o, cg := rootLB(t, LoadOptions{})
+	s := startServers(t, ns, "tcp", "127.0.0.1:0", 3)
 	f := []Frontend{fe("10.96.2.1:80", TCP)}
 
 	steps := []struct {
@@ -302,8 +293,8 @@ func checkServices(t *testing.T, o *Objects, want map[uint32]Service) {
 }
 
 func TestIntegrationCapacityExhaustion(t *testing.T) {
-	requireRoot(t)
-	pinDir := privateBPFFS(t)
+	bpftest.RequireRoot(t)
+	pinDir := bpftest.PinDir(t)
 	o, err := Load(pinDir, LoadOptions{MaxFrontends: 4, MaxBackends: 5})
 	if err != nil {
 		t.Fatal(err)
@@ -370,10 +361,10 @@ func TestIntegrationCapacityExhaustion(t *testing.T) {
 // state (pinned maps and links), re-attaching swaps programs in place, and
 // Detach (the live `disable service-lb` switch) leaves nothing behind.
 func TestIntegrationRestartAndDetach(t *testing.T) {
-	requireRoot(t)
+	bpftest.RequireRoot(t)
 	ns := testNetns(t)
-	pinDir := privateBPFFS(t)
-	cg := testCgroup(t)
+	pinDir := bpftest.PinDir(t)
+	cg := bpftest.Cgroup(t)
 	t.Cleanup(func() { DetachPinned(pinDir) })
 	srv := startServer(t, ns, "tcp", "127.0.0.1:0")
 	usrv := startServer(t, ns, "udp", "[::1]:0")
@@ -394,7 +385,7 @@ func TestIntegrationRestartAndDetach(t *testing.T) {
 	for _, s := range svcs {
 		mustApply(t, first, s)
 	}
-	before := attachedAt(t, cg)
+	before := bpftest.CgroupProgs(t, cg)
 	if len(before) != len(hooks) {
 		t.Fatalf("attached %+v, want %d programs", before, len(hooks))
 	}
@@ -422,7 +413,7 @@ func TestIntegrationRestartAndDetach(t *testing.T) {
 	if err := second.Attach(cg); err != nil {
 		t.Fatal(err)
 	}
-	after := attachedAt(t, cg)
+	after := bpftest.CgroupProgs(t, cg)
 	if len(after) != len(hooks) {
 		t.Fatalf("after re-attach: %+v, want exactly %d programs (links updated, not duplicated)", after, len(hooks))
 	}
@@ -446,7 +437,7 @@ func TestIntegrationRestartAndDetach(t *testing.T) {
 	if err := second.Detach(); err != nil {
 		t.Fatal(err)
 	}
-	if got := attachedAt(t, cg); len(got) != 0 {
+	if got := bpftest.CgroupProgs(t, cg); len(got) != 0 {
 		t.Errorf("after detach: attached = %+v, want none", got)
 	}
 	paths := MapPinPaths(pinDir)
@@ -466,34 +457,18 @@ func TestIntegrationRestartAndDetach(t *testing.T) {
 // removed is destroyed by Apply (bpf_sock_destroy from an iter/udp program);
 // a socket the app connected to that pod directly is left alone.
 func TestIntegrationUDPSocketDestroy(t *testing.T) {
-	requireRoot(t)
-	ns := testNetns(t)
-	o, _, cg := attachLB(t, LoadOptions{DestroyNetns: func() []string { return []string{""} }})
+	ns, o, cg := rootLB(t, LoadOptions{DestroyNetns: func() []string { return []string{""} }})
 	if err := o.SocketDestroyError(); err != nil {
 		t.Fatalf("socket destroy unavailable on a kernel with bpf_sock_destroy: %v", err)
 	}
 	// Tests sweep the test netns; set after Load like an agent would learn pods.
 	o.opts.DestroyNetns = func() []string { return []string{ns} }
-	u := []server{startServer(t, ns, "udp", "127.0.0.1:0"), startServer(t, ns, "udp", "127.0.0.1:0")}
+	u := startServers(t, ns, "udp", "127.0.0.1:0", 2)
 	f := []Frontend{fe("10.96.5.1:53", UDP)}
 	mustApply(t, o, Service{ID: 1, Frontends: f, Backends: backends(u...)})
 
-	cmd, done := childCmd(t, cg, childReq{Netns: ns, Ops: []op{{Kind: "hold", Dst: "10.96.5.1:53"}}})
-	defer done()
-	stdin, _ := cmd.StdinPipe()
-	stdout, _ := cmd.StdoutPipe()
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	dec := json.NewDecoder(stdout)
-	var ready map[string]string
-	if err := dec.Decode(&ready); err != nil {
-		t.Fatalf("child: %v\n%s", err, stderr.String())
-	}
-	victim := ready["ready"]
+	h := startHold(t, cg, ns, "10.96.5.1:53")
+	victim := h.reached
 	var keep server
 	for _, s := range u {
 		if s.Addr != victim {
@@ -515,102 +490,55 @@ func TestIntegrationUDPSocketDestroy(t *testing.T) {
 		t.Errorf("DestroySocketsToIn(victim) after Apply = %d, %v; want 0 (Apply destroyed it)", n, err)
 	}
 
-	io.WriteString(stdin, "go\n")
-	var res [][]attempt
-	if err := dec.Decode(&res); err != nil {
-		t.Fatalf("child: %v\n%s", err, stderr.String())
-	}
-	x := res[0][0].Extra
-	t.Logf("after destroy: %v", x)
+	checkDestroyed(t, h.release(), victim, keep.Addr)
+}
+
+// checkDestroyed checks the state of a holdUDP client after the destroy:
+// the LB'd socket reports ECONNABORTED once and is disconnected (sends fail,
+// no peer), the socket connected directly to direct still works, and a new
+// connect through the LB reaches again.
+func checkDestroyed(t *testing.T, x map[string]string, direct, again string) {
+	t.Helper()
 	if x["s1recv"] != "ECONNABORTED" {
 		t.Errorf("recv on the destroyed socket = %s, want ECONNABORTED", x["s1recv"])
 	}
 	if x["s1send"] == "ok" || x["s1send2"] == "ok" {
-		t.Errorf("send on the socket to the removed backend still succeeds: %v", x)
+		t.Errorf("send on the destroyed socket still succeeds: %v", x)
 	}
-	if x["s2send"] != "ok" || x["s2recv"] != victim {
-		t.Errorf("socket connected directly to %s was disturbed: %v", victim, x)
+	if x["s1peer"] != "ENOTCONN" {
+		t.Errorf("getpeername on the destroyed socket = %s, want ENOTCONN (disconnected)", x["s1peer"])
 	}
-	if x["again"] != keep.Addr {
-		t.Errorf("reconnect reached %q, want %s", x["again"], keep.Addr)
+	if x["s2send"] != "ok" || x["s2recv"] != direct {
+		t.Errorf("socket connected directly to %s was disturbed: %v", direct, x)
+	}
+	if x["again"] != again {
+		t.Errorf("reconnect reached %q, want %s", x["again"], again)
 	}
 }
 
 func TestIntegrationDestroyCountsDirectly(t *testing.T) {
-	requireRoot(t)
-	ns := testNetns(t)
-	o, _, cg := attachLB(t, LoadOptions{})
+	ns, o, cg := rootLB(t, LoadOptions{})
 	u := startServer(t, ns, "udp", "[::1]:0")
 	mustApply(t, o, Service{ID: 1, Frontends: []Frontend{fe("[fd00:96::5]:53", UDP)}, Backends: backends(u)})
 
-	cmd, done := childCmd(t, cg, childReq{Netns: ns, Ops: []op{{Kind: "hold", Dst: "[fd00:96::5]:53"}}})
-	defer done()
-	stdin, _ := cmd.StdinPipe()
-	stdout, _ := cmd.StdoutPipe()
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	dec := json.NewDecoder(stdout)
-	var ready map[string]string
-	if err := dec.Decode(&ready); err != nil {
-		t.Fatal(err)
-	}
+	h := startHold(t, cg, ns, "[fd00:96::5]:53")
 	n, err := o.DestroySocketsToIn(ns, u.backend())
 	if err != nil || n != 1 {
 		t.Errorf("DestroySocketsToIn = %d, %v; want exactly the one LB'd socket (not the direct one)", n, err)
 	}
-	io.WriteString(stdin, "go\n")
-	var res [][]attempt
-	if err := dec.Decode(&res); err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("after destroy: %v", res[0][0].Extra)
-}
-
-type bpftoolProg struct {
-	ID         int    `json:"id"`
-	AttachType string `json:"attach_type"`
-	Name       string `json:"name"`
-}
-
-// attachedAt lists programs attached directly at cgroup, as bpftool sees them.
-func attachedAt(t *testing.T, cgroup string) []bpftoolProg {
-	t.Helper()
-	out, err := exec.Command("bpftool", "-j", "cgroup", "show", cgroup).Output()
-	if err != nil {
-		t.Fatalf("bpftool cgroup show %s: %v", cgroup, err)
-	}
-	var progs []bpftoolProg
-	if s := strings.TrimSpace(string(out)); s != "" {
-		if err := json.Unmarshal([]byte(s), &progs); err != nil {
-			t.Fatalf("parse bpftool output %q: %v", out, err)
-		}
-	}
-	return progs
+	// The backend stays in the service: a reconnect reaches it again.
+	checkDestroyed(t, h.release(), u.Addr, u.Addr)
 }
 
 // TestProgRunUnsupported documents why flows are tested with real sockets:
 // the kernel has no BPF_PROG_TEST_RUN for cgroup sock_addr programs. If a
 // future kernel adds it, this fails and a prog.Run table should join.
 func TestProgRunUnsupported(t *testing.T) {
-	requireRoot(t)
+	bpftest.RequireRoot(t)
 	spec, err := LoadSocklb()
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, m := range spec.Maps {
-		m.Pinning = ebpf.PinNone
-	}
 	delete(spec.Programs, KillProgramName)
-	coll, err := ebpf.NewCollection(spec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer coll.Close()
-	_, err = coll.Programs[SocklbProgKebpfConnect4].Run(&ebpf.RunOptions{Context: make([]byte, 80)})
-	if err == nil {
-		t.Fatal("BPF_PROG_TEST_RUN works for cgroup/connect4 on this kernel: add a prog.Run table test")
-	}
-	t.Logf("prog.Run: %v (expected: not supported for this program type)", err)
+	bpftest.ProgRunUnsupported(t, spec, SocklbProgKebpfConnect4)
 }

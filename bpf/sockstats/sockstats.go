@@ -80,19 +80,13 @@ type Objects struct {
 // <pinDir>/maps/kebpf_sockstats when it exists (counters survive restarts),
 // otherwise created and pinned there. pinDir must be on a bpffs.
 func Load(pinDir string) (*Objects, error) {
-	for _, dir := range []string{MapPinDir(pinDir), filepath.Dir(LinkPinPath(pinDir))} {
-		if err := os.MkdirAll(dir, 0o700); err != nil {
-			return nil, fmt.Errorf("create pin dir: %w", err)
-		}
+	if err := pins.MkdirAll(MapPinDir(pinDir), filepath.Dir(LinkPinPath(pinDir))); err != nil {
+		return nil, err
 	}
 	o := &Objects{pinDir: pinDir}
 	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: MapPinDir(pinDir)}}
 	if err := LoadSockstatsObjects(&o.objs, opts); err != nil {
-		var verr *ebpf.VerifierError
-		if errors.As(err, &verr) {
-			return nil, fmt.Errorf("load %s: %+v", ProgramName, verr)
-		}
-		return nil, fmt.Errorf("load %s: %w", ProgramName, err)
+		return nil, pins.LoadError(ProgramName, err)
 	}
 	return o, nil
 }
@@ -106,44 +100,9 @@ func (o *Objects) Attach(cgroupPath string) error {
 	if o.link != nil {
 		return fmt.Errorf("attach %s: already attached", ProgramName)
 	}
-	pin := LinkPinPath(o.pinDir)
-	prog := o.objs.KebpfSockstat
-
-	l, err := link.LoadPinnedLink(pin, nil)
-	switch {
-	case err == nil:
-		same, serr := pins.SameCgroup(l, cgroupPath)
-		if serr == nil && same {
-			if err := l.Update(prog); err != nil {
-				l.Close()
-				return fmt.Errorf("update pinned link %s: %w", pin, err)
-			}
-			o.link = l
-			return nil
-		}
-		// The pin points elsewhere (cgroup root changed) or is unreadable:
-		// drop it so the fresh attachment below is the only one.
-		if err := pins.DetachAndClose(l); err != nil {
-			return fmt.Errorf("replace pinned link %s: %w", pin, err)
-		}
-	case errors.Is(err, os.ErrNotExist):
-	default:
-		return fmt.Errorf("load pinned link %s: %w", pin, err)
-	}
-
-	l, err = link.AttachCgroup(link.CgroupOptions{
-		Path:    cgroupPath,
-		Attach:  ebpf.AttachCGroupInetSockCreate,
-		Program: prog,
-	})
+	l, _, err := pins.AttachCgroup(ProgramName, LinkPinPath(o.pinDir), cgroupPath, ebpf.AttachCGroupInetSockCreate, o.objs.KebpfSockstat)
 	if err != nil {
-		return fmt.Errorf("attach %s to %s: %w", ProgramName, cgroupPath, err)
-	}
-	if err := l.Pin(pin); err != nil {
-		// Without a pin the attachment would vanish with this process,
-		// silently breaking the restart guarantee; refuse instead.
-		l.Close()
-		return fmt.Errorf("pin link %s: %w", pin, err)
+		return err
 	}
 	o.link = l
 	return nil

@@ -3,30 +3,24 @@
 package sockstats
 
 import (
-	"crypto/rand"
-	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 
-	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/bpftest"
 )
 
 // childEnv makes the test binary act as the socket-creating child: it runs
 // inside the test cgroup from its first instruction (CLONE_INTO_CGROUP), so
 // every socket it creates is one we asked for.
 const childEnv = "KEBPF_SOCKSTATS_CHILD"
-
-// cgroupParent is the host's cgroup v2 mount (hybrid layout).
-const cgroupParent = "/sys/fs/cgroup/unified"
 
 func TestMain(m *testing.M) {
 	if spec := os.Getenv(childEnv); spec != "" {
@@ -68,47 +62,6 @@ func createSockets(spec string) error {
 	return nil
 }
 
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Fatal("this test loads BPF programs and creates cgroups: run it as root (sudo go test ./bpf/sockstats/)")
-	}
-}
-
-// privateBPFFS mounts a fresh bpffs so pins never touch /sys/fs/bpf.
-func privateBPFFS(t *testing.T) string {
-	t.Helper()
-	dir := t.TempDir()
-	if err := unix.Mount("bpf", dir, "bpf", 0, "mode=0700"); err != nil {
-		t.Fatalf("mount bpffs at %s: %v", dir, err)
-	}
-	t.Cleanup(func() {
-		if err := unix.Unmount(dir, 0); err != nil {
-			t.Errorf("unmount bpffs %s: %v", dir, err)
-		}
-	})
-	return filepath.Join(dir, "kubectl-ebpf")
-}
-
-func testCgroup(t *testing.T) string {
-	t.Helper()
-	var b [4]byte
-	if _, err := rand.Read(b[:]); err != nil {
-		t.Fatal(err)
-	}
-	dir := filepath.Join(cgroupParent, "kebpf-test-"+hex.EncodeToString(b[:]))
-	if err := os.Mkdir(dir, 0o755); err != nil {
-		t.Fatalf("create cgroup %s: %v", dir, err)
-	}
-	t.Cleanup(func() {
-		// Children have exited by now; rmdir fails only if something is left.
-		if err := os.Remove(dir); err != nil {
-			t.Errorf("remove cgroup %s: %v", dir, err)
-		}
-	})
-	return dir
-}
-
 // runInCgroup runs the child in cgroup and waits for it.
 func runInCgroup(t *testing.T, cgroup, spec string) {
 	t.Helper()
@@ -123,28 +76,6 @@ func runInCgroup(t *testing.T, cgroup, spec string) {
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("child %q: %v\n%s", spec, err, out)
 	}
-}
-
-type bpftoolProg struct {
-	ID         int    `json:"id"`
-	AttachType string `json:"attach_type"`
-	Name       string `json:"name"`
-}
-
-// attachedAt lists programs attached directly at cgroup, as bpftool sees them.
-func attachedAt(t *testing.T, cgroup string) []bpftoolProg {
-	t.Helper()
-	out, err := exec.Command("bpftool", "-j", "cgroup", "show", cgroup).Output()
-	if err != nil {
-		t.Fatalf("bpftool cgroup show %s: %v", cgroup, err)
-	}
-	var progs []bpftoolProg
-	if s := strings.TrimSpace(string(out)); s != "" {
-		if err := json.Unmarshal([]byte(s), &progs); err != nil {
-			t.Fatalf("parse bpftool output %q: %v", out, err)
-		}
-	}
-	return progs
 }
 
 func mustCounts(t *testing.T, o *Objects) Counts {
@@ -167,9 +98,9 @@ func load(t *testing.T, pinDir string) *Objects {
 }
 
 func TestIntegrationCountsPerFamily(t *testing.T) {
-	requireRoot(t)
-	pinDir := privateBPFFS(t)
-	cgroup := testCgroup(t)
+	bpftest.RequireRoot(t)
+	pinDir := bpftest.PinDir(t)
+	cgroup := bpftest.Cgroup(t)
 
 	o := load(t, pinDir)
 	if err := o.Attach(cgroup); err != nil {
@@ -178,7 +109,7 @@ func TestIntegrationCountsPerFamily(t *testing.T) {
 	// Whatever happens below, leave nothing attached at the test cgroup.
 	t.Cleanup(func() { DetachPinned(pinDir) })
 
-	if got := attachedAt(t, cgroup); len(got) != 1 || got[0].Name != ProgramName || got[0].AttachType != "cgroup_inet_sock_create" && got[0].AttachType != "sock_create" {
+	if got := bpftest.CgroupProgs(t, cgroup); len(got) != 1 || got[0].Name != ProgramName || got[0].AttachType != "cgroup_inet_sock_create" && got[0].AttachType != "sock_create" {
 		t.Fatalf("attached at %s = %+v, want one %s", cgroup, got, ProgramName)
 	}
 
@@ -208,9 +139,9 @@ func TestIntegrationCountsPerFamily(t *testing.T) {
 }
 
 func TestIntegrationRestartKeepsOneAttachmentAndCounters(t *testing.T) {
-	requireRoot(t)
-	pinDir := privateBPFFS(t)
-	cgroup := testCgroup(t)
+	bpftest.RequireRoot(t)
+	pinDir := bpftest.PinDir(t)
+	cgroup := bpftest.Cgroup(t)
 	t.Cleanup(func() { DetachPinned(pinDir) })
 
 	first := load(t, pinDir)
@@ -222,12 +153,12 @@ func TestIntegrationRestartKeepsOneAttachmentAndCounters(t *testing.T) {
 	if before.Inet != 4 || before.Inet6 != 1 {
 		t.Fatalf("counts after first run = %+v, want inet=4 inet6=1", before)
 	}
-	oldProg := attachedAt(t, cgroup)
+	oldProg := bpftest.CgroupProgs(t, cgroup)
 	// An agent exiting closes its fds without detaching.
 	if err := first.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if got := attachedAt(t, cgroup); len(got) != 1 {
+	if got := bpftest.CgroupProgs(t, cgroup); len(got) != 1 {
 		t.Fatalf("after close without detach: attached = %+v, want the pinned program still there", got)
 	}
 
@@ -235,7 +166,7 @@ func TestIntegrationRestartKeepsOneAttachmentAndCounters(t *testing.T) {
 	if err := second.Attach(cgroup); err != nil {
 		t.Fatal(err)
 	}
-	got := attachedAt(t, cgroup)
+	got := bpftest.CgroupProgs(t, cgroup)
 	if len(got) != 1 || got[0].Name != ProgramName {
 		t.Fatalf("after re-attach: attached = %+v, want exactly one %s", got, ProgramName)
 	}
@@ -253,7 +184,7 @@ func TestIntegrationRestartKeepsOneAttachmentAndCounters(t *testing.T) {
 	if err := second.Detach(); err != nil {
 		t.Fatal(err)
 	}
-	if got := attachedAt(t, cgroup); len(got) != 0 {
+	if got := bpftest.CgroupProgs(t, cgroup); len(got) != 0 {
 		t.Errorf("after detach: attached = %+v, want none", got)
 	}
 	for _, p := range []string{LinkPinPath(pinDir), MapPinPath(pinDir)} {
@@ -264,9 +195,9 @@ func TestIntegrationRestartKeepsOneAttachmentAndCounters(t *testing.T) {
 }
 
 func TestIntegrationAttachMovesToNewCgroup(t *testing.T) {
-	requireRoot(t)
-	pinDir := privateBPFFS(t)
-	cgA, cgB := testCgroup(t), testCgroup(t)
+	bpftest.RequireRoot(t)
+	pinDir := bpftest.PinDir(t)
+	cgA, cgB := bpftest.Cgroup(t), bpftest.Cgroup(t)
 	t.Cleanup(func() { DetachPinned(pinDir) })
 
 	a := load(t, pinDir)
@@ -278,10 +209,10 @@ func TestIntegrationAttachMovesToNewCgroup(t *testing.T) {
 	if err := b.Attach(cgB); err != nil {
 		t.Fatal(err)
 	}
-	if got := attachedAt(t, cgA); len(got) != 0 {
+	if got := bpftest.CgroupProgs(t, cgA); len(got) != 0 {
 		t.Errorf("old cgroup still has %+v", got)
 	}
-	if got := attachedAt(t, cgB); len(got) != 1 {
+	if got := bpftest.CgroupProgs(t, cgB); len(got) != 1 {
 		t.Errorf("new cgroup has %+v, want one program", got)
 	}
 }
@@ -290,20 +221,10 @@ func TestIntegrationAttachMovesToNewCgroup(t *testing.T) {
 // test here: the kernel does not implement test_run for cgroup/sock_create.
 // If a future kernel does, this fails and a prog.Run table test should replace it.
 func TestProgRunUnsupported(t *testing.T) {
-	requireRoot(t)
+	bpftest.RequireRoot(t)
 	spec, err := LoadSockstats()
 	if err != nil {
 		t.Fatal(err)
 	}
-	spec.Maps[MapName].Pinning = ebpf.PinNone
-	coll, err := ebpf.NewCollection(spec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer coll.Close()
-	_, err = coll.Programs[ProgramName].Run(&ebpf.RunOptions{Context: make([]byte, 80)})
-	if err == nil {
-		t.Fatal("BPF_PROG_TEST_RUN works for cgroup/sock_create on this kernel: add a prog.Run table test")
-	}
-	t.Logf("prog.Run: %v (expected: not supported for this program type)", err)
+	bpftest.ProgRunUnsupported(t, spec, ProgramName)
 }

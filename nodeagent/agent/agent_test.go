@@ -4,8 +4,6 @@ package agent
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"io"
 	"log/slog"
@@ -20,46 +18,13 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
 	"k8s.io/client-go/rest"
 
 	"github.com/kubectl-ebpf/kubectl-ebpf/api/client/versioned"
 	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/bpftest"
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/sockstats"
 )
-
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Fatal("agent tests load BPF programs and create cgroups: run go test as root")
-	}
-}
-
-func privateBPFFS(t *testing.T) string {
-	t.Helper()
-	dir := t.TempDir()
-	if err := unix.Mount("bpf", dir, "bpf", 0, "mode=0700"); err != nil {
-		t.Fatalf("mount bpffs at %s: %v", dir, err)
-	}
-	t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
-	return filepath.Join(dir, "kubectl-ebpf")
-}
-
-func testCgroup(t *testing.T) string {
-	t.Helper()
-	var b [4]byte
-	rand.Read(b[:])
-	dir := filepath.Join("/sys/fs/cgroup/unified", "kebpf-test-"+hex.EncodeToString(b[:]))
-	if err := os.Mkdir(dir, 0o755); err != nil {
-		t.Fatalf("create cgroup %s: %v", dir, err)
-	}
-	t.Cleanup(func() {
-		if err := os.Remove(dir); err != nil {
-			t.Errorf("remove cgroup %s: %v", dir, err)
-		}
-	})
-	return dir
-}
 
 // fakeAPI records server-side applies of NodeState.
 type fakeAPI struct {
@@ -171,9 +136,9 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 }
 
 func TestIntegrationRunAttachesPublishesAndKeepsPinsOnExit(t *testing.T) {
-	requireRoot(t)
-	pinDir := privateBPFFS(t)
-	cgroup := testCgroup(t)
+	bpftest.RequireRoot(t)
+	pinDir := bpftest.PinDir(t)
+	cgroup := bpftest.Cgroup(t)
 	t.Cleanup(func() { sockstats.DetachPinned(pinDir) })
 	api := &fakeAPI{}
 	r := start(t, api, pinDir, cgroup)
@@ -226,8 +191,8 @@ func TestIntegrationRunAttachesPublishesAndKeepsPinsOnExit(t *testing.T) {
 }
 
 func TestIntegrationNotReadyPublishesError(t *testing.T) {
-	requireRoot(t)
-	pinDir := privateBPFFS(t)
+	bpftest.RequireRoot(t)
+	pinDir := bpftest.PinDir(t)
 	// A regular file can never become a cgroup root: setup fails for sure.
 	badRoot := filepath.Join(t.TempDir(), "not-a-dir")
 	if err := os.WriteFile(badRoot, nil, 0o600); err != nil {
@@ -248,9 +213,9 @@ func TestIntegrationNotReadyPublishesError(t *testing.T) {
 }
 
 func TestIntegrationNotReadyUntilPublished(t *testing.T) {
-	requireRoot(t)
-	pinDir := privateBPFFS(t)
-	cgroup := testCgroup(t)
+	bpftest.RequireRoot(t)
+	pinDir := bpftest.PinDir(t)
+	cgroup := bpftest.Cgroup(t)
 	t.Cleanup(func() { sockstats.DetachPinned(pinDir) })
 	api := &fakeAPI{fail: true}
 	r := start(t, api, pinDir, cgroup)

@@ -5,7 +5,6 @@ package agent
 import (
 	"context"
 	"errors"
-	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -16,11 +15,14 @@ import (
 	"testing"
 	"time"
 
+	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
+
 	v1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/fake"
 
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/bpftest"
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/socklb"
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/sockstats"
 	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
@@ -122,10 +124,10 @@ func errorsContain(a *Agent, sub string) bool {
 }
 
 func TestFeatureSwitchFollowsConfigMap(t *testing.T) {
-	requireRoot(t) // Run probes the kernel
+	bpftest.RequireRoot(t) // Run probes the kernel
 	kube := fake.NewClientset(configMap(t, "features:\n  sockstats: true\n  service-lb: false\n"))
 	ss, lb := &fakeFeature{name: "sockstats"}, &fakeFeature{name: "service-lb"}
-	a := startAgent(t, Config{Kube: kube, Features: []Feature{ss, lb}, CgroupRoot: testCgroup(t), PinDir: privateBPFFS(t)})
+	a := startAgent(t, Config{Kube: kube, Features: []Feature{ss, lb}, CgroupRoot: bpftest.Cgroup(t), PinDir: bpftest.PinDir(t)})
 
 	waitFor(t, "sockstats active", func() bool { return slices.Equal(active(a), []string{"sockstats"}) })
 	if lb.isOn() {
@@ -179,10 +181,10 @@ func TestFeatureSwitchFollowsConfigMap(t *testing.T) {
 }
 
 func TestFeatureMissingConfigMapMeansDefaults(t *testing.T) {
-	requireRoot(t)
+	bpftest.RequireRoot(t)
 	kube := fake.NewClientset()
 	ss, lb := &fakeFeature{name: "sockstats"}, &fakeFeature{name: "service-lb"}
-	a := startAgent(t, Config{Kube: kube, Features: []Feature{ss, lb}, CgroupRoot: testCgroup(t), PinDir: privateBPFFS(t)})
+	a := startAgent(t, Config{Kube: kube, Features: []Feature{ss, lb}, CgroupRoot: bpftest.Cgroup(t), PinDir: bpftest.PinDir(t)})
 	waitFor(t, "defaults active", func() bool { return slices.Equal(active(a), []string{"sockstats", "service-lb"}) })
 	if !errorsContain(a, "not found; using the defaults") {
 		t.Errorf("errors = %q, want the missing ConfigMap reported", a.State().Status.Errors)
@@ -193,9 +195,9 @@ func TestFeatureMissingConfigMapMeansDefaults(t *testing.T) {
 // the ConfigMap: disable leaves no link, map or pin; enable attaches again;
 // agent exit leaves it attached.
 func TestIntegrationSockstatsSwitch(t *testing.T) {
-	requireRoot(t)
-	pinDir := privateBPFFS(t)
-	cgroup := testCgroup(t)
+	bpftest.RequireRoot(t)
+	pinDir := bpftest.PinDir(t)
+	cgroup := bpftest.Cgroup(t)
 	t.Cleanup(func() {
 		sockstats.DetachPinned(pinDir)
 		os.Remove(sockstats.MapPinPath(pinDir))
@@ -245,9 +247,9 @@ func TestIntegrationSockstatsSwitch(t *testing.T) {
 // programs on a test cgroup, maps in a private bpffs, Services from a fake
 // clientset): enable attaches and programs, disable leaves nothing.
 func TestIntegrationServiceLBSwitch(t *testing.T) {
-	requireRoot(t)
-	pinDir := privateBPFFS(t)
-	cgroup := testCgroup(t)
+	bpftest.RequireRoot(t)
+	pinDir := bpftest.PinDir(t)
+	cgroup := bpftest.Cgroup(t)
 	t.Cleanup(func() { socklb.DetachPinned(pinDir) })
 	svc := &v1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: "web"}, Spec: v1.ServiceSpec{
 		Type: v1.ServiceTypeClusterIP, ClusterIP: "10.96.0.10", ClusterIPs: []string{"10.96.0.10"},

@@ -4,8 +4,6 @@ package cleanup
 
 import (
 	"bytes"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"os"
 	"os/exec"
@@ -19,47 +17,9 @@ import (
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/bpftest"
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/sockstats"
 )
-
-const cgroupParent = "/sys/fs/cgroup/unified"
-
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Fatal("cleanup tests load BPF programs, mount filesystems and create cgroups: run go test as root")
-	}
-}
-
-func privateBPFFS(t *testing.T) string {
-	t.Helper()
-	dir := t.TempDir()
-	if err := unix.Mount("bpf", dir, "bpf", 0, "mode=0700"); err != nil {
-		t.Fatalf("mount bpffs at %s: %v", dir, err)
-	}
-	t.Cleanup(func() {
-		if err := unix.Unmount(dir, unix.MNT_DETACH); err != nil {
-			t.Errorf("unmount bpffs %s: %v", dir, err)
-		}
-	})
-	return filepath.Join(dir, "kubectl-ebpf")
-}
-
-func testCgroup(t *testing.T) string {
-	t.Helper()
-	var b [4]byte
-	rand.Read(b[:])
-	dir := filepath.Join(cgroupParent, "kebpf-test-"+hex.EncodeToString(b[:]))
-	if err := os.Mkdir(dir, 0o755); err != nil {
-		t.Fatalf("create cgroup %s: %v", dir, err)
-	}
-	t.Cleanup(func() {
-		if err := os.Remove(dir); err != nil {
-			t.Errorf("remove cgroup %s: %v", dir, err)
-		}
-	})
-	return dir
-}
 
 // privateCgroup2 mounts cgroup2 where the agent would mount its own.
 func privateCgroup2(t *testing.T) string {
@@ -149,9 +109,9 @@ func attachedNames(t *testing.T, cgroup string) string {
 }
 
 func TestRunRemovesEverything(t *testing.T) {
-	requireRoot(t)
-	pinDir := privateBPFFS(t)
-	cgroup := testCgroup(t)
+	bpftest.RequireRoot(t)
+	pinDir := bpftest.PinDir(t)
+	cgroup := bpftest.Cgroup(t)
 	cgroupRoot := privateCgroup2(t)
 	ours := owned{}
 
@@ -265,8 +225,8 @@ func mountsAt(path string) (int, error) {
 }
 
 func TestRunNothingToDo(t *testing.T) {
-	requireRoot(t)
-	pinDir := privateBPFFS(t)
+	bpftest.RequireRoot(t)
+	pinDir := bpftest.PinDir(t)
 	var out bytes.Buffer
 	opts := Options{PinDir: pinDir, CgroupRoot: filepath.Join(t.TempDir(), "cgroupv2"), Out: &out, Owns: owned{}.owns}
 	for i := range 2 {
@@ -282,8 +242,8 @@ func TestRunNothingToDo(t *testing.T) {
 // TestRunFailsWhileSomethingRemains: a program of ours held open by a
 // process cannot be removed by cleanup, so Run must fail and name it.
 func TestRunFailsWhileSomethingRemains(t *testing.T) {
-	requireRoot(t)
-	pinDir := privateBPFFS(t)
+	bpftest.RequireRoot(t)
+	pinDir := bpftest.PinDir(t)
 	p := allowProgram(t, "kebpf_clheld")
 	t.Cleanup(func() { p.Close() })
 	ours := owned{}

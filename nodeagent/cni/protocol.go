@@ -23,6 +23,77 @@
 // conflist installer the agent runs (Installer, Remove).
 package cni
 
+import (
+	"encoding/json"
+	"time"
+
+	"github.com/containernetworking/cni/pkg/types"
+	"github.com/containernetworking/cni/pkg/version"
+)
+
+// The CNI protocol (environment, stdin, results, errors, VERSION) is
+// github.com/containernetworking/cni's: pkg/skel dispatches the commands to
+// Plugin, pkg/types parses the config and CNI_ARGS and converts the
+// previous plugin's result. Below: our part of the config, then the API of
+// the agent's socket.
+
+// Versions are the CNI spec versions we support. We never build a result
+// ourselves, only return the previous plugin's, so every version with
+// prevResult (0.3.0 on) works.
+var Versions = version.PluginSupports("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+
+// CNI error codes (spec section "Error"): 7 invalid network config, 11 try
+// again later; 100+ are ours.
+const (
+	codeInvalidConfig = types.ErrInvalidNetworkConfig
+	codeTryAgain      = types.ErrTryAgainLater
+	codeAgentRefused  = 100
+)
+
+// DefaultTimeout bounds one ADD: the agent answers as soon as the pod's
+// endpoint is programmed (milliseconds), unless the API server is slow to
+// show it the pod.
+const DefaultTimeout = 30 * time.Second
+
+// delTimeout bounds telling the agent about a DEL.
+const delTimeout = 5 * time.Second
+
+// NetConf is our entry in the conflist, as the runtime passes it on stdin
+// (with prevResult added).
+type NetConf struct {
+	types.PluginConf
+	// Socket of the agent; DefaultSocket when empty.
+	Socket string `json:"socket,omitempty"`
+	// EnforcedMarker exists while the policy datapath is loaded on the node
+	// (a pinned map). When the agent cannot be reached and it exists, ADD
+	// fails (fail closed); when it does not exist, ADD passes through.
+	EnforcedMarker string `json:"enforcedMarker,omitempty"`
+	// TimeoutSeconds bounds an ADD (DefaultTimeout when 0).
+	TimeoutSeconds int `json:"timeoutSeconds,omitempty"`
+}
+
+// parseConf reads our entry of the conflist (a *types.Error when it is
+// not one), with defaults.
+func parseConf(b []byte) (NetConf, error) {
+	var conf NetConf
+	if err := json.Unmarshal(b, &conf); err != nil {
+		return conf, types.NewError(codeInvalidConfig, "parse network config", err.Error())
+	}
+	if conf.Socket == "" {
+		conf.Socket = DefaultSocket
+	}
+	return conf, nil
+}
+
+// k8sArgs are the CNI_ARGS a Kubernetes runtime passes.
+type k8sArgs struct {
+	types.CommonArgs
+	K8S_POD_NAMESPACE          types.UnmarshallableString
+	K8S_POD_NAME               types.UnmarshallableString
+	K8S_POD_INFRA_CONTAINER_ID types.UnmarshallableString
+	K8S_POD_UID                types.UnmarshallableString
+}
+
 // PluginType is the "type" of our entry in a CNI conflist and the name of
 // the plugin binary in the CNI bin dir.
 const PluginType = "kebpf-cni"

@@ -3,27 +3,20 @@
 package features
 
 import (
-	"os"
 	"strings"
 	"testing"
 
 	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/bpftest"
 )
 
 // hostCgroup2 is this machine's cgroup v2 mount (hybrid layout).
 const hostCgroup2 = "/sys/fs/cgroup/unified"
 
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Fatal("feature probes load BPF programs: run go test as root")
-	}
-}
-
 // TestProbeAllPresent fails loudly when this kernel (6.18, root) lacks any
 // feature we list: a missing one here is a probe bug, not a skip.
 func TestProbeAllPresent(t *testing.T) {
-	requireRoot(t)
+	bpftest.RequireRoot(t)
 	got := Probe(hostCgroup2)
 	want := []string{
 		BPFSyscall, BTF, CgroupV2,
@@ -52,7 +45,7 @@ func TestProbeAllPresent(t *testing.T) {
 }
 
 func TestProbeCgroupRootNotMounted(t *testing.T) {
-	requireRoot(t)
+	bpftest.RequireRoot(t)
 	// A plain directory is not a cgroup2 mount, but the kernel can mount
 	// one, so the feature stays available (the mount step is what's missing).
 	for _, f := range Probe(t.TempDir()) {

@@ -6,14 +6,9 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
-)
 
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Fatal("mount tests need root (CAP_SYS_ADMIN): run go test as root")
-	}
-}
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/bpftest"
+)
 
 func cleanupMounts(t *testing.T, path, fstype string) {
 	t.Helper()
@@ -25,7 +20,7 @@ func cleanupMounts(t *testing.T, path, fstype string) {
 }
 
 func TestEnsureBPFFSIdempotent(t *testing.T) {
-	requireRoot(t)
+	bpftest.RequireRoot(t)
 	dir := filepath.Join(t.TempDir(), "bpf")
 	cleanupMounts(t, dir, "bpf")
 
@@ -73,7 +68,7 @@ func TestEnsurePinDirRejectsNonBPFFS(t *testing.T) {
 }
 
 func TestEnsureCgroup2Idempotent(t *testing.T) {
-	requireRoot(t)
+	bpftest.RequireRoot(t)
 	dir := filepath.Join(t.TempDir(), "cgroupv2")
 	cleanupMounts(t, dir, "cgroup2")
 
@@ -106,7 +101,7 @@ func TestEnsureCgroup2Idempotent(t *testing.T) {
 }
 
 func TestEnsureCgroup2InNamespace(t *testing.T) {
-	requireRoot(t)
+	bpftest.RequireRoot(t)
 	dir := filepath.Join(t.TempDir(), "cgroupv2")
 	cleanupMounts(t, dir, "cgroup2")
 	// Joining the namespace we are already in exercises the setns path.

@@ -4,19 +4,17 @@ package netpol
 
 import (
 	"context"
-	"fmt"
-	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/bpftest"
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/netnsutil"
 )
 
 func ipCmd(t *testing.T, args ...string) {
@@ -26,48 +24,16 @@ func ipCmd(t *testing.T, args ...string) {
 	}
 }
 
-// inNetns runs f on a thread switched into the named netns.
-func inNetns(t *testing.T, name string, f func()) {
-	t.Helper()
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
-		fd, err := unix.Open("/run/netns/"+name, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-		if err != nil {
-			t.Errorf("open netns: %v", err)
-			return
-		}
-		defer unix.Close(fd)
-		if err := unix.Setns(fd, unix.CLONE_NEWNET); err != nil {
-			t.Errorf("setns: %v", err)
-			return
-		}
-		f()
-	}()
-	<-done
-}
-
 // TestIntegrationInterfaces builds, in namespaces of its own, a bridge pod
 // (the local cluster's bridge CNI: the route points at the bridge) and a
 // ptp pod (kindnet: a /32 route per pod onto its veth), and finds both
 // pods' host-side veths.
 func TestIntegrationInterfaces(t *testing.T) {
-	if testing.Short() {
-		t.Skip("integration test")
-	}
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to create network namespaces")
-	}
+	bpftest.RequireRoot(t)
 	if _, err := exec.LookPath("ip"); err != nil {
-		t.Skip("needs iproute2")
+		t.Fatal("needs iproute2 (ip) to build the test topology")
 	}
-	suffix := fmt.Sprintf("%d", os.Getpid()%100000)
-	host, brPod, ptpPod := "kebpf-npt-h"+suffix, "kebpf-npt-b"+suffix, "kebpf-npt-p"+suffix
-	for _, ns := range []string{host, brPod, ptpPod} {
-		ipCmd(t, "netns", "add", ns)
-		t.Cleanup(func() { exec.Command("ip", "netns", "del", ns).Run() })
-	}
+	host, brPod, ptpPod := bpftest.Netns(t, "kebpf-npt-h"), bpftest.Netns(t, "kebpf-npt-b"), bpftest.Netns(t, "kebpf-npt-p")
 	h := []string{"-n", host}
 	ipCmd(t, append(h, "link", "add", "br0", "type", "bridge")...)
 	ipCmd(t, append(h, "addr", "add", "10.99.0.1/24", "dev", "br0")...)
@@ -90,20 +56,25 @@ func TestIntegrationInterfaces(t *testing.T) {
 	// Only our pod namespaces are scanned.
 	dir := t.TempDir()
 	for _, ns := range []string{brPod, ptpPod} {
-		if err := os.Symlink("/run/netns/"+ns, filepath.Join(dir, ns)); err != nil {
+		if err := os.Symlink(netnsutil.Path(ns), filepath.Join(dir, ns)); err != nil {
 			t.Fatal(err)
 		}
 	}
-	ifs := &NetlinkInterfaces{NetnsDirs: []string{dir}}
-	inNetns(t, host, func() {
+	ifs := &NetlinkInterfaces{NetnsDirs: []string{dir}, Netns: netnsutil.Path(host)}
+	hostHandle, err := handleAt(netnsutil.Path(host))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hostHandle.Close()
+	func() {
 		want := map[string]int{}
 		for _, n := range []string{"vethb", "vethp"} {
-			i, err := net.InterfaceByName(n)
+			l, err := hostHandle.LinkByName(n)
 			if err != nil {
 				t.Errorf("%s: %v", n, err)
 				return
 			}
-			want[n] = i.Index
+			want[n] = l.Attrs().Index
 		}
 		for _, tc := range []struct {
 			ip   string
@@ -120,13 +91,7 @@ func TestIntegrationInterfaces(t *testing.T) {
 		defer cancel()
 		var events atomic.Int32
 		watchErr := make(chan error, 1)
-		go func() {
-			runtime.LockOSThread()
-			fd, _ := unix.Open("/run/netns/"+host, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-			unix.Setns(fd, unix.CLONE_NEWNET)
-			unix.Close(fd)
-			watchErr <- ifs.Watch(ctx, func() { events.Add(1) })
-		}()
+		go func() { watchErr <- ifs.Watch(ctx, func() { events.Add(1) }) }()
 		time.Sleep(100 * time.Millisecond) // subscribed
 		if out, err := exec.Command("ip", "-n", host, "link", "add", "vethz", "type", "veth", "peer", "name", "vethz2").CombinedOutput(); err != nil {
 			t.Errorf("add dummy: %v %s", err, out)
@@ -142,5 +107,5 @@ func TestIntegrationInterfaces(t *testing.T) {
 		if err := <-watchErr; err != nil {
 			t.Errorf("watch: %v", err)
 		}
-	})
+	}()
 }

@@ -4,7 +4,6 @@ package servicelb
 
 import (
 	"context"
-	"os"
 	"path/filepath"
 	"slices"
 	"sort"
@@ -17,18 +16,9 @@ import (
 	discovery "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/bpftest"
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/socklb"
 )
-
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if testing.Short() {
-		t.Skip("integration test (-short)")
-	}
-	if os.Geteuid() != 0 {
-		t.Fatal("this test loads BPF maps: run go test as root")
-	}
-}
 
 // realDatapath loads the socklb objects into a private bpffs; the programs
 // are loaded but attached to no cgroup, so nothing on the host is affected.
@@ -53,7 +43,7 @@ func realDatapath(t *testing.T, opts socklb.LoadOptions) (*socklb.Objects, strin
 }
 
 func TestIntegrationSyncRealMaps(t *testing.T) {
-	requireRoot(t)
+	bpftest.RequireRoot(t)
 	ctx := context.Background()
 	objs, _ := realDatapath(t, socklb.LoadOptions{})
 	httpPorts := slicePorts("http", v1.ProtocolTCP, 8080, "dns", v1.ProtocolUDP, 5353)
@@ -185,7 +175,7 @@ func TestIntegrationSyncRealMaps(t *testing.T) {
 // TestIntegrationSyncRestartKeepsIDs stops the sync and starts a new one on
 // maps loaded again from the pins, as after an agent restart.
 func TestIntegrationSyncRestartKeepsIDs(t *testing.T) {
-	requireRoot(t)
+	bpftest.RequireRoot(t)
 	objs, pinDir := realDatapath(t, socklb.LoadOptions{})
 	webs := []*v1.Service{service("ns", "a", clusterIPs("10.96.0.1")), service("ns", "b", clusterIPs("10.96.0.2"))}
 	sls := []*discovery.EndpointSlice{epSlice("ns", "a", "a-1", v4, slicePorts("http", v1.ProtocolTCP, 8080), ep("10.244.0.1"))}
@@ -227,7 +217,7 @@ func TestIntegrationSyncRestartKeepsIDs(t *testing.T) {
 }
 
 func TestIntegrationSyncMapFull(t *testing.T) {
-	requireRoot(t)
+	bpftest.RequireRoot(t)
 	ctx := context.Background()
 	objs, _ := realDatapath(t, socklb.LoadOptions{MaxFrontends: 4, MaxBackends: 4})
 	hp := slicePorts("http", v1.ProtocolTCP, 8080)
