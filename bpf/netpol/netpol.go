@@ -12,9 +12,6 @@ import (
 )
 
 const (
-	// Feature is the name reported in NodeState.Status.Active and used by
-	// the live feature switch (`disable policy`).
-	Feature = "policy"
 	// FromProgramName runs on the host-side veth's ingress: traffic from
 	// the pod (the pod's egress).
 	FromProgramName = NetpolProgKebpfNpFrom

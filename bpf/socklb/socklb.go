@@ -22,9 +22,6 @@ import (
 )
 
 const (
-	// Feature is the name reported in NodeState.Status.Active and used by
-	// the live feature switch (`disable service-lb`).
-	Feature = "service-lb"
 	// LinkPinPrefix prefixes the pinned link file names under <pinDir>/links.
 	LinkPinPrefix = "socklb_"
 	// KillProgramName is the iter/udp program that destroys sockets.

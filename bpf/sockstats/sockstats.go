@@ -27,8 +27,6 @@ const (
 	MapName = SockstatsMapKebpfSockstats
 	// LinkPinName is the file name of the pinned link under <pinDir>/links.
 	LinkPinName = "sockstat"
-	// Feature is the name reported in NodeState.Status.Active.
-	Feature = "sockstats"
 )
 
 // Map slots; keep in sync with the SLOT_* enum in sockstats.c.
