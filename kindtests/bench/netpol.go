@@ -6,12 +6,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/netnsutil"
 	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"time"
@@ -238,41 +238,7 @@ func newNetpolEnv(ctx context.Context, o Options) (_ *npEnv, err error) {
 
 // inNetns runs fn on a thread inside netns name; tcx attachments by ifindex
 // and sockets made there belong to that netns.
-func inNetns(name string, fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := os.Open("/proc/thread-self/ns/net")
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- err
-			return
-		}
-		defer orig.Close()
-		target, err := os.Open("/run/netns/" + name)
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- err
-			return
-		}
-		defer target.Close()
-		if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("setns %s: %w", name, err)
-			return
-		}
-		ferr := fn()
-		if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
-			// Stay locked: the thread dies with this goroutine rather than
-			// serve others in the wrong netns.
-			errc <- errors.Join(ferr, err)
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- ferr
-	}()
-	return <-errc
-}
+func inNetns(name string, fn func() error) error { return netnsutil.Do(netnsutil.Path(name), fn) }
 
 // cidr is the i-th non-client rule peer: /32s from the benchmarking range
 // 198.18.0.0/15 (RFC 2544), far from 10.126.0.0/24.

@@ -4,6 +4,7 @@ package agent
 
 import (
 	"context"
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/netnsutil"
 	"os"
 	"path/filepath"
 
@@ -86,7 +87,7 @@ func (f *serviceLBFeature) Enable(ctx context.Context) error {
 // NetnsDir is where container runtimes (containerd with CNI, as on kind and
 // the local cluster) bind-mount pod network namespaces; the DaemonSet mounts
 // the host's copy here.
-const NetnsDir = "/run/netns"
+const NetnsDir = netnsutil.Dir
 
 // podNetns lists the pod network namespaces, so a connected UDP socket in a
 // pod whose backend was removed is destroyed too: socket iterators only walk
