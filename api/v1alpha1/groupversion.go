@@ -31,7 +31,7 @@ var (
 )
 
 func addKnownTypes(s *runtime.Scheme) error {
-	s.AddKnownTypes(SchemeGroupVersion, &NodeState{}, &NodeStateList{})
+	s.AddKnownTypes(SchemeGroupVersion, &NodeState{}, &NodeStateList{}, &L7Policy{}, &L7PolicyList{})
 	metav1.AddToGroupVersion(s, SchemeGroupVersion)
 	return nil
 }
