@@ -1,0 +1,223 @@
+package xds
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/xds/internal/envoytest"
+)
+
+// envoyRig is a Server on a unix socket, an upstream HTTP server and a real
+// Envoy bootstrapped to the Server.
+//
+// How the request reaches the filter chain without SO_ORIGINAL_DST: the
+// test's "pod" is 127.0.0.1 on Envoy's own listener port, so the chain
+// matches the plain connection (getsockopt fails, the original_dst filter
+// keeps the local address), and Options.Upstream routes to a static cluster
+// instead of the ORIGINAL_DST one (which would loop back to the listener).
+// Everything else is the production configuration. The answer of
+// SO_ORIGINAL_DST by our cgroup/getsockopt program is the datapath's test.
+type envoyRig struct {
+	srv       *Server
+	envoy     *envoytest.Envoy
+	node      string
+	port      int
+	upstream  netip.AddrPort
+	accessLog string
+	statuses  chan NodeStatus
+}
+
+func newEnvoyRig(t *testing.T, delta bool) *envoyRig {
+	t.Helper()
+	bin := envoytest.Require(t)
+	dir := t.TempDir()
+	r := &envoyRig{node: "n1", port: envoytest.FreePort(t), accessLog: filepath.Join(dir, "access.log"), statuses: make(chan NodeStatus, 1000)}
+
+	up := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		io.Copy(io.Discard, req.Body)
+		fmt.Fprintf(w, "upstream %s %s", req.Method, req.URL.Path)
+	})}
+	ul, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go up.Serve(ul)
+	t.Cleanup(func() { up.Close() })
+	r.upstream = netip.MustParseAddrPort(ul.Addr().String())
+
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	r.srv = NewServer(ctx, ServerOptions{OnStatus: func(s NodeStatus) {
+		select {
+		case r.statuses <- s:
+		default:
+		}
+	}})
+	sock := filepath.Join(dir, "xds.sock")
+	lis, err := ListenUnix(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go r.srv.Serve(lis)
+	t.Cleanup(r.srv.Stop)
+
+	boot, err := Bootstrap(BootstrapOptions{Node: r.node, XDSSocket: sock, AdminSocket: filepath.Join(dir, "admin.sock"), Delta: delta})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.envoy = envoytest.Start(t, bin, boot, filepath.Join(dir, "admin.sock"), "KEBPF_NODE="+r.node)
+	return r
+}
+
+func (r *envoyRig) options() Options {
+	return Options{
+		ListenAddress: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(r.port)),
+		AccessLogPath: r.accessLog,
+		Upstream:      r.upstream,
+	}
+}
+
+func (r *envoyRig) build(t *testing.T, in Input) *Resources {
+	t.Helper()
+	res, err := Build(in, r.node, r.options())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := Lint(res); err != nil {
+		t.Fatalf("lint: %v", err)
+	}
+	return res
+}
+
+func (r *envoyRig) waitAcked(t *testing.T, version string) {
+	t.Helper()
+	envoytest.Eventually(t, 20*time.Second, "envoy acks "+version, func() error {
+		if ok, err := r.envoy.Exited(); ok {
+			t.Fatalf("envoy exited: %v", err)
+		}
+		if st := r.srv.Status(r.node); st.AckedVersion != version {
+			return fmt.Errorf("status %+v", st)
+		}
+		return nil
+	})
+}
+
+func (r *envoyRig) do(t *testing.T, method, path string, hdr map[string]string) (int, string) {
+	t.Helper()
+	req, err := http.NewRequest(method, fmt.Sprintf("http://127.0.0.1:%d%s", r.port, path), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k, v := range hdr {
+		req.Header.Set(k, v)
+	}
+	var resp *http.Response
+	// The listener appears shortly after the ACK (workers pick it up).
+	envoytest.Eventually(t, 10*time.Second, "connect to envoy listener", func() error {
+		c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+		resp, err = c.Do(req)
+		return err
+	})
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+type accessEntry map[string]any
+
+func (r *envoyRig) accessEntries(t *testing.T) []accessEntry {
+	t.Helper()
+	f, err := os.Open(r.accessLog)
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	var out []accessEntry
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		var e accessEntry
+		if err := json.Unmarshal(sc.Bytes(), &e); err != nil {
+			t.Fatalf("access log line is not JSON: %q: %v", sc.Text(), err)
+		}
+		out = append(out, e)
+	}
+	return out
+}
+
+// findEntry waits for the access log line of method+path (Envoy flushes
+// the file log on a timer).
+func (r *envoyRig) findEntry(t *testing.T, method, path string) accessEntry {
+	t.Helper()
+	var found accessEntry
+	envoytest.Eventually(t, 15*time.Second, "access log entry for "+method+" "+path, func() error {
+		for _, e := range r.accessEntries(t) {
+			if e["method"] == method && e["path"] == path {
+				found = e
+				return nil
+			}
+		}
+		return fmt.Errorf("not in %s", r.accessLog)
+	})
+	return found
+}
+
+func TestIntegrationEnvoyEnforcesL7Policy(t *testing.T) {
+	for _, delta := range []bool{false, true} {
+		t.Run(map[bool]string{false: "sotw", true: "delta"}[delta], func(t *testing.T) {
+			r := newEnvoyRig(t, delta)
+			res := r.build(t, shopInput(netip.MustParseAddr("127.0.0.1"), int32(r.port)))
+			if err := r.srv.Update(context.Background(), r.node, res); err != nil {
+				t.Fatal(err)
+			}
+			r.waitAcked(t, res.Version)
+
+			for _, tc := range []struct {
+				method, path string
+				hdr          map[string]string
+				want         int
+			}{
+				{"GET", "/public/index.html", nil, 200},
+				{"HEAD", "/public/", nil, 200},
+				{"GET", "/private", nil, 403},
+				{"DELETE", "/public/x", nil, 403},
+				{"POST", "/orders/42", map[string]string{"X-Tenant": "a"}, 200},
+				{"POST", "/orders/42", map[string]string{"X-Tenant": "b"}, 403},
+				{"POST", "/orders/42", map[string]string{"X-Tenant": "a", "X-Debug": "1"}, 403},
+				{"POST", "/orders/abc", map[string]string{"X-Tenant": "a"}, 403},
+				{"GET", "/internal", nil, 403}, // only pods web and namespace ops; we are 127.0.0.1
+			} {
+				code, body := r.do(t, tc.method, tc.path, tc.hdr)
+				if code != tc.want {
+					t.Errorf("%s %s %v: got %d %q, want %d", tc.method, tc.path, tc.hdr, code, body, tc.want)
+				}
+				if code == 403 && !strings.Contains(body, "RBAC: access denied") {
+					t.Errorf("%s %s: 403 body %q is not Envoy's RBAC denial", tc.method, tc.path, body)
+				}
+			}
+
+			allowed := r.findEntry(t, "GET", "/public/index.html")
+			denied := r.findEntry(t, "GET", "/private")
+			t.Logf("allowed: %v", allowed)
+			t.Logf("denied: %v", denied)
+			if fmt.Sprint(allowed["response_code"]) != "200" || !strings.Contains(fmt.Sprint(allowed["rbac"]), "shop/api/0") {
+				t.Errorf("allowed entry does not name policy shop/api/0: %v", allowed)
+			}
+			if fmt.Sprint(denied["response_code"]) != "403" ||
+				!strings.Contains(fmt.Sprint(denied["response_details"]), "rbac_access_denied_matched_policy") ||
+				denied["l7policies"] != "shop/api" {
+				t.Errorf("denied entry does not carry the RBAC denial and the L7Policy: %v", denied)
+			}
+		})
+	}
+}

@@ -1,0 +1,351 @@
+package xds
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	xdsserver "github.com/envoyproxy/go-control-plane/pkg/server/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/keepalive"
+)
+
+// NodeStatus is what one node's Envoy did with our configuration: the agent
+// copies it into NodeState and into each L7Policy's status.nodes.
+type NodeStatus struct {
+	Node string
+	// Version is the version the server wants the node to run.
+	Version string
+	// AckedVersion is the last version the node ACKed on every resource type.
+	AckedVersion string
+	// NackedVersion and Message describe the last rejected version; both are
+	// cleared when a newer version is ACKed.
+	NackedVersion string
+	Message       string
+	// Streams is the number of open xDS streams from the node.
+	Streams int
+	// Responses counts the responses sent to the node (all types, all
+	// streams): the NACK tests measure responses per NACK with it.
+	Responses int
+	Updated   time.Time
+}
+
+// Programmed is true when the node runs the version the server wants.
+func (s NodeStatus) Programmed() bool { return s.Version != "" && s.AckedVersion == s.Version }
+
+// ServerOptions configure a Server.
+type ServerOptions struct {
+	Logger *slog.Logger
+	// OnStatus is called every time a node's status changes, with the
+	// server's lock held (so calls are ordered): it must not block nor call
+	// the Server. The agent hands the status to its sync loop.
+	OnStatus func(NodeStatus)
+}
+
+// Server serves ADS (state of the world and delta) from a snapshot cache
+// keyed by node id (the Envoy's --service-node, our node name).
+//
+// NACK policy (go-control-plane v0.14 resends a rejected version at once, in
+// a loop: 41,686 responses in 3 s, XDS-FACTS.md): when a node rejects the
+// version in the cache, the cache goes back to the node's last version ACKed
+// on every type (or is cleared when there is none). The NACK request carries
+// the version the Envoy still runs, which is that last good one, so the cache
+// has nothing newer to send: exactly one response per NACK. A rejected
+// version is remembered and never set again for that node; the next
+// different configuration is sent once.
+type Server struct {
+	cache cache.SnapshotCache
+	xds   xdsserver.Server
+	log   *slog.Logger
+	opts  ServerOptions
+
+	mu      sync.Mutex
+	nodes   map[string]*nodeState
+	streams map[int64]*streamState
+	grpc    *grpc.Server
+}
+
+type nodeState struct {
+	current  *cache.Snapshot // in the cache now; nil after a rollback with nothing good
+	desired  string          // the version the builder made last
+	lastGood *cache.Snapshot
+	rejected map[string]string      // version → Envoy's message
+	acked    map[string]string      // type URL → version
+	types    map[resource.Type]bool // types the node subscribed to
+	status   NodeStatus
+}
+
+type streamState struct {
+	node string
+	sent map[string]string // nonce → version, for the responses not answered yet
+}
+
+// NewServer makes a server; Serve starts it.
+func NewServer(ctx context.Context, opts ServerOptions) *Server {
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	s := &Server{
+		log:     opts.Logger,
+		opts:    opts,
+		nodes:   map[string]*nodeState{},
+		streams: map[int64]*streamState{},
+	}
+	s.cache = cache.NewSnapshotCache(true, cache.IDHash{}, slogAdapter{opts.Logger})
+	s.xds = xdsserver.NewServer(ctx, s.cache, xdsserver.CallbackFuncs{
+		StreamOpenFunc:        func(_ context.Context, id int64, _ string) error { s.open(id); return nil },
+		DeltaStreamOpenFunc:   func(_ context.Context, id int64, _ string) error { s.open(id); return nil },
+		StreamClosedFunc:      func(id int64, _ *core.Node) { s.closed(id) },
+		DeltaStreamClosedFunc: func(id int64, _ *core.Node) { s.closed(id) },
+		StreamRequestFunc:     s.onRequest,
+		StreamResponseFunc: func(_ context.Context, id int64, _ *discovery.DiscoveryRequest, r *discovery.DiscoveryResponse) {
+			s.sent(id, r.GetNonce(), r.GetVersionInfo())
+		},
+		StreamDeltaRequestFunc: s.onDeltaRequest,
+		StreamDeltaResponseFunc: func(id int64, _ *discovery.DeltaDiscoveryRequest, r *discovery.DeltaDiscoveryResponse) {
+			s.sent(id, r.GetNonce(), r.GetSystemVersionInfo())
+		},
+	})
+	return s
+}
+
+// ErrRejected is returned by Update for a version the node rejected before.
+var ErrRejected = errors.New("version rejected before by the node's Envoy")
+
+// Update sets the node's configuration. The resources must have been built
+// by Build (Version set). A version the node rejected before is not sent
+// again (ErrRejected, wrapped with Envoy's message); the node keeps its last
+// good configuration.
+func (s *Server) Update(ctx context.Context, node string, r *Resources) error {
+	snap, err := r.Snapshot()
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	ns := s.node(node)
+	ns.desired = r.Version
+	if msg, ok := ns.rejected[r.Version]; ok {
+		return fmt.Errorf("node %s version %s: %w: %s", node, r.Version, ErrRejected, msg)
+	}
+	if ns.current != nil && ns.current.GetVersion(resource.ListenerType) == r.Version {
+		return nil
+	}
+	if err := s.cache.SetSnapshot(ctx, node, snap); err != nil {
+		return fmt.Errorf("set snapshot %s for %s: %w", r.Version, node, err)
+	}
+	ns.current = snap
+	ns.status.Version = r.Version
+	s.changed(ns)
+	s.log.Debug("xds snapshot set", "node", node, "version", r.Version)
+	return nil
+}
+
+// Status returns the node's status.
+func (s *Server) Status(node string) NodeStatus {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.node(node).status
+}
+
+// Serve answers ADS on lis until Stop. For the agent, lis is a unix socket
+// (ListenUnix): the node gets no network port.
+func (s *Server) Serve(lis net.Listener) error {
+	g := grpc.NewServer(
+		grpc.MaxConcurrentStreams(1000),
+		// Envoy keeps the ADS stream open for its lifetime; pings find dead peers.
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+	)
+	discovery.RegisterAggregatedDiscoveryServiceServer(g, s.xds)
+	s.mu.Lock()
+	s.grpc = g
+	s.mu.Unlock()
+	return g.Serve(lis)
+}
+
+// Stop closes the listener and every stream.
+func (s *Server) Stop() {
+	s.mu.Lock()
+	g := s.grpc
+	s.mu.Unlock()
+	if g != nil {
+		g.Stop()
+	}
+}
+
+// ListenUnix listens on a unix socket at path, replacing a stale one left by
+// a previous run. Mode 0660: Envoy runs in its own pod and reaches the socket
+// through a hostPath; access is by file permission, not by a network port.
+func ListenUnix(path string) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
+		return nil, fmt.Errorf("xds socket dir: %w", err)
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("remove stale xds socket: %w", err)
+	}
+	lis, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("listen %s: %w", path, err)
+	}
+	if err := os.Chmod(path, 0o660); err != nil {
+		lis.Close()
+		return nil, fmt.Errorf("chmod %s: %w", path, err)
+	}
+	return lis, nil
+}
+
+func (s *Server) node(name string) *nodeState {
+	ns := s.nodes[name]
+	if ns == nil {
+		ns = &nodeState{
+			rejected: map[string]string{},
+			acked:    map[string]string{},
+			types:    map[resource.Type]bool{},
+			status:   NodeStatus{Node: name},
+		}
+		s.nodes[name] = ns
+	}
+	return ns
+}
+
+func (s *Server) open(id int64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.streams[id] = &streamState{sent: map[string]string{}}
+}
+
+func (s *Server) closed(id int64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.streams[id]
+	delete(s.streams, id)
+	if st != nil && st.node != "" {
+		ns := s.node(st.node)
+		ns.status.Streams--
+		s.changed(ns)
+	}
+}
+
+func (s *Server) sent(id int64, nonce, version string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if st := s.streams[id]; st != nil {
+		st.sent[nonce] = version
+		if st.node != "" {
+			s.node(st.node).status.Responses++
+		}
+	}
+}
+
+func (s *Server) onRequest(id int64, req *discovery.DiscoveryRequest) error {
+	// On a NACK, version_info is the version the Envoy still runs; the
+	// rejected one is the version of the response the nonce answers.
+	s.handle(id, req.GetNode(), req.GetTypeUrl(), req.GetResponseNonce(), req.GetErrorDetail().GetMessage(), req.GetErrorDetail() != nil)
+	return nil
+}
+
+func (s *Server) onDeltaRequest(id int64, req *discovery.DeltaDiscoveryRequest) error {
+	s.handle(id, req.GetNode(), req.GetTypeUrl(), req.GetResponseNonce(), req.GetErrorDetail().GetMessage(), req.GetErrorDetail() != nil)
+	return nil
+}
+
+func (s *Server) handle(id int64, node *core.Node, typeURL, nonce, msg string, nack bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.streams[id]
+	if st == nil {
+		return
+	}
+	if st.node == "" && node.GetId() != "" {
+		st.node = node.GetId()
+		ns := s.node(st.node)
+		ns.status.Streams++
+		s.changed(ns)
+	}
+	if st.node == "" {
+		return
+	}
+	ns := s.node(st.node)
+	ns.types[typeURL] = true
+	if nonce == "" {
+		return // a subscription, not an answer
+	}
+	version, ok := st.sent[nonce]
+	delete(st.sent, nonce)
+	if !ok {
+		return // stale nonce: the server ignores that request too
+	}
+	if nack {
+		s.nack(ns, typeURL, version, msg)
+		return
+	}
+	ns.acked[typeURL] = version
+	if ns.current == nil || ns.current.GetVersion(resource.ListenerType) != version {
+		return
+	}
+	for t := range ns.types {
+		if ns.acked[t] != version {
+			return
+		}
+	}
+	ns.lastGood = ns.current
+	if ns.status.AckedVersion != version || ns.status.NackedVersion != "" {
+		ns.status.AckedVersion = version
+		ns.status.NackedVersion, ns.status.Message = "", ""
+		s.log.Info("xds version acked", "node", st.node, "version", version)
+		s.changed(ns)
+	}
+}
+
+// nack runs in the stream's goroutine before the server creates the watch
+// for the NACK request, so the rollback is in the cache by then.
+func (s *Server) nack(ns *nodeState, typeURL, version, msg string) {
+	s.log.Warn("xds version rejected", "node", ns.status.Node, "type", typeURL, "version", version, "error", msg)
+	ns.rejected[version] = msg
+	ns.status.NackedVersion, ns.status.Message = version, msg
+	s.changed(ns)
+	if ns.current == nil || ns.current.GetVersion(resource.ListenerType) != version {
+		return // already replaced by a newer version or rolled back
+	}
+	if ns.lastGood != nil {
+		// SetSnapshot answers the open watches of the node's other types; the
+		// stream's response channels are buffered one per type, so this cannot
+		// block on the goroutine that called us.
+		if err := s.cache.SetSnapshot(context.Background(), ns.status.Node, ns.lastGood); err != nil {
+			s.log.Error("xds rollback", "node", ns.status.Node, "error", err)
+		}
+		ns.current = ns.lastGood
+		ns.status.Version = ns.lastGood.GetVersion(resource.ListenerType)
+		return
+	}
+	s.cache.ClearSnapshot(ns.status.Node)
+	ns.current = nil
+	ns.status.Version = ""
+}
+
+func (s *Server) changed(ns *nodeState) {
+	ns.status.Updated = time.Now()
+	if s.opts.OnStatus != nil {
+		s.opts.OnStatus(ns.status)
+	}
+}
+
+// slogAdapter gives go-control-plane's logger interface to slog; its Info
+// level is chatty per request, so it goes to Debug.
+type slogAdapter struct{ l *slog.Logger }
+
+func (a slogAdapter) Debugf(f string, args ...any) { a.l.Debug(fmt.Sprintf(f, args...)) }
+func (a slogAdapter) Infof(f string, args ...any)  { a.l.Debug(fmt.Sprintf(f, args...)) }
+func (a slogAdapter) Warnf(f string, args ...any)  { a.l.Warn(fmt.Sprintf(f, args...)) }
+func (a slogAdapter) Errorf(f string, args ...any) { a.l.Error(fmt.Sprintf(f, args...)) }
