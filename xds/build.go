@@ -388,9 +388,12 @@ func statName(ap netip.AddrPort) string {
 	return r.Replace(ap.String())
 }
 
+// mustAny packs m deterministically: map fields (RBAC policies, the access
+// log's JSON format) would otherwise serialise in random order and change
+// the version hash, and the bytes Envoy compares, on every build.
 func mustAny(m proto.Message) *anypb.Any {
-	a, err := anypb.New(m)
-	if err != nil {
+	a := &anypb.Any{}
+	if err := anypb.MarshalFrom(a, m, proto.MarshalOptions{Deterministic: true}); err != nil {
 		panic(fmt.Sprintf("marshal %T: %v", m, err)) // only on a programming error
 	}
 	return a
