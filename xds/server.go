@@ -24,7 +24,9 @@ import (
 // copies it into NodeState and into each L7Policy's status.nodes.
 type NodeStatus struct {
 	Node string
-	// Version is the version the server wants the node to run.
+	// Version is the version the builder made last, which the node should
+	// run; after a NACK it stays the rejected one while the node runs (and
+	// the cache serves) AckedVersion.
 	Version string
 	// AckedVersion is the last version the node ACKed on every resource type.
 	AckedVersion string
@@ -77,7 +79,6 @@ type Server struct {
 
 type nodeState struct {
 	current  *cache.Snapshot // in the cache now; nil after a rollback with nothing good
-	desired  string          // the version the builder made last
 	lastGood *cache.Snapshot
 	rejected map[string]string      // version → Envoy's message
 	acked    map[string]string      // type URL → version
@@ -86,8 +87,9 @@ type nodeState struct {
 }
 
 type streamState struct {
-	node string
-	sent map[string]string // nonce → version, for the responses not answered yet
+	node  string
+	delta bool
+	sent  map[string]string // nonce → version, for the responses not answered yet
 }
 
 // NewServer makes a server; Serve starts it.
@@ -103,8 +105,8 @@ func NewServer(ctx context.Context, opts ServerOptions) *Server {
 	}
 	s.cache = cache.NewSnapshotCache(true, cache.IDHash{}, slogAdapter{opts.Logger})
 	s.xds = xdsserver.NewServer(ctx, s.cache, xdsserver.CallbackFuncs{
-		StreamOpenFunc:        func(_ context.Context, id int64, _ string) error { s.open(id); return nil },
-		DeltaStreamOpenFunc:   func(_ context.Context, id int64, _ string) error { s.open(id); return nil },
+		StreamOpenFunc:        func(_ context.Context, id int64, _ string) error { s.open(id, false); return nil },
+		DeltaStreamOpenFunc:   func(_ context.Context, id int64, _ string) error { s.open(id, true); return nil },
 		StreamClosedFunc:      func(id int64, _ *core.Node) { s.closed(id) },
 		DeltaStreamClosedFunc: func(id int64, _ *core.Node) { s.closed(id) },
 		StreamRequestFunc:     s.onRequest,
@@ -134,7 +136,10 @@ func (s *Server) Update(ctx context.Context, node string, r *Resources) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	ns := s.node(node)
-	ns.desired = r.Version
+	if ns.status.Version != r.Version {
+		ns.status.Version = r.Version
+		s.changed(ns)
+	}
 	if msg, ok := ns.rejected[r.Version]; ok {
 		return fmt.Errorf("node %s version %s: %w: %s", node, r.Version, ErrRejected, msg)
 	}
@@ -145,8 +150,6 @@ func (s *Server) Update(ctx context.Context, node string, r *Resources) error {
 		return fmt.Errorf("set snapshot %s for %s: %w", r.Version, node, err)
 	}
 	ns.current = snap
-	ns.status.Version = r.Version
-	s.changed(ns)
 	s.log.Debug("xds snapshot set", "node", node, "version", r.Version)
 	return nil
 }
@@ -219,10 +222,10 @@ func (s *Server) node(name string) *nodeState {
 	return ns
 }
 
-func (s *Server) open(id int64) {
+func (s *Server) open(id int64, delta bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.streams[id] = &streamState{sent: map[string]string{}}
+	s.streams[id] = &streamState{delta: delta, sent: map[string]string{}}
 }
 
 func (s *Server) closed(id int64) {
@@ -294,18 +297,30 @@ func (s *Server) handle(id int64, node *core.Node, typeURL, nonce, msg string, n
 	if ns.current == nil || ns.current.GetVersion(resource.ListenerType) != version {
 		return
 	}
-	for t := range ns.types {
-		if ns.acked[t] != version {
+	if st.delta {
+		// Delta sends only the types whose resources changed: the node runs
+		// the version once every response sent on the stream is ACKed.
+		if len(st.sent) > 0 {
 			return
+		}
+	} else {
+		for t := range ns.types {
+			if ns.acked[t] != version {
+				return
+			}
 		}
 	}
 	ns.lastGood = ns.current
-	if ns.status.AckedVersion != version || ns.status.NackedVersion != "" {
-		ns.status.AckedVersion = version
-		ns.status.NackedVersion, ns.status.Message = "", ""
-		s.log.Info("xds version acked", "node", st.node, "version", version)
-		s.changed(ns)
+	if ns.status.AckedVersion == version {
+		return
 	}
+	ns.status.AckedVersion = version
+	if version == ns.status.Version {
+		// The node runs what the builder wants: an older NACK is history.
+		ns.status.NackedVersion, ns.status.Message = "", ""
+	}
+	s.log.Info("xds version acked", "node", st.node, "version", version)
+	s.changed(ns)
 }
 
 // nack runs in the stream's goroutine before the server creates the watch
@@ -326,12 +341,10 @@ func (s *Server) nack(ns *nodeState, typeURL, version, msg string) {
 			s.log.Error("xds rollback", "node", ns.status.Node, "error", err)
 		}
 		ns.current = ns.lastGood
-		ns.status.Version = ns.lastGood.GetVersion(resource.ListenerType)
 		return
 	}
 	s.cache.ClearSnapshot(ns.status.Node)
 	ns.current = nil
-	ns.status.Version = ""
 }
 
 func (s *Server) changed(ns *nodeState) {
