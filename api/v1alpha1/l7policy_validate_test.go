@@ -57,6 +57,11 @@ func TestValidateL7Policy(t *testing.T) {
 		{name: "regex lookahead is not RE2", mutate: func(p *L7Policy) { p.Spec.Rules[1].Path.Regex = ptr(`/(?=a)`) }, want: "not RE2 syntax"},
 		{name: "regex empty", mutate: func(p *L7Policy) { p.Spec.Rules[1].Path.Regex = ptr("") }, want: "spec.rules[1].path.regex: Required"},
 		{name: "regex too complex", mutate: func(p *L7Policy) { p.Spec.Rules[1].Path.Regex = ptr(`/[a-z]{1000}`) }, want: "too complex"},
+		{name: "regex over Envoy's program size", mutate: func(p *L7Policy) { p.Spec.Rules[1].Path.Regex = ptr(`/orders/[a-z]{300}`) }, want: "too complex for Envoy: program size about 310, at most 100"},
+		{name: "regex bounded repeat too big", mutate: func(p *L7Policy) { p.Spec.Rules[1].Path.Regex = ptr(`/api/v[0-9]+/users/[a-z0-9-]{1,64}`) }, want: "too complex"},
+		{name: "regex realistic", mutate: func(p *L7Policy) {
+			p.Spec.Rules[1].Path.Regex = ptr(`/api/v[0-9]+/users/[a-z0-9-]+/(orders|carts)/[0-9]+`)
+		}},
 		{name: "header bad name", mutate: func(p *L7Policy) { p.Spec.Rules[1].Headers[0].Name = "x tenant" }, want: `spec.rules[1].headers[0].name: Invalid value: "x tenant"`},
 		{name: "header two kinds", mutate: func(p *L7Policy) { p.Spec.Rules[1].Headers[0].Prefix = ptr("b") }, want: "spec.rules[1].headers[0]: Invalid value: 2"},
 		{name: "header no kind", mutate: func(p *L7Policy) { p.Spec.Rules[1].Headers[1].Present = nil }, want: "spec.rules[1].headers[1]: Invalid value: 0"},
