@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"regexp/syntax"
 	"strings"
+	"unicode/utf8"
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/validation/field"
@@ -175,6 +176,9 @@ func validateHeader(h *HTTPHeaderMatch, fp *field.Path) field.ErrorList {
 			errs = append(errs, field.TooLong(vp, *v.val, maxL7HeaderLen))
 		case strings.ContainsAny(*v.val, "\r\n\x00"):
 			errs = append(errs, field.Invalid(vp, *v.val, "must not contain CR, LF or NUL"))
+		case !utf8.ValidString(*v.val):
+			// Envoy's config is protobuf, whose strings are UTF-8.
+			errs = append(errs, field.Invalid(vp, *v.val, "must be valid UTF-8"))
 		case v.name == "prefix" && *v.val == "":
 			errs = append(errs, field.Required(vp, "an empty prefix matches everything: use present: true"))
 		}

@@ -66,6 +66,7 @@ func TestValidateL7Policy(t *testing.T) {
 		{name: "header two kinds", mutate: func(p *L7Policy) { p.Spec.Rules[1].Headers[0].Prefix = ptr("b") }, want: "spec.rules[1].headers[0]: Invalid value: 2"},
 		{name: "header no kind", mutate: func(p *L7Policy) { p.Spec.Rules[1].Headers[1].Present = nil }, want: "spec.rules[1].headers[1]: Invalid value: 0"},
 		{name: "header value CRLF", mutate: func(p *L7Policy) { p.Spec.Rules[1].Headers[0].Exact = ptr("a\r\nx: y") }, want: "spec.rules[1].headers[0].exact"},
+		{name: "header value not UTF-8", mutate: func(p *L7Policy) { p.Spec.Rules[1].Headers[0].Exact = ptr("\xfd") }, want: "spec.rules[1].headers[0].exact: Invalid value: \"\\xfd\": must be valid UTF-8"},
 		{name: "header empty prefix", mutate: func(p *L7Policy) {
 			p.Spec.Rules[1].Headers[0] = HTTPHeaderMatch{Name: "x", Prefix: ptr("")}
 		}, want: "spec.rules[1].headers[0].prefix: Required"},
