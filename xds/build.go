@@ -129,7 +129,15 @@ func PolicyName(p *v1alpha1.L7Policy, rule int) string {
 
 // Build turns the cluster state into the Envoy configuration of one node. It
 // is pure: same input, same output, same version.
-func Build(in Input, node string, opts Options) (*Resources, error) {
+func Build(in Input, node string, opts Options) (_ *Resources, err error) {
+	// Packing a message panics only on input the validation should have
+	// refused (e.g. invalid UTF-8): an error for the caller, never a crash
+	// of the agent.
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("build envoy config for node %s: %v", node, r)
+		}
+	}()
 	dests := map[netip.AddrPort]*destination{}
 	for _, p := range in.Policies {
 		if errs := v1alpha1.ValidateL7Policy(p); len(errs) > 0 {
