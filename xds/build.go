@@ -199,7 +199,11 @@ func Build(in Input, node string, opts Options) (_ *Resources, err error) {
 		chains = append(chains, fc)
 		res.Destinations = append(res.Destinations, Destination{Addr: d.addr, Pod: d.pod, L7Policies: d.l7Policies(), Policies: d.policyNames()})
 	}
-	res.Listeners = []*listener.Listener{mainListener(opts, chains)}
+	def, err := filterChain(&destination{policies: map[string]*rbacPolicy{}}, upstream, opts)
+	if err != nil {
+		return nil, err
+	}
+	res.Listeners = []*listener.Listener{mainListener(opts, chains, def)}
 	v, err := version(res)
 	if err != nil {
 		return nil, err
@@ -235,7 +239,7 @@ func (d *destination) policyNames() []string {
 	return names
 }
 
-func mainListener(opts Options, chains []*listener.FilterChain) *listener.Listener {
+func mainListener(opts Options, chains []*listener.FilterChain, def *listener.FilterChain) *listener.Listener {
 	la := opts.listen()
 	return &listener.Listener{
 		Name:    ListenerName,
@@ -247,22 +251,33 @@ func mainListener(opts Options, chains []*listener.FilterChain) *listener.Listen
 			Name:       wellknown.OriginalDestination,
 			ConfigType: &listener.ListenerFilter_TypedConfig{TypedConfig: mustAny(&originaldst.OriginalDst{})},
 		}},
-		// No default_filter_chain: a connection whose original destination
-		// is not a selected pod:port matches no chain and Envoy closes it.
-		// Such connections are never steered; if one is, it fails closed
-		// instead of being forwarded without policy.
 		FilterChains: chains,
+		// A connection whose original destination is no selected pod:port
+		// is never steered; if one is (a race with a policy change), it
+		// fails closed: every request gets 403 and is logged with an empty
+		// l7policies. It also keeps the listener valid with no policy at
+		// all (Envoy rejects a listener without any filter chain).
+		DefaultFilterChain: def,
 	}
 }
 
+// DefaultChainName names the deny-all chain of unselected destinations.
+const DefaultChainName = "unselected"
+
+// filterChain makes the chain of one destination, or the default chain when
+// d has no address.
 func filterChain(d *destination, upstream string, opts Options) (*listener.FilterChain, error) {
+	name, stat := DefaultChainName, DefaultChainName
+	if d.addr.IsValid() {
+		name, stat = d.addr.String(), statName(d.addr)
+	}
 	rbac := &rbacfilter.RBAC{Rules: rbacRules(d)}
 	rt := &router.Router{}
 	mgr := &hcm.HttpConnectionManager{
 		CodecType:  hcm.HttpConnectionManager_AUTO,
-		StatPrefix: statName(d.addr),
+		StatPrefix: stat,
 		RouteSpecifier: &hcm.HttpConnectionManager_RouteConfig{RouteConfig: &route.RouteConfiguration{
-			Name: "dest_" + statName(d.addr),
+			Name: "dest_" + stat,
 			VirtualHosts: []*route.VirtualHost{{
 				Name:    "any",
 				Domains: []string{"*"},
@@ -289,21 +304,20 @@ func filterChain(d *destination, upstream string, opts Options) (*listener.Filte
 		}
 		mgr.AccessLog = []*accesslog.AccessLog{al}
 	}
-	bits := 32
-	if d.addr.Addr().Is6() {
-		bits = 128
-	}
-	return &listener.FilterChain{
-		Name: d.addr.String(),
-		FilterChainMatch: &listener.FilterChainMatch{
-			DestinationPort: wrapperspb.UInt32(uint32(d.addr.Port())),
-			PrefixRanges:    []*core.CidrRange{{AddressPrefix: d.addr.Addr().String(), PrefixLen: wrapperspb.UInt32(uint32(bits))}},
-		},
+	fc := &listener.FilterChain{
+		Name: name,
 		Filters: []*listener.Filter{{
 			Name:       wellknown.HTTPConnectionManager,
 			ConfigType: &listener.Filter_TypedConfig{TypedConfig: mustAny(mgr)},
 		}},
-	}, nil
+	}
+	if d.addr.IsValid() {
+		fc.FilterChainMatch = &listener.FilterChainMatch{
+			DestinationPort: wrapperspb.UInt32(uint32(d.addr.Port())),
+			PrefixRanges:    []*core.CidrRange{{AddressPrefix: d.addr.Addr().String(), PrefixLen: wrapperspb.UInt32(uint32(d.addr.Addr().BitLen()))}},
+		}
+	}
+	return fc, nil
 }
 
 // AccessLogFields is the JSON object Envoy writes per request. The agent's

@@ -38,9 +38,18 @@ func mustBuild(t *testing.T, in Input, node string, o Options) *Resources {
 	return r
 }
 
+func defaultRBAC(t *testing.T, r *Resources) (*hcm.HttpConnectionManager, *rbacconfig.RBAC) {
+	t.Helper()
+	return fcRBAC(t, r.Listeners[0].DefaultFilterChain)
+}
+
 func chainRBAC(t *testing.T, r *Resources, i int) (*hcm.HttpConnectionManager, *rbacconfig.RBAC) {
 	t.Helper()
-	fc := r.Listeners[0].FilterChains[i]
+	return fcRBAC(t, r.Listeners[0].FilterChains[i])
+}
+
+func fcRBAC(t *testing.T, fc *listener.FilterChain) (*hcm.HttpConnectionManager, *rbacconfig.RBAC) {
+	t.Helper()
 	var m hcm.HttpConnectionManager
 	if err := fc.Filters[0].GetTypedConfig().UnmarshalTo(&m); err != nil {
 		t.Fatal(err)
@@ -64,8 +73,12 @@ func TestBuildLayout(t *testing.T) {
 	if len(l.ListenerFilters) != 1 || l.ListenerFilters[0].Name != "envoy.filters.listener.original_dst" {
 		t.Errorf("listener filters %v", l.ListenerFilters)
 	}
-	if l.DefaultFilterChain != nil {
-		t.Errorf("a default filter chain would forward unselected destinations without policy")
+	// The default chain (unselected destinations) denies everything.
+	if dc := l.DefaultFilterChain; dc == nil || dc.Name != DefaultChainName || dc.FilterChainMatch != nil {
+		t.Errorf("default filter chain %v", dc)
+	}
+	if _, rb := defaultRBAC(t, r); rb.Action != rbacconfig.RBAC_ALLOW || len(rb.Policies) != 0 {
+		t.Errorf("default chain RBAC %v, want ALLOW with no policy", rb)
 	}
 	// One chain: the hostNetwork pod matched the selector but is skipped.
 	if len(l.FilterChains) != 1 || l.FilterChains[0].Name != "10.0.1.10:8080" {
@@ -227,6 +240,15 @@ func TestLintCatches(t *testing.T) {
 			editHCM(r, func(m *hcm.HttpConnectionManager) { m.StatPrefix = "" })
 		}, "StatPrefix"},
 		{"validate top level", func(r *Resources) { r.Clusters[0].ConnectTimeout = durationpb.New(-1) }, "ConnectTimeout"},
+		{"default chain allows", func(r *Resources) {
+			l := r.Listeners[0]
+			l.DefaultFilterChain = proto.Clone(l.FilterChains[0]).(*listenerFilterChain)
+			l.DefaultFilterChain.Name = DefaultChainName
+		}, "the default chain must allow nothing"},
+		{"no default chain", func(r *Resources) { r.Listeners[0].DefaultFilterChain = nil }, "no default_filter_chain"},
+		{"rbac deny action", func(r *Resources) {
+			editRBAC(r, func(rb *rbacconfig.RBAC) { rb.Action = rbacconfig.RBAC_DENY })
+		}, "want ALLOW (default deny)"},
 		{"duplicate chain", func(r *Resources) {
 			l := r.Listeners[0]
 			l.FilterChains = append(l.FilterChains, proto.Clone(l.FilterChains[0]).(*listenerFilterChain))

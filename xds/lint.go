@@ -4,8 +4,11 @@ import (
 	"errors"
 	"fmt"
 	"regexp/syntax"
+	"slices"
 
 	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	rbacconfig "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
+	rbacfilter "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
 	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	matcher "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/wellknown"
@@ -66,8 +69,21 @@ func Lint(r *Resources) error {
 		}
 		chains := map[string]bool{}
 		matches := map[string]bool{}
-		for i, fc := range l.GetFilterChains() {
+		all := l.GetFilterChains()
+		if l.GetDefaultFilterChain() == nil {
+			add("%s: no default_filter_chain (unselected destinations must fail closed)", where)
+		} else {
+			all = append(slices.Clip(all), l.GetDefaultFilterChain())
+		}
+		if len(all) == 0 {
+			add("%s: no filter chain (Envoy rejects the listener)", where)
+		}
+		for i, fc := range all {
+			isDefault := fc == l.GetDefaultFilterChain()
 			fcw := fmt.Sprintf("%s filter_chains[%d] %q", where, i, fc.GetName())
+			if isDefault {
+				fcw = fmt.Sprintf("%s default_filter_chain %q", where, fc.GetName())
+			}
 			if chains[fc.GetName()] {
 				add("%s: duplicate filter chain name", fcw)
 			}
@@ -89,6 +105,7 @@ func Lint(r *Resources) error {
 					continue
 				}
 				errs = append(errs, lintHCM(fw, &m, clusters)...)
+				errs = append(errs, lintRBAC(fw, &m, isDefault)...)
 			}
 		}
 	}
@@ -129,6 +146,30 @@ func lintHCM(where string, m *hcm.HttpConnectionManager, clusters map[string]boo
 		}
 	}
 	return errs
+}
+
+// lintRBAC: every chain enforces RBAC first, as ALLOW (default deny); the
+// default chain allows nothing.
+func lintRBAC(where string, m *hcm.HttpConnectionManager, isDefault bool) []error {
+	hf := m.GetHttpFilters()
+	if len(hf) == 0 || hf[0].GetTypedConfig().GetTypeUrl() != typeURLs[wellknown.HTTPRoleBasedAccessControl] {
+		return []error{fmt.Errorf("%s: the first HTTP filter must be RBAC", where)}
+	}
+	var rb rbacfilter.RBAC
+	if err := hf[0].GetTypedConfig().UnmarshalTo(&rb); err != nil {
+		return []error{fmt.Errorf("%s: %w", where, err)}
+	}
+	switch {
+	case rb.GetRules() == nil:
+		return []error{fmt.Errorf("%s: RBAC without rules allows everything", where)}
+	case rb.GetRules().GetAction() != rbacconfig.RBAC_ALLOW:
+		return []error{fmt.Errorf("%s: RBAC action %s, want ALLOW (default deny)", where, rb.GetRules().GetAction())}
+	case rb.GetShadowRules() != nil:
+		return []error{fmt.Errorf("%s: shadow rules are not built by us", where)}
+	case isDefault && len(rb.GetRules().GetPolicies()) > 0:
+		return []error{fmt.Errorf("%s: the default chain must allow nothing, has %d policies", where, len(rb.GetRules().GetPolicies()))}
+	}
+	return nil
 }
 
 func checkTypeURL(where, name string, a *anypb.Any) []error {
