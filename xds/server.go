@@ -133,24 +133,30 @@ func (s *Server) Update(ctx context.Context, node string, r *Resources) error {
 	if err != nil {
 		return err
 	}
+	return s.set(ctx, node, r.Version, snap)
+}
+
+// set is Update for any snapshot whose every type carries version (tests
+// feed the independent gRPC client a gRPC-shaped one through it).
+func (s *Server) set(ctx context.Context, node, version string, snap *cache.Snapshot) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	ns := s.node(node)
-	if ns.status.Version != r.Version {
-		ns.status.Version = r.Version
+	if ns.status.Version != version {
+		ns.status.Version = version
 		s.changed(ns)
 	}
-	if msg, ok := ns.rejected[r.Version]; ok {
-		return fmt.Errorf("node %s version %s: %w: %s", node, r.Version, ErrRejected, msg)
+	if msg, ok := ns.rejected[version]; ok {
+		return fmt.Errorf("node %s version %s: %w: %s", node, version, ErrRejected, msg)
 	}
-	if ns.current != nil && ns.current.GetVersion(resource.ListenerType) == r.Version {
+	if ns.current != nil && ns.current.GetVersion(resource.ListenerType) == version {
 		return nil
 	}
 	if err := s.cache.SetSnapshot(ctx, node, snap); err != nil {
-		return fmt.Errorf("set snapshot %s for %s: %w", r.Version, node, err)
+		return fmt.Errorf("set snapshot %s for %s: %w", version, node, err)
 	}
 	ns.current = snap
-	s.log.Debug("xds snapshot set", "node", node, "version", r.Version)
+	s.log.Debug("xds snapshot set", "node", node, "version", version)
 	return nil
 }
 
