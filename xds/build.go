@@ -110,6 +110,10 @@ type Resources struct {
 	Version string
 	// Destinations are the pod:port filter chains, sorted, for status.
 	Destinations []Destination
+	// Policies maps namespace/name of every L7Policy that selects at least
+	// one destination here to its metadata.generation: the node's status for
+	// that policy follows the versions carrying this generation.
+	Policies map[string]int64
 }
 
 // Destination is one steered pod:port and the RBAC policies guarding it.
@@ -188,7 +192,15 @@ func Build(in Input, node string, opts Options) (_ *Resources, err error) {
 		clusters = append(clusters, staticCluster(upstreamOverrideCluster, opts.Upstream))
 	}
 
-	res := &Resources{Clusters: clusters}
+	res := &Resources{Clusters: clusters, Policies: map[string]int64{}}
+	for _, p := range in.Policies {
+		for _, d := range dests {
+			if slices.Contains(d.selectedBy, p.Namespace+"/"+p.Name) {
+				res.Policies[p.Namespace+"/"+p.Name] = p.Generation
+				break
+			}
+		}
+	}
 	var chains []*listener.FilterChain
 	for _, k := range keys {
 		d := dests[k]

@@ -18,6 +18,9 @@ import (
 	xdsserver "github.com/envoyproxy/go-control-plane/pkg/server/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/keepalive"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 )
 
 // NodeStatus is what one node's Envoy did with our configuration: the agent
@@ -84,6 +87,9 @@ type nodeState struct {
 	acked    map[string]string      // type URL → version
 	types    map[resource.Type]bool // types the node subscribed to
 	status   NodeStatus
+	// carried maps a version to the L7Policy generations it carries
+	// (Resources.Policies), for the versions status can still refer to.
+	carried map[string]map[string]int64
 }
 
 type streamState struct {
@@ -133,6 +139,15 @@ func (s *Server) Update(ctx context.Context, node string, r *Resources) error {
 	if err != nil {
 		return err
 	}
+	s.mu.Lock()
+	ns := s.node(node)
+	ns.carried[r.Version] = r.Policies
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		ns.prune()
+		s.mu.Unlock()
+	}()
 	return s.set(ctx, node, r.Version, snap)
 }
 
@@ -158,6 +173,42 @@ func (s *Server) set(ctx context.Context, node, version string, snap *cache.Snap
 	ns.current = snap
 	s.log.Debug("xds snapshot set", "node", node, "version", version)
 	return nil
+}
+
+// PolicyStatus is the node's entry for status.nodes of the L7Policy
+// namespace/name at generation: Programmed True once the node ACKed a
+// version carrying that generation, False with Envoy's message when the
+// version carrying it was rejected, Unknown while it is on its way. ok is
+// false when no version built for the node carries the policy (no selected
+// pod there), so the agent leaves the node out of status.nodes.
+func (s *Server) PolicyStatus(node, policy string, generation int64) (st v1alpha1.L7PolicyNodeStatus, ok bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	ns := s.node(node)
+	has := func(version string) bool {
+		g, in := ns.carried[version][policy]
+		return in && g == generation
+	}
+	st = v1alpha1.L7PolicyNodeStatus{
+		Node:               node,
+		ObservedGeneration: generation,
+		AckedVersion:       ns.status.AckedVersion,
+		Programmed:         metav1.ConditionUnknown,
+	}
+	switch {
+	case has(ns.status.AckedVersion):
+		st.Programmed = metav1.ConditionTrue
+	case ns.status.NackedVersion != "" && has(ns.status.NackedVersion):
+		st.Programmed = metav1.ConditionFalse
+		st.NackedVersion, st.Message = ns.status.NackedVersion, ns.status.Message
+	case !has(ns.status.Version):
+		// The wanted version does not carry this generation: either the
+		// policy selects nothing on this node, or a newer build is pending.
+		if _, in := ns.carried[ns.status.Version][policy]; !in {
+			return st, false
+		}
+	}
+	return st, true
 }
 
 // Status returns the node's status.
@@ -222,10 +273,20 @@ func (s *Server) node(name string) *nodeState {
 			acked:    map[string]string{},
 			types:    map[resource.Type]bool{},
 			status:   NodeStatus{Node: name},
+			carried:  map[string]map[string]int64{},
 		}
 		s.nodes[name] = ns
 	}
 	return ns
+}
+
+// prune forgets what versions carried, except those the status names.
+func (ns *nodeState) prune() {
+	for v := range ns.carried {
+		if v != ns.status.Version && v != ns.status.AckedVersion && v != ns.status.NackedVersion {
+			delete(ns.carried, v)
+		}
+	}
 }
 
 func (s *Server) open(id int64, delta bool) {
@@ -321,6 +382,7 @@ func (s *Server) handle(id int64, node *core.Node, typeURL, nonce, msg string, n
 		return
 	}
 	ns.status.AckedVersion = version
+	ns.prune()
 	if version == ns.status.Version {
 		// The node runs what the builder wants: an older NACK is history.
 		ns.status.NackedVersion, ns.status.Message = "", ""

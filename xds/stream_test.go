@@ -15,6 +15,7 @@ import (
 	"google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
 const (
@@ -441,4 +442,59 @@ func TestDeltaAckNack(t *testing.T) {
 	}
 	c.send(&discovery.DeltaDiscoveryRequest{TypeUrl: lds, ResponseNonce: r.Nonce})
 	waitStatus(t, s, "delta v2", func(st NodeStatus) bool { return st.AckedVersion == v[2].Version && st.NackedVersion == "" })
+}
+
+func TestPolicyStatusFollowsAckAndNack(t *testing.T) {
+	s, conn := ourServer(t)
+	ctx := context.Background()
+	gen := func(g int64, port int32) *Resources {
+		in := shopInput(apiIP, port)
+		in.Policies[0].Generation = g
+		return mustBuild(t, in, "n1", Options{})
+	}
+	v1, v2 := gen(1, 8080), gen(2, 8081)
+	if v1.Policies["shop/api"] != 1 || len(v1.Policies) != 1 {
+		t.Fatalf("Resources.Policies %v", v1.Policies)
+	}
+	if err := s.Update(ctx, "n1", v1); err != nil {
+		t.Fatal(err)
+	}
+	if st, ok := s.PolicyStatus("n1", "shop/api", 1); !ok || st.Programmed != metav1.ConditionUnknown {
+		t.Fatalf("before any ACK: %+v %v", st, ok)
+	}
+	c := newSotw(t, conn)
+	c.send(cds, "", "", "")
+	r := c.must(cds, v1.Version)
+	c.send(lds, "", "", "")
+	l := c.must(lds, v1.Version)
+	c.send(cds, v1.Version, r.Nonce, "")
+	c.send(lds, v1.Version, l.Nonce, "")
+	waitStatus(t, s, "v1 acked", NodeStatus.Programmed)
+	if st, ok := s.PolicyStatus("n1", "shop/api", 1); !ok || st.Programmed != metav1.ConditionTrue || st.AckedVersion != v1.Version {
+		t.Fatalf("after ACK: %+v %v", st, ok)
+	}
+	if _, ok := s.PolicyStatus("n1", "shop/other", 1); ok {
+		t.Fatal("a policy no version carries has a node entry")
+	}
+
+	if err := s.Update(ctx, "n1", v2); err != nil {
+		t.Fatal(err)
+	}
+	if st, ok := s.PolicyStatus("n1", "shop/api", 2); !ok || st.Programmed != metav1.ConditionUnknown {
+		t.Fatalf("generation 2 pending: %+v %v", st, ok)
+	}
+	got := map[string]*discovery.DiscoveryResponse{}
+	for i := 0; i < 2; i++ {
+		r := c.recv(5 * time.Second)
+		if r == nil {
+			t.Fatal("no v2 response")
+		}
+		got[r.TypeUrl] = r
+	}
+	c.send(lds, v1.Version, got[lds].Nonce, "bad listener")
+	waitStatus(t, s, "v2 nacked", func(st NodeStatus) bool { return st.NackedVersion == v2.Version })
+	st, ok := s.PolicyStatus("n1", "shop/api", 2)
+	if !ok || st.Programmed != metav1.ConditionFalse || st.Message != "bad listener" || st.NackedVersion != v2.Version || st.AckedVersion != v1.Version {
+		t.Fatalf("generation 2 after NACK: %+v %v", st, ok)
+	}
 }
