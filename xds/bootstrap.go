@@ -40,11 +40,7 @@ func Bootstrap(o BootstrapOptions) ([]byte, error) {
 	if o.Delta {
 		apiType = core.ApiConfigSource_DELTA_GRPC
 	}
-	h2, err := anypb.New(&httpopts.HttpProtocolOptions{
-		UpstreamProtocolOptions: &httpopts.HttpProtocolOptions_ExplicitHttpConfig_{ExplicitHttpConfig: &httpopts.HttpProtocolOptions_ExplicitHttpConfig{
-			ProtocolConfig: &httpopts.HttpProtocolOptions_ExplicitHttpConfig_Http2ProtocolOptions{Http2ProtocolOptions: &core.Http2ProtocolOptions{}},
-		}},
-	})
+	h2, err := anypb.New(http2Options())
 	if err != nil {
 		return nil, err
 	}
@@ -70,7 +66,7 @@ func Bootstrap(o BootstrapOptions) ([]byte, error) {
 			Name:                          xdsCluster,
 			ClusterDiscoveryType:          &cluster.Cluster_Type{Type: cluster.Cluster_STATIC},
 			ConnectTimeout:                durationpb.New(time.Second),
-			TypedExtensionProtocolOptions: map[string]*anypb.Any{"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": h2},
+			TypedExtensionProtocolOptions: map[string]*anypb.Any{httpOptionsKey: h2},
 			LoadAssignment: &endpoint.ClusterLoadAssignment{
 				ClusterName: xdsCluster,
 				Endpoints: []*endpoint.LocalityLbEndpoints{{LbEndpoints: []*endpoint.LbEndpoint{{
@@ -86,6 +82,17 @@ func Bootstrap(o BootstrapOptions) ([]byte, error) {
 		return nil, fmt.Errorf("bootstrap: %w", err)
 	}
 	return protojson.MarshalOptions{Multiline: true}.Marshal(b)
+}
+
+const httpOptionsKey = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+// http2Options: gRPC clusters (xDS, ALS) speak HTTP/2.
+func http2Options() *httpopts.HttpProtocolOptions {
+	return &httpopts.HttpProtocolOptions{
+		UpstreamProtocolOptions: &httpopts.HttpProtocolOptions_ExplicitHttpConfig_{ExplicitHttpConfig: &httpopts.HttpProtocolOptions_ExplicitHttpConfig{
+			ProtocolConfig: &httpopts.HttpProtocolOptions_ExplicitHttpConfig_Http2ProtocolOptions{Http2ProtocolOptions: &core.Http2ProtocolOptions{}},
+		}},
+	}
 }
 
 func pipe(path string) *core.Address {

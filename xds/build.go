@@ -18,6 +18,7 @@ import (
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	route "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	fileal "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/file/v3"
+	grpcal "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/grpc/v3"
 	rbacfilter "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
 	router "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
 	originaldst "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/original_dst/v3"
@@ -46,6 +47,10 @@ const (
 	OriginalDstCluster = "kebpf_original_dst"
 	// upstreamOverrideCluster is Options.Upstream's static cluster.
 	upstreamOverrideCluster = "kebpf_upstream_override"
+	// ALSCluster reaches the access log service on Options.AccessLogSocket.
+	ALSCluster = "kebpf_als"
+	// ALSLogName is the log_name of our ALS entries.
+	ALSLogName = "kebpf_l7"
 	// RBACStatPrefix prefixes the RBAC filter's stats and metadata keys.
 	rbacMetadataNamespace = "envoy.filters.http.rbac"
 )
@@ -79,8 +84,13 @@ type Options struct {
 	// default 127.0.0.1:15001.
 	ListenAddress netip.AddrPort
 	// AccessLogPath receives one JSON object per request (a file, a FIFO, or
-	// /dev/stdout); empty disables the access log.
+	// /dev/stdout); empty disables the file access log.
 	AccessLogPath string
+	// AccessLogSocket, when set, also streams every request to the gRPC
+	// access log service (ALS) on this unix socket: normally the agent's
+	// xDS socket, where Server answers ALS when ServerOptions.OnAccessLog is
+	// set. No network port either way.
+	AccessLogSocket string
 	// LocalDestinationsOnly keeps only destination pods running on the node
 	// being built for (server-side enforcement). False: every selected pod in
 	// the cluster gets a filter chain, since connect-time steering happens on
@@ -189,7 +199,12 @@ func Build(in Input, node string, opts Options) (_ *Resources, err error) {
 	clusters := []*cluster.Cluster{originalDstCluster()}
 	if opts.Upstream.IsValid() {
 		upstream = upstreamOverrideCluster
-		clusters = append(clusters, staticCluster(upstreamOverrideCluster, opts.Upstream))
+		clusters = append(clusters, staticCluster(upstreamOverrideCluster, socketAddress(opts.Upstream)))
+	}
+	if opts.AccessLogSocket != "" {
+		als := staticCluster(ALSCluster, pipe(opts.AccessLogSocket))
+		als.TypedExtensionProtocolOptions = map[string]*anypb.Any{httpOptionsKey: mustAny(http2Options())}
+		clusters = append(clusters, als)
 	}
 
 	res := &Resources{Clusters: clusters, Policies: map[string]int64{}}
@@ -314,7 +329,10 @@ func filterChain(d *destination, upstream string, opts Options) (*listener.Filte
 		if err != nil {
 			return nil, err
 		}
-		mgr.AccessLog = []*accesslog.AccessLog{al}
+		mgr.AccessLog = append(mgr.AccessLog, al)
+	}
+	if opts.AccessLogSocket != "" {
+		mgr.AccessLog = append(mgr.AccessLog, grpcAccessLog())
 	}
 	fc := &listener.FilterChain{
 		Name: name,
@@ -380,6 +398,26 @@ func accessLog(path string, d *destination) (*accesslog.AccessLog, error) {
 	}, nil
 }
 
+// grpcAccessLog streams entries to ALSCluster. An entry carries the RBAC
+// dynamic metadata, RESPONSE_CODE_DETAILS, the downstream addresses and the
+// filter chain name (the destination; "unselected" for the default chain).
+func grpcAccessLog() *accesslog.AccessLog {
+	return &accesslog.AccessLog{
+		Name: wellknown.HTTPGRPCAccessLog,
+		ConfigType: &accesslog.AccessLog_TypedConfig{TypedConfig: mustAny(&grpcal.HttpGrpcAccessLogConfig{
+			CommonConfig: &grpcal.CommonGrpcAccessLogConfig{
+				LogName:             ALSLogName,
+				TransportApiVersion: core.ApiVersion_V3,
+				GrpcService: &core.GrpcService{TargetSpecifier: &core.GrpcService_EnvoyGrpc_{
+					EnvoyGrpc: &core.GrpcService_EnvoyGrpc{ClusterName: ALSCluster},
+				}},
+				// Trace wants entries soon, not in 1 s batches.
+				BufferFlushInterval: durationpb.New(100 * time.Millisecond),
+			},
+		})},
+	}
+}
+
 func originalDstCluster() *cluster.Cluster {
 	return &cluster.Cluster{
 		Name:                 OriginalDstCluster,
@@ -391,7 +429,7 @@ func originalDstCluster() *cluster.Cluster {
 	}
 }
 
-func staticCluster(name string, ap netip.AddrPort) *cluster.Cluster {
+func staticCluster(name string, addr *core.Address) *cluster.Cluster {
 	return &cluster.Cluster{
 		Name:                 name,
 		ClusterDiscoveryType: &cluster.Cluster_Type{Type: cluster.Cluster_STATIC},
@@ -401,7 +439,7 @@ func staticCluster(name string, ap netip.AddrPort) *cluster.Cluster {
 			ClusterName: name,
 			Endpoints: []*endpoint.LocalityLbEndpoints{{
 				LbEndpoints: []*endpoint.LbEndpoint{{
-					HostIdentifier: &endpoint.LbEndpoint_Endpoint{Endpoint: &endpoint.Endpoint{Address: socketAddress(ap)}},
+					HostIdentifier: &endpoint.LbEndpoint_Endpoint{Endpoint: &endpoint.Endpoint{Address: addr}},
 				}},
 			}},
 		},

@@ -234,7 +234,7 @@ func TestLintCatches(t *testing.T) {
 		{"missing cluster", func(r *Resources) { r.Clusters = nil }, `cluster "kebpf_original_dst" does not exist`},
 		{"original dst lb", func(r *Resources) { r.Clusters[0].LbPolicy = cluster.Cluster_ROUND_ROBIN }, "ORIGINAL_DST needs lb_policy CLUSTER_PROVIDED"},
 		{"original dst endpoints", func(r *Resources) {
-			r.Clusters[0].LoadAssignment = staticCluster("x", netip.MustParseAddrPort("1.2.3.4:5")).LoadAssignment
+			r.Clusters[0].LoadAssignment = staticCluster("x", socketAddress(netip.MustParseAddrPort("1.2.3.4:5"))).LoadAssignment
 		}, "must not have a load_assignment"},
 		{"validate inside any", func(r *Resources) {
 			editHCM(r, func(m *hcm.HttpConnectionManager) { m.StatPrefix = "" })
@@ -290,3 +290,24 @@ type (
 	listenerFilterChain       = listener.FilterChain
 	listenerFilterTypedConfig = listener.Filter_TypedConfig
 )
+
+func TestBuildAccessLogSocket(t *testing.T) {
+	r := mustBuild(t, shopInput(apiIP, 8080), "n1", Options{AccessLogSocket: "/run/kubectl-ebpf/xds.sock"})
+	var als *cluster.Cluster
+	for _, c := range r.Clusters {
+		if c.Name == ALSCluster {
+			als = c
+		}
+	}
+	if als == nil || als.LoadAssignment.Endpoints[0].LbEndpoints[0].GetEndpoint().Address.GetPipe().GetPath() != "/run/kubectl-ebpf/xds.sock" {
+		t.Fatalf("ALS cluster %v", als)
+	}
+	m, _ := chainRBAC(t, r, 0)
+	if len(m.AccessLog) != 1 || m.AccessLog[0].Name != "envoy.access_loggers.http_grpc" {
+		t.Fatalf("access logs %v", m.AccessLog)
+	}
+	r.Clusters = r.Clusters[:1]
+	if err := Lint(r); err == nil || !strings.Contains(err.Error(), `ALS cluster "kebpf_als" does not exist`) {
+		t.Fatalf("lint without the ALS cluster: %v", err)
+	}
+}

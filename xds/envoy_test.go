@@ -13,8 +13,11 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
+
+	alsdata "github.com/envoyproxy/go-control-plane/envoy/data/accesslog/v3"
 
 	"github.com/kubectl-ebpf/kubectl-ebpf/xds/internal/envoytest"
 )
@@ -36,7 +39,16 @@ type envoyRig struct {
 	port      int
 	upstream  netip.AddrPort
 	accessLog string
+	sock      string
 	statuses  chan NodeStatus
+
+	alsMu sync.Mutex
+	als   []alsEntry
+}
+
+type alsEntry struct {
+	node  string
+	entry *alsdata.HTTPAccessLogEntry
 }
 
 func newEnvoyRig(t *testing.T, delta bool) *envoyRig {
@@ -59,13 +71,21 @@ func newEnvoyRig(t *testing.T, delta bool) *envoyRig {
 
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
-	r.srv = NewServer(ctx, ServerOptions{OnStatus: func(s NodeStatus) {
-		select {
-		case r.statuses <- s:
-		default:
-		}
-	}})
+	r.srv = NewServer(ctx, ServerOptions{
+		OnStatus: func(s NodeStatus) {
+			select {
+			case r.statuses <- s:
+			default:
+			}
+		},
+		OnAccessLog: func(node string, e *alsdata.HTTPAccessLogEntry) {
+			r.alsMu.Lock()
+			r.als = append(r.als, alsEntry{node, e})
+			r.alsMu.Unlock()
+		},
+	})
 	sock := filepath.Join(dir, "xds.sock")
+	r.sock = sock
 	lis, err := ListenUnix(sock)
 	if err != nil {
 		t.Fatal(err)
@@ -83,9 +103,10 @@ func newEnvoyRig(t *testing.T, delta bool) *envoyRig {
 
 func (r *envoyRig) options() Options {
 	return Options{
-		ListenAddress: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(r.port)),
-		AccessLogPath: r.accessLog,
-		Upstream:      r.upstream,
+		ListenAddress:   netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(r.port)),
+		AccessLogPath:   r.accessLog,
+		AccessLogSocket: r.sock,
+		Upstream:        r.upstream,
 	}
 }
 
@@ -173,6 +194,24 @@ func (r *envoyRig) findEntry(t *testing.T, method, path string) accessEntry {
 	return found
 }
 
+// findALS waits for the ALS entry of method+path.
+func (r *envoyRig) findALS(t *testing.T, method, path string) alsEntry {
+	t.Helper()
+	var found alsEntry
+	envoytest.Eventually(t, 15*time.Second, "ALS entry for "+method+" "+path, func() error {
+		r.alsMu.Lock()
+		defer r.alsMu.Unlock()
+		for _, e := range r.als {
+			if e.entry.GetRequest().GetRequestMethod().String() == method && e.entry.GetRequest().GetPath() == path {
+				found = e
+				return nil
+			}
+		}
+		return fmt.Errorf("%d entries, none matches", len(r.als))
+	})
+	return found
+}
+
 func TestIntegrationEnvoyEnforcesL7Policy(t *testing.T) {
 	for _, delta := range []bool{false, true} {
 		t.Run(map[bool]string{false: "sotw", true: "delta"}[delta], func(t *testing.T) {
@@ -218,6 +257,17 @@ func TestIntegrationEnvoyEnforcesL7Policy(t *testing.T) {
 				!strings.Contains(fmt.Sprint(denied["response_details"]), "rbac_access_denied_matched_policy") ||
 				denied["l7policies"] != "shop/api" {
 				t.Errorf("denied entry does not carry the RBAC denial and the L7Policy: %v", denied)
+			}
+
+			// The same decisions over gRPC ALS on the xDS socket.
+			a := r.findALS(t, "GET", "/public/index.html")
+			rbacMD := a.entry.GetCommonProperties().GetMetadata().GetFilterMetadata()[rbacMetadataNamespace].GetFields()
+			if a.node != r.node || a.entry.GetResponse().GetResponseCode().GetValue() != 200 || rbacMD["enforced_effective_policy_id"].GetStringValue() != "shop/api/0" {
+				t.Errorf("ALS allowed entry: node %q %v", a.node, a.entry)
+			}
+			d := r.findALS(t, "GET", "/private")
+			if d.entry.GetResponse().GetResponseCode().GetValue() != 403 || d.entry.GetResponse().GetResponseCodeDetails() != "rbac_access_denied_matched_policy[none]" {
+				t.Errorf("ALS denied entry: %v", d.entry)
 			}
 		})
 	}

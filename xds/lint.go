@@ -8,6 +8,7 @@ import (
 
 	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	rbacconfig "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
+	grpcal "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/grpc/v3"
 	rbacfilter "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
 	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	matcher "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
@@ -26,6 +27,7 @@ var typeURLs = map[string]string{
 	wellknown.HTTPRoleBasedAccessControl: "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
 	wellknown.Router:                     "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
 	wellknown.FileAccessLog:              "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+	wellknown.HTTPGRPCAccessLog:          "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
 }
 
 // Lint deep-validates a node's configuration: every message, including the
@@ -126,7 +128,17 @@ func lintHCM(where string, m *hcm.HttpConnectionManager, clusters map[string]boo
 		}
 	}
 	for i, al := range m.GetAccessLog() {
-		errs = append(errs, checkTypeURL(fmt.Sprintf("%s access_log[%d]", where, i), al.GetName(), al.GetTypedConfig())...)
+		alw := fmt.Sprintf("%s access_log[%d]", where, i)
+		errs = append(errs, checkTypeURL(alw, al.GetName(), al.GetTypedConfig())...)
+		if al.GetName() != wellknown.HTTPGRPCAccessLog {
+			continue
+		}
+		var g grpcal.HttpGrpcAccessLogConfig
+		if err := al.GetTypedConfig().UnmarshalTo(&g); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", alw, err))
+		} else if c := g.GetCommonConfig().GetGrpcService().GetEnvoyGrpc().GetClusterName(); !clusters[c] {
+			errs = append(errs, fmt.Errorf("%s: ALS cluster %q does not exist", alw, c))
+		}
 	}
 	rc := m.GetRouteConfig()
 	if rc == nil {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -12,6 +13,8 @@ import (
 	"time"
 
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	alsdata "github.com/envoyproxy/go-control-plane/envoy/data/accesslog/v3"
+	alssvc "github.com/envoyproxy/go-control-plane/envoy/service/accesslog/v3"
 	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
@@ -55,6 +58,11 @@ type ServerOptions struct {
 	// server's lock held (so calls are ordered): it must not block nor call
 	// the Server. The agent hands the status to its sync loop.
 	OnStatus func(NodeStatus)
+	// OnAccessLog, when set, makes Serve answer Envoy's gRPC access log
+	// service (Options.AccessLogSocket) on the same socket, and receives
+	// every HTTP entry with the node id of the Envoy that sent it. Called
+	// from the ALS stream's goroutine; it must not block for long.
+	OnAccessLog func(node string, entry *alsdata.HTTPAccessLogEntry)
 }
 
 // Server serves ADS (state of the world and delta) from a snapshot cache
@@ -228,6 +236,9 @@ func (s *Server) Serve(lis net.Listener) error {
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 	)
 	discovery.RegisterAggregatedDiscoveryServiceServer(g, s.xds)
+	if s.opts.OnAccessLog != nil {
+		alssvc.RegisterAccessLogServiceServer(g, alsServer{on: s.opts.OnAccessLog})
+	}
 	s.mu.Lock()
 	s.grpc = g
 	s.mu.Unlock()
@@ -419,6 +430,32 @@ func (s *Server) changed(ns *nodeState) {
 	ns.status.Updated = time.Now()
 	if s.opts.OnStatus != nil {
 		s.opts.OnStatus(ns.status)
+	}
+}
+
+// alsServer receives Envoy's access log stream. The node id comes in the
+// stream's first message only.
+type alsServer struct {
+	alssvc.UnimplementedAccessLogServiceServer
+	on func(string, *alsdata.HTTPAccessLogEntry)
+}
+
+func (a alsServer) StreamAccessLogs(stream grpc.ClientStreamingServer[alssvc.StreamAccessLogsMessage, alssvc.StreamAccessLogsResponse]) error {
+	node := ""
+	for {
+		msg, err := stream.Recv()
+		if errors.Is(err, io.EOF) {
+			return stream.SendAndClose(&alssvc.StreamAccessLogsResponse{})
+		}
+		if err != nil {
+			return err
+		}
+		if id := msg.GetIdentifier().GetNode().GetId(); id != "" {
+			node = id
+		}
+		for _, e := range msg.GetHttpLogs().GetLogEntry() {
+			a.on(node, e)
+		}
 	}
 }
 
