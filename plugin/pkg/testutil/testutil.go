@@ -62,6 +62,12 @@ func Kubeconfig(t *testing.T) string {
 // plugin derives from its version (install's image, uninstall's fallback
 // cleanup image) names an image the nodes can run.
 func init() {
+	// A test binary carries no VCS stamp; the plugin under test stands for
+	// a build that knows its version (install refuses one that does not,
+	// which a test of that refusal sets up itself).
+	if manifests.VersionSource == manifests.SourceNone {
+		manifests.VersionSource = "test"
+	}
 	img := os.Getenv(EnvImage)
 	if i := strings.LastIndex(img, ":"); i > 0 && !strings.Contains(img[i:], "/") && strings.HasPrefix(img, "localhost/kubectl-ebpf/agent:") {
 		manifests.Version = img[i+1:]

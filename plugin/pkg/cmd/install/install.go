@@ -157,6 +157,11 @@ func (o *Options) Validate() error {
 			return fmt.Errorf("feature %q both enabled and disabled", f)
 		}
 	}
+	// A plugin that knows not which build it is would install an image
+	// tag that exists nowhere, and every agent would sit in ImagePullBackOff.
+	if o.Image == manifests.DefaultImage() && manifests.VersionSource == manifests.SourceNone && o.Output == "" {
+		return fmt.Errorf("this kubectl-ebpf was built without version information (no -ldflags, no VCS stamp: GOFLAGS=-buildvcs=false?), so no agent image matches it: pass --image, or build it with `make build` or `go build -buildvcs=true`")
+	}
 	return nil
 }
 

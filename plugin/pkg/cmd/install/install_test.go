@@ -143,3 +143,24 @@ func TestWaitReadyWaitsForConfiguredFeatures(t *testing.T) {
 		t.Errorf("progress = %q", got)
 	}
 }
+
+// A plugin that does not know which build it is refuses to install its
+// default image (a tag that exists nowhere) before any API call, and says
+// how to get one that does; --image or -o yaml still work.
+func TestInstallRefusesUnknownVersion(t *testing.T) {
+	src := manifests.VersionSource
+	manifests.VersionSource = manifests.SourceNone
+	t.Cleanup(func() { manifests.VersionSource = src })
+	o := install.Options{DryRun: install.DryRunNone, Timeout: time.Minute, Image: manifests.DefaultImage()}
+	if err := o.Validate(); err == nil || !strings.Contains(err.Error(), "built without version information") || !strings.Contains(err.Error(), "--image") {
+		t.Errorf("Validate = %v, want the no-version refusal naming --image", err)
+	}
+	o.Image = "registry.example/agent:v1"
+	if err := o.Validate(); err != nil {
+		t.Errorf("with --image: %v", err)
+	}
+	o.Image, o.Output = manifests.DefaultImage(), "yaml"
+	if err := o.Validate(); err != nil {
+		t.Errorf("with -o yaml: %v", err)
+	}
+}

@@ -42,6 +42,11 @@ func TestIntegrationVersion(t *testing.T) {
 }
 
 func TestVersionClientOnly(t *testing.T) {
+	// A plain test binary has no version in its build info (testutil marks
+	// it known for install's sake): the case this row prints.
+	src := manifests.VersionSource
+	manifests.VersionSource = manifests.SourceNone
+	t.Cleanup(func() { manifests.VersionSource = src })
 	// --client needs no cluster, even an unreachable one.
 	r := testutil.Run(t, testutil.Flags(t, "/nonexistent/kubeconfig"), "version", "--client")
 	want := "Client Version: " + manifests.Version + " (no version in the build info: built outside a git checkout or with -buildvcs=false)\n" +
