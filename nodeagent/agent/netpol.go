@@ -6,7 +6,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
+	"log/slog"
 	"net/netip"
+	"os"
+	"path/filepath"
 
 	"github.com/prometheus/client_golang/prometheus"
 	corev1 "k8s.io/api/core/v1"
@@ -17,6 +21,7 @@ import (
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/apisync"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/features"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/netpol"
+	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/trace"
 )
 
 func init() {
@@ -86,16 +91,27 @@ func (f *policyFeature) Enable(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	ids := netpol.NewIDs()
+	if p := f.a.policyIDsPath(); p != "" {
+		if ids, err = netpol.LoadIDs(p); err != nil {
+			objs.Close()
+			return err
+		}
+	}
 	s, err := netpol.New(netpol.Options{
 		Base:     f.a.syncBase(apiv1.FeaturePolicy, apisync.Intervals{}),
 		NodeIPs:  ips,
 		Datapath: objs,
+		IDs:      ids,
 	})
 	if err != nil {
 		objs.Close()
 		return err
 	}
-	f.start(ctx, objs, s)
+	f.start(ctx, objs, policyRun{Syncer: s, log: f.a.log, reader: &trace.PolicyReader{
+		Events: objs.EventsMap(), Hub: f.a.trace, Node: f.a.cfg.NodeName, Namer: policyNamer{s},
+		Log: f.a.log.With("feature", apiv1.FeaturePolicy),
+	}})
 	// Chained only once the syncer runs, so the plugin never waits for a
 	// feature that is not there; from then on no pod starts unprogrammed.
 	f.chainStop = f.a.keepChained(ctx, dp.MapPinPaths(f.a.cfg.PinDir)[0])
@@ -108,7 +124,55 @@ func (f *policyFeature) Enable(ctx context.Context) error {
 func (f *policyFeature) Disable() error {
 	f.stopChain()
 	err := f.a.unchain()
-	return errors.Join(err, f.syncedFeature.Disable())
+	err = errors.Join(err, f.syncedFeature.Disable())
+	// The pins are gone, so no record names these IDs any more.
+	if p := f.a.policyIDsPath(); p != "" {
+		if rerr := os.Remove(p); rerr != nil && !errors.Is(rerr, fs.ErrNotExist) {
+			err = errors.Join(err, rerr)
+		}
+	}
+	return err
+}
+
+// PolicyIDsFile is the policy ID -> name mapping under Config.StateDir.
+const PolicyIDsFile = "policy-ids.json"
+
+func (a *Agent) policyIDsPath() string {
+	if a.cfg.StateDir == "" {
+		return ""
+	}
+	return filepath.Join(a.cfg.StateDir, PolicyIDsFile)
+}
+
+// policyNamer names the records of the policy datapath from the sync's
+// IDs and pod cache.
+type policyNamer struct{ *netpol.Syncer }
+
+func (n policyNamer) PolicyName(id uint32) (string, bool) { return n.IDs().PolicyName(id) }
+
+// policyRun is the policy sync plus the reader of its verdict events: both
+// stop with the feature.
+type policyRun struct {
+	*netpol.Syncer
+	log    *slog.Logger
+	reader *trace.PolicyReader
+}
+
+// Run runs the reader beside the sync; a reader that fails is logged and
+// leaves enforcement running (the trace is not worth a policy outage).
+func (p policyRun) Run(ctx context.Context) error {
+	rctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := p.reader.Run(rctx); err != nil {
+			p.log.Error("policy trace reader stopped", "err", err)
+		}
+	}()
+	err := p.Syncer.Run(ctx)
+	cancel()
+	<-done
+	return err
 }
 
 // Close (agent exit) leaves the plugin chained: while the agent restarts,
@@ -132,6 +196,8 @@ func (f *policyFeature) stopChain() {
 func (f *policyFeature) policySyncer() *netpol.Syncer {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	s, _ := f.syncer.(*netpol.Syncer)
-	return s
+	if r, ok := f.syncer.(policyRun); ok {
+		return r.Syncer
+	}
+	return nil
 }
