@@ -111,7 +111,7 @@ type Agent struct {
 	kernel string
 
 	reg   *prometheus.Registry
-	trace *trace.Hub // this node's events for /trace
+	trace *trace.Hub      // this node's events for /trace
 	feats []*featureState // fixed at New; their fields are guarded by mu
 	wake  chan struct{}
 
