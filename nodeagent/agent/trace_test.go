@@ -132,7 +132,7 @@ func TestTraceDenyEvent(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	agentDone, readerDone := make(chan error, 1), make(chan error, 1)
 	go func() { agentDone <- ag.Run(ctx) }()
-	reader := &trace.PolicyReader{Events: objs.EventsMap(), Hub: ag.trace, Node: "kebpf-node", Log: slog.Default(),
+	reader := &trace.PolicyReader{Events: objs.EventsMap(), Lost: objs.EventsLost, Hub: ag.trace, Node: "kebpf-node", Log: slog.Default(),
 		Namer: testNamer{IDs: ids, pods: map[netip.Addr]types.NamespacedName{
 			netip.MustParseAddr(ipA): {Namespace: "web", Name: "client"},
 			netip.MustParseAddr(ipB): {Namespace: "shop", Name: "server"},
