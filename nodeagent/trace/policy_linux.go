@@ -37,15 +37,14 @@ type PolicyReader struct {
 	Events *ebpf.Map
 	// Lost reads the datapath's count of events it could not write (the
 	// ring buffer was full); nil when the datapath has none.
-	Lost  func() (uint64, error)
-	Hub   *Hub
-	Node  string
-	Namer PolicyNamer
-	Log   *slog.Logger
+	Lost func() (uint64, error)
+	// LostEvery is how often Lost is read (default a second).
+	LostEvery time.Duration
+	Hub       *Hub
+	Node      string
+	Namer     PolicyNamer
+	Log       *slog.Logger
 }
-
-// lostPoll is how often the kernel's lost count is read.
-const lostPoll = time.Second
 
 // Run reads until ctx ends. Nothing here blocks the datapath: a slow
 // reader fills the ring buffer, and the datapath counts what it could not
@@ -88,7 +87,11 @@ func (r *PolicyReader) Run(ctx context.Context) error {
 // pollLost publishes growth of the kernel's lost count. The count is
 // pinned and outlives agents: the first read is the baseline.
 func (r *PolicyReader) pollLost(ctx context.Context, done <-chan struct{}) {
-	t := time.NewTicker(lostPoll)
+	every := r.LostEvery
+	if every <= 0 {
+		every = time.Second
+	}
+	t := time.NewTicker(every)
 	defer t.Stop()
 	last, err := r.Lost()
 	if err != nil {

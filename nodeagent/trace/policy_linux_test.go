@@ -3,8 +3,11 @@
 package trace
 
 import (
+	"context"
+	"log/slog"
 	"net/netip"
 	"testing"
+	"time"
 
 	"k8s.io/apimachinery/pkg/types"
 
@@ -77,5 +80,35 @@ func TestPolicyEvent(t *testing.T) {
 				t.Errorf("event %+v", got)
 			}
 		})
+	}
+}
+
+// The kernel's pinned lost count is a running total: the first read is the
+// baseline, growth is announced in the stream.
+func TestPollLost(t *testing.T) {
+	h, _ := newHub(t, 10, 10)
+	sub := h.Subscribe(Query{Follow: true})
+	defer sub.Close()
+	counts := make(chan uint64, 3)
+	counts <- 5 // a previous agent's losses: not this stream's
+	counts <- 5
+	counts <- 12
+	r := &PolicyReader{Hub: h, LostEvery: time.Millisecond, Log: slog.Default(), Lost: func() (uint64, error) {
+		select {
+		case n := <-counts:
+			return n, nil
+		default:
+			return 12, nil
+		}
+	}}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { r.pollLost(ctx, done); close(done) }()
+	defer func() { cancel(); <-done }()
+	wctx, wcancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer wcancel()
+	l, ok := sub.Next(wctx)
+	if !ok || l.Lost == nil || l.Lost.Reason != apiv1.TraceLostKernel || l.Lost.Count != 7 || l.Lost.Type != apiv1.TraceTypePolicy {
+		t.Fatalf("line %+v (%v), want a notice of 7 kernel losses", l.Lost, ok)
 	}
 }
