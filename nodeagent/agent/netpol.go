@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	corev1 "k8s.io/api/core/v1"
@@ -91,13 +92,7 @@ func (f *policyFeature) Enable(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	ids := netpol.NewIDs()
-	if p := f.a.policyIDsPath(); p != "" {
-		if ids, err = netpol.LoadIDs(p); err != nil {
-			objs.Close()
-			return err
-		}
-	}
+	ids := f.a.loadPolicyIDs()
 	s, err := netpol.New(netpol.Options{
 		Base:     f.a.syncBase(apiv1.FeaturePolicy, apisync.Intervals{}),
 		NodeIPs:  ips,
@@ -142,6 +137,32 @@ func (a *Agent) policyIDsPath() string {
 		return ""
 	}
 	return filepath.Join(a.cfg.StateDir, PolicyIDsFile)
+}
+
+// loadPolicyIDs reads the policy IDs an earlier agent persisted. An
+// unreadable file must not stop enforcement: it is set aside and the new
+// IDs start at the current Unix time in seconds, above any ID the lost file
+// can have held (IDs grow by one per policy), so the trace shows the earlier
+// flows' policies as unknown rather than by wrong names.
+func (a *Agent) loadPolicyIDs() *netpol.IDs {
+	p := a.policyIDsPath()
+	if p == "" {
+		return netpol.NewIDs()
+	}
+	ids, err := netpol.LoadIDs(p)
+	if err == nil {
+		return ids
+	}
+	a.log.Error("policy IDs unreadable: starting afresh; earlier flows' policies will show as unknown", "err", err, "setAside", p+".bad")
+	if rerr := os.Rename(p, p+".bad"); rerr != nil {
+		a.log.Error("set policy IDs aside", "err", rerr)
+	}
+	ids, err = netpol.LoadIDs(p)
+	if err != nil {
+		ids = netpol.NewIDs()
+	}
+	ids.SkipPolicies(uint32(time.Now().Unix()))
+	return ids
 }
 
 // policyNamer names the records of the policy datapath from the sync's

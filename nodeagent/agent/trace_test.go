@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -208,4 +209,37 @@ func TestTraceDenyEvent(t *testing.T) {
 		t.Errorf("event time %v is not now", e.Time)
 	}
 	t.Logf("trace line: %s", e.Message)
+}
+
+// A corrupt ID file does not stop the policy feature: it is set aside and
+// new IDs start above any the old file can have held.
+func TestLoadPolicyIDsCorrupt(t *testing.T) {
+	dir := t.TempDir()
+	ag, err := New(Config{NodeName: "n", StateDir: dir, Features: []Feature{},
+		Log: slog.New(slog.NewTextHandler(testWriter{t}, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(dir, PolicyIDsFile)
+	if err := os.WriteFile(path, []byte("{not json"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	before := uint32(time.Now().Unix())
+	ids := ag.loadPolicyIDs()
+	if id := ids.Policy("x", "a"); id <= before {
+		t.Errorf("fresh ID %d is not above %d", id, before)
+	}
+	if err := ids.Save(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(path + ".bad"); err != nil {
+		t.Errorf("corrupt file not set aside: %v", err)
+	}
+	again, err := netpol.LoadIDs(path)
+	if err != nil {
+		t.Fatalf("the new file is unreadable: %v", err)
+	}
+	if n, ok := again.PolicyName(ids.Policy("x", "a")); !ok || n != "x/a" {
+		t.Errorf("new file names %q %v", n, ok)
+	}
 }

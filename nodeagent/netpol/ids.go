@@ -259,6 +259,15 @@ func (ids *IDs) AdoptEndpoint(uid types.UID, id uint32) bool {
 	return true
 }
 
+// SkipPolicies makes new policy IDs start above id (an allocator that lost
+// its state file starts above every ID the old one can have used).
+func (ids *IDs) SkipPolicies(id uint32) {
+	ids.mu.Lock()
+	defer ids.mu.Unlock()
+	ids.nextPolicy = max(ids.nextPolicy, id+1)
+	ids.saveLocked()
+}
+
 // SkipEndpoints makes new endpoint IDs start above id: IDs a previous agent
 // used are not handed to other pods.
 func (ids *IDs) SkipEndpoints(id uint32) {
