@@ -276,3 +276,55 @@ func readLines(t *testing.T, sc *bufio.Scanner, n int) []apiv1.TraceLine {
 func equal(a, b []string) bool {
 	return strings.Join(a, " ") == strings.Join(b, " ")
 }
+
+// BenchmarkPublish: the agent-side cost of one event, from Publish to a
+// following client's Next (JSON encoding excluded), with clients whose
+// filter matches it or not.
+func BenchmarkPublish(b *testing.B) {
+	for _, bc := range []struct {
+		name              string
+		matching, nomatch int
+	}{{"no clients", 0, 0}, {"1 client", 1, 0}, {"1 client + 8 filtered out", 1, 8}} {
+		b.Run(bc.name, func(b *testing.B) {
+			h, err := NewHub(Options{Node: "n1", QueueSize: 1 << 16})
+			if err != nil {
+				b.Fatal(err)
+			}
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			var done []chan int
+			for range bc.matching {
+				s := h.Subscribe(Query{Follow: true})
+				defer s.Close()
+				d := make(chan int, 1)
+				done = append(done, d)
+				go func() {
+					n := 0
+					for {
+						if _, ok := s.Next(ctx); !ok {
+							d <- n
+							return
+						}
+						n++
+					}
+				}()
+			}
+			for range bc.nomatch {
+				s := h.Subscribe(Query{Follow: true, Filter: Filter{Namespaces: []string{"other"}}})
+				defer s.Close()
+			}
+			e := deny()
+			b.ResetTimer()
+			for b.Loop() {
+				h.Publish(e)
+			}
+			b.StopTimer()
+			cancel()
+			for _, d := range done {
+				<-d
+			}
+			b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "events/s")
+			b.ReportMetric(testutil.ToFloat64(h.lost.WithLabelValues(apiv1.TraceLostSlowClient)), "lost")
+		})
+	}
+}
