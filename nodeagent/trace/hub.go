@@ -73,7 +73,7 @@ func NewHub(opts Options) (*Hub, error) {
 		}, []string{"type"}),
 		lost: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "kebpf_trace_events_lost_total",
-			Help: "Trace events lost, by reason: kernel-buffer-full (the datapath could not write it), agent-buffer-overrun (evicted before a history request read it), slow-client (a stream's queue was full).",
+			Help: "Trace events lost, by reason: kernel-buffer-full (the datapath could not write it), agent-buffer-overrun (evicted before a history request read them; counted per request), slow-client (a stream's queue was full).",
 		}, []string{"reason"}),
 		clients: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "kebpf_trace_clients",
