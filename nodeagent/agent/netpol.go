@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -103,7 +104,7 @@ func (f *policyFeature) Enable(ctx context.Context) error {
 		objs.Close()
 		return err
 	}
-	f.start(ctx, objs, policyRun{Syncer: s, log: f.a.log, reader: &trace.PolicyReader{
+	f.start(ctx, objs, &policyRun{Syncer: s, log: f.a.log, reader: &trace.PolicyReader{
 		Events: objs.EventsMap(), Lost: objs.EventsLost, Hub: f.a.trace, Node: f.a.cfg.NodeName, Namer: policyNamer{s},
 		Log: f.a.log.With("feature", apiv1.FeaturePolicy),
 	}})
@@ -175,25 +176,38 @@ func (n policyNamer) PolicyName(id uint32) (string, bool) { return n.IDs().Polic
 // stop with the feature.
 type policyRun struct {
 	*netpol.Syncer
-	log    *slog.Logger
-	reader *trace.PolicyReader
+	log       *slog.Logger
+	reader    *trace.PolicyReader
+	readerErr atomic.Pointer[string]
 }
 
-// Run runs the reader beside the sync; a reader that fails is logged and
-// leaves enforcement running (the trace is not worth a policy outage).
-func (p policyRun) Run(ctx context.Context) error {
+// Run runs the reader beside the sync; a reader that fails leaves
+// enforcement running (the trace is not worth a policy outage) and says so
+// in the feature's errors.
+func (p *policyRun) Run(ctx context.Context) error {
 	rctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
 		if err := p.reader.Run(rctx); err != nil {
 			p.log.Error("policy trace reader stopped", "err", err)
+			msg := "policy trace reader stopped: " + err.Error()
+			p.readerErr.Store(&msg)
 		}
 	}()
 	err := p.Syncer.Run(ctx)
 	cancel()
 	<-done
 	return err
+}
+
+// Errors are the sync's errors and the reader's.
+func (p *policyRun) Errors() []string {
+	out := p.Syncer.Errors()
+	if msg := p.readerErr.Load(); msg != nil {
+		out = append(out, *msg)
+	}
+	return out
 }
 
 // Close (agent exit) leaves the plugin chained: while the agent restarts,
@@ -217,7 +231,7 @@ func (f *policyFeature) stopChain() {
 func (f *policyFeature) policySyncer() *netpol.Syncer {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if r, ok := f.syncer.(policyRun); ok {
+	if r, ok := f.syncer.(*policyRun); ok {
 		return r.Syncer
 	}
 	return nil
