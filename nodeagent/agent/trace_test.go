@@ -243,3 +243,39 @@ func TestLoadPolicyIDsCorrupt(t *testing.T) {
 		t.Errorf("new file names %q %v", n, ok)
 	}
 }
+
+// The agent's loopback server serves the trace and its loss metrics.
+func TestServeTrace(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ag, err := New(Config{NodeName: "n", Listener: ln, Features: []Feature{},
+		Log: slog.New(slog.NewTextHandler(testWriter{t}, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, _, err := ag.serve()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close() })
+	base := "http://" + ln.Addr().String()
+	ag.trace.Publish(apiv1.TraceEvent{Node: "n", Type: apiv1.TraceTypePolicy, Verdict: apiv1.TraceVerdictDenied,
+		Destination: apiv1.TracePeer{Namespace: "shop", Pod: "server", IP: "10.0.0.2", Port: 80}})
+	if code, body := get(t, base+"/trace?verdict=dropped"); code != http.StatusBadRequest || !strings.Contains(body, "verdict") {
+		t.Errorf("bad filter: %d %q", code, body)
+	}
+	code, body := get(t, base+"/trace?to-pod=shop/server")
+	var l apiv1.TraceLine
+	if err := json.Unmarshal([]byte(body), &l); code != http.StatusOK || err != nil || l.Event == nil || l.Event.Destination.Pod != "server" {
+		t.Errorf("/trace: %d %q (%v)", code, body, err)
+	}
+	if code, body := get(t, base+"/trace?to-pod=shop/other"); code != http.StatusOK || body != "" {
+		t.Errorf("filtered /trace: %d %q", code, body)
+	}
+	if _, body := get(t, base+"/metrics"); !strings.Contains(body, `kebpf_trace_events_lost_total{reason="kernel-buffer-full"} 0`) ||
+		!strings.Contains(body, `kebpf_trace_events_total{type="policy"} 1`) {
+		t.Errorf("/metrics lacks the trace counters:\n%s", body)
+	}
+}
