@@ -64,7 +64,13 @@ func (r *PolicyReader) Run(ctx context.Context) error {
 		rd.Close() // unblocks Read
 	}()
 	if r.Lost != nil {
-		go r.pollLost(ctx, done)
+		// The baseline is read before the first record, so a client that
+		// saw an event knows every later loss is reported.
+		base, err := r.Lost()
+		if err != nil {
+			r.Log.Warn("read policy events lost", "err", err)
+		}
+		go r.pollLost(ctx, done, base)
 	}
 	clk := newClock()
 	var rec ringbuf.Record
@@ -86,17 +92,13 @@ func (r *PolicyReader) Run(ctx context.Context) error {
 
 // pollLost publishes growth of the kernel's lost count. The count is
 // pinned and outlives agents: the first read is the baseline.
-func (r *PolicyReader) pollLost(ctx context.Context, done <-chan struct{}) {
+func (r *PolicyReader) pollLost(ctx context.Context, done <-chan struct{}, last uint64) {
 	every := r.LostEvery
 	if every <= 0 {
 		every = time.Second
 	}
 	t := time.NewTicker(every)
 	defer t.Stop()
-	last, err := r.Lost()
-	if err != nil {
-		r.Log.Warn("read policy events lost", "err", err)
-	}
 	for {
 		select {
 		case <-ctx.Done():

@@ -89,8 +89,7 @@ func TestPollLost(t *testing.T) {
 	h, _ := newHub(t, 10, 10)
 	sub := h.Subscribe(Query{Follow: true})
 	defer sub.Close()
-	counts := make(chan uint64, 3)
-	counts <- 5 // a previous agent's losses: not this stream's
+	counts := make(chan uint64, 2)
 	counts <- 5
 	counts <- 12
 	r := &PolicyReader{Hub: h, LostEvery: time.Millisecond, Log: slog.Default(), Lost: func() (uint64, error) {
@@ -103,7 +102,7 @@ func TestPollLost(t *testing.T) {
 	}}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
-	go func() { r.pollLost(ctx, done); close(done) }()
+	go func() { r.pollLost(ctx, done, 5); close(done) }() // 5: a previous agent's losses
 	defer func() { cancel(); <-done }()
 	wctx, wcancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer wcancel()
