@@ -115,10 +115,17 @@ func addrPort(a net.Addr) netip.AddrPort {
 }
 
 // newRig loads and attaches; everything is detached and removed at cleanup.
-func newRig(tb testing.TB) *rig {
+func newRig(tb testing.TB) *rig { tb.Helper(); return newRigWith(tb, nil) }
+
+// newRigWith is newRig with before run on the cgroup ahead of Attach (to
+// attach the socket LB first, as the agent does).
+func newRigWith(tb testing.TB, before func(cg string)) *rig {
 	tb.Helper()
 	bpftest.RequireRoot(tb)
 	r := &rig{pinDir: bpftest.PinDir(tb), cg: bpftest.Cgroup(tb)}
+	if before != nil {
+		before(r.cg)
+	}
 	r.app = subCgroup(tb, r.cg, "app")
 	r.envoy = subCgroup(tb, r.cg, "envoy")
 	o, err := Load(r.pinDir)
