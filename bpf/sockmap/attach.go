@@ -23,6 +23,7 @@ type hook struct {
 
 var hooks = []hook{
 	{"connect4", SockmapProgKebpfL7Conn4, ebpf.AttachCGroupInet4Connect},
+	{"connect6", SockmapProgKebpfL7Conn6, ebpf.AttachCGroupInet6Connect},
 	{"sockops", SockmapProgKebpfL7Sops, ebpf.AttachCGroupSockOps},
 	{"getsockopt", SockmapProgKebpfL7Gsopt, ebpf.AttachCGroupGetsockopt},
 }
@@ -45,6 +46,8 @@ func (o *Objects) program(name string) *ebpf.Program {
 	switch name {
 	case SockmapProgKebpfL7Conn4:
 		return o.objs.KebpfL7Conn4
+	case SockmapProgKebpfL7Conn6:
+		return o.objs.KebpfL7Conn6
 	case SockmapProgKebpfL7Sops:
 		return o.objs.KebpfL7Sops
 	case SockmapProgKebpfL7Gsopt:

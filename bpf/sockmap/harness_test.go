@@ -243,3 +243,28 @@ func waitFor(tb testing.TB, what string, cond func() bool) {
 	}
 	tb.Fatalf("timed out waiting for %s", what)
 }
+
+// dialMapped connects an AF_INET6 socket created in cgroup dir to the
+// v4-mapped form of dst (what dual-stack runtimes such as Java do).
+func dialMapped(tb testing.TB, dir string, dst netip.AddrPort) (net.Conn, error) {
+	tb.Helper()
+	var (
+		fd  int
+		err error
+	)
+	inCgroup(tb, dir, func() { fd, err = unix.Socket(unix.AF_INET6, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0) })
+	if err != nil {
+		tb.Fatal(err)
+	}
+	f := os.NewFile(uintptr(fd), "mapped")
+	defer f.Close()
+	sa := &unix.SockaddrInet6{Port: int(dst.Port()), Addr: netip.AddrFrom16(dst.Addr().As16()).As16()}
+	if err := unix.Connect(fd, sa); err != nil {
+		return nil, err
+	}
+	c, err := net.FileConn(f)
+	if err == nil {
+		tb.Cleanup(func() { c.Close() })
+	}
+	return c, err
+}

@@ -27,6 +27,7 @@
 #include <bpf/bpf_endian.h>
 
 #define AF_INET 2
+#define AF_INET6 10
 #define IPPROTO_TCP 6
 #define SOL_IP 0
 #define SO_ORIGINAL_DST 80
@@ -135,12 +136,13 @@ static __always_inline void count(__u32 slot)
 		*v += 1;
 }
 
-SEC("cgroup/connect4")
-int kebpf_l7_conn4(struct bpf_sock_addr *ctx)
+// steer decides for a TCP connect to addr:port (IPv4, network order).
+// Returns 0 to refuse the connect, 1 to let it go; *to is set to the Envoy
+// listener when the connect must be rewritten.
+static __always_inline int steer(void *ctx, struct bpf_sock *sk, __be32 addr, __be16 port, struct cfg **to)
 {
-	if (ctx->protocol != IPPROTO_TCP)
-		return 1;
-	struct dst4 d = {.addr = ctx->user_ip4, .port = (__be16)ctx->user_port};
+	*to = 0;
+	struct dst4 d = {.addr = addr, .port = port};
 	__u32 *flags = bpf_map_lookup_elem(&kebpf_l7_dst, &d);
 	if (!flags || !(*flags & DST_STEER))
 		return 1;
@@ -154,7 +156,6 @@ int kebpf_l7_conn4(struct bpf_sock_addr *ctx)
 		count(STAT_ENVOY_SKIP);
 		return 1;
 	}
-	struct bpf_sock *sk = ctx->sk;
 	if (c && c->envoy_mark && sk && (sk->mark & c->envoy_mark) == c->envoy_mark) {
 		count(STAT_ENVOY_SKIP);
 		return 1;
@@ -164,15 +165,54 @@ int kebpf_l7_conn4(struct bpf_sock_addr *ctx)
 		count(STAT_NO_ENVOY);
 		return 0;
 	}
-
 	__u64 cookie = bpf_get_socket_cookie(ctx);
 	if (bpf_map_update_elem(&kebpf_l7_cookie, &cookie, &d, BPF_ANY))
 		return 0;
-	ctx->user_ip4 = c->envoy_addr;
-	ctx->user_port = c->envoy_port;
+	*to = c;
 	count(STAT_STEERED);
 	return 1;
 }
+
+SEC("cgroup/connect4")
+int kebpf_l7_conn4(struct bpf_sock_addr *ctx)
+{
+	if (ctx->protocol != IPPROTO_TCP)
+		return 1;
+	struct cfg *to;
+	if (!steer(ctx, ctx->sk, ctx->user_ip4, (__be16)ctx->user_port, &to))
+		return 0;
+	if (to) {
+		ctx->user_ip4 = to->envoy_addr;
+		ctx->user_port = to->envoy_port;
+	}
+	return 1;
+}
+
+// A dual-stack AF_INET6 socket connecting to ::ffff:a.b.c.d (Java's
+// default, for one) runs connect6, not connect4: without this program it
+// would reach a selected pod around Envoy. The kernel carries such a
+// connection as IPv4 (tcp_v4_connect), so sockops and sk_msg see its IPv4
+// addresses and the rest of the datapath treats it as IPv4.
+SEC("cgroup/connect6")
+int kebpf_l7_conn6(struct bpf_sock_addr *ctx)
+{
+	if (ctx->protocol != IPPROTO_TCP)
+		return 1;
+	if (ctx->user_ip6[0] != 0 || ctx->user_ip6[1] != 0 || ctx->user_ip6[2] != bpf_htonl(0xffff))
+		return 1; // native IPv6: not steered yet
+	struct cfg *to;
+	if (!steer(ctx, ctx->sk, ctx->user_ip6[3], (__be16)ctx->user_port, &to))
+		return 0;
+	if (to) {
+		ctx->user_ip6[3] = to->envoy_addr;
+		ctx->user_port = to->envoy_port;
+	}
+	return 1;
+}
+
+// mapped reports a v4-mapped IPv6 address (::ffff:a.b.c.d): such sockets
+// carry IPv4 and their *_ip4 context fields hold the IPv4 addresses.
+#define mapped(a6) ((a6)[0] == 0 && (a6)[1] == 0 && (a6)[2] == bpf_htonl(0xffff))
 
 static __always_inline void own_tuple(struct bpf_sock_ops *skops, struct tuple4 *t)
 {
@@ -186,7 +226,7 @@ static __always_inline void own_tuple(struct bpf_sock_ops *skops, struct tuple4 
 SEC("sockops")
 int kebpf_l7_sops(struct bpf_sock_ops *skops)
 {
-	if (skops->family != AF_INET)
+	if (skops->family != AF_INET && !(skops->family == AF_INET6 && mapped(skops->remote_ip6)))
 		return 1;
 	struct tuple4 t = {};
 	switch (skops->op) {
@@ -239,7 +279,7 @@ int kebpf_l7_sops(struct bpf_sock_ops *skops)
 SEC("sk_msg")
 int kebpf_l7_msg(struct sk_msg_md *msg)
 {
-	if (msg->family != AF_INET)
+	if (msg->family != AF_INET && !(msg->family == AF_INET6 && mapped(msg->remote_ip6)))
 		return SK_PASS;
 	struct tuple4 peer = {
 		.local_addr = msg->remote_ip4,

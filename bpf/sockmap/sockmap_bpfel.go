@@ -49,6 +49,7 @@ const (
 	SockmapMapKebpfL7Socks  = "kebpf_l7_socks"
 	SockmapMapKebpfL7Stats  = "kebpf_l7_stats"
 	SockmapProgKebpfL7Conn4 = "kebpf_l7_conn4"
+	SockmapProgKebpfL7Conn6 = "kebpf_l7_conn6"
 	SockmapProgKebpfL7Gsopt = "kebpf_l7_gsopt"
 	SockmapProgKebpfL7Msg   = "kebpf_l7_msg"
 	SockmapProgKebpfL7Sops  = "kebpf_l7_sops"
@@ -97,6 +98,7 @@ type SockmapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type SockmapProgramSpecs struct {
 	KebpfL7Conn4 *ebpf.ProgramSpec `ebpf:"kebpf_l7_conn4"`
+	KebpfL7Conn6 *ebpf.ProgramSpec `ebpf:"kebpf_l7_conn6"`
 	KebpfL7Gsopt *ebpf.ProgramSpec `ebpf:"kebpf_l7_gsopt"`
 	KebpfL7Msg   *ebpf.ProgramSpec `ebpf:"kebpf_l7_msg"`
 	KebpfL7Sops  *ebpf.ProgramSpec `ebpf:"kebpf_l7_sops"`
@@ -173,6 +175,7 @@ type SockmapVariables struct {
 // It can be passed to LoadSockmapObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SockmapPrograms struct {
 	KebpfL7Conn4 *ebpf.Program `ebpf:"kebpf_l7_conn4"`
+	KebpfL7Conn6 *ebpf.Program `ebpf:"kebpf_l7_conn6"`
 	KebpfL7Gsopt *ebpf.Program `ebpf:"kebpf_l7_gsopt"`
 	KebpfL7Msg   *ebpf.Program `ebpf:"kebpf_l7_msg"`
 	KebpfL7Sops  *ebpf.Program `ebpf:"kebpf_l7_sops"`
@@ -181,6 +184,7 @@ type SockmapPrograms struct {
 func (p *SockmapPrograms) Close() error {
 	return _SockmapClose(
 		p.KebpfL7Conn4,
+		p.KebpfL7Conn6,
 		p.KebpfL7Gsopt,
 		p.KebpfL7Msg,
 		p.KebpfL7Sops,

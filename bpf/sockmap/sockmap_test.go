@@ -378,3 +378,30 @@ func TestAttachIdempotent(t *testing.T) {
 	accept(t, r.pod)
 
 }
+
+// TestMappedNotBypassed: an AF_INET6 socket connecting to the pod's
+// v4-mapped address is steered too, and its payload goes through sk_msg.
+func TestMappedNotBypassed(t *testing.T) {
+	r := newRig(t)
+	c, err := dialMapped(t, r.app, r.podAddr)
+	if err != nil {
+		t.Fatalf("dial ::ffff:%s: %v", r.podAddr, err)
+	}
+	ec := accept(t, r.envoyLn)
+	if got, err := origDst(t, ec); err != nil || got != r.podAddr {
+		t.Fatalf("SO_ORIGINAL_DST = %s, %v; want %s", got, err, r.podAddr)
+	}
+	msg := []byte("through sk_msg")
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	ec.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.Write(msg); err != nil {
+		t.Fatal(err)
+	}
+	got, err := readN(ec, len(msg))
+	if err != nil || !bytes.Equal(got, msg) {
+		t.Fatalf("read %q, %v", got, err)
+	}
+	if s := stats(t, r.o); s.Steered != 1 || s.SockAdded != 2 || s.Redirected != 1 {
+		t.Fatalf("stats = %+v, want Steered 1, SockAdded 2, Redirected 1", s)
+	}
+}
