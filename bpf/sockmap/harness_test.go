@@ -3,16 +3,12 @@
 package sockmap
 
 import (
-	"bufio"
 	"encoding/binary"
 	"errors"
 	"net"
 	"net/netip"
 	"os"
-	"path/filepath"
 	"strconv"
-	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -37,68 +33,14 @@ type rig struct {
 	envoyAdr netip.AddrPort
 }
 
-// cgMove serialises moving this process between cgroups: the cgroup of a
-// socket is the creating task's at socket() time.
-var cgMove sync.Mutex
-
-// inCgroup runs fn with the whole test process in the cgroup v2 dir, and
-// moves it back to where it was, also when fn fails the test.
-func inCgroup(tb testing.TB, dir string, fn func()) {
-	tb.Helper()
-	cgMove.Lock()
-	defer cgMove.Unlock()
-	home := filepath.Join(bpftest.CgroupParent, ownCgroup(tb))
-	if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(strconv.Itoa(os.Getpid())), 0); err != nil {
-		tb.Fatalf("move into %s: %v", dir, err)
-	}
-	defer func() {
-		if err := os.WriteFile(filepath.Join(home, "cgroup.procs"), []byte(strconv.Itoa(os.Getpid())), 0); err != nil {
-			tb.Errorf("move back to %s: %v", home, err)
-		}
-	}()
-	fn()
-}
-
-// ownCgroup is this process's cgroup v2 path ("0::" line).
-func ownCgroup(tb testing.TB) string {
-	tb.Helper()
-	f, err := os.Open("/proc/self/cgroup")
-	if err != nil {
-		tb.Fatal(err)
-	}
-	defer f.Close()
-	s := bufio.NewScanner(f)
-	for s.Scan() {
-		if p, ok := strings.CutPrefix(s.Text(), "0::"); ok {
-			return p
-		}
-	}
-	tb.Fatal("no cgroup v2 line in /proc/self/cgroup")
-	return ""
-}
+func inCgroup(tb testing.TB, dir string, fn func()) { tb.Helper(); bpftest.InCgroup(tb, dir, fn) }
 
 func subCgroup(tb testing.TB, parent, name string) string {
 	tb.Helper()
-	dir := filepath.Join(parent, name)
-	if err := os.Mkdir(dir, 0o755); err != nil {
-		tb.Fatal(err)
-	}
-	tb.Cleanup(func() {
-		if err := os.Remove(dir); err != nil {
-			tb.Errorf("remove cgroup %s: %v", dir, err)
-		}
-	})
-	return dir
+	return bpftest.SubCgroup(tb, parent, name)
 }
 
-func cgroupID(tb testing.TB, dir string) uint64 {
-	tb.Helper()
-	fi, err := os.Stat(dir)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	return fi.Sys().(*syscall.Stat_t).Ino
-}
+func cgroupID(tb testing.TB, dir string) uint64 { tb.Helper(); return bpftest.CgroupID(tb, dir) }
 
 func listen(tb testing.TB, addr string) net.Listener {
 	tb.Helper()
