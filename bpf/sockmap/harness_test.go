@@ -109,7 +109,7 @@ func dialFrom(tb testing.TB, dir string, dst netip.AddrPort) (net.Conn, error) {
 		err error
 	)
 	inCgroup(tb, dir, func() {
-		c, err = net.DialTimeout("tcp4", dst.String(), 5*time.Second)
+		c, err = net.DialTimeout("tcp", dst.String(), 5*time.Second)
 	})
 	if err == nil {
 		tb.Cleanup(func() { c.Close() })
@@ -209,4 +209,17 @@ func dialMapped(tb testing.TB, dir string, dst netip.AddrPort) (net.Conn, error)
 		tb.Cleanup(func() { c.Close() })
 	}
 	return c, err
+}
+
+// origDst6 is getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST) decoded.
+func origDst6(tb testing.TB, c syscall.Conn) (netip.AddrPort, error) {
+	tb.Helper()
+	b, err := getsockopt(tb, c, unix.SOL_IPV6, soOriginalDst, 28)
+	if err != nil {
+		return netip.AddrPort{}, err
+	}
+	if len(b) != 28 || binary.LittleEndian.Uint16(b) != unix.AF_INET6 {
+		return netip.AddrPort{}, errors.New("not a sockaddr_in6: " + strconv.Quote(string(b)))
+	}
+	return netip.AddrPortFrom(netip.AddrFrom16([16]byte(b[8:24])), binary.BigEndian.Uint16(b[2:4])), nil
 }

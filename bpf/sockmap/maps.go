@@ -66,24 +66,50 @@ const dstSteer = 1
 // bytes are the port in network order, as __be16 fields hold it.
 func be16(p uint16) uint16 { return bits.ReverseBytes16(p) }
 
-// be32 lays out an IPv4 address as the kernel's __be32.
-func be32(a netip.Addr) uint32 {
-	b := a.As4()
-	return binary.LittleEndian.Uint32(b[:])
-}
+// Families of dst and tuple keys (FAM4, FAM6 in sockmap.c).
+const (
+	fam4 = 4
+	fam6 = 6
+)
 
-func addr4(w uint32) netip.Addr {
-	var b [4]byte
-	binary.LittleEndian.PutUint32(b[:], w)
-	return netip.AddrFrom4(b)
-}
-
-func dstKey(ap netip.AddrPort) (SockmapDst4, error) {
-	a := ap.Addr().Unmap()
-	if !a.Is4() {
-		return SockmapDst4{}, fmt.Errorf("steered destination %s: only IPv4 is supported", ap)
+// words lays out a as the kernel's __be32[4]: IPv4 in word 0.
+func words(a netip.Addr) (w [4]uint32, fam uint16) {
+	a = a.Unmap()
+	if a.Is4() {
+		b := a.As4()
+		w[0] = binary.LittleEndian.Uint32(b[:])
+		return w, fam4
 	}
-	return SockmapDst4{Addr: be32(a), Port: be16(ap.Port())}, nil
+	b := a.As16()
+	for i := range w {
+		w[i] = binary.LittleEndian.Uint32(b[4*i:])
+	}
+	return w, fam6
+}
+
+func fromWords(w [4]uint32, fam uint32) netip.Addr {
+	var b [16]byte
+	for i := range w {
+		binary.LittleEndian.PutUint32(b[4*i:], w[i])
+	}
+	if fam == fam4 {
+		return netip.AddrFrom4([4]byte(b[:4]))
+	}
+	return netip.AddrFrom16(b)
+}
+
+func dstKey(ap netip.AddrPort) (SockmapDst, error) {
+	if !ap.IsValid() {
+		return SockmapDst{}, fmt.Errorf("steered destination %s: invalid", ap)
+	}
+	w, fam := words(ap.Addr())
+	return SockmapDst{Addr: w, Port: be16(ap.Port()), Family: fam}, nil
+}
+
+func tupleKey(p Pair) SockmapTuple {
+	l, fam := words(p.Local.Addr())
+	r, _ := words(p.Remote.Addr())
+	return SockmapTuple{Local: l, Remote: r, LocalPort: uint32(p.Local.Port()), RemotePort: uint32(p.Remote.Port()), Family: uint32(fam)}
 }
 
 // SetSteered makes connects to dst (a pod IP:port) go to Envoy.
@@ -113,13 +139,13 @@ func (o *Objects) DeleteSteered(dst netip.AddrPort) error {
 // Steered lists the steered destinations.
 func (o *Objects) Steered() ([]netip.AddrPort, error) {
 	var (
-		k   SockmapDst4
+		k   SockmapDst
 		v   uint32
 		out []netip.AddrPort
 	)
 	it := o.objs.KebpfL7Dst.Iterate()
 	for it.Next(&k, &v) {
-		out = append(out, netip.AddrPortFrom(addr4(k.Addr), be16(k.Port)))
+		out = append(out, netip.AddrPortFrom(fromWords(k.Addr, uint32(k.Family)), be16(k.Port)))
 	}
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("iterate %s: %w", SockmapMapKebpfL7Dst, err)
@@ -130,10 +156,14 @@ func (o *Objects) Steered() ([]netip.AddrPort, error) {
 // Envoy is where the node-local Envoy listens and how its sockets are
 // recognised (they are never steered).
 type Envoy struct {
-	// Listener is the IPv4 address:port of Envoy's original_dst listener.
-	// The zero value means no Envoy: connects to steered destinations fail
-	// with EPERM (fail closed).
+	// Listener is the IPv4 address:port of Envoy's original_dst listener,
+	// for IPv4 destinations (and v4-mapped ones of dual-stack sockets).
+	// The zero value means no Envoy: connects to steered IPv4 destinations
+	// fail with EPERM (fail closed).
 	Listener netip.AddrPort
+	// Listener6 is the IPv6 listener for IPv6 destinations; zero: they
+	// fail closed likewise.
+	Listener6 netip.AddrPort
 	// Mark, when not 0, exempts sockets whose SO_MARK has all these bits.
 	Mark uint32
 }
@@ -142,11 +172,18 @@ type Envoy struct {
 func (o *Objects) SetEnvoy(e Envoy) error {
 	var c SockmapCfg
 	if e.Listener.IsValid() {
-		a := e.Listener.Addr().Unmap()
-		if !a.Is4() {
-			return fmt.Errorf("envoy listener %s: only IPv4 is supported", e.Listener)
+		w, fam := words(e.Listener.Addr())
+		if fam != fam4 {
+			return fmt.Errorf("envoy listener %s: want IPv4 (Listener6 takes IPv6)", e.Listener)
 		}
-		c.EnvoyAddr, c.EnvoyPort = be32(a), be16(e.Listener.Port())
+		c.Envoy4, c.EnvoyPort4 = w[0], be16(e.Listener.Port())
+	}
+	if e.Listener6.IsValid() {
+		w, fam := words(e.Listener6.Addr())
+		if fam != fam6 {
+			return fmt.Errorf("envoy listener6 %s: want IPv6", e.Listener6)
+		}
+		c.Envoy6, c.EnvoyPort6 = w, be16(e.Listener6.Port())
 	}
 	c.EnvoyMark = e.Mark
 	o.mu.Lock()
@@ -183,15 +220,15 @@ type Pair struct {
 // Sockets lists the sockets in the SOCKHASH by their own {local, remote}.
 func (o *Objects) Sockets() ([]Pair, error) {
 	var (
-		k   SockmapTuple4
+		k   SockmapTuple
 		v   uint64
 		out []Pair
 	)
 	it := o.objs.KebpfL7Socks.Iterate()
 	for it.Next(&k, &v) {
 		out = append(out, Pair{
-			Local:  netip.AddrPortFrom(addr4(k.LocalAddr), uint16(k.LocalPort)),
-			Remote: netip.AddrPortFrom(addr4(k.RemoteAddr), uint16(k.RemotePort)),
+			Local:  netip.AddrPortFrom(fromWords(k.Local, k.Family), uint16(k.LocalPort)),
+			Remote: netip.AddrPortFrom(fromWords(k.Remote, k.Family), uint16(k.RemotePort)),
 		})
 	}
 	if err := it.Err(); err != nil {
@@ -203,11 +240,8 @@ func (o *Objects) Sockets() ([]Pair, error) {
 // OrigDst is the original destination recorded for Envoy's accepted socket
 // {local envoy, remote client}, as getsockopt answers it.
 func (o *Objects) OrigDst(envoyEnd Pair) (netip.AddrPort, bool, error) {
-	k := SockmapTuple4{
-		LocalAddr: be32(envoyEnd.Local.Addr().Unmap()), RemoteAddr: be32(envoyEnd.Remote.Addr().Unmap()),
-		LocalPort: uint32(envoyEnd.Local.Port()), RemotePort: uint32(envoyEnd.Remote.Port()),
-	}
-	var d SockmapDst4
+	k := tupleKey(envoyEnd)
+	var d SockmapDst
 	err := o.objs.KebpfL7Orig.Lookup(&k, &d)
 	if errors.Is(err, ebpf.ErrKeyNotExist) {
 		return netip.AddrPort{}, false, nil
@@ -215,5 +249,5 @@ func (o *Objects) OrigDst(envoyEnd Pair) (netip.AddrPort, bool, error) {
 	if err != nil {
 		return netip.AddrPort{}, false, fmt.Errorf("lookup %s: %w", SockmapMapKebpfL7Orig, err)
 	}
-	return netip.AddrPortFrom(addr4(d.Addr), be16(d.Port)), true, nil
+	return netip.AddrPortFrom(fromWords(d.Addr, uint32(d.Family)), be16(d.Port)), true, nil
 }

@@ -14,27 +14,28 @@ import (
 )
 
 type SockmapCfg struct {
-	_         structs.HostLayout
-	EnvoyAddr uint32
-	EnvoyPort uint16
-	Pad       uint16
-	EnvoyMark uint32
-	Pad2      uint32
-}
-
-type SockmapDst4 struct {
-	_    structs.HostLayout
-	Addr uint32
-	Port uint16
-	Pad  uint16
-}
-
-type SockmapTuple4 struct {
 	_          structs.HostLayout
-	LocalAddr  uint32
-	RemoteAddr uint32
+	Envoy4     uint32
+	Envoy6     [4]uint32
+	EnvoyPort4 uint16
+	EnvoyPort6 uint16
+	EnvoyMark  uint32
+}
+
+type SockmapDst struct {
+	_      structs.HostLayout
+	Addr   [4]uint32
+	Port   uint16
+	Family uint16
+}
+
+type SockmapTuple struct {
+	_          structs.HostLayout
+	Local      [4]uint32
+	Remote     [4]uint32
 	LocalPort  uint32
 	RemotePort uint32
+	Family     uint32
 }
 
 // Names of all BPF objects in the ELF.

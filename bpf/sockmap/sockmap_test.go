@@ -405,3 +405,83 @@ func TestMappedNotBypassed(t *testing.T) {
 		t.Fatalf("stats = %+v, want Steered 1, SockAdded 2, Redirected 1", s)
 	}
 }
+
+// TestIPv6: an IPv6 pod is steered to Envoy's IPv6 listener, Envoy reads
+// it through (SOL_IPV6, IP6T_SO_ORIGINAL_DST) while (SOL_IP,
+// SO_ORIGINAL_DST) keeps the kernel's error, the payload goes through
+// sk_msg, and Envoy's own connect reaches the pod.
+func TestIPv6(t *testing.T) {
+	r := newRig(t)
+	pod := listen6(t)
+	podAddr := addrPort(pod.Addr())
+	var envLn net.Listener
+	inCgroup(t, r.envoy, func() { envLn = listen6(t) })
+	if err := r.o.SetEnvoy(Envoy{Listener: r.envoyAdr, Listener6: addrPort(envLn.Addr())}); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.o.SetSteered(podAddr); err != nil {
+		t.Fatal(err)
+	}
+	var (
+		c   net.Conn
+		err error
+	)
+	inCgroup(t, r.app, func() { c, err = net.DialTimeout("tcp6", podAddr.String(), 5*time.Second) })
+	if err != nil {
+		t.Fatalf("dial %s: %v", podAddr, err)
+	}
+	defer c.Close()
+	if got := addrPort(c.RemoteAddr()); got != addrPort(envLn.Addr()) {
+		t.Fatalf("connected to %s, want envoy's %s", got, envLn.Addr())
+	}
+	ec := accept(t, envLn)
+	if got, err := origDst6(t, ec); err != nil || got != podAddr {
+		t.Fatalf("IP6T_SO_ORIGINAL_DST = %s, %v; want %s", got, err, podAddr)
+	}
+	if _, err := origDst(t, ec); err == nil {
+		t.Fatal("SOL_IP SO_ORIGINAL_DST answered for an IPv6 destination")
+	}
+	up, down := randBytes(1<<20, 5), randBytes(1<<20, 6)
+	deadline := time.Now().Add(30 * time.Second)
+	c.SetDeadline(deadline)
+	ec.SetDeadline(deadline)
+	errc := make(chan error, 2)
+	go func() { _, err := c.Write(up); errc <- err }()
+	go func() { _, err := ec.Write(down); errc <- err }()
+	gotUp, err := readN(ec, len(up))
+	if err != nil || !bytes.Equal(gotUp, up) {
+		t.Fatalf("client->envoy: %v", err)
+	}
+	gotDown, err := readN(c, len(down))
+	if err != nil || !bytes.Equal(gotDown, down) {
+		t.Fatalf("envoy->client: %v", err)
+	}
+	for range 2 {
+		if err := <-errc; err != nil {
+			t.Fatal(err)
+		}
+	}
+	socks, err := r.o.Sockets()
+	if err != nil || len(socks) != 2 {
+		t.Fatalf("SOCKHASH = %v, %v; want both ends", socks, err)
+	}
+	uc, err := dialFrom(t, r.envoy, podAddr)
+	if err != nil || addrPort(uc.RemoteAddr()) != podAddr {
+		t.Fatalf("envoy's own connect: %v", err)
+	}
+	accept(t, pod)
+	s := stats(t, r.o)
+	if s.Steered != 1 || s.Redirected == 0 || s.RedirectMiss != 0 || s.EnvoySkipped != 1 {
+		t.Fatalf("stats = %+v", s)
+	}
+}
+
+func listen6(tb testing.TB) net.Listener {
+	tb.Helper()
+	ln, err := net.Listen("tcp6", "[::1]:0")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { ln.Close() })
+	return ln
+}
