@@ -2,7 +2,7 @@
 
 // Package sockmap is the L7 steering datapath: cgroup connect4/6 programs
 // rewrite connections to selected pod IP:ports to the node-local Envoy and
-// records the original destination, a cgroup getsockopt program answers it
+// record the original destination, a cgroup getsockopt program answers it
 // to Envoy as SO_ORIGINAL_DST, and sockops + sk_msg carry the payload between
 // the client and Envoy without the loopback TCP stack. See README.md.
 //
