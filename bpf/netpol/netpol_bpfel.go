@@ -111,7 +111,6 @@ const (
 	NetpolMapKebpfNpEp     = "kebpf_np_ep"
 	NetpolMapKebpfNpEvents = "kebpf_np_events"
 	NetpolMapKebpfNpHost   = "kebpf_np_host"
-	NetpolMapKebpfNpLost   = "kebpf_np_lost"
 	NetpolMapKebpfNpPol    = "kebpf_np_pol"
 	NetpolMapKebpfNpVerd   = "kebpf_np_verd"
 	NetpolProgKebpfNpFrom  = "kebpf_np_from"
@@ -180,7 +179,6 @@ type NetpolMapSpecs struct {
 	KebpfNpEp     *ebpf.MapSpec `ebpf:"kebpf_np_ep"`
 	KebpfNpEvents *ebpf.MapSpec `ebpf:"kebpf_np_events"`
 	KebpfNpHost   *ebpf.MapSpec `ebpf:"kebpf_np_host"`
-	KebpfNpLost   *ebpf.MapSpec `ebpf:"kebpf_np_lost"`
 	KebpfNpPol    *ebpf.MapSpec `ebpf:"kebpf_np_pol"`
 	KebpfNpVerd   *ebpf.MapSpec `ebpf:"kebpf_np_verd"`
 }
@@ -223,7 +221,6 @@ type NetpolMaps struct {
 	KebpfNpEp     *ebpf.Map `ebpf:"kebpf_np_ep"`
 	KebpfNpEvents *ebpf.Map `ebpf:"kebpf_np_events"`
 	KebpfNpHost   *ebpf.Map `ebpf:"kebpf_np_host"`
-	KebpfNpLost   *ebpf.Map `ebpf:"kebpf_np_lost"`
 	KebpfNpPol    *ebpf.Map `ebpf:"kebpf_np_pol"`
 	KebpfNpVerd   *ebpf.Map `ebpf:"kebpf_np_verd"`
 }
@@ -235,7 +232,6 @@ func (m *NetpolMaps) Close() error {
 		m.KebpfNpEp,
 		m.KebpfNpEvents,
 		m.KebpfNpHost,
-		m.KebpfNpLost,
 		m.KebpfNpPol,
 		m.KebpfNpVerd,
 	)

@@ -18,7 +18,7 @@ import (
 // pinnedMaps carry state across restarts; Detach unpins them.
 var pinnedMaps = []string{
 	NetpolMapKebpfNpEp, NetpolMapKebpfNpPol, NetpolMapKebpfNpCt, NetpolMapKebpfNpHost,
-	NetpolMapKebpfNpCnt, NetpolMapKebpfNpVerd, NetpolMapKebpfNpEvents, NetpolMapKebpfNpLost,
+	NetpolMapKebpfNpCnt, NetpolMapKebpfNpVerd, NetpolMapKebpfNpEvents,
 }
 
 // MapPinDir is the directory the maps are pinned in (by name).
