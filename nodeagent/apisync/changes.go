@@ -76,6 +76,12 @@ func Key[T any, PT interface {
 	return types.NamespacedName{Namespace: o.GetNamespace(), Name: o.GetName()}
 }
 
+// Watch adds Handler(record, request) to inf.
+func Watch[T any](inf cache.SharedIndexInformer, record func(prev, cur *T) bool, request func()) error {
+	_, err := inf.AddEventHandler(Handler(record, request))
+	return err
+}
+
 // Handler turns informer callbacks into record calls and asks request for
 // a run when record says a change is pending. It never computes anything:
 // the runner does, once per burst. Tombstones (DeletedFinalStateUnknown)

@@ -204,18 +204,12 @@ func (s *Syncer) Run(ctx context.Context) error {
 	s.podLister, s.podIndex = podInf.Lister(), podInf.Informer().GetIndexer()
 	s.npLister, s.nsLister = npInf.Lister(), nsInf.Lister()
 
-	handlers := []struct {
-		inf cache.SharedIndexInformer
-		h   cache.ResourceEventHandler
-	}{
-		{podInf.Informer(), apisync.Handler(s.tracker.RecordPod, s.runner.Request)},
-		{npInf.Informer(), apisync.Handler(s.tracker.RecordPolicy, s.runner.Request)},
-		{nsInf.Informer(), apisync.Handler(s.tracker.RecordNamespace, s.runner.Request)},
-	}
-	for _, h := range handlers {
-		if _, err := h.inf.AddEventHandler(h.h); err != nil {
-			return fmt.Errorf("policy informer handler: %w", err)
-		}
+	if err := errors.Join(
+		apisync.Watch(podInf.Informer(), s.tracker.RecordPod, s.runner.Request),
+		apisync.Watch(npInf.Informer(), s.tracker.RecordPolicy, s.runner.Request),
+		apisync.Watch(nsInf.Informer(), s.tracker.RecordNamespace, s.runner.Request),
+	); err != nil {
+		return fmt.Errorf("policy informer handler: %w", err)
 	}
 	stop, err := apisync.StartInformers(ctx, factory)
 	defer stop()

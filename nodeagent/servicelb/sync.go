@@ -21,7 +21,6 @@ import (
 	"k8s.io/client-go/informers"
 	corelisters "k8s.io/client-go/listers/core/v1"
 	discoverylisters "k8s.io/client-go/listers/discovery/v1"
-	"k8s.io/client-go/tools/cache"
 
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/socklb"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/apisync"
@@ -154,18 +153,12 @@ func (s *Syncer) Run(ctx context.Context) error {
 	nodeInf := nodeFactory.Core().V1().Nodes()
 	s.svcLister, s.sliceLister, s.nodeLister = svcInf.Lister(), sliceInf.Lister(), nodeInf.Lister()
 
-	handlers := []struct {
-		inf cache.SharedIndexInformer
-		h   cache.ResourceEventHandler
-	}{
-		{svcInf.Informer(), apisync.Handler(s.tracker.RecordService, s.runner.Request)},
-		{sliceInf.Informer(), apisync.Handler(s.tracker.RecordSlice, s.runner.Request)},
-		{nodeInf.Informer(), apisync.Handler(s.tracker.RecordNode, s.runner.Request)},
-	}
-	for _, h := range handlers {
-		if _, err := h.inf.AddEventHandler(h.h); err != nil {
-			return fmt.Errorf("service sync informer handler: %w", err)
-		}
+	if err := errors.Join(
+		apisync.Watch(svcInf.Informer(), s.tracker.RecordService, s.runner.Request),
+		apisync.Watch(sliceInf.Informer(), s.tracker.RecordSlice, s.runner.Request),
+		apisync.Watch(nodeInf.Informer(), s.tracker.RecordNode, s.runner.Request),
+	); err != nil {
+		return fmt.Errorf("service sync informer handler: %w", err)
 	}
 	stop, err := apisync.StartInformers(ctx, svcFactory, sliceFactory, nodeFactory)
 	defer stop()
