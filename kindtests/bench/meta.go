@@ -4,6 +4,7 @@ package bench
 
 import (
 	"context"
+	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
 	"os"
 	"os/exec"
 	"runtime/debug"
@@ -59,20 +60,11 @@ func toolVersion(bin string, args ...string) string {
 // test builds carry no stamp).
 func revision() string {
 	if bi, ok := debug.ReadBuildInfo(); ok {
-		rev, dirty := "", false
-		for _, s := range bi.Settings {
-			switch s.Key {
-			case "vcs.revision":
-				rev = s.Value
-			case "vcs.modified":
-				dirty = s.Value == "true"
+		if v, commit, src := manifests.FromBuildInfo(bi); src == manifests.SourceVCS {
+			if strings.HasSuffix(v, "-dirty") {
+				commit += "-dirty"
 			}
-		}
-		if rev != "" {
-			if dirty {
-				rev += "-dirty"
-			}
-			return rev
+			return commit
 		}
 	}
 	rev := toolVersion("git", "rev-parse", "HEAD")
