@@ -11,8 +11,12 @@ package bpftest
 import (
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -97,4 +101,72 @@ func Netns(tb testing.TB, prefix string) string {
 		}
 	})
 	return name
+}
+
+// SubCgroup creates the cgroup parent/name, removed at cleanup (register
+// it after parent's, so it goes first).
+func SubCgroup(tb testing.TB, parent, name string) string {
+	tb.Helper()
+	dir := filepath.Join(parent, name)
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		tb.Fatalf("create cgroup %s: %v", dir, err)
+	}
+	tb.Cleanup(func() {
+		if err := os.Remove(dir); err != nil {
+			tb.Errorf("remove cgroup %s: %v", dir, err)
+		}
+	})
+	return dir
+}
+
+// CgroupID is the id of the cgroup v2 directory dir (its inode number), as
+// bpf_get_current_cgroup_id returns it.
+func CgroupID(tb testing.TB, dir string) uint64 {
+	tb.Helper()
+	var st unix.Stat_t
+	if err := unix.Stat(dir, &st); err != nil {
+		tb.Fatalf("stat cgroup %s: %v", dir, err)
+	}
+	return st.Ino
+}
+
+var cgMove sync.Mutex
+
+// InCgroup runs fn with the whole test process in the cgroup v2 directory
+// dir and moves it back afterwards, also when fn fails the test. A socket
+// belongs to its creator's cgroup at socket(), and a child process starts
+// in its parent's, so this is how a test puts a socket or a process (a
+// stand-in client, a real Envoy) under a cgroup program without helpers.
+func InCgroup(tb testing.TB, dir string, fn func()) {
+	tb.Helper()
+	cgMove.Lock()
+	defer cgMove.Unlock()
+	home, err := ownCgroup()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	pid := []byte(strconv.Itoa(os.Getpid()))
+	if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), pid, 0); err != nil {
+		tb.Fatalf("move into %s: %v", dir, err)
+	}
+	defer func() {
+		if err := os.WriteFile(filepath.Join(CgroupParent, home, "cgroup.procs"), pid, 0); err != nil {
+			tb.Errorf("move back to %s: %v", home, err)
+		}
+	}()
+	fn()
+}
+
+// ownCgroup is this process's cgroup v2 path (the "0::" line).
+func ownCgroup() (string, error) {
+	b, err := os.ReadFile("/proc/self/cgroup")
+	if err != nil {
+		return "", err
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if p, ok := strings.CutPrefix(l, "0::"); ok {
+			return p, nil
+		}
+	}
+	return "", errors.New("no cgroup v2 line in /proc/self/cgroup")
 }

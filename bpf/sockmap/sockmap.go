@@ -1,0 +1,59 @@
+//go:build linux
+
+// Package sockmap is the L7 steering datapath: cgroup connect4/6 programs
+// rewrite connections to selected pod IP:ports to the node-local Envoy and
+// record the original destination, a cgroup getsockopt program answers it
+// to Envoy as SO_ORIGINAL_DST, and sockops + sk_msg carry the payload between
+// the client and Envoy without the loopback TCP stack. See README.md.
+//
+// Maps live under <pinDir>/maps and links under <pinDir>/links/sockmap_<hook>
+// (the sk_msg program is attached to the pinned SOCKHASH itself), so
+// steering and established connections survive an agent restart.
+package sockmap
+
+import (
+	"errors"
+	"fmt"
+	"sync"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+)
+
+// LinkPinPrefix prefixes the pinned link file names under <pinDir>/links.
+const LinkPinPrefix = "sockmap_"
+
+// Objects is the loaded L7 datapath: programs, pinned maps and, after
+// Attach, the cgroup links and the sk_msg attachment.
+type Objects struct {
+	pinDir string
+	objs   SockmapObjects
+
+	mu     sync.Mutex // guards kebpf_l7_cfg read-modify-write
+	links  map[string]link.Link
+	msgOn  bool // sk_msg attached to kebpf_l7_socks by this Objects
+	closed bool
+}
+
+// Close releases this process's handles. Attachments stay (pinned links,
+// the sk_msg program held by the pinned SOCKHASH): use Detach to remove them.
+func (o *Objects) Close() error {
+	var errs []error
+	for name, l := range o.links {
+		if err := l.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close link %s: %w", name, err))
+		}
+	}
+	o.links = map[string]link.Link{}
+	if !o.closed {
+		o.closed = true
+		if err := o.objs.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close objects: %w", err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Socks is the SOCKHASH both local ends of a steered connection live in
+// (for tests and debugging: iterate it to see the live pairs).
+func (o *Objects) Socks() *ebpf.Map { return o.objs.KebpfL7Socks }
