@@ -75,16 +75,7 @@ func PinDir(tb testing.TB) string {
 // Cgroup creates a fresh cgroup v2 directory, removed at cleanup.
 func Cgroup(tb testing.TB) string {
 	tb.Helper()
-	dir := filepath.Join(CgroupParent, "kebpf-test-"+RandSuffix(tb))
-	if err := os.Mkdir(dir, 0o755); err != nil {
-		tb.Fatalf("create cgroup %s: %v", dir, err)
-	}
-	tb.Cleanup(func() {
-		if err := os.Remove(dir); err != nil {
-			tb.Errorf("remove cgroup %s: %v", dir, err)
-		}
-	})
-	return dir
+	return SubCgroup(tb, CgroupParent, "kebpf-test-"+RandSuffix(tb))
 }
 
 // Netns creates a named network namespace prefix+<random>, deleted at

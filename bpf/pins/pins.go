@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"syscall"
 
 	"github.com/cilium/ebpf"
@@ -125,4 +126,122 @@ func MkdirAll(dirs ...string) error {
 		}
 	}
 	return nil
+}
+
+// CgroupHook is one cgroup attachment of a datapath package.
+type CgroupHook struct {
+	Name   string // link pin suffix, e.g. "connect4"
+	Prog   string // program name
+	Attach ebpf.AttachType
+}
+
+// HookNames lists the hooks' names (link pin suffixes) in attach order.
+func HookNames(hooks []CgroupHook) []string {
+	names := make([]string, len(hooks))
+	for i, h := range hooks {
+		names[i] = h.Name
+	}
+	return names
+}
+
+// AttachCgroupHooks attaches every hook's program (looked up by prog) at
+// cgroupPath, pinning each link at linkPin(hook name), idempotently (see
+// AttachCgroup). On error it undoes only what it attached anew: swapped
+// pinned links keep running the (equivalent) new program.
+func AttachCgroupHooks(hooks []CgroupHook, linkPin func(string) string, cgroupPath string, prog func(string) *ebpf.Program) (map[string]link.Link, error) {
+	links := map[string]link.Link{}
+	var fresh []link.Link
+	for _, h := range hooks {
+		p := prog(h.Prog)
+		if p == nil {
+			CloseLinks(links)
+			DetachAll(fresh)
+			return nil, fmt.Errorf("attach %s: program not loaded", h.Prog)
+		}
+		l, created, err := AttachCgroup(h.Prog, linkPin(h.Name), cgroupPath, h.Attach, p)
+		if err != nil {
+			CloseLinks(links)
+			DetachAll(fresh)
+			return nil, err
+		}
+		if created {
+			fresh = append(fresh, l)
+		}
+		links[h.Name] = l
+	}
+	return links, nil
+}
+
+// DetachAll detaches and unpins every link in ls (best effort: the undo of
+// a failed attach).
+func DetachAll(ls []link.Link) {
+	for _, l := range ls {
+		DetachAndClose(l)
+	}
+}
+
+// CloseLinks closes this process's handles of links (attachments stay).
+func CloseLinks(links map[string]link.Link) error {
+	var errs []error
+	for name, l := range links {
+		if err := l.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close link %s: %w", name, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// DetachLinks detaches, unpins and closes every link in links.
+func DetachLinks(links map[string]link.Link) error {
+	var errs []error
+	for name, l := range links {
+		if err := DetachAndClose(l); err != nil {
+			errs = append(errs, fmt.Errorf("detach %s: %w", name, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// DetachPinnedLinks detaches and unpins the links pinned at paths without
+// loading any program (for cleanups); missing pins are not an error.
+func DetachPinnedLinks(paths []string) error {
+	var errs []error
+	for _, pin := range paths {
+		l, err := link.LoadPinnedLink(pin, nil)
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("load pinned link %s: %w", pin, err))
+			continue
+		}
+		if err := DetachAndClose(l); err != nil {
+			errs = append(errs, fmt.Errorf("detach pinned link %s: %w", pin, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// MapDir is the directory a datapath's maps are pinned in (by name).
+func MapDir(pinDir string) string { return filepath.Join(pinDir, "maps") }
+
+// LinkDir is the directory a datapath's links are pinned in.
+func LinkDir(pinDir string) string { return filepath.Join(pinDir, "links") }
+
+// MapPaths lists the pin files of the maps named names under pinDir.
+func MapPaths(pinDir string, names []string) []string {
+	paths := make([]string, len(names))
+	for i, m := range names {
+		paths[i] = filepath.Join(MapDir(pinDir), m)
+	}
+	return paths
+}
+
+// HookLinkPaths lists the link pins of hooks (prefix+name under LinkDir).
+func HookLinkPaths(pinDir, prefix string, hooks []CgroupHook) []string {
+	paths := make([]string, len(hooks))
+	for i, h := range hooks {
+		paths[i] = filepath.Join(LinkDir(pinDir), prefix+h.Name)
+	}
+	return paths
 }

@@ -12,32 +12,19 @@ import (
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/pins"
 )
 
-// hook is one cgroup attachment.
-type hook struct {
-	name   string // link pin suffix
-	prog   string // program name
-	attach ebpf.AttachType
-}
-
-var hooks = []hook{
-	{"connect4", SocklbProgKebpfConnect4, ebpf.AttachCGroupInet4Connect},
-	{"connect6", SocklbProgKebpfConnect6, ebpf.AttachCGroupInet6Connect},
-	{"sendmsg4", SocklbProgKebpfSendmsg4, ebpf.AttachCGroupUDP4Sendmsg},
-	{"sendmsg6", SocklbProgKebpfSendmsg6, ebpf.AttachCGroupUDP6Sendmsg},
-	{"recvmsg4", SocklbProgKebpfRecvmsg4, ebpf.AttachCGroupUDP4Recvmsg},
-	{"recvmsg6", SocklbProgKebpfRecvmsg6, ebpf.AttachCGroupUDP6Recvmsg},
-	{"getpeer4", SocklbProgKebpfGetpeer4, ebpf.AttachCgroupInet4GetPeername},
-	{"getpeer6", SocklbProgKebpfGetpeer6, ebpf.AttachCgroupInet6GetPeername},
+var hooks = []pins.CgroupHook{
+	{Name: "connect4", Prog: SocklbProgKebpfConnect4, Attach: ebpf.AttachCGroupInet4Connect},
+	{Name: "connect6", Prog: SocklbProgKebpfConnect6, Attach: ebpf.AttachCGroupInet6Connect},
+	{Name: "sendmsg4", Prog: SocklbProgKebpfSendmsg4, Attach: ebpf.AttachCGroupUDP4Sendmsg},
+	{Name: "sendmsg6", Prog: SocklbProgKebpfSendmsg6, Attach: ebpf.AttachCGroupUDP6Sendmsg},
+	{Name: "recvmsg4", Prog: SocklbProgKebpfRecvmsg4, Attach: ebpf.AttachCGroupUDP4Recvmsg},
+	{Name: "recvmsg6", Prog: SocklbProgKebpfRecvmsg6, Attach: ebpf.AttachCGroupUDP6Recvmsg},
+	{Name: "getpeer4", Prog: SocklbProgKebpfGetpeer4, Attach: ebpf.AttachCgroupInet4GetPeername},
+	{Name: "getpeer6", Prog: SocklbProgKebpfGetpeer6, Attach: ebpf.AttachCgroupInet6GetPeername},
 }
 
 // Hooks lists the hook names (link pin suffixes) in attach order.
-func Hooks() []string {
-	names := make([]string, len(hooks))
-	for i, h := range hooks {
-		names[i] = h.name
-	}
-	return names
-}
+func Hooks() []string { return pins.HookNames(hooks) }
 
 // Attach attaches every program at the cgroup v2 directory cgroupPath and
 // pins each link. Like sockstats it is idempotent across restarts: a pinned
@@ -48,31 +35,13 @@ func (o *Objects) Attach(cgroupPath string) error {
 	if len(o.links) > 0 {
 		return errors.New("attach socklb: already attached")
 	}
-	var fresh []link.Link
-	for _, h := range hooks {
-		l, created, err := o.attachHook(h, cgroupPath)
-		if err != nil {
-			// Undo only what this call attached anew: swapped pinned links
-			// keep running the (equivalent) new program.
-			for _, f := range fresh {
-				pins.DetachAndClose(f)
-			}
-			for _, l := range o.links {
-				l.Close()
-			}
-			o.links = map[string]link.Link{}
-			return err
-		}
-		if created {
-			fresh = append(fresh, l)
-		}
-		o.links[h.name] = l
+	links, err := pins.AttachCgroupHooks(hooks, func(h string) string { return LinkPinPath(o.pinDir, h) },
+		cgroupPath, o.objs.program)
+	if err != nil {
+		return err
 	}
+	o.links = links
 	return nil
-}
-
-func (o *Objects) attachHook(h hook, cgroupPath string) (link.Link, bool, error) {
-	return pins.AttachCgroup(h.prog, LinkPinPath(o.pinDir, h.name), cgroupPath, h.attach, o.objs.program(h.prog))
 }
 
 // Attached reports whether Attach succeeded.
@@ -81,16 +50,8 @@ func (o *Objects) Attached() bool { return len(o.links) > 0 }
 // Detach removes every attachment and every pin (links and maps), then
 // closes everything: the service LB is gone until the next Load+Attach.
 func (o *Objects) Detach() error {
-	var errs []error
-	for name, l := range o.links {
-		if err := pins.DetachAndClose(l); err != nil {
-			errs = append(errs, fmt.Errorf("detach %s: %w", name, err))
-		}
-	}
+	errs := []error{pins.DetachLinks(o.links), detachPinnedLinks(o.pinDir)}
 	o.links = map[string]link.Link{}
-	if err := detachPinnedLinks(o.pinDir); err != nil {
-		errs = append(errs, err)
-	}
 	for _, m := range []*ebpf.Map{o.objs.KebpfLbSvc4, o.objs.KebpfLbSvc6, o.objs.KebpfLbBe,
 		o.objs.KebpfLbAff, o.objs.KebpfLbRev, o.objs.KebpfLbStats} {
 		if err := m.Unpin(); err != nil {

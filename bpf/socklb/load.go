@@ -105,7 +105,7 @@ func (c *cgroupObjects) program(name string) *ebpf.Program {
 func (c *cgroupObjects) Close() error {
 	var errs []error
 	for _, h := range hooks {
-		if p := c.program(h.prog); p != nil {
+		if p := c.program(h.Prog); p != nil {
 			errs = append(errs, p.Close())
 		}
 	}

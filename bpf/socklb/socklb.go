@@ -19,6 +19,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/pins"
 )
 
 const (
@@ -63,12 +64,7 @@ func (o *Objects) Datapath() Datapath { return o }
 // Close releases this process's handles. Pinned links and maps stay, so
 // translation continues; use Detach to remove it.
 func (o *Objects) Close() error {
-	var errs []error
-	for name, l := range o.links {
-		if err := l.Close(); err != nil {
-			errs = append(errs, fmt.Errorf("close link %s: %w", name, err))
-		}
-	}
+	errs := []error{pins.CloseLinks(o.links)}
 	o.links = map[string]link.Link{}
 	if o.kill != nil {
 		errs = append(errs, o.kill.Close())

@@ -14,18 +14,11 @@ import (
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/pins"
 )
 
-// hook is one cgroup attachment.
-type hook struct {
-	name   string // link pin suffix
-	prog   string // program name
-	attach ebpf.AttachType
-}
-
-var hooks = []hook{
-	{"connect4", SockmapProgKebpfL7Conn4, ebpf.AttachCGroupInet4Connect},
-	{"connect6", SockmapProgKebpfL7Conn6, ebpf.AttachCGroupInet6Connect},
-	{"sockops", SockmapProgKebpfL7Sops, ebpf.AttachCGroupSockOps},
-	{"getsockopt", SockmapProgKebpfL7Gsopt, ebpf.AttachCGroupGetsockopt},
+var hooks = []pins.CgroupHook{
+	{Name: "connect4", Prog: SockmapProgKebpfL7Conn4, Attach: ebpf.AttachCGroupInet4Connect},
+	{Name: "connect6", Prog: SockmapProgKebpfL7Conn6, Attach: ebpf.AttachCGroupInet6Connect},
+	{Name: "sockops", Prog: SockmapProgKebpfL7Sops, Attach: ebpf.AttachCGroupSockOps},
+	{Name: "getsockopt", Prog: SockmapProgKebpfL7Gsopt, Attach: ebpf.AttachCGroupGetsockopt},
 }
 
 // LBConnect4Name is the socket LB's connect4 program (bpf/socklb). Within
@@ -34,13 +27,7 @@ var hooks = []hook{
 const LBConnect4Name = "kebpf_connect4"
 
 // Hooks lists the cgroup hook names (link pin suffixes) in attach order.
-func Hooks() []string {
-	names := make([]string, len(hooks))
-	for i, h := range hooks {
-		names[i] = h.name
-	}
-	return names
-}
+func Hooks() []string { return pins.HookNames(hooks) }
 
 func (o *Objects) program(name string) *ebpf.Program {
 	switch name {
@@ -75,31 +62,17 @@ func (o *Objects) Attach(cgroupPath string) error {
 		return fmt.Errorf("attach %s to %s: %w", SockmapProgKebpfL7Msg, SockmapMapKebpfL7Socks, err)
 	}
 	o.msgOn = true
-	var fresh []link.Link
-	undo := func() {
-		for _, f := range fresh {
-			pins.DetachAndClose(f)
-		}
-		for _, l := range o.links {
-			l.Close()
-		}
-		o.links = map[string]link.Link{}
-	}
-	for _, h := range hooks {
-		l, created, err := pins.AttachCgroup(h.prog, LinkPinPath(o.pinDir, h.name), cgroupPath, h.attach, o.program(h.prog))
-		if err != nil {
-			undo()
-			return err
-		}
-		if created {
-			fresh = append(fresh, l)
-		}
-		o.links[h.name] = l
-	}
-	if err := CheckOrder(cgroupPath); err != nil {
-		undo()
+	links, err := pins.AttachCgroupHooks(hooks, func(h string) string { return LinkPinPath(o.pinDir, h) },
+		cgroupPath, o.program)
+	if err != nil {
 		return err
 	}
+	if err := CheckOrder(cgroupPath); err != nil {
+		// Leave nothing attached in the wrong order: a ClusterIP
+		// connection could then bypass Envoy.
+		return errors.Join(err, pins.DetachLinks(links))
+	}
+	o.links = links
 	return nil
 }
 
@@ -149,16 +122,8 @@ func (o *Objects) Attached() bool { return len(o.links) > 0 }
 // Detach removes every attachment and every pin (links and maps), then
 // closes everything: steering is gone until the next Load+Attach.
 func (o *Objects) Detach() error {
-	var errs []error
-	for name, l := range o.links {
-		if err := pins.DetachAndClose(l); err != nil {
-			errs = append(errs, fmt.Errorf("detach %s: %w", name, err))
-		}
-	}
+	errs := []error{pins.DetachLinks(o.links), detachPinnedLinks(o.pinDir)}
 	o.links = map[string]link.Link{}
-	if err := detachPinnedLinks(o.pinDir); err != nil {
-		errs = append(errs, err)
-	}
 	if err := detachMsg(o.objs.KebpfL7Socks); err != nil {
 		errs = append(errs, err)
 	}

@@ -9,7 +9,6 @@ import (
 	"path/filepath"
 
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/link"
 
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/pins"
 )
@@ -23,20 +22,14 @@ var pinnedMaps = []string{
 
 // LinkPinPath is where the link of hook (e.g. "connect4") is pinned.
 func LinkPinPath(pinDir, hook string) string {
-	return filepath.Join(pinDir, "links", LinkPinPrefix+hook)
+	return filepath.Join(pins.LinkDir(pinDir), LinkPinPrefix+hook)
 }
 
 // MapPinDir is the directory the maps are pinned in (by name).
-func MapPinDir(pinDir string) string { return filepath.Join(pinDir, "maps") }
+func MapPinDir(pinDir string) string { return pins.MapDir(pinDir) }
 
 // MapPinPaths lists the pin files of the maps.
-func MapPinPaths(pinDir string) []string {
-	paths := make([]string, len(pinnedMaps))
-	for i, m := range pinnedMaps {
-		paths[i] = filepath.Join(MapPinDir(pinDir), m)
-	}
-	return paths
-}
+func MapPinPaths(pinDir string) []string { return pins.MapPaths(pinDir, pinnedMaps) }
 
 // DetachPinned detaches and unpins every sockmap link, detaches the sk_msg
 // program from the pinned SOCKHASH and unpins the maps under pinDir without
@@ -60,20 +53,5 @@ func DetachPinned(pinDir string) error {
 }
 
 func detachPinnedLinks(pinDir string) error {
-	var errs []error
-	for _, h := range hooks {
-		pin := LinkPinPath(pinDir, h.name)
-		l, err := link.LoadPinnedLink(pin, nil)
-		if errors.Is(err, os.ErrNotExist) {
-			continue
-		}
-		if err != nil {
-			errs = append(errs, fmt.Errorf("load pinned link %s: %w", pin, err))
-			continue
-		}
-		if err := pins.DetachAndClose(l); err != nil {
-			errs = append(errs, fmt.Errorf("detach pinned link %s: %w", pin, err))
-		}
-	}
-	return errors.Join(errs...)
+	return pins.DetachPinnedLinks(pins.HookLinkPaths(pinDir, LinkPinPrefix, hooks))
 }

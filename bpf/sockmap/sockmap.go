@@ -18,6 +18,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/pins"
 )
 
 // LinkPinPrefix prefixes the pinned link file names under <pinDir>/links.
@@ -38,12 +39,7 @@ type Objects struct {
 // Close releases this process's handles. Attachments stay (pinned links,
 // the sk_msg program held by the pinned SOCKHASH): use Detach to remove them.
 func (o *Objects) Close() error {
-	var errs []error
-	for name, l := range o.links {
-		if err := l.Close(); err != nil {
-			errs = append(errs, fmt.Errorf("close link %s: %w", name, err))
-		}
-	}
+	errs := []error{pins.CloseLinks(o.links)}
 	o.links = map[string]link.Link{}
 	if !o.closed {
 		o.closed = true
