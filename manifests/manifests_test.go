@@ -206,7 +206,7 @@ func TestConfigMapRendersConfig(t *testing.T) {
 		cfg  *apiv1.AgentConfig
 		want string
 	}{
-		{name: "first install: defaults", want: "features:\n  policy: true\n  service-lb: true\n  sockstats: true\n"},
+		{name: "first install: defaults", want: "features:\n  l7: false\n  policy: true\n  service-lb: true\n  sockstats: true\n"},
 		{name: "kept from the cluster", cfg: &off, want: "features:\n  service-lb: false\n  sockstats: true\n"},
 	}
 	for _, tt := range tests {

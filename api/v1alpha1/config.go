@@ -23,11 +23,21 @@ const (
 	FeatureServiceLB = "service-lb"
 	// FeaturePolicy is L3/L4 NetworkPolicy enforcement.
 	FeaturePolicy = "policy"
+	// FeatureL7 steers connections to pods an L7Policy selects through the
+	// node's Envoy (sockmap) and serves that Envoy its config over xDS.
+	FeatureL7 = "l7"
 )
 
 // KnownFeatures are the datapath features an agent can switch on and off,
-// in the order agents attach them.
-var KnownFeatures = []string{FeatureSockStats, FeatureServiceLB, FeaturePolicy}
+// in the order agents attach them. l7 comes after service-lb: its connect
+// program must run after the socket LB's at the same cgroup, so it sees the
+// backend the LB chose (bpf/sockmap README).
+var KnownFeatures = []string{FeatureSockStats, FeatureServiceLB, FeaturePolicy, FeatureL7}
+
+// DefaultOffFeatures are the known features `install` leaves disabled:
+// l7 runs a second DaemonSet (Envoy) and changes the path of selected
+// connections, so users opt in with `kubectl ebpf enable l7`.
+var DefaultOffFeatures = []string{FeatureL7}
 
 // AgentConfig is the cluster-wide agent config, stored as YAML under ConfigKey
 // of the ConfigMap kubectl-ebpf-config.
@@ -39,11 +49,12 @@ type AgentConfig struct {
 	Features map[string]bool `json:"features"`
 }
 
-// DefaultConfig enables every known feature; `install` writes it.
+// DefaultConfig enables every known feature but DefaultOffFeatures, which
+// it lists as disabled; `install` writes it.
 func DefaultConfig() AgentConfig {
 	c := AgentConfig{Features: make(map[string]bool, len(KnownFeatures))}
 	for _, f := range KnownFeatures {
-		c.Features[f] = true
+		c.Features[f] = !slices.Contains(DefaultOffFeatures, f)
 	}
 	return c
 }

@@ -2,6 +2,7 @@ package v1alpha1
 
 import (
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -20,7 +21,7 @@ func TestParseConfig(t *testing.T) {
 		{name: "missing feature means off", in: "features:\n  sockstats: true\n",
 			want: map[string]bool{"sockstats": true}},
 		{name: "no features", in: "features: {}\n", want: map[string]bool{}},
-		{name: "unknown feature", in: "features:\n  sockstat: true\n", wantErr: "unknown feature(s) sockstat (known: sockstats, service-lb, policy)"},
+		{name: "unknown feature", in: "features:\n  sockstat: true\n", wantErr: "unknown feature(s) sockstat (known: sockstats, service-lb, policy, l7)"},
 		{name: "unknown field", in: "feature:\n  sockstats: true\n", wantErr: "unknown field"},
 		{name: "not a bool", in: "features:\n  sockstats: maybe\n", wantErr: "parse config.yaml"},
 		{name: "empty", in: "  \n", wantErr: "empty"},
@@ -48,15 +49,15 @@ func TestParseConfig(t *testing.T) {
 func TestDefaultConfigRoundTrip(t *testing.T) {
 	d := DefaultConfig()
 	for _, f := range KnownFeatures {
-		if !d.Enabled(f) {
-			t.Errorf("default config disables %s", f)
+		if want := !slices.Contains(DefaultOffFeatures, f); d.Enabled(f) != want {
+			t.Errorf("default config: %s enabled %v, want %v", f, d.Enabled(f), want)
 		}
 	}
 	b, err := d.Marshal()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := "features:\n  policy: true\n  service-lb: true\n  sockstats: true\n"; string(b) != want {
+	if want := "features:\n  l7: false\n  policy: true\n  service-lb: true\n  sockstats: true\n"; string(b) != want {
 		t.Errorf("Marshal = %q, want %q", b, want)
 	}
 	back, err := ParseConfig(b)

@@ -72,6 +72,9 @@ type NodeStateStatus struct {
 	// +optional
 	// +nullable
 	Errors []string `json:"errors,omitempty"`
+	// L7 is the state of the node's Envoy while the l7 feature is active.
+	// +optional
+	L7 *L7NodeStatus `json:"l7,omitempty"`
 	// Heartbeat is the last time the agent refreshed this object.
 	// +optional
 	// +nullable
@@ -87,4 +90,33 @@ type KernelFeature struct {
 	// Detail says why the feature is unavailable.
 	// +optional
 	Detail string `json:"detail,omitempty"`
+}
+
+// L7NodeStatus is what the agent knows of its node's Envoy, which it
+// configures over xDS (a unix socket on the node).
+type L7NodeStatus struct {
+	// EnvoyReady: Envoy is connected to the agent's xDS server and ACKed
+	// the current version, so steering to it is on; while false,
+	// connections to selected pod:ports fail (fail closed).
+	EnvoyReady bool `json:"envoyReady"`
+	// Version is the xDS version the agent serves for this node now.
+	// +optional
+	Version string `json:"version,omitempty"`
+	// AckedVersion is the last version Envoy accepted.
+	// +optional
+	AckedVersion string `json:"ackedVersion,omitempty"`
+	// NackedVersion is the last version Envoy rejected, if newer than
+	// AckedVersion (Envoy keeps running AckedVersion).
+	// +optional
+	NackedVersion string `json:"nackedVersion,omitempty"`
+	// NackMessage is Envoy's error text for NackedVersion.
+	// +optional
+	NackMessage string `json:"nackMessage,omitempty"`
+	// Steered is how many local pod:ports connections are steered to
+	// Envoy for.
+	// +optional
+	Steered int32 `json:"steered,omitempty"`
+	// Policies is how many L7Policies select pods on this node.
+	// +optional
+	Policies int32 `json:"policies,omitempty"`
 }

@@ -139,7 +139,7 @@ func TestSwitch(t *testing.T) {
 			wantConfig: "features:\n  service-lb: true\n  sockstats: true\n", wantOut: "feature sockstats already enabled: nothing changed\n"},
 		{name: "unknown names dropped", config: "features:\n  bogus: true\n  sockstats: true\n", enable: true, feature: "service-lb",
 			wantConfig: "features:\n  service-lb: true\n  sockstats: true\n", wantOut: "feature service-lb enabled\n",
-			wantWarn: "warning: removed unknown feature(s) bogus from the config (known: sockstats, service-lb, policy)\n", wantWrite: true},
+			wantWarn: "warning: removed unknown feature(s) bogus from the config (known: sockstats, service-lb, policy, l7)\n", wantWrite: true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -89,7 +89,7 @@ func agentEnv(t *testing.T, ds *unstructured.Unstructured) map[string]string {
 }
 
 func TestInstallKeepsFeaturesAndSetsAPIServer(t *testing.T) {
-	const defaults = "features:\n  policy: true\n  service-lb: true\n  sockstats: true\n"
+	const defaults = "features:\n  l7: false\n  policy: true\n  service-lb: true\n  sockstats: true\n"
 	tests := []struct {
 		name       string
 		objs       []runtime.Object
@@ -102,7 +102,7 @@ func TestInstallKeepsFeaturesAndSetsAPIServer(t *testing.T) {
 		{name: "first install: defaults", objs: []runtime.Object{endpointSlice("kubernetes", discoveryv1.AddressTypeIPv4, "10.1.2.3", 6443)},
 			wantConfig: defaults, wantEnv: map[string]string{"KUBERNETES_SERVICE_HOST": "10.1.2.3", "KUBERNETES_SERVICE_PORT": "6443"}},
 		{name: "first install with --disable", objs: []runtime.Object{endpointSlice("kubernetes", discoveryv1.AddressTypeIPv4, "10.1.2.3", 6443)},
-			disable: []string{"service-lb"}, wantConfig: "features:\n  policy: true\n  service-lb: false\n  sockstats: true\n",
+			disable: []string{"service-lb"}, wantConfig: "features:\n  l7: false\n  policy: true\n  service-lb: false\n  sockstats: true\n",
 			wantEnv: map[string]string{"KUBERNETES_SERVICE_HOST": "10.1.2.3", "KUBERNETES_SERVICE_PORT": "6443"}},
 		{name: "re-install keeps a disabled feature, drops unknown ones",
 			objs: []runtime.Object{
@@ -111,7 +111,7 @@ func TestInstallKeepsFeaturesAndSetsAPIServer(t *testing.T) {
 			},
 			wantConfig: "features:\n  service-lb: false\n  sockstats: true\n",
 			wantEnv:    map[string]string{"KUBERNETES_SERVICE_HOST": "10.1.2.3", "KUBERNETES_SERVICE_PORT": "6443"},
-			wantWarn:   []string{"warning: dropping unknown feature(s) bogus from the config (known: sockstats, service-lb, policy)"}},
+			wantWarn:   []string{"warning: dropping unknown feature(s) bogus from the config (known: sockstats, service-lb, policy, l7)"}},
 		{name: "flags override the cluster's config",
 			objs:       []runtime.Object{existingConfig("features:\n  service-lb: false\n  sockstats: true\n")},
 			enable:     []string{"service-lb"},
@@ -184,7 +184,7 @@ func TestInstallFeatureFlagsValidate(t *testing.T) {
 		wantErr         string
 	}{
 		{name: "known", enable: []string{"sockstats"}, disable: []string{"service-lb"}},
-		{name: "unknown", disable: []string{"bogus"}, wantErr: `unknown feature "bogus": known features are sockstats, service-lb, policy`},
+		{name: "unknown", disable: []string{"bogus"}, wantErr: `unknown feature "bogus": known features are sockstats, service-lb, policy, l7`},
 		{name: "both", enable: []string{"service-lb"}, disable: []string{"service-lb"}, wantErr: `feature "service-lb" both enabled and disabled`},
 	}
 	for _, tt := range tests {

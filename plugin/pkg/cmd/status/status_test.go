@@ -144,7 +144,7 @@ func TestStatusConvergence(t *testing.T) {
 			wantJSON: `["sockstats"] false`},
 		{name: "everything off", config: "features: {}\n", changedAgo: time.Hour, wantJSON: `[] true`},
 		{name: "invalid config", active: []string{"sockstats"}, config: "features:\n  bogus: true\n", changedAgo: time.Hour, wantErr: cmdutil.ErrUnhealthy,
-			wantRow: "config: ConfigMap kubectl-ebpf-config: parse config.yaml: unknown feature(s) bogus (known: sockstats, service-lb, policy)", wantJSON: `null true`},
+			wantRow: "config: ConfigMap kubectl-ebpf-config: parse config.yaml: unknown feature(s) bogus (known: sockstats, service-lb, policy, l7)", wantJSON: `null true`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
