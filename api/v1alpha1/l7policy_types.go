@@ -38,6 +38,7 @@ var L7PolicyGVK = SchemeGroupVersion.WithKind(L7PolicyKind)
 // Policies are additive, like NetworkPolicy; an L7Policy never widens L3/L4:
 // NetworkPolicy still decides which connections exist.
 //
+// +genclient
 // +kubebuilder:object:root=true
 // +kubebuilder:subresource:status
 // +kubebuilder:resource:scope=Namespaced,shortName=l7p

@@ -14,12 +14,17 @@ import (
 
 type EbpfV1alpha1Interface interface {
 	RESTClient() rest.Interface
+	L7PoliciesGetter
 	NodeStatesGetter
 }
 
 // EbpfV1alpha1Client is used to interact with features provided by the kubectl-ebpf.io group.
 type EbpfV1alpha1Client struct {
 	restClient rest.Interface
+}
+
+func (c *EbpfV1alpha1Client) L7Policies(namespace string) L7PolicyInterface {
+	return newL7Policies(c, namespace)
 }
 
 func (c *EbpfV1alpha1Client) NodeStates() NodeStateInterface {

@@ -4,4 +4,6 @@
 
 package v1alpha1
 
+type L7PolicyExpansion interface{}
+
 type NodeStateExpansion interface{}

@@ -14,6 +14,10 @@ type FakeEbpfV1alpha1 struct {
 	*testing.Fake
 }
 
+func (c *FakeEbpfV1alpha1) L7Policies(namespace string) v1alpha1.L7PolicyInterface {
+	return newFakeL7Policies(c, namespace)
+}
+
 func (c *FakeEbpfV1alpha1) NodeStates() v1alpha1.NodeStateInterface {
 	return newFakeNodeStates(c)
 }
