@@ -24,6 +24,9 @@ const (
 	L7ReasonAcked   = "Acked"
 	L7ReasonNacked  = "Nacked"
 	L7ReasonPending = "Pending"
+	// L7ReasonNoDestinations: no node has a running pod the policy selects,
+	// so there is nothing to program.
+	L7ReasonNoDestinations = "NoDestinations"
 )
 
 // L7PolicyGVR addresses L7Policy objects through the dynamic client.

@@ -95,9 +95,10 @@ type KernelFeature struct {
 // L7NodeStatus is what the agent knows of its node's Envoy, which it
 // configures over xDS (a unix socket on the node).
 type L7NodeStatus struct {
-	// EnvoyReady: Envoy is connected to the agent's xDS server and ACKed
-	// the current version, so steering to it is on; while false,
-	// connections to selected pod:ports fail (fail closed).
+	// EnvoyReady: the node's Envoy pod is Ready (its admin /ready, which
+	// needs its first xDS config) and its cgroup is known (so its own
+	// upstream connections are never steered), so steering to it is on;
+	// while false, connections to selected pod:ports fail (fail closed).
 	EnvoyReady bool `json:"envoyReady"`
 	// Version is the xDS version the agent serves for this node now.
 	// +optional

@@ -14,7 +14,6 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"time"
 
@@ -92,6 +91,9 @@ type Config struct {
 	// PolicyAttach selects tcx or clsact for the policy programs (zero:
 	// auto, tcx where the kernel has it).
 	PolicyAttach netpol.AttachMode
+	// L7 configures the l7 feature; L7Sync overrides its runner intervals.
+	L7     L7Config
+	L7Sync apisync.Intervals
 }
 
 // Agent is one running agent.
@@ -281,6 +283,11 @@ func (a *Agent) State() *apiv1.NodeState {
 		Errors:       errs,
 		Heartbeat:    metav1.NewTime(time.Now().UTC().Truncate(time.Second)),
 	}
+	for _, fs := range a.feats {
+		if c, ok := fs.f.(StatusContributor); ok && fs.active {
+			c.ContributeStatus(&st)
+		}
+	}
 	// Ready in NodeState is stricter than /readyz: any error counts.
 	st.Ready = a.haveConfig && a.allEnabledActiveLocked() && len(st.Errors) == 0
 	return &apiv1.NodeState{
@@ -322,7 +329,7 @@ func (a *Agent) publish(ctx context.Context) {
 	a.mu.Lock()
 	first := !a.published
 	a.published = true
-	a.lastStatus = statusKey(state.Status.Active, state.Status.Errors)
+	a.lastStatus = statusKey(state.Status)
 	a.mu.Unlock()
 	if first {
 		a.log.Info("published nodestate", "node", a.cfg.NodeName)
@@ -392,20 +399,23 @@ func loopbackOnly(addr string) error {
 	return nil
 }
 
-// publishIfChanged publishes when the active features or the errors differ
+// publishIfChanged publishes when the status (but the heartbeat) differs
 // from what was last published (or nothing was published yet).
 func (a *Agent) publishIfChanged(ctx context.Context) {
+	key := statusKey(a.State().Status)
 	a.mu.Lock()
-	active, errs := a.activeAndErrorsLocked()
-	changed := !a.published || statusKey(active, errs) != a.lastStatus
+	changed := !a.published || key != a.lastStatus
 	a.mu.Unlock()
 	if changed {
 		a.publish(ctx)
 	}
 }
 
-func statusKey(active, errs []string) string {
-	return strings.Join(active, ",") + "\x00" + strings.Join(errs, "\x00")
+// statusKey identifies what a NodeState says, heartbeat aside.
+func statusKey(st apiv1.NodeStateStatus) string {
+	st.Heartbeat = metav1.Time{}
+	b, _ := json.Marshal(st)
+	return string(b)
 }
 
 // allEnabledActiveLocked reports whether every enabled feature is active.

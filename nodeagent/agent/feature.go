@@ -35,6 +35,12 @@ type ErrorReporter interface {
 	Errors() []string
 }
 
+// StatusContributor is implemented by features with state of their own in
+// NodeState (l7: the node's Envoy). Called with the agent's lock held.
+type StatusContributor interface {
+	ContributeStatus(st *apiv1.NodeStateStatus)
+}
+
 // featureState is the agent's view of one feature.
 type featureState struct {
 	f Feature
@@ -80,6 +86,7 @@ func (a *Agent) converge(ctx context.Context) {
 				a.log.Error("enable feature", "feature", name, "err", err)
 			} else {
 				a.log.Info("feature enabled", "feature", name)
+				a.keepOrder(st)
 			}
 			continue
 		}
@@ -103,6 +110,40 @@ func (a *Agent) converge(ctx context.Context) {
 			a.log.Info("feature disabled", "feature", name)
 		default:
 			a.log.Debug("feature disabled (removed any state left by an earlier agent)", "feature", name)
+		}
+	}
+}
+
+// orderKeeper is a feature whose programs must run after other features'
+// at the same hook (l7 after the socket LB).
+type orderKeeper interface {
+	ensureOrder() error
+}
+
+const orderErr = "program order: "
+
+// keepOrder lets every other active feature restore its place in the run
+// order after enabled attached its programs.
+func (a *Agent) keepOrder(enabled *featureState) {
+	for _, st := range a.feats {
+		a.mu.Lock()
+		active := st.active
+		a.mu.Unlock()
+		k, ok := st.f.(orderKeeper)
+		if !ok || !active || st == enabled {
+			continue
+		}
+		err := k.ensureOrder()
+		a.mu.Lock()
+		switch {
+		case err != nil:
+			st.err = orderErr + err.Error()
+		case strings.HasPrefix(st.err, orderErr):
+			st.err = ""
+		}
+		a.mu.Unlock()
+		if err != nil {
+			a.log.Error("restore program order", "feature", st.f.Name(), "err", err)
 		}
 	}
 }
