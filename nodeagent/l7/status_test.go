@@ -41,7 +41,7 @@ func TestPolicyStatus(t *testing.T) {
 		{name: "other node acked an older generation", p: pol(3, *nodeEntry("b", metav1.ConditionTrue, 2)), entry: nodeEntry("a", metav1.ConditionTrue, 3),
 			wantNodes: []string{"a", "b"}, accepted: metav1.ConditionTrue, programmed: metav1.ConditionUnknown, reason: v1alpha1.L7ReasonPending},
 		{name: "nack wins", p: pol(1, *nodeEntry("b", metav1.ConditionTrue, 1)),
-			entry: &v1alpha1.L7PolicyNodeStatus{Node: "a", Programmed: metav1.ConditionFalse, ObservedGeneration: 1, NackedVersion: "v9", Message: "regex too big"},
+			entry:     &v1alpha1.L7PolicyNodeStatus{Node: "a", Programmed: metav1.ConditionFalse, ObservedGeneration: 1, NackedVersion: "v9", Message: "regex too big"},
 			wantNodes: []string{"a", "b"}, accepted: metav1.ConditionTrue, programmed: metav1.ConditionFalse, reason: v1alpha1.L7ReasonNacked, msgContains: "regex too big"},
 		{name: "no local pod: entry removed, nothing left", p: pol(1, *nodeEntry("a", metav1.ConditionTrue, 1)),
 			accepted: metav1.ConditionTrue, programmed: metav1.ConditionFalse, reason: v1alpha1.L7ReasonNoDestinations},

@@ -97,9 +97,9 @@ type Syncer struct {
 	envoyCgroup uint64
 	envoyOn     netip.AddrPort
 
-	mu      sync.Mutex
-	status  v1alpha1.L7NodeStatus
-	syncErr string
+	mu       sync.Mutex
+	status   v1alpha1.L7NodeStatus
+	syncErr  string
 	envoyErr string
 }
 
