@@ -16,6 +16,7 @@ type probeResult struct {
 	Reply    string `json:"reply"`
 	Error    string `json:"error"`
 	Class    string `json:"class"`
+	Status   int    `json:"status"`
 	Peer     string `json:"peer"`
 	Target   string `json:"target"`
 	Duration string `json:"duration"`

@@ -49,7 +49,7 @@ func main() {
 func usage() {
 	fmt.Fprint(os.Stderr, `usage:
   kebpf-testserver serve [--tcp 80,81] [--udp 80,81] [--http 8080] [--name NAME]
-  kebpf-testserver probe --protocol tcp|udp|http --to HOST:PORT [--timeout 2s] [--count N --interval D] [--unconnected]
+  kebpf-testserver probe --protocol tcp|udp|http --to HOST:PORT[/path] [--timeout 2s] [--count N --interval D] [--unconnected]
 `)
 	os.Exit(2)
 }
@@ -167,7 +167,8 @@ type Result struct {
 	OK       bool   `json:"ok"`
 	Reply    string `json:"reply,omitempty"`
 	Error    string `json:"error,omitempty"`
-	Class    string `json:"class,omitempty"` // refused, timeout, unreachable, other
+	Class    string `json:"class,omitempty"` // refused, timeout, unreachable, denied, http, other
+	Status   int    `json:"status,omitempty"` // http: the response status
 	Peer     string `json:"peer,omitempty"`  // getpeername() of the connected socket
 	Target   string `json:"target,omitempty"`
 	Duration string `json:"duration"`
@@ -358,26 +359,46 @@ func probeUDPUnconnected(ctx context.Context, to string) (Result, error) {
 	return r, err
 }
 
+// errHTTPStatus marks a response that came but was not 200 (class "http").
+var errHTTPStatus = errors.New("http status")
+
+// probeHTTP GETs to, HOST:PORT with an optional /path ("/" by default), on
+// a new connection, and reports the status and the body's first line(s).
 func probeHTTP(ctx context.Context, to string) (Result, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+to+"/", nil)
+	hostPort, path := to, "/"
+	if i := strings.Index(to, "/"); i >= 0 {
+		hostPort, path = to[:i], to[i:]
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+hostPort+path, nil)
 	if err != nil {
 		return Result{}, err
 	}
-	resp, err := http.DefaultClient.Do(req)
+	var peer string
+	tr := &http.Transport{DisableKeepAlives: true, DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+		var d net.Dialer
+		c, err := d.DialContext(ctx, network, addr)
+		if err == nil {
+			peer = c.RemoteAddr().String()
+		}
+		return c, err
+	}}
+	resp, err := (&http.Client{Transport: tr}).Do(req)
 	if err != nil {
-		return Result{}, err
+		return Result{Peer: peer}, err
 	}
 	defer resp.Body.Close()
 	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-	r := Result{Reply: strings.TrimSpace(string(body))}
+	r := Result{Reply: strings.TrimSpace(string(body)), Status: resp.StatusCode, Peer: peer}
 	if resp.StatusCode != http.StatusOK {
-		return r, fmt.Errorf("http status %d", resp.StatusCode)
+		return r, fmt.Errorf("%w %d", errHTTPStatus, resp.StatusCode)
 	}
 	return r, nil
 }
 
 func classify(err error) string {
 	switch {
+	case errors.Is(err, errHTTPStatus):
+		return "http"
 	case errors.Is(err, syscall.ECONNREFUSED):
 		return "refused"
 	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, os.ErrDeadlineExceeded):

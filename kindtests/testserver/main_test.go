@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"io"
 	"net"
+	"net/http"
 	"testing"
 )
 
@@ -122,5 +123,35 @@ func TestProbeManyTargets(t *testing.T) {
 	json.Unmarshal(lines[1], &r1)
 	if !r0.OK || r0.Target != a || r1.OK || r1.Class != "refused" || r1.Target != closed {
 		t.Errorf("results out of order or wrong: %+v %+v", r0, r1)
+	}
+}
+
+func TestProbeHTTPPathAndStatus(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/private" {
+			http.Error(w, "RBAC: access denied", http.StatusForbidden)
+			return
+		}
+		io.WriteString(w, "api "+r.URL.Path+"\n")
+	})}
+	go srv.Serve(l)
+	t.Cleanup(func() { srv.Close() })
+	addr := l.Addr().String()
+
+	r, code := probeOnce(t, "--protocol", "http", "--to", addr+"/public/x")
+	if !r.OK || code != 0 || r.Status != 200 || r.Reply != "api /public/x" || r.Peer != addr {
+		t.Errorf("allowed: %+v exit %d", r, code)
+	}
+	r, code = probeOnce(t, "--protocol", "http", "--to", addr+"/private")
+	if r.OK || code == 0 || r.Status != 403 || r.Class != "http" || r.Reply != "RBAC: access denied" {
+		t.Errorf("denied: %+v exit %d", r, code)
+	}
+	r, _ = probeOnce(t, "--protocol", "http", "--to", addr)
+	if !r.OK || r.Reply != "api /" {
+		t.Errorf("no path: %+v", r)
 	}
 }
