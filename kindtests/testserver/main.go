@@ -167,9 +167,9 @@ type Result struct {
 	OK       bool   `json:"ok"`
 	Reply    string `json:"reply,omitempty"`
 	Error    string `json:"error,omitempty"`
-	Class    string `json:"class,omitempty"` // refused, timeout, unreachable, denied, http, other
+	Class    string `json:"class,omitempty"`  // refused, timeout, unreachable, denied, http, other
 	Status   int    `json:"status,omitempty"` // http: the response status
-	Peer     string `json:"peer,omitempty"`  // getpeername() of the connected socket
+	Peer     string `json:"peer,omitempty"`   // getpeername() of the connected socket
 	Target   string `json:"target,omitempty"`
 	Duration string `json:"duration"`
 }
