@@ -3,24 +3,17 @@
 package l7
 
 import (
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-
-	"context"
 	"fmt"
-	"github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"io"
-	"net"
 	"net/http"
 	"net/netip"
-	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
-	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/bpftest"
-	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/sockmap"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"github.com/kubectl-ebpf/kubectl-ebpf/xds"
-	"github.com/kubectl-ebpf/kubectl-ebpf/xds/envoytest"
 )
 
 // TestIntegrationSockmapEnvoy is the whole single-node L7 path with real
@@ -31,105 +24,13 @@ import (
 // through SO_ORIGINAL_DST answered by our getsockopt program, and its own
 // upstream connection to the pod is not steered back to itself.
 func TestIntegrationSockmapEnvoy(t *testing.T) {
-	bpftest.RequireRoot(t)
-	bin := envoytest.Require(t)
-	dir := t.TempDir()
-
-	// The pod: an HTTP server outside the test cgroups.
-	pod, err := net.Listen("tcp4", "127.0.0.2:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	podSrv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+	p := startPath(t, http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
 		io.Copy(io.Discard, req.Body)
 		fmt.Fprintf(w, "pod %s %s", req.Method, req.URL.Path)
-	})}
-	go podSrv.Serve(pod)
-	t.Cleanup(func() { podSrv.Close() })
-	podAddr := netip.MustParseAddrPort(pod.Addr().String())
-
-	// Datapath at a fresh cgroup with app and envoy children.
-	pinDir := bpftest.PinDir(t)
-	cg := bpftest.Cgroup(t)
-	app := bpftest.SubCgroup(t, cg, "app")
-	envoyCg := bpftest.SubCgroup(t, cg, "envoy")
-	dp, err := sockmap.Load(pinDir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { dp.Close() })
-	if err := dp.Attach(cg); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := sockmap.DetachPinned(pinDir); err != nil {
-			t.Errorf("detach sockmap: %v", err)
-		}
-	})
-
-	// Our xDS server and a real Envoy started inside the envoy cgroup.
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-	srv := xds.NewServer(ctx, xds.ServerOptions{})
-	sock := filepath.Join(dir, "xds.sock")
-	lis, err := xds.ListenUnix(sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	go srv.Serve(lis)
-	t.Cleanup(srv.Stop)
-	const node = "n1"
-	boot, err := xds.Bootstrap(xds.BootstrapOptions{Node: node, XDSSocket: sock, AdminSocket: filepath.Join(dir, "admin.sock")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var envoy *envoytest.Envoy
-	bpftest.InCgroup(t, envoyCg, func() {
-		envoy = envoytest.Start(t, bin, boot, filepath.Join(dir, "admin.sock"), "KEBPF_NODE="+node)
-	})
-	listen := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(envoytest.FreePort(t)))
-
-	res, err := xds.Build(shopInput(podAddr.Addr(), int32(podAddr.Port())), node, xds.Options{ListenAddress: listen, AccessLogPath: filepath.Join(dir, "access.log")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := xds.Lint(res); err != nil {
-		t.Fatal(err)
-	}
-	if err := srv.Update(ctx, node, res); err != nil {
-		t.Fatal(err)
-	}
-	envoytest.Eventually(t, 20*time.Second, "envoy acks "+res.Version, func() error {
-		if ok, err := envoy.Exited(); ok {
-			t.Fatalf("envoy exited: %v", err)
-		}
-		if st := srv.Status(node); st.AckedVersion != res.Version {
-			return fmt.Errorf("status %+v", st)
-		}
-		return nil
-	})
-
-	if err := dp.AddEnvoyCgroup(bpftest.CgroupID(t, envoyCg)); err != nil {
-		t.Fatal(err)
-	}
-	if err := dp.SetEnvoy(sockmap.Envoy{Listener: listen}); err != nil {
-		t.Fatal(err)
-	}
-	if err := dp.SetSteered(podAddr); err != nil {
-		t.Fatal(err)
-	}
-
-	// Clients' sockets are created in the app cgroup.
-	d := &net.Dialer{Timeout: 5 * time.Second}
-	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
-		DisableKeepAlives: true,
-		DialContext: func(ctx context.Context, network, addr string) (c net.Conn, err error) {
-			bpftest.InCgroup(t, app, func() { c, err = d.DialContext(ctx, network, addr) })
-			return c, err
-		},
-	}}
+	}), func(pod netip.AddrPort) xds.Input { return shopInput(pod.Addr(), int32(pod.Port())) })
+	client := p.client(t, false, false)
 	get := func(path string) (int, string, error) {
-		resp, err := client.Get(fmt.Sprintf("http://%s%s", podAddr, path))
+		resp, err := client.Get(p.url(path))
 		if err != nil {
 			return 0, "", err
 		}
@@ -137,11 +38,7 @@ func TestIntegrationSockmapEnvoy(t *testing.T) {
 		b, err := io.ReadAll(resp.Body)
 		return resp.StatusCode, string(b), err
 	}
-	// The listener appears shortly after the ACK (workers pick it up).
-	envoytest.Eventually(t, 10*time.Second, "steered request answered", func() error {
-		_, _, err := get("/public/ready")
-		return err
-	})
+	dp := p.dp
 	before, err := dp.Stats()
 	if err != nil {
 		t.Fatal(err)
