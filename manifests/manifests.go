@@ -32,6 +32,7 @@ const (
 	LabelManagedBy = "app.kubernetes.io/managed-by"
 	LabelPartOf    = "app.kubernetes.io/part-of"
 	LabelName      = "app.kubernetes.io/name"
+	LabelVersion   = "app.kubernetes.io/version"
 	LabelValue     = "kubectl-ebpf"
 
 	// AgentContainer is the name of the agent container in the DaemonSet.

@@ -13,7 +13,6 @@ import (
 	"text/tabwriter"
 	"time"
 
-	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -170,7 +169,7 @@ func Collect(ctx context.Context, c *kube.Clients, now time.Time) (*Report, erro
 	r.Installed = true
 	r.DaemonSet = DaemonSet{
 		Name:    ds.Name,
-		Image:   AgentImage(ds),
+		Image:   kube.AgentImage(ds),
 		Desired: ds.Status.DesiredNumberScheduled,
 		Ready:   ds.Status.NumberReady,
 		Updated: ds.Status.UpdatedNumberScheduled,
@@ -328,19 +327,6 @@ func dashList(l []string) string {
 		return "none"
 	}
 	return strings.Join(l, ",")
-}
-
-// AgentImage is the image of the agent container in ds.
-func AgentImage(ds *appsv1.DaemonSet) string {
-	for _, c := range ds.Spec.Template.Spec.Containers {
-		if c.Name == manifests.AgentContainer {
-			return c.Image
-		}
-	}
-	if len(ds.Spec.Template.Spec.Containers) > 0 {
-		return ds.Spec.Template.Spec.Containers[0].Image
-	}
-	return ""
 }
 
 // PrintTable writes one row per node; wide adds FEATURES and POD.
