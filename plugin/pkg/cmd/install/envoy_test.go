@@ -8,12 +8,14 @@ import (
 	"time"
 
 	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/cli-runtime/pkg/genericiooptions"
 
+	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/cmd/install"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/kube"
@@ -109,4 +111,28 @@ func kubeAgentImage(ds *unstructured.Unstructured) string {
 		return err.Error()
 	}
 	return kube.AgentImage(&typed)
+}
+
+// --wait with l7 waits for every node's Envoy, and says so when it times out.
+func TestWaitReadyWaitsForEnvoy(t *testing.T) {
+	cm := &corev1.ConfigMap{
+		ObjectMeta: metav1.ObjectMeta{Name: manifests.ConfigMapName, Namespace: manifests.Namespace, CreationTimestamp: metav1.Now()},
+		Data:       map[string]string{apiv1.ConfigKey: "features:\n  l7: true\n  sockstats: true\n"},
+	}
+	envoy := envoyDaemonSet()
+	ns := testutil.NodeState("kebpf-node", apiv1.NodeStateStatus{Ready: true, Heartbeat: metav1.Now(), Active: []string{"sockstats", "l7"},
+		L7: &apiv1.L7NodeStatus{Version: "v1"}})
+	f := testutil.NewFake(t, []runtime.Object{
+		testutil.Namespace(), testutil.DaemonSet("", 1, 1, 1), envoy, cm,
+		testutil.AgentPod("kebpf-agent-x", "kebpf-node", testutil.RunningReady),
+		&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "kebpf-node"}},
+	}, testutil.CRD(), ns)
+	var out bytes.Buffer
+	err := install.WaitReady(context.Background(), f.Clients, genericiooptions.IOStreams{Out: &out}, 100*time.Millisecond, 20*time.Millisecond)
+	if want := "timed out after 100ms: Envoy not ready on: kebpf-node"; err == nil || err.Error() != want {
+		t.Errorf("err = %v\nwant %s", err, want)
+	}
+	if got, want := out.String(), "node kebpf-node: ready, converging (Envoy not ready (no Envoy pod))\n"; got != want {
+		t.Errorf("progress %q, want %q", got, want)
+	}
 }

@@ -407,14 +407,29 @@ func timeoutError(timeout time.Duration, r *health.Report) error {
 	if r.ConfigError != "" {
 		return fmt.Errorf("timed out after %s: %s", timeout, r.ConfigError)
 	}
+	if r.EnvoyError != "" {
+		return fmt.Errorf("timed out after %s: %s", timeout, r.EnvoyError)
+	}
 	if r.RolledOut() {
-		var off []string
+		var off, envoy []string
 		for _, n := range r.Nodes {
-			if !n.Converged {
+			switch {
+			case n.Converged:
+			case n.WaitsForEnvoy():
+				envoy = append(envoy, n.Name)
+			default:
 				off = append(off, fmt.Sprintf("%s (active %s)", n.Name, strings.Join(n.Active, ",")))
 			}
 		}
-		return fmt.Errorf("timed out after %s: features %s not active on: %s", timeout, strings.Join(r.Configured, ","), strings.Join(off, ", "))
+		if len(off) > 0 {
+			return fmt.Errorf("timed out after %s: features %s not active on: %s", timeout, strings.Join(r.Configured, ","), strings.Join(off, ", "))
+		}
+		if len(envoy) > 0 {
+			return fmt.Errorf("timed out after %s: Envoy not ready on: %s", timeout, strings.Join(envoy, ", "))
+		}
+		if e := r.Envoy; e != nil {
+			return fmt.Errorf("timed out after %s: DaemonSet %s not rolled out (desired %d, ready %d, updated %d)", timeout, e.Name, e.Desired, e.Ready, e.Updated)
+		}
 	}
 	d := r.DaemonSet
 	return fmt.Errorf("timed out after %s: DaemonSet %s not rolled out (desired %d, ready %d, updated %d)", timeout, d.Name, d.Desired, d.Ready, d.Updated)
