@@ -76,20 +76,16 @@ func newEnvoyProbeCommand(stdout io.Writer) *cobra.Command {
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, cancel := context.WithTimeout(cmd.Context(), timeout)
 			defer cancel()
-			code, body, err := envoyAdmin(ctx, socket, http.MethodGet, "/ready")
+			body, err := envoyAdmin(ctx, socket, http.MethodGet, "/ready", "envoy not ready")
 			if err != nil {
 				return err
-			}
-			if code != http.StatusOK {
-				return fmt.Errorf("envoy not ready: %d %s", code, body)
 			}
 			fmt.Fprintln(stdout, body)
 			return nil
 		},
 	}
-	cmd.Flags().StringVar(&socket, "admin-socket", "", "Envoy's admin unix socket")
+	adminSocketFlag(cmd, &socket)
 	cmd.Flags().DurationVar(&timeout, "timeout", 2*time.Second, "how long to wait for the answer")
-	_ = cmd.MarkFlagRequired("admin-socket")
 	return cmd
 }
 
@@ -105,13 +101,10 @@ func newEnvoyDrainCommand(stdout io.Writer) *cobra.Command {
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, cancel := context.WithTimeout(cmd.Context(), 5*time.Second)
-			code, body, err := envoyAdmin(ctx, socket, http.MethodPost, "/drain_listeners?graceful&skip_exit")
+			_, err := envoyAdmin(ctx, socket, http.MethodPost, "/drain_listeners?graceful&skip_exit", "envoy refused to drain")
 			cancel()
 			if err != nil {
 				return err
-			}
-			if code != http.StatusOK {
-				return fmt.Errorf("envoy refused to drain: %d %s", code, body)
 			}
 			fmt.Fprintf(stdout, "draining Envoy's listeners; waiting %s\n", wait)
 			select {
@@ -121,15 +114,21 @@ func newEnvoyDrainCommand(stdout io.Writer) *cobra.Command {
 			return nil
 		},
 	}
-	cmd.Flags().StringVar(&socket, "admin-socket", "", "Envoy's admin unix socket")
+	adminSocketFlag(cmd, &socket)
 	cmd.Flags().DurationVar(&wait, "wait", 15*time.Second, "how long to wait after the drain started: Envoy's --drain-time-s")
-	_ = cmd.MarkFlagRequired("admin-socket")
 	return cmd
 }
 
+// adminSocketFlag adds the required --admin-socket of envoy-probe and envoy-drain.
+func adminSocketFlag(cmd *cobra.Command, socket *string) {
+	cmd.Flags().StringVar(socket, "admin-socket", "", "Envoy's admin unix socket")
+	_ = cmd.MarkFlagRequired("admin-socket")
+}
+
 // envoyAdmin sends one request to Envoy's admin API on a unix socket and
-// returns the status code and the trimmed body.
-func envoyAdmin(ctx context.Context, socket, method, path string) (int, string, error) {
+// returns the trimmed body of a 200; any other status is an error starting
+// with refused, with the status and body.
+func envoyAdmin(ctx context.Context, socket, method, path, refused string) (string, error) {
 	c := &http.Client{Transport: &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			var d net.Dialer
@@ -139,18 +138,22 @@ func envoyAdmin(ctx context.Context, socket, method, path string) (int, string, 
 	}}
 	req, err := http.NewRequestWithContext(ctx, method, "http://envoy"+path, nil)
 	if err != nil {
-		return 0, "", err
+		return "", err
 	}
 	resp, err := c.Do(req)
 	if err != nil {
-		return 0, "", fmt.Errorf("envoy admin %s %s on %s: %w", method, path, socket, unwrapURL(err))
+		return "", fmt.Errorf("envoy admin %s %s on %s: %w", method, path, socket, unwrapURL(err))
 	}
 	defer resp.Body.Close()
 	b, err := io.ReadAll(io.LimitReader(resp.Body, 4096))
 	if err != nil {
-		return 0, "", fmt.Errorf("envoy admin %s %s: read answer: %w", method, path, err)
+		return "", fmt.Errorf("envoy admin %s %s: read answer: %w", method, path, err)
 	}
-	return resp.StatusCode, strings.TrimSpace(string(b)), nil
+	body := strings.TrimSpace(string(b))
+	if resp.StatusCode != http.StatusOK {
+		return "", fmt.Errorf("%s: %d %s", refused, resp.StatusCode, body)
+	}
+	return body, nil
 }
 
 // unwrapURL drops net/http's `Get "http://envoy/ready": ` prefix: the URL's

@@ -9,8 +9,6 @@ import (
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/runtime"
-	"k8s.io/utils/ptr"
 
 	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
@@ -30,20 +28,7 @@ type l7Setup struct {
 
 func (s l7Setup) fake(t *testing.T) *testutil.Fake {
 	t.Helper()
-	kubeObjs := []runtime.Object{
-		testutil.Namespace(),
-		testutil.DaemonSet("", 1, 1, 1),
-		&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "kebpf-node"}},
-		testutil.AgentPod("kebpf-agent-abc", "kebpf-node", testutil.RunningReady),
-		&corev1.ConfigMap{
-			ObjectMeta: metav1.ObjectMeta{Name: manifests.ConfigMapName, Namespace: manifests.Namespace,
-				CreationTimestamp: metav1.NewTime(now.Add(-24 * time.Hour)),
-				ManagedFields: []metav1.ManagedFieldsEntry{
-					{Manager: manifests.FieldManager, Operation: metav1.ManagedFieldsOperationApply, Time: ptr.To(metav1.NewTime(now.Add(-s.changedAgo)))},
-				}},
-			Data: map[string]string{apiv1.ConfigKey: l7On},
-		},
-	}
+	kubeObjs := oneNode(l7On, s.changedAgo)
 	if !s.noEnvoyDS {
 		kubeObjs = append(kubeObjs, &appsv1.DaemonSet{
 			ObjectMeta: metav1.ObjectMeta{Name: manifests.EnvoyDaemonSetName, Namespace: manifests.Namespace, Generation: 1},
