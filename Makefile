@@ -87,7 +87,7 @@ cluster-down: $(CLUSTER_TOOL) ## remove the local cluster and everything it crea
 # Envoy image cluster-up built and loaded (KEBPF_ENVOY_IMAGE from env).
 demo: cluster-up ## local cluster + kubectl ebpf install --wait + status
 	@eval "$$($(CLUSTER_TOOL) env --name $(CLUSTER))"; \
-	  set -x; kubectl ebpf install --wait --timeout 5m --envoy-image "$$KEBPF_ENVOY_IMAGE"; kubectl ebpf version; kubectl ebpf status; set +x; \
+	  set -x; kubectl ebpf install --wait --timeout 5m --envoy-image "$${KEBPF_ENVOY_IMAGE:-}"; kubectl ebpf version; kubectl ebpf status; set +x; \
 	  echo; echo "The cluster stays up: export KUBECONFIG=$$KUBECONFIG PATH=$${PATH%%:*}:\$$PATH; make cluster-down removes it."
 
 BENCH_ARGS ?=
