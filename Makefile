@@ -83,9 +83,11 @@ cluster-up: deps $(CLUSTER_TOOL) ## create (or reuse) the local cluster with our
 cluster-down: $(CLUSTER_TOOL) ## remove the local cluster and everything it created
 	@$(CLUSTER_TOOL) down --name $(CLUSTER)
 
+# The local cluster's nodes cannot pull the official Envoy: install names the
+# Envoy image cluster-up built and loaded (KEBPF_ENVOY_IMAGE from env).
 demo: cluster-up ## local cluster + kubectl ebpf install --wait + status
 	@eval "$$($(CLUSTER_TOOL) env --name $(CLUSTER))"; \
-	  set -x; kubectl ebpf install --wait --timeout 5m; kubectl ebpf version; kubectl ebpf status; set +x; \
+	  set -x; kubectl ebpf install --wait --timeout 5m --envoy-image "$${KEBPF_ENVOY_IMAGE:-}"; kubectl ebpf version; kubectl ebpf status; set +x; \
 	  echo; echo "The cluster stays up: export KUBECONFIG=$$KUBECONFIG PATH=$${PATH%%:*}:\$$PATH; make cluster-down removes it."
 
 BENCH_ARGS ?=

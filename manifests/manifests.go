@@ -32,6 +32,7 @@ const (
 	LabelManagedBy = "app.kubernetes.io/managed-by"
 	LabelPartOf    = "app.kubernetes.io/part-of"
 	LabelName      = "app.kubernetes.io/name"
+	LabelVersion   = "app.kubernetes.io/version"
 	LabelValue     = "kubectl-ebpf"
 
 	// AgentContainer is the name of the agent container in the DaemonSet.
@@ -64,6 +65,10 @@ var files embed.FS
 type RenderOptions struct {
 	// Image of the agent; DefaultImage() when empty.
 	Image string
+	// EnvoyImage runs the l7 feature's Envoy DaemonSet; DefaultEnvoyImage
+	// when empty. Recorded on the agent DaemonSet (AnnotationEnvoyImage)
+	// whether or not l7 is enabled.
+	EnvoyImage string
 	// Version recorded in the app.kubernetes.io/version label; Version when empty.
 	Version string
 	// Config is written to the ConfigMap; apiv1.DefaultConfig() when nil. install
@@ -116,48 +121,12 @@ func validHostDir(what, p string) error {
 }
 
 // Objects renders every embedded manifest, in apply order (namespace and CRD
-// first, the DaemonSet last), with the common labels on each object and on the
-// DaemonSet's pod template.
+// first, the DaemonSets last), with the common labels on each object and on
+// the DaemonSets' pod templates. The Envoy DaemonSet is among them only when
+// the config enables l7.
 func Objects(opts RenderOptions) ([]*unstructured.Unstructured, error) {
-	if opts.Image == "" {
-		opts.Image = DefaultImage()
-	}
-	if opts.Version == "" {
-		opts.Version = Version
-	}
-	if strings.ContainsAny(opts.Image, " \t\n\"'{}") {
-		return nil, fmt.Errorf("invalid image %q", opts.Image)
-	}
-	if (opts.APIServerHost == "") != (opts.APIServerPort == "") {
-		return nil, fmt.Errorf("API server host %q and port %q: set both or neither", opts.APIServerHost, opts.APIServerPort)
-	}
-	if opts.APIServerHost != "" {
-		if strings.ContainsAny(opts.APIServerHost, " \t\n\"'{}[]/") {
-			return nil, fmt.Errorf("invalid API server host %q", opts.APIServerHost)
-		}
-		if p, err := strconv.Atoi(opts.APIServerPort); err != nil || p < 1 || p > 65535 {
-			return nil, fmt.Errorf("invalid API server port %q", opts.APIServerPort)
-		}
-	}
-	if opts.CNIConfDir == "" {
-		opts.CNIConfDir = DefaultCNIConfDir
-	}
-	if opts.CNIBinDir == "" {
-		opts.CNIBinDir = DefaultCNIBinDir
-	}
-	if err := validHostDir("CNI conf dir", opts.CNIConfDir); err != nil {
+	if err := opts.complete(); err != nil {
 		return nil, err
-	}
-	if err := validHostDir("CNI bin dir", opts.CNIBinDir); err != nil {
-		return nil, err
-	}
-	for _, d := range opts.CNIHistory {
-		if err := validHostDir("earlier CNI conf dir", d.Conf); err != nil {
-			return nil, err
-		}
-		if err := validHostDir("earlier CNI bin dir", d.Bin); err != nil {
-			return nil, err
-		}
 	}
 	cniRecord, err := opts.CNIRecordJSON()
 	if err != nil {
@@ -178,26 +147,16 @@ func Objects(opts RenderOptions) ([]*unstructured.Unstructured, error) {
 	sort.Strings(names) // file names carry the apply order
 	var objs []*unstructured.Unstructured
 	for _, name := range names {
-		raw, err := files.ReadFile(name)
+		if name == envoyFile && !cfg.Enabled(apiv1.FeatureL7) {
+			continue
+		}
+		docs, err := render(name, opts)
 		if err != nil {
 			return nil, err
-		}
-		tmpl, err := template.New(name).Option("missingkey=error").Parse(string(raw))
-		if err != nil {
-			return nil, fmt.Errorf("parse %s: %w", name, err)
-		}
-		var buf bytes.Buffer
-		if err := tmpl.Execute(&buf, opts); err != nil {
-			return nil, fmt.Errorf("render %s: %w", name, err)
-		}
-		docs, err := decode(buf.Bytes())
-		if err != nil {
-			return nil, fmt.Errorf("decode %s: %w", name, err)
 		}
 		objs = append(objs, docs...)
 	}
 	for _, o := range objs {
-		addLabels(o)
 		// Set here, not in the template: a YAML block scalar inside a
 		// template is one indentation slip away from a different document.
 		if o.GetKind() == "DaemonSet" && o.GetName() == DaemonSetName {
@@ -206,6 +165,7 @@ func Objects(opts RenderOptions) ([]*unstructured.Unstructured, error) {
 				a = map[string]string{}
 			}
 			a[AnnotationCNIDirs] = cniRecord
+			a[AnnotationEnvoyImage] = opts.EnvoyImage
 			o.SetAnnotations(a)
 		}
 		if o.GetKind() == "ConfigMap" && o.GetName() == ConfigMapName {
@@ -215,6 +175,98 @@ func Objects(opts RenderOptions) ([]*unstructured.Unstructured, error) {
 		}
 	}
 	return objs, nil
+}
+
+// EnvoyDaemonSet renders the l7 feature's Envoy DaemonSet alone, as Objects
+// does when the config enables l7 (opts.Config is not consulted): what
+// `kubectl ebpf enable l7` applies.
+func EnvoyDaemonSet(opts RenderOptions) (*unstructured.Unstructured, error) {
+	if err := opts.complete(); err != nil {
+		return nil, err
+	}
+	docs, err := render(envoyFile, opts)
+	if err != nil {
+		return nil, err
+	}
+	if len(docs) != 1 || docs[0].GetKind() != "DaemonSet" || docs[0].GetName() != EnvoyDaemonSetName {
+		return nil, fmt.Errorf("%s: want exactly the DaemonSet %s", envoyFile, EnvoyDaemonSetName)
+	}
+	return docs[0], nil
+}
+
+// complete fills in the defaults of opts and validates it.
+func (opts *RenderOptions) complete() error {
+	if opts.Image == "" {
+		opts.Image = DefaultImage()
+	}
+	if opts.EnvoyImage == "" {
+		opts.EnvoyImage = DefaultEnvoyImage
+	}
+	if opts.Version == "" {
+		opts.Version = Version
+	}
+	if err := ValidImage("image", opts.Image); err != nil {
+		return err
+	}
+	if err := ValidImage("Envoy image", opts.EnvoyImage); err != nil {
+		return err
+	}
+	if (opts.APIServerHost == "") != (opts.APIServerPort == "") {
+		return fmt.Errorf("API server host %q and port %q: set both or neither", opts.APIServerHost, opts.APIServerPort)
+	}
+	if opts.APIServerHost != "" {
+		if strings.ContainsAny(opts.APIServerHost, " \t\n\"'{}[]/") {
+			return fmt.Errorf("invalid API server host %q", opts.APIServerHost)
+		}
+		if p, err := strconv.Atoi(opts.APIServerPort); err != nil || p < 1 || p > 65535 {
+			return fmt.Errorf("invalid API server port %q", opts.APIServerPort)
+		}
+	}
+	if opts.CNIConfDir == "" {
+		opts.CNIConfDir = DefaultCNIConfDir
+	}
+	if opts.CNIBinDir == "" {
+		opts.CNIBinDir = DefaultCNIBinDir
+	}
+	if err := validHostDir("CNI conf dir", opts.CNIConfDir); err != nil {
+		return err
+	}
+	if err := validHostDir("CNI bin dir", opts.CNIBinDir); err != nil {
+		return err
+	}
+	for _, d := range opts.CNIHistory {
+		if err := validHostDir("earlier CNI conf dir", d.Conf); err != nil {
+			return err
+		}
+		if err := validHostDir("earlier CNI bin dir", d.Bin); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// render executes one embedded manifest with opts and labels its objects.
+func render(name string, opts RenderOptions) ([]*unstructured.Unstructured, error) {
+	raw, err := files.ReadFile(name)
+	if err != nil {
+		return nil, err
+	}
+	tmpl, err := template.New(name).Option("missingkey=error").Parse(string(raw))
+	if err != nil {
+		return nil, fmt.Errorf("parse %s: %w", name, err)
+	}
+	var buf bytes.Buffer
+	if err := tmpl.Execute(&buf, opts); err != nil {
+		return nil, fmt.Errorf("render %s: %w", name, err)
+	}
+	docs, err := decode(buf.Bytes())
+	if err != nil {
+		return nil, fmt.Errorf("decode %s: %w", name, err)
+	}
+	for _, o := range docs {
+		addLabels(o)
+	}
+	return docs, nil
 }
 
 func decode(data []byte) ([]*unstructured.Unstructured, error) {

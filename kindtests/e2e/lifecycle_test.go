@@ -203,7 +203,7 @@ func TestIntegrationLifecycle(t *testing.T) {
 		}
 	})
 
-	mustKubectl(t, 6*time.Minute, "ebpf", "install", "--wait", "--timeout", "5m")
+	mustKubectl(t, 6*time.Minute, "ebpf", "install", "--envoy-image", env.Product.EnvoyRef, "--wait", "--timeout", "5m")
 
 	s, r := status(t)
 	if r.code != 0 || !s.Installed || len(s.Nodes) != len(env.Cluster.Nodes) {
@@ -232,7 +232,7 @@ func TestIntegrationLifecycle(t *testing.T) {
 	}
 
 	t.Run("second install is a no-op", func(t *testing.T) {
-		mustKubectl(t, 6*time.Minute, "ebpf", "install", "--wait", "--timeout", "5m")
+		mustKubectl(t, 6*time.Minute, "ebpf", "install", "--envoy-image", env.Product.EnvoyRef, "--wait", "--timeout", "5m")
 	})
 
 	t.Run("agent restart keeps the datapath", func(t *testing.T) {
@@ -256,15 +256,15 @@ func TestIntegrationLifecycle(t *testing.T) {
 	})
 
 	t.Run("switching CNI chaining off unchains, on again chains", func(t *testing.T) {
-		mustKubectl(t, 6*time.Minute, "ebpf", "install", "--no-cni-chaining", "--wait", "--timeout", "5m")
+		mustKubectl(t, 6*time.Minute, "ebpf", "install", "--envoy-image", env.Product.EnvoyRef, "--no-cni-chaining", "--wait", "--timeout", "5m")
 		waitCNIChained(t, false, 30*time.Second)
-		mustKubectl(t, 6*time.Minute, "ebpf", "install", "--wait", "--timeout", "5m")
+		mustKubectl(t, 6*time.Minute, "ebpf", "install", "--envoy-image", env.Product.EnvoyRef, "--wait", "--timeout", "5m")
 		waitCNIChained(t, true, 30*time.Second)
 	})
 
 	// The last install does not chain, so its DaemonSet mounts no CNI dir:
 	// uninstall must still clean where an earlier install chained.
-	mustKubectl(t, 2*time.Minute, "ebpf", "install", "--no-cni-chaining")
+	mustKubectl(t, 2*time.Minute, "ebpf", "install", "--envoy-image", env.Product.EnvoyRef, "--no-cni-chaining")
 	mustKubectl(t, 6*time.Minute, "ebpf", "uninstall", "--wait")
 
 	for _, node := range env.Cluster.Nodes {
@@ -297,7 +297,7 @@ func TestIntegrationLifecycle(t *testing.T) {
 func TestIntegrationInstallTimeout(t *testing.T) {
 	requireEnv(t)
 	t.Cleanup(func() { ensureUninstalled(t) })
-	r := kubectl(t, 3*time.Minute, "ebpf", "install", "--wait", "--timeout", "40s", "--image", "localhost/kubectl-ebpf/agent:does-not-exist")
+	r := kubectl(t, 3*time.Minute, "ebpf", "install", "--envoy-image", env.Product.EnvoyRef, "--wait", "--timeout", "40s", "--image", "localhost/kubectl-ebpf/agent:does-not-exist")
 	if r.code == 0 {
 		t.Fatal("install with an image that exists nowhere succeeded")
 	}

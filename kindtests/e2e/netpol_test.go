@@ -271,7 +271,7 @@ func TestIntegrationNetworkPolicy(t *testing.T) {
 		}
 		ensureUninstalled(t)
 	})
-	mustKubectl(t, 6*time.Minute, "ebpf", "install", "--wait", "--timeout", "5m", "--enable", "policy")
+	mustKubectl(t, 6*time.Minute, "ebpf", "install", "--envoy-image", env.Product.EnvoyRef, "--wait", "--timeout", "5m", "--enable", "policy")
 	kubectlStdin(t, npWorkloads(), "apply", "-f", "-")
 	for _, ns := range npNamespaces {
 		mustKubectl(t, 3*time.Minute, "-n", npNS(ns), "wait", "--for=condition=Ready", "pod", "--all", "--timeout=150s")

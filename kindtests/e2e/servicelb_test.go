@@ -312,7 +312,7 @@ func TestIntegrationServiceLB(t *testing.T) {
 			t.Errorf("restore kube-proxy: %v", err)
 		}
 	})
-	mustKubectl(t, 6*time.Minute, "ebpf", "install", "--wait", "--timeout", "5m")
+	mustKubectl(t, 6*time.Minute, "ebpf", "install", "--envoy-image", env.Product.EnvoyRef, "--wait", "--timeout", "5m")
 	kubectlStdin(t, lbWorkloads(), "apply", "-f", "-")
 	mustKubectl(t, 3*time.Minute, "-n", lbNamespace, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=150s")
 	top := readTopology(t)
@@ -357,7 +357,7 @@ func TestIntegrationServiceLBSwitch(t *testing.T) {
 		kubectl(t, 2*time.Minute, "delete", "namespace", lbNamespace, "--wait=true", "--ignore-not-found")
 		ensureUninstalled(t)
 	})
-	mustKubectl(t, 6*time.Minute, "ebpf", "install", "--wait", "--timeout", "5m")
+	mustKubectl(t, 6*time.Minute, "ebpf", "install", "--envoy-image", env.Product.EnvoyRef, "--wait", "--timeout", "5m")
 	kubectlStdin(t, lbWorkloads(), "apply", "-f", "-")
 	mustKubectl(t, 3*time.Minute, "-n", lbNamespace, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=150s")
 	top := readTopology(t)

@@ -25,7 +25,8 @@ import (
 
 // BuildBinaryImage writes a docker-archive tarball at out holding one image
 // named ref whose single layer contains files (path in image -> host file,
-// all executable) and whose entrypoint is entrypoint.
+// all executable, each parent directory created once; a symlinked host file
+// is copied as its target's content) and whose entrypoint is entrypoint.
 func BuildBinaryImage(ctx context.Context, ref string, files map[string]string, entrypoint []string, out string) error {
 	if err := ctx.Err(); err != nil {
 		return err
@@ -74,6 +75,30 @@ func BuildBinaryImage(ctx context.Context, ref string, files map[string]string, 
 	return nil
 }
 
+// addFile streams host file src (symlinks followed: the image gets the
+// content) into tw as the executable regular file name.
+func addFile(tw *tar.Writer, name, src string, mtime time.Time) error {
+	f, err := os.Open(src)
+	if err != nil {
+		return fmt.Errorf("read %s: %w", src, err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return fmt.Errorf("read %s: %w", src, err)
+	}
+	if !st.Mode().IsRegular() {
+		return fmt.Errorf("%s is not a regular file", src)
+	}
+	if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: name, Mode: 0o755, Size: st.Size(), ModTime: mtime}); err != nil {
+		return fmt.Errorf("tar %s: %w", name, err)
+	}
+	if _, err := io.Copy(tw, f); err != nil {
+		return fmt.Errorf("tar %s: %w", name, err)
+	}
+	return nil
+}
+
 // layerTar builds a deterministic tar of files, with parent directories.
 func layerTar(files map[string]string) ([]byte, error) {
 	var buf bytes.Buffer
@@ -103,15 +128,8 @@ func layerTar(files map[string]string) ([]byte, error) {
 				return nil, fmt.Errorf("tar dir %s: %w", d, err)
 			}
 		}
-		data, err := os.ReadFile(files[p])
-		if err != nil {
-			return nil, fmt.Errorf("read %s: %w", files[p], err)
-		}
-		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: clean, Mode: 0o755, Size: int64(len(data)), ModTime: epoch}); err != nil {
-			return nil, fmt.Errorf("tar %s: %w", clean, err)
-		}
-		if _, err := tw.Write(data); err != nil {
-			return nil, fmt.Errorf("tar %s: %w", clean, err)
+		if err := addFile(tw, clean, files[p], epoch); err != nil {
+			return nil, err
 		}
 	}
 	if err := tw.Close(); err != nil {

@@ -18,10 +18,16 @@ type Product struct {
 	AgentTar      string
 	TestServerRef string
 	TestServerTar string
+	// EnvoyRef is the Envoy image for the l7 feature (EnvoyRepository:
+	// the Envoy version); install it with `kubectl ebpf install
+	// --envoy-image EnvoyRef`, nodes without a registry cannot pull the
+	// official one.
+	EnvoyRef string
+	EnvoyTar string
 }
 
 // Tarballs lists the image archives, for cluster.Provider.LoadImages.
-func (p Product) Tarballs() []string { return []string{p.AgentTar, p.TestServerTar} }
+func (p Product) Tarballs() []string { return []string{p.AgentTar, p.TestServerTar, p.EnvoyTar} }
 
 // ModuleRoot is the directory of the product's go.mod, found through the go
 // command so tests and tools work from any package directory.
@@ -77,7 +83,8 @@ func GoBuild(ctx context.Context, root, pkg, out, version string) error {
 }
 
 // BuildProduct builds the agent and test-server binaries and wraps each into
-// a single-layer image archive under outDir.
+// a single-layer image archive under outDir, and an Envoy image from the
+// Envoy binary .ci/deps installed (EnvoyBinary) and its shared libraries.
 func BuildProduct(ctx context.Context, root, outDir, version string) (Product, error) {
 	p := Product{
 		Version:       version,
@@ -88,6 +95,18 @@ func BuildProduct(ctx context.Context, root, outDir, version string) (Product, e
 	}
 	if err := os.MkdirAll(outDir, 0o755); err != nil {
 		return p, err
+	}
+	envoy, envoyVersion, err := EnvoyBinary(ctx)
+	if err != nil {
+		return p, err
+	}
+	p.EnvoyRef, p.EnvoyTar = EnvoyRepository+":"+envoyVersion, filepath.Join(outDir, "envoy.tar")
+	envoyFiles, err := envoyImageFiles(ctx, envoy)
+	if err != nil {
+		return p, fmt.Errorf("image %s: %w", p.EnvoyRef, err)
+	}
+	if err := BuildBinaryImage(ctx, p.EnvoyRef, envoyFiles, []string{EnvoyImagePath}, p.EnvoyTar); err != nil {
+		return p, fmt.Errorf("image %s: %w", p.EnvoyRef, err)
 	}
 	// The agent image also carries kebpf-cni, which the agent copies into
 	// the node's CNI bin dir.

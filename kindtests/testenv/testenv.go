@@ -106,7 +106,7 @@ func Up(ctx context.Context, o Options) (*Env, error) {
 		return nil, err
 	}
 	e.Product = prod
-	step(o.Log, start, "built images %s, %s", prod.AgentRef, prod.TestServerRef)
+	step(o.Log, start, "built images %s, %s, %s", prod.AgentRef, prod.TestServerRef, prod.EnvoyRef)
 	if err := os.MkdirAll(e.BinDir, 0o755); err != nil {
 		return nil, err
 	}

@@ -39,7 +39,8 @@ func (o *logOptions) logger(w io.Writer) (*slog.Logger, error) {
 	}
 }
 
-// NewRootCommand builds `kebpf-agent` with run, mount, cleanup and version.
+// NewRootCommand builds `kebpf-agent` with run, mount, cleanup, version and
+// the Envoy DaemonSet's envoy-bootstrap, envoy-probe and envoy-drain.
 func NewRootCommand(stdout, stderr io.Writer) *cobra.Command {
 	lo := &logOptions{}
 	root := &cobra.Command{
@@ -57,6 +58,9 @@ func NewRootCommand(stdout, stderr io.Writer) *cobra.Command {
 		newMountCommand(lo, stdout, stderr),
 		newCleanupCommand(lo, stdout, stderr),
 		newVersionCommand(stdout),
+		newEnvoyBootstrapCommand(stdout),
+		newEnvoyProbeCommand(stdout),
+		newEnvoyDrainCommand(stdout),
 	)
 	return root
 }

@@ -38,6 +38,7 @@ func main() {
 				return err
 			}
 			fmt.Fprintf(os.Stderr, "cluster %s (%s) is up. Use it with:\n  export KUBECONFIG=%s PATH=%s:$PATH\n", e.Name, e.Provider, e.Cluster.Kubeconfig, e.BinDir)
+			fmt.Fprintf(os.Stderr, "and install with: kubectl ebpf install --envoy-image %s (its nodes cannot pull the official Envoy)\n", e.Product.EnvoyRef)
 			fmt.Println(e.Cluster.Kubeconfig)
 			return nil
 		},
@@ -59,7 +60,7 @@ func main() {
 
 	env := &cobra.Command{
 		Use:   "env",
-		Short: "Print shell exports (KUBECONFIG, PATH, KEBPF_KUBECONFIG) for the running cluster",
+		Short: "Print shell exports (KUBECONFIG, PATH, KEBPF_KUBECONFIG, KEBPF_ENVOY_IMAGE) for the running cluster",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			e, err := testenv.Load(name)
@@ -67,6 +68,10 @@ func main() {
 				return fmt.Errorf("cluster %s is not up: run make cluster-up", name)
 			}
 			fmt.Printf("export KUBECONFIG=%s KEBPF_KUBECONFIG=%s PATH=%s:$PATH\n", e.Cluster.Kubeconfig, e.Cluster.Kubeconfig, e.BinDir)
+			// The Envoy image loaded into the nodes, for install --envoy-image.
+			if e.Product.EnvoyRef != "" {
+				fmt.Printf("export KEBPF_ENVOY_IMAGE=%s\n", e.Product.EnvoyRef)
+			}
 			return nil
 		},
 	}

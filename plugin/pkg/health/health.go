@@ -42,12 +42,19 @@ type Report struct {
 	// the ConfigMap is missing or invalid (ConfigError says why).
 	Configured  []string `json:"configured"`
 	ConfigError string   `json:"configError,omitempty"`
-	Nodes       []Node   `json:"nodes"`
+	// Envoy is the l7 feature's Envoy DaemonSet, absent while there is none.
+	Envoy *DaemonSet `json:"envoy,omitempty"`
+	// EnvoyError says what is wrong with it as a whole: missing while the
+	// config enables l7.
+	EnvoyError string `json:"envoyError,omitempty"`
+	Nodes      []Node `json:"nodes"`
 
 	// missing names what is absent when not installed.
 	missing string
 	// observed is false while the DaemonSet controller lags behind the spec.
 	observed bool
+	// envoyObserved is observed for the Envoy DaemonSet.
+	envoyObserved bool
 }
 
 // DaemonSet summarises the agent DaemonSet's rollout.
@@ -74,9 +81,17 @@ type Node struct {
 	Converged bool     `json:"converged"`
 	Errors    []string `json:"errors"`
 	Pod       string   `json:"pod"`
+	// L7 is what the agent reports of the node's Envoy (NodeState
+	// status.l7): ready, the xDS versions it serves, ACKed and NACKed.
+	L7 *apiv1.L7NodeStatus `json:"l7,omitempty"`
+	// EnvoyPod is the node's Envoy pod, while the Envoy DaemonSet exists.
+	EnvoyPod string `json:"envoyPod,omitempty"`
 
 	// state is a few words for progress lines: "ready", "agent Running, not ready".
 	state string
+	// envoyPending: the node runs the configured features, but l7's Envoy
+	// is not ready.
+	envoyPending bool
 }
 
 // Feature is a probed kernel feature.
@@ -89,19 +104,29 @@ type Feature struct {
 // State is a short description of the node's agent for progress output.
 func (n Node) State() string { return n.state }
 
+// WaitsForEnvoy reports whether the node runs the configured features and
+// only its Envoy (l7) is not ready.
+func (n Node) WaitsForEnvoy() bool { return n.envoyPending }
+
 // Missing says what is absent when the report is not Installed.
 func (r *Report) Missing() string { return r.missing }
 
 // RolledOut reports whether every scheduled agent runs the current spec and is ready.
 func (r *Report) RolledOut() bool {
-	d := r.DaemonSet
-	return r.Installed && r.observed && d.Desired == d.Ready && d.Desired == d.Updated
+	return r.Installed && rolledOut(r.DaemonSet, r.observed)
 }
+
+func rolledOut(d DaemonSet, observed bool) bool {
+	return observed && d.Desired == d.Ready && d.Desired == d.Updated
+}
+
+// L7 reports whether the config enables l7.
+func (r *Report) L7() bool { return slices.Contains(r.Configured, apiv1.FeatureL7) }
 
 // Healthy reports whether the rollout is complete, the config readable and
 // every node ready (which includes converged, past the grace period).
 func (r *Report) Healthy() bool {
-	if !r.RolledOut() || r.ConfigError != "" {
+	if !r.RolledOut() || r.ConfigError != "" || r.EnvoyError != "" {
 		return false
 	}
 	for _, n := range r.Nodes {
@@ -113,9 +138,13 @@ func (r *Report) Healthy() bool {
 }
 
 // Settled is Healthy with every node's active features equal to the
-// configured ones, grace period or not: what the --wait flags wait for.
+// configured ones (and, with l7, its Envoy ready and the Envoy DaemonSet
+// rolled out), grace period or not: what the --wait flags wait for.
 func (r *Report) Settled() bool {
 	if !r.Healthy() {
+		return false
+	}
+	if r.L7() && (r.Envoy == nil || !rolledOut(*r.Envoy, r.envoyObserved)) {
 		return false
 	}
 	for _, n := range r.Nodes {
@@ -168,15 +197,17 @@ func Collect(ctx context.Context, c *kube.Clients, now time.Time) (*Report, erro
 		return nil, fmt.Errorf("get DaemonSet %s: %w", manifests.DaemonSetName, err)
 	}
 	r.Installed = true
-	r.DaemonSet = DaemonSet{
-		Name:    ds.Name,
-		Image:   AgentImage(ds),
-		Desired: ds.Status.DesiredNumberScheduled,
-		Ready:   ds.Status.NumberReady,
-		Updated: ds.Status.UpdatedNumberScheduled,
+	r.DaemonSet, r.observed = summary(ds, kube.AgentImage(ds))
+	envoyDS, err := c.Kube.AppsV1().DaemonSets(manifests.Namespace).Get(ctx, manifests.EnvoyDaemonSetName, metav1.GetOptions{})
+	switch {
+	case apierrors.IsNotFound(err):
+		envoyDS = nil
+	case err != nil:
+		return nil, fmt.Errorf("get DaemonSet %s: %w", manifests.EnvoyDaemonSetName, err)
+	default:
+		d, observed := summary(envoyDS, containerImage(envoyDS, manifests.EnvoyContainer))
+		r.Envoy, r.envoyObserved = &d, observed
 	}
-	// A DaemonSet the controller has not looked at yet reports stale counts.
-	r.observed = ds.Status.ObservedGeneration >= ds.Generation
 
 	nodes, err := c.Kube.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
 	if err != nil {
@@ -190,13 +221,14 @@ func Collect(ctx context.Context, c *kube.Clients, now time.Time) (*Report, erro
 	if err != nil {
 		return nil, fmt.Errorf("list nodestates: %w", err)
 	}
-	podByNode := map[string]*corev1.Pod{}
-	for i := range pods.Items {
-		p := &pods.Items[i]
-		// During a rolling update prefer the pod that is not going away.
-		if old, ok := podByNode[p.Spec.NodeName]; !ok || old.DeletionTimestamp != nil {
-			podByNode[p.Spec.NodeName] = p
+	podByNode := byNode(pods.Items)
+	envoyPodByNode := map[string]*corev1.Pod{}
+	if envoyDS != nil {
+		envoyPods, err := c.Kube.CoreV1().Pods(manifests.Namespace).List(ctx, metav1.ListOptions{LabelSelector: manifests.EnvoySelector})
+		if err != nil {
+			return nil, fmt.Errorf("list Envoy pods: %w", err)
 		}
+		envoyPodByNode = byNode(envoyPods.Items)
 	}
 	stateByNode := map[string]*apiv1.NodeState{}
 	for i := range states.Items {
@@ -223,14 +255,23 @@ func Collect(ctx context.Context, c *kube.Clients, now time.Time) (*Report, erro
 		r.Configured = configured
 		changed = kube.ConfigChanged(cm)
 	}
+	if r.L7() && envoyDS == nil {
+		r.EnvoyError = fmt.Sprintf("l7 is enabled but DaemonSet %s does not exist: run \"kubectl ebpf enable l7\"", manifests.EnvoyDaemonSetName)
+	}
 	for _, n := range nodes.Items {
 		row := nodeRow(n, podByNode[n.Name], stateByNode[n.Name], now)
+		if p := envoyPodByNode[n.Name]; p != nil {
+			row.EnvoyPod = p.Name
+		}
 		switch {
 		case stateByNode[n.Name] == nil:
 		case r.Configured == nil:
 			row.Converged = true // no valid config to differ from
 		default:
 			converge(&row, configured, changed, now)
+			if r.L7() && slices.Contains(row.Active, apiv1.FeatureL7) {
+				envoyReady(&row, envoyPodByNode[n.Name], changed, now)
+			}
 		}
 		r.Nodes = append(r.Nodes, row)
 	}
@@ -269,6 +310,12 @@ func nodeRow(n corev1.Node, pod *corev1.Pod, ns *apiv1.NodeState, now time.Time)
 		}
 		row.Active = append(row.Active, s.Active...)
 		row.Errors = append(row.Errors, s.Errors...)
+		row.L7 = s.L7.DeepCopy()
+		if l7 := s.L7; l7 != nil && l7.NackedVersion != "" {
+			// Envoy keeps running AckedVersion; the policies new in the
+			// rejected version are not enforced on this node.
+			row.Errors = append(row.Errors, fmt.Sprintf("Envoy rejected xDS version %s: %s", l7.NackedVersion, l7.NackMessage))
+		}
 		age := now.Sub(s.Heartbeat.Time)
 		switch {
 		case s.Heartbeat.IsZero():
@@ -323,6 +370,76 @@ func converge(row *Node, configured []string, changed, now time.Time) {
 	}
 }
 
+// envoyReady judges, on a node running l7, the Envoy the agent reports:
+// until it is ready, connections to the selected pod:ports fail (closed).
+// Within ConvergeAfter of the config change it is still starting; after
+// that the node is not ready.
+func envoyReady(row *Node, pod *corev1.Pod, changed, now time.Time) {
+	if row.L7 != nil && row.L7.EnvoyReady {
+		return
+	}
+	row.envoyPending = row.Converged
+	row.Converged = false
+	why := "Envoy not ready"
+	summary := ""
+	if pod != nil {
+		summary, _ = kube.PodSummary(pod)
+	}
+	switch {
+	case pod == nil:
+		why += " (no Envoy pod)"
+	case summary != string(corev1.PodRunning):
+		why += " (Envoy pod " + summary + ")"
+	case row.L7 != nil && row.L7.Version != "" && row.L7.AckedVersion != row.L7.Version:
+		why += " (xDS version " + row.L7.Version + " not ACKed)"
+	}
+	if now.Sub(changed) <= ConvergeAfter {
+		if row.Ready {
+			row.state = "ready, converging (" + why + ")"
+		}
+		return
+	}
+	row.Errors = append(row.Errors, why)
+	if row.Ready {
+		row.Ready = false
+		row.state = "agent Running, not ready (" + why + ")"
+	}
+}
+
+// summary is ds's rollout, and whether its controller has seen its spec (a
+// DaemonSet the controller has not looked at yet reports stale counts).
+func summary(ds *appsv1.DaemonSet, image string) (DaemonSet, bool) {
+	return DaemonSet{
+		Name:    ds.Name,
+		Image:   image,
+		Desired: ds.Status.DesiredNumberScheduled,
+		Ready:   ds.Status.NumberReady,
+		Updated: ds.Status.UpdatedNumberScheduled,
+	}, ds.Status.ObservedGeneration >= ds.Generation
+}
+
+func containerImage(ds *appsv1.DaemonSet, name string) string {
+	for _, c := range ds.Spec.Template.Spec.Containers {
+		if c.Name == name {
+			return c.Image
+		}
+	}
+	return ""
+}
+
+// byNode maps node name to its pod; during a rolling update it prefers the
+// pod that is not going away.
+func byNode(pods []corev1.Pod) map[string]*corev1.Pod {
+	out := map[string]*corev1.Pod{}
+	for i := range pods {
+		p := &pods[i]
+		if old, ok := out[p.Spec.NodeName]; !ok || old.DeletionTimestamp != nil {
+			out[p.Spec.NodeName] = p
+		}
+	}
+	return out
+}
+
 func dashList(l []string) string {
 	if len(l) == 0 {
 		return "none"
@@ -330,29 +447,41 @@ func dashList(l []string) string {
 	return strings.Join(l, ",")
 }
 
-// AgentImage is the image of the agent container in ds.
-func AgentImage(ds *appsv1.DaemonSet) string {
-	for _, c := range ds.Spec.Template.Spec.Containers {
-		if c.Name == manifests.AgentContainer {
-			return c.Image
-		}
-	}
-	if len(ds.Spec.Template.Spec.Containers) > 0 {
-		return ds.Spec.Template.Spec.Containers[0].Image
-	}
-	return ""
-}
-
-// PrintTable writes one row per node; wide adds FEATURES and POD.
+// PrintTable writes one row per node; wide adds FEATURES and POD. While
+// l7 is configured (or an agent still reports its Envoy) ENVOY and ACKED
+// (the xDS version that Envoy accepted) come before ERRORS, and wide adds
+// ENVOY-POD; without l7 the table is as it always was.
 func PrintTable(w io.Writer, r *Report, wide bool) error {
+	l7 := r.L7()
+	for _, n := range r.Nodes {
+		l7 = l7 || n.L7 != nil
+	}
 	tw := tabwriter.NewWriter(w, 0, 4, 3, ' ', 0)
-	hdr := "NODE\tREADY\tVERSION\tKERNEL\tACTIVE\tERRORS"
+	hdr := "NODE\tREADY\tVERSION\tKERNEL\tACTIVE"
+	if l7 {
+		hdr += "\tENVOY\tACKED"
+	}
+	hdr += "\tERRORS"
 	if wide {
 		hdr += "\tFEATURES\tPOD"
+		if l7 {
+			hdr += "\tENVOY-POD"
+		}
 	}
 	fmt.Fprintln(tw, hdr)
 	for _, n := range r.Nodes {
-		line := fmt.Sprintf("%s\t%t\t%s\t%s\t%s\t%s", n.Name, n.Ready, dash(n.Version), dash(n.Kernel), dash(strings.Join(n.Active, ",")), dash(strings.Join(n.Errors, "; ")))
+		line := fmt.Sprintf("%s\t%t\t%s\t%s\t%s", n.Name, n.Ready, dash(n.Version), dash(n.Kernel), dash(strings.Join(n.Active, ",")))
+		if l7 {
+			envoy, acked := "-", "-"
+			if n.L7 != nil {
+				envoy, acked = "not ready", dash(n.L7.AckedVersion)
+				if n.L7.EnvoyReady {
+					envoy = "ready"
+				}
+			}
+			line += "\t" + envoy + "\t" + acked
+		}
+		line += "\t" + dash(strings.Join(n.Errors, "; "))
 		if wide {
 			var avail []string
 			for _, f := range n.Features {
@@ -361,16 +490,26 @@ func PrintTable(w io.Writer, r *Report, wide bool) error {
 				}
 			}
 			line += fmt.Sprintf("\t%s\t%s", dash(strings.Join(avail, ",")), dash(n.Pod))
+			if l7 {
+				line += "\t" + dash(n.EnvoyPod)
+			}
 		}
 		fmt.Fprintln(tw, line)
 	}
 	if err := tw.Flush(); err != nil {
 		return err
 	}
+	// Not a node's fault, so not in a row.
 	if r.ConfigError != "" {
-		// Not a node's fault, so not in a row; the agents reject this config.
-		_, err := fmt.Fprintf(w, "config: %s\n", r.ConfigError)
-		return err
+		// The agents reject this config.
+		if _, err := fmt.Fprintf(w, "config: %s\n", r.ConfigError); err != nil {
+			return err
+		}
+	}
+	if r.EnvoyError != "" {
+		if _, err := fmt.Fprintf(w, "envoy: %s\n", r.EnvoyError); err != nil {
+			return err
+		}
 	}
 	return nil
 }

@@ -1,12 +1,15 @@
 package testutil
 
 import (
+	"encoding/json"
 	"fmt"
 	"slices"
 	"sync/atomic"
 	"testing"
 
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	dynamicfake "k8s.io/client-go/dynamic/fake"
@@ -124,4 +127,31 @@ func (f *Fake) Mutations() []string {
 		}
 	}
 	return out
+}
+
+// RecordApplies makes the dynamic client store what is server-side applied
+// (the fake has no apply) and returns the applied objects by "Kind/name".
+// CRDs are marked established, so install does not wait for them.
+func (f *Fake) RecordApplies() map[string]*unstructured.Unstructured {
+	got := map[string]*unstructured.Unstructured{}
+	f.Dynamic.PrependReactor("patch", "*", func(a clienttesting.Action) (bool, runtime.Object, error) {
+		p := a.(clienttesting.PatchAction)
+		u := &unstructured.Unstructured{}
+		if err := json.Unmarshal(p.GetPatch(), &u.Object); err != nil {
+			return true, nil, err
+		}
+		if u.GetKind() == "CustomResourceDefinition" {
+			_ = unstructured.SetNestedSlice(u.Object, []any{map[string]any{"type": "Established", "status": "True"}}, "status", "conditions")
+		}
+		got[u.GetKind()+"/"+u.GetName()] = u
+		tr := f.Dynamic.Tracker()
+		if err := tr.Create(a.GetResource(), u, u.GetNamespace()); apierrors.IsAlreadyExists(err) {
+			err = tr.Update(a.GetResource(), u, u.GetNamespace())
+			return true, u, err
+		} else if err != nil {
+			return true, nil, err
+		}
+		return true, u, nil
+	})
+	return got
 }

@@ -59,7 +59,10 @@ func newCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStr
 		Short: strings.ToUpper(verb[:1]) + verb[1:] + " a datapath feature on every node (" + known + ")",
 		Long: "Sets features.FEATURE to " + fmt.Sprint(enable) + " in ConfigMap " + manifests.Namespace + "/" + manifests.ConfigMapName +
 			", leaving the other features as they are. Every agent watches that ConfigMap and " + does +
-			"es the feature within seconds, without a restart. With --wait the command returns once every node reports it.",
+			"es the feature within seconds, without a restart. With --wait the command returns once every node reports it.\n\n" +
+			"l7 also runs the node-local Envoy: `enable l7` first creates the DaemonSet " + manifests.EnvoyDaemonSetName +
+			" (with the Envoy image install recorded), and --wait also waits for every node's Envoy to be ready; `disable l7` " +
+			"deletes that DaemonSet after switching the feature off, so agents stop steering to Envoy while it drains.",
 		Example: "  kubectl ebpf " + verb + " service-lb --wait",
 		Args:    cobra.ArbitraryArgs, // Validate says what is wrong, naming the known features
 		ValidArgsFunction: func(_ *cobra.Command, args []string, _ string) ([]cobra.Completion, cobra.ShellCompDirective) {
@@ -107,6 +110,12 @@ func (o *Options) Run(ctx context.Context) error {
 	if _, _, err := o.Connect(ctx); err != nil {
 		return err
 	}
+	l7 := o.Feature == apiv1.FeatureL7
+	if l7 && o.Enable {
+		if err := o.applyEnvoy(ctx); err != nil {
+			return err
+		}
+	}
 	changed, dropped, err := o.Clients.SetFeature(ctx, o.Feature, o.Enable)
 	if err != nil {
 		return err
@@ -119,10 +128,44 @@ func (o *Options) Run(ctx context.Context) error {
 	} else {
 		fmt.Fprintf(o.Out, "feature %s already %sd: nothing changed\n", o.Feature, o.verb())
 	}
+	// Deleted after the config: agents stop steering to Envoy first, and
+	// its pods drain (preStop) over the seconds the agents take.
+	if l7 && !o.Enable {
+		deleted, err := o.Clients.DeleteEnvoy(ctx, false)
+		if err != nil {
+			return err
+		}
+		if deleted {
+			fmt.Fprintf(o.Out, "daemonset.apps/%s deleted\n", manifests.EnvoyDaemonSetName)
+		}
+	}
 	if !o.Wait {
 		return nil
 	}
 	return WaitNodes(ctx, o.Clients, o.IOStreams, o.Feature, o.Enable, o.Timeout, o.PollInterval)
+}
+
+// applyEnvoy applies the Envoy DaemonSet before l7 is switched on: its
+// pods start while the agents load the feature, and a failure (no
+// permission, no agent DaemonSet) leaves the config as it was. Applied
+// even when l7 is already on, which repairs a deleted DaemonSet.
+func (o *Options) applyEnvoy(ctx context.Context) error {
+	if _, err := o.Clients.GetConfigMap(ctx); err != nil {
+		return err
+	}
+	obj, warning, err := o.Clients.RenderEnvoy(ctx)
+	if err != nil {
+		return err
+	}
+	if warning != "" {
+		fmt.Fprintln(o.ErrOut, "warning: "+warning)
+	}
+	_, action, err := o.Clients.Apply(ctx, obj, false)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(o.Out, "daemonset.apps/%s %s\n", obj.GetName(), action)
+	return nil
 }
 
 // WaitNodes waits until every node's NodeState lists feature in
@@ -185,22 +228,30 @@ func pendingNodes(ctx context.Context, c *kube.Clients, feature string, enable b
 	active := map[string][]string{}
 	reported := map[string]bool{}
 	errs := map[string][]string{}
+	envoyReady := map[string]bool{}
 	for _, ns := range list.Items {
 		active[ns.Name] = ns.Status.Active
 		errs[ns.Name] = ns.Status.Errors
 		reported[ns.Name] = true
+		envoyReady[ns.Name] = ns.Status.L7 != nil && ns.Status.L7.EnvoyReady
 	}
+	// l7 is of use only with the node's Envoy ready: until then connections
+	// to selected pods fail (closed), so enabling waits for it too.
+	needEnvoy := enable && feature == apiv1.FeatureL7
 	pending := []string{}
 	states := map[string]string{}
 	for _, n := range nodes.Items {
 		has := slices.Contains(active[n.Name], feature)
+		done := reported[n.Name] && has == enable && (!needEnvoy || envoyReady[n.Name])
 		switch {
 		case !reported[n.Name]:
 			states[n.Name] = "waiting (no NodeState reported)"
-		case has == enable && enable:
+		case done && enable:
 			states[n.Name] = feature + " active"
-		case has == enable:
+		case done:
 			states[n.Name] = feature + " inactive"
+		case has == enable:
+			states[n.Name] = "waiting (" + feature + " active, Envoy not ready)"
 		default:
 			s := "waiting (active: " + dash(strings.Join(active[n.Name], ",")) + ")"
 			if e := errs[n.Name]; len(e) > 0 {
@@ -208,7 +259,7 @@ func pendingNodes(ctx context.Context, c *kube.Clients, feature string, enable b
 			}
 			states[n.Name] = s
 		}
-		if !reported[n.Name] || has != enable {
+		if !done {
 			pending = append(pending, n.Name)
 		}
 	}

@@ -2,7 +2,6 @@ package install_test
 
 import (
 	"bytes"
-	"encoding/json"
 	"strings"
 	"testing"
 	"time"
@@ -10,12 +9,10 @@ import (
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/cli-runtime/pkg/genericiooptions"
-	clienttesting "k8s.io/client-go/testing"
 	"k8s.io/utils/ptr"
 
 	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
@@ -24,33 +21,6 @@ import (
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/kube"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/testutil"
 )
-
-// applied records what install server-side applies to the fake cluster and
-// stores it, marking CRDs established so install does not wait for them.
-func applied(t *testing.T, f *testutil.Fake) map[string]*unstructured.Unstructured {
-	t.Helper()
-	got := map[string]*unstructured.Unstructured{}
-	f.Dynamic.PrependReactor("patch", "*", func(a clienttesting.Action) (bool, runtime.Object, error) {
-		p := a.(clienttesting.PatchAction)
-		u := &unstructured.Unstructured{}
-		if err := json.Unmarshal(p.GetPatch(), &u.Object); err != nil {
-			return true, nil, err
-		}
-		if u.GetKind() == "CustomResourceDefinition" {
-			_ = unstructured.SetNestedSlice(u.Object, []any{map[string]any{"type": "Established", "status": "True"}}, "status", "conditions")
-		}
-		got[u.GetKind()] = u
-		tr := f.Dynamic.Tracker()
-		if err := tr.Create(a.GetResource(), u, u.GetNamespace()); apierrors.IsAlreadyExists(err) {
-			err = tr.Update(a.GetResource(), u, u.GetNamespace())
-			return true, u, err
-		} else if err != nil {
-			return true, nil, err
-		}
-		return true, u, nil
-	})
-	return got
-}
 
 func endpointSlice(name string, addrType discoveryv1.AddressType, addr string, port int32) *discoveryv1.EndpointSlice {
 	return &discoveryv1.EndpointSlice{
@@ -142,14 +112,14 @@ func TestInstallKeepsFeaturesAndSetsAPIServer(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			f := testutil.NewFake(t, tt.objs)
-			got := applied(t, f)
+			got := f.RecordApplies()
 			var out, errOut bytes.Buffer
 			o := &install.Options{IOStreams: genericiooptions.IOStreams{Out: &out, ErrOut: &errOut}, DryRun: "none", Timeout: time.Minute,
 				Conn: kube.Conn{Clients: f.Clients}, Enable: tt.enable, Disable: tt.disable}
 			if err := testutil.RunOptions(t, o); err != nil {
 				t.Fatalf("%v\n%s%s", err, out.String(), errOut.String())
 			}
-			cm, ds := got["ConfigMap"], got["DaemonSet"]
+			cm, ds := got["ConfigMap/"+manifests.ConfigMapName], got["DaemonSet/"+manifests.DaemonSetName]
 			if cm == nil || ds == nil {
 				t.Fatalf("ConfigMap or DaemonSet not applied: %v", got)
 			}
@@ -278,7 +248,7 @@ func TestInstallRemembersCNIDirs(t *testing.T) {
 				objs = append(objs, tt.existing)
 			}
 			f := testutil.NewFake(t, objs)
-			got := applied(t, f)
+			got := f.RecordApplies()
 			var out, errOut bytes.Buffer
 			o := &install.Options{IOStreams: genericiooptions.IOStreams{Out: &out, ErrOut: &errOut}, DryRun: "none", Timeout: time.Minute,
 				Conn: kube.Conn{Clients: f.Clients}, CNIConfDir: manifests.DefaultCNIConfDir, CNIBinDir: manifests.DefaultCNIBinDir}
@@ -288,7 +258,7 @@ func TestInstallRemembersCNIDirs(t *testing.T) {
 			if err := testutil.RunOptions(t, o); err != nil {
 				t.Fatalf("%v\n%s%s", err, out.String(), errOut.String())
 			}
-			ds := got["DaemonSet"]
+			ds := got["DaemonSet/"+manifests.DaemonSetName]
 			if ds == nil {
 				t.Fatal("DaemonSet not applied")
 			}

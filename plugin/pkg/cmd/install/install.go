@@ -36,11 +36,14 @@ type Options struct {
 	kube.Conn
 	genericiooptions.IOStreams
 
-	Image   string
-	Wait    bool
-	Timeout time.Duration
-	DryRun  string
-	Output  string
+	Image string
+	// EnvoyImage runs the l7 feature's Envoy DaemonSet; recorded on the
+	// agent DaemonSet whether or not l7 is on, for a later `enable l7`.
+	EnvoyImage string
+	Wait       bool
+	Timeout    time.Duration
+	DryRun     string
+	Output     string
 	// Enable and Disable override features on top of the cluster's current
 	// config (or DefaultConfig on a first install).
 	Enable  []string
@@ -62,12 +65,15 @@ func NewCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStr
 		Use:   "install",
 		Short: "Install or upgrade the node agents",
 		Long: "Checks permissions and node kernels, then server-side applies the namespace, CRD, RBAC, " +
-			"config and the agent DaemonSet. Running it again is a no-op, or an upgrade when --image differs.",
+			"config and the agent DaemonSet, and the Envoy DaemonSet when the l7 feature is enabled (deleting it when not). " +
+			"Running it again is a no-op, or an upgrade when --image or --envoy-image differs.",
 		Example: "  kubectl ebpf install --wait\n  kubectl ebpf install -o yaml > kubectl-ebpf.yaml",
 		Args:    cobra.NoArgs,
 		RunE:    cmdutil.RunE(o),
 	}
 	cmd.Flags().StringVar(&o.Image, "image", manifests.DefaultImage(), "agent image")
+	cmd.Flags().StringVar(&o.EnvoyImage, "envoy-image", manifests.DefaultEnvoyImage, "Envoy image of the l7 feature (stock Envoy "+
+		"configured over xDS; recorded for `kubectl ebpf enable l7` while l7 is off)")
 	cmd.Flags().BoolVar(&o.Wait, "wait", false, "wait until the agent is ready on every node")
 	cmd.Flags().DurationVar(&o.Timeout, "timeout", 5*time.Minute, "how long --wait waits")
 	cmd.Flags().StringVar(&o.DryRun, "dry-run", DryRunNone, `"none", "client" (print what would be applied) or "server" (validate with the API server, persist nothing)`)
@@ -95,6 +101,9 @@ func (o *Options) Complete(_ []string) error {
 	if o.Image == "" {
 		o.Image = manifests.DefaultImage()
 	}
+	if o.EnvoyImage == "" {
+		o.EnvoyImage = manifests.DefaultEnvoyImage
+	}
 	// Rendered without the cluster here, so a bad --image fails before any
 	// API call; Run renders again with the cluster's config and API endpoint.
 	cfg := o.withFlags(apiv1.DefaultConfig())
@@ -102,7 +111,7 @@ func (o *Options) Complete(_ []string) error {
 }
 
 func (o *Options) render(ro manifests.RenderOptions) error {
-	ro.Image, ro.Version = o.Image, imageVersion(o.Image)
+	ro.Image, ro.Version, ro.EnvoyImage = o.Image, imageVersion(o.Image), o.EnvoyImage
 	ro.CNIConfDir, ro.CNIBinDir, ro.NoCNIChaining = o.CNIConfDir, o.CNIBinDir, o.NoCNIChaining
 	objs, err := manifests.Objects(ro)
 	if err != nil {
@@ -224,6 +233,18 @@ func (o *Options) Run(ctx context.Context) error {
 			}
 		}
 	}
+	// With l7 off the Envoy DaemonSet must go, after the config: agents
+	// stop steering to Envoy before it drains (see feature's disable).
+	if !o.rendersEnvoy() {
+		deleted, err := o.Clients.DeleteEnvoy(ctx, dry)
+		if err != nil {
+			return err
+		}
+		if deleted && o.Output == "" {
+			fmt.Fprintf(o.Out, "daemonset.apps/%s deleted%s (l7 is disabled)\n", manifests.EnvoyDaemonSetName, suffix)
+		}
+		changed = changed || deleted
+	}
 	if o.Output == "yaml" {
 		return printYAML(o, applied)
 	}
@@ -239,6 +260,17 @@ func (o *Options) Run(ctx context.Context) error {
 		return nil
 	}
 	return WaitReady(ctx, o.Clients, o.IOStreams, o.Timeout, o.PollInterval)
+}
+
+// rendersEnvoy reports whether the rendered objects hold the Envoy
+// DaemonSet, that is whether the config they write enables l7.
+func (o *Options) rendersEnvoy() bool {
+	for _, obj := range o.objects {
+		if obj.GetKind() == "DaemonSet" && obj.GetName() == manifests.EnvoyDaemonSetName {
+			return true
+		}
+	}
+	return false
 }
 
 // offlineNote heads `install -o yaml` output rendered without a cluster.
@@ -307,7 +339,8 @@ func Permissions() []kube.Permission {
 	p = append(p, kube.Permissions("", "rbac.authorization.k8s.io", []string{"clusterroles", "clusterrolebindings"}, crud)...)
 	p = append(p, kube.Permissions(ns, "", []string{"serviceaccounts", "configmaps"}, crud)...)
 	p = append(p, kube.Permissions(ns, "rbac.authorization.k8s.io", []string{"roles", "rolebindings"}, crud)...)
-	p = append(p, kube.Permissions(ns, "apps", []string{"daemonsets"}, crud)...)
+	// delete: the Envoy DaemonSet goes when an install leaves l7 off.
+	p = append(p, kube.Permissions(ns, "apps", []string{"daemonsets"}, append(slices.Clone(crud), "delete"))...)
 	p = append(p, kube.Permissions(ns, "", []string{"pods"}, []string{"create", "delete"})...)
 	p = append(p, kube.Permission{Verb: "list", Resource: "nodes"})
 	return p
@@ -374,14 +407,29 @@ func timeoutError(timeout time.Duration, r *health.Report) error {
 	if r.ConfigError != "" {
 		return fmt.Errorf("timed out after %s: %s", timeout, r.ConfigError)
 	}
+	if r.EnvoyError != "" {
+		return fmt.Errorf("timed out after %s: %s", timeout, r.EnvoyError)
+	}
 	if r.RolledOut() {
-		var off []string
+		var off, envoy []string
 		for _, n := range r.Nodes {
-			if !n.Converged {
+			switch {
+			case n.Converged:
+			case n.WaitsForEnvoy():
+				envoy = append(envoy, n.Name)
+			default:
 				off = append(off, fmt.Sprintf("%s (active %s)", n.Name, strings.Join(n.Active, ",")))
 			}
 		}
-		return fmt.Errorf("timed out after %s: features %s not active on: %s", timeout, strings.Join(r.Configured, ","), strings.Join(off, ", "))
+		if len(off) > 0 {
+			return fmt.Errorf("timed out after %s: features %s not active on: %s", timeout, strings.Join(r.Configured, ","), strings.Join(off, ", "))
+		}
+		if len(envoy) > 0 {
+			return fmt.Errorf("timed out after %s: Envoy not ready on: %s", timeout, strings.Join(envoy, ", "))
+		}
+		if e := r.Envoy; e != nil {
+			return fmt.Errorf("timed out after %s: DaemonSet %s not rolled out (desired %d, ready %d, updated %d)", timeout, e.Name, e.Desired, e.Ready, e.Updated)
+		}
 	}
 	d := r.DaemonSet
 	return fmt.Errorf("timed out after %s: DaemonSet %s not rolled out (desired %d, ready %d, updated %d)", timeout, d.Name, d.Desired, d.Ready, d.Updated)

@@ -51,6 +51,8 @@ func TestBadInputMakesNoAPICall(t *testing.T) {
 		{"install", "--dry-run=sometimes"},
 		{"install", "-o", "json"},
 		{"install", "--bogus"},
+		{"install", "--envoy-image", "envoy proxy"},
+		{"install", "--envoy-image", "Envoy:v1"},
 		{"status", "-o", "table"},
 		{"version", "-o", "xml"},
 		{"frobnicate"},

@@ -35,7 +35,13 @@ func cluster(t *testing.T, ready bool) *testutil.Fake {
 // config.yaml written changedAgo before now.
 func clusterWithConfig(t *testing.T, ready bool, active []string, config string, changedAgo time.Duration) *testutil.Fake {
 	t.Helper()
-	return testutil.NewFake(t, []runtime.Object{
+	return testutil.NewFake(t, oneNode(config, changedAgo), testutil.CRD(), agentState(ready, active...))
+}
+
+// oneNode is an installed one-node cluster (agent running, no NodeState)
+// whose config.yaml was written changedAgo before now.
+func oneNode(config string, changedAgo time.Duration) []runtime.Object {
+	return []runtime.Object{
 		testutil.Namespace(),
 		testutil.DaemonSet("", 1, 1, 1),
 		&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "kebpf-node"}},
@@ -49,7 +55,7 @@ func clusterWithConfig(t *testing.T, ready bool, active []string, config string,
 				}},
 			Data: map[string]string{apiv1.ConfigKey: config},
 		},
-	}, testutil.CRD(), agentState(ready, active...))
+	}
 }
 
 func agentState(ready bool, active ...string) *apiv1.NodeState {

@@ -21,7 +21,6 @@ import (
 
 	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/cmdutil"
-	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/health"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/kube"
 )
 
@@ -123,7 +122,7 @@ func (o *Options) Run(ctx context.Context) error {
 		ds, err := c.Kube.AppsV1().DaemonSets(manifests.Namespace).Get(ctx, manifests.DaemonSetName, metav1.GetOptions{})
 		switch {
 		case err == nil:
-			image = health.AgentImage(ds)
+			image = kube.AgentImage(ds)
 			// Every dir any install chained into, whatever the current
 			// install's flags (--no-cni-chaining mounts none).
 			dirs, err := manifests.CNIRecordOf(ds)
@@ -154,6 +153,9 @@ func (o *Options) Run(ctx context.Context) error {
 			}
 		}
 	}
+	// The Envoy DaemonSet (l7) goes here, with the other labelled objects:
+	// after the cleanup, since the steering the agents left pinned sends
+	// selected connections to it until the cleanup detaches it.
 	if err := o.deleteManaged(ctx); err != nil {
 		return err
 	}

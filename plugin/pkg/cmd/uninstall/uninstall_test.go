@@ -190,3 +190,28 @@ func TestUninstallUnchainsCNI(t *testing.T) {
 		})
 	}
 }
+
+// The Envoy DaemonSet (l7 on) goes with the other labelled objects, after
+// the node cleanup: until the cleanup detaches the steering the agents left
+// pinned, selected connections still need their Envoy.
+func TestUninstallRemovesEnvoyAfterCleanup(t *testing.T) {
+	envoy, err := manifests.EnvoyDaemonSet(manifests.RenderOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := testutil.NewFake(t, installed(), envoy)
+	cleanupPhase(f, corev1.PodSucceeded)
+	out, err := run(t, f)
+	if err != nil {
+		t.Fatalf("uninstall: %v\n%s", err, out)
+	}
+	clean := strings.Index(out, "node n1: clean\n")
+	deleted := strings.Index(out, "daemonset.apps/kebpf-envoy deleted\n")
+	if clean < 0 || deleted < clean {
+		t.Errorf("want the Envoy DaemonSet deleted after the node cleanup:\n%s", out)
+	}
+	gvr := appsv1.SchemeGroupVersion.WithResource("daemonsets")
+	if _, err := f.Dynamic.Resource(gvr).Namespace(manifests.Namespace).Get(context.Background(), manifests.EnvoyDaemonSetName, metav1.GetOptions{}); !apierrors.IsNotFound(err) {
+		t.Errorf("Envoy DaemonSet still there: %v", err)
+	}
+}

@@ -13,7 +13,6 @@ import (
 
 	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/cmdutil"
-	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/health"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/kube"
 )
 
@@ -128,7 +127,7 @@ func (o *Options) server(ctx context.Context) (*Server, error) {
 		return s, fmt.Errorf("get DaemonSet %s: %w", manifests.DaemonSetName, err)
 	}
 	s.Installed = true
-	s.AgentImage = health.AgentImage(ds)
+	s.AgentImage = kube.AgentImage(ds)
 	s.AgentVersion = ds.Labels["app.kubernetes.io/version"]
 	return s, nil
 }
