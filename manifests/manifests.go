@@ -38,13 +38,6 @@ const (
 	// AgentContainer is the name of the agent container in the DaemonSet.
 	AgentContainer = "agent"
 
-	// EnvoyDaemonSetName names the per-node Envoy DaemonSet (l7); its pods
-	// carry LabelName=EnvoyDaemonSetName.
-	EnvoyDaemonSetName = "kebpf-envoy"
-	// XDSSocket is the unix socket the agent serves xDS (and Envoy's access
-	// log service) on: a hostPath both pods mount at the same path, so the
-	// node's Envoy reaches its agent without a network port.
-	XDSSocket = "/run/kubectl-ebpf/envoy/xds.sock"
 )
 
 // ManagedSelector selects every object kubectl-ebpf created.

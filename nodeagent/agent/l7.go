@@ -36,7 +36,7 @@ func init() {
 type L7Config struct {
 	// XDSSocket is the unix socket the node's Envoy reaches the xDS server
 	// at (a hostPath both pods mount at the same path); default
-	// manifests.XDSSocket.
+	// manifests.EnvoyXDSSocket.
 	XDSSocket string
 	// AccessLogPath is given to Envoy for its JSON access log; default
 	// /dev/stdout (the Envoy pod's log).
@@ -63,7 +63,7 @@ func (f *l7Feature) socket() string {
 	if f.a.cfg.L7.XDSSocket != "" {
 		return f.a.cfg.L7.XDSSocket
 	}
-	return manifests.XDSSocket
+	return manifests.EnvoyXDSSocket
 }
 
 func (f *l7Feature) Enable(ctx context.Context) error {

@@ -19,6 +19,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -28,6 +29,7 @@ import (
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/informers"
 	corelisters "k8s.io/client-go/listers/core/v1"
@@ -36,6 +38,7 @@ import (
 
 	"github.com/kubectl-ebpf/kubectl-ebpf/api/client/versioned"
 	"github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
+	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/apisync"
 	"github.com/kubectl-ebpf/kubectl-ebpf/xds"
 )
@@ -58,7 +61,7 @@ type Datapath interface {
 var DefaultIntervals = apisync.Intervals{Min: 10 * time.Millisecond, Max: time.Minute, Retry: time.Second}
 
 // DefaultListenPort is Envoy's listener port on the node address.
-const DefaultListenPort = 15001
+const DefaultListenPort = manifests.EnvoyListenPort
 
 // Options configure a Syncer.
 type Options struct {
@@ -93,9 +96,9 @@ type Syncer struct {
 	polLister  cache.Indexer
 
 	// Owned by the runner goroutine.
-	steered     map[netip.AddrPort]bool
-	envoyCgroup uint64
-	envoyOn     netip.AddrPort
+	steered      map[netip.AddrPort]bool
+	envoyCgroups map[types.UID]uint64 // Envoy pod -> its registered cgroup id
+	envoyOn      netip.AddrPort
 
 	mu       sync.Mutex
 	status   v1alpha1.L7NodeStatus
@@ -114,7 +117,7 @@ func New(opts Options) (*Syncer, error) {
 	if opts.ListenPort == 0 {
 		opts.ListenPort = DefaultListenPort
 	}
-	s := &Syncer{opts: opts, log: opts.Log, steered: map[netip.AddrPort]bool{}}
+	s := &Syncer{opts: opts, log: opts.Log, steered: map[netip.AddrPort]bool{}, envoyCgroups: map[types.UID]uint64{}}
 	s.runner = apisync.NewRunner(s.sync, opts.Intervals)
 	return s, nil
 }
@@ -316,50 +319,58 @@ func (s *Syncer) build(in xds.Input, opts xds.Options) (*xds.Resources, map[stri
 	}
 }
 
-// syncEnvoyCgroup registers the cgroup of this node's Envoy pod and
-// reports whether steering to it may be on.
+// syncEnvoyCgroup registers the cgroup of every Envoy pod on this node
+// (during a rollout the old one drains beside the new one: its upstream
+// connects must not be steered either) and reports whether steering may be
+// on: a Ready, not terminating Envoy pod whose cgroup is registered.
 func (s *Syncer) syncEnvoyCgroup(pods []*corev1.Pod) bool {
-	var envoy *corev1.Pod
+	var errs []string
+	ready := false
+	seen := map[types.UID]bool{}
 	for _, p := range pods {
-		if isEnvoy(p, s.opts.Namespace, s.opts.NodeName) && p.DeletionTimestamp == nil {
-			envoy = p
-			break
+		if !isEnvoy(p, s.opts.Namespace, s.opts.NodeName) || p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed {
+			continue
 		}
-	}
-	setErr := func(msg string) {
-		s.mu.Lock()
-		s.envoyErr = msg
-		s.mu.Unlock()
-	}
-	if envoy == nil {
-		setErr("")
-		return false
-	}
-	dir, err := podCgroup(s.opts.CgroupRoot, string(envoy.UID))
-	var id uint64
-	if err == nil {
-		id, err = cgroupID(dir)
-	}
-	if err == nil && id != s.envoyCgroup {
-		err = s.opts.Datapath.AddEnvoyCgroup(id)
-		if err == nil {
-			if s.envoyCgroup != 0 {
-				s.opts.Datapath.DeleteEnvoyCgroup(s.envoyCgroup)
+		seen[p.UID] = true
+		if _, ok := s.envoyCgroups[p.UID]; !ok {
+			dir, err := podCgroup(s.opts.CgroupRoot, string(p.UID))
+			var id uint64
+			if err == nil {
+				id, err = cgroupID(dir)
 			}
-			s.log.Info("envoy cgroup registered", "pod", envoy.Name, "cgroup", dir, "id", id)
-			s.envoyCgroup = id
+			if err == nil {
+				err = s.opts.Datapath.AddEnvoyCgroup(id)
+			}
+			if err != nil {
+				// Without its cgroup Envoy's upstream connects would loop
+				// back to itself: no steering to it (fail closed). A pod
+				// still starting has no cgroup yet; only a Ready one is
+				// worth an error.
+				if podReady(p) {
+					errs = append(errs, "envoy pod "+p.Name+": "+err.Error())
+				}
+				continue
+			}
+			s.log.Info("envoy cgroup registered", "pod", p.Name, "cgroup", dir, "id", id)
+			s.envoyCgroups[p.UID] = id
+		}
+		if podReady(p) {
+			ready = true
 		}
 	}
-	if err != nil {
-		// Without its cgroup Envoy's upstream connects would loop back to
-		// itself: steering stays off (connections fail closed).
-		if podReady(envoy) {
-			setErr("envoy pod " + envoy.Name + ": " + err.Error())
+	for uid, id := range s.envoyCgroups {
+		if !seen[uid] {
+			if err := s.opts.Datapath.DeleteEnvoyCgroup(id); err != nil {
+				errs = append(errs, err.Error())
+				continue
+			}
+			delete(s.envoyCgroups, uid)
 		}
-		return false
 	}
-	setErr("")
-	return podReady(envoy)
+	s.mu.Lock()
+	s.envoyErr = strings.Join(errs, "; ")
+	s.mu.Unlock()
+	return ready
 }
 
 // syncSteered makes the steered set want; on a full sync it reads the map
