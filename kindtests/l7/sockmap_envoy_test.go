@@ -3,11 +3,8 @@
 package l7
 
 import (
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-
 	"context"
 	"fmt"
-	"github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"io"
 	"net"
 	"net/http"
@@ -68,54 +65,38 @@ func TestIntegrationSockmapEnvoy(t *testing.T) {
 	})
 
 	// Our xDS server and a real Envoy started inside the envoy cgroup.
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-	srv := xds.NewServer(ctx, xds.ServerOptions{})
-	sock := filepath.Join(dir, "xds.sock")
-	lis, err := xds.ListenUnix(sock)
+	ctl, err := NewControl(dir, "n1")
 	if err != nil {
 		t.Fatal(err)
 	}
-	go srv.Serve(lis)
-	t.Cleanup(srv.Stop)
-	const node = "n1"
-	boot, err := xds.Bootstrap(xds.BootstrapOptions{Node: node, XDSSocket: sock, AdminSocket: filepath.Join(dir, "admin.sock")})
-	if err != nil {
-		t.Fatal(err)
-	}
+	t.Cleanup(ctl.Close)
 	var envoy *envoytest.Envoy
 	bpftest.InCgroup(t, envoyCg, func() {
-		envoy = envoytest.Start(t, bin, boot, filepath.Join(dir, "admin.sock"), "KEBPF_NODE="+node)
+		envoy = envoytest.Start(t, bin, ctl.Bootstrap, ctl.Admin, "KEBPF_NODE="+ctl.Node)
 	})
 	listen := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(envoytest.FreePort(t)))
 
-	res, err := xds.Build(shopInput(podAddr.Addr(), int32(podAddr.Port())), node, xds.Options{ListenAddress: listen, AccessLogPath: filepath.Join(dir, "access.log")})
+	res, err := xds.Build(Input(podAddr, ctl.Node, "/public/"), ctl.Node, xds.Options{ListenAddress: listen, AccessLogPath: filepath.Join(dir, "access.log")})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if err := xds.Lint(res); err != nil {
 		t.Fatal(err)
 	}
-	if err := srv.Update(ctx, node, res); err != nil {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := ctl.Server.Update(ctx, ctl.Node, res); err != nil {
 		t.Fatal(err)
 	}
-	envoytest.Eventually(t, 20*time.Second, "envoy acks "+res.Version, func() error {
+	if _, err := ctl.WaitAcked(ctx, res.Version, func() error {
 		if ok, err := envoy.Exited(); ok {
-			t.Fatalf("envoy exited: %v", err)
-		}
-		if st := srv.Status(node); st.AckedVersion != res.Version {
-			return fmt.Errorf("status %+v", st)
+			return fmt.Errorf("envoy exited: %v", err)
 		}
 		return nil
-	})
-
-	if err := dp.AddEnvoyCgroup(bpftest.CgroupID(t, envoyCg)); err != nil {
+	}); err != nil {
 		t.Fatal(err)
 	}
-	if err := dp.SetEnvoy(sockmap.Envoy{Listener: listen}); err != nil {
-		t.Fatal(err)
-	}
-	if err := dp.SetSteered(podAddr); err != nil {
+	if err := Steer(dp, bpftest.CgroupID(t, envoyCg), listen, podAddr); err != nil {
 		t.Fatal(err)
 	}
 
@@ -169,23 +150,5 @@ func TestIntegrationSockmapEnvoy(t *testing.T) {
 	if after.Steered-before.Steered != 2 || after.OrigDst-before.OrigDst < 2 ||
 		after.Redirected == before.Redirected || after.EnvoySkipped == 0 {
 		t.Errorf("stats before %+v after %+v: want 2 steered, 2 SO_ORIGINAL_DST answers, sk_msg redirects, Envoy's upstream skipped", before, after)
-	}
-}
-
-// shopInput is one L7Policy selecting the pod shop/api at apiIP:port: GET
-// and HEAD under /public/ allowed, everything else denied (403).
-func shopInput(apiIP netip.Addr, port int32) xds.Input {
-	prefix := "/public/"
-	pol := &v1alpha1.L7Policy{
-		ObjectMeta: metav1.ObjectMeta{Namespace: "shop", Name: "api"},
-		Spec: v1alpha1.L7PolicySpec{
-			PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"app": "api"}},
-			Ports:       []v1alpha1.L7PolicyPort{{Port: port}},
-			Rules:       []v1alpha1.HTTPRule{{Methods: []v1alpha1.HTTPMethod{"GET", "HEAD"}, Path: &v1alpha1.HTTPPathMatch{Prefix: &prefix}}},
-		},
-	}
-	return xds.Input{
-		Policies: []*v1alpha1.L7Policy{pol},
-		Pods:     []xds.Pod{{Namespace: "shop", Name: "api", Node: "n1", Labels: map[string]string{"app": "api"}, IPs: []netip.Addr{apiIP}}},
 	}
 }
