@@ -228,7 +228,7 @@ func (r *runner) run(ctx context.Context) error {
 		return err
 	}
 	if r.o.has(ModeSocklb) {
-		if r.cg, err = e.start("worker-socklb", startOpts{netns: e.nsC, stdin: true, inCgroup: true, env: []string{childEnv + "=worker"}}, e.self, e.marker()); err != nil {
+		if r.cg, err = e.start("worker-socklb", startOpts{netns: e.nsC, stdin: true, cgroup: e.cgFD, env: []string{childEnv + "=worker"}}, e.self, e.marker()); err != nil {
 			return err
 		}
 	}
@@ -469,11 +469,8 @@ func (r *runner) bulkAndChurn(ctx context.Context, mode string) error {
 			}
 			lat = append(lat, float64(resp.Mono-before)/1e6)
 		}
-		slices.Sort(lat)
 		b.Changes = len(lat)
-		b.ChangeP50ms = lat[len(lat)/2]
-		b.ChangeP99ms = lat[int(0.99*float64(len(lat)-1))]
-		b.ChangeMaxms = lat[len(lat)-1]
+		b.ChangeP50ms, b.ChangeP99ms, b.ChangeMaxms = quantiles(lat)
 		r.log.Info("endpoint changes", "mode", mode, "n", len(lat), "p50ms", b.ChangeP50ms, "p99ms", b.ChangeP99ms)
 	}
 	r.res.Bulk[mode] = b

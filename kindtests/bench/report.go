@@ -162,12 +162,7 @@ func newResults(o Options) *Results {
 
 // Point looks up one measurement.
 func (r *Results) Point(mode string, n int) (Point, bool) {
-	for _, p := range r.Scale {
-		if p.Mode == mode && p.Services == n {
-			return p, true
-		}
-	}
-	return Point{}, false
+	return find(r.Scale, func(p Point) bool { return p.Mode == mode && p.Services == n })
 }
 
 func (r *Results) write(dir string, log *slog.Logger) {
