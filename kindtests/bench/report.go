@@ -109,17 +109,20 @@ type Results struct {
 	NetpolFlowsSeconds float64       `json:"netpolUDPNewFlowsSecondsPerSample,omitempty"`
 	NetpolRounds       int           `json:"netpolRounds,omitempty"`
 	Netpol             []NetpolPoint `json:"netpol,omitempty"`
+
+	// L7 bench (mode l7), possibly from another run (L7.Date).
+	L7 *L7Results `json:"l7,omitempty"`
 }
 
 // carryOver keeps the rows of dir/bench.json this run does not measure, so
-// `--modes netpol` adds the policy table beside the Service table instead
-// of replacing it (and the other way round).
-func (r *Results) carryOver(dir string, svc, np bool, log *slog.Logger) {
+// `--modes netpol` adds the policy table beside the Service and L7 tables
+// instead of replacing them (and so on for each table).
+func (r *Results) carryOver(dir string, svc, np, l7 bool, log *slog.Logger) {
 	if !svc {
 		// Nothing measured: no Service table unless a previous run had one.
 		r.Scales, r.LatCount = nil, 0
 	}
-	if dir == "" || (svc && np) {
+	if dir == "" || (svc && np && l7) {
 		return
 	}
 	b, err := os.ReadFile(filepath.Join(dir, "bench.json"))
@@ -146,6 +149,9 @@ func (r *Results) carryOver(dir string, svc, np bool, log *slog.Logger) {
 		r.NetpolDate, r.PolicyScales, r.NetpolConns, r.NetpolRRSeconds, r.Netpol =
 			old.NetpolDate, old.PolicyScales, old.NetpolConns, old.NetpolRRSeconds, old.Netpol
 		r.NetpolFlowsSeconds, r.NetpolRounds = old.NetpolFlowsSeconds, old.NetpolRounds
+	}
+	if !l7 {
+		r.L7 = old.L7
 	}
 }
 
@@ -217,6 +223,9 @@ func (r *Results) Markdown() string {
 	}
 	if len(r.Netpol) > 0 {
 		r.netpolMarkdown(&b)
+	}
+	if r.L7 != nil {
+		r.l7Markdown(&b)
 	}
 	return b.String()
 }

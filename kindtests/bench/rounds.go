@@ -26,8 +26,10 @@ func (r RoundSlot) place() RoundSlot { return r }
 
 func (n NetpolNumbers) na() string   { return n.NA }
 func (n ServiceNumbers) na() string  { return n.NA }
+func (n L7Numbers) na() string       { return n.NA }
 func (n NetpolNumbers) errors() int  { return n.Errors }
 func (n ServiceNumbers) errors() int { return n.Errors }
+func (n L7Numbers) errors() int      { return n.Errors }
 
 // rotation is the column order of round r (0-based): items shifted left
 // by r, so over len(items) rounds every item takes every position once.
