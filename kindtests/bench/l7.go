@@ -78,7 +78,9 @@ const (
 // other tables (Date).
 type L7Results struct {
 	Date          string    `json:"date"`
+	Machine       Machine   `json:"machine"`
 	Envoy         string    `json:"envoyVersion,omitempty"`
+	Iptables      string    `json:"iptablesVersion,omitempty"` // column (c)
 	Rounds        int       `json:"rounds"`
 	SampleSeconds float64   `json:"sampleSeconds"`
 	Conns         []int     `json:"connections"`
@@ -243,7 +245,7 @@ func newL7Env(ctx context.Context, o Options, bin string) (_ *l7Env, err error) 
 // rounds, each measuring every column once in an order rotated per round;
 // then Envoy's RSS and o.L7Changes policy changes.
 func runL7(ctx context.Context, o Options, res *Results) error {
-	l := &L7Results{Date: time.Now().UTC().Format(time.RFC3339), Rounds: o.L7Rounds,
+	l := &L7Results{Date: time.Now().UTC().Format(time.RFC3339), Machine: thisMachine(), Rounds: o.L7Rounds,
 		SampleSeconds: o.L7Duration.Seconds(), Conns: o.L7Conns}
 	res.L7 = l
 	bin, why := envoytest.Binary()
@@ -251,7 +253,7 @@ func runL7(ctx context.Context, o Options, res *Results) error {
 		l.NA = why
 		return fmt.Errorf("l7: %s (make deps installs Envoy)", why)
 	}
-	l.Envoy = envoyVersion(bin)
+	l.Envoy, l.Iptables = envoyVersion(bin), toolVersion("iptables", "--version")
 	e, err := newL7Env(ctx, o, bin)
 	if err != nil {
 		l.NA = err.Error()
@@ -569,9 +571,10 @@ var l7Latencies = []l7Latency{{"p50", func(n L7Numbers) float64 { return n.P50us
 func (r *Results) l7Markdown(b *strings.Builder) {
 	l := r.L7
 	fmt.Fprintf(b, "\n## L7: HTTP through the node-local Envoy (issue 9)\n\n")
-	fmt.Fprintf(b, "- date: %s; %s; one private netns, everything on loopback: the client worker (cgroup app) asks `GET %s` of the pod %s (Go net/http, %d-byte answer)\n",
-		l.Date, orUnknown(l.Envoy), l7Path, l7Pod, len(l7Body))
-	fmt.Fprintf(b, "- (a) direct: the client connects to the pod, no proxy. (b) bpf/sockmap rewrites the client's connect() to Envoy's listener %s, our getsockopt program answers SO_ORIGINAL_DST, sk_msg carries client <-> Envoy; Envoy -> pod is loopback TCP. (c) the same Envoy and configuration reached through iptables nat OUTPUT `REDIRECT` of the client's cgroup (an iptables sidecar's path): SO_ORIGINAL_DST from conntrack, loopback TCP on both hops\n", l7Listen)
+	fmt.Fprintf(b, "- date: %s; %s\n", l.Date, l.Machine)
+	fmt.Fprintf(b, "- %s; one private netns, everything on loopback: the client worker (cgroup app) asks `GET %s` of the pod %s (Go net/http, %d-byte answer)\n",
+		orUnknown(l.Envoy), l7Path, l7Pod, len(l7Body))
+	fmt.Fprintf(b, "- (a) direct: the client connects to the pod, no proxy. (b) bpf/sockmap rewrites the client's connect() to Envoy's listener %s, our getsockopt program answers SO_ORIGINAL_DST, sk_msg carries client <-> Envoy; Envoy -> pod is loopback TCP. (c) the same Envoy and configuration reached through iptables nat OUTPUT `REDIRECT` of the client's cgroup (an iptables sidecar's path; %s): SO_ORIGINAL_DST from conntrack, loopback TCP on both hops\n", l7Listen, orUnknown(l.Iptables))
 	fmt.Fprintf(b, "- why REDIRECT is (c): the datapath's sockops puts both ends of a steered connection into the SOCKHASH, and a socket there runs tcp_bpf's paths even with no sk_msg program attached (not plain TCP, and the 6.18 read-wakeup regression path); steering without the SOCKHASH would need a datapath change. REDIRECT differs from (b) in both what the issue compares: how the connection reaches Envoy (NAT + conntrack on every packet vs a connect() rewrite) and how the bytes move (TCP vs sk_msg)\n")
 	fmt.Fprintf(b, "- Envoy: one process, `--concurrency 1` (envoytest.Args), configured only by our xds.Server with xds.Build (listener original_dst + RBAC per destination chain, ORIGINAL_DST cluster, no access log); one L7Policy allows GET/HEAD under %s\n", l7Allowed)
 	fmt.Fprintf(b, "- load: N keep-alive HTTP/1.1 connections, each a closed loop (the next request when the answer is read) for %s s after %d unmeasured requests per connection; latency = request write to answer read, p50/p99 over every request of the sample; a minimal client (raw request, status line and content-length parsed)\n",

@@ -23,7 +23,7 @@ func l7Rounds(vals ...float64) []L7Sample {
 // The added latency and the goal pair each column with (a) of the same
 // round, and a round where any column is n/a is left out of both.
 func TestL7MarkdownAddedAndGoal(t *testing.T) {
-	l := &L7Results{Date: "2026-12-01T00:00:00Z", Envoy: "Envoy x/1.40.0/Clean/RELEASE/BoringSSL", Rounds: 3, SampleSeconds: 3, Conns: []int{1, 8},
+	l := &L7Results{Date: "2026-12-01T00:00:00Z", Machine: Machine{Host: "vm", CPUs: 2, CPUModel: "Xeon", Kernel: "6.18.44", GoVersion: "go1.26.8", Revision: "abc123"}, Envoy: "Envoy x/1.40.0/Clean/RELEASE/BoringSSL", Iptables: "iptables v1.8.9 (nf_tables)", Rounds: 3, SampleSeconds: 3, Conns: []int{1, 8},
 		Changes: L7Changes{Changes: 50, AckP50ms: 2.04, AckP99ms: 5.5, EnforceP50ms: 3.1, EnforceP99ms: 7.25}, RSSIdleKB: 65 * 1024, RSSLoadKB: 70 * 1024}
 	// 1 connection: added (b) 60, 70, 50; added (c) 100, 100, 100: 40%, 30%, 50% below.
 	l.Points = append(l.Points,
@@ -41,8 +41,9 @@ func TestL7MarkdownAddedAndGoal(t *testing.T) {
 	r := &Results{L7: l}
 	md := r.Markdown()
 	checkMarkdown(t, md, []string{
-		"## L7: HTTP through the node-local Envoy (issue 9)",
+		"## L7: HTTP through the node-local Envoy (issue 9)\n\n- date: 2026-12-01T00:00:00Z; machine: vm, 2 CPUs (Xeon); kernel 6.18.44; built from revision abc123 with go1.26.8\n",
 		"Envoy x/1.40.0/Clean/RELEASE/BoringSSL",
+		"(an iptables sidecar's path; iptables v1.8.9 (nf_tables))",
 		"- rounds: 3 per number of connections;",
 		"(direct sockmap redirect, then sockmap redirect direct, ...)",
 		"| metric | (a) direct, no proxy | (b) Envoy via bpf/sockmap (sk_msg, ours) | (c) Envoy via iptables REDIRECT (TCP) |",
@@ -60,10 +61,11 @@ func TestL7MarkdownAddedAndGoal(t *testing.T) {
 }
 
 // An l7-only run keeps the Service and policy tables of the previous
-// bench.json, and a run without l7 keeps its L7 table.
+// bench.json with their metadata, and a run without l7 keeps its L7 table.
 func TestL7CarryOver(t *testing.T) {
 	dir := t.TempDir()
-	prev := Results{Modes: []string{ModeDirect}, Scales: []int{10}, Scale: []Point{{Mode: ModeDirect, Services: 10}},
+	then := Machine{Host: "vm", Kernel: "6.18.44-fc-v657", CPUs: 2, CPUModel: "AMD EPYC"}
+	prev := Results{Machine: then, Iptables: "iptables v1.8.11", Modes: []string{ModeDirect}, Scales: []int{10}, Scale: []Point{{Mode: ModeDirect, Services: 10}},
 		PolicyScales: []int{0}, Netpol: []NetpolPoint{{Datapath: NetpolEBPF}}, L7: &L7Results{Date: "then", Conns: []int{1}}}
 	b, _ := json.Marshal(prev)
 	if err := os.WriteFile(filepath.Join(dir, "bench.json"), b, 0o644); err != nil {
@@ -72,12 +74,12 @@ func TestL7CarryOver(t *testing.T) {
 	log := slog.New(slog.DiscardHandler)
 	l7Only := newResults(Options{Modes: []string{ModeL7}})
 	l7Only.carryOver(dir, false, false, true, log)
-	if len(l7Only.Scale) != 1 || len(l7Only.Netpol) != 1 || l7Only.L7 != nil {
+	if len(l7Only.Scale) != 1 || len(l7Only.Netpol) != 1 || l7Only.L7 != nil || l7Only.Machine != then || l7Only.Iptables != "iptables v1.8.11" {
 		t.Errorf("l7-only run: %+v", l7Only)
 	}
 	np := newResults(Options{Modes: []string{ModeNetpol}})
 	np.carryOver(dir, false, true, false, log)
-	if np.L7 == nil || np.L7.Date != "then" || len(np.Netpol) != 0 || !strings.Contains(np.Markdown(), "## L7") {
+	if np.L7 == nil || np.L7.Date != "then" || len(np.Netpol) != 0 || np.Machine == then || !strings.Contains(np.Markdown(), "## L7") {
 		t.Errorf("netpol-only run lost the L7 table: %+v", np)
 	}
 }

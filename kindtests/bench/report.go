@@ -73,18 +73,37 @@ type Bulk struct {
 	NA                  string  `json:"na,omitempty"`
 }
 
-// Results is everything a run measured (bench.json).
-type Results struct {
-	Date     string `json:"date"`
-	Host     string `json:"host"`
-	Kernel   string `json:"kernel"`
-	CPUs     int    `json:"cpus"`
-	CPUModel string `json:"cpuModel"`
-	// Run metadata, read from this machine and the binaries at run time.
+// Machine is a run's metadata, read from this machine and the build at
+// run time.
+type Machine struct {
+	Host      string `json:"host"`
+	Kernel    string `json:"kernel"`
+	CPUs      int    `json:"cpus"`
+	CPUModel  string `json:"cpuModel"`
 	GoVersion string `json:"goVersion,omitempty"`
 	Revision  string `json:"revision,omitempty"` // git revision of the bench's source
-	Iptables  string `json:"iptablesVersion,omitempty"`
-	Ipset     string `json:"ipsetVersion,omitempty"`
+}
+
+func thisMachine() Machine {
+	host, _ := os.Hostname()
+	return Machine{Host: host, Kernel: kernelRelease(), CPUs: runtime.NumCPU(), CPUModel: cpuModel(),
+		GoVersion: runtime.Version(), Revision: revision()}
+}
+
+// String is the report's line of it.
+func (m Machine) String() string {
+	return fmt.Sprintf("machine: %s, %d CPUs (%s); kernel %s; built from revision %s with %s",
+		m.Host, m.CPUs, m.CPUModel, m.Kernel, orUnknown(m.Revision), orUnknown(m.GoVersion))
+}
+
+// Results is everything a run measured (bench.json). The metadata at the
+// top is the run's that measured the Service and NetworkPolicy tables (an
+// l7-only run keeps the previous one's); the L7 table has its own.
+type Results struct {
+	Date string `json:"date"`
+	Machine
+	Iptables string `json:"iptablesVersion,omitempty"`
+	Ipset    string `json:"ipsetVersion,omitempty"`
 
 	Modes    []string `json:"modes"`
 	Scales   []int    `json:"scales"`
@@ -153,13 +172,15 @@ func (r *Results) carryOver(dir string, svc, np, l7 bool, log *slog.Logger) {
 	if !l7 {
 		r.L7 = old.L7
 	}
+	if !svc && !np {
+		// Only the L7 table is new: the header stays the other tables'.
+		r.Machine, r.Iptables, r.Ipset = old.Machine, old.Iptables, old.Ipset
+	}
 }
 
 func newResults(o Options) *Results {
-	host, _ := os.Hostname()
 	return &Results{
-		Date: time.Now().UTC().Format(time.RFC3339), Host: host, Kernel: kernelRelease(),
-		CPUs: runtime.NumCPU(), CPUModel: cpuModel(), GoVersion: runtime.Version(), Revision: revision(),
+		Date: time.Now().UTC().Format(time.RFC3339), Machine: thisMachine(),
 		Iptables: toolVersion("iptables", "--version"), Ipset: toolVersion("ipset", "--version"),
 		Modes: serviceModes(o.Modes), Scales: o.Scales, LatCount: o.LatCount, Rounds: o.Rounds,
 		CreateSeconds: map[int]float64{}, Bulk: map[string]Bulk{},
