@@ -91,7 +91,7 @@ demo: cluster-up ## local cluster + kubectl ebpf install --wait + status
 	  echo; echo "The cluster stays up: export KUBECONFIG=$$KUBECONFIG PATH=$${PATH%%:*}:\$$PATH; make cluster-down removes it."
 
 BENCH_ARGS ?=
-bench: ## benchmark (root): socket LB vs real kube-proxy (iptables, nftables), NetworkPolicy eBPF vs iptables/ipset, in private netns; writes results/
+bench: ## benchmark (root): socket LB vs real kube-proxy (iptables, nftables), NetworkPolicy eBPF vs iptables/ipset, HTTP direct vs Envoy by sockmap vs Envoy by iptables REDIRECT, in private netns; writes results/
 	@test "$$(id -u)" = 0 || { echo "make bench needs root (netns, cgroups, BPF)"; exit 1; }
 	$(GO) build -o $(BIN)/kebpf-bench ./kindtests/cmd/kebpf-bench
 	$(BIN)/kebpf-bench --out results $(BENCH_ARGS)

@@ -37,7 +37,6 @@ const (
 
 	// AgentContainer is the name of the agent container in the DaemonSet.
 	AgentContainer = "agent"
-
 )
 
 // ManagedSelector selects every object kubectl-ebpf created.

@@ -33,16 +33,19 @@ const (
 	// ModeNetpol is the NetworkPolicy bench (netpol.go): its own netns and
 	// columns, no control plane.
 	ModeNetpol = "netpol"
+	// ModeL7 is the L7 bench (l7.go): HTTP direct, through Envoy by
+	// bpf/sockmap, through Envoy by iptables REDIRECT; its own netns.
+	ModeL7 = "l7"
 )
 
 // AllModes is every mode in column order.
-var AllModes = []string{ModeDirect, ModeSocklb, ModeIptables, ModeNftables, ModeNetpol}
+var AllModes = []string{ModeDirect, ModeSocklb, ModeIptables, ModeNftables, ModeNetpol, ModeL7}
 
 // serviceModes are the modes of the Service table.
 func serviceModes(modes []string) []string {
 	var out []string
 	for _, m := range modes {
-		if m != ModeNetpol {
+		if m != ModeNetpol && m != ModeL7 {
 			out = append(out, m)
 		}
 	}
@@ -77,6 +80,13 @@ type Options struct {
 	// NetpolRounds: rounds per scale, each measuring every policy datapath
 	// once in a rotated order; cells are the median over the rounds.
 	NetpolRounds int
+	// L7Conns are the numbers of keep-alive connections of the L7 rows
+	// (mode l7); L7Duration the load time per sample; L7Rounds the rounds
+	// per number of connections; L7Changes the L7Policy changes timed.
+	L7Conns    []int
+	L7Duration time.Duration
+	L7Rounds   int
+	L7Changes  int
 	// OnEnv is called with the run id once the environment exists (tests
 	// check later that nothing with that id is left).
 	OnEnv func(id string)
@@ -122,14 +132,27 @@ func (o *Options) defaults() {
 	if o.NetpolRounds == 0 {
 		o.NetpolRounds = 5
 	}
+	if len(o.L7Conns) == 0 {
+		o.L7Conns = []int{1, 8}
+	}
+	if o.L7Duration == 0 {
+		o.L7Duration = 3 * time.Second
+	}
+	if o.L7Rounds == 0 {
+		o.L7Rounds = 6
+	}
+	if o.L7Changes == 0 {
+		o.L7Changes = 50
+	}
 }
 
 func (o *Options) has(mode string) bool { return slices.Contains(o.Modes, mode) }
 
 // Run builds the environment, measures, writes results as it goes and tears
-// everything down, also when ctx is cancelled. The Service modes and the
-// netpol mode run one after the other, each in its own netns; a run of only
-// one of them keeps the other's results already in o.Out.
+// everything down, also when ctx is cancelled. The Service modes, the
+// netpol mode and the l7 mode run one after the other, each in its own
+// netns; a run of only some of them keeps the others' results already in
+// o.Out.
 func Run(ctx context.Context, o Options) (*Results, error) {
 	o.defaults()
 	for _, m := range o.Modes {
@@ -139,7 +162,7 @@ func Run(ctx context.Context, o Options) (*Results, error) {
 	}
 	res := newResults(o)
 	svc := serviceModes(o.Modes)
-	res.carryOver(o.Out, len(svc) > 0, o.has(ModeNetpol), o.Log)
+	res.carryOver(o.Out, len(svc) > 0, o.has(ModeNetpol), o.has(ModeL7), o.Log)
 	var err error
 	if len(svc) > 0 {
 		so := o
@@ -148,6 +171,9 @@ func Run(ctx context.Context, o Options) (*Results, error) {
 	}
 	if o.has(ModeNetpol) && ctx.Err() == nil {
 		err = errors.Join(err, runNetpol(ctx, o, res))
+	}
+	if o.has(ModeL7) && ctx.Err() == nil {
+		err = errors.Join(err, runL7(ctx, o, res))
 	}
 	return res, err
 }
@@ -228,7 +254,7 @@ func (r *runner) run(ctx context.Context) error {
 		return err
 	}
 	if r.o.has(ModeSocklb) {
-		if r.cg, err = e.start("worker-socklb", startOpts{netns: e.nsC, stdin: true, inCgroup: true, env: []string{childEnv + "=worker"}}, e.self, e.marker()); err != nil {
+		if r.cg, err = e.start("worker-socklb", startOpts{netns: e.nsC, stdin: true, cgroup: e.cgFD, env: []string{childEnv + "=worker"}}, e.self, e.marker()); err != nil {
 			return err
 		}
 	}
@@ -469,11 +495,8 @@ func (r *runner) bulkAndChurn(ctx context.Context, mode string) error {
 			}
 			lat = append(lat, float64(resp.Mono-before)/1e6)
 		}
-		slices.Sort(lat)
 		b.Changes = len(lat)
-		b.ChangeP50ms = lat[len(lat)/2]
-		b.ChangeP99ms = lat[int(0.99*float64(len(lat)-1))]
-		b.ChangeMaxms = lat[len(lat)-1]
+		b.ChangeP50ms, b.ChangeP99ms, b.ChangeMaxms = quantiles(lat)
 		r.log.Info("endpoint changes", "mode", mode, "n", len(lat), "p50ms", b.ChangeP50ms, "p99ms", b.ChangeP99ms)
 	}
 	r.res.Bulk[mode] = b

@@ -54,6 +54,8 @@ func Child() bool {
 		err = runAgent()
 	case "npserver":
 		err = runNPServer()
+	case "l7server":
+		err = runL7Server()
 	default:
 		err = fmt.Errorf("unknown child role %q", role)
 	}
@@ -101,9 +103,11 @@ func monoNow() int64 {
 // workerReq and workerResp are the line-delimited JSON protocol between the
 // harness and a worker.
 type workerReq struct {
-	Op        string `json:"op"` // lat | wait | sweep | conns | udprr, udpflows (TimeoutMs = duration)
+	Op        string `json:"op"` // lat | wait | sweep | conns | udprr, udpflows, http (TimeoutMs = duration) | verdict
 	Addr      string `json:"addr,omitempty"`
-	Count     int    `json:"count,omitempty"`
+	Count     int    `json:"count,omitempty"`  // http: connections
+	Path      string `json:"path,omitempty"`   // http, verdict: the request's path
+	Status    int    `json:"status,omitempty"` // http, verdict: the answer's status that counts
 	Expect    string `json:"expect,omitempty"` // wait: backend ip:port the answer must name; "" any answer
 	Base      string `json:"base,omitempty"`   // sweep: first ClusterIP
 	N         int    `json:"n,omitempty"`      // sweep: how many consecutive ClusterIPs
@@ -115,7 +119,7 @@ type workerResp struct {
 	Err        string  `json:"err,omitempty"`
 	P50us      float64 `json:"p50us,omitempty"`
 	P99us      float64 `json:"p99us,omitempty"`
-	ConnPerSec float64 `json:"connPerSec,omitempty"`
+	ConnPerSec float64 `json:"connPerSec,omitempty"` // http: requests/s
 	Errors     int     `json:"errors,omitempty"`
 	Mono       int64   `json:"mono,omitempty"` // wait/sweep: when the condition was met
 	Answered   int     `json:"answered,omitempty"`
@@ -128,6 +132,7 @@ type workerResp struct {
 var workerOps = map[string]func(workerReq) workerResp{
 	"lat": latency, "wait": wait, "sweep": sweep, // Service table
 	"conns": connsOp, "udprr": udpRROp, "udpflows": udpFlowsOp, // policy table
+	"http": httpLoadOp, "verdict": verdictOp, // L7 table
 }
 
 func runWorker(in io.Reader, out io.Writer) error {

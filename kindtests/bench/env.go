@@ -90,39 +90,57 @@ func run(ctx context.Context, name string, args ...string) error {
 	return nil
 }
 
-// newEnv builds the namespaces, veth, cgroup and bpffs. On error everything
-// made so far is already removed.
-func newEnv(ctx context.Context, log *slog.Logger) (_ *env, err error) {
+// newRunEnv is how every table's environment starts: a new run id, its
+// temp dir and one netns per suffix (netns(suffix) names it), each removed
+// at close. On error what was made is already removed.
+func newRunEnv(ctx context.Context, log *slog.Logger, netnsSuffixes ...string) (_ *env, err error) {
 	self, err := os.Executable()
 	if err != nil {
 		return nil, fmt.Errorf("find own executable: %w", err)
 	}
-	id := randID()
-	e := &env{log: log, id: id, self: self, procs: map[string]*proc{},
-		nsC: namePrefix + id + "-c", nsB: namePrefix + id + "-b"}
+	e := &env{log: log, id: randID(), self: self, procs: map[string]*proc{}}
 	defer func() {
 		if err != nil {
 			e.close()
 		}
 	}()
-	if e.dir, err = os.MkdirTemp("", namePrefix+id+"-"); err != nil {
+	if e.dir, err = os.MkdirTemp("", namePrefix+e.id+"-"); err != nil {
 		return nil, err
 	}
 	e.undo = append(e.undo, func() error { return os.RemoveAll(e.dir) })
+	for _, s := range netnsSuffixes {
+		ns := e.netns(s)
+		if err := run(ctx, "ip", "netns", "add", ns); err != nil {
+			return nil, err
+		}
+		e.undo = append(e.undo, func() error { return run(context.Background(), "ip", "netns", "del", ns) })
+	}
+	return e, nil
+}
+
+// netns names the run's netns with suffix.
+func (e *env) netns(suffix string) string { return namePrefix + e.id + suffix }
+
+// newEnv builds the namespaces, veth, cgroup and bpffs. On error everything
+// made so far is already removed.
+func newEnv(ctx context.Context, log *slog.Logger) (_ *env, err error) {
+	e, err := newRunEnv(ctx, log, "-c", "-b")
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if err != nil {
+			e.close()
+		}
+	}()
+	id := e.id
+	e.nsC, e.nsB = e.netns("-c"), e.netns("-b")
 	// etcd on tmpfs: fsync on a VM disk would make the API server, not the
 	// datapaths, the thing measured.
 	if e.dataDir, err = os.MkdirTemp("/dev/shm", namePrefix+id+"-"); err != nil {
 		return nil, err
 	}
 	e.undo = append(e.undo, func() error { return os.RemoveAll(e.dataDir) })
-
-	for _, ns := range []string{e.nsC, e.nsB} {
-		if err := run(ctx, "ip", "netns", "add", ns); err != nil {
-			return nil, err
-		}
-		ns := ns
-		e.undo = append(e.undo, func() error { return run(context.Background(), "ip", "netns", "del", ns) })
-	}
 	vc, vb := "kbc"+id, "kbb"+id
 	steps := [][]string{
 		{"link", "add", vc, "netns", e.nsC, "type", "veth", "peer", "name", vb, "netns", e.nsB},
@@ -157,14 +175,9 @@ func newEnv(ctx context.Context, log *slog.Logger) (_ *env, err error) {
 	}
 
 	e.cgroup = filepath.Join(cgroupRoot, namePrefix+id)
-	if err := os.Mkdir(e.cgroup, 0o755); err != nil {
-		return nil, fmt.Errorf("create test cgroup: %w", err)
+	if e.cgFD, err = e.makeCgroup(e.cgroup); err != nil {
+		return nil, err
 	}
-	e.undo = append(e.undo, e.removeCgroup)
-	if e.cgFD, err = os.Open(e.cgroup); err != nil {
-		return nil, fmt.Errorf("open test cgroup: %w", err)
-	}
-	e.undo = append(e.undo, e.cgFD.Close)
 
 	if err := e.mountBPFFS(); err != nil {
 		return nil, err
@@ -173,26 +186,41 @@ func newEnv(ctx context.Context, log *slog.Logger) (_ *env, err error) {
 	return e, nil
 }
 
+// makeCgroup creates the cgroup v2 directory path, removed at teardown
+// (a child made later goes first), and opens it for CLONE_INTO_CGROUP.
+func (e *env) makeCgroup(path string) (*os.File, error) {
+	if err := os.Mkdir(path, 0o755); err != nil {
+		return nil, fmt.Errorf("create cgroup: %w", err)
+	}
+	e.undo = append(e.undo, func() error { return removeCgroup(path) })
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("open cgroup: %w", err)
+	}
+	e.undo = append(e.undo, f.Close)
+	return f, nil
+}
+
 // removeCgroup retries: a killed process leaves the cgroup a moment after
 // its parent reaped it.
-func (e *env) removeCgroup() error {
+func removeCgroup(path string) error {
 	var err error
 	for i := 0; i < 50; i++ {
-		if err = os.Remove(e.cgroup); err == nil || errors.Is(err, os.ErrNotExist) {
+		if err = os.Remove(path); err == nil || errors.Is(err, os.ErrNotExist) {
 			return nil
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	return fmt.Errorf("remove cgroup %s: %w", e.cgroup, err)
+	return fmt.Errorf("remove cgroup %s: %w", path, err)
 }
 
 type startOpts struct {
-	netns    string // "" = host netns
-	ipExec   bool   // use `ip netns exec` (fresh /sys) rather than nsenter
-	inCgroup bool   // start inside the test cgroup (CLONE_INTO_CGROUP)
-	env      []string
-	extra    []*os.File
-	stdin    bool
+	netns  string   // "" = host netns
+	ipExec bool     // use `ip netns exec` (fresh /sys) rather than nsenter
+	cgroup *os.File // start inside this cgroup (CLONE_INTO_CGROUP); nil: the harness's
+	env    []string
+	extra  []*os.File
+	stdin  bool
 }
 
 // start launches a process in its own process group with output in
@@ -229,9 +257,9 @@ func (e *env) start(name string, o startOpts, bin string, args ...string) (*proc
 	cmd.Env = append(os.Environ(), o.env...)
 	cmd.ExtraFiles = o.extra
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if o.inCgroup {
+	if o.cgroup != nil {
 		cmd.SysProcAttr.UseCgroupFD = true
-		cmd.SysProcAttr.CgroupFD = int(e.cgFD.Fd())
+		cmd.SysProcAttr.CgroupFD = int(o.cgroup.Fd())
 	}
 	return p, e.launch(p)
 }

@@ -79,6 +79,24 @@ func checkMarkdown(t *testing.T, md string, want, unwanted []string) {
 	}
 }
 
+// checkPoint fails for a point that is missing (ok false), n/a, or without
+// numbers from each of rounds rounds, and says whether its numbers are there
+// to be checked further.
+func checkPoint(t *testing.T, what string, ok bool, na string, withNumbers, samples, rounds int) bool {
+	t.Helper()
+	switch {
+	case !ok:
+		t.Errorf("%s: no measurement", what)
+	case na != "":
+		t.Errorf("%s: n/a: %s", what, na)
+	case samples != rounds || withNumbers != rounds:
+		t.Errorf("%s: want %d rounds with numbers, got %d of %d", what, rounds, withNumbers, samples)
+	default:
+		return true
+	}
+	return false
+}
+
 // checkRotation fails unless sample r of col was measured in round r at
 // col's place in that round's rotated order of cols.
 func checkRotation[S sample](t *testing.T, what string, cols []string, col string, ss []S) {

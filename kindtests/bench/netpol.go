@@ -103,12 +103,7 @@ type NetpolNumbers struct {
 
 // NetpolPoint looks up one policy measurement.
 func (r *Results) NetpolPoint(dp string, n int) (NetpolPoint, bool) {
-	for _, p := range r.Netpol {
-		if p.Datapath == dp && p.CIDRs == n {
-			return p, true
-		}
-	}
-	return NetpolPoint{}, false
+	return find(r.Netpol, func(p NetpolPoint) bool { return p.Datapath == dp && p.CIDRs == n })
 }
 
 type npEnv struct {
@@ -134,31 +129,18 @@ type npEnv struct {
 // the server and the client worker. On error everything made so far is
 // already removed.
 func newNetpolEnv(ctx context.Context, o Options) (_ *npEnv, err error) {
-	self, err := os.Executable()
+	base, err := newRunEnv(ctx, o.Log, "-pn", "-pc", "-ps")
 	if err != nil {
-		return nil, fmt.Errorf("find own executable: %w", err)
+		return nil, err
 	}
-	id := randID()
-	p := namePrefix + id
-	e := &npEnv{env: &env{log: o.Log, id: id, self: self, procs: map[string]*proc{}},
-		pc: p + "-pc", ps: p + "-ps", pn: p + "-pn", hostVeth: "kbps" + id, set: "kebpf-np-" + id,
+	id := base.id
+	e := &npEnv{env: base, pc: base.netns("-pc"), ps: base.netns("-ps"), pn: base.netns("-pn"), hostVeth: "kbps" + id, set: "kebpf-np-" + id,
 		conns: o.NetpolConns, rr: o.NetpolRR, flows: o.NetpolFlows, rounds: o.NetpolRounds, rulesN: -1}
 	defer func() {
 		if err != nil {
 			e.close()
 		}
 	}()
-	if e.dir, err = os.MkdirTemp("", p+"-"); err != nil {
-		return nil, err
-	}
-	e.undo = append(e.undo, func() error { return os.RemoveAll(e.dir) })
-	for _, ns := range []string{e.pn, e.pc, e.ps} {
-		if err := run(ctx, "ip", "netns", "add", ns); err != nil {
-			return nil, err
-		}
-		ns := ns
-		e.undo = append(e.undo, func() error { return run(context.Background(), "ip", "netns", "del", ns) })
-	}
 	cv := "kbpc" + id
 	steps := [][]string{
 		{"-n", e.pn, "link", "add", cv, "type", "veth", "peer", "name", "eth0", "netns", e.pc},

@@ -73,18 +73,37 @@ type Bulk struct {
 	NA                  string  `json:"na,omitempty"`
 }
 
-// Results is everything a run measured (bench.json).
-type Results struct {
-	Date     string `json:"date"`
-	Host     string `json:"host"`
-	Kernel   string `json:"kernel"`
-	CPUs     int    `json:"cpus"`
-	CPUModel string `json:"cpuModel"`
-	// Run metadata, read from this machine and the binaries at run time.
+// Machine is a run's metadata, read from this machine and the build at
+// run time.
+type Machine struct {
+	Host      string `json:"host"`
+	Kernel    string `json:"kernel"`
+	CPUs      int    `json:"cpus"`
+	CPUModel  string `json:"cpuModel"`
 	GoVersion string `json:"goVersion,omitempty"`
 	Revision  string `json:"revision,omitempty"` // git revision of the bench's source
-	Iptables  string `json:"iptablesVersion,omitempty"`
-	Ipset     string `json:"ipsetVersion,omitempty"`
+}
+
+func thisMachine() Machine {
+	host, _ := os.Hostname()
+	return Machine{Host: host, Kernel: kernelRelease(), CPUs: runtime.NumCPU(), CPUModel: cpuModel(),
+		GoVersion: runtime.Version(), Revision: revision()}
+}
+
+// String is the report's line of it.
+func (m Machine) String() string {
+	return fmt.Sprintf("machine: %s, %d CPUs (%s); kernel %s; built from revision %s with %s",
+		m.Host, m.CPUs, m.CPUModel, m.Kernel, orUnknown(m.Revision), orUnknown(m.GoVersion))
+}
+
+// Results is everything a run measured (bench.json). The metadata at the
+// top is the run's that measured the Service and NetworkPolicy tables (an
+// l7-only run keeps the previous one's); the L7 table has its own.
+type Results struct {
+	Date string `json:"date"`
+	Machine
+	Iptables string `json:"iptablesVersion,omitempty"`
+	Ipset    string `json:"ipsetVersion,omitempty"`
 
 	Modes    []string `json:"modes"`
 	Scales   []int    `json:"scales"`
@@ -109,17 +128,20 @@ type Results struct {
 	NetpolFlowsSeconds float64       `json:"netpolUDPNewFlowsSecondsPerSample,omitempty"`
 	NetpolRounds       int           `json:"netpolRounds,omitempty"`
 	Netpol             []NetpolPoint `json:"netpol,omitempty"`
+
+	// L7 bench (mode l7), possibly from another run (L7.Date).
+	L7 *L7Results `json:"l7,omitempty"`
 }
 
 // carryOver keeps the rows of dir/bench.json this run does not measure, so
-// `--modes netpol` adds the policy table beside the Service table instead
-// of replacing it (and the other way round).
-func (r *Results) carryOver(dir string, svc, np bool, log *slog.Logger) {
+// `--modes netpol` adds the policy table beside the Service and L7 tables
+// instead of replacing them (and so on for each table).
+func (r *Results) carryOver(dir string, svc, np, l7 bool, log *slog.Logger) {
 	if !svc {
 		// Nothing measured: no Service table unless a previous run had one.
 		r.Scales, r.LatCount = nil, 0
 	}
-	if dir == "" || (svc && np) {
+	if dir == "" || (svc && np && l7) {
 		return
 	}
 	b, err := os.ReadFile(filepath.Join(dir, "bench.json"))
@@ -147,13 +169,18 @@ func (r *Results) carryOver(dir string, svc, np bool, log *slog.Logger) {
 			old.NetpolDate, old.PolicyScales, old.NetpolConns, old.NetpolRRSeconds, old.Netpol
 		r.NetpolFlowsSeconds, r.NetpolRounds = old.NetpolFlowsSeconds, old.NetpolRounds
 	}
+	if !l7 {
+		r.L7 = old.L7
+	}
+	if !svc && !np {
+		// Only the L7 table is new: the header stays the other tables'.
+		r.Machine, r.Iptables, r.Ipset = old.Machine, old.Iptables, old.Ipset
+	}
 }
 
 func newResults(o Options) *Results {
-	host, _ := os.Hostname()
 	return &Results{
-		Date: time.Now().UTC().Format(time.RFC3339), Host: host, Kernel: kernelRelease(),
-		CPUs: runtime.NumCPU(), CPUModel: cpuModel(), GoVersion: runtime.Version(), Revision: revision(),
+		Date: time.Now().UTC().Format(time.RFC3339), Machine: thisMachine(),
 		Iptables: toolVersion("iptables", "--version"), Ipset: toolVersion("ipset", "--version"),
 		Modes: serviceModes(o.Modes), Scales: o.Scales, LatCount: o.LatCount, Rounds: o.Rounds,
 		CreateSeconds: map[int]float64{}, Bulk: map[string]Bulk{},
@@ -162,12 +189,7 @@ func newResults(o Options) *Results {
 
 // Point looks up one measurement.
 func (r *Results) Point(mode string, n int) (Point, bool) {
-	for _, p := range r.Scale {
-		if p.Mode == mode && p.Services == n {
-			return p, true
-		}
-	}
-	return Point{}, false
+	return find(r.Scale, func(p Point) bool { return p.Mode == mode && p.Services == n })
 }
 
 func (r *Results) write(dir string, log *slog.Logger) {
@@ -222,6 +244,9 @@ func (r *Results) Markdown() string {
 	}
 	if len(r.Netpol) > 0 {
 		r.netpolMarkdown(&b)
+	}
+	if r.L7 != nil {
+		r.l7Markdown(&b)
 	}
 	return b.String()
 }

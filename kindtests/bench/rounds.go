@@ -18,12 +18,18 @@ type sample interface {
 	// na is why the round produced no numbers ("" when it did).
 	na() string
 	place() RoundSlot
+	// errors counts the failed operations of the round.
+	errors() int
 }
 
 func (r RoundSlot) place() RoundSlot { return r }
 
-func (n NetpolNumbers) na() string  { return n.NA }
-func (n ServiceNumbers) na() string { return n.NA }
+func (n NetpolNumbers) na() string   { return n.NA }
+func (n ServiceNumbers) na() string  { return n.NA }
+func (n L7Numbers) na() string       { return n.NA }
+func (n NetpolNumbers) errors() int  { return n.Errors }
+func (n ServiceNumbers) errors() int { return n.Errors }
+func (n L7Numbers) errors() int      { return n.Errors }
 
 // rotation is the column order of round r (0-based): items shifted left
 // by r, so over len(items) rounds every item takes every position once.
@@ -59,6 +65,17 @@ func measureRounds[S sample](rounds int, cols []string, measure func(round, slot
 	return by, nil
 }
 
+// find is the first of ps that match accepts.
+func find[P any](ps []P, match func(P) bool) (P, bool) {
+	for _, p := range ps {
+		if match(p) {
+			return p, true
+		}
+	}
+	var none P
+	return none, false
+}
+
 // medianRange is the median (the mean of the middle two for an even count)
 // and the minimum and maximum of xs; ok is false for no values.
 func medianRange(xs []float64) (med, lo, hi float64, ok bool) {
@@ -73,6 +90,16 @@ func medianRange(xs []float64) (med, lo, hi float64, ok bool) {
 		med = (s[m-1] + s[m]) / 2
 	}
 	return med, s[0], s[len(s)-1], true
+}
+
+// quantiles are the p50, p99 and maximum of xs (nearest rank below), which
+// it sorts; zeros for none.
+func quantiles(xs []float64) (p50, p99, maxv float64) {
+	if len(xs) == 0 {
+		return 0, 0, 0
+	}
+	slices.Sort(xs)
+	return xs[len(xs)/2], xs[int(0.99*float64(len(xs)-1))], xs[len(xs)-1]
 }
 
 // okSamples are the rounds that produced numbers.
@@ -151,14 +178,7 @@ func aggregateNetpol(dp string, n int, ss []NetpolSample) NetpolPoint {
 			return p
 		}
 	}
-	ok, na := usable(ss)
-	if p.Rounds, p.NA = len(ok), na; na != "" {
-		return p
-	}
-	medians(p.floats(), ok, func(s *NetpolSample) []*float64 { return s.floats() })
-	for _, s := range ss {
-		p.Errors += s.Errors
-	}
+	p.Rounds, p.Errors, p.NA = fold(ss, p.floats(), func(s *NetpolSample) []*float64 { return s.floats() })
 	return p
 }
 
@@ -166,28 +186,42 @@ func aggregateNetpol(dp string, n int, ss []NetpolSample) NetpolPoint {
 // a point, as aggregateNetpol does for the policy table.
 func aggregatePoint(mode string, n int, ss []ServiceSample) Point {
 	p := Point{Mode: mode, Services: n, Samples: ss}
-	ok, na := usable(ss)
-	if p.Rounds, p.NA = len(ok), na; na != "" {
-		return p
-	}
-	medians(p.floats(), ok, func(s *ServiceSample) []*float64 { return s.floats() })
-	p.RSSKB = int64(medianOf(ok, func(s ServiceSample) float64 { return float64(s.RSSKB) }))
-	for _, s := range ss {
-		p.Errors += s.Errors
+	if p.Rounds, p.Errors, p.NA = fold(ss, p.floats(), func(s *ServiceSample) []*float64 { return s.floats() }); p.NA == "" {
+		p.RSSKB = int64(medianOf(okSamples(ss), func(s ServiceSample) float64 { return float64(s.RSSKB) }))
 	}
 	return p
+}
+
+// fold sets every number of dst to its median over the rounds of ss that
+// produced numbers (floats gives a round's numbers in dst's order) and
+// returns how many did and the errors of all rounds, or, when none did, why
+// not.
+func fold[S sample](ss []S, dst []*float64, floats func(*S) []*float64) (rounds, errs int, na string) {
+	ok, na := usable(ss)
+	if na != "" {
+		return 0, 0, na
+	}
+	medians(dst, ok, floats)
+	for _, s := range ss {
+		errs += s.errors()
+	}
+	return len(ok), errs, ""
 }
 
 // statCell renders the median of one metric and, when two or more rounds
 // produced numbers, their range: "5170 (4900–5300)". A point without rounds
 // (a bench.json from before rounds existed) renders its single value.
 func statCell[S sample](ss []S, verb string, median float64, f func(S) float64) string {
+	return withRange(verb, median, sampleValues(okSamples(ss), f))
+}
+
+// withRange renders median and, for two or more values xs, their range.
+func withRange(verb string, median float64, xs []float64) string {
 	v := fmt.Sprintf(verb, median)
-	ok := okSamples(ss)
-	if len(ok) < 2 {
+	if len(xs) < 2 {
 		return v
 	}
-	_, lo, hi, _ := medianRange(sampleValues(ok, f))
+	_, lo, hi, _ := medianRange(xs)
 	return fmt.Sprintf("%s ("+verb+"–"+verb+")", v, lo, hi)
 }
 

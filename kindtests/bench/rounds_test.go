@@ -244,8 +244,8 @@ func TestAggregatePoint(t *testing.T) {
 }
 
 func TestServiceMarkdownRounds(t *testing.T) {
-	r := &Results{Date: "2026-12-01T00:00:00Z", Host: "vm", CPUs: 2, CPUModel: "AMD EPYC 7B13", Kernel: "6.18.0",
-		GoVersion: "go1.25.0", Revision: "abc123", Iptables: "iptables v1.8.11 (nf_tables)", Ipset: "ipset v7.23",
+	r := &Results{Date: "2026-12-01T00:00:00Z", Machine: Machine{Host: "vm", CPUs: 2, CPUModel: "AMD EPYC 7B13", Kernel: "6.18.0",
+		GoVersion: "go1.25.0", Revision: "abc123"}, Iptables: "iptables v1.8.11 (nf_tables)", Ipset: "ipset v7.23",
 		KubeProxy: "Kubernetes v1.35.4", Etcd: "etcd Version: 3.5.16",
 		Modes: []string{ModeDirect, ModeSocklb, ModeNftables}, Scales: []int{10}, LatCount: 5000, Rounds: 3,
 		Bulk: map[string]Bulk{}}

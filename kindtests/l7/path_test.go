@@ -74,23 +74,14 @@ func startPath(t *testing.T, handler http.Handler, input func(pod netip.AddrPort
 		}
 	})
 
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-	p.srv = xds.NewServer(ctx, xds.ServerOptions{})
-	sock := filepath.Join(p.dir, "xds.sock")
-	xl, err := xds.ListenUnix(sock)
+	ctl, err := NewControl(p.dir, p.node)
 	if err != nil {
 		t.Fatal(err)
 	}
-	go p.srv.Serve(xl)
-	t.Cleanup(p.srv.Stop)
-	admin := filepath.Join(p.dir, "admin.sock")
-	boot, err := xds.Bootstrap(xds.BootstrapOptions{Node: p.node, XDSSocket: sock, AdminSocket: admin})
-	if err != nil {
-		t.Fatal(err)
-	}
+	t.Cleanup(ctl.Close)
+	p.srv = ctl.Server
 	bpftest.InCgroup(t, envoyCg, func() {
-		p.envoy = envoytest.Start(t, bin, boot, admin, "KEBPF_NODE="+p.node)
+		p.envoy = envoytest.Start(t, bin, ctl.Bootstrap, ctl.Admin, "KEBPF_NODE="+p.node)
 	})
 	p.listen = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(envoytest.FreePort(t)))
 	p.accessLog = filepath.Join(p.dir, "access.log")
@@ -102,25 +93,20 @@ func startPath(t *testing.T, handler http.Handler, input func(pod netip.AddrPort
 	if err := xds.Lint(res); err != nil {
 		t.Fatal(err)
 	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
 	if err := p.srv.Update(ctx, p.node, res); err != nil {
 		t.Fatal(err)
 	}
-	envoytest.Eventually(t, 20*time.Second, "envoy acks "+res.Version, func() error {
+	if _, err := ctl.WaitAcked(ctx, res.Version, func() error {
 		if ok, err := p.envoy.Exited(); ok {
-			t.Fatalf("envoy exited: %v", err)
-		}
-		if st := p.srv.Status(p.node); st.AckedVersion != res.Version {
-			return fmt.Errorf("status %+v", st)
+			return fmt.Errorf("envoy exited: %v", err)
 		}
 		return nil
-	})
-	if err := p.dp.AddEnvoyCgroup(bpftest.CgroupID(t, envoyCg)); err != nil {
+	}); err != nil {
 		t.Fatal(err)
 	}
-	if err := p.dp.SetEnvoy(sockmap.Envoy{Listener: p.listen}); err != nil {
-		t.Fatal(err)
-	}
-	if err := p.dp.SetSteered(p.pod); err != nil {
+	if err := Steer(p.dp, bpftest.CgroupID(t, envoyCg), p.listen, p.pod); err != nil {
 		t.Fatal(err)
 	}
 	// The listener appears shortly after the ACK (workers pick it up).

@@ -74,7 +74,7 @@ type onlyReader struct{ io.Reader }
 // These are the shapes the kernel 6.18 sockmap read-wakeup/FIONREAD
 // regression (L7-FACTS.md) stalled elsewhere; every read here has a deadline.
 func TestIntegrationL7Payloads(t *testing.T) {
-	p := startPath(t, payloadPod(), func(pod netip.AddrPort) xds.Input { return shopInput(pod.Addr(), int32(pod.Port())) })
+	p := startPath(t, payloadPod(), func(pod netip.AddrPort) xds.Input { return Input(pod, "n1", "/public/") })
 	const big = 16 << 20
 	before := p.stats(t)
 

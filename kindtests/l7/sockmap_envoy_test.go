@@ -10,9 +10,6 @@ import (
 	"strings"
 	"testing"
 
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-
-	"github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"github.com/kubectl-ebpf/kubectl-ebpf/xds"
 )
 
@@ -27,7 +24,7 @@ func TestIntegrationSockmapEnvoy(t *testing.T) {
 	p := startPath(t, http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
 		io.Copy(io.Discard, req.Body)
 		fmt.Fprintf(w, "pod %s %s", req.Method, req.URL.Path)
-	}), func(pod netip.AddrPort) xds.Input { return shopInput(pod.Addr(), int32(pod.Port())) })
+	}), func(pod netip.AddrPort) xds.Input { return Input(pod, "n1", "/public/") })
 	client := p.client(t, false, false)
 	get := func(path string) (int, string, error) {
 		resp, err := client.Get(p.url(path))
@@ -66,23 +63,5 @@ func TestIntegrationSockmapEnvoy(t *testing.T) {
 	if after.Steered-before.Steered != 2 || after.OrigDst-before.OrigDst < 2 ||
 		after.Redirected == before.Redirected || after.EnvoySkipped == 0 {
 		t.Errorf("stats before %+v after %+v: want 2 steered, 2 SO_ORIGINAL_DST answers, sk_msg redirects, Envoy's upstream skipped", before, after)
-	}
-}
-
-// shopInput is one L7Policy selecting the pod shop/api at apiIP:port: GET
-// and HEAD under /public/ allowed, everything else denied (403).
-func shopInput(apiIP netip.Addr, port int32) xds.Input {
-	prefix := "/public/"
-	pol := &v1alpha1.L7Policy{
-		ObjectMeta: metav1.ObjectMeta{Namespace: "shop", Name: "api"},
-		Spec: v1alpha1.L7PolicySpec{
-			PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"app": "api"}},
-			Ports:       []v1alpha1.L7PolicyPort{{Port: port}},
-			Rules:       []v1alpha1.HTTPRule{{Methods: []v1alpha1.HTTPMethod{"GET", "HEAD"}, Path: &v1alpha1.HTTPPathMatch{Prefix: &prefix}}},
-		},
-	}
-	return xds.Input{
-		Policies: []*v1alpha1.L7Policy{pol},
-		Pods:     []xds.Pod{{Namespace: "shop", Name: "api", Node: "n1", Labels: map[string]string{"app": "api"}, IPs: []netip.Addr{apiIP}}},
 	}
 }

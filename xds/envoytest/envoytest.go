@@ -79,9 +79,7 @@ func Start(t testing.TB, bin string, bootstrap []byte, admin string, env ...stri
 		t.Fatal(err)
 	}
 	e := &Envoy{Admin: admin, Log: filepath.Join(dir, "envoy.log"), done: make(chan error, 1)}
-	// --disable-hot-restart: no shared memory region, so parallel Envoys on
-	// a shared machine never collide on a base id.
-	e.cmd = exec.Command(bin, "-c", cfg, "--disable-hot-restart", "-l", "info", "--log-path", e.Log, "--concurrency", "1", "--file-flush-interval-msec", "100")
+	e.cmd = exec.Command(bin, Args(cfg, e.Log)...)
 	e.cmd.Env = append(os.Environ(), env...)
 	var out bytes.Buffer
 	e.cmd.Stdout, e.cmd.Stderr = &out, &out
@@ -98,6 +96,14 @@ func Start(t testing.TB, bin string, bootstrap []byte, admin string, env ...stri
 		}
 	})
 	return e
+}
+
+// Args is the command line (after the binary) every Envoy of ours runs
+// with: bootstrap file cfg, Envoy's own log to logPath, one worker thread.
+// --disable-hot-restart: no shared memory region, so parallel Envoys on a
+// shared machine never collide on a base id.
+func Args(cfg, logPath string) []string {
+	return []string{"-c", cfg, "--disable-hot-restart", "-l", "info", "--log-path", logPath, "--concurrency", "1", "--file-flush-interval-msec", "100"}
 }
 
 // Exited reports whether the process ended, with its error.

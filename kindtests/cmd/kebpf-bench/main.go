@@ -1,8 +1,9 @@
 //go:build linux
 
 // Command kebpf-bench compares a direct connect, our socket LB and real
-// kube-proxy (iptables and nftables) side by side, and our NetworkPolicy
-// datapath with iptables and ipset rules; see `make bench`.
+// kube-proxy (iptables and nftables) side by side, our NetworkPolicy
+// datapath with iptables and ipset rules, and HTTP through Envoy steered by
+// our sockmap datapath with direct and iptables REDIRECT; see `make bench`.
 package main
 
 import (
@@ -28,12 +29,16 @@ func main() {
 	var (
 		scales  = flag.String("scales", "10,1000,10000,100000", "numbers of Services to measure connect() at")
 		rounds  = flag.Int("rounds", 3, "Services: rounds per scale, each starting and measuring every datapath once in a rotated order; cells are median (min–max)")
-		modes   = flag.String("modes", strings.Join(bench.AllModes, ","), "datapaths: direct,socklb,iptables,nftables (Services) and netpol (NetworkPolicy: none/eBPF/iptables/ipset)")
+		modes   = flag.String("modes", strings.Join(bench.AllModes, ","), "datapaths: direct,socklb,iptables,nftables (Services), netpol (NetworkPolicy: none/eBPF/iptables/ipset) and l7 (HTTP: direct/Envoy via sockmap/Envoy via REDIRECT)")
 		pScales = flag.String("policy-scales", "0,10,1000,10000", "netpol: numbers of CIDRs in the policy selecting the server pod")
 		pConns  = flag.Int("policy-connects", 3000, "netpol: new TCP connections per sample")
 		pRR     = flag.Duration("policy-rr", 1500*time.Millisecond, "netpol: UDP request/response time (established flow) per sample")
 		pFlows  = flag.Duration("policy-flows", 0, "netpol: UDP new-flow time (fresh source port per request) per sample (default: --policy-rr)")
 		pRounds = flag.Int("policy-rounds", 5, "netpol: rounds per scale, each measuring every datapath once in a rotated order; cells are median (min–max)")
+		l7Conns = flag.String("l7-connections", "1,8", "l7: numbers of keep-alive HTTP connections")
+		l7Dur   = flag.Duration("l7-duration", 3*time.Second, "l7: load time per sample")
+		l7Round = flag.Int("l7-rounds", 6, "l7: rounds per number of connections, each measuring every column once in a rotated order (6: every column takes every slot twice); cells are median (min–max)")
+		l7Chg   = flag.Int("l7-changes", 50, "l7: L7Policy changes timed (to Envoy's ACK and to the new verdict enforced)")
 		out     = flag.String("out", "results", "results directory")
 		quick   = flag.Bool("quick", false, "fast smoke run at small N")
 		bulk    = flag.Int("bulk", 20000, "Services created (x --bulk-endpoints) with the datapath running; 0 skips")
@@ -48,23 +53,26 @@ func main() {
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	o := bench.Options{Out: *out, BulkServices: *bulk, BulkEndpoints: *bulkEps, Changes: *changes,
 		LatCount: *count, Rounds: *rounds, ModeTimeout: *timeout, KubeBinDir: *binDir, Etcd: *etcd, Log: log,
-		NetpolConns: *pConns, NetpolRR: *pRR, NetpolFlows: *pFlows, NetpolRounds: *pRounds}
-	if *pRounds < 1 || *rounds < 1 {
-		fmt.Fprintln(os.Stderr, "kebpf-bench: --rounds and --policy-rounds must be at least 1")
+		NetpolConns: *pConns, NetpolRR: *pRR, NetpolFlows: *pFlows, NetpolRounds: *pRounds,
+		L7Duration: *l7Dur, L7Rounds: *l7Round, L7Changes: *l7Chg}
+	if *pRounds < 1 || *rounds < 1 || *l7Round < 1 || *l7Chg < 1 {
+		fmt.Fprintln(os.Stderr, "kebpf-bench: --rounds, --policy-rounds, --l7-rounds and --l7-changes must be at least 1")
 		os.Exit(2)
 	}
 	o.Scales = intList("scales", *scales, 1)
 	o.PolicyScales = intList("policy-scales", *pScales, 0)
+	o.L7Conns = intList("l7-connections", *l7Conns, 1)
 	services := false
 	for _, m := range strings.Split(*modes, ",") {
 		m = strings.TrimSpace(m)
 		o.Modes = append(o.Modes, m)
-		services = services || m != bench.ModeNetpol
+		services = services || (m != bench.ModeNetpol && m != bench.ModeL7)
 	}
 	if *quick {
 		o.Scales = []int{10, 100}
 		o.BulkServices, o.Changes, o.LatCount, o.ModeTimeout, o.Rounds = 200, 10, 1000, 2*time.Minute, 2
 		o.PolicyScales, o.NetpolConns, o.NetpolRR, o.NetpolFlows, o.NetpolRounds = []int{0, 10}, 1000, 500*time.Millisecond, 500*time.Millisecond, 2
+		o.L7Duration, o.L7Rounds, o.L7Changes = 500*time.Millisecond, 2, 5
 	}
 	if os.Geteuid() != 0 {
 		fmt.Fprintln(os.Stderr, "kebpf-bench: needs root (network namespaces, cgroups, BPF)")
@@ -72,7 +80,7 @@ func main() {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	// The NetworkPolicy bench needs no control plane.
+	// The NetworkPolicy and L7 benches need no control plane.
 	if o.KubeBinDir == "" && services {
 		// Builds kube-apiserver and kube-proxy once (about 10 min cold), then
 		// reuses the cache the local cluster shares.
