@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"syscall"
 
 	"github.com/cilium/ebpf"
@@ -244,4 +245,69 @@ func HookLinkPaths(pinDir, prefix string, hooks []CgroupHook) []string {
 		paths[i] = filepath.Join(LinkDir(pinDir), prefix+h.Name)
 	}
 	return paths
+}
+
+// SharedL7Maps are the L7 steering maps bpf/sockmap fills and bpf/netpol
+// reads (bpf/include/l7_shared.h declares them for both), pinned by name
+// under MapDir: whichever package loads first creates them, the other reuses
+// the pins. Neither package's Detach nor DetachPinned unpins them — a loaded
+// netpol keeps its fds, and a map re-created by a later sockmap would be one
+// netpol never sees; sockmap's clear their entries instead (steering off).
+// Only the uninstall cleanup, which removes the whole pin directory,
+// deletes them.
+var SharedL7Maps = []string{"kebpf_l7_dst", "kebpf_l7_envcg", "kebpf_l7_orig"}
+
+// IsSharedL7Map reports whether name is one of SharedL7Maps.
+func IsSharedL7Map(name string) bool { return slices.Contains(SharedL7Maps, name) }
+
+// ClearMap deletes every entry of m. The
+// keys are listed first, then deleted, so a concurrent insert may survive.
+func ClearMap(m *ebpf.Map) error {
+	var keys [][]byte
+	var cur []byte
+	for range 2 * int(m.MaxEntries()) {
+		var next []byte
+		var err error
+		if cur == nil {
+			next, err = m.NextKeyBytes(nil)
+		} else {
+			next, err = m.NextKeyBytes(cur)
+		}
+		if err != nil {
+			return fmt.Errorf("clear map: list keys: %w", err)
+		}
+		if next == nil {
+			break
+		}
+		keys = append(keys, next)
+		cur = next
+	}
+	var errs []error
+	for _, k := range keys {
+		if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			errs = append(errs, fmt.Errorf("clear map: %w", err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// ClearPinnedMaps clears the maps pinned at paths without unpinning them;
+// missing pins are not an error.
+func ClearPinnedMaps(paths []string) error {
+	var errs []error
+	for _, p := range paths {
+		m, err := ebpf.LoadPinnedMap(p, nil)
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("load pinned map %s: %w", p, err))
+			continue
+		}
+		if err := ClearMap(m); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", p, err))
+		}
+		m.Close()
+	}
+	return errors.Join(errs...)
 }

@@ -98,18 +98,18 @@ func fromWords(w [4]uint32, fam uint32) netip.Addr {
 	return netip.AddrFrom16(b)
 }
 
-func dstKey(ap netip.AddrPort) (SockmapDst, error) {
+func dstKey(ap netip.AddrPort) (SockmapL7Dst, error) {
 	if !ap.IsValid() {
-		return SockmapDst{}, fmt.Errorf("steered destination %s: invalid", ap)
+		return SockmapL7Dst{}, fmt.Errorf("steered destination %s: invalid", ap)
 	}
 	w, fam := words(ap.Addr())
-	return SockmapDst{Addr: w, Port: be16(ap.Port()), Family: fam}, nil
+	return SockmapL7Dst{Addr: w, Port: be16(ap.Port()), Family: fam}, nil
 }
 
-func tupleKey(p Pair) SockmapTuple {
+func tupleKey(p Pair) SockmapL7Tuple {
 	l, fam := words(p.Local.Addr())
 	r, _ := words(p.Remote.Addr())
-	return SockmapTuple{Local: l, Remote: r, LocalPort: uint32(p.Local.Port()), RemotePort: uint32(p.Remote.Port()), Family: uint32(fam)}
+	return SockmapL7Tuple{Local: l, Remote: r, LocalPort: uint32(p.Local.Port()), RemotePort: uint32(p.Remote.Port()), Family: uint32(fam)}
 }
 
 // SetSteered makes connects to dst (a pod IP:port) go to Envoy.
@@ -139,7 +139,7 @@ func (o *Objects) DeleteSteered(dst netip.AddrPort) error {
 // Steered lists the steered destinations.
 func (o *Objects) Steered() ([]netip.AddrPort, error) {
 	var (
-		k   SockmapDst
+		k   SockmapL7Dst
 		v   uint32
 		out []netip.AddrPort
 	)
@@ -194,9 +194,14 @@ func (o *Objects) SetEnvoy(e Envoy) error {
 	return nil
 }
 
-// AddEnvoyCgroup exempts the sockets created in the cgroup v2 with id
-// (the inode number of its directory) from steering: Envoy's own upstream
-// connections must reach the pod, not Envoy again.
+// AddEnvoyCgroup exempts from steering the connects made by processes in
+// the cgroup v2 with id (the inode number of its directory) or in any cgroup
+// below it (up to level 12 of the hierarchy): Envoy's own upstream
+// connections must reach the pod, not Envoy again. Register the Envoy
+// *pod's* cgroup (e.g. .../kubepods-burstable-pod<uid>.slice), which stays
+// the same across container restarts; a restarted container gets a new
+// child cgroup. bpf/netpol lets only such sockets open connections to a
+// steered pod:port.
 func (o *Objects) AddEnvoyCgroup(id uint64) error {
 	if err := o.objs.KebpfL7Envcg.Update(id, uint32(1), ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("add envoy cgroup %d: %w", id, err)
@@ -220,7 +225,7 @@ type Pair struct {
 // Sockets lists the sockets in the SOCKHASH by their own {local, remote}.
 func (o *Objects) Sockets() ([]Pair, error) {
 	var (
-		k   SockmapTuple
+		k   SockmapL7Tuple
 		v   uint64
 		out []Pair
 	)
@@ -241,7 +246,7 @@ func (o *Objects) Sockets() ([]Pair, error) {
 // {local envoy, remote client}, as getsockopt answers it.
 func (o *Objects) OrigDst(envoyEnd Pair) (netip.AddrPort, bool, error) {
 	k := tupleKey(envoyEnd)
-	var d SockmapDst
+	var d SockmapL7Dst
 	err := o.objs.KebpfL7Orig.Lookup(&k, &d)
 	if errors.Is(err, ebpf.ErrKeyNotExist) {
 		return netip.AddrPort{}, false, nil

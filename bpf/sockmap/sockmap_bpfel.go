@@ -22,14 +22,14 @@ type SockmapCfg struct {
 	EnvoyMark  uint32
 }
 
-type SockmapDst struct {
+type SockmapL7Dst struct {
 	_      structs.HostLayout
 	Addr   [4]uint32
 	Port   uint16
 	Family uint16
 }
 
-type SockmapTuple struct {
+type SockmapL7Tuple struct {
 	_          structs.HostLayout
 	Local      [4]uint32
 	Remote     [4]uint32
