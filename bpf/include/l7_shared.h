@@ -65,6 +65,27 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME); // survives agent restarts
 } kebpf_l7_orig SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);   // 0
+	__type(value, __u32); // 1: kebpf_l7_dst may hold entries (sockmap sets it
+	                      // before the first SetSteered, clears it after
+	                      // emptying kebpf_l7_dst at Detach)
+	__uint(pinning, LIBBPF_PIN_BY_NAME); // survives agent restarts
+} kebpf_l7_active SEC(".maps");
+
+// l7_active: steering may be in use on this node. Only an optimisation
+// gate (netpol parses packets of endpoints no policy selects only then);
+// every check itself reads the maps above.
+static __always_inline int l7_active(void)
+{
+	__u32 zero = 0;
+	__u32 *on = bpf_map_lookup_elem(&kebpf_l7_active, &zero);
+
+	return on && *on;
+}
+
 // Ancestor levels searched for a registered Envoy cgroup (1 = the first
 // level below the root; the root itself is never looked at).
 #define L7_ENVCG_LEVELS 12

@@ -30,6 +30,20 @@ func setOrig(t testing.TB, o *Objects, envoy, client, orig netip.AddrPort) {
 	if err := o.objs.KebpfL7Orig.Update(k, l7Dst(orig), ebpf.UpdateAny); err != nil {
 		t.Fatal(err)
 	}
+	setActive(t, o, true)
+}
+
+// setActive writes kebpf_l7_active (sockmap raises it with the first
+// steered destination).
+func setActive(t testing.TB, o *Objects, on bool) {
+	t.Helper()
+	v := uint32(0)
+	if on {
+		v = 1
+	}
+	if err := o.objs.KebpfL7Active.Update(uint32(0), v, ebpf.UpdateAny); err != nil {
+		t.Fatal(err)
+	}
 }
 
 func setSteered(t testing.TB, o *Objects, dst netip.AddrPort) {
@@ -37,6 +51,7 @@ func setSteered(t testing.TB, o *Objects, dst netip.AddrPort) {
 	if err := o.objs.KebpfL7Dst.Update(l7Dst(dst), uint32(1), ebpf.UpdateAny); err != nil {
 		t.Fatal(err)
 	}
+	setActive(t, o, true)
 }
 
 func l7Counters(t testing.TB, o *Objects) L7Counters {
@@ -204,6 +219,16 @@ func TestL7SYNToPod(t *testing.T) {
 		}
 		if c.Ingress.Denied != 3 {
 			t.Errorf("enforced=%v: counters %+v, want 3 ingress denied", pol.IngressEnforced, c)
+		}
+		// kebpf_l7_active is only the unenforced endpoints' gate: an
+		// enforced endpoint keeps checking without it.
+		setActive(t, o, false)
+		want := actPass
+		if pol.IngressEnforced {
+			want = actDrop
+		}
+		if got := run(t, to, tcpPkt(peerA, podIP, 1010, 80, tcpSYN).frame()); got != want {
+			t.Errorf("enforced=%v, steering inactive: got %s, want %s", pol.IngressEnforced, actName(got), actName(want))
 		}
 	}
 }

@@ -58,7 +58,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
-#include "../include/l7_shared.h" // kebpf_l7_dst, kebpf_l7_envcg, kebpf_l7_orig, FAM4/FAM6
+#include "../include/l7_shared.h" // kebpf_l7_{dst,envcg,orig,active}, FAM4/FAM6
 
 #define PASS TC_ACT_UNSPEC
 #define DROP TC_ACT_SHOT
@@ -880,9 +880,12 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	ep = bpf_map_lookup_elem(&kebpf_np_ep, &ifindex);
 	if (!ep)
 		return PASS;
-	// Endpoints no policy selects are parsed too: the L7 checks below
-	// protect every pod, but parse errors there are not ours to drop.
+	// Endpoints no policy selects are parsed too while steering is active:
+	// the L7 checks below protect every pod (parse errors there are not
+	// ours to drop). Without steering they pass after this lookup.
 	enforced = ep->flags & (EP_F_INGRESS | EP_F_EGRESS);
+	if (!enforced && !l7_active())
+		return PASS;
 
 	r = parse(skb, &p);
 	if (r == PARSE_PASS)

@@ -122,6 +122,7 @@ type NetpolVerdictVal struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	NetpolMapKebpfL7Active = "kebpf_l7_active"
 	NetpolMapKebpfL7Dst    = "kebpf_l7_dst"
 	NetpolMapKebpfL7Envcg  = "kebpf_l7_envcg"
 	NetpolMapKebpfL7Orig   = "kebpf_l7_orig"
@@ -195,6 +196,7 @@ type NetpolProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type NetpolMapSpecs struct {
+	KebpfL7Active *ebpf.MapSpec `ebpf:"kebpf_l7_active"`
 	KebpfL7Dst    *ebpf.MapSpec `ebpf:"kebpf_l7_dst"`
 	KebpfL7Envcg  *ebpf.MapSpec `ebpf:"kebpf_l7_envcg"`
 	KebpfL7Orig   *ebpf.MapSpec `ebpf:"kebpf_l7_orig"`
@@ -242,6 +244,7 @@ func (o *NetpolObjects) Close() error {
 //
 // It can be passed to LoadNetpolObjects or ebpf.CollectionSpec.LoadAndAssign.
 type NetpolMaps struct {
+	KebpfL7Active *ebpf.Map `ebpf:"kebpf_l7_active"`
 	KebpfL7Dst    *ebpf.Map `ebpf:"kebpf_l7_dst"`
 	KebpfL7Envcg  *ebpf.Map `ebpf:"kebpf_l7_envcg"`
 	KebpfL7Orig   *ebpf.Map `ebpf:"kebpf_l7_orig"`
@@ -258,6 +261,7 @@ type NetpolMaps struct {
 
 func (m *NetpolMaps) Close() error {
 	return _NetpolClose(
+		m.KebpfL7Active,
 		m.KebpfL7Dst,
 		m.KebpfL7Envcg,
 		m.KebpfL7Orig,

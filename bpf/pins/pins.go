@@ -255,14 +255,23 @@ func HookLinkPaths(pinDir, prefix string, hooks []CgroupHook) []string {
 // netpol never sees; sockmap's clear their entries instead (steering off).
 // Only the uninstall cleanup, which removes the whole pin directory,
 // deletes them.
-var SharedL7Maps = []string{"kebpf_l7_dst", "kebpf_l7_envcg", "kebpf_l7_orig"}
+var SharedL7Maps = []string{"kebpf_l7_dst", "kebpf_l7_envcg", "kebpf_l7_orig", "kebpf_l7_active"}
 
 // IsSharedL7Map reports whether name is one of SharedL7Maps.
 func IsSharedL7Map(name string) bool { return slices.Contains(SharedL7Maps, name) }
 
-// ClearMap deletes every entry of m. The
+// ClearMap deletes every entry of m (an array's values are zeroed). The
 // keys are listed first, then deleted, so a concurrent insert may survive.
 func ClearMap(m *ebpf.Map) error {
+	if m.Type() == ebpf.Array {
+		zero := make([]byte, m.ValueSize())
+		for i := range m.MaxEntries() {
+			if err := m.Update(i, zero, ebpf.UpdateExist); err != nil {
+				return fmt.Errorf("clear map: %w", err)
+			}
+		}
+		return nil
+	}
 	var keys [][]byte
 	var cur []byte
 	for range 2 * int(m.MaxEntries()) {

@@ -164,6 +164,8 @@ func (o *Objects) mapByName(name string) *ebpf.Map {
 		return o.objs.KebpfL7Socks
 	case SockmapMapKebpfL7Stats:
 		return o.objs.KebpfL7Stats
+	case SockmapMapKebpfL7Active:
+		return o.objs.KebpfL7Active
 	}
 	return nil
 }

@@ -118,8 +118,22 @@ func (o *Objects) SetSteered(dst netip.AddrPort) error {
 	if err != nil {
 		return err
 	}
+	// bpf/netpol checks every pod's SYNs from here on (it must, before
+	// the first connect is steered).
+	if err := o.setActive(); err != nil {
+		return err
+	}
 	if err := o.objs.KebpfL7Dst.Update(&k, uint32(dstSteer), ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("set steered %s: %w", dst, err)
+	}
+	return nil
+}
+
+// setActive sets kebpf_l7_active, the shared "steering may be in use"
+// flag; Detach and DetachPinned clear it after emptying kebpf_l7_dst.
+func (o *Objects) setActive() error {
+	if err := o.objs.KebpfL7Active.Update(uint32(0), uint32(1), ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("set %s: %w", SockmapMapKebpfL7Active, err)
 	}
 	return nil
 }

@@ -23,8 +23,9 @@ var ownMaps = []string{
 // sharedMaps (pins.SharedL7Maps) are pinned by name too but shared with
 // bpf/netpol: Detach and DetachPinned clear them, never unpin them (README:
 // "Maps shared with bpf/netpol"). kebpf_l7_dst comes first: once it is
-// empty nothing is steered and netpol stops dropping direct connections.
-var sharedMaps = []string{SockmapMapKebpfL7Dst, SockmapMapKebpfL7Orig, SockmapMapKebpfL7Envcg}
+// empty nothing is steered and netpol stops dropping direct connections;
+// kebpf_l7_active last (netpol's gate, only once nothing is steered).
+var sharedMaps = []string{SockmapMapKebpfL7Dst, SockmapMapKebpfL7Orig, SockmapMapKebpfL7Envcg, SockmapMapKebpfL7Active}
 
 // LinkPinPath is where the link of hook (e.g. "connect4") is pinned.
 func LinkPinPath(pinDir, hook string) string {

@@ -30,7 +30,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
-#include "../include/l7_shared.h" // kebpf_l7_dst, kebpf_l7_envcg, kebpf_l7_orig
+#include "../include/l7_shared.h" // kebpf_l7_{dst,envcg,orig,active}, shared with bpf/netpol
 
 #define AF_INET 2
 #define AF_INET6 10
