@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/pins"
 )
 
 // DirCounters are one direction's counts.
@@ -147,15 +149,9 @@ type L7Counters struct {
 
 // L7Counters reads the L7 check counters.
 func (o *Objects) L7Counters() (L7Counters, error) {
-	var s [l7Max]uint64
-	for slot := range uint32(l7Max) {
-		var per []uint64
-		if err := o.objs.KebpfNpL7.Lookup(slot, &per); err != nil {
-			return L7Counters{}, fmt.Errorf("lookup %s[%d]: %w", NetpolMapKebpfNpL7, slot, err)
-		}
-		for _, v := range per {
-			s[slot] += v
-		}
+	s, err := pins.SumPerCPU(o.objs.KebpfNpL7, NetpolMapKebpfNpL7, l7Max)
+	if err != nil {
+		return L7Counters{}, err
 	}
 	return L7Counters{Allowed: s[l7Allowed], DeniedEgress: s[l7DenyEgress], DeniedIngress: s[l7DenyIngress],
 		Envoy: s[l7Envoy], Bypass: s[l7Bypass]}, nil

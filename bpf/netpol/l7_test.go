@@ -232,7 +232,7 @@ func dialFromCgroup(t testing.TB, cg, ns, dst string, timeout time.Duration) (re
 func newBridgeTopo(t testing.TB) *topo {
 	t.Helper()
 	tp := &topo{n: newNetns(t, "n"), a: newNetns(t, "a"), b: newNetns(t, "b")}
-	for _, c := range [][]string{
+	shAll(t, [][]string{
 		{"ip", "-n", tp.n, "link", "add", "br0", "type", "bridge"},
 		{"ip", "-n", tp.n, "link", "add", "va", "master", "br0", "type", "veth", "peer", "name", "eth0", "netns", tp.a},
 		{"ip", "-n", tp.n, "link", "add", "vb", "master", "br0", "type", "veth", "peer", "name", "eth0", "netns", tp.b},
@@ -241,19 +241,12 @@ func newBridgeTopo(t testing.TB) *topo {
 		{"ip", "-n", tp.a, "addr", "add", ipA + "/24", "dev", "eth0"},
 		{"ip", "-n", tp.b, "addr", "add", ipB + "/24", "dev", "eth0"},
 		{"ip", "-n", tp.n, "link", "set", "br0", "up"},
-		{"ip", "-n", tp.n, "link", "set", "va", "up"},
-		{"ip", "-n", tp.n, "link", "set", "vb", "up"},
-		{"ip", "-n", tp.a, "link", "set", "eth0", "up"},
-		{"ip", "-n", tp.b, "link", "set", "eth0", "up"},
-		{"ip", "-n", tp.a, "link", "set", "lo", "up"},
-		{"ip", "-n", tp.b, "link", "set", "lo", "up"},
+	})
+	tp.up(t)
+	shAll(t, [][]string{
 		{"ip", "-n", tp.a, "route", "add", "default", "via", ipNA},
 		{"ip", "-n", tp.b, "route", "add", "default", "via", ipNA},
-	} {
-		sh(t, c...)
-	}
-	tp.ifA = ifindexIn(t, tp.n, "va")
-	tp.ifB = ifindexIn(t, tp.n, "vb")
+	})
 	return tp
 }
 

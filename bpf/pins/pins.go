@@ -206,21 +206,44 @@ func DetachLinks(links map[string]link.Link) error {
 // DetachPinnedLinks detaches and unpins the links pinned at paths without
 // loading any program (for cleanups); missing pins are not an error.
 func DetachPinnedLinks(paths []string) error {
+	return eachPinned(paths, "link", func(p string) (link.Link, error) { return link.LoadPinnedLink(p, nil) },
+		func(l link.Link) error { return DetachAndClose(l) }, "detach pinned link")
+}
+
+// eachPinned loads the object (what) pinned at each of paths and hands it
+// to fn, which owns it; missing pins are skipped, errors collected.
+func eachPinned[T any](paths []string, what string, load func(string) (T, error), fn func(T) error, doing string) error {
 	var errs []error
 	for _, pin := range paths {
-		l, err := link.LoadPinnedLink(pin, nil)
+		x, err := load(pin)
 		if errors.Is(err, os.ErrNotExist) {
 			continue
 		}
 		if err != nil {
-			errs = append(errs, fmt.Errorf("load pinned link %s: %w", pin, err))
+			errs = append(errs, fmt.Errorf("load pinned %s %s: %w", what, pin, err))
 			continue
 		}
-		if err := DetachAndClose(l); err != nil {
-			errs = append(errs, fmt.Errorf("detach pinned link %s: %w", pin, err))
+		if err := fn(x); err != nil {
+			errs = append(errs, fmt.Errorf("%s %s: %w", doing, pin, err))
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// SumPerCPU reads slots 0..n-1 of the per-CPU array m (named name in
+// errors) and sums each over CPUs.
+func SumPerCPU(m *ebpf.Map, name string, n int) ([]uint64, error) {
+	sums := make([]uint64, n)
+	for slot := range uint32(n) {
+		var perCPU []uint64
+		if err := m.Lookup(slot, &perCPU); err != nil {
+			return nil, fmt.Errorf("lookup %s[%d]: %w", name, slot, err)
+		}
+		for _, v := range perCPU {
+			sums[slot] += v
+		}
+	}
+	return sums, nil
 }
 
 // MapDir is the directory a datapath's maps are pinned in (by name).
@@ -303,20 +326,6 @@ func ClearMap(m *ebpf.Map) error {
 // ClearPinnedMaps clears the maps pinned at paths without unpinning them;
 // missing pins are not an error.
 func ClearPinnedMaps(paths []string) error {
-	var errs []error
-	for _, p := range paths {
-		m, err := ebpf.LoadPinnedMap(p, nil)
-		if errors.Is(err, os.ErrNotExist) {
-			continue
-		}
-		if err != nil {
-			errs = append(errs, fmt.Errorf("load pinned map %s: %w", p, err))
-			continue
-		}
-		if err := ClearMap(m); err != nil {
-			errs = append(errs, fmt.Errorf("%s: %w", p, err))
-		}
-		m.Close()
-	}
-	return errors.Join(errs...)
+	return eachPinned(paths, "map", func(p string) (*ebpf.Map, error) { return ebpf.LoadPinnedMap(p, nil) },
+		func(m *ebpf.Map) error { defer m.Close(); return ClearMap(m) }, "clear")
 }

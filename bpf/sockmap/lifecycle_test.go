@@ -35,25 +35,9 @@ func TestEnvoyAncestorCgroup(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, dir := range []string{podCg, ctr, deep} {
-		c, err := dialFrom(t, dir, r.podAddr)
-		if err != nil {
-			t.Fatalf("dial from %s: %v", dir, err)
-		}
-		if got := addrPort(c.RemoteAddr()); got != r.podAddr {
-			t.Fatalf("from %s (Envoy pod cgroup or below) connected to %s, want the pod %s: Envoy would loop to itself",
-				strings.TrimPrefix(dir, r.cg), got, r.podAddr)
-		}
-		accept(t, r.pod)
+		r.connects(t, dir, false, "from "+strings.TrimPrefix(dir, r.cg)+" (Envoy pod cgroup or below; Envoy would loop to itself)")
 	}
-	// The old container cgroup is no longer registered: steered.
-	c, err := dialFrom(t, r.envoy, r.podAddr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got := addrPort(c.RemoteAddr()); got != r.envoyAdr {
-		t.Fatalf("unregistered sibling connected to %s, want Envoy %s", got, r.envoyAdr)
-	}
-	accept(t, r.envoyLn)
+	r.connects(t, r.envoy, true, "unregistered sibling")
 	if s := stats(t, r.o); s.EnvoySkipped != 3 || s.Steered != 1 {
 		t.Fatalf("stats = %+v, want EnvoySkipped 3, Steered 1", s)
 	}
@@ -61,14 +45,25 @@ func TestEnvoyAncestorCgroup(t *testing.T) {
 	if err := r.o.DeleteEnvoyCgroup(cgroupID(t, podCg)); err != nil {
 		t.Fatal(err)
 	}
-	c, err = dialFrom(t, ctr, r.podAddr)
+	r.connects(t, ctr, true, "after DeleteEnvoyCgroup")
+}
+
+// connects dials the pod from a socket of cgroup dir and checks it reached
+// Envoy (steered) or the pod itself, accepting it there.
+func (r *rig) connects(t *testing.T, dir string, steered bool, what string) {
+	t.Helper()
+	want, ln := r.podAddr, r.pod
+	if steered {
+		want, ln = r.envoyAdr, r.envoyLn
+	}
+	c, err := dialFrom(t, dir, r.podAddr)
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("%s: dial %s: %v", what, r.podAddr, err)
 	}
-	if got := addrPort(c.RemoteAddr()); got != r.envoyAdr {
-		t.Fatalf("after DeleteEnvoyCgroup connected to %s, want Envoy %s", got, r.envoyAdr)
+	if got := addrPort(c.RemoteAddr()); got != want {
+		t.Fatalf("%s: connected to %s, want %s (steered %v)", what, got, want, steered)
 	}
-	accept(t, r.envoyLn)
+	accept(t, ln)
 }
 
 // TestOrigBeforeSYN: the original destination is keyed by Envoy's tuple
@@ -185,10 +180,7 @@ func entries(t *testing.T, m *ebpf.Map) int {
 // same maps), and unpin the rest; a later Load reuses the cleared maps.
 func TestSharedMapsSurviveDetach(t *testing.T) {
 	r := newRig(t)
-	if _, err := dialFrom(t, r.app, r.podAddr); err != nil {
-		t.Fatal(err)
-	}
-	accept(t, r.envoyLn)
+	r.connects(t, r.app, true, "before Detach")
 	shared, err := ebpf.LoadPinnedMap(filepath.Join(MapPinDir(r.pinDir), SockmapMapKebpfL7Dst), nil)
 	if err != nil {
 		t.Fatal(err)
@@ -240,36 +232,14 @@ func TestSharedMapsSurviveDetach(t *testing.T) {
 	if id, _ := info.ID(); id != sharedID {
 		t.Fatalf("re-Load created %s anew (id %d, was %d)", SockmapMapKebpfL7Dst, id, sharedID)
 	}
-	if err := o2.SetSteered(r.podAddr); err != nil {
-		t.Fatal(err)
-	}
-	if err := o2.AddEnvoyCgroup(cgroupID(t, r.envoy)); err != nil {
-		t.Fatal(err)
-	}
-	if err := o2.SetEnvoy(Envoy{Listener: r.envoyAdr}); err != nil {
-		t.Fatal(err)
-	}
+	r.program(t, o2)
 	if err := o2.Attach(r.cg); err != nil {
 		t.Fatal(err)
 	}
-	c, err := dialFrom(t, r.app, r.podAddr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got := addrPort(c.RemoteAddr()); got != r.envoyAdr {
-		t.Fatalf("after re-Load on the cleared shared maps connected to %s, want Envoy %s", got, r.envoyAdr)
-	}
-	accept(t, r.envoyLn)
+	r.connects(t, r.app, true, "after re-Load on the cleared shared maps")
 	if err := DetachPinned(r.pinDir); err != nil {
 		t.Fatal(err)
 	}
 	check(t, "DetachPinned")
-	c, err = dialFrom(t, r.app, r.podAddr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got := addrPort(c.RemoteAddr()); got != r.podAddr {
-		t.Fatalf("after DetachPinned connected to %s, want the pod %s", got, r.podAddr)
-	}
-	accept(t, r.pod)
+	r.connects(t, r.app, false, "after DetachPinned")
 }

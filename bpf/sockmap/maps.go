@@ -10,6 +10,8 @@ import (
 	"net/netip"
 
 	"github.com/cilium/ebpf"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/pins"
 )
 
 // Slots of kebpf_l7_stats; keep in sync with the STAT_* enum in sockmap.c.
@@ -42,15 +44,9 @@ type Stats struct {
 
 // Stats reads the counters.
 func (o *Objects) Stats() (Stats, error) {
-	var s [statMax]uint64
-	for slot := range uint32(statMax) {
-		var perCPU []uint64
-		if err := o.objs.KebpfL7Stats.Lookup(slot, &perCPU); err != nil {
-			return Stats{}, fmt.Errorf("lookup %s[%d]: %w", SockmapMapKebpfL7Stats, slot, err)
-		}
-		for _, v := range perCPU {
-			s[slot] += v
-		}
+	s, err := pins.SumPerCPU(o.objs.KebpfL7Stats, SockmapMapKebpfL7Stats, statMax)
+	if err != nil {
+		return Stats{}, err
 	}
 	return Stats{
 		Steered: s[statSteered], EnvoySkipped: s[statEnvoySkip], NoEnvoy: s[statNoEnvoy],
