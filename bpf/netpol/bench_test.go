@@ -94,3 +94,38 @@ func bench(b *testing.B, prog *ebpf.Program, frame []byte, want int32) {
 	}
 	b.ReportMetric(float64(per.Nanoseconds()), "kernel-ns/pkt")
 }
+
+// BenchmarkL7 prices what the L7 checks add: while steering is active
+// (kebpf_l7_active), a pod no policy selects has its packets parsed
+// (otherwise: endpoint lookup + one array lookup), a SYN to a pod costs one
+// kebpf_l7_dst lookup, and a steered client's SYN gets two verdicts
+// (client egress, destination ingress) and two verdict records.
+func BenchmarkL7(b *testing.B) {
+	bpftest.RequireRoot(b)
+	o := loadMaps(b, "", LoadOptions{})
+	from, to := o.Programs()
+	mustApply(b, o, *endpoint(false, false, nil, nil))
+	if err := o.SetHostIPs([]netip.Addr{addr(hostIP)}); err != nil {
+		b.Fatal(err)
+	}
+	ack := tcpPkt(peerA, podIP, 40000, 80, tcpACK).frame()
+	b.Run("endpoint-unknown", func(b *testing.B) {
+		o2 := loadMaps(b, "", LoadOptions{})
+		_, to2 := o2.Programs()
+		bench(b, to2, ack, actPass)
+	})
+	b.Run("not-enforced/ack/steering-inactive", func(b *testing.B) { bench(b, to, ack, actPass) })
+	setActive(b, o, true)
+	b.Run("not-enforced/ack", func(b *testing.B) { bench(b, to, ack, actPass) })
+	b.Run("not-enforced/syn-unsteered", func(b *testing.B) {
+		bench(b, to, tcpPkt(peerA, podIP, 40000, 80, tcpSYN).frame(), actPass)
+	})
+	dst := EndpointPolicy{ID: 7, IfIndex: 77, IPs: []netip.Addr{addr("10.125.0.50")}, IngressEnforced: true,
+		Ingress: []PeerEntry{peer(podIP+"/32", rule(TCP, 80, 0, 1, 0))}}
+	mustApply(b, o, dst)
+	mustApply(b, o, *endpoint(false, true, nil, []PeerEntry{peer("10.125.0.50/32", rule(TCP, 80, 0, 2, 0))}))
+	setOrig(b, o, ap(hostIP+":15001"), ap(podIP+":40000"), ap("10.125.0.50:80"))
+	b.Run("steered-client-syn", func(b *testing.B) {
+		bench(b, from, tcpPkt(podIP, hostIP, 40000, 15001, tcpSYN).frame(), actPass)
+	})
+}

@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/pins"
 )
 
 // DirCounters are one direction's counts.
@@ -113,4 +115,44 @@ func readAll[K, V, T any](m *ebpf.Map, name string, conv func(K, V) T) ([]T, err
 		return nil, fmt.Errorf("read %s: %w", name, err)
 	}
 	return out, nil
+}
+
+// Slots of kebpf_np_l7; keep in sync with L7_* in netpol.c.
+const (
+	l7Allowed = iota
+	l7DenyEgress
+	l7DenyIngress
+	l7Envoy
+	l7Bypass
+	l7Max
+)
+
+// L7Counters count the checks that keep L7 steering (bpf/sockmap) from
+// widening L3/L4, node-wide since the map was created, summed over CPUs.
+// Each counts connection-opening SYNs (retransmissions included).
+type L7Counters struct {
+	// Allowed: steered client SYNs (to Envoy) whose original pair both
+	// the client's egress and the destination's ingress policy allow.
+	Allowed uint64
+	// DeniedEgress / DeniedIngress: steered client SYNs dropped because the
+	// client's egress / the original destination's ingress policy denies
+	// the original pair.
+	DeniedEgress  uint64
+	DeniedIngress uint64
+	// Envoy: SYNs from Envoy's sockets to a steered pod:port, passed on to
+	// the usual checks.
+	Envoy uint64
+	// Bypass: SYNs to a steered pod:port from any other socket, dropped
+	// (ReasonL7Bypass).
+	Bypass uint64
+}
+
+// L7Counters reads the L7 check counters.
+func (o *Objects) L7Counters() (L7Counters, error) {
+	s, err := pins.SumPerCPU(o.objs.KebpfNpL7, NetpolMapKebpfNpL7, l7Max)
+	if err != nil {
+		return L7Counters{}, err
+	}
+	return L7Counters{Allowed: s[l7Allowed], DeniedEgress: s[l7DenyEgress], DeniedIngress: s[l7DenyIngress],
+		Envoy: s[l7Envoy], Bypass: s[l7Bypass]}, nil
 }

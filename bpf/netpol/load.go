@@ -115,6 +115,7 @@ func Load(pinDir string, opts LoadOptions) (*Objects, error) {
 	}
 	sizes := map[string]int{
 		NetpolMapKebpfNpEp:     lo.MaxEndpoints,
+		NetpolMapKebpfNpIp:     lo.MaxEndpoints * MaxEndpointIPs,
 		NetpolMapKebpfNpCnt:    lo.MaxEndpoints,
 		NetpolMapKebpfNpPol:    lo.MaxPolicyEntries,
 		NetpolMapKebpfNpCt:     lo.MaxCT,
@@ -176,6 +177,9 @@ func (o *Objects) rebuild() error {
 		if err := o.objs.KebpfNpPol.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			return fmt.Errorf("delete stale policy entry: %w", err)
 		}
+	}
+	if err := o.syncPodIPs(); err != nil {
+		return err
 	}
 	if o.opts.noAttach {
 		return nil

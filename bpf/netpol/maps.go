@@ -322,6 +322,9 @@ func (o *Objects) ApplyEndpoint(in EndpointPolicy) error {
 	o.polEntries += len(keys)
 
 	var errs []error
+	if err := o.setPodIPs(p, old); err != nil {
+		errs = append(errs, err)
+	}
 	if old != nil {
 		o.deleteKeys(old.keys)
 		if old.policy.IfIndex != p.IfIndex {
@@ -383,6 +386,11 @@ func (o *Objects) DeleteEndpoint(id uint32) error {
 		errs = append(errs, fmt.Errorf("delete endpoint entry: %w", err))
 	}
 	o.deleteKeys(st.keys)
+	for _, a := range st.policy.IPs {
+		if err := o.deletePodIP(a, st.policy.IfIndex); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	if err := o.objs.KebpfNpCnt.Delete(id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		errs = append(errs, fmt.Errorf("delete counters: %w", err))
 	}
@@ -418,22 +426,21 @@ func (o *Objects) purgeFlows(id uint32) error {
 func (o *Objects) SetHostIPs(ips []netip.Addr) error {
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	want := map[NetpolHostKey]bool{}
+	want := map[NetpolAddrKey]bool{}
 	for _, a := range ips {
 		if !a.IsValid() {
 			return errors.New("set host ips: invalid address")
 		}
-		fam, w := addrWords(a)
-		want[NetpolHostKey{Family: fam, Addr: w}] = true
+		want[addrKey(a)] = true
 	}
 	if len(want) > int(o.objs.KebpfNpHost.MaxEntries()) {
 		return fmt.Errorf("set host ips: %d addresses, at most %d: %w", len(want), o.objs.KebpfNpHost.MaxEntries(), ErrFull)
 	}
-	have, err := mapKeys[NetpolHostKey](o.objs.KebpfNpHost)
+	have, err := mapKeys[NetpolAddrKey](o.objs.KebpfNpHost)
 	if err != nil {
 		return fmt.Errorf("set host ips: read: %w", err)
 	}
-	var stale []NetpolHostKey
+	var stale []NetpolAddrKey
 	for _, k := range have {
 		if !want[k] {
 			stale = append(stale, k)
@@ -454,9 +461,111 @@ func (o *Objects) SetHostIPs(ips []netip.Addr) error {
 	return nil
 }
 
+// addrKey is a's key in kebpf_np_host and kebpf_np_ip.
+func addrKey(a netip.Addr) NetpolAddrKey {
+	fam, w := addrWords(a)
+	return NetpolAddrKey{Family: fam, Addr: w}
+}
+
+// setPodIPs points p's addresses at its interface in kebpf_np_ip (the L7
+// checks find a steered connection's destination endpoint by pod IP) and
+// drops the addresses old had and p no longer has.
+func (o *Objects) setPodIPs(p EndpointPolicy, old *epState) error {
+	var errs []error
+	for _, a := range p.IPs {
+		if err := o.objs.KebpfNpIp.Update(addrKey(a), uint32(p.IfIndex), ebpf.UpdateAny); err != nil {
+			errs = append(errs, fmt.Errorf("write pod ip %s: %w", a, err))
+		}
+	}
+	if old != nil {
+		for _, a := range old.policy.IPs {
+			if !slices.Contains(p.IPs, a) || old.policy.IfIndex != p.IfIndex {
+				if err := o.deletePodIP(a, old.policy.IfIndex); err != nil {
+					errs = append(errs, err)
+				}
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// deletePodIP removes a from kebpf_np_ip if it still points at ifindex
+// (a reused address may belong to a newer endpoint by now).
+func (o *Objects) deletePodIP(a netip.Addr, ifindex int) error {
+	k := addrKey(a)
+	var cur uint32
+	err := o.objs.KebpfNpIp.Lookup(k, &cur)
+	if errors.Is(err, ebpf.ErrKeyNotExist) || err == nil && cur != uint32(ifindex) {
+		return nil
+	}
+	if err == nil {
+		err = o.objs.KebpfNpIp.Delete(k)
+	}
+	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete pod ip %s: %w", a, err)
+	}
+	return nil
+}
+
+// syncPodIPs makes kebpf_np_ip match the endpoints read back at Load (maps
+// pinned by an agent that predates it, or left by an interrupted apply).
+func (o *Objects) syncPodIPs() error {
+	want := map[NetpolAddrKey]uint32{}
+	for _, st := range o.eps {
+		for _, a := range st.policy.IPs {
+			want[addrKey(a)] = uint32(st.policy.IfIndex)
+		}
+	}
+	have, err := o.readPodIPs()
+	if err != nil {
+		return err
+	}
+	for k, v := range have {
+		if w, ok := want[k]; !ok || w != v {
+			if err := o.objs.KebpfNpIp.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				return fmt.Errorf("delete stale pod ip: %w", err)
+			}
+		}
+	}
+	for k, v := range want {
+		if err := o.objs.KebpfNpIp.Update(k, v, ebpf.UpdateAny); err != nil {
+			return fmt.Errorf("write pod ip %s: %w", wordsAddr(k.Family, k.Addr), err)
+		}
+	}
+	return nil
+}
+
+func (o *Objects) readPodIPs() (map[NetpolAddrKey]uint32, error) {
+	type entry struct {
+		k NetpolAddrKey
+		v uint32
+	}
+	es, err := readAll(o.objs.KebpfNpIp, NetpolMapKebpfNpIp, func(k NetpolAddrKey, v uint32) entry { return entry{k, v} })
+	out := make(map[NetpolAddrKey]uint32, len(es))
+	for _, e := range es {
+		out[e.k] = e.v
+	}
+	return out, err
+}
+
+// PodIPs reads kebpf_np_ip back: every endpoint address and the host-side
+// ifindex of its endpoint (what the L7 checks use to find a steered
+// connection's destination endpoint).
+func (o *Objects) PodIPs() (map[netip.Addr]int, error) {
+	have, err := o.readPodIPs()
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[netip.Addr]int, len(have))
+	for k, v := range have {
+		out[wordsAddr(k.Family, k.Addr)] = int(v)
+	}
+	return out, nil
+}
+
 // HostIPs reads the node addresses back.
 func (o *Objects) HostIPs() ([]netip.Addr, error) {
-	keys, err := mapKeys[NetpolHostKey](o.objs.KebpfNpHost)
+	keys, err := mapKeys[NetpolAddrKey](o.objs.KebpfNpHost)
 	if err != nil {
 		return nil, fmt.Errorf("read host ips: %w", err)
 	}

@@ -61,7 +61,7 @@ func newTopo(t testing.TB) *topo {
 	for _, ns := range []string{tp.n, tp.a, tp.b} {
 		sh(t, "ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0", "net.ipv6.conf.all.accept_dad=0")
 	}
-	for _, c := range [][]string{
+	shAll(t, [][]string{
 		{"ip", "-n", tp.n, "link", "add", "va", "type", "veth", "peer", "name", "eth0", "netns", tp.a},
 		{"ip", "-n", tp.n, "link", "add", "vb", "type", "veth", "peer", "name", "eth0", "netns", tp.b},
 		{"ip", "-n", tp.n, "addr", "add", ipNA + "/28", "dev", "va"},
@@ -72,24 +72,41 @@ func newTopo(t testing.TB) *topo {
 		{"ip", "-n", tp.b, "addr", "add", ipB + "/28", "dev", "eth0"},
 		{"ip", "-n", tp.a, "addr", "add", ip6A + "/112", "dev", "eth0", "nodad"},
 		{"ip", "-n", tp.b, "addr", "add", ip6B + "/112", "dev", "eth0", "nodad"},
-		{"ip", "-n", tp.n, "link", "set", "va", "up"},
-		{"ip", "-n", tp.n, "link", "set", "vb", "up"},
-		{"ip", "-n", tp.a, "link", "set", "eth0", "up"},
-		{"ip", "-n", tp.b, "link", "set", "eth0", "up"},
-		{"ip", "-n", tp.a, "link", "set", "lo", "up"},
-		{"ip", "-n", tp.b, "link", "set", "lo", "up"},
+	})
+	tp.up(t)
+	shAll(t, [][]string{
 		{"ip", "-n", tp.a, "route", "add", "default", "via", ipNA},
 		{"ip", "-n", tp.b, "route", "add", "default", "via", ipNB},
 		{"ip", "-n", tp.a, "-6", "route", "add", "default", "via", "fd00:125::a:1"},
 		{"ip", "-n", tp.b, "-6", "route", "add", "default", "via", "fd00:125::b:1"},
 		{"ip", "netns", "exec", tp.n, "sysctl", "-qw", "net.ipv4.ip_forward=1"},
 		{"ip", "netns", "exec", tp.n, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"},
-	} {
-		sh(t, c...)
-	}
+	})
+	return tp
+}
+
+// up sets the veths (host side va, vb; pod side eth0) and the pods'
+// loopbacks up, and records the host-side ifindexes.
+func (tp *topo) up(t testing.TB) {
+	t.Helper()
+	shAll(t, [][]string{
+		{"ip", "-n", tp.n, "link", "set", "va", "up"},
+		{"ip", "-n", tp.n, "link", "set", "vb", "up"},
+		{"ip", "-n", tp.a, "link", "set", "eth0", "up"},
+		{"ip", "-n", tp.b, "link", "set", "eth0", "up"},
+		{"ip", "-n", tp.a, "link", "set", "lo", "up"},
+		{"ip", "-n", tp.b, "link", "set", "lo", "up"},
+	})
 	tp.ifA = ifindexIn(t, tp.n, "va")
 	tp.ifB = ifindexIn(t, tp.n, "vb")
-	return tp
+}
+
+// shAll runs each command with sh.
+func shAll(t testing.TB, cmds [][]string) {
+	t.Helper()
+	for _, c := range cmds {
+		sh(t, c...)
+	}
 }
 
 func ifindexIn(t testing.TB, ns, dev string) int {

@@ -28,6 +28,28 @@
 // entry is deleted and the packet (and every later one) dropped. So a change
 // that denies a flow cuts established connections too, within one packet.
 //
+// L7 steering (bpf/sockmap; the maps of ../include/l7_shared.h are shared):
+// a steered connection reaches the node-local Envoy (a node address, always
+// allowed) instead of the pod, and Envoy's upstream leg comes from a node
+// address too, pooled across clients. So L7 must never widen L3/L4:
+//
+//   kebpf_np_from  a client's SYN to a node address whose Envoy end is in
+//                  kebpf_l7_orig is judged as client -> ORIGINAL destination
+//                  pod:port: the client's egress policy, then the
+//                  destination endpoint's ingress policy (found by pod IP in
+//                  kebpf_np_ip). Either denies: dropped, as a direct SYN
+//                  would have been.
+//   kebpf_np_to    a SYN to a pod IP:port in kebpf_l7_dst must come from
+//                  Envoy: a socket whose cgroup or an ancestor is in
+//                  kebpf_l7_envcg (skb->sk is still the sending socket at
+//                  tcx egress of the host-side veth for node-local senders;
+//                  packets forwarded from another netns have none). Any
+//                  other SYN is dropped (REASON_L7_BYPASS).
+//
+// Both checks run on every connection-opening SYN (SYN without ACK/RST),
+// enforced endpoint or not, before conntrack; the rest of the handshake and
+// the payload (which sk_msg moves socket to socket) are not re-judged.
+//
 // Pass is TC_ACT_UNSPEC (= TCX_NEXT): the next program of the chain (the
 // CNI's own, if any) still runs. Drop is TC_ACT_SHOT.
 
@@ -35,6 +57,8 @@
 #include <linux/pkt_cls.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+
+#include "../include/l7_shared.h" // kebpf_l7_{dst,envcg,orig,active}, FAM4/FAM6
 
 #define PASS TC_ACT_UNSPEC
 #define DROP TC_ACT_SHOT
@@ -46,9 +70,6 @@
 // ep_val.flags: the direction is enforced (some policy selects the pod).
 #define EP_F_INGRESS (1 << DIR_INGRESS)
 #define EP_F_EGRESS (1 << DIR_EGRESS)
-
-#define FAM4 4
-#define FAM6 6
 
 #define MAX_RULES 16      // MaxRulesPerPrefix in datapath.go
 #define MAX_EP_IPS 4      // MaxEndpointIPs in netpol.go
@@ -82,6 +103,18 @@
 #define REASON_HOST 3         // peer is a node address
 #define REASON_REVOKED 4      // established flow denied after a policy change
 #define REASON_RELATED 5      // ICMP error of a tracked flow
+#define REASON_L7_BYPASS 6    // SYN to a steered pod:port not from Envoy
+
+// Slots of kebpf_np_l7; keep in sync with L7Counters in counters.go.
+#define L7_ALLOWED 0      // steered client SYNs allowed on the original pair
+#define L7_DENY_EGRESS 1  // ... denied by the client's egress policy
+#define L7_DENY_INGRESS 2 // ... denied by the destination's ingress policy
+#define L7_ENVOY 3        // SYNs from Envoy to a steered pod:port (judged as usual)
+#define L7_BYPASS 4       // SYNs to a steered pod:port not from Envoy (dropped)
+#define L7_MAX 5
+
+// Result of the L7 checks meaning "not theirs to decide": go on.
+#define L7_NEXT 100
 
 // Seconds between two events/verdict-map writes for the same untracked
 // (denied or host) flow, so a flood of denied packets is one event a second.
@@ -186,19 +219,35 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME); // restarts drop no flow
 } kebpf_np_ct SEC(".maps");
 
-struct host_key {
+struct addr_key {
 	__u8 family;  // FAM4 / FAM6
 	__u8 pad[3];  // zero
-	__u32 addr[4]; // node address, v4 in addr[0]
+	__u32 addr[4]; // address, v4 in addr[0]
 };
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);     // node addresses
 	__uint(max_entries, 256);            // addresses of one node
-	__type(key, struct host_key);        // family + address
+	__type(key, struct addr_key);        // family + node address
 	__type(value, __u8);                 // 1
 	__uint(pinning, LIBBPF_PIN_BY_NAME); // survives agent restarts
 } kebpf_np_host SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);     // local pod addresses (EndpointPolicy.IPs)
+	__uint(max_entries, 16384);          // LoadOptions.MaxEndpoints * MAX_EP_IPS
+	__type(key, struct addr_key);        // family + pod address
+	__type(value, __u32);                // host-side ifindex (key of kebpf_np_ep)
+	__uint(pinning, LIBBPF_PIN_BY_NAME); // survives agent restarts
+} kebpf_np_ip SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY); // L7 steering checks, node-wide
+	__uint(max_entries, L7_MAX);
+	__type(key, __u32);                  // L7_* slot
+	__type(value, __u64);                // this CPU's count
+	__uint(pinning, LIBBPF_PIN_BY_NAME); // counters survive restarts
+} kebpf_np_l7 SEC(".maps");
 
 struct ep_counters {
 	__u64 allow[2]; // packets passed, by direction
@@ -553,11 +602,23 @@ static __always_inline int ct_key_of(struct ct_key *k, __u32 ep, __u8 family, __
 
 static __always_inline int is_host(__u8 family, const __u32 *addr)
 {
-	struct host_key hk = {};
+	struct addr_key hk = {};
 
 	hk.family = family;
 	__builtin_memcpy(hk.addr, addr, 16);
 	return bpf_map_lookup_elem(&kebpf_np_host, &hk) != NULL;
+}
+
+// The host-side ifindex of the local pod with address addr, 0 if none.
+static __always_inline __u32 pod_ifindex(__u8 family, const __u32 *addr)
+{
+	struct addr_key k = {};
+	__u32 *ifindex;
+
+	k.family = family;
+	__builtin_memcpy(k.addr, addr, 16);
+	ifindex = bpf_map_lookup_elem(&kebpf_np_ip, &k);
+	return ifindex ? *ifindex : 0;
 }
 
 // The verdict policy gives a new packet of ep going dir to/from peer.
@@ -707,6 +768,103 @@ static __always_inline __u64 ct_timeout(__u8 proto, const struct ct_val *ct)
 	return ct_other_ns;
 }
 
+static __always_inline void l7_count(__u32 slot)
+{
+	__u64 *v = bpf_map_lookup_elem(&kebpf_np_l7, &slot);
+
+	if (v)
+		*v += 1;
+}
+
+// Records and counts a decision about the pair p names, for endpoint ep_id
+// going dir; returns the packet's fate.
+static __always_inline int l7_decide(struct pkt *p, __u32 ep_id, __u8 dir, struct decision *d,
+				     __u32 deny_slot, __u64 now)
+{
+	struct ct_key k = {};
+
+	ct_key_of(&k, ep_id, p->family, p->proto, p->saddr, p->sport, p->daddr, p->dport);
+	record(&k, dir, p, d, now);
+	if (d->verdict == VERDICT_ALLOW)
+		return PASS;
+	count(ep_id, dir, 0, 0);
+	l7_count(deny_slot);
+	return DROP;
+}
+
+// A client pod's SYN (kebpf_np_from) to a node address: if bpf/sockmap
+// steered it to Envoy, judge it as client -> original destination pod:port
+// on both ends' policies, so L7 never widens L3/L4. p is rewritten to the
+// original pair, which events and the verdict map then name.
+static __always_inline int l7_client_syn(__u32 ifindex, struct ep_val *ep, struct pkt *p, __u64 now)
+{
+	struct l7_tuple t = {};
+	struct l7_dst *orig;
+	struct ep_val *dep;
+	struct decision d;
+	__u32 difindex;
+
+	if (!is_host(p->family, p->daddr))
+		return L7_NEXT;
+	// Envoy's accepted socket sees {local Envoy, remote client}.
+	__builtin_memcpy(t.local, p->daddr, 16);
+	__builtin_memcpy(t.remote, p->saddr, 16);
+	t.local_port = bpf_ntohs(p->dport);
+	t.remote_port = bpf_ntohs(p->sport);
+	t.family = p->family;
+	orig = bpf_map_lookup_elem(&kebpf_l7_orig, &t);
+	if (!orig)
+		return L7_NEXT;
+	__builtin_memcpy(p->daddr, orig->addr, 16);
+	p->dport = orig->port;
+
+	evaluate(ifindex, ep, DIR_EGRESS, p->family, p->daddr, p->proto, 1, p->dport, &d);
+	if (l7_decide(p, ep->id, DIR_EGRESS, &d, L7_DENY_EGRESS, now) == DROP)
+		return DROP;
+	// The agent steers local destinations only. A destination that is no
+	// endpoint here has no ingress program, so a direct SYN would not be
+	// judged for it either.
+	difindex = pod_ifindex(p->family, p->daddr);
+	dep = difindex ? bpf_map_lookup_elem(&kebpf_np_ep, &difindex) : NULL;
+	if (dep) {
+		evaluate(difindex, dep, DIR_INGRESS, p->family, p->saddr, p->proto, 1, p->dport, &d);
+		if (l7_decide(p, dep->id, DIR_INGRESS, &d, L7_DENY_INGRESS, now) == DROP)
+			return DROP;
+	}
+	count(ep->id, DIR_EGRESS, 1, 0);
+	l7_count(L7_ALLOWED);
+	return PASS;
+}
+
+#define SKB_ANCESTOR_CG(level) bpf_skb_ancestor_cgroup_id(skb, level)
+
+// A SYN to a pod (kebpf_np_to) whose IP:port bpf/sockmap steers: only Envoy
+// may open it. Envoy is hostNetwork, so its packets reach the pod's veth
+// with skb->sk still the sending socket; a packet forwarded from another
+// netns has lost its socket and so is never Envoy's.
+static __always_inline int l7_syn_to_pod(struct __sk_buff *skb, struct ep_val *ep, struct pkt *p, __u64 now)
+{
+	struct l7_dst dst = {};
+	struct decision d;
+	__u32 *flags;
+
+	__builtin_memcpy(dst.addr, p->daddr, 16);
+	dst.port = p->dport;
+	dst.family = p->family;
+	flags = bpf_map_lookup_elem(&kebpf_l7_dst, &dst);
+	if (!flags || !(*flags & DST_STEER))
+		return L7_NEXT;
+	if (l7_envoy_cg(bpf_skb_cgroup_id(skb), SKB_ANCESTOR_CG)) {
+		l7_count(L7_ENVOY);
+		return L7_NEXT;
+	}
+	d.verdict = VERDICT_DENY;
+	d.reason = REASON_L7_BYPASS;
+	d.policy_id = 0;
+	d.rule = RULE_NONE;
+	return l7_decide(p, ep->id, DIR_INGRESS, &d, L7_BYPASS, now);
+}
+
 static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 {
 	__u32 ifindex = skb->ifindex;
@@ -716,22 +874,38 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	struct ct_val *ct;
 	struct decision d;
 	__u64 now;
-	int s_is_a, r;
+	int s_is_a, r, enforced;
 	const __u32 *peer;
 
 	ep = bpf_map_lookup_elem(&kebpf_np_ep, &ifindex);
-	if (!ep || !(ep->flags & (EP_F_INGRESS | EP_F_EGRESS)))
+	if (!ep)
+		return PASS;
+	// Endpoints no policy selects are parsed too while steering is active:
+	// the L7 checks below protect every pod (parse errors there are not
+	// ours to drop). Without steering they pass after this lookup.
+	enforced = ep->flags & (EP_F_INGRESS | EP_F_EGRESS);
+	if (!enforced && !l7_active())
 		return PASS;
 
 	r = parse(skb, &p);
 	if (r == PARSE_PASS)
 		return PASS;
 	if (r == PARSE_DROP) {
+		if (!enforced)
+			return PASS;
 		count(ep->id, dir, 0, 0);
 		return DROP;
 	}
 
 	now = bpf_ktime_get_ns();
+	if (p.proto == PROTO_TCP && (p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST)) == TCP_SYN) {
+		r = dir == DIR_EGRESS ? l7_client_syn(ifindex, ep, &p, now) : l7_syn_to_pod(skb, ep, &p, now);
+		if (r != L7_NEXT)
+			return r;
+	}
+	if (!enforced)
+		return PASS;
+
 	s_is_a = ct_key_of(&k, ep->id, p.family, p.proto, p.saddr, p.sport, p.daddr, p.dport);
 	ct = p.icmp_err ? NULL : bpf_map_lookup_elem(&kebpf_np_ct, &k);
 	if (ct) {

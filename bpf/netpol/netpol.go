@@ -37,6 +37,9 @@ const (
 	ReasonHost        uint8 = 3 // the peer is a node address
 	ReasonRevoked     uint8 = 4 // established flow denied after a policy change
 	ReasonRelated     uint8 = 5 // ICMP error of a tracked flow
+	// ReasonL7Bypass: a SYN to a pod IP:port that bpf/sockmap steers to
+	// Envoy, from a socket that is not Envoy's (dropped).
+	ReasonL7Bypass uint8 = 6
 
 	// RuleNone is the rule index of verdicts no rule made.
 	RuleNone uint16 = 0xffff
@@ -126,8 +129,9 @@ func (o *Objects) Detach() error {
 			errs = append(errs, fmt.Errorf("detach clsact filters: %w", err))
 		}
 	}
+	// The shared L7 maps stay pinned and untouched (pins.go).
 	for _, m := range []*ebpf.Map{o.objs.KebpfNpEp, o.objs.KebpfNpPol, o.objs.KebpfNpCt, o.objs.KebpfNpHost,
-		o.objs.KebpfNpCnt, o.objs.KebpfNpVerd, o.objs.KebpfNpEvents} {
+		o.objs.KebpfNpCnt, o.objs.KebpfNpVerd, o.objs.KebpfNpEvents, o.objs.KebpfNpIp, o.objs.KebpfNpL7} {
 		if err := m.Unpin(); err != nil {
 			errs = append(errs, fmt.Errorf("unpin %s: %w", m, err))
 		}

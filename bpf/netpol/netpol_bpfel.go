@@ -13,6 +13,13 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type NetpolAddrKey struct {
+	_      structs.HostLayout
+	Family uint8
+	Pad    [3]uint8
+	Addr   [4]uint32
+}
+
 type NetpolCtKey struct {
 	_      structs.HostLayout
 	EpId   uint32
@@ -59,11 +66,20 @@ type NetpolEpVal struct {
 	Ips        [4][16]uint8
 }
 
-type NetpolHostKey struct {
+type NetpolL7Dst struct {
 	_      structs.HostLayout
-	Family uint8
-	Pad    [3]uint8
 	Addr   [4]uint32
+	Port   uint16
+	Family uint16
+}
+
+type NetpolL7Tuple struct {
+	_          structs.HostLayout
+	Local      [4]uint32
+	Remote     [4]uint32
+	LocalPort  uint32
+	RemotePort uint32
+	Family     uint32
 }
 
 type NetpolPolKey struct {
@@ -106,11 +122,17 @@ type NetpolVerdictVal struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	NetpolMapKebpfL7Active = "kebpf_l7_active"
+	NetpolMapKebpfL7Dst    = "kebpf_l7_dst"
+	NetpolMapKebpfL7Envcg  = "kebpf_l7_envcg"
+	NetpolMapKebpfL7Orig   = "kebpf_l7_orig"
 	NetpolMapKebpfNpCnt    = "kebpf_np_cnt"
 	NetpolMapKebpfNpCt     = "kebpf_np_ct"
 	NetpolMapKebpfNpEp     = "kebpf_np_ep"
 	NetpolMapKebpfNpEvents = "kebpf_np_events"
 	NetpolMapKebpfNpHost   = "kebpf_np_host"
+	NetpolMapKebpfNpIp     = "kebpf_np_ip"
+	NetpolMapKebpfNpL7     = "kebpf_np_l7"
 	NetpolMapKebpfNpPol    = "kebpf_np_pol"
 	NetpolMapKebpfNpVerd   = "kebpf_np_verd"
 	NetpolProgKebpfNpFrom  = "kebpf_np_from"
@@ -174,11 +196,17 @@ type NetpolProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type NetpolMapSpecs struct {
+	KebpfL7Active *ebpf.MapSpec `ebpf:"kebpf_l7_active"`
+	KebpfL7Dst    *ebpf.MapSpec `ebpf:"kebpf_l7_dst"`
+	KebpfL7Envcg  *ebpf.MapSpec `ebpf:"kebpf_l7_envcg"`
+	KebpfL7Orig   *ebpf.MapSpec `ebpf:"kebpf_l7_orig"`
 	KebpfNpCnt    *ebpf.MapSpec `ebpf:"kebpf_np_cnt"`
 	KebpfNpCt     *ebpf.MapSpec `ebpf:"kebpf_np_ct"`
 	KebpfNpEp     *ebpf.MapSpec `ebpf:"kebpf_np_ep"`
 	KebpfNpEvents *ebpf.MapSpec `ebpf:"kebpf_np_events"`
 	KebpfNpHost   *ebpf.MapSpec `ebpf:"kebpf_np_host"`
+	KebpfNpIp     *ebpf.MapSpec `ebpf:"kebpf_np_ip"`
+	KebpfNpL7     *ebpf.MapSpec `ebpf:"kebpf_np_l7"`
 	KebpfNpPol    *ebpf.MapSpec `ebpf:"kebpf_np_pol"`
 	KebpfNpVerd   *ebpf.MapSpec `ebpf:"kebpf_np_verd"`
 }
@@ -216,22 +244,34 @@ func (o *NetpolObjects) Close() error {
 //
 // It can be passed to LoadNetpolObjects or ebpf.CollectionSpec.LoadAndAssign.
 type NetpolMaps struct {
+	KebpfL7Active *ebpf.Map `ebpf:"kebpf_l7_active"`
+	KebpfL7Dst    *ebpf.Map `ebpf:"kebpf_l7_dst"`
+	KebpfL7Envcg  *ebpf.Map `ebpf:"kebpf_l7_envcg"`
+	KebpfL7Orig   *ebpf.Map `ebpf:"kebpf_l7_orig"`
 	KebpfNpCnt    *ebpf.Map `ebpf:"kebpf_np_cnt"`
 	KebpfNpCt     *ebpf.Map `ebpf:"kebpf_np_ct"`
 	KebpfNpEp     *ebpf.Map `ebpf:"kebpf_np_ep"`
 	KebpfNpEvents *ebpf.Map `ebpf:"kebpf_np_events"`
 	KebpfNpHost   *ebpf.Map `ebpf:"kebpf_np_host"`
+	KebpfNpIp     *ebpf.Map `ebpf:"kebpf_np_ip"`
+	KebpfNpL7     *ebpf.Map `ebpf:"kebpf_np_l7"`
 	KebpfNpPol    *ebpf.Map `ebpf:"kebpf_np_pol"`
 	KebpfNpVerd   *ebpf.Map `ebpf:"kebpf_np_verd"`
 }
 
 func (m *NetpolMaps) Close() error {
 	return _NetpolClose(
+		m.KebpfL7Active,
+		m.KebpfL7Dst,
+		m.KebpfL7Envcg,
+		m.KebpfL7Orig,
 		m.KebpfNpCnt,
 		m.KebpfNpCt,
 		m.KebpfNpEp,
 		m.KebpfNpEvents,
 		m.KebpfNpHost,
+		m.KebpfNpIp,
+		m.KebpfNpL7,
 		m.KebpfNpPol,
 		m.KebpfNpVerd,
 	)

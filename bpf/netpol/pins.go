@@ -15,10 +15,15 @@ import (
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/pins"
 )
 
-// pinnedMaps carry state across restarts; Detach unpins them.
+// pinnedMaps carry state across restarts; Detach unpins them. The L7
+// steering maps this package reads (pins.SharedL7Maps: kebpf_l7_dst,
+// kebpf_l7_envcg, kebpf_l7_orig) are pinned in the same directory but
+// belong to bpf/sockmap: neither Detach nor DetachPinned unpins or clears
+// them (README, "L7 steering").
 var pinnedMaps = []string{
 	NetpolMapKebpfNpEp, NetpolMapKebpfNpPol, NetpolMapKebpfNpCt, NetpolMapKebpfNpHost,
-	NetpolMapKebpfNpCnt, NetpolMapKebpfNpVerd, NetpolMapKebpfNpEvents,
+	NetpolMapKebpfNpCnt, NetpolMapKebpfNpVerd, NetpolMapKebpfNpEvents, NetpolMapKebpfNpIp,
+	NetpolMapKebpfNpL7,
 }
 
 // MapPinDir is the directory the maps are pinned in (by name).

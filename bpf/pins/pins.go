@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"syscall"
 
 	"github.com/cilium/ebpf"
@@ -205,21 +206,44 @@ func DetachLinks(links map[string]link.Link) error {
 // DetachPinnedLinks detaches and unpins the links pinned at paths without
 // loading any program (for cleanups); missing pins are not an error.
 func DetachPinnedLinks(paths []string) error {
+	return eachPinned(paths, "link", func(p string) (link.Link, error) { return link.LoadPinnedLink(p, nil) },
+		func(l link.Link) error { return DetachAndClose(l) }, "detach pinned link")
+}
+
+// eachPinned loads the object (what) pinned at each of paths and hands it
+// to fn, which owns it; missing pins are skipped, errors collected.
+func eachPinned[T any](paths []string, what string, load func(string) (T, error), fn func(T) error, doing string) error {
 	var errs []error
 	for _, pin := range paths {
-		l, err := link.LoadPinnedLink(pin, nil)
+		x, err := load(pin)
 		if errors.Is(err, os.ErrNotExist) {
 			continue
 		}
 		if err != nil {
-			errs = append(errs, fmt.Errorf("load pinned link %s: %w", pin, err))
+			errs = append(errs, fmt.Errorf("load pinned %s %s: %w", what, pin, err))
 			continue
 		}
-		if err := DetachAndClose(l); err != nil {
-			errs = append(errs, fmt.Errorf("detach pinned link %s: %w", pin, err))
+		if err := fn(x); err != nil {
+			errs = append(errs, fmt.Errorf("%s %s: %w", doing, pin, err))
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// SumPerCPU reads slots 0..n-1 of the per-CPU array m (named name in
+// errors) and sums each over CPUs.
+func SumPerCPU(m *ebpf.Map, name string, n int) ([]uint64, error) {
+	sums := make([]uint64, n)
+	for slot := range uint32(n) {
+		var perCPU []uint64
+		if err := m.Lookup(slot, &perCPU); err != nil {
+			return nil, fmt.Errorf("lookup %s[%d]: %w", name, slot, err)
+		}
+		for _, v := range perCPU {
+			sums[slot] += v
+		}
+	}
+	return sums, nil
 }
 
 // MapDir is the directory a datapath's maps are pinned in (by name).
@@ -244,4 +268,64 @@ func HookLinkPaths(pinDir, prefix string, hooks []CgroupHook) []string {
 		paths[i] = filepath.Join(LinkDir(pinDir), prefix+h.Name)
 	}
 	return paths
+}
+
+// SharedL7Maps are the L7 steering maps bpf/sockmap fills and bpf/netpol
+// reads (bpf/include/l7_shared.h declares them for both), pinned by name
+// under MapDir: whichever package loads first creates them, the other reuses
+// the pins. Neither package's Detach nor DetachPinned unpins them — a loaded
+// netpol keeps its fds, and a map re-created by a later sockmap would be one
+// netpol never sees; sockmap's clear their entries instead (steering off).
+// Only the uninstall cleanup, which removes the whole pin directory,
+// deletes them.
+var SharedL7Maps = []string{"kebpf_l7_dst", "kebpf_l7_envcg", "kebpf_l7_orig", "kebpf_l7_active"}
+
+// IsSharedL7Map reports whether name is one of SharedL7Maps.
+func IsSharedL7Map(name string) bool { return slices.Contains(SharedL7Maps, name) }
+
+// ClearMap deletes every entry of m (an array's values are zeroed). The
+// keys are listed first, then deleted, so a concurrent insert may survive.
+func ClearMap(m *ebpf.Map) error {
+	if m.Type() == ebpf.Array {
+		zero := make([]byte, m.ValueSize())
+		for i := range m.MaxEntries() {
+			if err := m.Update(i, zero, ebpf.UpdateExist); err != nil {
+				return fmt.Errorf("clear map: %w", err)
+			}
+		}
+		return nil
+	}
+	var keys [][]byte
+	var cur []byte
+	for range 2 * int(m.MaxEntries()) {
+		var next []byte
+		var err error
+		if cur == nil {
+			next, err = m.NextKeyBytes(nil)
+		} else {
+			next, err = m.NextKeyBytes(cur)
+		}
+		if err != nil {
+			return fmt.Errorf("clear map: list keys: %w", err)
+		}
+		if next == nil {
+			break
+		}
+		keys = append(keys, next)
+		cur = next
+	}
+	var errs []error
+	for _, k := range keys {
+		if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			errs = append(errs, fmt.Errorf("clear map: %w", err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// ClearPinnedMaps clears the maps pinned at paths without unpinning them;
+// missing pins are not an error.
+func ClearPinnedMaps(paths []string) error {
+	return eachPinned(paths, "map", func(p string) (*ebpf.Map, error) { return ebpf.LoadPinnedMap(p, nil) },
+		func(m *ebpf.Map) error { defer m.Close(); return ClearMap(m) }, "clear")
 }

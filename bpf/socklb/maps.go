@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/pins"
 )
 
 // genSlot is the first slot of the second backend generation; a service's
@@ -41,15 +43,9 @@ type Stats struct {
 
 // Stats sums the per-CPU verdict counters.
 func (o *Objects) Stats() (Stats, error) {
-	var sums [statMax]uint64
-	for slot := range statMax {
-		var perCPU []uint64
-		if err := o.objs.KebpfLbStats.Lookup(slot, &perCPU); err != nil {
-			return Stats{}, fmt.Errorf("lookup %s[%d]: %w", SocklbMapKebpfLbStats, slot, err)
-		}
-		for _, v := range perCPU {
-			sums[slot] += v
-		}
+	sums, err := pins.SumPerCPU(o.objs.KebpfLbStats, SocklbMapKebpfLbStats, int(statMax))
+	if err != nil {
+		return Stats{}, err
 	}
 	return Stats{Translated: sums[statTranslated], Refused: sums[statRefused], Passed: sums[statPassed]}, nil
 }

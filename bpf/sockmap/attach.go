@@ -119,20 +119,27 @@ func CheckOrder(cgroupPath string) error {
 // Attached reports whether Attach succeeded.
 func (o *Objects) Attached() bool { return len(o.links) > 0 }
 
-// Detach removes every attachment and every pin (links and maps), then
-// closes everything: steering is gone until the next Load+Attach.
+// Detach removes every attachment and pin (links, this package's maps),
+// clears the maps shared with bpf/netpol (they stay pinned: README, "Maps
+// shared with bpf/netpol"), then closes everything: steering is gone until
+// the next Load+Attach.
 func (o *Objects) Detach() error {
-	errs := []error{pins.DetachLinks(o.links), detachPinnedLinks(o.pinDir)}
+	// Steering off first (see DetachPinned).
+	errs := []error{pins.ClearMap(o.objs.KebpfL7Dst)}
+	errs = append(errs, pins.DetachLinks(o.links), detachPinnedLinks(o.pinDir))
 	o.links = map[string]link.Link{}
 	if err := detachMsg(o.objs.KebpfL7Socks); err != nil {
 		errs = append(errs, err)
 	}
 	o.msgOn = false
-	for _, name := range pinnedMaps {
-		if m := o.mapByName(name); m != nil {
-			if err := m.Unpin(); err != nil {
-				errs = append(errs, fmt.Errorf("unpin %s: %w", name, err))
-			}
+	for _, name := range sharedMaps {
+		if err := pins.ClearMap(o.mapByName(name)); err != nil {
+			errs = append(errs, fmt.Errorf("clear %s: %w", name, err))
+		}
+	}
+	for _, name := range ownMaps {
+		if err := o.mapByName(name).Unpin(); err != nil {
+			errs = append(errs, fmt.Errorf("unpin %s: %w", name, err))
 		}
 	}
 	if err := o.Close(); err != nil {
@@ -157,6 +164,8 @@ func (o *Objects) mapByName(name string) *ebpf.Map {
 		return o.objs.KebpfL7Socks
 	case SockmapMapKebpfL7Stats:
 		return o.objs.KebpfL7Stats
+	case SockmapMapKebpfL7Active:
+		return o.objs.KebpfL7Active
 	}
 	return nil
 }

@@ -89,6 +89,13 @@ func newRigWith(tb testing.TB, before func(cg string)) *rig {
 	r.podAddr = addrPort(r.pod.Addr())
 	inCgroup(tb, r.envoy, func() { r.envoyLn = listen(tb, "127.0.0.1:0") })
 	r.envoyAdr = addrPort(r.envoyLn.Addr())
+	r.program(tb, o)
+	return r
+}
+
+// program registers the rig's Envoy (cgroup, listener) and steers its pod.
+func (r *rig) program(tb testing.TB, o *Objects) {
+	tb.Helper()
 	if err := o.AddEnvoyCgroup(cgroupID(tb, r.envoy)); err != nil {
 		tb.Fatal(err)
 	}
@@ -98,7 +105,6 @@ func newRigWith(tb testing.TB, before func(cg string)) *rig {
 	if err := o.SetSteered(r.podAddr); err != nil {
 		tb.Fatal(err)
 	}
-	return r
 }
 
 // dialFrom dials dst with the socket created in cgroup dir.

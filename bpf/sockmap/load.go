@@ -28,5 +28,13 @@ func Load(pinDir string) (*Objects, error) {
 	if err := spec.LoadAndAssign(&o.objs, copts); err != nil {
 		return nil, pins.LoadError("sockmap", err)
 	}
+	// Steered destinations pinned by an agent that predates
+	// kebpf_l7_active: raise the flag for them.
+	if k, err := o.objs.KebpfL7Dst.NextKeyBytes(nil); err == nil && k != nil {
+		if err := o.setActive(); err != nil {
+			o.Close()
+			return nil, err
+		}
+	}
 	return o, nil
 }

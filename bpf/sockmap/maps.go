@@ -10,6 +10,8 @@ import (
 	"net/netip"
 
 	"github.com/cilium/ebpf"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/pins"
 )
 
 // Slots of kebpf_l7_stats; keep in sync with the STAT_* enum in sockmap.c.
@@ -42,15 +44,9 @@ type Stats struct {
 
 // Stats reads the counters.
 func (o *Objects) Stats() (Stats, error) {
-	var s [statMax]uint64
-	for slot := range uint32(statMax) {
-		var perCPU []uint64
-		if err := o.objs.KebpfL7Stats.Lookup(slot, &perCPU); err != nil {
-			return Stats{}, fmt.Errorf("lookup %s[%d]: %w", SockmapMapKebpfL7Stats, slot, err)
-		}
-		for _, v := range perCPU {
-			s[slot] += v
-		}
+	s, err := pins.SumPerCPU(o.objs.KebpfL7Stats, SockmapMapKebpfL7Stats, statMax)
+	if err != nil {
+		return Stats{}, err
 	}
 	return Stats{
 		Steered: s[statSteered], EnvoySkipped: s[statEnvoySkip], NoEnvoy: s[statNoEnvoy],
@@ -98,18 +94,18 @@ func fromWords(w [4]uint32, fam uint32) netip.Addr {
 	return netip.AddrFrom16(b)
 }
 
-func dstKey(ap netip.AddrPort) (SockmapDst, error) {
+func dstKey(ap netip.AddrPort) (SockmapL7Dst, error) {
 	if !ap.IsValid() {
-		return SockmapDst{}, fmt.Errorf("steered destination %s: invalid", ap)
+		return SockmapL7Dst{}, fmt.Errorf("steered destination %s: invalid", ap)
 	}
 	w, fam := words(ap.Addr())
-	return SockmapDst{Addr: w, Port: be16(ap.Port()), Family: fam}, nil
+	return SockmapL7Dst{Addr: w, Port: be16(ap.Port()), Family: fam}, nil
 }
 
-func tupleKey(p Pair) SockmapTuple {
+func tupleKey(p Pair) SockmapL7Tuple {
 	l, fam := words(p.Local.Addr())
 	r, _ := words(p.Remote.Addr())
-	return SockmapTuple{Local: l, Remote: r, LocalPort: uint32(p.Local.Port()), RemotePort: uint32(p.Remote.Port()), Family: uint32(fam)}
+	return SockmapL7Tuple{Local: l, Remote: r, LocalPort: uint32(p.Local.Port()), RemotePort: uint32(p.Remote.Port()), Family: uint32(fam)}
 }
 
 // SetSteered makes connects to dst (a pod IP:port) go to Envoy.
@@ -118,8 +114,22 @@ func (o *Objects) SetSteered(dst netip.AddrPort) error {
 	if err != nil {
 		return err
 	}
+	// bpf/netpol checks every pod's SYNs from here on (it must, before
+	// the first connect is steered).
+	if err := o.setActive(); err != nil {
+		return err
+	}
 	if err := o.objs.KebpfL7Dst.Update(&k, uint32(dstSteer), ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("set steered %s: %w", dst, err)
+	}
+	return nil
+}
+
+// setActive sets kebpf_l7_active, the shared "steering may be in use"
+// flag; Detach and DetachPinned clear it after emptying kebpf_l7_dst.
+func (o *Objects) setActive() error {
+	if err := o.objs.KebpfL7Active.Update(uint32(0), uint32(1), ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("set %s: %w", SockmapMapKebpfL7Active, err)
 	}
 	return nil
 }
@@ -139,7 +149,7 @@ func (o *Objects) DeleteSteered(dst netip.AddrPort) error {
 // Steered lists the steered destinations.
 func (o *Objects) Steered() ([]netip.AddrPort, error) {
 	var (
-		k   SockmapDst
+		k   SockmapL7Dst
 		v   uint32
 		out []netip.AddrPort
 	)
@@ -194,9 +204,14 @@ func (o *Objects) SetEnvoy(e Envoy) error {
 	return nil
 }
 
-// AddEnvoyCgroup exempts the sockets created in the cgroup v2 with id
-// (the inode number of its directory) from steering: Envoy's own upstream
-// connections must reach the pod, not Envoy again.
+// AddEnvoyCgroup exempts from steering the connects made by processes in
+// the cgroup v2 with id (the inode number of its directory) or in any cgroup
+// below it (up to level 12 of the hierarchy): Envoy's own upstream
+// connections must reach the pod, not Envoy again. Register the Envoy
+// *pod's* cgroup (e.g. .../kubepods-burstable-pod<uid>.slice), which stays
+// the same across container restarts; a restarted container gets a new
+// child cgroup. bpf/netpol lets only such sockets open connections to a
+// steered pod:port.
 func (o *Objects) AddEnvoyCgroup(id uint64) error {
 	if err := o.objs.KebpfL7Envcg.Update(id, uint32(1), ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("add envoy cgroup %d: %w", id, err)
@@ -220,7 +235,7 @@ type Pair struct {
 // Sockets lists the sockets in the SOCKHASH by their own {local, remote}.
 func (o *Objects) Sockets() ([]Pair, error) {
 	var (
-		k   SockmapTuple
+		k   SockmapL7Tuple
 		v   uint64
 		out []Pair
 	)
@@ -241,7 +256,7 @@ func (o *Objects) Sockets() ([]Pair, error) {
 // {local envoy, remote client}, as getsockopt answers it.
 func (o *Objects) OrigDst(envoyEnd Pair) (netip.AddrPort, bool, error) {
 	k := tupleKey(envoyEnd)
-	var d SockmapDst
+	var d SockmapL7Dst
 	err := o.objs.KebpfL7Orig.Lookup(&k, &d)
 	if errors.Is(err, ebpf.ErrKeyNotExist) {
 		return netip.AddrPort{}, false, nil

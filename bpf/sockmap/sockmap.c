@@ -4,16 +4,20 @@
 // the node-local Envoy and short-circuits the payload between the client and
 // Envoy with sk_msg, so the loopback TCP stack carries only the handshakes.
 //
-//   connect4    dst in kebpf_l7_dst and the socket not Envoy's (cgroup id in
-//               kebpf_l7_envcg, or socket mark) -> rewrite to the Envoy
-//               listener of kebpf_l7_cfg; remember the original destination
-//               by socket cookie (kebpf_l7_cookie).
-//   sockops     client ACTIVE_ESTABLISHED: move the original destination to
-//               kebpf_l7_orig keyed by Envoy's end of the connection (the
-//               accepted socket cannot learn the client's cookie), put the
-//               client in kebpf_l7_socks; Envoy's PASSIVE_ESTABLISHED end
-//               joins kebpf_l7_socks when kebpf_l7_orig knows its tuple.
-//               TCP_CLOSE of the client drops the kebpf_l7_orig entry.
+//   connect4    dst in kebpf_l7_dst and the socket not Envoy's (the caller's
+//               cgroup or an ancestor in kebpf_l7_envcg, or socket mark) ->
+//               rewrite to the Envoy listener of kebpf_l7_cfg; remember the
+//               original destination by socket cookie (kebpf_l7_cookie).
+//   sockops     client TCP_CONNECT (local address and port chosen, SYN not
+//               sent yet): move the original destination to kebpf_l7_orig
+//               keyed by Envoy's end of the connection (the accepted socket
+//               cannot learn the client's cookie; bpf/netpol judges the
+//               client's SYN by that entry), ask for state callbacks.
+//               Client ACTIVE_ESTABLISHED with a kebpf_l7_orig entry: put it
+//               in kebpf_l7_socks; Envoy's PASSIVE_ESTABLISHED end joins
+//               kebpf_l7_socks when kebpf_l7_orig knows its tuple.
+//               TCP_CLOSE of the client (also of a connect that never
+//               established) drops the kebpf_l7_orig entry.
 //   getsockopt  (SOL_IP, SO_ORIGINAL_DST) on a socket kebpf_l7_orig knows:
 //               answer a sockaddr_in. Every other option is left alone.
 //   sk_msg      payload sent by a socket in kebpf_l7_socks goes straight to
@@ -25,6 +29,8 @@
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+
+#include "../include/l7_shared.h" // kebpf_l7_{dst,envcg,orig,active}, shared with bpf/netpol
 
 #define AF_INET 2
 #define AF_INET6 10
@@ -49,24 +55,10 @@ enum {
 	STAT_MAX = 9,
 };
 
-// Flags of kebpf_l7_dst values.
-#define DST_STEER 1
-
-#define FAM4 4
-
 // RD is a plain 32-bit context read the compiler may not merge or turn
 // into pointer arithmetic on a socket (clang folds the IPv4/IPv6 branches
 // into "sk + variable offset", which the verifier refuses).
 #define RD(x) (*(volatile __u32 *)&(x))
-#define FAM6 6
-
-// IPv4 addresses sit in word 0 of an address, the other words zero; the
-// family tag keeps them apart from IPv6 addresses with 96 zero bits.
-struct dst {
-	__u32 addr[4]; // pod IP, network byte order
-	__be16 port;   // TCP port
-	__u16 family;  // FAM4 | FAM6
-};
 
 struct cfg {
 	__be32 envoy4;      // Envoy listener IPv4; 0: none -> IPv4 steering fails closed
@@ -75,23 +67,6 @@ struct cfg {
 	__be16 envoy_port6; // port of the IPv6 listener
 	__u32 envoy_mark;   // sockets with all these mark bits are Envoy's (0: unused)
 };
-
-struct tuple {
-	__u32 local[4];
-	__u32 remote[4];
-	__u32 local_port;  // host byte order
-	__u32 remote_port; // host byte order
-	__u32 family;      // FAM4 | FAM6
-};
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct dst); // steered pod IP:port
-	__type(value, __u32);     // DST_* flags
-	__uint(pinning, LIBBPF_PIN_BY_NAME); // survives agent restarts
-} kebpf_l7_dst SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -102,34 +77,18 @@ struct {
 } kebpf_l7_cfg SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 64);
-	__type(key, __u64);   // cgroup v2 id of Envoy's processes
-	__type(value, __u32); // unused
-	__uint(pinning, LIBBPF_PIN_BY_NAME); // survives agent restarts
-} kebpf_l7_envcg SEC(".maps");
-
-struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
-	__type(key, __u64);         // client socket cookie
-	__type(value, struct dst); // original destination, until established
+	__type(key, __u64);           // client socket cookie
+	__type(value, struct l7_dst); // original destination, until TCP_CONNECT
 	__uint(pinning, LIBBPF_PIN_BY_NAME); // survives agent restarts
 } kebpf_l7_cookie SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
-	__type(key, struct tuple); // Envoy's accepted socket {envoy, client}
-	__type(value, struct dst); // original destination
-	__uint(pinning, LIBBPF_PIN_BY_NAME); // survives agent restarts
-} kebpf_l7_orig SEC(".maps");
-
-struct {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);
 	__uint(max_entries, 131072);
-	__type(key, struct tuple); // the socket's own view
-	__type(value, __u64);       // socket (cookie when read back)
+	__type(key, struct l7_tuple); // the socket's own view
+	__type(value, __u64);         // socket (cookie when read back)
 	__uint(pinning, LIBBPF_PIN_BY_NAME); // survives agent restarts
 } kebpf_l7_socks SEC(".maps");
 
@@ -155,7 +114,7 @@ static __always_inline void count(__u32 slot)
 // steer decides for a TCP connect to *d. Returns 0 to refuse the connect,
 // 1 to let it go; *to is set to the configuration when the connect must be
 // rewritten to Envoy's listener of d's family.
-static __always_inline int steer(void *ctx, struct bpf_sock *sk, struct dst *d, struct cfg **to)
+static __always_inline int steer(void *ctx, struct bpf_sock *sk, struct l7_dst *d, struct cfg **to)
 {
 	*to = 0;
 	__u32 *flags = bpf_map_lookup_elem(&kebpf_l7_dst, d);
@@ -165,9 +124,9 @@ static __always_inline int steer(void *ctx, struct bpf_sock *sk, struct dst *d, 
 	__u32 zero = 0;
 	struct cfg *c = bpf_map_lookup_elem(&kebpf_l7_cfg, &zero);
 	// Envoy's own upstream connections go to the pod: by cgroup (what a
-	// container runtime gives every Envoy process) or by mark.
-	__u64 cg = bpf_get_current_cgroup_id();
-	if (bpf_map_lookup_elem(&kebpf_l7_envcg, &cg)) {
+	// container runtime gives every Envoy process; the agent registers the
+	// Envoy pod's, so any ancestor counts) or by mark.
+	if (l7_envoy_cg(bpf_get_current_cgroup_id(), bpf_get_current_ancestor_cgroup_id)) {
 		count(STAT_ENVOY_SKIP);
 		return 1;
 	}
@@ -198,7 +157,7 @@ int kebpf_l7_conn4(struct bpf_sock_addr *ctx)
 {
 	if (ctx->protocol != IPPROTO_TCP)
 		return 1;
-	struct dst d = {.addr = {ctx->user_ip4}, .port = (__be16)ctx->user_port, .family = FAM4};
+	struct l7_dst d = {.addr = {ctx->user_ip4}, .port = (__be16)ctx->user_port, .family = FAM4};
 	struct cfg *to;
 	if (!steer(ctx, ctx->sk, &d, &to))
 		return 0;
@@ -219,7 +178,7 @@ int kebpf_l7_conn6(struct bpf_sock_addr *ctx)
 {
 	if (ctx->protocol != IPPROTO_TCP)
 		return 1;
-	struct dst d = {.port = (__be16)ctx->user_port};
+	struct l7_dst d = {.port = (__be16)ctx->user_port};
 	__u32 a0 = ctx->user_ip6[0], a1 = ctx->user_ip6[1], a2 = ctx->user_ip6[2], a3 = ctx->user_ip6[3];
 	int v4 = a0 == 0 && a1 == 0 && a2 == bpf_htonl(0xffff);
 	if (v4) {
@@ -251,7 +210,7 @@ int kebpf_l7_conn6(struct bpf_sock_addr *ctx)
 }
 
 // reverse is the same connection seen from the other end.
-static __always_inline void reverse(const struct tuple *t, struct tuple *r)
+static __always_inline void reverse(const struct l7_tuple *t, struct l7_tuple *r)
 {
 	r->local[0] = t->remote[0];
 	r->local[1] = t->remote[1];
@@ -273,7 +232,7 @@ static __always_inline void reverse(const struct tuple *t, struct tuple *r)
 // the context. Every context field is read unconditionally first: clang
 // otherwise sinks the IPv4 and IPv6 branches' common loads into one load at
 // "ctx + variable offset", which the verifier refuses.
-static __always_inline int fill_tuple(struct tuple *t, __u32 family, __u32 l4, __u32 r4,
+static __always_inline int fill_tuple(struct l7_tuple *t, __u32 family, __u32 l4, __u32 r4,
 				      const __u32 *l6, const __u32 *r6)
 {
 	if (family == AF_INET || (family == AF_INET6 && mapped(r6))) {
@@ -311,29 +270,47 @@ static __always_inline int fill_tuple(struct tuple *t, __u32 family, __u32 l4, _
 		fill_tuple((t), (ctx)->family, l4, r4, l6, r6);             \
 	})
 
+// rekey moves a steered client's original destination from its cookie
+// entry to kebpf_l7_orig under the tuple Envoy's accepted socket will have
+// (the client's own, reversed) and asks for state callbacks, so the entry
+// goes when the client closes, established or not. Runs at TCP_CONNECT,
+// before the SYN leaves (bpf/netpol judges that SYN by the entry), and again
+// at ACTIVE_ESTABLISHED for a connect whose TCP_CONNECT an older program saw.
+static __always_inline void rekey(struct bpf_sock_ops *skops)
+{
+	struct l7_tuple t = {}, peer = {};
+	__u64 cookie = bpf_get_socket_cookie(skops);
+	struct l7_dst *d = bpf_map_lookup_elem(&kebpf_l7_cookie, &cookie);
+	if (!d)
+		return;
+	struct l7_dst orig = *d;
+	bpf_map_delete_elem(&kebpf_l7_cookie, &cookie);
+	if (!own_tuple(skops, &t))
+		return;
+	reverse(&t, &peer);
+	bpf_map_update_elem(&kebpf_l7_orig, &peer, &orig, BPF_ANY);
+	bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
 SEC("sockops")
 int kebpf_l7_sops(struct bpf_sock_ops *skops)
 {
-	struct tuple t = {}, peer = {};
+	struct l7_tuple t = {}, peer = {};
 	switch (skops->op) {
-	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: {
-		__u64 cookie = bpf_get_socket_cookie(skops);
-		struct dst *d = bpf_map_lookup_elem(&kebpf_l7_cookie, &cookie);
-		if (!d)
-			return 1;
-		struct dst orig = *d;
-		bpf_map_delete_elem(&kebpf_l7_cookie, &cookie);
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		rekey(skops);
+		return 1;
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		rekey(skops);
+		// A steered client is one whose Envoy end kebpf_l7_orig knows.
 		if (!own_tuple(skops, &t))
 			return 1;
-		// Envoy's end sees the same connection the other way round.
 		reverse(&t, &peer);
-		bpf_map_update_elem(&kebpf_l7_orig, &peer, &orig, BPF_ANY);
+		if (!bpf_map_lookup_elem(&kebpf_l7_orig, &peer))
+			return 1;
 		if (bpf_sock_hash_update(skops, &kebpf_l7_socks, &t, BPF_ANY) == 0)
 			count(STAT_SOCK_ADD);
-		// Close of the client drops Envoy's kebpf_l7_orig entry.
-		bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
 		return 1;
-	}
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		if (!own_tuple(skops, &t) || !bpf_map_lookup_elem(&kebpf_l7_orig, &t))
 			return 1;
@@ -354,7 +331,7 @@ int kebpf_l7_sops(struct bpf_sock_ops *skops)
 SEC("sk_msg")
 int kebpf_l7_msg(struct sk_msg_md *msg)
 {
-	struct tuple t = {}, peer = {};
+	struct l7_tuple t = {}, peer = {};
 	if (!own_tuple(msg, &t))
 		return SK_PASS;
 	reverse(&t, &peer);
@@ -398,7 +375,7 @@ int kebpf_l7_gsopt(struct bpf_sockopt *ctx)
 	struct bpf_sock *sk = ctx->sk;
 	if (!sk)
 		return 1;
-	struct tuple t = {
+	struct l7_tuple t = {
 		.local_port = sk->src_port,
 		.remote_port = bpf_ntohs((__u16)sk->dst_port),
 	};
@@ -407,7 +384,7 @@ int kebpf_l7_gsopt(struct bpf_sockopt *ctx)
 	__u32 l4 = RD(sk->src_ip4), r4 = RD(sk->dst_ip4);
 	if (!fill_tuple(&t, sk->family, l4, r4, l6, r6))
 		return 1;
-	struct dst *d = bpf_map_lookup_elem(&kebpf_l7_orig, &t);
+	struct l7_dst *d = bpf_map_lookup_elem(&kebpf_l7_orig, &t);
 	if (!d) {
 		count(STAT_ORIGDST_MISS);
 		return 1;

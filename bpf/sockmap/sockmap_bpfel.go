@@ -22,14 +22,14 @@ type SockmapCfg struct {
 	EnvoyMark  uint32
 }
 
-type SockmapDst struct {
+type SockmapL7Dst struct {
 	_      structs.HostLayout
 	Addr   [4]uint32
 	Port   uint16
 	Family uint16
 }
 
-type SockmapTuple struct {
+type SockmapL7Tuple struct {
 	_          structs.HostLayout
 	Local      [4]uint32
 	Remote     [4]uint32
@@ -42,6 +42,7 @@ type SockmapTuple struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	SockmapMapKebpfL7Active = "kebpf_l7_active"
 	SockmapMapKebpfL7Cfg    = "kebpf_l7_cfg"
 	SockmapMapKebpfL7Cookie = "kebpf_l7_cookie"
 	SockmapMapKebpfL7Dst    = "kebpf_l7_dst"
@@ -109,6 +110,7 @@ type SockmapProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type SockmapMapSpecs struct {
+	KebpfL7Active *ebpf.MapSpec `ebpf:"kebpf_l7_active"`
 	KebpfL7Cfg    *ebpf.MapSpec `ebpf:"kebpf_l7_cfg"`
 	KebpfL7Cookie *ebpf.MapSpec `ebpf:"kebpf_l7_cookie"`
 	KebpfL7Dst    *ebpf.MapSpec `ebpf:"kebpf_l7_dst"`
@@ -144,6 +146,7 @@ func (o *SockmapObjects) Close() error {
 //
 // It can be passed to LoadSockmapObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SockmapMaps struct {
+	KebpfL7Active *ebpf.Map `ebpf:"kebpf_l7_active"`
 	KebpfL7Cfg    *ebpf.Map `ebpf:"kebpf_l7_cfg"`
 	KebpfL7Cookie *ebpf.Map `ebpf:"kebpf_l7_cookie"`
 	KebpfL7Dst    *ebpf.Map `ebpf:"kebpf_l7_dst"`
@@ -155,6 +158,7 @@ type SockmapMaps struct {
 
 func (m *SockmapMaps) Close() error {
 	return _SockmapClose(
+		m.KebpfL7Active,
 		m.KebpfL7Cfg,
 		m.KebpfL7Cookie,
 		m.KebpfL7Dst,

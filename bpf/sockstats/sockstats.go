@@ -120,15 +120,9 @@ func (o *Objects) Counts() (Counts, error) {
 // ReadCounts sums the per-CPU counters of a kebpf_sockstats map, e.g. one
 // opened with ebpf.LoadPinnedMap(MapPinPath(pinDir), nil).
 func ReadCounts(m *ebpf.Map) (Counts, error) {
-	var sums [slotMax]uint64
-	for slot := range slotMax {
-		var perCPU []uint64
-		if err := m.Lookup(slot, &perCPU); err != nil {
-			return Counts{}, fmt.Errorf("lookup %s[%d]: %w", MapName, slot, err)
-		}
-		for _, v := range perCPU {
-			sums[slot] += v
-		}
+	sums, err := pins.SumPerCPU(m, MapName, int(slotMax))
+	if err != nil {
+		return Counts{}, err
 	}
 	return Counts{Inet: sums[slotInet], Inet6: sums[slotInet6], Other: sums[slotOther]}, nil
 }
