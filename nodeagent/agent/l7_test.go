@@ -10,6 +10,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/cilium/ebpf"
 	v1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes/fake"
@@ -81,11 +82,26 @@ func TestIntegrationL7Switch(t *testing.T) {
 	waitFor(t, "l7 detached", func() bool {
 		return slices.Equal(active(a), []string{"service-lb"}) && slices.Equal(connect4(), []string{"kebpf_connect4"})
 	})
+	// The maps netpol shares stay pinned, emptied (bpf/sockmap README,
+	// shared-map ownership): netpol may hold them; uninstall removes them.
+	shared := sockmap.SharedMapPinPaths(pinDir)
 	var left []string
 	for _, p := range append(sockmap.MapPinPaths(pinDir), sock) {
-		if exists(p) {
+		if exists(p) && !slices.Contains(shared, p) {
 			left = append(left, p)
 		}
+	}
+	for _, p := range shared {
+		m, err := ebpf.LoadPinnedMap(p, nil)
+		if err != nil {
+			t.Errorf("shared map %s: %v", p, err)
+			continue
+		}
+		var k, v []byte
+		if m.Type() != ebpf.Array && m.Iterate().Next(&k, &v) {
+			t.Errorf("shared map %s not emptied by disable", p)
+		}
+		m.Close()
 	}
 	for _, h := range sockmap.Hooks() {
 		if p := sockmap.LinkPinPath(pinDir, h); exists(p) {
