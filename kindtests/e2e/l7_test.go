@@ -199,7 +199,7 @@ func TestIntegrationL7(t *testing.T) {
 		kubectl(t, 2*time.Minute, "delete", "namespace", l7Namespace, "--wait=true", "--ignore-not-found")
 		ensureUninstalled(t)
 	})
-	mustKubectl(t, 6*time.Minute, "ebpf", "install", "--wait", "--timeout", "5m")
+	mustKubectl(t, 6*time.Minute, "ebpf", "install", "--envoy-image", env.Product.EnvoyRef, "--wait", "--timeout", "5m")
 	kubectlStdin(t, l7Workloads(), "apply", "-f", "-")
 	mustKubectl(t, 3*time.Minute, "-n", l7Namespace, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=150s")
 	top := readL7Topology(t)
