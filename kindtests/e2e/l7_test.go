@@ -241,19 +241,31 @@ func TestIntegrationL7(t *testing.T) {
 	})
 
 	t.Run("access log names the policy", func(t *testing.T) {
-		logs := mustKubectl(t, time.Minute, "-n", manifests.Namespace, "logs", "-l", "app.kubernetes.io/name="+manifests.EnvoyDaemonSetName, "--tail=200")
+		// Envoy flushes its stdout access log every second (the DaemonSet's
+		// --file-flush-interval-msec): poll a little longer than that.
 		var allowedLine, deniedLine bool
-		for _, line := range strings.Split(logs, "\n") {
-			var e map[string]any
-			if json.Unmarshal([]byte(line), &e) != nil {
-				continue
-			}
-			s := fmt.Sprint(e)
-			if strings.Contains(s, "/public/index.html") && strings.Contains(s, l7Namespace+"/api/0") {
-				allowedLine = true
-			}
-			if strings.Contains(s, "/private") && strings.Contains(s, "403") && strings.Contains(s, l7Namespace+"/api") {
-				deniedLine = true
+		var logs string
+		for deadline := time.Now().Add(15 * time.Second); time.Now().Before(deadline) && !(allowedLine && deniedLine); time.Sleep(500 * time.Millisecond) {
+			logs = runKubectl(t, time.Minute, false, "-n", manifests.Namespace, "logs", "-l", "app.kubernetes.io/name="+manifests.EnvoyDaemonSetName, "--tail=500").stdout
+			for _, line := range strings.Split(logs, "\n") {
+				var e struct {
+					Path         string `json:"path"`
+					ResponseCode int    `json:"response_code"`
+					L7Policies   string `json:"l7policies"`
+					RBAC         struct {
+						Policy string `json:"enforced_effective_policy_id"`
+						Result string `json:"enforced_engine_result"`
+					} `json:"rbac"`
+				}
+				if json.Unmarshal([]byte(strings.TrimSpace(line)), &e) != nil {
+					continue
+				}
+				if e.Path == "/public/index.html" && e.ResponseCode == 200 && e.RBAC.Policy == l7Namespace+"/api/0" {
+					allowedLine = true
+				}
+				if e.Path == "/private" && e.ResponseCode == 403 && e.RBAC.Result == "denied" && e.L7Policies == l7Namespace+"/api" {
+					deniedLine = true
+				}
 			}
 		}
 		if !allowedLine || !deniedLine {
@@ -341,12 +353,16 @@ spec:
 	})
 
 	t.Run("Envoy restart: fail closed, then enforced again", func(t *testing.T) {
-		loop := startLoop(t, "client", podAddr+"/private", 300, 50*time.Millisecond)
+		old := strings.Fields(mustKubectl(t, time.Minute, "-n", manifests.Namespace, "get", "pods", "-l", manifests.EnvoySelector, "-o", "name"))
+		const n, every = 600, 50 * time.Millisecond
+		loop := startLoop(t, "client", podAddr+"/private", n, every)
 		time.Sleep(time.Second)
 		start := time.Now()
-		mustKubectl(t, 2*time.Minute, "-n", manifests.Namespace, "delete", "pod", "-l", "app.kubernetes.io/name="+manifests.EnvoyDaemonSetName, "--wait=false")
+		mustKubectl(t, 2*time.Minute, "-n", manifests.Namespace, "delete", "pod", "-l", manifests.EnvoySelector, "--wait=false")
+		mustKubectl(t, 2*time.Minute, append([]string{"-n", manifests.Namespace, "wait", "--for=delete", "--timeout=90s"}, old...)...)
+		gone := time.Since(start)
 		mustKubectl(t, 3*time.Minute, "-n", manifests.Namespace, "rollout", "status", "daemonset/"+manifests.EnvoyDaemonSetName, "--timeout=150s")
-		waitEnvoyReady(t, 2*time.Minute)
+		waitL7(t, "enforced after Envoy restart", 60*time.Second, enforced[:2])
 		back := time.Since(start)
 		res := loop.wait(t)
 		classes := map[string]int{}
@@ -357,8 +373,8 @@ spec:
 				t.Errorf("a denied path got through while Envoy restarted: %+v", r)
 			}
 		}
-		t.Logf("Envoy pod deleted: Envoy ready again after %s; %d requests to a denied path during it: %v", back.Round(100*time.Millisecond), len(res), classes)
-		waitL7(t, "enforced after Envoy restart", 30*time.Second, enforced[:2])
+		t.Logf("Envoy pod deleted: old pod gone after %s (preStop drain), enforced again after %s; %d requests to a denied path meanwhile (one per %s): %v",
+			gone.Round(100*time.Millisecond), back.Round(100*time.Millisecond), len(res), every, classes)
 	})
 
 	t.Run("disable l7: direct; enable: enforced again", func(t *testing.T) {
