@@ -118,7 +118,7 @@ func TestIntegrationUnknownFeatureChangesNothing(t *testing.T) {
 		if r.Code == 0 {
 			t.Fatalf("%s sockstat succeeded: %s", verb, r)
 		}
-		if line := testutil.OneLine(t, r.Stderr); line != `error: unknown feature "sockstat": known features are sockstats, service-lb, policy` {
+		if line := testutil.OneLine(t, r.Stderr); line != `error: unknown feature "sockstat": known features are sockstats, service-lb, policy, l7` {
 			t.Errorf("stderr = %q", line)
 		}
 	}

@@ -53,8 +53,8 @@ func TestValidate(t *testing.T) {
 		wantErr string
 	}{
 		{name: "known", args: []string{"service-lb"}, timeout: time.Minute},
-		{name: "unknown", args: []string{"sockstat"}, timeout: time.Minute, wantErr: `unknown feature "sockstat": known features are sockstats, service-lb, policy`},
-		{name: "none", timeout: time.Minute, wantErr: "enable needs exactly one feature, one of: sockstats, service-lb, policy"},
+		{name: "unknown", args: []string{"sockstat"}, timeout: time.Minute, wantErr: `unknown feature "sockstat": known features are sockstats, service-lb, policy, l7`},
+		{name: "none", timeout: time.Minute, wantErr: "enable needs exactly one feature, one of: sockstats, service-lb, policy, l7"},
 		{name: "two", args: []string{"sockstats", "service-lb"}, timeout: time.Minute, wantErr: "enable needs exactly one feature"},
 		{name: "bad timeout", args: []string{"sockstats"}, wantErr: "invalid --timeout 0s: must be positive"},
 	}
@@ -87,7 +87,7 @@ func TestBadInputMakesNoAPICall(t *testing.T) {
 	} {
 		t.Run(strings.Join(args, " "), func(t *testing.T) {
 			line := testutil.FailsBeforeAPICall(t, args...)
-			if len(args) > 1 && args[1] == "bogus" && !strings.Contains(line, "known features are sockstats, service-lb, policy") {
+			if len(args) > 1 && args[1] == "bogus" && !strings.Contains(line, "known features are sockstats, service-lb, policy, l7") {
 				t.Errorf("error does not list the known features: %q", line)
 			}
 		})
