@@ -14,6 +14,21 @@ import (
 // EventsMap is the ring buffer of verdict events (see Event).
 func (o *Objects) EventsMap() *ebpf.Map { return o.objs.KebpfNpEvents }
 
+// EventsLost is how many events the datapath could not write because the
+// ring buffer was full, summed over CPUs, since the maps were first pinned
+// (it survives agent restarts: readers take differences).
+func (o *Objects) EventsLost() (uint64, error) {
+	var per []uint64
+	if err := o.objs.KebpfNpLost.Lookup(uint32(0), &per); err != nil {
+		return 0, fmt.Errorf("read %s: %w", NetpolMapKebpfNpLost, err)
+	}
+	var n uint64
+	for _, v := range per {
+		n += v
+	}
+	return n, nil
+}
+
 // EventSize is the size of one kebpf_np_events record.
 const EventSize = 64
 

@@ -306,6 +306,14 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME); // a restarted agent keeps reading
 } kebpf_np_events SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY); // per-CPU: no atomics on the drop path
+	__uint(max_entries, 1);                  // one counter
+	__type(key, __u32);                      // 0
+	__type(value, __u64);                    // events kebpf_np_events had no room for
+	__uint(pinning, LIBBPF_PIN_BY_NAME);     // the count outlives agents; readers diff it
+} kebpf_np_lost SEC(".maps");
+
 // Result of parsing one packet.
 struct pkt {
 	__u32 saddr[4];
@@ -723,8 +731,15 @@ static __always_inline void record(struct ct_key *k, __u8 dir, struct pkt *p, st
 	bpf_map_update_elem(&kebpf_np_verd, k, &vv, BPF_ANY);
 
 	e = bpf_ringbuf_reserve(&kebpf_np_events, sizeof(*e), 0);
-	if (!e)
+	if (!e) {
+		// The reader is behind: count it, so the trace can say so.
+		__u32 zero = 0;
+		__u64 *lost = bpf_map_lookup_elem(&kebpf_np_lost, &zero);
+
+		if (lost)
+			(*lost)++;
 		return;
+	}
 	e->ts = now;
 	e->ep_id = k->ep_id;
 	e->policy_id = d->policy_id;

@@ -131,7 +131,7 @@ func (o *Objects) Detach() error {
 	}
 	// The shared L7 maps stay pinned and untouched (pins.go).
 	for _, m := range []*ebpf.Map{o.objs.KebpfNpEp, o.objs.KebpfNpPol, o.objs.KebpfNpCt, o.objs.KebpfNpHost,
-		o.objs.KebpfNpCnt, o.objs.KebpfNpVerd, o.objs.KebpfNpEvents, o.objs.KebpfNpIp, o.objs.KebpfNpL7} {
+		o.objs.KebpfNpCnt, o.objs.KebpfNpVerd, o.objs.KebpfNpEvents, o.objs.KebpfNpIp, o.objs.KebpfNpL7, o.objs.KebpfNpLost} {
 		if err := m.Unpin(); err != nil {
 			errs = append(errs, fmt.Errorf("unpin %s: %w", m, err))
 		}

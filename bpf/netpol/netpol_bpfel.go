@@ -133,6 +133,7 @@ const (
 	NetpolMapKebpfNpHost   = "kebpf_np_host"
 	NetpolMapKebpfNpIp     = "kebpf_np_ip"
 	NetpolMapKebpfNpL7     = "kebpf_np_l7"
+	NetpolMapKebpfNpLost   = "kebpf_np_lost"
 	NetpolMapKebpfNpPol    = "kebpf_np_pol"
 	NetpolMapKebpfNpVerd   = "kebpf_np_verd"
 	NetpolProgKebpfNpFrom  = "kebpf_np_from"
@@ -207,6 +208,7 @@ type NetpolMapSpecs struct {
 	KebpfNpHost   *ebpf.MapSpec `ebpf:"kebpf_np_host"`
 	KebpfNpIp     *ebpf.MapSpec `ebpf:"kebpf_np_ip"`
 	KebpfNpL7     *ebpf.MapSpec `ebpf:"kebpf_np_l7"`
+	KebpfNpLost   *ebpf.MapSpec `ebpf:"kebpf_np_lost"`
 	KebpfNpPol    *ebpf.MapSpec `ebpf:"kebpf_np_pol"`
 	KebpfNpVerd   *ebpf.MapSpec `ebpf:"kebpf_np_verd"`
 }
@@ -255,6 +257,7 @@ type NetpolMaps struct {
 	KebpfNpHost   *ebpf.Map `ebpf:"kebpf_np_host"`
 	KebpfNpIp     *ebpf.Map `ebpf:"kebpf_np_ip"`
 	KebpfNpL7     *ebpf.Map `ebpf:"kebpf_np_l7"`
+	KebpfNpLost   *ebpf.Map `ebpf:"kebpf_np_lost"`
 	KebpfNpPol    *ebpf.Map `ebpf:"kebpf_np_pol"`
 	KebpfNpVerd   *ebpf.Map `ebpf:"kebpf_np_verd"`
 }
@@ -272,6 +275,7 @@ func (m *NetpolMaps) Close() error {
 		m.KebpfNpHost,
 		m.KebpfNpIp,
 		m.KebpfNpL7,
+		m.KebpfNpLost,
 		m.KebpfNpPol,
 		m.KebpfNpVerd,
 	)

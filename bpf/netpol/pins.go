@@ -23,7 +23,7 @@ import (
 var pinnedMaps = []string{
 	NetpolMapKebpfNpEp, NetpolMapKebpfNpPol, NetpolMapKebpfNpCt, NetpolMapKebpfNpHost,
 	NetpolMapKebpfNpCnt, NetpolMapKebpfNpVerd, NetpolMapKebpfNpEvents, NetpolMapKebpfNpIp,
-	NetpolMapKebpfNpL7,
+	NetpolMapKebpfNpL7, NetpolMapKebpfNpLost,
 }
 
 // MapPinDir is the directory the maps are pinned in (by name).

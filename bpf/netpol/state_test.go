@@ -347,3 +347,39 @@ func TestRestartReadsBack(t *testing.T) {
 		t.Errorf("flows of a deleted endpoint remain: %+v", fl)
 	}
 }
+
+// A ring buffer with no room counts every event it could not take, so the
+// trace can report the loss: events read + lost = events written.
+func TestEventsLost(t *testing.T) {
+	bpftest.RequireRoot(t)
+	o := loadMaps(t, "", LoadOptions{EventsBytes: 4096}) // the smallest: ~56 records
+	_, to := o.Programs()
+	mustApply(t, o, *endpoint(true, false, nil, nil)) // ingress default deny
+	if n, err := o.EventsLost(); err != nil || n != 0 {
+		t.Fatalf("lost before any event: %d, %v", n, err)
+	}
+	const flows = 200
+	for i := range flows {
+		run(t, to, tcpPkt(peerB, podIP, uint16(10000+i), 22, tcpSYN).frame()) // one new denied flow each
+	}
+	rd, err := ringbuf.NewReader(o.EventsMap())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rd.Close()
+	read := 0
+	rd.SetDeadline(time.Now().Add(200 * time.Millisecond))
+	for {
+		if _, err := rd.Read(); err != nil {
+			break
+		}
+		read++
+	}
+	lost, err := o.EventsLost()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if lost == 0 || read+int(lost) != flows {
+		t.Errorf("read %d + lost %d, want %d with some lost", read, lost, flows)
+	}
+}

@@ -34,6 +34,7 @@ import (
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/features"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/mounts"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/servicelb"
+	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/trace"
 )
 
 // FieldManager owns the NodeState fields the agent applies.
@@ -94,6 +95,15 @@ type Config struct {
 	// L7 configures the l7 feature; L7Sync overrides its runner intervals.
 	L7     L7Config
 	L7Sync apisync.Intervals
+	// StateDir keeps what must survive an agent restart but is not a pin:
+	// the policy ID -> name mapping the trace names verdicts with. It should
+	// live as long as the pins (a tmpfs under /run: a reboot clears both).
+	// Empty: nothing is kept, and a restarted agent cannot name the
+	// policies of events its predecessor's datapath wrote.
+	StateDir string
+	// Trace sizes the trace ring and the per-client queues (zero fields:
+	// the trace package's defaults; Node and Registerer are set by New).
+	Trace trace.Options
 }
 
 // Agent is one running agent.
@@ -103,6 +113,7 @@ type Agent struct {
 	kernel string
 
 	reg   *prometheus.Registry
+	trace *trace.Hub      // this node's events for /trace
 	feats []*featureState // fixed at New; their fields are guarded by mu
 	wake  chan struct{}
 
@@ -138,6 +149,13 @@ func New(cfg Config) (*Agent, error) {
 	a := &Agent{cfg: cfg, log: cfg.Log, kernel: kernelRelease(), reg: prometheus.NewRegistry(),
 		wake: make(chan struct{}, 1)}
 	a.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	topts := cfg.Trace
+	topts.Node, topts.Registerer = cfg.NodeName, a.reg
+	hub, err := trace.NewHub(topts)
+	if err != nil {
+		return nil, fmt.Errorf("trace: %w", err)
+	}
+	a.trace = hub
 	for _, f := range cfg.Features {
 		a.feats = append(a.feats, &featureState{f: f})
 	}
@@ -364,6 +382,9 @@ func (a *Agent) serve() (*http.Server, net.Listener, error) {
 		fmt.Fprintln(w, why)
 	})
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	// Loopback only like the rest: clients reach it through the API server
+	// (a port-forward to the agent pod), with their own RBAC.
+	mux.Handle("GET /trace", a.trace.Handler())
 
 	ln := a.cfg.Listener
 	if ln == nil {
@@ -376,7 +397,12 @@ func (a *Agent) serve() (*http.Server, net.Listener, error) {
 			return nil, nil, fmt.Errorf("listen %s: %w", a.cfg.HealthAddr, err)
 		}
 	}
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	// Shutdown waits for open requests; following trace streams end only
+	// when their context does, so shutting down cancels them.
+	base, cancelStreams := context.WithCancel(context.Background())
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second,
+		BaseContext: func(net.Listener) context.Context { return base }}
+	srv.RegisterOnShutdown(cancelStreams)
 	go func() {
 		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			a.log.Error("health server", "err", err)

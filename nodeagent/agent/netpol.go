@@ -6,7 +6,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
+	"log/slog"
 	"net/netip"
+	"os"
+	"path/filepath"
+	"sync/atomic"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	corev1 "k8s.io/api/core/v1"
@@ -17,6 +23,7 @@ import (
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/apisync"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/features"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/netpol"
+	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/trace"
 )
 
 func init() {
@@ -86,16 +93,21 @@ func (f *policyFeature) Enable(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	ids := f.a.loadPolicyIDs()
 	s, err := netpol.New(netpol.Options{
 		Base:     f.a.syncBase(apiv1.FeaturePolicy, apisync.Intervals{}),
 		NodeIPs:  ips,
 		Datapath: objs,
+		IDs:      ids,
 	})
 	if err != nil {
 		objs.Close()
 		return err
 	}
-	f.start(ctx, objs, s)
+	f.start(ctx, objs, &policyRun{Syncer: s, log: f.a.log, reader: &trace.PolicyReader{
+		Events: objs.EventsMap(), Lost: objs.EventsLost, Hub: f.a.trace, Node: f.a.cfg.NodeName, Namer: policyNamer{s},
+		Log: f.a.log.With("feature", apiv1.FeaturePolicy),
+	}})
 	// Chained only once the syncer runs, so the plugin never waits for a
 	// feature that is not there; from then on no pod starts unprogrammed.
 	f.chainStop = f.a.keepChained(ctx, dp.MapPinPaths(f.a.cfg.PinDir)[0])
@@ -108,7 +120,94 @@ func (f *policyFeature) Enable(ctx context.Context) error {
 func (f *policyFeature) Disable() error {
 	f.stopChain()
 	err := f.a.unchain()
-	return errors.Join(err, f.syncedFeature.Disable())
+	err = errors.Join(err, f.syncedFeature.Disable())
+	// The pins are gone, so no record names these IDs any more.
+	if p := f.a.policyIDsPath(); p != "" {
+		if rerr := os.Remove(p); rerr != nil && !errors.Is(rerr, fs.ErrNotExist) {
+			err = errors.Join(err, rerr)
+		}
+	}
+	return err
+}
+
+// PolicyIDsFile is the policy ID -> name mapping under Config.StateDir.
+const PolicyIDsFile = "policy-ids.json"
+
+func (a *Agent) policyIDsPath() string {
+	if a.cfg.StateDir == "" {
+		return ""
+	}
+	return filepath.Join(a.cfg.StateDir, PolicyIDsFile)
+}
+
+// loadPolicyIDs reads the policy IDs an earlier agent persisted. An
+// unreadable file must not stop enforcement: it is set aside and the new
+// IDs start at the current Unix time in seconds, above any ID the lost file
+// can have held (IDs grow by one per policy), so the trace shows the earlier
+// flows' policies as unknown rather than by wrong names.
+func (a *Agent) loadPolicyIDs() *netpol.IDs {
+	p := a.policyIDsPath()
+	if p == "" {
+		return netpol.NewIDs()
+	}
+	ids, err := netpol.LoadIDs(p)
+	if err == nil {
+		return ids
+	}
+	a.log.Error("policy IDs unreadable: starting afresh; earlier flows' policies will show as unknown", "err", err, "setAside", p+".bad")
+	if rerr := os.Rename(p, p+".bad"); rerr != nil {
+		a.log.Error("set policy IDs aside", "err", rerr)
+	}
+	ids, err = netpol.LoadIDs(p)
+	if err != nil {
+		ids = netpol.NewIDs()
+	}
+	ids.SkipPolicies(uint32(time.Now().Unix()))
+	return ids
+}
+
+// policyNamer names the records of the policy datapath from the sync's
+// IDs and pod cache.
+type policyNamer struct{ *netpol.Syncer }
+
+func (n policyNamer) PolicyName(id uint32) (string, bool) { return n.IDs().PolicyName(id) }
+
+// policyRun is the policy sync plus the reader of its verdict events: both
+// stop with the feature.
+type policyRun struct {
+	*netpol.Syncer
+	log       *slog.Logger
+	reader    *trace.PolicyReader
+	readerErr atomic.Pointer[string]
+}
+
+// Run runs the reader beside the sync; a reader that fails leaves
+// enforcement running (the trace is not worth a policy outage) and says so
+// in the feature's errors.
+func (p *policyRun) Run(ctx context.Context) error {
+	rctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := p.reader.Run(rctx); err != nil {
+			p.log.Error("policy trace reader stopped", "err", err)
+			msg := "policy trace reader stopped: " + err.Error()
+			p.readerErr.Store(&msg)
+		}
+	}()
+	err := p.Syncer.Run(ctx)
+	cancel()
+	<-done
+	return err
+}
+
+// Errors are the sync's errors and the reader's.
+func (p *policyRun) Errors() []string {
+	out := p.Syncer.Errors()
+	if msg := p.readerErr.Load(); msg != nil {
+		out = append(out, *msg)
+	}
+	return out
 }
 
 // Close (agent exit) leaves the plugin chained: while the agent restarts,
@@ -132,6 +231,8 @@ func (f *policyFeature) stopChain() {
 func (f *policyFeature) policySyncer() *netpol.Syncer {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	s, _ := f.syncer.(*netpol.Syncer)
-	return s
+	if r, ok := f.syncer.(*policyRun); ok {
+		return r.Syncer
+	}
+	return nil
 }

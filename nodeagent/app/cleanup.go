@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 
 	"github.com/spf13/cobra"
 
@@ -17,7 +18,7 @@ import (
 
 func newCleanupCommand(lo *logOptions, stdout, stderr io.Writer) *cobra.Command {
 	opts := cleanup.Options{Out: stdout}
-	var cniConfDir, cniBinDir string
+	var cniConfDir, cniBinDir, stateDir string
 	var unchain cni.DirsList
 	cmd := &cobra.Command{
 		Use:   "cleanup",
@@ -51,6 +52,11 @@ func newCleanupCommand(lo *logOptions, stdout, stderr io.Writer) *cobra.Command 
 			if err := cleanup.Run(opts); err != nil {
 				errs = append(errs, err)
 			}
+			if stateDir != "" {
+				if err := os.RemoveAll(stateDir); err != nil {
+					errs = append(errs, fmt.Errorf("state dir: %w", err))
+				}
+			}
 			if err := errors.Join(errs...); err != nil {
 				return err
 			}
@@ -61,6 +67,7 @@ func newCleanupCommand(lo *logOptions, stdout, stderr io.Writer) *cobra.Command 
 	f := cmd.Flags()
 	f.StringVar(&opts.PinDir, "pin-dir", mounts.DefaultPinDir, "bpffs directory to remove")
 	f.StringVar(&opts.CgroupRoot, "cgroup-root", mounts.DefaultCgroupRoot, "our cgroup2 mount to unmount")
+	f.StringVar(&stateDir, "state-dir", defaultStateDir, "the agent's state dir to remove (empty: leave it)")
 	f.StringVar(&cniConfDir, "cni-conf-dir", "", "CNI config dir to take kebpf-cni out of (empty: leave CNI config alone)")
 	f.StringVar(&cniBinDir, "cni-bin-dir", "", "CNI plugin dir to delete kebpf-cni from")
 	f.Var(&unchain, "cni-unchain", "CONF_DIR:BIN_DIR to take kebpf-cni out of (repeatable; one side may be empty)")

@@ -20,7 +20,13 @@ import (
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/agent"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/cni"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/mounts"
+	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/trace"
 )
+
+// defaultStateDir is on the host's /run (the DaemonSet mounts
+// /run/kubectl-ebpf): it outlives agent restarts and, like the pins, not a
+// reboot.
+const defaultStateDir = "/run/kubectl-ebpf/state"
 
 type runOptions struct {
 	nodeName   string
@@ -30,6 +36,9 @@ type runOptions struct {
 	kubeconfig string
 	cni        agent.CNIConfig
 	attach     netpol.AttachMode
+	stateDir   string
+	traceRing  int
+	traceQueue int
 }
 
 func newRunCommand(lo *logOptions, stderr io.Writer) *cobra.Command {
@@ -66,6 +75,8 @@ func newRunCommand(lo *logOptions, stderr io.Writer) *cobra.Command {
 				Log:          log,
 				CNI:          o.cni,
 				PolicyAttach: o.attach,
+				StateDir:     o.stateDir,
+				Trace:        trace.Options{RingSize: o.traceRing, QueueSize: o.traceQueue},
 			})
 			if err != nil {
 				return err
@@ -90,6 +101,9 @@ func newRunCommand(lo *logOptions, stderr io.Writer) *cobra.Command {
 	f.StringVar(&o.cni.BinDir, "cni-bin-dir", "", "the node's CNI plugin dir as mounted in the agent (kebpf-cni is copied there)")
 	f.Var(&o.cni.Unchain, "cni-unchain", "CONF_DIR:BIN_DIR an earlier install chained kebpf-cni into, as mounted in the agent: taken out at start (repeatable; one side may be empty)")
 	f.Var(&o.attach, "policy-attach", "how the policy programs attach to pod interfaces: auto (tcx where the kernel has it, else clsact), tcx or clsact")
+	f.StringVar(&o.stateDir, "state-dir", defaultStateDir, "directory for state that must outlive the agent as long as its pins do (the policy ID -> name mapping of the trace); empty: none")
+	f.IntVar(&o.traceRing, "trace-events", trace.DefaultRingSize, "how many of this node's last trace events the agent keeps for /trace history")
+	f.IntVar(&o.traceQueue, "trace-queue", trace.DefaultQueueSize, "how many events one /trace client may lag behind before its stream loses events (shown in the stream)")
 	f.StringVar(&o.cni.Plugin, "cni-plugin", "/usr/local/bin/kebpf-cni", "the kebpf-cni binary to install")
 	return cmd
 }

@@ -174,10 +174,46 @@ func (s *Syncer) Errors() []string {
 	if s.syncErr != nil {
 		out = append(out, "policy sync: "+s.syncErr.Error())
 	}
+	if err := s.ids.Err(); err != nil {
+		out = append(out, "policy IDs (trace names): "+err.Error())
+	}
 	return out
 }
 
-const nodeIndex = "node"
+const (
+	nodeIndex = "node"
+	ipIndex   = "ip"
+)
+
+// PodByIP names the pod (not host-network) holding ip, for trace
+// enrichment; false when none does or the caches are not synced yet. Of
+// several (a finished pod's IP given to a new one), a running one wins.
+func (s *Syncer) PodByIP(ip netip.Addr) (types.NamespacedName, bool) {
+	select {
+	case <-s.synced:
+	default:
+		return types.NamespacedName{}, false
+	}
+	objs, _ := s.podIndex.ByIndex(ipIndex, ip.Unmap().String())
+	var best *corev1.Pod
+	for _, o := range objs {
+		p, ok := o.(*corev1.Pod)
+		if !ok {
+			continue
+		}
+		if best == nil || terminal(best) && !terminal(p) {
+			best = p
+		}
+	}
+	if best == nil {
+		return types.NamespacedName{}, false
+	}
+	return key(best), true
+}
+
+func terminal(p *corev1.Pod) bool {
+	return p.DeletionTimestamp != nil || p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed
+}
 
 // Run starts the informers, waits for their caches and syncs until ctx is
 // done. The datapath is left as it is on return: detaching is the feature's
@@ -198,6 +234,16 @@ func (s *Syncer) Run(ctx context.Context) error {
 			return []string{p.Spec.NodeName}, nil
 		}
 		return nil, nil
+	}, ipIndex: func(o any) ([]string, error) {
+		p, ok := o.(*corev1.Pod)
+		if !ok || p.Spec.HostNetwork {
+			return nil, nil
+		}
+		var out []string
+		for _, ip := range PodIPs(p) {
+			out = append(out, ip.String())
+		}
+		return out, nil
 	}}); err != nil {
 		return fmt.Errorf("pod informer index: %w", err)
 	}
@@ -536,6 +582,10 @@ func (s *Syncer) sync(full bool) (err error) {
 		if had && reflect.DeepEqual(prev.ep, ep) {
 			continue
 		}
+		// The policy IDs ep names are on disk before the datapath can write
+		// them into events (a failure is reported by Errors, and enforcing
+		// matters more than naming).
+		s.ids.Save()
 		if err := s.opts.Datapath.ApplyEndpoint(ep); err != nil {
 			if errors.Is(err, dp.ErrFull) {
 				s.setPodProblems(k, append(problems, Problem{Namespace: k.Namespace, Pod: k.Name,
@@ -554,6 +604,7 @@ func (s *Syncer) sync(full bool) (err error) {
 			s.ids.ReleasePolicy(k.Namespace, k.Name)
 		}
 	}
+	s.ids.Save()
 	s.scheduleRetries(retry)
 	return errors.Join(errs...)
 }

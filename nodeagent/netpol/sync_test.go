@@ -394,3 +394,33 @@ func TestSyncTooManyRulesKeepsPrevious(t *testing.T) {
 		t.Fatalf("problem not cleared: %v", errs)
 	}
 }
+
+func TestPodByIP(t *testing.T) {
+	h := startSyncer(t, nil,
+		mkPod(podSpec{ns: "x", name: "old", node: "other", ips: []string{"10.0.0.7"}, phase: corev1.PodSucceeded}),
+		mkPod(podSpec{ns: "x", name: "new", node: "other", ips: []string{"10.0.0.7"}}),
+		mkPod(podSpec{ns: "y", name: "local", node: testNode, ips: []string{"10.0.0.8", "fd00::8"}}),
+		mkPod(podSpec{ns: "kube-system", name: "hostnet", node: testNode, ips: []string{"192.0.2.2"}, hostNetwork: true}),
+	)
+	for _, tc := range []struct {
+		name, ip, want string
+	}{
+		{"running pod wins over a finished one with the IP", "10.0.0.7", "x/new"},
+		{"v4", "10.0.0.8", "y/local"},
+		{"v6", "fd00::8", "y/local"},
+		{"v4-mapped", "::ffff:10.0.0.8", "y/local"},
+		{"host network pod is not named by the node IP", "192.0.2.2", ""},
+		{"unknown", "10.9.9.9", ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			k, ok := h.s.PodByIP(netip.MustParseAddr(tc.ip))
+			got := ""
+			if ok {
+				got = k.String()
+			}
+			if got != tc.want {
+				t.Errorf("PodByIP(%s) = %q, want %q", tc.ip, got, tc.want)
+			}
+		})
+	}
+}

@@ -1,0 +1,226 @@
+//go:build linux
+
+package trace
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/ringbuf"
+	"golang.org/x/sys/unix"
+	"k8s.io/apimachinery/pkg/types"
+
+	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
+	dp "github.com/kubectl-ebpf/kubectl-ebpf/bpf/netpol"
+)
+
+// PolicyNamer names what the policy datapath's records number.
+type PolicyNamer interface {
+	// PolicyName is a policy ID's namespace/name.
+	PolicyName(id uint32) (string, bool)
+	// PodByIP is the pod holding an IP.
+	PodByIP(ip netip.Addr) (types.NamespacedName, bool)
+}
+
+// PolicyReader turns the policy datapath's ring buffer (kebpf_np_events)
+// into trace events on a Hub.
+type PolicyReader struct {
+	// Events is the ring buffer map.
+	Events *ebpf.Map
+	// Lost reads the datapath's count of events it could not write (the
+	// ring buffer was full); nil when the datapath has none.
+	Lost func() (uint64, error)
+	// LostEvery is how often Lost is read (default a second).
+	LostEvery time.Duration
+	Hub       *Hub
+	Node      string
+	Namer     PolicyNamer
+	Log       *slog.Logger
+}
+
+// Run reads until ctx ends. Nothing here blocks the datapath: a slow
+// reader fills the ring buffer, and the datapath counts what it could not
+// write.
+func (r *PolicyReader) Run(ctx context.Context) error {
+	rd, err := ringbuf.NewReader(r.Events)
+	if err != nil {
+		return fmt.Errorf("policy events reader: %w", err)
+	}
+	done := make(chan struct{})
+	defer close(done)
+	go func() {
+		select {
+		case <-ctx.Done():
+		case <-done:
+		}
+		rd.Close() // unblocks Read
+	}()
+	if r.Lost != nil {
+		// The baseline is read before the first record, so a client that
+		// saw an event knows every later loss is reported.
+		base, err := r.Lost()
+		if err != nil {
+			r.Log.Warn("read policy events lost", "err", err)
+		}
+		go r.pollLost(ctx, done, base)
+	}
+	clk := newClock()
+	var rec ringbuf.Record
+	for {
+		if err := rd.ReadInto(&rec); err != nil {
+			if errors.Is(err, os.ErrClosed) || ctx.Err() != nil {
+				return nil
+			}
+			return fmt.Errorf("read policy events: %w", err)
+		}
+		ev, err := dp.ParseEvent(rec.RawSample)
+		if err != nil {
+			r.Log.Warn("policy event", "err", err)
+			continue
+		}
+		r.Hub.Publish(PolicyEvent(ev, r.Node, clk.wall(ev.At), r.Namer))
+	}
+}
+
+// pollLost publishes growth of the kernel's lost count. The count is
+// pinned and outlives agents: the first read is the baseline.
+func (r *PolicyReader) pollLost(ctx context.Context, done <-chan struct{}, last uint64) {
+	every := r.LostEvery
+	if every <= 0 {
+		every = time.Second
+	}
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-done:
+			return
+		case <-t.C:
+		}
+		n, err := r.Lost()
+		if err != nil {
+			r.Log.Warn("read policy events lost", "err", err)
+			continue
+		}
+		if n > last {
+			r.Hub.Lost(apiv1.TraceLostKernel, apiv1.TraceTypePolicy, n-last)
+		}
+		last = n
+	}
+}
+
+// clock converts CLOCK_MONOTONIC (bpf_ktime_get_ns) to wall time.
+type clock struct{ boot time.Time }
+
+func newClock() clock {
+	var ts unix.Timespec
+	now := time.Now()
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		return clock{boot: now}
+	}
+	return clock{boot: now.Add(-time.Duration(ts.Nano()))}
+}
+
+func (c clock) wall(mono time.Duration) time.Time { return c.boot.Add(mono).UTC() }
+
+// PolicyEvent converts one datapath record, naming its policy and pods.
+func PolicyEvent(ev dp.Event, node string, at time.Time, n PolicyNamer) apiv1.TraceEvent {
+	out := apiv1.TraceEvent{
+		Time:        at,
+		Node:        node,
+		Type:        apiv1.TraceTypePolicy,
+		Direction:   "ingress",
+		Source:      peer(ev.Src, n),
+		Destination: peer(ev.Dst, n),
+		Protocol:    protoName(ev.Proto),
+	}
+	if ev.Dir == dp.Egress {
+		out.Direction = "egress"
+	}
+	switch ev.Verdict {
+	case dp.VerdictAllow:
+		out.Verdict = apiv1.TraceVerdictAllowed
+	case dp.VerdictDeny:
+		out.Verdict = apiv1.TraceVerdictDenied
+	default:
+		out.Verdict = "verdict-" + strconv.Itoa(int(ev.Verdict))
+	}
+	switch ev.Reason {
+	case dp.ReasonPolicy:
+		out.Reason = apiv1.TraceReasonPolicy
+	case dp.ReasonDefaultDeny:
+		out.Reason = apiv1.TraceReasonDefaultDeny
+	case dp.ReasonNotEnforced:
+		out.Reason = apiv1.TraceReasonNotEnforced
+	case dp.ReasonHost:
+		out.Reason = apiv1.TraceReasonHost
+	case dp.ReasonRevoked:
+		out.Reason = apiv1.TraceReasonRevoked
+	case dp.ReasonRelated:
+		out.Reason = apiv1.TraceReasonRelated
+	default:
+		out.Reason = "reason-" + strconv.Itoa(int(ev.Reason))
+	}
+	if ev.PolicyID != 0 {
+		p := &apiv1.TracePolicy{Kind: "NetworkPolicy"}
+		if name, ok := n.PolicyName(ev.PolicyID); ok {
+			p.Namespace, p.Name, _ = strings.Cut(name, "/")
+		} else {
+			p.Unknown, p.ID = true, ev.PolicyID
+		}
+		if ev.Rule != dp.RuleNone {
+			rule := int(ev.Rule)
+			p.Rule = &rule
+		}
+		out.Policy = p
+		if ev.Reason == dp.ReasonDefaultDeny {
+			who := "the pod"
+			if ev.Dir == dp.Egress && out.Source.Pod != "" {
+				who = out.Source.Namespace + "/" + out.Source.Pod
+			} else if ev.Dir == dp.Ingress && out.Destination.Pod != "" {
+				who = out.Destination.Namespace + "/" + out.Destination.Pod
+			}
+			name := p.Namespace + "/" + p.Name
+			if p.Unknown {
+				name = fmt.Sprintf("unknown policy ID %d", p.ID)
+			}
+			out.Message = fmt.Sprintf("default deny of NetworkPolicy %s selecting %s for %s", name, who, out.Direction)
+		}
+	}
+	return out
+}
+
+func peer(ap netip.AddrPort, n PolicyNamer) apiv1.TracePeer {
+	p := apiv1.TracePeer{IP: ap.Addr().Unmap().String(), Port: ap.Port()}
+	if k, ok := n.PodByIP(ap.Addr()); ok {
+		p.Namespace, p.Pod = k.Namespace, k.Name
+	}
+	return p
+}
+
+func protoName(p dp.Proto) string {
+	switch p {
+	case dp.TCP:
+		return "TCP"
+	case dp.UDP:
+		return "UDP"
+	case dp.SCTP:
+		return "SCTP"
+	case 1:
+		return "ICMP"
+	case 58:
+		return "ICMPv6"
+	default:
+		return strconv.Itoa(int(p))
+	}
+}
