@@ -85,6 +85,84 @@ type TraceEvent struct {
 	Reason string `json:"reason,omitempty"`
 	// Message is a human-readable explanation where there is more to say.
 	Message string `json:"message,omitempty"`
+	// Service is the Service a connect() addressed (lb events; l7 events
+	// of a connection that went through one).
+	Service *TraceService `json:"service,omitempty"`
+	// HTTP is Envoy's access-log entry of one request (l7 events).
+	HTTP *TraceHTTP `json:"http,omitempty"`
+}
+
+// TraceService names the Service and port a connect() addressed. The
+// event's Destination is the chosen backend (translated) or the Service
+// address itself (refused).
+//
+// +kubebuilder:object:generate=false
+type TraceService struct {
+	Namespace string `json:"namespace"`
+	Name      string `json:"name"`
+	// Port is the Service port's name (empty for an unnamed port).
+	Port string `json:"port,omitempty"`
+	// IP and PortNumber are the address the client dialed.
+	IP         string `json:"ip"`
+	PortNumber uint16 `json:"portNumber"`
+}
+
+// TraceHTTP is one HTTP request as Envoy saw and decided it.
+//
+// +kubebuilder:object:generate=false
+type TraceHTTP struct {
+	Method    string `json:"method,omitempty"`
+	Authority string `json:"authority,omitempty"`
+	Path      string `json:"path,omitempty"`
+	// Status is the response code (403 for an RBAC deny).
+	Status int `json:"status,omitempty"`
+}
+
+// The agent's loopback HTTP paths the plugin reaches through a
+// port-forward (the API server's pods/portforward).
+const (
+	// TracePath streams TraceLines (query: TraceQuery.Encode).
+	TracePath = "/trace"
+	// ExplainPath answers a PolicyExplanation (query: ExplainQuery).
+	ExplainPath = "/explain"
+)
+
+// PolicyExplanation is the agent's answer to "would this connection be
+// allowed, and why", computed from the compiled state its datapath uses.
+// A connection is allowed only if both sides allow it: the source pod's
+// egress and the destination pod's ingress (each judged by the node that
+// hosts that pod).
+//
+// +kubebuilder:object:generate=false
+type PolicyExplanation struct {
+	// Verdict is TraceVerdictAllowed or TraceVerdictDenied for the side(s)
+	// this answer covers.
+	Verdict string `json:"verdict"`
+	// Egress is the source pod's side, Ingress the destination pod's; a
+	// side is nil when the answering node does not host that pod.
+	Egress  *PolicyExplanationSide `json:"egress,omitempty"`
+	Ingress *PolicyExplanationSide `json:"ingress,omitempty"`
+}
+
+// PolicyExplanationSide is one direction's decision.
+//
+// +kubebuilder:object:generate=false
+type PolicyExplanationSide struct {
+	// Node hosts the pod this side judges for.
+	Node string `json:"node"`
+	// Pod is namespace/name of the pod this side judges for.
+	Pod string `json:"pod"`
+	// Verdict is TraceVerdictAllowed or TraceVerdictDenied.
+	Verdict string `json:"verdict"`
+	// Reason is a TraceReason* value: policy (a rule allowed),
+	// default-deny, not-enforced (no policy selects the pod this way), host.
+	Reason string `json:"reason"`
+	// Policy is the rule that allowed, or the policy whose default deny
+	// applies.
+	Policy *TracePolicy `json:"policy,omitempty"`
+	// SelectedBy lists namespace/name of every policy selecting the pod in
+	// this direction.
+	SelectedBy []string `json:"selectedBy,omitempty"`
 }
 
 // TracePeer is one end of a flow: a pod where the IP is a known pod's,

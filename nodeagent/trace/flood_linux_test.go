@@ -72,7 +72,7 @@ func TestFloodAccounting(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sub := h.Subscribe(Query{Follow: true})
+	sub := h.Subscribe(apiv1.TraceQuery{Follow: true})
 	defer sub.Close()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)

@@ -3,6 +3,8 @@ package trace
 import (
 	"encoding/json"
 	"net/http"
+
+	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 )
 
 // Handler serves GET /trace: newline-delimited JSON, one apiv1.TraceLine
@@ -11,7 +13,7 @@ import (
 // query is a 400 with one line saying what is wrong.
 func (h *Hub) Handler() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		q, err := ParseQuery(r.URL.Query())
+		q, err := apiv1.ParseTraceQuery(r.URL.Query())
 		if err != nil {
 			http.Error(w, "trace: "+err.Error(), http.StatusBadRequest)
 			return

@@ -132,7 +132,7 @@ func (h *Hub) Lost(reason, typ string, n uint64) {
 // history returns the matching events of the ring, oldest first, at most
 // last (0: all), and how many events the ring evicted that the request
 // could have wanted. h.mu must be held.
-func (h *Hub) historyLocked(f *Filter, last int) ([]apiv1.TraceEvent, uint64) {
+func (h *Hub) historyLocked(f *apiv1.TraceFilter, last int) ([]apiv1.TraceEvent, uint64) {
 	var out []apiv1.TraceEvent
 	n := len(h.ring)
 	for i := range n {
@@ -160,12 +160,12 @@ func (h *Hub) historyLocked(f *Filter, last int) ([]apiv1.TraceEvent, uint64) {
 // Subscribe opens a stream: the matching history (q.Last events; all when
 // not following and q.Last is 0), then, when q.Follow, every new matching
 // event. Close it when done.
-func (h *Hub) Subscribe(q Query) *Subscription {
-	s := &Subscription{hub: h, filter: q.Filter, cap: h.opts.QueueSize, wake: make(chan struct{}, 1), now: h.opts.Now, node: h.opts.Node}
+func (h *Hub) Subscribe(q apiv1.TraceQuery) *Subscription {
+	s := &Subscription{hub: h, filter: q.TraceFilter, cap: h.opts.QueueSize, wake: make(chan struct{}, 1), now: h.opts.Now, node: h.opts.Node}
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if q.Last > 0 || !q.Follow {
-		events, missed := h.historyLocked(&q.Filter, q.Last)
+		events, missed := h.historyLocked(&q.TraceFilter, q.Last)
 		if missed > 0 {
 			h.lost.WithLabelValues(apiv1.TraceLostAgent).Add(float64(missed))
 			s.queue = append(s.queue, line{TraceLine: apiv1.TraceLine{Lost: &apiv1.TraceLost{Time: s.now(), Node: s.node,
@@ -208,7 +208,7 @@ type lostKey struct{ reason, typ string }
 // Subscription is one client's stream.
 type Subscription struct {
 	hub    *Hub
-	filter Filter
+	filter apiv1.TraceFilter
 	cap    int
 	node   string
 	now    func() time.Time

@@ -68,7 +68,7 @@ func lostMetric(h *Hub, reason string) float64 {
 
 func TestSlowClientGetsNotice(t *testing.T) {
 	h, _ := newHub(t, 100, 3)
-	s := h.Subscribe(Query{Follow: true})
+	s := h.Subscribe(apiv1.TraceQuery{Follow: true})
 	defer s.Close()
 	for i := 1; i <= 5; i++ {
 		h.Publish(ev(i)) // 4 and 5 find the queue full
@@ -89,7 +89,7 @@ func TestSlowClientGetsNotice(t *testing.T) {
 
 func TestNoticeBeforeNextEvent(t *testing.T) {
 	h, _ := newHub(t, 100, 2)
-	s := h.Subscribe(Query{Follow: true})
+	s := h.Subscribe(apiv1.TraceQuery{Follow: true})
 	defer s.Close()
 	h.Publish(ev(1))
 	h.Publish(ev(2))
@@ -106,9 +106,9 @@ func TestNoticeBeforeNextEvent(t *testing.T) {
 
 func TestSlowClientDoesNotAffectOthers(t *testing.T) {
 	h, _ := newHub(t, 100, 2)
-	slow := h.Subscribe(Query{Follow: true})
+	slow := h.Subscribe(apiv1.TraceQuery{Follow: true})
 	defer slow.Close()
-	fast := h.Subscribe(Query{Follow: true})
+	fast := h.Subscribe(apiv1.TraceQuery{Follow: true})
 	defer fast.Close()
 	var fastGot []string
 	for i := 1; i <= 6; i++ {
@@ -125,7 +125,7 @@ func TestSlowClientDoesNotAffectOthers(t *testing.T) {
 
 func TestFilterBeforeQueue(t *testing.T) {
 	h, _ := newHub(t, 100, 1)
-	s := h.Subscribe(Query{Follow: true, Filter: Filter{Verdicts: []string{apiv1.TraceVerdictAllowed}}})
+	s := h.Subscribe(apiv1.TraceQuery{Follow: true, TraceFilter: apiv1.TraceFilter{Verdicts: []string{apiv1.TraceVerdictAllowed}}})
 	defer s.Close()
 	allowed := ev(9)
 	allowed.Verdict = apiv1.TraceVerdictAllowed
@@ -143,7 +143,7 @@ func TestFilterBeforeQueue(t *testing.T) {
 
 func TestKernelLossInStream(t *testing.T) {
 	h, _ := newHub(t, 100, 10)
-	s := h.Subscribe(Query{Follow: true})
+	s := h.Subscribe(apiv1.TraceQuery{Follow: true})
 	defer s.Close()
 	h.Publish(ev(1))
 	h.Lost(apiv1.TraceLostKernel, apiv1.TraceTypePolicy, 7)
@@ -162,17 +162,17 @@ func TestHistory(t *testing.T) {
 		name      string
 		ring      int
 		published int
-		q         Query
+		q         apiv1.TraceQuery
 		want      []string
 	}{
-		{"all kept", 5, 3, Query{}, []string{"e1", "e2", "e3"}},
-		{"last of kept", 5, 3, Query{Last: 2}, []string{"e2", "e3"}},
-		{"ring overran, all asked", 3, 5, Query{}, []string{"lost:agent-buffer-overrun:2", "e3", "e4", "e5"}},
-		{"ring overran, last fits", 3, 5, Query{Last: 3}, []string{"e3", "e4", "e5"}},
-		{"ring overran, last more than kept", 3, 5, Query{Last: 4}, []string{"lost:agent-buffer-overrun:1", "e3", "e4", "e5"}},
-		{"follow without last: no history", 3, 5, Query{Follow: true}, nil},
-		{"follow with last", 3, 5, Query{Follow: true, Last: 1}, []string{"e5"}},
-		{"filter applies to history", 5, 3, Query{Filter: Filter{Ports: []uint16{2}}}, []string{"e2"}},
+		{"all kept", 5, 3, apiv1.TraceQuery{}, []string{"e1", "e2", "e3"}},
+		{"last of kept", 5, 3, apiv1.TraceQuery{Last: 2}, []string{"e2", "e3"}},
+		{"ring overran, all asked", 3, 5, apiv1.TraceQuery{}, []string{"lost:agent-buffer-overrun:2", "e3", "e4", "e5"}},
+		{"ring overran, last fits", 3, 5, apiv1.TraceQuery{Last: 3}, []string{"e3", "e4", "e5"}},
+		{"ring overran, last more than kept", 3, 5, apiv1.TraceQuery{Last: 4}, []string{"lost:agent-buffer-overrun:1", "e3", "e4", "e5"}},
+		{"follow without last: no history", 3, 5, apiv1.TraceQuery{Follow: true}, nil},
+		{"follow with last", 3, 5, apiv1.TraceQuery{Follow: true, Last: 1}, []string{"e5"}},
+		{"filter applies to history", 5, 3, apiv1.TraceQuery{TraceFilter: apiv1.TraceFilter{Ports: []uint16{2}}}, []string{"e2"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			h, _ := newHub(t, tc.ring, 10)
@@ -294,7 +294,7 @@ func BenchmarkPublish(b *testing.B) {
 			defer cancel()
 			var done []chan int
 			for range bc.matching {
-				s := h.Subscribe(Query{Follow: true})
+				s := h.Subscribe(apiv1.TraceQuery{Follow: true})
 				defer s.Close()
 				d := make(chan int, 1)
 				done = append(done, d)
@@ -310,7 +310,7 @@ func BenchmarkPublish(b *testing.B) {
 				}()
 			}
 			for range bc.nomatch {
-				s := h.Subscribe(Query{Follow: true, Filter: Filter{Namespaces: []string{"other"}}})
+				s := h.Subscribe(apiv1.TraceQuery{Follow: true, TraceFilter: apiv1.TraceFilter{Namespaces: []string{"other"}}})
 				defer s.Close()
 			}
 			e := deny()
@@ -326,5 +326,14 @@ func BenchmarkPublish(b *testing.B) {
 			b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "events/s")
 			b.ReportMetric(testutil.ToFloat64(h.lost.WithLabelValues(apiv1.TraceLostSlowClient)), "lost")
 		})
+	}
+}
+
+// deny is a denied policy event between two pods.
+func deny() apiv1.TraceEvent {
+	return apiv1.TraceEvent{
+		Node: "n1", Type: apiv1.TraceTypePolicy, Verdict: apiv1.TraceVerdictDenied, Protocol: "TCP",
+		Source:      apiv1.TracePeer{Namespace: "a", Pod: "client", IP: "10.0.0.1", Port: 40000},
+		Destination: apiv1.TracePeer{Namespace: "b", Pod: "server", IP: "10.0.0.2", Port: 80},
 	}
 }

@@ -87,7 +87,7 @@ func TestPolicyEvent(t *testing.T) {
 // baseline, growth is announced in the stream.
 func TestPollLost(t *testing.T) {
 	h, _ := newHub(t, 10, 10)
-	sub := h.Subscribe(Query{Follow: true})
+	sub := h.Subscribe(apiv1.TraceQuery{Follow: true})
 	defer sub.Close()
 	counts := make(chan uint64, 2)
 	counts <- 5

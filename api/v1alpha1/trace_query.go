@@ -1,4 +1,4 @@
-package trace
+package v1alpha1
 
 import (
 	"fmt"
@@ -6,38 +6,36 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-
-	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 )
 
-// MaxLast caps ?last=: a client cannot ask for more history than any ring
+// TraceMaxLast caps ?last=: a client cannot ask for more history than any ring
 // holds.
-const MaxLast = 1 << 20
+const TraceMaxLast = 1 << 20
 
-// PodRef is a [namespace/]name of `--pod`; an empty Namespace matches the
+// TracePodRef is a [namespace/]name of `--pod`; an empty Namespace matches the
 // name in every namespace.
-type PodRef struct {
+type TracePodRef struct {
 	Namespace, Name string
 }
 
-func (p PodRef) String() string {
+func (p TracePodRef) String() string {
 	if p.Namespace == "" {
 		return p.Name
 	}
 	return p.Namespace + "/" + p.Name
 }
 
-func (p PodRef) matches(peer apiv1.TracePeer) bool {
+func (p TracePodRef) matches(peer TracePeer) bool {
 	return peer.Pod != "" && peer.Pod == p.Name && (p.Namespace == "" || p.Namespace == peer.Namespace)
 }
 
-// Filter selects events. Kinds combine with AND, the values of one kind
+// TraceFilter selects events. Kinds combine with AND, the values of one kind
 // with OR; an empty kind matches everything.
-type Filter struct {
+type TraceFilter struct {
 	// Namespaces match an event with either end in one of them.
 	Namespaces []string
 	// Pods match either end; FromPods the source, ToPods the destination.
-	Pods, FromPods, ToPods []PodRef
+	Pods, FromPods, ToPods []TracePodRef
 	Nodes                  []string
 	Types                  []string
 	Verdicts               []string
@@ -48,20 +46,20 @@ type Filter struct {
 }
 
 // Match reports whether e passes the filter.
-func (f *Filter) Match(e *apiv1.TraceEvent) bool {
+func (f *TraceFilter) Match(e *TraceEvent) bool {
 	if len(f.Namespaces) > 0 && !slices.Contains(f.Namespaces, e.Source.Namespace) &&
 		!slices.Contains(f.Namespaces, e.Destination.Namespace) {
 		return false
 	}
-	if len(f.Pods) > 0 && !slices.ContainsFunc(f.Pods, func(p PodRef) bool {
+	if len(f.Pods) > 0 && !slices.ContainsFunc(f.Pods, func(p TracePodRef) bool {
 		return p.matches(e.Source) || p.matches(e.Destination)
 	}) {
 		return false
 	}
-	if len(f.FromPods) > 0 && !slices.ContainsFunc(f.FromPods, func(p PodRef) bool { return p.matches(e.Source) }) {
+	if len(f.FromPods) > 0 && !slices.ContainsFunc(f.FromPods, func(p TracePodRef) bool { return p.matches(e.Source) }) {
 		return false
 	}
-	if len(f.ToPods) > 0 && !slices.ContainsFunc(f.ToPods, func(p PodRef) bool { return p.matches(e.Destination) }) {
+	if len(f.ToPods) > 0 && !slices.ContainsFunc(f.ToPods, func(p TracePodRef) bool { return p.matches(e.Destination) }) {
 		return false
 	}
 	if len(f.Nodes) > 0 && !slices.Contains(f.Nodes, e.Node) {
@@ -82,9 +80,9 @@ func (f *Filter) Match(e *apiv1.TraceEvent) bool {
 	return true
 }
 
-// Query is one /trace request.
-type Query struct {
-	Filter
+// TraceQuery is one /trace request.
+type TraceQuery struct {
+	TraceFilter
 	// Follow keeps the stream open for new events after the history.
 	Follow bool
 	// Last is how many matching events of the history to send first
@@ -95,130 +93,130 @@ type Query struct {
 // The query parameters of /trace. Each may repeat, or list values
 // separated by commas.
 const (
-	ParamFollow    = "follow"
-	ParamLast      = "last"
-	ParamNamespace = "namespace"
-	ParamPod       = "pod"
-	ParamFromPod   = "from-pod"
-	ParamToPod     = "to-pod"
-	ParamNode      = "node"
-	ParamType      = "type"
-	ParamVerdict   = "verdict"
-	ParamPort      = "port"
-	ParamProtocol  = "protocol"
+	TraceParamFollow    = "follow"
+	TraceParamLast      = "last"
+	TraceParamNamespace = "namespace"
+	TraceParamPod       = "pod"
+	TraceParamFromPod   = "from-pod"
+	TraceParamToPod     = "to-pod"
+	TraceParamNode      = "node"
+	TraceParamType      = "type"
+	TraceParamVerdict   = "verdict"
+	TraceParamPort      = "port"
+	TraceParamProtocol  = "protocol"
 )
 
-// ParseQuery reads a /trace query. Unknown parameters, unknown types and
+// ParseTraceQuery reads a /trace query. Unknown parameters, unknown types and
 // verdicts and malformed values are errors: a filter the agent silently
 // ignored would show events the user asked not to see.
-func ParseQuery(v url.Values) (Query, error) {
-	var q Query
+func ParseTraceQuery(v url.Values) (TraceQuery, error) {
+	var q TraceQuery
 	for k := range v {
 		switch k {
-		case ParamFollow, ParamLast, ParamNamespace, ParamPod, ParamFromPod, ParamToPod, ParamNode,
-			ParamType, ParamVerdict, ParamPort, ParamProtocol:
+		case TraceParamFollow, TraceParamLast, TraceParamNamespace, TraceParamPod, TraceParamFromPod, TraceParamToPod, TraceParamNode,
+			TraceParamType, TraceParamVerdict, TraceParamPort, TraceParamProtocol:
 		default:
-			return Query{}, fmt.Errorf("unknown parameter %q", k)
+			return TraceQuery{}, fmt.Errorf("unknown parameter %q", k)
 		}
 	}
 	var err error
-	if q.Follow, err = parseBool(v, ParamFollow); err != nil {
-		return Query{}, err
+	if q.Follow, err = traceBool(v, TraceParamFollow); err != nil {
+		return TraceQuery{}, err
 	}
-	if s := single(v, ParamLast); s != "" {
+	if s := traceSingle(v, TraceParamLast); s != "" {
 		n, err := strconv.Atoi(s)
-		if err != nil || n < 0 || n > MaxLast {
-			return Query{}, fmt.Errorf("%s=%q: want a count from 0 to %d", ParamLast, s, MaxLast)
+		if err != nil || n < 0 || n > TraceMaxLast {
+			return TraceQuery{}, fmt.Errorf("%s=%q: want a count from 0 to %d", TraceParamLast, s, TraceMaxLast)
 		}
 		q.Last = n
 	}
-	q.Namespaces, err = names(v, ParamNamespace, validName)
+	q.Namespaces, err = traceNames(v, TraceParamNamespace, traceValidName)
 	if err != nil {
-		return Query{}, err
+		return TraceQuery{}, err
 	}
 	for _, p := range []struct {
 		param string
-		dst   *[]PodRef
-	}{{ParamPod, &q.Pods}, {ParamFromPod, &q.FromPods}, {ParamToPod, &q.ToPods}} {
-		refs, err := names(v, p.param, validPodRef)
+		dst   *[]TracePodRef
+	}{{TraceParamPod, &q.Pods}, {TraceParamFromPod, &q.FromPods}, {TraceParamToPod, &q.ToPods}} {
+		refs, err := traceNames(v, p.param, traceValidPodRef)
 		if err != nil {
-			return Query{}, err
+			return TraceQuery{}, err
 		}
 		for _, r := range refs {
 			ns, name, ok := strings.Cut(r, "/")
 			if !ok {
 				ns, name = "", r
 			}
-			*p.dst = append(*p.dst, PodRef{Namespace: ns, Name: name})
+			*p.dst = append(*p.dst, TracePodRef{Namespace: ns, Name: name})
 		}
 	}
-	if q.Nodes, err = names(v, ParamNode, validName); err != nil {
-		return Query{}, err
+	if q.Nodes, err = traceNames(v, TraceParamNode, traceValidName); err != nil {
+		return TraceQuery{}, err
 	}
-	if q.Types, err = names(v, ParamType, oneOf(apiv1.TraceTypes)); err != nil {
-		return Query{}, err
+	if q.Types, err = traceNames(v, TraceParamType, traceOneOf(TraceTypes)); err != nil {
+		return TraceQuery{}, err
 	}
-	if q.Verdicts, err = names(v, ParamVerdict, oneOf(apiv1.TraceVerdicts)); err != nil {
-		return Query{}, err
+	if q.Verdicts, err = traceNames(v, TraceParamVerdict, traceOneOf(TraceVerdicts)); err != nil {
+		return TraceQuery{}, err
 	}
-	ports, err := names(v, ParamPort, validPort)
+	ports, err := traceNames(v, TraceParamPort, traceValidPort)
 	if err != nil {
-		return Query{}, err
+		return TraceQuery{}, err
 	}
 	for _, p := range ports {
 		n, _ := strconv.ParseUint(p, 10, 16)
 		q.Ports = append(q.Ports, uint16(n))
 	}
-	if q.Protocols, err = names(v, ParamProtocol, validName); err != nil {
-		return Query{}, err
+	if q.Protocols, err = traceNames(v, TraceParamProtocol, traceValidName); err != nil {
+		return TraceQuery{}, err
 	}
 	return q, nil
 }
 
-// Encode is the query string ParseQuery reads back as q (the client side).
-func (q Query) Encode() string {
+// Encode is the query string ParseTraceQuery reads back as q (the client side).
+func (q TraceQuery) Encode() string {
 	v := url.Values{}
 	if q.Follow {
-		v.Set(ParamFollow, "1")
+		v.Set(TraceParamFollow, "1")
 	}
 	if q.Last > 0 {
-		v.Set(ParamLast, strconv.Itoa(q.Last))
+		v.Set(TraceParamLast, strconv.Itoa(q.Last))
 	}
 	add := func(k string, vals []string) {
 		for _, s := range vals {
 			v.Add(k, s)
 		}
 	}
-	refs := func(rs []PodRef) []string {
+	refs := func(rs []TracePodRef) []string {
 		var out []string
 		for _, r := range rs {
 			out = append(out, r.String())
 		}
 		return out
 	}
-	add(ParamNamespace, q.Namespaces)
-	add(ParamPod, refs(q.Pods))
-	add(ParamFromPod, refs(q.FromPods))
-	add(ParamToPod, refs(q.ToPods))
-	add(ParamNode, q.Nodes)
-	add(ParamType, q.Types)
-	add(ParamVerdict, q.Verdicts)
+	add(TraceParamNamespace, q.Namespaces)
+	add(TraceParamPod, refs(q.Pods))
+	add(TraceParamFromPod, refs(q.FromPods))
+	add(TraceParamToPod, refs(q.ToPods))
+	add(TraceParamNode, q.Nodes)
+	add(TraceParamType, q.Types)
+	add(TraceParamVerdict, q.Verdicts)
 	for _, p := range q.Ports {
-		v.Add(ParamPort, strconv.Itoa(int(p)))
+		v.Add(TraceParamPort, strconv.Itoa(int(p)))
 	}
-	add(ParamProtocol, q.Protocols)
+	add(TraceParamProtocol, q.Protocols)
 	return v.Encode()
 }
 
-func single(v url.Values, k string) string {
+func traceSingle(v url.Values, k string) string {
 	if vs := v[k]; len(vs) > 0 {
 		return vs[len(vs)-1]
 	}
 	return ""
 }
 
-func parseBool(v url.Values, k string) (bool, error) {
-	switch s := single(v, k); s {
+func traceBool(v url.Values, k string) (bool, error) {
+	switch s := traceSingle(v, k); s {
 	case "", "0", "false":
 		return false, nil
 	case "1", "true":
@@ -230,7 +228,7 @@ func parseBool(v url.Values, k string) (bool, error) {
 
 // names splits every value of k on commas, checks each with valid and
 // drops duplicates.
-func names(v url.Values, k string, valid func(string) error) ([]string, error) {
+func traceNames(v url.Values, k string, valid func(string) error) ([]string, error) {
 	var out []string
 	for _, raw := range v[k] {
 		for s := range strings.SplitSeq(raw, ",") {
@@ -245,10 +243,10 @@ func names(v url.Values, k string, valid func(string) error) ([]string, error) {
 	return out, nil
 }
 
-// validName accepts what can be a Kubernetes object name (DNS-1123
+// traceValidName accepts what can be a Kubernetes object name (DNS-1123
 // subdomain characters); the filter only compares, so this is a sanity
 // bound, not the API server's validation.
-func validName(s string) error {
+func traceValidName(s string) error {
 	if s == "" || len(s) > 253 {
 		return fmt.Errorf("want 1 to 253 characters")
 	}
@@ -260,21 +258,21 @@ func validName(s string) error {
 	return nil
 }
 
-func validPodRef(s string) error {
+func traceValidPodRef(s string) error {
 	ns, name, ok := strings.Cut(s, "/")
 	if !ok {
-		return validName(s)
+		return traceValidName(s)
 	}
-	if err := validName(ns); err != nil {
+	if err := traceValidName(ns); err != nil {
 		return fmt.Errorf("namespace: %w", err)
 	}
-	if err := validName(name); err != nil {
+	if err := traceValidName(name); err != nil {
 		return fmt.Errorf("name: %w", err)
 	}
 	return nil
 }
 
-func validPort(s string) error {
+func traceValidPort(s string) error {
 	n, err := strconv.ParseUint(s, 10, 16)
 	if err != nil || n == 0 || strconv.FormatUint(n, 10) != s {
 		return fmt.Errorf("want a port from 1 to 65535")
@@ -282,7 +280,7 @@ func validPort(s string) error {
 	return nil
 }
 
-func oneOf(known []string) func(string) error {
+func traceOneOf(known []string) func(string) error {
 	return func(s string) error {
 		if !slices.Contains(known, s) {
 			return fmt.Errorf("want one of %s", strings.Join(known, ", "))
