@@ -85,9 +85,10 @@ cluster-down: $(CLUSTER_TOOL) ## remove the local cluster and everything it crea
 
 # The local cluster's nodes cannot pull the official Envoy: install names the
 # Envoy image cluster-up built and loaded (KEBPF_ENVOY_IMAGE from env).
-demo: cluster-up ## local cluster + kubectl ebpf install --wait + status
+demo: cluster-up ## local cluster + kubectl ebpf install --wait, then a short tour (socket LB, a policy denial, an L7 403, each with its trace line) and status
 	@eval "$$($(CLUSTER_TOOL) env --name $(CLUSTER))"; \
-	  set -x; kubectl ebpf install --wait --timeout 5m --envoy-image "$${KEBPF_ENVOY_IMAGE:-}"; kubectl ebpf version; kubectl ebpf status; set +x; \
+	  set -x; kubectl ebpf install --wait --timeout 5m --envoy-image "$${KEBPF_ENVOY_IMAGE:-}"; kubectl ebpf version; set +x; \
+	  bash kindtests/demo/tour.sh; \
 	  echo; echo "The cluster stays up: export KUBECONFIG=$$KUBECONFIG PATH=$${PATH%%:*}:\$$PATH; make cluster-down removes it."
 
 BENCH_ARGS ?=

@@ -60,7 +60,7 @@ func main() {
 
 	env := &cobra.Command{
 		Use:   "env",
-		Short: "Print shell exports (KUBECONFIG, PATH, KEBPF_KUBECONFIG, KEBPF_ENVOY_IMAGE) for the running cluster",
+		Short: "Print shell exports (KUBECONFIG, PATH, KEBPF_KUBECONFIG, KEBPF_ENVOY_IMAGE, KEBPF_TESTSERVER_IMAGE) for the running cluster",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			e, err := testenv.Load(name)
@@ -71,6 +71,10 @@ func main() {
 			// The Envoy image loaded into the nodes, for install --envoy-image.
 			if e.Product.EnvoyRef != "" {
 				fmt.Printf("export KEBPF_ENVOY_IMAGE=%s\n", e.Product.EnvoyRef)
+			}
+			// The workload image of the tests and the demo tour.
+			if e.Product.TestServerRef != "" {
+				fmt.Printf("export KEBPF_TESTSERVER_IMAGE=%s\n", e.Product.TestServerRef)
 			}
 			return nil
 		},
