@@ -14,6 +14,8 @@ const TraceMaxLast = 1 << 20
 
 // TracePodRef is a [namespace/]name of `--pod`; an empty Namespace matches the
 // name in every namespace.
+//
+// +kubebuilder:object:generate=false
 type TracePodRef struct {
 	Namespace, Name string
 }
@@ -31,6 +33,8 @@ func (p TracePodRef) matches(peer TracePeer) bool {
 
 // TraceFilter selects events. Kinds combine with AND, the values of one kind
 // with OR; an empty kind matches everything.
+//
+// +kubebuilder:object:generate=false
 type TraceFilter struct {
 	// Namespaces match an event with either end in one of them.
 	Namespaces []string
@@ -81,6 +85,8 @@ func (f *TraceFilter) Match(e *TraceEvent) bool {
 }
 
 // TraceQuery is one /trace request.
+//
+// +kubebuilder:object:generate=false
 type TraceQuery struct {
 	TraceFilter
 	// Follow keeps the stream open for new events after the history.
