@@ -385,6 +385,7 @@ func (a *Agent) serve() (*http.Server, net.Listener, error) {
 	// Loopback only like the rest: clients reach it through the API server
 	// (a port-forward to the agent pod), with their own RBAC.
 	mux.Handle("GET /trace", a.trace.Handler())
+	mux.Handle("GET "+apiv1.ExplainPath, trace.ExplainHandler(a.cfg.NodeName, a.explainSource))
 
 	ln := a.cfg.Listener
 	if ln == nil {
