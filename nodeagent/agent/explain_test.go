@@ -222,7 +222,7 @@ func TestExplainAgreesWithDatapath(t *testing.T) {
 
 	log := slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	s, err := netpol.New(netpol.Options{
-		Base: apisync.Base{Client: fake.NewClientset(objs...), NodeName: node, Recorder: record.NewFakeRecorder(100), Log: log},
+		Base:    apisync.Base{Client: fake.NewClientset(objs...), NodeName: node, Recorder: record.NewFakeRecorder(100), Log: log},
 		NodeIPs: nodeIPs, Datapath: nsDatapath{dobjs, n}, Interfaces: ifaces,
 	})
 	if err != nil {
@@ -384,4 +384,3 @@ func checkSide(t *testing.T, name string, s *apiv1.PolicyExplanationSide, reason
 		t.Errorf("%s: selectedBy %v, want %v", name, s.SelectedBy, selectedBy)
 	}
 }
-
