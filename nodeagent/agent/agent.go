@@ -306,6 +306,7 @@ func (a *Agent) State() *apiv1.NodeState {
 			c.ContributeStatus(&st)
 		}
 	}
+	st.Trace = traceStatus(a.trace.Stats())
 	// Ready in NodeState is stricter than /readyz: any error counts.
 	st.Ready = a.haveConfig && a.allEnabledActiveLocked() && len(st.Errors) == 0
 	return &apiv1.NodeState{
@@ -441,6 +442,15 @@ func (a *Agent) publishIfChanged(ctx context.Context) {
 // statusKey identifies what a NodeState says, heartbeat aside.
 func statusKey(st apiv1.NodeStateStatus) string {
 	st.Heartbeat = metav1.Time{}
+	// Trace counts ride on the heartbeat (a busy node would otherwise
+	// publish every poll), except that a reason's first loss goes out now.
+	if st.Trace != nil {
+		t := &apiv1.TraceNodeStatus{Lost: map[string]int64{}}
+		for r := range st.Trace.Lost {
+			t.Lost[r] = 1
+		}
+		st.Trace = t
+	}
 	b, _ := json.Marshal(st)
 	return string(b)
 }

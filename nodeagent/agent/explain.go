@@ -51,3 +51,20 @@ func (e explainState) Pod(k types.NamespacedName) ([]netip.Addr, bool, bool) {
 }
 
 func (e explainState) Decide(q dp.Question) (dp.Decision, error) { return e.objs.Decide(q) }
+
+// traceStatus is NodeState's view of the hub's counts.
+func traceStatus(s trace.Stats) *apiv1.TraceNodeStatus {
+	out := &apiv1.TraceNodeStatus{}
+	conv := func(in map[string]uint64) map[string]int64 {
+		if len(in) == 0 {
+			return nil
+		}
+		m := make(map[string]int64, len(in))
+		for k, v := range in {
+			m[k] = int64(min(v, 1<<63-1))
+		}
+		return m
+	}
+	out.Published, out.Lost = conv(s.Published), conv(s.Lost)
+	return out
+}
