@@ -17,7 +17,7 @@ import (
 
 // Defaults of Options.
 const (
-	DefaultRingSize  = 8192
+	DefaultRingSize = 8192
 	// DefaultQueueSize is 80 ms of events at 100k/s: `make bench` (trace
 	// rows) lost events to a following client's scheduling hiccups at
 	// 100k/s with 1024 (10 ms), none with 8192. A full queue holds a few
