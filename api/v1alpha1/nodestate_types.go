@@ -75,6 +75,9 @@ type NodeStateStatus struct {
 	// L7 is the state of the node's Envoy while the l7 feature is active.
 	// +optional
 	L7 *L7NodeStatus `json:"l7,omitempty"`
+	// Trace counts the node's trace events since the agent started.
+	// +optional
+	Trace *TraceNodeStatus `json:"trace,omitempty"`
 	// Heartbeat is the last time the agent refreshed this object.
 	// +optional
 	// +nullable
@@ -120,4 +123,19 @@ type L7NodeStatus struct {
 	// Policies is how many L7Policies select pods on this node.
 	// +optional
 	Policies int32 `json:"policies,omitempty"`
+}
+
+// TraceNodeStatus counts one agent's trace events (kubectl ebpf trace),
+// the numbers its kebpf_trace_events_total and
+// kebpf_trace_events_lost_total metrics export. Counts refresh with the
+// heartbeat; a reason's first loss is published at once.
+type TraceNodeStatus struct {
+	// Published counts events the agent received from the datapath, by
+	// type (policy, lb, cni, l7).
+	// +optional
+	Published map[string]int64 `json:"published,omitempty"`
+	// Lost counts lost events by reason (kernel-buffer-full,
+	// agent-buffer-overrun, slow-client); absent reasons lost none.
+	// +optional
+	Lost map[string]int64 `json:"lost,omitempty"`
 }

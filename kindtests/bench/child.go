@@ -56,6 +56,8 @@ func Child() bool {
 		err = runNPServer()
 	case "l7server":
 		err = runL7Server()
+	case "tracegen":
+		err = runTraceGen(os.Stdin, os.Stdout)
 	default:
 		err = fmt.Errorf("unknown child role %q", role)
 	}

@@ -264,3 +264,24 @@ func TestServiceMarkdownRounds(t *testing.T) {
 		"| cold start to last Service answering, 10 Services | — | 0.20 (0.18–0.25) s | 0.30 (0.28–0.35) s |",
 	}, []string{"v1.35.4 (defaults", "etcd 3.4", "(not recorded)"})
 }
+
+// The trace table's goal line: a row counts at its target only with none
+// lost, all delivered, under one core and the target (nearly) reached.
+func TestTraceMarkdownGoal(t *testing.T) {
+	r := &TraceResults{Rows: []TraceRow{
+		{Target: 50000, Achieved: 49990, Sent: 10, Delivered: 10, CPU: 0.4},
+		{Target: 100000, Achieved: 99900, Sent: 10, Delivered: 10, CPU: 0.6},
+		{Target: 200000, Achieved: 199000, Sent: 10, Delivered: 9, LostKern: 1, CPU: 0.8},
+	}}
+	if md := r.Markdown(); !strings.Contains(md, "**met**") || !strings.Contains(md, "under one core: 100000/s") {
+		t.Errorf("goal line:\n%s", md)
+	}
+	r.Rows[1].LostSlow, r.Rows[1].Delivered = 1, 9
+	if md := r.Markdown(); !strings.Contains(md, "**not met**") || !strings.Contains(md, "under one core: 50000/s") {
+		t.Errorf("a loss at 100k must fail the goal:\n%s", md)
+	}
+	r.Rows[1].LostSlow, r.Rows[1].Delivered, r.Rows[1].CPU = 0, 10, 1.2
+	if md := r.Markdown(); !strings.Contains(md, "**not met**") {
+		t.Errorf("over one core must fail the goal:\n%s", md)
+	}
+}

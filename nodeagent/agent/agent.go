@@ -306,6 +306,7 @@ func (a *Agent) State() *apiv1.NodeState {
 			c.ContributeStatus(&st)
 		}
 	}
+	st.Trace = traceStatus(a.trace.Stats())
 	// Ready in NodeState is stricter than /readyz: any error counts.
 	st.Ready = a.haveConfig && a.allEnabledActiveLocked() && len(st.Errors) == 0
 	return &apiv1.NodeState{
@@ -385,6 +386,7 @@ func (a *Agent) serve() (*http.Server, net.Listener, error) {
 	// Loopback only like the rest: clients reach it through the API server
 	// (a port-forward to the agent pod), with their own RBAC.
 	mux.Handle("GET /trace", a.trace.Handler())
+	mux.Handle("GET "+apiv1.ExplainPath, trace.ExplainHandler(a.cfg.NodeName, a.explainSource))
 
 	ln := a.cfg.Listener
 	if ln == nil {
@@ -440,6 +442,15 @@ func (a *Agent) publishIfChanged(ctx context.Context) {
 // statusKey identifies what a NodeState says, heartbeat aside.
 func statusKey(st apiv1.NodeStateStatus) string {
 	st.Heartbeat = metav1.Time{}
+	// Trace counts ride on the heartbeat (a busy node would otherwise
+	// publish every poll), except that a reason's first loss goes out now.
+	if st.Trace != nil {
+		t := &apiv1.TraceNodeStatus{Lost: map[string]int64{}}
+		for r := range st.Trace.Lost {
+			t.Lost[r] = 1
+		}
+		st.Trace = t
+	}
 	b, _ := json.Marshal(st)
 	return string(b)
 }

@@ -106,7 +106,7 @@ func (f *policyFeature) Enable(ctx context.Context) error {
 	}
 	f.start(ctx, objs, &policyRun{Syncer: s, log: f.a.log, reader: &trace.PolicyReader{
 		Events: objs.EventsMap(), Lost: objs.EventsLost, Hub: f.a.trace, Node: f.a.cfg.NodeName, Namer: policyNamer{s},
-		Log: f.a.log.With("feature", apiv1.FeaturePolicy),
+		Log: f.a.log.With("feature", apiv1.FeaturePolicy), LostFile: f.a.statePath(PolicyEventsLostFile),
 	}})
 	// Chained only once the syncer runs, so the plugin never waits for a
 	// feature that is not there; from then on no pod starts unprogrammed.
@@ -121,13 +121,30 @@ func (f *policyFeature) Disable() error {
 	f.stopChain()
 	err := f.a.unchain()
 	err = errors.Join(err, f.syncedFeature.Disable())
-	// The pins are gone, so no record names these IDs any more.
-	if p := f.a.policyIDsPath(); p != "" {
+	// The pins are gone, so no record names these IDs any more, and the
+	// lost count they kept is gone with them.
+	for _, p := range []string{f.a.policyIDsPath(), f.a.statePath(PolicyEventsLostFile)} {
+		if p == "" {
+			continue
+		}
 		if rerr := os.Remove(p); rerr != nil && !errors.Is(rerr, fs.ErrNotExist) {
 			err = errors.Join(err, rerr)
 		}
 	}
 	return err
+}
+
+// PolicyEventsLostFile under Config.StateDir keeps the last kernel lost
+// count the trace reader read, so the next agent reports what was lost
+// while none read (trace.PolicyReader.LostFile).
+const PolicyEventsLostFile = "policy-events-lost.json"
+
+// statePath is name under Config.StateDir, "" when nothing is kept.
+func (a *Agent) statePath(name string) string {
+	if a.cfg.StateDir == "" {
+		return ""
+	}
+	return filepath.Join(a.cfg.StateDir, name)
 }
 
 // PolicyIDsFile is the policy ID -> name mapping under Config.StateDir.

@@ -279,3 +279,31 @@ func TestServeTrace(t *testing.T) {
 		t.Errorf("/metrics lacks the trace counters:\n%s", body)
 	}
 }
+
+// NodeState carries the trace counts; a reason's first loss changes what
+// is published at once, more events and more of the same loss wait for the
+// heartbeat.
+func TestTraceStatus(t *testing.T) {
+	ag, err := New(Config{NodeName: "n", Features: []Feature{}, Log: slog.New(slog.NewTextHandler(testWriter{t}, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	key0 := statusKey(ag.State().Status)
+	ag.trace.Publish(apiv1.TraceEvent{Node: "n", Type: apiv1.TraceTypePolicy})
+	if k := statusKey(ag.State().Status); k != key0 {
+		t.Errorf("an event changed the status key:\n%s\n%s", key0, k)
+	}
+	ag.trace.Lost(apiv1.TraceLostKernel, apiv1.TraceTypePolicy, 3)
+	st := ag.State().Status
+	key1 := statusKey(st)
+	if key1 == key0 {
+		t.Error("the first loss did not change the status key")
+	}
+	if st.Trace == nil || st.Trace.Published[apiv1.TraceTypePolicy] != 1 || st.Trace.Lost[apiv1.TraceLostKernel] != 3 || len(st.Trace.Lost) != 1 {
+		t.Errorf("trace status %+v", st.Trace)
+	}
+	ag.trace.Lost(apiv1.TraceLostKernel, apiv1.TraceTypePolicy, 3)
+	if k := statusKey(ag.State().Status); k != key1 {
+		t.Errorf("a further loss of the same reason changed the status key")
+	}
+}

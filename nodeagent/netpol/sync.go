@@ -10,6 +10,7 @@ import (
 	"slices"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -106,6 +107,9 @@ type Syncer struct {
 
 	// synced is closed once the informer caches are synced (Admit waits).
 	synced chan struct{}
+
+	// fullSynced: a full sync finished without error (Synced).
+	fullSynced atomic.Bool
 
 	mu       sync.Mutex
 	problems map[types.NamespacedName]map[string]Problem // per local pod, by Problem.String()
@@ -485,6 +489,9 @@ func (s *Syncer) sync(full bool) (err error) {
 		s.mu.Lock()
 		s.syncErr = err
 		s.mu.Unlock()
+		if full && err == nil {
+			s.fullSynced.Store(true)
+		}
 		if err != nil {
 			s.log.Error("policy sync", "full", full, "err", err)
 		} else if res.Applied+res.Deleted > 0 || full {

@@ -7,6 +7,8 @@ import (
 	"encoding/binary"
 	"log/slog"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -139,4 +141,113 @@ func TestFloodAccounting(t *testing.T) {
 	}
 	t.Logf("%d new flows through prog.Run in %v (%.0f/s): %d events delivered, %d lost in the kernel and announced",
 		flows, sent.Round(time.Millisecond), flows/sent.Seconds(), delivered, announced)
+}
+
+// Events the kernel lost while no agent read (between two agents) are
+// reported by the next agent: the last count read is kept in LostFile.
+func TestLostBetweenAgents(t *testing.T) {
+	bpftest.RequireRoot(t)
+	n := bpftest.Netns(t, "kebpf-trlb-")
+	inN := func(fn func() error) error { return netnsutil.Do(netnsutil.Path(n), fn) }
+	pod := netip.MustParseAddr("10.127.0.2")
+	pinDir := bpftest.PinDir(t)
+	t.Cleanup(func() { inN(func() error { return dp.DetachPinned(pinDir) }) })
+	var objs *dp.Objects
+	if err := inN(func() error {
+		var err error
+		// One page of ring: a few dozen events fit.
+		objs, err = dp.Load(pinDir, dp.LoadOptions{MaxCT: 4096, MaxVerdicts: 4096, MaxPolicyEntries: 1024, MaxEndpoints: 16, EventsBytes: 4096})
+		if err != nil {
+			return err
+		}
+		return objs.ApplyEndpoint(dp.EndpointPolicy{ID: 2, IfIndex: 1, IPs: []netip.Addr{pod}, IngressEnforced: true, DefaultDenyPolicy: 7})
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { objs.Close() })
+	_, to := objs.Programs()
+	flows := func(first, last int) {
+		if err := inN(func() error {
+			for i := first; i <= last; i++ {
+				if _, err := to.Run(&ebpf.RunOptions{Data: synFrame(netip.AddrFrom4([4]byte{10, 128, byte(i >> 8), byte(i)}), pod, uint16(i), 80)}); err != nil {
+					return err
+				}
+			}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	lostFile := filepath.Join(t.TempDir(), "policy-events-lost.json")
+	agent := func(t *testing.T) (*Hub, func()) {
+		h, err := NewHub(Options{Node: "n1"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		r := &PolicyReader{Events: objs.EventsMap(), Lost: objs.EventsLost, LostEvery: 10 * time.Millisecond, Hub: h,
+			Node: "n1", Namer: fakeNamer{}, Log: slog.Default(), LostFile: lostFile}
+		go func() { done <- r.Run(ctx) }()
+		return h, func() {
+			cancel()
+			if err := <-done; err != nil {
+				t.Errorf("reader: %v", err)
+			}
+		}
+	}
+	waitStats := func(h *Hub, what string, ok func(Stats) bool) Stats {
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			st := h.Stats()
+			if ok(st) {
+				return st
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: stats %+v", what, st)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+
+	// Agent 1 reads one event, then loses some itself (counted), then stops.
+	h1, stop1 := agent(t)
+	flows(1, 1)
+	waitStats(h1, "first event", func(s Stats) bool { return s.Published[apiv1.TraceTypePolicy] == 1 })
+	stop1()
+
+	// No agent: the ring fills and the kernel counts the rest.
+	before, err := objs.EventsLost()
+	if err != nil {
+		t.Fatal(err)
+	}
+	flows(2, 400)
+	after, err := objs.EventsLost()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if after <= before {
+		t.Fatalf("the kernel lost nothing (%d -> %d): the test needs a full ring", before, after)
+	}
+
+	// Agent 2 reports exactly those.
+	h2, stop2 := agent(t)
+	defer stop2()
+	st := waitStats(h2, "losses between agents", func(s Stats) bool { return s.Lost[apiv1.TraceLostKernel] > 0 })
+	time.Sleep(50 * time.Millisecond) // a further poll must add nothing
+	if st = h2.Stats(); st.Lost[apiv1.TraceLostKernel] != after-before {
+		t.Errorf("agent 2 reported %d kernel losses, the kernel lost %d while no agent read", st.Lost[apiv1.TraceLostKernel], after-before)
+	}
+	t.Logf("lost between agents: %d (reported by the next agent)", after-before)
+
+	// A file about another map (a recreated datapath) is ignored.
+	if err := os.WriteFile(lostFile, []byte(`{"mapID":1,"lost":0}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	h3, stop3 := agent(t)
+	defer stop3()
+	time.Sleep(100 * time.Millisecond)
+	if n := h3.Stats().Lost[apiv1.TraceLostKernel]; n != 0 {
+		t.Errorf("a state file of another map made the agent report %d losses", n)
+	}
 }

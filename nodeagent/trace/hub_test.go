@@ -337,3 +337,31 @@ func deny() apiv1.TraceEvent {
 		Destination: apiv1.TracePeer{Namespace: "b", Pod: "server", IP: "10.0.0.2", Port: 80},
 	}
 }
+
+// Stats count what the metrics count, per type and per reason, and agree
+// with them.
+func TestStats(t *testing.T) {
+	h, reg := newHub(t, 2, 1)
+	if st := h.Stats(); len(st.Published) != 0 || len(st.Lost) != 0 {
+		t.Fatalf("fresh hub: %+v", st)
+	}
+	s := h.Subscribe(apiv1.TraceQuery{Follow: true})
+	defer s.Close()
+	for i := range 3 {
+		h.Publish(ev(i)) // queue of 1: two slow-client losses
+	}
+	h.Lost(apiv1.TraceLostKernel, apiv1.TraceTypePolicy, 5)
+	h.Subscribe(apiv1.TraceQuery{}).Close() // history wants 3, ring kept 2: 1 overrun
+	st := h.Stats()
+	want := Stats{Published: map[string]uint64{apiv1.TraceTypePolicy: 3},
+		Lost: map[string]uint64{apiv1.TraceLostSlowClient: 2, apiv1.TraceLostKernel: 5, apiv1.TraceLostAgent: 1}}
+	if fmt.Sprint(st) != fmt.Sprint(want) {
+		t.Errorf("stats %+v, want %+v", st, want)
+	}
+	for r, n := range st.Lost {
+		if m := testutil.ToFloat64(h.lost.WithLabelValues(r)); m != float64(n) {
+			t.Errorf("lost %s: stats %d, metric %v", r, n, m)
+		}
+	}
+	_ = reg
+}

@@ -4,11 +4,13 @@ package trace
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
@@ -44,6 +46,20 @@ type PolicyReader struct {
 	Node      string
 	Namer     PolicyNamer
 	Log       *slog.Logger
+	// LostFile, when set, keeps the last lost count read (with the ring
+	// buffer map's kernel ID) across agents: the next agent's reader
+	// reports what the kernel lost while no agent read, rather than taking
+	// it as its baseline. It lives beside policy-ids.json, as long as the
+	// pins.
+	LostFile string
+}
+
+// lostState is LostFile's content.
+type lostState struct {
+	// MapID is the kernel ID of the events map: a recreated datapath has
+	// a new one (and a fresh counter), so an old count does not apply.
+	MapID uint32 `json:"mapID"`
+	Lost  uint64 `json:"lost"`
 }
 
 // Run reads until ctx ends. Nothing here blocks the datapath: a slow
@@ -69,6 +85,14 @@ func (r *PolicyReader) Run(ctx context.Context) error {
 		base, err := r.Lost()
 		if err != nil {
 			r.Log.Warn("read policy events lost", "err", err)
+		}
+		if prev, ok := r.loadLost(); ok && err == nil && prev < base {
+			// Lost between the previous agent's last read and now.
+			r.Log.Warn("policy events lost while no agent read them", "lost", base-prev)
+			r.Hub.Lost(apiv1.TraceLostKernel, apiv1.TraceTypePolicy, base-prev)
+		}
+		if err == nil {
+			r.saveLost(base)
 		}
 		go r.pollLost(ctx, done, base)
 	}
@@ -114,8 +138,69 @@ func (r *PolicyReader) pollLost(ctx context.Context, done <-chan struct{}, last 
 		}
 		if n > last {
 			r.Hub.Lost(apiv1.TraceLostKernel, apiv1.TraceTypePolicy, n-last)
+			r.saveLost(n)
 		}
 		last = n
+	}
+}
+
+func (r *PolicyReader) mapID() (uint32, bool) {
+	info, err := r.Events.Info()
+	if err != nil {
+		return 0, false
+	}
+	id, ok := info.ID()
+	return uint32(id), ok
+}
+
+// loadLost is the count a previous agent last read from this same map.
+func (r *PolicyReader) loadLost() (uint64, bool) {
+	if r.LostFile == "" {
+		return 0, false
+	}
+	b, err := os.ReadFile(r.LostFile)
+	if err != nil {
+		if !errors.Is(err, os.ErrNotExist) {
+			r.Log.Warn("read policy events lost state", "file", r.LostFile, "err", err)
+		}
+		return 0, false
+	}
+	var st lostState
+	id, ok := r.mapID()
+	if err := json.Unmarshal(b, &st); err != nil || !ok || st.MapID != id {
+		return 0, false
+	}
+	return st.Lost, true
+}
+
+// saveLost records n as read (write + rename: a reader never sees half).
+func (r *PolicyReader) saveLost(n uint64) {
+	if r.LostFile == "" {
+		return
+	}
+	id, ok := r.mapID()
+	if !ok {
+		return
+	}
+	b, _ := json.Marshal(lostState{MapID: id, Lost: n})
+	dir := filepath.Dir(r.LostFile)
+	err := os.MkdirAll(dir, 0o700)
+	var tmp *os.File
+	if err == nil {
+		tmp, err = os.CreateTemp(dir, ".policy-events-lost-*")
+	}
+	if err == nil {
+		_, err = tmp.Write(b)
+		err = errors.Join(err, tmp.Close())
+		if err == nil {
+			err = os.Rename(tmp.Name(), r.LostFile)
+		}
+		if err != nil {
+			os.Remove(tmp.Name())
+		}
+	}
+	if err != nil {
+		r.Log.Warn("save policy events lost state", "file", r.LostFile, "err", err)
 	}
 }
 

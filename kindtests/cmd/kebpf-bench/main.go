@@ -29,7 +29,10 @@ func main() {
 	var (
 		scales  = flag.String("scales", "10,1000,10000,100000", "numbers of Services to measure connect() at")
 		rounds  = flag.Int("rounds", 3, "Services: rounds per scale, each starting and measuring every datapath once in a rotated order; cells are median (min–max)")
-		modes   = flag.String("modes", strings.Join(bench.AllModes, ","), "datapaths: direct,socklb,iptables,nftables (Services), netpol (NetworkPolicy: none/eBPF/iptables/ipset) and l7 (HTTP: direct/Envoy via sockmap/Envoy via REDIRECT)")
+		modes   = flag.String("modes", strings.Join(append(bench.AllModes, bench.ModeTrace), ","), "datapaths: direct,socklb,iptables,nftables (Services), netpol (NetworkPolicy: none/eBPF/iptables/ipset), l7 (HTTP: direct/Envoy via sockmap/Envoy via REDIRECT) and trace (policy events/s a node sustains with none lost)")
+		tRates  = flag.String("trace-rates", "25000,50000,100000,200000", "trace: policy events per second, one row each")
+		tDur    = flag.Duration("trace-duration", 3*time.Second, "trace: generation time per rate")
+		tQueue  = flag.Int("trace-queue", 0, "trace: the client's queue in lines (default: the agent's --trace-queue default)")
 		pScales = flag.String("policy-scales", "0,10,1000,10000", "netpol: numbers of CIDRs in the policy selecting the server pod")
 		pConns  = flag.Int("policy-connects", 3000, "netpol: new TCP connections per sample")
 		pRR     = flag.Duration("policy-rr", 1500*time.Millisecond, "netpol: UDP request/response time (established flow) per sample")
@@ -62,9 +65,13 @@ func main() {
 	o.Scales = intList("scales", *scales, 1)
 	o.PolicyScales = intList("policy-scales", *pScales, 0)
 	o.L7Conns = intList("l7-connections", *l7Conns, 1)
-	services := false
+	services, traceMode := false, false
 	for _, m := range strings.Split(*modes, ",") {
 		m = strings.TrimSpace(m)
+		if m == bench.ModeTrace {
+			traceMode = true
+			continue
+		}
 		o.Modes = append(o.Modes, m)
 		services = services || (m != bench.ModeNetpol && m != bench.ModeL7)
 	}
@@ -91,13 +98,40 @@ func main() {
 		}
 		o.KubeBinDir = dir
 	}
+	failed := false
+	if traceMode {
+		// Its own file: it needs neither control plane nor the other tables.
+		to := bench.TraceOptions{Rates: intList("trace-rates", *tRates, 1), Duration: *tDur, Out: *out, Queue: *tQueue, Log: log}
+		if *quick {
+			to.Rates, to.Duration = []int{25000, 100000}, time.Second
+		}
+		tr, err := bench.RunTrace(ctx, to)
+		if tr != nil {
+			fmt.Println(tr.Markdown())
+			if *out != "" {
+				fmt.Fprintf(os.Stderr, "results in %s/bench-trace.md, bench-trace.json\n", *out)
+			}
+		}
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "kebpf-bench: trace: %v\n", err)
+			failed = true
+		}
+	}
+	if len(o.Modes) == 0 {
+		if failed {
+			os.Exit(1)
+		}
+		return
+	}
 	res, err := bench.Run(ctx, o)
 	if res != nil && *out != "" {
 		fmt.Println(res.Markdown())
 		fmt.Fprintf(os.Stderr, "results in %s/bench.md, bench.json, connect-latency.png\n", *out)
 	}
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "kebpf-bench: %v\n", err)
+	if err != nil || failed {
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "kebpf-bench: %v\n", err)
+		}
 		os.Exit(1)
 	}
 }

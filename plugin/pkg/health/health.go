@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"slices"
 	"sort"
 	"strings"
@@ -86,6 +87,9 @@ type Node struct {
 	L7 *apiv1.L7NodeStatus `json:"l7,omitempty"`
 	// EnvoyPod is the node's Envoy pod, while the Envoy DaemonSet exists.
 	EnvoyPod string `json:"envoyPod,omitempty"`
+	// Trace counts the node's trace events and losses since its agent
+	// started (NodeState status.trace).
+	Trace *apiv1.TraceNodeStatus `json:"trace,omitempty"`
 
 	// state is a few words for progress lines: "ready", "agent Running, not ready".
 	state string
@@ -311,6 +315,7 @@ func nodeRow(n corev1.Node, pod *corev1.Pod, ns *apiv1.NodeState, now time.Time)
 		row.Active = append(row.Active, s.Active...)
 		row.Errors = append(row.Errors, s.Errors...)
 		row.L7 = s.L7.DeepCopy()
+		row.Trace = s.Trace.DeepCopy()
 		if l7 := s.L7; l7 != nil && l7.NackedVersion != "" {
 			// Envoy keeps running AckedVersion; the policies new in the
 			// rejected version are not enforced on this node.
@@ -511,7 +516,36 @@ func PrintTable(w io.Writer, r *Report, wide bool) error {
 			return err
 		}
 	}
+	// Lost trace events are no fault of the node's health, but they are
+	// never silent: a line per node that lost any.
+	for _, n := range r.Nodes {
+		if line := traceLostLine(n); line != "" {
+			if _, err := fmt.Fprintln(w, line); err != nil {
+				return err
+			}
+		}
+	}
 	return nil
+}
+
+// traceLostLine says how many trace events node n lost, by reason; "" when
+// none.
+func traceLostLine(n Node) string {
+	if n.Trace == nil || len(n.Trace.Lost) == 0 {
+		return ""
+	}
+	var total int64
+	var parts []string
+	for _, r := range slices.Sorted(maps.Keys(n.Trace.Lost)) {
+		if c := n.Trace.Lost[r]; c > 0 {
+			total += c
+			parts = append(parts, fmt.Sprintf("%s %d", r, c))
+		}
+	}
+	if total == 0 {
+		return ""
+	}
+	return fmt.Sprintf("trace: node %s lost %d events since its agent started (%s)", n.Name, total, strings.Join(parts, ", "))
 }
 
 func dash(s string) string {
