@@ -48,7 +48,7 @@ type Hub struct {
 	// lastEvicted is the time of the newest overwritten event: a history
 	// request from a later time wanted none of them.
 	lastEvicted time.Time
-	subs    map[*Subscription]struct{}
+	subs        map[*Subscription]struct{}
 
 	published *prometheus.CounterVec
 	lost      *prometheus.CounterVec
