@@ -190,4 +190,3 @@ func TestFlagsToQuery(t *testing.T) {
 		})
 	}
 }
-
