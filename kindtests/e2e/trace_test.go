@@ -65,7 +65,9 @@ func traceEvents(t *testing.T, args ...string) ([]apiv1.TraceEvent, []apiv1.Trac
 	return events, lost
 }
 
-func peerIs(p apiv1.TracePeer, pod npPod) bool { return p.Namespace == npNS(pod.ns) && p.Pod == pod.name }
+func peerIs(p apiv1.TracePeer, pod npPod) bool {
+	return p.Namespace == npNS(pod.ns) && p.Pod == pod.name
+}
 
 // findFlow is the event of f among events (nil if none).
 func findFlow(events []apiv1.TraceEvent, f traceFlow) *apiv1.TraceEvent {
@@ -196,11 +198,15 @@ func TestIntegrationTrace(t *testing.T) {
 			{[]string{"-A", "--port", "81"}, nil, []traceFlow{allowed, deniedIn, deniedOut},
 				func(e apiv1.TraceEvent) bool { return e.Source.Port == 81 || e.Destination.Port == 81 }},
 			{[]string{"-n", npNS("z")}, []traceFlow{deniedOut}, []traceFlow{allowed, deniedIn},
-				func(e apiv1.TraceEvent) bool { return e.Source.Namespace == npNS("z") || e.Destination.Namespace == npNS("z") }},
+				func(e apiv1.TraceEvent) bool {
+					return e.Source.Namespace == npNS("z") || e.Destination.Namespace == npNS("z")
+				}},
 			{[]string{"-A", "--protocol", "udp"}, nil, []traceFlow{allowed, deniedIn, deniedOut},
 				func(e apiv1.TraceEvent) bool { return e.Protocol == "UDP" }},
 			{[]string{"-A", "--node", env.Cluster.Nodes[0], "--verdict", "denied"}, []traceFlow{deniedIn}, []traceFlow{allowed},
-				func(e apiv1.TraceEvent) bool { return e.Node == env.Cluster.Nodes[0] && e.Verdict == apiv1.TraceVerdictDenied }},
+				func(e apiv1.TraceEvent) bool {
+					return e.Node == env.Cluster.Nodes[0] && e.Verdict == apiv1.TraceVerdictDenied
+				}},
 		} {
 			events, _ := traceEvents(t, c.args...)
 			t.Logf("trace %s: %d events", strings.Join(c.args, " "), len(events))
