@@ -331,3 +331,68 @@ func (s *syncBuffer) String() string {
 	defer s.mu.Unlock()
 	return s.b.String()
 }
+
+// TestFollowReconnects: a followed node whose stream ends (its agent
+// restarted) is read again, from the time of the last line it sent.
+func TestFollowReconnects(t *testing.T) {
+	f := twoNodes(t)
+	now := time.Now()
+	first := ev(DenyEvent(), "node-1", 0)
+	first.Event.Time = now.Add(100 * time.Millisecond)
+	second := ev(AllowEvent(), "node-1", 0)
+	second.Event.Time = now.Add(900 * time.Millisecond)
+	var mu sync.Mutex
+	var queries []url.Values
+	restarting := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		n := len(queries)
+		queries = append(queries, r.URL.Query())
+		mu.Unlock()
+		rc := http.NewResponseController(w)
+		w.WriteHeader(http.StatusOK)
+		rc.Flush()
+		if n == 0 {
+			// The first agent: one event, then it goes away.
+			json.NewEncoder(w).Encode(first)
+			return
+		}
+		json.NewEncoder(w).Encode(second)
+		rc.Flush()
+		<-r.Context().Done()
+	}))
+	t.Cleanup(restarting.Close)
+	agents := map[string]*agentServer{"node-1": {Server: restarting}, "node-2": newAgent(t, nil, true)}
+	var out, errOut syncBuffer
+	o := &Options{Conn: kube.Conn{Clients: f.Clients}, IOStreams: genericiooptions.IOStreams{Out: &out, ErrOut: &errOut},
+		Dial: dialAgents(agents), Follow: true, Output: "json", Namespace: "x", Retry: 50 * time.Millisecond}
+	if err := o.Complete(nil); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- o.Run(ctx) }()
+	deadline := time.Now().Add(3 * time.Second)
+	for strings.Count(out.String(), "\n") < 2 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Count(out.String(), "\n"); got != 2 {
+		t.Fatalf("%d lines, want both events:\n%s\nstderr: %s", got, out.String(), errOut.String())
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(queries) < 2 {
+		t.Fatalf("asked %d times", len(queries))
+	}
+	wantSince := first.Event.Time.Add(time.Nanosecond).UTC().Format(time.RFC3339Nano)
+	if q := queries[1]; q.Get("since") != wantSince || q.Get("last") != fmt.Sprint(apiv1.TraceMaxLast) || q.Get("follow") != "1" {
+		t.Errorf("reconnect query %v, want since=%s and all of that history", q, wantSince)
+	}
+	if !strings.Contains(errOut.String(), "warning: node node-1: trace stream ended (agent restarted?); waiting for its agent") ||
+		!strings.Contains(errOut.String(), "warning: node node-1: reading agent pod kebpf-agent-1") {
+		t.Errorf("stderr: %s", errOut.String())
+	}
+}

@@ -68,6 +68,9 @@ type Options struct {
 	Now func() time.Time
 	// Location is the time zone of table times (default local).
 	Location *time.Location
+	// Retry is how often a followed node whose stream ended is looked for
+	// again (default 1s).
+	Retry time.Duration
 
 	// Namespace is the kubeconfig's (or -n's) namespace, ExplicitNamespace
 	// whether -n gave it; Complete sets both from the flags.
@@ -134,6 +137,9 @@ func (o *Options) Complete(_ []string) error {
 	}
 	if o.Location == nil {
 		o.Location = time.Local
+	}
+	if o.Retry <= 0 {
+		o.Retry = time.Second
 	}
 	if o.Flags != nil {
 		ns, explicit, err := o.Flags.ToRawKubeConfigLoader().Namespace()
@@ -252,11 +258,12 @@ func (o *Options) Validate() error {
 // Query is the query the agents are sent (after Complete).
 func (o *Options) Query() apiv1.TraceQuery { return o.query }
 
-// item is what a node's reader hands the merge: a line, or the end of
-// that node's stream.
+// item is what a node's reader hands the merge: a line, a warning for
+// stderr, or the end of that node's stream.
 type item struct {
 	node string
 	line apiv1.TraceLine
+	warn string
 	end  bool
 	err  error
 }
@@ -310,7 +317,12 @@ func (o *Options) Run(ctx context.Context) error {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			err := o.stream(ctx, node, pods[node], items)
+			var err error
+			if o.Follow {
+				o.followNode(ctx, c, node, pods[node], start, items)
+			} else {
+				_, err = o.stream(ctx, node, pods[node], o.query, items, nil)
+			}
 			select {
 			case items <- item{node: node, end: true, err: err}:
 			case <-ctx.Done():
@@ -332,45 +344,106 @@ func (o *Options) Run(ctx context.Context) error {
 	return o.once(ctx, items, len(nodes), p, table, incomplete)
 }
 
-// stream reads one node's /trace into items until it ends.
-func (o *Options) stream(ctx context.Context, node string, pod *corev1.Pod, items chan<- item) error {
+// followNode keeps one node's stream open across agent restarts: when it
+// ends, the node's new agent pod is looked for every Retry and asked for
+// what it has seen since the last line read (the datapath's ring buffer is
+// pinned, so the new agent reads what was decided while none ran), then
+// for new events. It returns when ctx is done.
+func (o *Options) followNode(ctx context.Context, c *kube.Clients, node string, pod *corev1.Pod, start time.Time, items chan<- item) {
+	warn := func(format string, a ...any) {
+		select {
+		case items <- item{node: node, warn: fmt.Sprintf("node %s: ", node) + fmt.Sprintf(format, a...)}:
+		case <-ctx.Done():
+		}
+	}
+	var last time.Time // of the last line read
+	q := o.query
+	failing := false // a failure to connect was reported, not repeated
+	for {
+		opened, err := o.stream(ctx, node, pod, q, items, &last)
+		if ctx.Err() != nil {
+			return
+		}
+		if !opened && !failing {
+			failing = true
+			warn("%v; retrying", err)
+		}
+		if opened {
+			failing = false
+			why := "trace stream ended"
+			if err != nil {
+				why = err.Error()
+			}
+			warn("%s (agent restarted?); waiting for its agent", why)
+		}
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(o.Retry):
+			}
+			pods, _, err := agentPods(ctx, c)
+			if err == nil && pods[node] != nil {
+				if opened || pods[node].Name != pod.Name {
+					warn("reading agent pod %s", pods[node].Name)
+				}
+				pod = pods[node]
+				break
+			}
+		}
+		since := last
+		if since.IsZero() {
+			since = start
+		}
+		q = o.query
+		q.Since, q.Last = since.Add(time.Nanosecond).UTC(), apiv1.TraceMaxLast
+	}
+}
+
+// stream reads one node's /trace with q into items until it ends; opened
+// says whether the agent answered. last, when set, tracks the time of the
+// last line read.
+func (o *Options) stream(ctx context.Context, node string, pod *corev1.Pod, q apiv1.TraceQuery, items chan<- item, last *time.Time) (opened bool, err error) {
 	client, closeConn, err := o.Dial(ctx, pod)
 	if err != nil {
-		return err
+		return false, err
 	}
 	defer closeConn()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, agentURL(apiv1.TracePath, o.query.Encode()), nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, agentURL(apiv1.TracePath, q.Encode()), nil)
 	if err != nil {
-		return err
+		return false, err
 	}
 	resp, err := client.Do(req)
 	if err != nil {
-		return fmt.Errorf("agent pod %s: %w", pod.Name, err)
+		return false, fmt.Errorf("agent pod %s: %w", pod.Name, err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return agentError(node, resp)
+		return false, agentError(node, resp)
 	}
 	sc := bufio.NewScanner(resp.Body)
 	sc.Buffer(make([]byte, 64<<10), 4<<20)
 	for sc.Scan() {
 		var l apiv1.TraceLine
 		if err := json.Unmarshal(sc.Bytes(), &l); err != nil {
-			return fmt.Errorf("agent pod %s sent a line that is not a trace line: %w", pod.Name, err)
+			return true, fmt.Errorf("agent pod %s sent a line that is not a trace line: %w", pod.Name, err)
 		}
 		if l.Event == nil && l.Lost == nil {
 			continue
 		}
+		if last != nil && l.Event != nil && l.Event.Time.After(*last) {
+			*last = l.Event.Time
+		}
 		select {
 		case items <- item{node: node, line: l}:
 		case <-ctx.Done():
-			return nil
+			return true, nil
 		}
 	}
 	if err := sc.Err(); err != nil && ctx.Err() == nil {
-		return fmt.Errorf("agent pod %s: %w", pod.Name, err)
+		return true, fmt.Errorf("agent pod %s: %w", pod.Name, err)
 	}
-	return nil
+	return true, nil
 }
 
 // once collects every node's history, sorts it by time, keeps the last N
@@ -381,6 +454,10 @@ func (o *Options) once(ctx context.Context, items <-chan item, nodes int, p prin
 	for open := nodes; open > 0; {
 		select {
 		case it := <-items:
+			if it.warn != "" {
+				fmt.Fprintf(o.ErrOut, "warning: %s\n", it.warn)
+				continue
+			}
 			if it.end {
 				open--
 				if it.err != nil {
@@ -461,6 +538,10 @@ func (o *Options) follow(ctx context.Context, items <-chan item, nodes int, p pr
 		timer.Reset(time.Until(next))
 		select {
 		case it := <-items:
+			if it.warn != "" {
+				fmt.Fprintf(o.ErrOut, "warning: %s\n", it.warn)
+				continue
+			}
 			if !it.end {
 				m.push(it.line, time.Now())
 				continue
