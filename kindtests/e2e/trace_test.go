@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -235,67 +236,21 @@ func TestIntegrationTrace(t *testing.T) {
 	})
 
 	t.Run("follow delivers within a second", func(t *testing.T) {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-		defer cancel()
-		cmd := exec.CommandContext(ctx, filepath.Join(env.BinDir, "kubectl"), "ebpf", "trace", "-f", "-A", "-o", "json",
-			"--from-pod", npNS("y")+"/c", "--verdict", "denied")
-		cmd.Env = append(os.Environ(), "KUBECONFIG="+env.Cluster.Kubeconfig, "PATH="+env.BinDir+string(os.PathListSeparator)+os.Getenv("PATH"))
-		stdout, err := cmd.StdoutPipe()
-		if err != nil {
-			t.Fatal(err)
-		}
-		var stderr strings.Builder
-		cmd.Stderr = &stderr
-		launched := time.Now()
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		defer func() {
-			cmd.Process.Signal(os.Interrupt)
-			cmd.Wait()
-		}()
-		type read struct {
-			e  apiv1.TraceEvent
-			at time.Time
-		}
-		lines := make(chan read, 16)
-		go func() {
-			sc := bufio.NewScanner(stdout)
-			for sc.Scan() {
-				var l apiv1.TraceLine
-				if json.Unmarshal(sc.Bytes(), &l) == nil && l.Event != nil {
-					lines <- read{*l.Event, time.Now()}
-				}
-			}
-			close(lines)
-		}()
+		f := startFollow(t, "-A", "--from-pod", npNS("y")+"/c", "--verdict", "denied")
 		// Give the plugin time to find the agents and open the streams:
 		// the measure is from the connection attempt, not from launch.
 		time.Sleep(3 * time.Second)
 		probeStart := time.Now()
 		connect(t, ips, deniedIn)
-		for {
-			select {
-			case r, ok := <-lines:
-				if !ok {
-					t.Fatalf("trace -f ended; stderr: %s", stderr.String())
-				}
-				if r.e.Time.Before(probeStart.Add(-time.Second)) {
-					continue // history would be a bug (-f without --last); tolerate clock rounding
-				}
-				lat := r.at.Sub(r.e.Time)
-				t.Logf("trace -f: event of the connect() at %s printed %v after the datapath's time stamp (%v after the probe's exec began, %v after launch)",
-					r.e.Time.Format(time.RFC3339Nano), lat, r.at.Sub(probeStart), r.at.Sub(launched))
-				if lat > time.Second {
-					t.Errorf("trace -f: event printed %v after it happened, want within a second", lat)
-				}
-				if !peerIs(r.e.Source, deniedIn.from) || r.e.Verdict != apiv1.TraceVerdictDenied {
-					t.Errorf("trace -f: unexpected event %+v", r.e)
-				}
-				return
-			case <-time.After(10 * time.Second):
-				t.Fatalf("trace -f: no event 10s after the connect; stderr: %s", stderr.String())
-			}
+		r := f.next(t, 10*time.Second, func(e apiv1.TraceEvent) bool { return !e.Time.Before(probeStart.Add(-time.Second)) })
+		lat := r.at.Sub(r.e.Time)
+		t.Logf("trace -f: event of the connect() at %s printed %v after the datapath's time stamp (%v after the probe's exec began, %v after launch)",
+			r.e.Time.Format(time.RFC3339Nano), lat, r.at.Sub(probeStart), r.at.Sub(f.launched))
+		if lat > time.Second {
+			t.Errorf("trace -f: event printed %v after it happened, want within a second", lat)
+		}
+		if !peerIs(r.e.Source, deniedIn.from) || r.e.Verdict != apiv1.TraceVerdictDenied {
+			t.Errorf("trace -f: unexpected event %+v", r.e)
 		}
 	})
 
@@ -322,9 +277,25 @@ func TestIntegrationTrace(t *testing.T) {
 		}
 		ds := []string{"-n", manifests.Namespace}
 		old := strings.TrimSpace(mustKubectl(t, time.Minute, append(ds, "get", "pods", "-l", manifests.AgentSelector, "--field-selector", "spec.nodeName="+node, "-o", "jsonpath={.items[0].metadata.name}")...))
+		// A follow open across the restart.
+		follow := startFollow(t, "-A", "--from-pod", npNS("y")+"/c", "--verdict", "denied")
+		time.Sleep(3 * time.Second)
 		mustKubectl(t, 2*time.Minute, append(ds, "delete", "pod", old, "--wait=true")...)
+		// A denied flow right after the old agent went: the pinned
+		// datapath still enforces, and the event waits in the pinned ring
+		// buffer for the next agent (or reaches it, if it is already up).
+		gap := time.Now()
+		connect(t, ips, deniedIn)
 		mustKubectl(t, 3*time.Minute, append(ds, "rollout", "status", "ds", manifests.DaemonSetName, "--timeout=150s")...)
 		mustKubectl(t, 4*time.Minute, "ebpf", "status", "--wait", "--timeout", "3m")
+		started := strings.TrimSpace(mustKubectl(t, time.Minute, append(ds, "get", "pods", "-l", manifests.AgentSelector, "--field-selector", "spec.nodeName="+node,
+			"-o", "jsonpath={.items[0].status.containerStatuses[0].state.running.startedAt}")...))
+		r := follow.next(t, 30*time.Second, func(e apiv1.TraceEvent) bool { return !e.Time.Before(gap.Add(-time.Second)) })
+		if p := r.e.Policy; r.e.Reason != apiv1.TraceReasonDefaultDeny || p == nil || p.Namespace+"/"+p.Name != name {
+			t.Errorf("trace -f across the restart: %+v policy %+v, want the default deny of %s", r.e, r.e.Policy, name)
+		}
+		t.Logf("trace -f across the restart: the flow made at %s (new agent's container started %s) arrived %v after it happened: %s",
+			gap.Format(time.RFC3339Nano), started, r.at.Sub(r.e.Time), follow.stderr())
 		// The new agent took the mapping over: same policy, same ID (the
 		// ID the pinned maps still hold).
 		if after := readIDs(); after[name] != before[name] {
@@ -407,6 +378,88 @@ subjects: [{kind: ServiceAccount, name: trace-test, namespace: %[2]s}]
 			t.Errorf("as %s with list pods + create pods/portforward: exit %d\n%s%s", sa, r.code, r.stdout, r.stderr)
 		}
 	})
+}
+
+// follower is a running `kubectl ebpf trace -f -o json`.
+type follower struct {
+	launched time.Time
+	lines    chan followed
+	errb     *syncBuilder
+}
+
+type followed struct {
+	e  apiv1.TraceEvent
+	at time.Time // when the test read it
+}
+
+type syncBuilder struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuilder) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (f *follower) stderr() string {
+	f.errb.mu.Lock()
+	defer f.errb.mu.Unlock()
+	return f.errb.b.String()
+}
+
+// startFollow runs `kubectl ebpf trace -f -o json args...` until the test
+// ends (interrupted like a user's ^C).
+func startFollow(t *testing.T, args ...string) *follower {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	cmd := exec.CommandContext(ctx, filepath.Join(env.BinDir, "kubectl"), append([]string{"ebpf", "trace", "-f", "-o", "json"}, args...)...)
+	cmd.Env = append(os.Environ(), "KUBECONFIG="+env.Cluster.Kubeconfig, "PATH="+env.BinDir+string(os.PathListSeparator)+os.Getenv("PATH"))
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &follower{launched: time.Now(), lines: make(chan followed, 64), errb: &syncBuilder{}}
+	cmd.Stderr = f.errb
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Signal(os.Interrupt)
+		cmd.Wait()
+		cancel()
+	})
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			var l apiv1.TraceLine
+			if json.Unmarshal(sc.Bytes(), &l) == nil && l.Event != nil {
+				f.lines <- followed{*l.Event, time.Now()}
+			}
+		}
+		close(f.lines)
+	}()
+	return f
+}
+
+// next is the next followed event that want accepts.
+func (f *follower) next(t *testing.T, timeout time.Duration, want func(apiv1.TraceEvent) bool) followed {
+	t.Helper()
+	deadline := time.After(timeout)
+	for {
+		select {
+		case r, ok := <-f.lines:
+			if !ok {
+				t.Fatalf("trace -f ended; stderr: %s", f.stderr())
+			}
+			if want(r.e) {
+				return r
+			}
+		case <-deadline:
+			t.Fatalf("trace -f: no event within %v; stderr: %s", timeout, f.stderr())
+		}
+	}
 }
 
 // String2 is namespace/name with the suite's real namespace name.
