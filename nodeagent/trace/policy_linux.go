@@ -43,7 +43,13 @@ type PolicyReader struct {
 	Hub       *Hub
 	Node      string
 	Namer     PolicyNamer
-	Log       *slog.Logger
+	// Ready, when set, is closed once Namer can name pods. Records wait in
+	// the kernel's ring buffer until then: a restarted agent would
+	// otherwise publish what the datapath decided while no agent ran (the
+	// ring is pinned) before its pod cache is synced, with IPs where the
+	// pods' names belong. A ring that fills meanwhile counts its losses.
+	Ready <-chan struct{}
+	Log   *slog.Logger
 }
 
 // Run reads until ctx ends. Nothing here blocks the datapath: a slow
@@ -71,6 +77,13 @@ func (r *PolicyReader) Run(ctx context.Context) error {
 			r.Log.Warn("read policy events lost", "err", err)
 		}
 		go r.pollLost(ctx, done, base)
+	}
+	if r.Ready != nil {
+		select {
+		case <-r.Ready:
+		case <-ctx.Done():
+			return nil
+		}
 	}
 	clk := newClock()
 	var rec ringbuf.Record
