@@ -320,6 +320,30 @@ func TestIntegrationTrace(t *testing.T) {
 		}
 		checkFlowEvent(t, events, deniedIn)
 		checkFlowEvent(t, events, allowed)
+
+		// With no agent at all for a while (parked on no node, as the
+		// netpol suite does): the pinned datapath still denies, its event
+		// waits in the pinned ring buffer, and the next agent delivers it
+		// to the follow, named.
+		mustKubectl(t, time.Minute, append(ds, "patch", "ds", manifests.DaemonSetName, "--type", "merge", "-p",
+			`{"spec":{"template":{"spec":{"nodeSelector":{"kebpf-test/parked":"yes"}}}}}`)...)
+		unpark := func() {
+			kubectl(t, time.Minute, append(ds, "patch", "ds", manifests.DaemonSetName, "--type", "merge", "-p",
+				`{"spec":{"template":{"spec":{"nodeSelector":null}}}}`)...)
+		}
+		t.Cleanup(unpark)
+		mustKubectl(t, 2*time.Minute, append(ds, "wait", "--for=delete", "pod", "-l", manifests.AgentSelector, "--timeout=90s")...)
+		away := time.Now()
+		connect(t, ips, deniedIn)
+		time.Sleep(2 * time.Second) // surely before any agent is back
+		unpark()
+		mustKubectl(t, 3*time.Minute, append(ds, "rollout", "status", "ds", manifests.DaemonSetName, "--timeout=150s")...)
+		r = follow.next(t, 60*time.Second, func(e apiv1.TraceEvent) bool { return !e.Time.Before(away) })
+		if p := r.e.Policy; r.e.Reason != apiv1.TraceReasonDefaultDeny || p == nil || p.Namespace+"/"+p.Name != name ||
+			!peerIs(r.e.Source, deniedIn.from) || !peerIs(r.e.Destination, deniedIn.to) {
+			t.Errorf("trace -f, flow made with no agent: %+v policy %+v, want y/c -> x/a named, default deny of %s", r.e, r.e.Policy, name)
+		}
+		t.Logf("trace -f: the flow made at %s with no agent running arrived %v after it happened, from the next agent", r.e.Time.Format(time.RFC3339Nano), r.at.Sub(r.e.Time))
 	})
 
 	t.Run("trace policy explains the pairs", func(t *testing.T) {

@@ -16,7 +16,6 @@ import (
 	"net/url"
 	"slices"
 	"sort"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -576,7 +575,7 @@ func (o *Options) follow(ctx context.Context, items <-chan item, nodes int, p pr
 	}
 }
 
-// readAll reads a small JSON answer.
+// readJSON reads a small JSON answer.
 func readJSON(r io.Reader, v any) error {
 	b, err := io.ReadAll(io.LimitReader(r, 1<<20))
 	if err != nil {
@@ -584,6 +583,3 @@ func readJSON(r io.Reader, v any) error {
 	}
 	return json.Unmarshal(b, v)
 }
-
-// portString is a port for messages.
-func portString(p uint16) string { return strconv.Itoa(int(p)) }
