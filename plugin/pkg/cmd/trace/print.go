@@ -76,12 +76,19 @@ func (p *tablePrinter) grow(cells []string) {
 	}
 }
 
+// Header prints the column names once (before the first line at the
+// latest).
+func (p *tablePrinter) Header() error {
+	if p.header {
+		return nil
+	}
+	p.header = true
+	return p.row(p.columns())
+}
+
 func (p *tablePrinter) Line(l *apiv1.TraceLine) error {
-	if !p.header {
-		p.header = true
-		if err := p.row(p.columns()); err != nil {
-			return err
-		}
+	if err := p.Header(); err != nil {
+		return err
 	}
 	switch {
 	case l.Event != nil:

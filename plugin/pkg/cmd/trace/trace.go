@@ -338,6 +338,13 @@ func (o *Options) Run(ctx context.Context) error {
 		p = table
 	}
 	if o.Follow {
+		// The header at once, as `kubectl get -w`: the user sees the
+		// trace is running before the first event.
+		if table != nil {
+			if err := table.Header(); err != nil {
+				return err
+			}
+		}
 		return o.follow(ctx, items, len(nodes), p, start)
 	}
 	return o.once(ctx, items, len(nodes), p, table, incomplete)
