@@ -396,3 +396,42 @@ func TestFollowReconnects(t *testing.T) {
 		t.Errorf("stderr: %s", errOut.String())
 	}
 }
+
+// TestFollowWaitsForSlowNode: --last applies to every node's history even
+// when one node's port-forward opens well after the window.
+func TestFollowWaitsForSlowNode(t *testing.T) {
+	f := twoNodes(t)
+	now := time.Now()
+	hist := func(node string, d time.Duration) apiv1.TraceLine {
+		l := ev(DenyEvent(), node, 0)
+		l.Event.Time = now.Add(-d)
+		return l
+	}
+	agents := map[string]*agentServer{
+		"node-1": newAgent(t, []timedLine{{line: hist("node-1", 3*time.Second)}}, true),
+		// The newest history is on the slow node.
+		"node-2": newAgent(t, []timedLine{{line: hist("node-2", time.Second)}}, true),
+	}
+	dial := dialAgents(agents)
+	var out syncBuffer
+	o := &Options{Conn: kube.Conn{Clients: f.Clients}, IOStreams: genericiooptions.IOStreams{Out: &out, ErrOut: &out},
+		Follow: true, Last: 1, Output: "json", Namespace: "x",
+		Dial: func(ctx context.Context, pod *corev1.Pod) (*http.Client, func(), error) {
+			if pod.Spec.NodeName == "node-2" {
+				time.Sleep(700 * time.Millisecond)
+			}
+			return dial(ctx, pod)
+		}}
+	if err := o.Complete(nil); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 1500*time.Millisecond)
+	defer cancel()
+	if err := o.Run(ctx); err != nil {
+		t.Fatal(err)
+	}
+	rows := strings.Split(strings.TrimSpace(out.String()), "\n")
+	if len(rows) != 1 || !strings.Contains(rows[0], `"node":"node-2"`) {
+		t.Errorf("--last 1 across a slow node: %q, want node-2's event only", rows)
+	}
+}

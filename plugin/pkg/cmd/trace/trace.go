@@ -263,9 +263,17 @@ type item struct {
 	node string
 	line apiv1.TraceLine
 	warn string
-	end  bool
-	err  error
+	// settled: the node's first stream opened (its history follows) or
+	// failed to.
+	settled bool
+	end     bool
+	err     error
 }
+
+// maxHistoryWait bounds how long a follow waits for every node's first
+// stream before printing: a slow node's history then comes late and
+// uncut by --last rather than holding back every other node.
+const maxHistoryWait = 5 * time.Second
 
 // Run connects to every agent and prints the merged trace.
 func (o *Options) Run(ctx context.Context) error {
@@ -320,7 +328,7 @@ func (o *Options) Run(ctx context.Context) error {
 			if o.Follow {
 				o.followNode(ctx, c, node, pods[node], start, items)
 			} else {
-				_, err = o.stream(ctx, node, pods[node], o.query, items, nil)
+				_, err = o.stream(ctx, node, pods[node], o.query, items, nil, nil)
 			}
 			select {
 			case items <- item{node: node, end: true, err: err}:
@@ -365,8 +373,20 @@ func (o *Options) followNode(ctx context.Context, c *kube.Clients, node string, 
 	var last time.Time // of the last line read
 	q := o.query
 	failing := false // a failure to connect was reported, not repeated
+	settled := false
+	settle := func() {
+		if settled {
+			return
+		}
+		settled = true
+		select {
+		case items <- item{node: node, settled: true}:
+		case <-ctx.Done():
+		}
+	}
 	for {
-		opened, err := o.stream(ctx, node, pod, q, items, &last)
+		opened, err := o.stream(ctx, node, pod, q, items, &last, settle)
+		settle()
 		if ctx.Err() != nil {
 			return
 		}
@@ -407,9 +427,9 @@ func (o *Options) followNode(ctx context.Context, c *kube.Clients, node string, 
 }
 
 // stream reads one node's /trace with q into items until it ends; opened
-// says whether the agent answered. last, when set, tracks the time of the
-// last line read.
-func (o *Options) stream(ctx context.Context, node string, pod *corev1.Pod, q apiv1.TraceQuery, items chan<- item, last *time.Time) (opened bool, err error) {
+// says whether the agent answered, and onOpen (when set) is called then.
+// last, when set, tracks the time of the last line read.
+func (o *Options) stream(ctx context.Context, node string, pod *corev1.Pod, q apiv1.TraceQuery, items chan<- item, last *time.Time, onOpen func()) (opened bool, err error) {
 	client, closeConn, err := o.Dial(ctx, pod)
 	if err != nil {
 		return false, err
@@ -426,6 +446,9 @@ func (o *Options) stream(ctx context.Context, node string, pod *corev1.Pod, q ap
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
 		return false, agentError(node, resp)
+	}
+	if onOpen != nil {
+		onOpen()
 	}
 	sc := bufio.NewScanner(resp.Body)
 	sc.Buffer(make([]byte, 64<<10), 4<<20)
@@ -510,17 +533,17 @@ func (o *Options) once(ctx context.Context, items <-chan item, nodes int, p prin
 
 // follow prints lines as they come, held for the reorder window. The
 // history of every node arrives first; --last N applies to it merged, so
-// nothing is printed until every stream is open (or failed).
+// nothing is printed until every node's stream is open (or failed) and one
+// window more has passed for the history the agents send right after
+// their headers (at most maxHistoryWait).
 func (o *Options) follow(ctx context.Context, items <-chan item, nodes int, p printer, start time.Time) error {
 	m := newMerger(o.Window)
 	open := nodes
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
-	// Streams open at once on connect (the agent flushes its headers);
-	// history comes right after. One window after the start all of it is
-	// in for any node that answered.
-	historyDue := time.Now().Add(o.Window)
+	historyDue := time.Now().Add(maxHistoryWait)
 	historyDone := false
+	settled := 0
 	for {
 		now := time.Now()
 		if !historyDone && !now.Before(historyDue) {
@@ -546,6 +569,14 @@ func (o *Options) follow(ctx context.Context, items <-chan item, nodes int, p pr
 		case it := <-items:
 			if it.warn != "" {
 				fmt.Fprintf(o.ErrOut, "warning: %s\n", it.warn)
+				continue
+			}
+			if it.settled {
+				if settled++; settled == nodes {
+					if d := time.Now().Add(o.Window); d.Before(historyDue) {
+						historyDue = d
+					}
+				}
 				continue
 			}
 			if !it.end {
