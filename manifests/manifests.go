@@ -37,6 +37,13 @@ const (
 
 	// AgentContainer is the name of the agent container in the DaemonSet.
 	AgentContainer = "agent"
+
+	// AgentHealthPort is the agent's loopback port (127.0.0.1, the agent
+	// pod has hostNetwork) for /healthz, /readyz, /metrics, /trace and
+	// /explain. `kubectl ebpf trace` reaches it by a port-forward to the
+	// agent pod through the API server; 40-daemonset.yaml's probes spell
+	// the same number.
+	AgentHealthPort = 9890
 )
 
 // ManagedSelector selects every object kubectl-ebpf created.

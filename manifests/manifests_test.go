@@ -1,6 +1,7 @@
 package manifests
 
 import (
+	"fmt"
 	"strings"
 	"testing"
 
@@ -315,5 +316,25 @@ func TestAgentCNIChaining(t *testing.T) {
 				t.Errorf("agent args %q do not use CNIConfMount %s", tt.wantArgs, CNIConfMount)
 			}
 		})
+	}
+}
+
+// TestAgentHealthPort: the probes reach the port `kubectl ebpf trace`
+// port-forwards to (AgentHealthPort), on loopback: the agent serves it
+// nowhere else.
+func TestAgentHealthPort(t *testing.T) {
+	objs, err := Objects(RenderOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ds := find(t, objs, "DaemonSet")
+	cs, _, _ := unstructured.NestedSlice(ds.Object, "spec", "template", "spec", "containers")
+	agent := cs[0].(map[string]any)
+	for _, probe := range []string{"readinessProbe", "livenessProbe"} {
+		port, _, _ := unstructured.NestedFieldNoCopy(agent, probe, "httpGet", "port")
+		host, _, _ := unstructured.NestedString(agent, probe, "httpGet", "host")
+		if fmt.Sprint(port) != fmt.Sprint(AgentHealthPort) || host != "127.0.0.1" {
+			t.Errorf("%s reaches %s:%v, want 127.0.0.1:%d", probe, host, port, AgentHealthPort)
+		}
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // TraceMaxLast caps ?last=: a client cannot ask for more history than any ring
@@ -94,6 +95,9 @@ type TraceQuery struct {
 	// Last is how many matching events of the history to send first
 	// (0: none when following, the whole ring otherwise).
 	Last int
+	// Since limits the history to events at or after it (zero: no limit).
+	// It applies to the history only: a followed event is always newer.
+	Since time.Time
 }
 
 // The query parameters of /trace. Each may repeat, or list values
@@ -110,6 +114,10 @@ const (
 	TraceParamVerdict   = "verdict"
 	TraceParamPort      = "port"
 	TraceParamProtocol  = "protocol"
+	// TraceParamSince is an RFC 3339 time (nanoseconds allowed): the
+	// client turns `--since 5m` into the time, so every node cuts at the
+	// same instant whatever its clock's idea of "5 minutes ago".
+	TraceParamSince = "since"
 )
 
 // ParseTraceQuery reads a /trace query. Unknown parameters, unknown types and
@@ -120,7 +128,7 @@ func ParseTraceQuery(v url.Values) (TraceQuery, error) {
 	for k := range v {
 		switch k {
 		case TraceParamFollow, TraceParamLast, TraceParamNamespace, TraceParamPod, TraceParamFromPod, TraceParamToPod, TraceParamNode,
-			TraceParamType, TraceParamVerdict, TraceParamPort, TraceParamProtocol:
+			TraceParamType, TraceParamVerdict, TraceParamPort, TraceParamProtocol, TraceParamSince:
 		default:
 			return TraceQuery{}, fmt.Errorf("unknown parameter %q", k)
 		}
@@ -135,6 +143,13 @@ func ParseTraceQuery(v url.Values) (TraceQuery, error) {
 			return TraceQuery{}, fmt.Errorf("%s=%q: want a count from 0 to %d", TraceParamLast, s, TraceMaxLast)
 		}
 		q.Last = n
+	}
+	if s := traceSingle(v, TraceParamSince); s != "" {
+		t, err := time.Parse(time.RFC3339Nano, s)
+		if err != nil {
+			return TraceQuery{}, fmt.Errorf("%s=%q: want an RFC 3339 time", TraceParamSince, s)
+		}
+		q.Since = t.UTC()
 	}
 	q.Namespaces, err = traceNames(v, TraceParamNamespace, traceValidName)
 	if err != nil {
@@ -187,6 +202,9 @@ func (q TraceQuery) Encode() string {
 	}
 	if q.Last > 0 {
 		v.Set(TraceParamLast, strconv.Itoa(q.Last))
+	}
+	if !q.Since.IsZero() {
+		v.Set(TraceParamSince, q.Since.UTC().Format(time.RFC3339Nano))
 	}
 	add := func(k string, vals []string) {
 		for _, s := range vals {

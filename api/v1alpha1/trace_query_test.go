@@ -5,6 +5,7 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 )
 
 // deny is a policy deny from a/client to b/server:80 on node n1.
@@ -81,6 +82,8 @@ func TestParseTraceQuery(t *testing.T) {
 		{name: "pods", query: "pod=x&from-pod=ns/y", want: TraceQuery{TraceFilter: TraceFilter{Pods: []TracePodRef{{Name: "x"}}, FromPods: []TracePodRef{{"ns", "y"}}}}},
 		{name: "duplicates dropped", query: "type=lb,lb&type=lb", want: TraceQuery{TraceFilter: TraceFilter{Types: []string{"lb"}}}},
 		{name: "ports", query: "port=53,443", want: TraceQuery{TraceFilter: TraceFilter{Ports: []uint16{53, 443}}}},
+		{name: "since", query: "since=2026-12-06T10:00:00.5%2B01:00", want: TraceQuery{Since: time.Date(2026, 12, 6, 9, 0, 0, 5e8, time.UTC)}},
+		{name: "bad since", query: "since=5m", wantErr: "since"},
 		{name: "unknown parameter", query: "namespaces=a", wantErr: `unknown parameter "namespaces"`},
 		{name: "bad follow", query: "follow=yes", wantErr: "follow"},
 		{name: "negative last", query: "last=-1", wantErr: "last"},
@@ -121,7 +124,7 @@ func TestParseTraceQuery(t *testing.T) {
 // exactly what the agent applies).
 func FuzzParseTraceQuery(f *testing.F) {
 	for _, s := range []string{"", "follow=1&last=10", "namespace=a,b&pod=a/x&to-pod=y", "type=policy&verdict=denied",
-		"port=80&protocol=TCP&node=n1", "pod=a/b/c", "last=-1", "%zz"} {
+		"port=80&protocol=TCP&node=n1", "since=2026-12-06T10:00:00.123456789-07:00", "pod=a/b/c", "last=-1", "%zz"} {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, raw string) {

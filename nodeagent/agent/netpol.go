@@ -106,7 +106,7 @@ func (f *policyFeature) Enable(ctx context.Context) error {
 	}
 	f.start(ctx, objs, &policyRun{Syncer: s, log: f.a.log, reader: &trace.PolicyReader{
 		Events: objs.EventsMap(), Lost: objs.EventsLost, Hub: f.a.trace, Node: f.a.cfg.NodeName, Namer: policyNamer{s},
-		Log: f.a.log.With("feature", apiv1.FeaturePolicy), LostFile: f.a.statePath(PolicyEventsLostFile),
+		Ready: s.CachesSynced(), Log: f.a.log.With("feature", apiv1.FeaturePolicy), LostFile: f.a.statePath(PolicyEventsLostFile),
 	}})
 	// Chained only once the syncer runs, so the plugin never waits for a
 	// feature that is not there; from then on no pod starts unprogrammed.

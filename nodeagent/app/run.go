@@ -94,7 +94,7 @@ func newRunCommand(lo *logOptions, stderr io.Writer) *cobra.Command {
 	f.StringVar(&o.nodeName, "node-name", os.Getenv("NODE_NAME"), "name of this node (default $NODE_NAME)")
 	f.StringVar(&o.pinDir, "pin-dir", mounts.DefaultPinDir, "bpffs directory holding our pinned links and maps")
 	f.StringVar(&o.cgroupRoot, "cgroup-root", mounts.DefaultCgroupRoot, "cgroup v2 mount to attach cgroup programs at")
-	f.StringVar(&o.healthAddr, "health-addr", "127.0.0.1:9890", "loopback address for /healthz, /readyz and /metrics")
+	f.StringVar(&o.healthAddr, "health-addr", fmt.Sprintf("127.0.0.1:%d", manifests.AgentHealthPort), "loopback address for /healthz, /readyz, /metrics and /trace (kubectl ebpf trace port-forwards to it)")
 	f.StringVar(&o.kubeconfig, "kubeconfig", "", "kubeconfig for running outside a pod (default: in-cluster config)")
 	f.StringVar(&o.cni.Socket, "cni-socket", cni.DefaultSocket, "unix socket the kebpf-cni plugin calls (empty: no socket, no chaining)")
 	f.StringVar(&o.cni.ConfDir, "cni-conf-dir", "", "the node's CNI config dir as mounted in the agent; kebpf-cni is chained into its primary config while the policy feature runs (empty: no chaining)")

@@ -189,6 +189,10 @@ const (
 	ipIndex   = "ip"
 )
 
+// CachesSynced is closed once the informer caches are synced: from then on
+// PodByIP can name pods.
+func (s *Syncer) CachesSynced() <-chan struct{} { return s.synced }
+
 // PodByIP names the pod (not host-network) holding ip, for trace
 // enrichment; false when none does or the caches are not synced yet. Of
 // several (a finished pod's IP given to a new one), a running one wins.

@@ -50,6 +50,9 @@ type Hub struct {
 	next    int                // ring index of the next write once full
 	evicted uint64             // events overwritten since start
 	subs    map[*Subscription]struct{}
+	// lastEvicted is the time of the newest overwritten event: a history
+	// request from a later time wanted none of them.
+	lastEvicted time.Time
 	// counts since start for Stats (NodeState), by type and by reason.
 	nPublished map[string]uint64
 	nLost      map[string]uint64
@@ -113,6 +116,9 @@ func (h *Hub) Publish(e apiv1.TraceEvent) {
 	if len(h.ring) < h.opts.RingSize {
 		h.ring = append(h.ring, e)
 	} else {
+		if old := h.ring[h.next].Time; old.After(h.lastEvicted) {
+			h.lastEvicted = old
+		}
 		h.ring[h.next] = e
 		h.next = (h.next + 1) % len(h.ring)
 		h.evicted++
@@ -167,14 +173,19 @@ func (h *Hub) Stats() Stats {
 	return st
 }
 
-// history returns the matching events of the ring, oldest first, at most
-// last (0: all), and how many events the ring evicted that the request
-// could have wanted. h.mu must be held.
-func (h *Hub) historyLocked(f *apiv1.TraceFilter, last int) ([]apiv1.TraceEvent, uint64) {
+// history returns the matching events of the ring at or after since (zero:
+// any time), oldest first, at most last (0: all), and how many events the
+// ring evicted that the request could have wanted. h.mu must be held.
+func (h *Hub) historyLocked(f *apiv1.TraceFilter, last int, since time.Time) ([]apiv1.TraceEvent, uint64) {
 	var out []apiv1.TraceEvent
 	n := len(h.ring)
 	for i := range n {
 		e := &h.ring[(h.next+i)%n]
+		// By event time, not ring order: events of one node arrive in
+		// time order per CPU, not quite globally.
+		if !since.IsZero() && e.Time.Before(since) {
+			continue
+		}
 		if f.Match(e) {
 			out = append(out, *e)
 		}
@@ -186,7 +197,7 @@ func (h *Hub) historyLocked(f *apiv1.TraceFilter, last int) ([]apiv1.TraceEvent,
 	// events too (all of them when it gave no count). Whether they matched
 	// the filter is unknown, so this is an upper bound, said as such.
 	var missed uint64
-	if h.evicted > 0 {
+	if h.evicted > 0 && (since.IsZero() || !h.lastEvicted.Before(since)) {
 		missed = h.evicted
 		if last > 0 {
 			missed = min(missed, uint64(last-len(out)))
@@ -203,7 +214,7 @@ func (h *Hub) Subscribe(q apiv1.TraceQuery) *Subscription {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if q.Last > 0 || !q.Follow {
-		events, missed := h.historyLocked(&q.TraceFilter, q.Last)
+		events, missed := h.historyLocked(&q.TraceFilter, q.Last, q.Since)
 		if missed > 0 {
 			h.lost.WithLabelValues(apiv1.TraceLostAgent).Add(float64(missed))
 			h.nLost[apiv1.TraceLostAgent] += missed

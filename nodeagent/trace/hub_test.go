@@ -173,11 +173,19 @@ func TestHistory(t *testing.T) {
 		{"follow without last: no history", 3, 5, apiv1.TraceQuery{Follow: true}, nil},
 		{"follow with last", 3, 5, apiv1.TraceQuery{Follow: true, Last: 1}, []string{"e5"}},
 		{"filter applies to history", 5, 3, apiv1.TraceQuery{TraceFilter: apiv1.TraceFilter{Ports: []uint16{2}}}, []string{"e2"}},
+		// Event i happened at epoch+i seconds.
+		{"since cuts by time", 5, 4, apiv1.TraceQuery{Since: epoch.Add(3 * time.Second)}, []string{"e3", "e4"}},
+		{"since and last", 5, 4, apiv1.TraceQuery{Since: epoch.Add(2 * time.Second), Last: 2}, []string{"e3", "e4"}},
+		{"since after every evicted event: nothing missed", 3, 5, apiv1.TraceQuery{Since: epoch.Add(3 * time.Second)}, []string{"e3", "e4", "e5"}},
+		{"since at an evicted event: missed", 3, 5, apiv1.TraceQuery{Since: epoch.Add(2 * time.Second)}, []string{"lost:agent-buffer-overrun:2", "e3", "e4", "e5"}},
+		{"follow: since cuts the history", 5, 4, apiv1.TraceQuery{Follow: true, Last: 3, Since: epoch.Add(4 * time.Second)}, []string{"e4"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			h, _ := newHub(t, tc.ring, 10)
 			for i := 1; i <= tc.published; i++ {
-				h.Publish(ev(i))
+				e := ev(i)
+				e.Time = epoch.Add(time.Duration(i) * time.Second)
+				h.Publish(e)
 			}
 			s := h.Subscribe(tc.q)
 			defer s.Close()

@@ -52,6 +52,12 @@ type PolicyReader struct {
 	// it as its baseline. It lives beside policy-ids.json, as long as the
 	// pins.
 	LostFile string
+	// Ready, when set, is closed once Namer can name pods. Records wait in
+	// the kernel's ring buffer until then: a restarted agent would
+	// otherwise publish what the datapath decided while no agent ran (the
+	// ring is pinned) before its pod cache is synced, with IPs where the
+	// pods' names belong. A ring that fills meanwhile counts its losses.
+	Ready <-chan struct{}
 }
 
 // lostState is LostFile's content.
@@ -95,6 +101,13 @@ func (r *PolicyReader) Run(ctx context.Context) error {
 			r.saveLost(base)
 		}
 		go r.pollLost(ctx, done, base)
+	}
+	if r.Ready != nil {
+		select {
+		case <-r.Ready:
+		case <-ctx.Done():
+			return nil
+		}
 	}
 	clk := newClock()
 	var rec ringbuf.Record

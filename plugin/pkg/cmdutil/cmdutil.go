@@ -26,6 +26,17 @@ func (e *ExitError) Error() string { return fmt.Sprintf("exit status %d", e.Code
 // ErrUnhealthy is returned after a report that already shows the problem.
 var ErrUnhealthy = &ExitError{Code: 1}
 
+// CodeError is an error the root command prints as usual (one `error:`
+// line) but exits with Code instead of 1: for commands whose exit status
+// carries an answer (`trace policy`: 1 is "denied", errors are 2).
+type CodeError struct {
+	Code int
+	Err  error
+}
+
+func (e *CodeError) Error() string { return e.Err.Error() }
+func (e *CodeError) Unwrap() error { return e.Err }
+
 // IsSilent reports whether err should be turned into an exit code only.
 func IsSilent(err error) (int, bool) {
 	var e *ExitError

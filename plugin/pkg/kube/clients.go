@@ -40,6 +40,9 @@ type Clients struct {
 	Mapper  meta.RESTMapper
 	// Probe talks to the same server as Kube with ProbeTimeout.
 	Probe discovery.DiscoveryInterface
+	// Config is the REST config the clients were built from (nil in tests
+	// with fake clients): port-forwards dial with it.
+	Config *rest.Config
 }
 
 // New builds clients from the kubeconfig flags. It makes no API call.
@@ -73,7 +76,7 @@ func New(flags *genericclioptions.ConfigFlags) (*Clients, error) {
 	if err != nil {
 		return nil, fmt.Errorf("discovery client: %w", err)
 	}
-	return &Clients{Host: cfg.Host, Kube: kc, EBPF: ec, Dynamic: dc, Mapper: mapper, Probe: probe}, nil
+	return &Clients{Host: cfg.Host, Kube: kc, EBPF: ec, Dynamic: dc, Mapper: mapper, Probe: probe, Config: cfg}, nil
 }
 
 // NodeStates is the typed NodeState client.

@@ -19,6 +19,7 @@ import (
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/cmd/feature"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/cmd/install"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/cmd/status"
+	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/cmd/trace"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/cmd/uninstall"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/cmd/version"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/cmdutil"
@@ -74,6 +75,7 @@ func NewCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStr
 		feature.NewEnableCmd(flags, streams),
 		feature.NewDisableCmd(flags, streams),
 		status.NewCmd(flags, streams),
+		trace.NewCmd(flags, streams),
 		uninstall.NewCmd(flags, streams),
 		version.NewCmd(flags, streams),
 	)
@@ -99,6 +101,10 @@ func Execute(ctx context.Context, cmd *cobra.Command, args []string, streams gen
 	}
 	if errors.Is(err, context.Canceled) {
 		return 130
+	}
+	var ce *cmdutil.CodeError
+	if errors.As(err, &ce) {
+		return ce.Code
 	}
 	return 1
 }
