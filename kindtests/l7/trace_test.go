@@ -24,7 +24,10 @@ import (
 
 type podsByIP map[netip.Addr]types.NamespacedName
 
-func (p podsByIP) PodByIP(ip netip.Addr) (types.NamespacedName, bool) { k, ok := p[ip.Unmap()]; return k, ok }
+func (p podsByIP) PodByIP(ip netip.Addr) (types.NamespacedName, bool) {
+	k, ok := p[ip.Unmap()]
+	return k, ok
+}
 
 // TestIntegrationTraceEvents: the agent's two l7 trace sources on the real
 // path. A client in the app cgroup makes an allowed GET and a denied one to
