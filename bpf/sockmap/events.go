@@ -26,6 +26,11 @@ const (
 	EventNoRoom uint8 = 3
 )
 
+// EventsPoll is how often a reader of kebpf_l7_events must look for records
+// without being woken: the datapath wakes it only once 32 KiB are waiting
+// (EVENTS_WAKEUP_BYTES in sockmap.c), so a lone event waits at most this.
+const EventsPoll = 100 * time.Millisecond
+
 // EventSize is the size of one kebpf_l7_events record (struct l7_event).
 const EventSize = 80
 

@@ -37,6 +37,7 @@ type L7Reader struct {
 // Run reads until ctx ends.
 func (r *L7Reader) Run(ctx context.Context) error {
 	rr := &RingReader{Name: "l7 events", Type: apiv1.TraceTypeL7, Events: r.Events, Lost: r.Lost, Hub: r.Hub, Log: r.Log,
+		Poll: sockmap.EventsPoll,
 		Decode: func(raw []byte, wall func(time.Duration) time.Time) (apiv1.TraceEvent, error) {
 			ev, err := sockmap.ParseEvent(raw)
 			if err != nil {

@@ -32,6 +32,10 @@ type RingReader struct {
 	Lost func() (uint64, error)
 	// LostEvery is how often Lost is read (default a second).
 	LostEvery time.Duration
+	// Poll, when set, is how often the ring is looked at without a
+	// wakeup: for a datapath that submits with BPF_RB_NO_WAKEUP below a
+	// fill level (to spare the hot path a wakeup per record).
+	Poll time.Duration
 	Hub       *Hub
 	Log       *slog.Logger
 	// Decode turns one record into an event; wall converts a
@@ -69,7 +73,13 @@ func (r *RingReader) Run(ctx context.Context) error {
 	clk := newClock()
 	var rec ringbuf.Record
 	for {
+		if r.Poll > 0 {
+			rd.SetDeadline(time.Now().Add(r.Poll))
+		}
 		if err := rd.ReadInto(&rec); err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				continue // nothing new within Poll
+			}
 			if errors.Is(err, os.ErrClosed) || ctx.Err() != nil {
 				return nil
 			}
