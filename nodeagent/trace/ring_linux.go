@@ -36,8 +36,8 @@ type RingReader struct {
 	// wakeup: for a datapath that submits with BPF_RB_NO_WAKEUP below a
 	// fill level (to spare the hot path a wakeup per record).
 	Poll time.Duration
-	Hub       *Hub
-	Log       *slog.Logger
+	Hub  *Hub
+	Log  *slog.Logger
 	// Decode turns one record into an event; wall converts a
 	// CLOCK_MONOTONIC duration (bpf_ktime_get_ns) to wall time. A record
 	// it cannot decode is logged and skipped.
