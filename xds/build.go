@@ -23,6 +23,7 @@ import (
 	router "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
 	originaldst "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/original_dst/v3"
 	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	tracing "github.com/envoyproxy/go-control-plane/envoy/type/tracing/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
@@ -53,6 +54,23 @@ const (
 	ALSLogName = "kebpf_l7"
 	// RBACStatPrefix prefixes the RBAC filter's stats and metadata keys.
 	rbacMetadataNamespace = "envoy.filters.http.rbac"
+)
+
+// What an ALS entry carries for the agent's trace (nodeagent/trace): the
+// RBAC filter's dynamic metadata, and per filter chain two custom tags.
+const (
+	// RBACMetadataNamespace is the filter metadata key of the RBAC result:
+	// RBACPolicyKey (the ns/name/rule that allowed, PolicyName) and
+	// RBACResultKey ("allowed" or "denied").
+	RBACMetadataNamespace = rbacMetadataNamespace
+	RBACPolicyKey         = "enforced_effective_policy_id"
+	RBACResultKey         = "enforced_engine_result"
+	// ALSTagL7Policies: the L7Policies (ns/name, comma-separated) selecting
+	// the chain's destination, i.e. what denied a 403 no rule matched.
+	// Absent on the default chain.
+	ALSTagL7Policies = "l7policies"
+	// ALSTagPod: the destination pod's ns/name. Absent on the default chain.
+	ALSTagPod = "pod"
 )
 
 // Pod is what the builder needs to know about a pod: where it is, what it is
@@ -332,7 +350,7 @@ func filterChain(d *destination, upstream string, opts Options) (*listener.Filte
 		mgr.AccessLog = append(mgr.AccessLog, al)
 	}
 	if opts.AccessLogSocket != "" {
-		mgr.AccessLog = append(mgr.AccessLog, grpcAccessLog())
+		mgr.AccessLog = append(mgr.AccessLog, grpcAccessLog(d))
 	}
 	fc := &listener.FilterChain{
 		Name: name,
@@ -399,9 +417,18 @@ func accessLog(path string, d *destination) (*accesslog.AccessLog, error) {
 }
 
 // grpcAccessLog streams entries to ALSCluster. An entry carries the RBAC
-// dynamic metadata, RESPONSE_CODE_DETAILS, the downstream addresses and the
-// filter chain name (the destination; "unselected" for the default chain).
-func grpcAccessLog() *accesslog.AccessLog {
+// dynamic metadata, RESPONSE_CODE_DETAILS, the downstream addresses, and
+// the chain's constants as custom tags (ALSTag*: what denied a 403 that no
+// policy matched is the set of L7Policies selecting the destination).
+func grpcAccessLog(d *destination) *accesslog.AccessLog {
+	var tags []*tracing.CustomTag
+	// Envoy refuses an empty literal: a tag is left out instead.
+	for _, kv := range [][2]string{{ALSTagL7Policies, strings.Join(d.l7Policies(), ",")}, {ALSTagPod, d.pod}} {
+		if kv[1] != "" {
+			tags = append(tags, &tracing.CustomTag{Tag: kv[0],
+				Type: &tracing.CustomTag_Literal_{Literal: &tracing.CustomTag_Literal{Value: kv[1]}}})
+		}
+	}
 	return &accesslog.AccessLog{
 		Name: wellknown.HTTPGRPCAccessLog,
 		ConfigType: &accesslog.AccessLog_TypedConfig{TypedConfig: mustAny(&grpcal.HttpGrpcAccessLogConfig{
@@ -413,6 +440,7 @@ func grpcAccessLog() *accesslog.AccessLog {
 				}},
 				// Trace wants entries soon, not in 1 s batches.
 				BufferFlushInterval: durationpb.New(100 * time.Millisecond),
+				CustomTags:          tags,
 			},
 		})},
 	}

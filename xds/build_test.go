@@ -1,6 +1,7 @@
 package xds
 
 import (
+	grpcal "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/grpc/v3"
 	"math/rand/v2"
 	"net/netip"
 	"slices"
@@ -305,6 +306,19 @@ func TestBuildAccessLogSocket(t *testing.T) {
 	m, _ := chainRBAC(t, r, 0)
 	if len(m.AccessLog) != 1 || m.AccessLog[0].Name != "envoy.access_loggers.http_grpc" {
 		t.Fatalf("access logs %v", m.AccessLog)
+	}
+	// The chain's constants travel as custom tags: the trace names the
+	// L7Policy of a 403 that no rule matched by them.
+	var g grpcal.HttpGrpcAccessLogConfig
+	if err := m.AccessLog[0].GetTypedConfig().UnmarshalTo(&g); err != nil {
+		t.Fatal(err)
+	}
+	tags := map[string]string{}
+	for _, ct := range g.GetCommonConfig().GetCustomTags() {
+		tags[ct.GetTag()] = ct.GetLiteral().GetValue()
+	}
+	if tags[ALSTagL7Policies] != "shop/api" || tags[ALSTagPod] != "shop/api" || len(tags) != 2 {
+		t.Errorf("custom tags %v", tags)
 	}
 	r.Clusters = r.Clusters[:1]
 	if err := Lint(r); err == nil || !strings.Contains(err.Error(), `ALS cluster "kebpf_als" does not exist`) {

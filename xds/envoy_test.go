@@ -266,7 +266,8 @@ func TestIntegrationEnvoyEnforcesL7Policy(t *testing.T) {
 				t.Errorf("ALS allowed entry: node %q %v", a.node, a.entry)
 			}
 			d := r.findALS(t, "GET", "/private")
-			if d.entry.GetResponse().GetResponseCode().GetValue() != 403 || d.entry.GetResponse().GetResponseCodeDetails() != "rbac_access_denied_matched_policy[none]" {
+			if d.entry.GetResponse().GetResponseCode().GetValue() != 403 || d.entry.GetResponse().GetResponseCodeDetails() != "rbac_access_denied_matched_policy[none]" ||
+				d.entry.GetCommonProperties().GetCustomTags()[ALSTagL7Policies] != "shop/api" || d.entry.GetCommonProperties().GetCustomTags()[ALSTagPod] != "shop/api" {
 				t.Errorf("ALS denied entry: %v", d.entry)
 			}
 		})

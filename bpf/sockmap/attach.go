@@ -166,6 +166,10 @@ func (o *Objects) mapByName(name string) *ebpf.Map {
 		return o.objs.KebpfL7Stats
 	case SockmapMapKebpfL7Active:
 		return o.objs.KebpfL7Active
+	case SockmapMapKebpfL7Events:
+		return o.objs.KebpfL7Events
+	case SockmapMapKebpfL7Lost:
+		return o.objs.KebpfL7Lost
 	}
 	return nil
 }

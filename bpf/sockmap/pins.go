@@ -18,6 +18,7 @@ import (
 // package uses; Detach and DetachPinned unpin them.
 var ownMaps = []string{
 	SockmapMapKebpfL7Cfg, SockmapMapKebpfL7Cookie, SockmapMapKebpfL7Socks, SockmapMapKebpfL7Stats,
+	SockmapMapKebpfL7Events, SockmapMapKebpfL7Lost,
 }
 
 // sharedMaps (pins.SharedL7Maps) are pinned by name too but shared with

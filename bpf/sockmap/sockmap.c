@@ -100,6 +100,52 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME); // survives agent restarts
 } kebpf_l7_stats SEC(".maps");
 
+// Verdicts of kebpf_l7_events records; keep in sync with events.go.
+enum {
+	L7_EV_STEERED = 1,  // connect() rewritten to Envoy
+	L7_EV_NO_ENVOY = 2, // connect() refused (EPERM): no Envoy listener, fail closed
+	L7_EV_NO_ROOM = 3,  // connect() refused (EPERM): kebpf_l7_cookie refused the entry
+};
+
+// One record per connect() to a steered destination that was steered or
+// refused (Envoy's own connects are not recorded). Process context is the
+// caller's: connect() runs the hook in the calling task.
+struct l7_event {
+	__u64 ts;        // bpf_ktime_get_ns
+	__u64 cgroup_id; // the caller's cgroup v2 id
+	__u32 tgid;      // process id
+	__u32 pid;       // thread id
+	__u32 daddr[4];  // original destination, IPv4 in daddr[0]
+	__u32 saddr[4];  // the socket's bound source address (zero when unbound, the usual case)
+	__be16 dport;    // original destination port, network order
+	__u16 sport;     // bound source port, host order (0 when unbound)
+	__u8 family;     // FAM4 / FAM6 of daddr
+	__u8 sfamily;    // FAM4 / FAM6 of saddr; 0: unbound
+	__u8 verdict;    // L7_EV_*
+	__u8 pad;        // zero
+	char comm[16];   // the caller's task command
+}; // 80 bytes
+
+// The reader is woken only once this much is waiting: a wakeup per connect
+// costs the connecting task an irq_work and the reader a context switch, a
+// measurable share of a loopback connect. Records below it are picked up by
+// the reader's poll (sockmap.EventsPoll).
+#define EVENTS_WAKEUP_BYTES (1 << 15)
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF); // steering events for `kubectl ebpf trace`
+	__uint(max_entries, 1 << 18);       // bytes
+	__uint(pinning, LIBBPF_PIN_BY_NAME); // a restarted agent keeps reading
+} kebpf_l7_events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY); // per-CPU: no atomics on the drop path
+	__uint(max_entries, 1);                  // one counter
+	__type(key, __u32);                      // 0
+	__type(value, __u64);                    // events kebpf_l7_events had no room for
+	__uint(pinning, LIBBPF_PIN_BY_NAME);     // the count outlives agents; readers diff it
+} kebpf_l7_lost SEC(".maps");
+
 static __always_inline void count(__u32 slot)
 {
 	__u64 *v = bpf_map_lookup_elem(&kebpf_l7_stats, &slot);
@@ -110,6 +156,65 @@ static __always_inline void count(__u32 slot)
 // mapped reports a v4-mapped IPv6 address (::ffff:a.b.c.d): such sockets
 // carry IPv4 and their *_ip4 context fields hold the IPv4 addresses.
 #define mapped(a6) ((a6)[0] == 0 && (a6)[1] == 0 && (a6)[2] == bpf_htonl(0xffff))
+
+// emit records a steering decision in kebpf_l7_events; a full ring buffer
+// is counted in kebpf_l7_lost (the reader is behind), never waited for.
+static __always_inline void emit(struct bpf_sock *sk, const struct l7_dst *d, __u8 verdict)
+{
+	struct l7_event *e = bpf_ringbuf_reserve(&kebpf_l7_events, sizeof(*e), 0);
+	if (!e) {
+		__u32 zero = 0;
+		__u64 *lost = bpf_map_lookup_elem(&kebpf_l7_lost, &zero);
+		if (lost)
+			*lost += 1;
+		return;
+	}
+	__u64 id = bpf_get_current_pid_tgid();
+	e->ts = bpf_ktime_get_ns();
+	e->cgroup_id = bpf_get_current_cgroup_id();
+	e->tgid = id >> 32;
+	e->pid = (__u32)id;
+	e->daddr[0] = d->addr[0];
+	e->daddr[1] = d->addr[1];
+	e->daddr[2] = d->addr[2];
+	e->daddr[3] = d->addr[3];
+	e->dport = d->port;
+	e->family = d->family;
+	e->verdict = verdict;
+	e->pad = 0;
+	e->saddr[0] = 0;
+	e->saddr[1] = 0;
+	e->saddr[2] = 0;
+	e->saddr[3] = 0;
+	e->sport = 0;
+	e->sfamily = 0;
+	if (sk) {
+		// Every field read unconditionally (see RD): a socket bound
+		// before connect() names its source; an unbound one reads zeros.
+		__u32 fam = sk->family, s4 = RD(sk->src_ip4), sport = sk->src_port;
+		__u32 s6[4] = {RD(sk->src_ip6[0]), RD(sk->src_ip6[1]), RD(sk->src_ip6[2]), RD(sk->src_ip6[3])};
+		if (fam == AF_INET && s4) {
+			e->saddr[0] = s4;
+			e->sfamily = FAM4;
+		} else if (fam == AF_INET6 && mapped(s6) && s6[3]) {
+			e->saddr[0] = s6[3];
+			e->sfamily = FAM4;
+		} else if (fam == AF_INET6 && (s6[0] | s6[1] | s6[2] | s6[3])) {
+			e->saddr[0] = s6[0];
+			e->saddr[1] = s6[1];
+			e->saddr[2] = s6[2];
+			e->saddr[3] = s6[3];
+			e->sfamily = FAM6;
+		}
+		e->sport = sport;
+	}
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	__u64 flags = BPF_RB_NO_WAKEUP;
+	if (bpf_ringbuf_query(&kebpf_l7_events, BPF_RB_AVAIL_DATA) >= EVENTS_WAKEUP_BYTES)
+		flags = BPF_RB_FORCE_WAKEUP;
+	bpf_ringbuf_submit(e, flags);
+}
+
 
 // steer decides for a TCP connect to *d. Returns 0 to refuse the connect,
 // 1 to let it go; *to is set to the configuration when the connect must be
@@ -142,13 +247,17 @@ static __always_inline int steer(void *ctx, struct bpf_sock *sk, struct l7_dst *
 		none = !(c->envoy6[0] | c->envoy6[1] | c->envoy6[2] | c->envoy6[3]) || !c->envoy_port6;
 	if (none) {
 		count(STAT_NO_ENVOY);
+		emit(sk, d, L7_EV_NO_ENVOY);
 		return 0;
 	}
 	__u64 cookie = bpf_get_socket_cookie(ctx);
-	if (bpf_map_update_elem(&kebpf_l7_cookie, &cookie, d, BPF_ANY))
+	if (bpf_map_update_elem(&kebpf_l7_cookie, &cookie, d, BPF_ANY)) {
+		emit(sk, d, L7_EV_NO_ROOM);
 		return 0;
+	}
 	*to = c;
 	count(STAT_STEERED);
+	emit(sk, d, L7_EV_STEERED);
 	return 1;
 }
 

@@ -47,6 +47,8 @@ const (
 	SockmapMapKebpfL7Cookie = "kebpf_l7_cookie"
 	SockmapMapKebpfL7Dst    = "kebpf_l7_dst"
 	SockmapMapKebpfL7Envcg  = "kebpf_l7_envcg"
+	SockmapMapKebpfL7Events = "kebpf_l7_events"
+	SockmapMapKebpfL7Lost   = "kebpf_l7_lost"
 	SockmapMapKebpfL7Orig   = "kebpf_l7_orig"
 	SockmapMapKebpfL7Socks  = "kebpf_l7_socks"
 	SockmapMapKebpfL7Stats  = "kebpf_l7_stats"
@@ -115,6 +117,8 @@ type SockmapMapSpecs struct {
 	KebpfL7Cookie *ebpf.MapSpec `ebpf:"kebpf_l7_cookie"`
 	KebpfL7Dst    *ebpf.MapSpec `ebpf:"kebpf_l7_dst"`
 	KebpfL7Envcg  *ebpf.MapSpec `ebpf:"kebpf_l7_envcg"`
+	KebpfL7Events *ebpf.MapSpec `ebpf:"kebpf_l7_events"`
+	KebpfL7Lost   *ebpf.MapSpec `ebpf:"kebpf_l7_lost"`
 	KebpfL7Orig   *ebpf.MapSpec `ebpf:"kebpf_l7_orig"`
 	KebpfL7Socks  *ebpf.MapSpec `ebpf:"kebpf_l7_socks"`
 	KebpfL7Stats  *ebpf.MapSpec `ebpf:"kebpf_l7_stats"`
@@ -151,6 +155,8 @@ type SockmapMaps struct {
 	KebpfL7Cookie *ebpf.Map `ebpf:"kebpf_l7_cookie"`
 	KebpfL7Dst    *ebpf.Map `ebpf:"kebpf_l7_dst"`
 	KebpfL7Envcg  *ebpf.Map `ebpf:"kebpf_l7_envcg"`
+	KebpfL7Events *ebpf.Map `ebpf:"kebpf_l7_events"`
+	KebpfL7Lost   *ebpf.Map `ebpf:"kebpf_l7_lost"`
 	KebpfL7Orig   *ebpf.Map `ebpf:"kebpf_l7_orig"`
 	KebpfL7Socks  *ebpf.Map `ebpf:"kebpf_l7_socks"`
 	KebpfL7Stats  *ebpf.Map `ebpf:"kebpf_l7_stats"`
@@ -163,6 +169,8 @@ func (m *SockmapMaps) Close() error {
 		m.KebpfL7Cookie,
 		m.KebpfL7Dst,
 		m.KebpfL7Envcg,
+		m.KebpfL7Events,
+		m.KebpfL7Lost,
 		m.KebpfL7Orig,
 		m.KebpfL7Socks,
 		m.KebpfL7Stats,

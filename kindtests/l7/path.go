@@ -9,8 +9,10 @@ import (
 	"net/netip"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
+	alsdata "github.com/envoyproxy/go-control-plane/envoy/data/accesslog/v3"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
@@ -54,6 +56,10 @@ type Control struct {
 	Admin     string // Envoy's admin socket (bootstrap)
 	Bootstrap []byte
 
+	// als receives the node's Envoy access log entries (gRPC ALS on the
+	// xDS socket, xds.Options.AccessLogSocket) once SetAccessLog set it.
+	als atomic.Pointer[func(string, *alsdata.HTTPAccessLogEntry)]
+
 	mu      sync.Mutex
 	lastAck string
 	acked   map[string]time.Time // version → when the node last ACKed it
@@ -76,11 +82,19 @@ func NewControl(dir, node string) (*Control, error) {
 		return nil, err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	c.Server = xds.NewServer(ctx, xds.ServerOptions{OnStatus: c.onStatus})
+	c.Server = xds.NewServer(ctx, xds.ServerOptions{OnStatus: c.onStatus, OnAccessLog: func(node string, e *alsdata.HTTPAccessLogEntry) {
+		if f := c.als.Load(); f != nil {
+			(*f)(node, e)
+		}
+	}})
 	go c.Server.Serve(lis)
 	c.stop = func() { c.Server.Stop(); cancel() }
 	return c, nil
 }
+
+// SetAccessLog hands every later ALS entry to f (from the stream's
+// goroutine; it must not block).
+func (c *Control) SetAccessLog(f func(node string, e *alsdata.HTTPAccessLogEntry)) { c.als.Store(&f) }
 
 // Close stops the server.
 func (c *Control) Close() { c.stop() }

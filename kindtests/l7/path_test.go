@@ -27,6 +27,7 @@ type l7Path struct {
 	pod       netip.AddrPort
 	dp        *sockmap.Objects
 	srv       *xds.Server
+	ctl       *Control
 	envoy     *envoytest.Envoy
 	listen    netip.AddrPort
 	app       string // cgroup of the clients
@@ -79,14 +80,14 @@ func startPath(t *testing.T, handler http.Handler, input func(pod netip.AddrPort
 		t.Fatal(err)
 	}
 	t.Cleanup(ctl.Close)
-	p.srv = ctl.Server
+	p.srv, p.ctl = ctl.Server, ctl
 	bpftest.InCgroup(t, envoyCg, func() {
 		p.envoy = envoytest.Start(t, bin, ctl.Bootstrap, ctl.Admin, "KEBPF_NODE="+p.node)
 	})
 	p.listen = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(envoytest.FreePort(t)))
 	p.accessLog = filepath.Join(p.dir, "access.log")
 
-	res, err := xds.Build(input(p.pod), p.node, xds.Options{ListenAddress: p.listen, AccessLogPath: p.accessLog})
+	res, err := xds.Build(input(p.pod), p.node, xds.Options{ListenAddress: p.listen, AccessLogPath: p.accessLog, AccessLogSocket: ctl.Socket})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -16,6 +16,7 @@ import (
 	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/cni"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/netpol"
+	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/trace"
 )
 
 // CNIConfig chains kebpf-cni into the node's CNI configuration while the
@@ -51,7 +52,9 @@ func (a *Agent) serveCNI(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	srv := &http.Server{Handler: cni.Handler(cniAdmitter{a}, a.log.With("component", "cni")), ReadHeaderTimeout: 5 * time.Second}
+	// Every admitted or refused sandbox is a trace event (type cni).
+	decided := func(d cni.Decision) { a.trace.Publish(trace.CNIEvent(d, a.cfg.NodeName, time.Now())) }
+	srv := &http.Server{Handler: cni.Handler(cniAdmitter{a}, a.log.With("component", "cni"), decided), ReadHeaderTimeout: 5 * time.Second}
 	go func() {
 		<-ctx.Done()
 		srv.Close()
@@ -87,7 +90,7 @@ func (c cniAdmitter) Admit(ctx context.Context, req cni.AddRequest) (cni.AddResp
 		if wanted {
 			// Switched on but not running (yet, or failing): a pod started
 			// now would go unprotected.
-			return cni.AddResponse{}, fmt.Errorf("the policy feature is enabled but not running on node %s yet", c.a.cfg.NodeName)
+			return cni.AddResponse{}, cni.Refuse("policy-not-running", fmt.Errorf("the policy feature is enabled but not running on node %s yet", c.a.cfg.NodeName))
 		}
 		return cni.AddResponse{Enforced: false}, nil
 	}
@@ -95,7 +98,7 @@ func (c cniAdmitter) Admit(ctx context.Context, req cni.AddRequest) (cni.AddResp
 	for _, s := range req.IPs {
 		ip, err := netip.ParseAddr(s)
 		if err != nil {
-			return cni.AddResponse{}, fmt.Errorf("pod IP %q: %w", s, err)
+			return cni.AddResponse{}, cni.Refuse("bad-ip", fmt.Errorf("pod IP %q: %w", s, err))
 		}
 		ips = append(ips, ip.Unmap())
 	}

@@ -3,12 +3,15 @@
 package agent
 
 import (
+	"context"
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
+	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/cni"
 )
 
@@ -49,5 +52,43 @@ func TestAgentUnchainsEarlierInstallsDirs(t *testing.T) {
 			t.Fatalf("after 10s: chained %v (%v), binary stat %v", chained, err, statErr)
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// The agent's CNI socket publishes each decision to its trace: a sandbox
+// admitted with the policy feature off is one cni event naming the pod.
+func TestAgentCNITraceEvent(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "cni.sock")
+	a := startAgent(t, Config{Features: []Feature{}, CNI: CNIConfig{Socket: sock}})
+	var err error
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		_, err = cni.NewClient(sock).Add(ctx, cni.AddRequest{Namespace: "x", Name: "a", ContainerID: "c1", IPs: []string{"10.244.0.9"}})
+		cancel()
+		if err == nil || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(20 * time.Millisecond) // the socket is served once Run started
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := a.trace.Subscribe(apiv1.TraceQuery{})
+	defer s.Close()
+	var evs []apiv1.TraceEvent
+	for {
+		l, ok := s.Next(context.Background())
+		if !ok {
+			break
+		}
+		if l.Event != nil {
+			evs = append(evs, *l.Event)
+		}
+	}
+	if len(evs) != 1 || evs[0].Type != apiv1.TraceTypeCNI || evs[0].Verdict != apiv1.TraceVerdictAdmitted ||
+		evs[0].Destination != (apiv1.TracePeer{Namespace: "x", Pod: "a", IP: "10.244.0.9"}) || evs[0].Node != "kebpf-node" ||
+		!strings.Contains(evs[0].Message, "policy feature is off") {
+		t.Fatalf("events %+v, want one admitted cni event for x/a", evs)
 	}
 }

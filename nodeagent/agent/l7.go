@@ -10,13 +10,16 @@ import (
 	"os"
 	"path/filepath"
 
+	alsdata "github.com/envoyproxy/go-control-plane/envoy/data/accesslog/v3"
 	"github.com/prometheus/client_golang/prometheus"
+	"k8s.io/apimachinery/pkg/types"
 
 	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/sockmap"
 	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/features"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/l7"
+	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/trace"
 	"github.com/kubectl-ebpf/kubectl-ebpf/xds"
 )
 
@@ -86,6 +89,7 @@ func (f *l7Feature) Enable(ctx context.Context) error {
 		return err
 	}
 	var syncer *l7.Syncer
+	pods := agentPodNamer{f.a}
 	srv := xds.NewServer(ctx, xds.ServerOptions{
 		Logger: f.a.log.With("feature", apiv1.FeatureL7),
 		// ACKs and NACKs change status and may turn steering on.
@@ -93,6 +97,11 @@ func (f *l7Feature) Enable(ctx context.Context) error {
 			if syncer != nil {
 				syncer.Request()
 			}
+		},
+		// Envoy's access log entries (gRPC ALS on this same socket): one
+		// l7 trace event per request. Only this node's Envoy reaches it.
+		OnAccessLog: func(_ string, e *alsdata.HTTPAccessLogEntry) {
+			f.a.trace.Publish(trace.L7RequestEvent(e, f.a.cfg.NodeName, pods))
 		},
 	})
 	sock := f.socket()
@@ -116,7 +125,8 @@ func (f *l7Feature) Enable(ctx context.Context) error {
 		Server:     srv,
 		Namespace:  f.a.cfg.ConfigNamespace,
 		CgroupRoot: f.a.cfg.CgroupRoot,
-		XDS:        xds.Options{AccessLogPath: accessLog},
+		// The xDS socket is at the same path in Envoy's pod (hostPath).
+		XDS: xds.Options{AccessLogPath: accessLog, AccessLogSocket: sock},
 	})
 	if err != nil {
 		lis.Close()
@@ -128,7 +138,10 @@ func (f *l7Feature) Enable(ctx context.Context) error {
 			f.a.log.Error("xds server", "err", err)
 		}
 	}()
-	f.start(ctx, &l7Objects{objs: objs, srv: srv, sock: sock}, syncer)
+	lo := &l7Objects{objs: objs, srv: srv, sock: sock}
+	lo.startReader(ctx, &trace.L7Reader{Events: objs.EventsMap(), Lost: objs.EventsLost, Hub: f.a.trace,
+		Node: f.a.cfg.NodeName, Pods: pods, Log: f.a.log.With("feature", apiv1.FeatureL7)})
+	f.start(ctx, lo, syncer)
 	f.a.log.Info("attached", "feature", apiv1.FeatureL7, "hooks", sockmap.Hooks(), "cgroup", f.a.cfg.CgroupRoot, "xds", sock)
 	return nil
 }
@@ -168,6 +181,31 @@ type l7Objects struct {
 	objs *sockmap.Objects
 	srv  *xds.Server
 	sock string
+
+	stopRead   context.CancelFunc
+	readerDone chan struct{}
+}
+
+// startReader runs the steering events reader until Detach or Close. A
+// reader that fails leaves steering running (the trace is not worth an
+// L7 outage); it says so in the log.
+func (o *l7Objects) startReader(ctx context.Context, r *trace.L7Reader) {
+	rctx, cancel := context.WithCancel(ctx)
+	o.stopRead, o.readerDone = cancel, make(chan struct{})
+	go func() {
+		defer close(o.readerDone)
+		if err := r.Run(rctx); err != nil {
+			r.Log.Error("l7 trace reader stopped", "err", err)
+		}
+	}()
+}
+
+func (o *l7Objects) stopReader() {
+	if o.stopRead != nil {
+		o.stopRead()
+		<-o.readerDone
+		o.stopRead = nil
+	}
 }
 
 func (o *l7Objects) stopServer() error {
@@ -180,11 +218,38 @@ func (o *l7Objects) stopServer() error {
 
 // Detach: steering goes first, then the server; Envoy keeps its last
 // configuration but nothing is steered to it any more.
-func (o *l7Objects) Detach() error { return errors.Join(o.objs.Detach(), o.stopServer()) }
+func (o *l7Objects) Detach() error {
+	o.stopReader()
+	return errors.Join(o.objs.Detach(), o.stopServer())
+}
 
 // Close keeps steering (pinned) and Envoy's last configuration: the next
 // agent's server takes over when Envoy reconnects.
-func (o *l7Objects) Close() error { return errors.Join(o.stopServer(), o.objs.Close()) }
+func (o *l7Objects) Close() error {
+	o.stopReader()
+	return errors.Join(o.stopServer(), o.objs.Close())
+}
+
+// agentPodNamer names trace peers by IP from the policy sync's pod cache
+// while the policy feature runs, else not at all (events carry IPs only).
+//
+// MERGE: the agent-wide pod index (a.pods, another branch) implements
+// trace.PodNamer for every feature; use it here instead.
+type agentPodNamer struct{ a *Agent }
+
+func (n agentPodNamer) PodByIP(ip netip.Addr) (types.NamespacedName, bool) {
+	// Not under a.mu: readers call this while the l7 feature may be
+	// stopping them with a.mu held elsewhere. a.feats is fixed at New; only
+	// the policy feature's own lock is taken.
+	for _, st := range n.a.feats {
+		if f, ok := st.f.(*policyFeature); ok {
+			if s := f.policySyncer(); s != nil {
+				return s.PodByIP(ip)
+			}
+		}
+	}
+	return types.NamespacedName{}, false
+}
 
 // sockmapDatapath adapts bpf/sockmap to the sync's Datapath.
 type sockmapDatapath struct{ *sockmap.Objects }

@@ -3,19 +3,27 @@
 package agent
 
 import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"math/bits"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 	v1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes/fake"
 
 	apifake "github.com/kubectl-ebpf/kubectl-ebpf/api/client/versioned/fake"
+	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/bpftest"
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/socklb"
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/sockmap"
@@ -67,6 +75,7 @@ func TestIntegrationL7Switch(t *testing.T) {
 	if st := a.State().Status.L7; st == nil || st.EnvoyReady {
 		t.Errorf("NodeState l7 %+v: want present, Envoy not ready (no Envoy pod)", st)
 	}
+	l7RefusalTraced(t, a, pinDir, cgroup)
 
 	// The socket LB detached and attached again lands after steering;
 	// the agent must move steering back behind it.
@@ -113,5 +122,47 @@ func TestIntegrationL7Switch(t *testing.T) {
 	}
 	if st := a.State().Status.L7; st != nil {
 		t.Errorf("NodeState l7 %+v after disable, want none", st)
+	}
+}
+
+// l7RefusalTraced: the agent reads the steering datapath's events into its
+// trace. With no Envoy ready, a connect to a steered destination is refused
+// (fail closed) and the refusal is an l7 event with this process in it.
+// The destination is steered by hand (no L7Policy here); only a full
+// resync of the l7 sync would take it out again.
+func l7RefusalTraced(t *testing.T, a *Agent, pinDir, cgroup string) {
+	t.Helper()
+	pod, err := net.Listen("tcp4", "127.0.0.2:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pod.Close()
+	port := uint16(pod.Addr().(*net.TCPAddr).Port)
+	m, err := ebpf.LoadPinnedMap(filepath.Join(sockmap.MapPinDir(pinDir), sockmap.SockmapMapKebpfL7Dst), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	key := sockmap.SockmapL7Dst{Addr: [4]uint32{binary.LittleEndian.Uint32([]byte{127, 0, 0, 2})}, Port: bits.ReverseBytes16(port), Family: 4}
+	if err := m.Update(&key, uint32(1), ebpf.UpdateAny); err != nil {
+		t.Fatal(err)
+	}
+	defer m.Delete(&key)
+	sub := a.trace.Subscribe(apiv1.TraceQuery{Follow: true, TraceFilter: apiv1.TraceFilter{Types: []string{apiv1.TraceTypeL7}}})
+	defer sub.Close()
+	bpftest.InCgroup(t, cgroup, func() { _, err = net.DialTimeout("tcp4", pod.Addr().String(), 5*time.Second) })
+	if !errors.Is(err, unix.EPERM) {
+		t.Fatalf("connect to a steered destination with no Envoy: %v, want EPERM", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	l, ok := sub.Next(ctx)
+	if !ok || l.Event == nil {
+		t.Fatalf("no l7 event in the agent's trace: %+v", l)
+	}
+	e := l.Event
+	if e.Verdict != apiv1.TraceVerdictRefused || e.Reason != "no-envoy" || e.Node != "kebpf-node" ||
+		e.Destination.IP != "127.0.0.2" || e.Destination.Port != port || e.Process == nil || e.Process.PID != uint32(os.Getpid()) {
+		t.Errorf("l7 event %+v process %+v", e, e.Process)
 	}
 }

@@ -59,7 +59,7 @@ func serveFake(t *testing.T, a Admitter) string {
 	if fi, err := os.Stat(sock); err != nil || fi.Mode().Perm() != 0o600 {
 		t.Fatalf("socket mode: %v %v", fi, err)
 	}
-	srv := &http.Server{Handler: Handler(a, slog.New(slog.NewTextHandler(io.Discard, nil)))}
+	srv := &http.Server{Handler: Handler(a, slog.New(slog.NewTextHandler(io.Discard, nil)), nil)}
 	go srv.Serve(ln)
 	t.Cleanup(func() { srv.Close() })
 	return sock

@@ -94,8 +94,52 @@ type Admitter interface {
 	Release(req DelRequest)
 }
 
-// Handler serves the plugin's requests.
-func Handler(a Admitter, log *slog.Logger) http.Handler {
+// Decision is one ADD the agent answered, for the agent's trace: the
+// sandbox was held from the request's arrival until the answer.
+type Decision struct {
+	Request AddRequest
+	// Response is what the plugin was told when the sandbox was admitted.
+	Response AddResponse
+	// Err is why it was refused; nil: admitted.
+	Err error
+	// Reason is a short machine-readable reason of a refusal (RefusalReason).
+	Reason string
+	// Held is how long the sandbox waited for the agent's answer.
+	Held time.Duration
+}
+
+// Refusal is an Admit error that carries a short machine-readable reason
+// (for `kubectl ebpf trace --type cni`); the plugin still sees the text.
+type Refusal struct {
+	Reason string
+	Err    error
+}
+
+func (r *Refusal) Error() string       { return r.Err.Error() }
+func (r *Refusal) Unwrap() error       { return r.Err }
+func (r *Refusal) AdmitReason() string { return r.Reason }
+
+// Refuse wraps err with a machine-readable reason.
+func Refuse(reason string, err error) error { return &Refusal{Reason: reason, Err: err} }
+
+// RefusalReason is the machine-readable reason of an Admit error: that of
+// the first error in its chain with an AdmitReason method (Refusal, or the
+// policy sync's own errors, which need not import this package), else
+// "canceled" when the plugin gave up waiting, else "refused".
+func RefusalReason(err error) string {
+	var r interface{ AdmitReason() string }
+	if errors.As(err, &r) && r.AdmitReason() != "" {
+		return r.AdmitReason()
+	}
+	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return "canceled"
+	}
+	return "refused"
+}
+
+// Handler serves the plugin's requests. decided, when not nil, is told
+// every ADD's outcome once it is answered (the agent's trace).
+func Handler(a Admitter, log *slog.Logger, decided func(Decision)) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST "+pathAdd, func(w http.ResponseWriter, r *http.Request) {
 		var req AddRequest
@@ -105,15 +149,21 @@ func Handler(a Admitter, log *slog.Logger) http.Handler {
 		}
 		start := time.Now()
 		resp, err := a.Admit(r.Context(), req)
+		d := Decision{Request: req, Response: resp, Err: err, Held: time.Since(start)}
 		if err != nil {
-			log.Warn("cni add refused", "pod", req.Namespace+"/"+req.Name, "err", err)
+			d.Reason = RefusalReason(err)
+			log.Warn("cni add refused", "pod", req.Namespace+"/"+req.Name, "reason", d.Reason, "err", err)
 			http.Error(w, err.Error(), http.StatusServiceUnavailable)
-			return
+		} else {
+			log.Info("cni add", "pod", req.Namespace+"/"+req.Name, "ips", req.IPs, "enforced", resp.Enforced,
+				"endpoint", resp.Endpoint, "took", d.Held)
+			w.Header().Set("Content-Type", "application/json")
+			_ = json.NewEncoder(w).Encode(resp)
 		}
-		log.Info("cni add", "pod", req.Namespace+"/"+req.Name, "ips", req.IPs, "enforced", resp.Enforced,
-			"endpoint", resp.Endpoint, "took", time.Since(start))
-		w.Header().Set("Content-Type", "application/json")
-		_ = json.NewEncoder(w).Encode(resp)
+		// decided must not block (the trace hub's Publish does not).
+		if decided != nil {
+			decided(d)
+		}
 	})
 	mux.HandleFunc("POST "+pathDel, func(w http.ResponseWriter, r *http.Request) {
 		var req DelRequest

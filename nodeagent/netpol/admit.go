@@ -51,16 +51,30 @@ type admitOutcome struct {
 	err error
 }
 
+// AdmitError is a refusal of Admit with a short machine-readable reason
+// (no-ips, not-synced, pod-not-found, not-programmed, cannot-program) for
+// the trace; nodeagent/cni reads it through AdmitReason.
+type AdmitError struct {
+	Reason string
+	Err    error
+}
+
+func admitErr(reason string, err error) error { return &AdmitError{Reason: reason, Err: err} }
+
+func (e *AdmitError) Error() string       { return e.Err.Error() }
+func (e *AdmitError) Unwrap() error       { return e.Err }
+func (e *AdmitError) AdmitReason() string { return e.Reason }
+
 // Admit programs the endpoint of pod ns/name (uid may be empty) with these
 // IPs and returns once its programs are attached, or ctx ends.
 func (s *Syncer) Admit(ctx context.Context, ns, name string, uid types.UID, ips []netip.Addr) (AdmitResult, error) {
 	if len(ips) == 0 {
-		return AdmitResult{}, fmt.Errorf("pod %s/%s: no IPs", ns, name)
+		return AdmitResult{}, admitErr("no-ips", fmt.Errorf("pod %s/%s: no IPs", ns, name))
 	}
 	select {
 	case <-s.synced:
 	case <-ctx.Done():
-		return AdmitResult{}, fmt.Errorf("pod %s/%s: policy informers not synced yet: %w", ns, name, ctx.Err())
+		return AdmitResult{}, admitErr("not-synced", fmt.Errorf("pod %s/%s: policy informers not synced yet: %w", ns, name, ctx.Err()))
 	}
 	k := types.NamespacedName{Namespace: ns, Name: name}
 	var pod *corev1.Pod
@@ -72,7 +86,7 @@ func (s *Syncer) Admit(ctx context.Context, ns, name string, uid types.UID, ips 
 		}
 		select {
 		case <-ctx.Done():
-			return AdmitResult{}, fmt.Errorf("pod %s/%s (uid %q) bound to node %s not in the API cache: %w", ns, name, uid, s.opts.NodeName, ctx.Err())
+			return AdmitResult{}, admitErr("pod-not-found", fmt.Errorf("pod %s/%s (uid %q) bound to node %s not in the API cache: %w", ns, name, uid, s.opts.NodeName, ctx.Err()))
 		case <-time.After(admitPoll):
 		}
 	}
@@ -106,7 +120,7 @@ func (s *Syncer) Admit(ctx context.Context, ns, name string, uid types.UID, ips 
 			why = strings.Join(names, "; ")
 		}
 		s.mu.Unlock()
-		return AdmitResult{}, fmt.Errorf("pod %s/%s not programmed (%s): %w", ns, name, why, ctx.Err())
+		return AdmitResult{}, admitErr("not-programmed", fmt.Errorf("pod %s/%s not programmed (%s): %w", ns, name, why, ctx.Err()))
 	}
 }
 
@@ -172,7 +186,7 @@ func (s *Syncer) finishAdmits(compileFailed map[types.NamespacedName]bool) {
 					names = append(names, n)
 				}
 				slices.Sort(names)
-				w.done <- admitOutcome{err: fmt.Errorf("policy for pod %s cannot be programmed: %s", k, strings.Join(names, "; "))}
+				w.done <- admitOutcome{err: admitErr("cannot-program", fmt.Errorf("policy for pod %s cannot be programmed: %s", k, strings.Join(names, "; ")))}
 			default:
 				waiting = append(waiting, w) // not yet: interface retry or a later sync
 			}

@@ -2,6 +2,7 @@ package netpol
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -95,8 +96,9 @@ func TestSyncAdmitErrors(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 		defer cancel()
 		_, err := h.s.Admit(ctx, "x", "ghost", "", ip)
-		if err == nil || !strings.Contains(err.Error(), "not in the API cache") {
-			t.Fatalf("err = %v", err)
+		var ae *AdmitError
+		if err == nil || !strings.Contains(err.Error(), "not in the API cache") || !errors.As(err, &ae) || ae.AdmitReason() != "pod-not-found" {
+			t.Fatalf("err = %v (want reason pod-not-found for the trace)", err)
 		}
 	})
 	t.Run("pod bound to another node", func(t *testing.T) {
@@ -120,8 +122,9 @@ func TestSyncAdmitErrors(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		_, err := h.s.Admit(ctx, "x", "new", fresh.UID, ip)
-		if err == nil || !strings.Contains(err.Error(), "cannot be programmed") {
-			t.Fatalf("err = %v", err)
+		var ae *AdmitError
+		if err == nil || !strings.Contains(err.Error(), "cannot be programmed") || !errors.As(err, &ae) || ae.AdmitReason() != "cannot-program" {
+			t.Fatalf("err = %v (want reason cannot-program for the trace)", err)
 		}
 	})
 	t.Run("release forgets the hint", func(t *testing.T) {
