@@ -16,7 +16,6 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/ringbuf"
 	"golang.org/x/sys/unix"
-	"k8s.io/apimachinery/pkg/types"
 
 	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	dp "github.com/kubectl-ebpf/kubectl-ebpf/bpf/netpol"
@@ -26,8 +25,7 @@ import (
 type PolicyNamer interface {
 	// PolicyName is a policy ID's namespace/name.
 	PolicyName(id uint32) (string, bool)
-	// PodByIP is the pod holding an IP.
-	PodByIP(ip netip.Addr) (types.NamespacedName, bool)
+	PodNamer
 }
 
 // PolicyReader turns the policy datapath's ring buffer (kebpf_np_events)
@@ -200,7 +198,7 @@ func PolicyEvent(ev dp.Event, node string, at time.Time, n PolicyNamer) apiv1.Tr
 	return out
 }
 
-func peer(ap netip.AddrPort, n PolicyNamer) apiv1.TracePeer {
+func peer(ap netip.AddrPort, n PodNamer) apiv1.TracePeer {
 	p := apiv1.TracePeer{IP: ap.Addr().Unmap().String(), Port: ap.Port()}
 	if k, ok := n.PodByIP(ap.Addr()); ok {
 		p.Namespace, p.Pod = k.Namespace, k.Name
