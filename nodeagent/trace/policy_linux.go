@@ -4,18 +4,14 @@ package trace
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
-	"os"
 	"strconv"
 	"strings"
 	"time"
 
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/ringbuf"
-	"golang.org/x/sys/unix"
 
 	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	dp "github.com/kubectl-ebpf/kubectl-ebpf/bpf/netpol"
@@ -44,92 +40,17 @@ type PolicyReader struct {
 	Log       *slog.Logger
 }
 
-// Run reads until ctx ends. Nothing here blocks the datapath: a slow
-// reader fills the ring buffer, and the datapath counts what it could not
-// write.
+// Run reads until ctx ends.
 func (r *PolicyReader) Run(ctx context.Context) error {
-	rd, err := ringbuf.NewReader(r.Events)
-	if err != nil {
-		return fmt.Errorf("policy events reader: %w", err)
-	}
-	done := make(chan struct{})
-	defer close(done)
-	go func() {
-		select {
-		case <-ctx.Done():
-		case <-done:
-		}
-		rd.Close() // unblocks Read
-	}()
-	if r.Lost != nil {
-		// The baseline is read before the first record, so a client that
-		// saw an event knows every later loss is reported.
-		base, err := r.Lost()
-		if err != nil {
-			r.Log.Warn("read policy events lost", "err", err)
-		}
-		go r.pollLost(ctx, done, base)
-	}
-	clk := newClock()
-	var rec ringbuf.Record
-	for {
-		if err := rd.ReadInto(&rec); err != nil {
-			if errors.Is(err, os.ErrClosed) || ctx.Err() != nil {
-				return nil
+	return ringReader{typ: apiv1.TraceTypePolicy, events: r.Events, lost: r.Lost, lostEvery: r.LostEvery,
+		hub: r.Hub, log: r.Log, handle: func(raw []byte, clk clock) (apiv1.TraceEvent, error) {
+			ev, err := dp.ParseEvent(raw)
+			if err != nil {
+				return apiv1.TraceEvent{}, err
 			}
-			return fmt.Errorf("read policy events: %w", err)
-		}
-		ev, err := dp.ParseEvent(rec.RawSample)
-		if err != nil {
-			r.Log.Warn("policy event", "err", err)
-			continue
-		}
-		r.Hub.Publish(PolicyEvent(ev, r.Node, clk.wall(ev.At), r.Namer))
-	}
+			return PolicyEvent(ev, r.Node, clk.wall(ev.At), r.Namer), nil
+		}}.run(ctx)
 }
-
-// pollLost publishes growth of the kernel's lost count. The count is
-// pinned and outlives agents: the first read is the baseline.
-func (r *PolicyReader) pollLost(ctx context.Context, done <-chan struct{}, last uint64) {
-	every := r.LostEvery
-	if every <= 0 {
-		every = time.Second
-	}
-	t := time.NewTicker(every)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-done:
-			return
-		case <-t.C:
-		}
-		n, err := r.Lost()
-		if err != nil {
-			r.Log.Warn("read policy events lost", "err", err)
-			continue
-		}
-		if n > last {
-			r.Hub.Lost(apiv1.TraceLostKernel, apiv1.TraceTypePolicy, n-last)
-		}
-		last = n
-	}
-}
-
-// clock converts CLOCK_MONOTONIC (bpf_ktime_get_ns) to wall time.
-type clock struct{ boot time.Time }
-
-func newClock() clock {
-	var ts unix.Timespec
-	now := time.Now()
-	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
-		return clock{boot: now}
-	}
-	return clock{boot: now.Add(-time.Duration(ts.Nano()))}
-}
-
-func (c clock) wall(mono time.Duration) time.Time { return c.boot.Add(mono).UTC() }
 
 // PolicyEvent converts one datapath record, naming its policy and pods.
 func PolicyEvent(ev dp.Event, node string, at time.Time, n PolicyNamer) apiv1.TraceEvent {
