@@ -238,4 +238,3 @@ func (r LBTraceResult) Markdown() string {
 	fmt.Fprintf(&b, "Events: %d delivered to the following client, %d lost in the kernel (kebpf_lb_lost) over all \"on\" samples.\n", r.Delivered, r.Lost)
 	return b.String()
 }
-
