@@ -271,6 +271,19 @@ static __always_inline struct lb_event *reserve(void)
 	return e;
 }
 
+// submit hands e to the reader. Waking the reader for every event would
+// cost each connect() an irq_work and the reader a context switch per
+// event; instead the reader polls (trace.ringReader, every 100ms) and is
+// woken only once a quarter of the ring is waiting, so a burst is still
+// read long before the ring is full.
+static __always_inline void submit(struct lb_event *e)
+{
+	__u64 avail = bpf_ringbuf_query(&kebpf_lb_events, BPF_RB_AVAIL_DATA);
+	__u64 size = bpf_ringbuf_query(&kebpf_lb_events, BPF_RB_RING_SIZE);
+
+	bpf_ringbuf_submit(e, avail >= size / 4 ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
+}
+
 // emit writes a translated or refused event for the caller of connect() or
 // sendmsg(); be is NULL for refused.
 static __always_inline void emit(struct bpf_sock_addr *ctx, __u8 verdict, __u8 hook, __u32 svc_id,
@@ -302,7 +315,7 @@ static __always_inline void emit(struct bpf_sock_addr *ctx, __u8 verdict, __u8 h
 		e->be_port = be->port;
 	}
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
-	bpf_ringbuf_submit(e, 0);
+	submit(e);
 }
 
 static __always_inline int be_equal(const struct be_val *a, const struct be_val *b)
@@ -711,7 +724,7 @@ int kebpf_udp_kill(struct bpf_iter__udp *ctx)
 	struct cgroup *cg = sk->sk_cgrp_data.cgroup;
 	if (cg && cg->kn)
 		e->cgroup_id = cg->kn->id;
-	bpf_ringbuf_submit(e, 0);
+	submit(e);
 	return 0;
 }
 

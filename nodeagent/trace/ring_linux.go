@@ -17,6 +17,12 @@ import (
 	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 )
 
+// PollEvery is how often a reader looks at its ring buffer without being
+// woken: datapaths that submit without a wakeup (socklb does, below a
+// quarter full) are read at least this often, well within the second a
+// following client should see an event in.
+const PollEvery = 100 * time.Millisecond
+
 // ringReader is the loop every datapath reader shares: read a BPF ring
 // buffer into the hub, and report what the datapath counted as lost
 // because the ring was full. Only the decoding differs (handle).
@@ -60,10 +66,16 @@ func (r ringReader) run(ctx context.Context) error {
 	}
 	clk := newClock()
 	var rec ringbuf.Record
+	rd.SetDeadline(time.Now().Add(PollEvery))
 	for {
 		if err := rd.ReadInto(&rec); err != nil {
 			if errors.Is(err, os.ErrClosed) || ctx.Err() != nil {
 				return nil
+			}
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				// Every record written so far has been read: wait again.
+				rd.SetDeadline(time.Now().Add(PollEvery))
+				continue
 			}
 			return fmt.Errorf("read %s events: %w", r.typ, err)
 		}
