@@ -94,6 +94,9 @@ type Options struct {
 	// measuring tracing on and off in a rotated order; LatCount connects
 	// per sample.
 	LBTraceRounds int
+	// LBTracePin runs the client and server on CPU 0 and the harness
+	// (the reader) on CPU 1 (needs 2 CPUs).
+	LBTracePin bool
 	// OnEnv is called with the run id once the environment exists (tests
 	// check later that nothing with that id is left).
 	OnEnv func(id string)

@@ -4,14 +4,17 @@ package bench
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
 
+	"golang.org/x/sys/unix"
 	"k8s.io/apimachinery/pkg/types"
 
 	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
@@ -45,6 +48,28 @@ type LBTraceResult struct {
 	RatioP50, RatioConnPerSec float64
 	Delivered, Lost           uint64 // events read by the reader / lost in the kernel, all "on" samples
 	Command                   string
+	Pinned                    bool
+}
+
+// pinSelf moves every thread of this process to cpu; threads made later
+// inherit it from the thread that makes them.
+func pinSelf(cpu int) error {
+	var set unix.CPUSet
+	set.Set(cpu)
+	tasks, err := os.ReadDir("/proc/self/task")
+	if err != nil {
+		return err
+	}
+	for _, t := range tasks {
+		tid, err := strconv.Atoi(t.Name())
+		if err != nil {
+			continue
+		}
+		if err := unix.SchedSetaffinity(tid, &set); err != nil && !errors.Is(err, unix.ESRCH) {
+			return fmt.Errorf("pin thread %d to cpu %d: %w", tid, cpu, err)
+		}
+	}
+	return nil
 }
 
 const lbTraceVIP = "10.125.0.1"
@@ -125,10 +150,21 @@ func runLBTrace(ctx context.Context, o Options) error {
 		}
 	}()
 
-	if _, err := e.start("lt-server", startOpts{netns: ns, env: []string{childEnv + "=server"}}, e.self, e.marker()); err != nil {
+	// Pinned: the client and the server share CPU 0, this process (the
+	// reader, the hub and its client) gets CPU 1, so the columns differ by
+	// what tracing costs connect() itself, not by the reader competing for
+	// the client's CPU.
+	bin, args := e.self, []string{e.marker()}
+	if o.LBTracePin {
+		if err := pinSelf(1); err != nil {
+			return err
+		}
+		bin, args = "taskset", []string{"-c", "0", e.self, e.marker()}
+	}
+	if _, err := e.start("lt-server", startOpts{netns: ns, env: []string{childEnv + "=server"}}, bin, args...); err != nil {
 		return err
 	}
-	w, err := e.start("lt-worker", startOpts{netns: ns, cgroup: cgFD, stdin: true, env: []string{childEnv + "=worker"}}, e.self, e.marker())
+	w, err := e.start("lt-worker", startOpts{netns: ns, cgroup: cgFD, stdin: true, env: []string{childEnv + "=worker"}}, bin, args...)
 	if err != nil {
 		return err
 	}
@@ -137,7 +173,7 @@ func runLBTrace(ctx context.Context, o Options) error {
 		return fmt.Errorf("service unreachable: %w: %s", err, e.logTail("lt-server"))
 	}
 
-	res := LBTraceResult{Date: time.Now().UTC().Format(time.RFC3339), Machine: thisMachine(), Connects: o.LatCount,
+	res := LBTraceResult{Pinned: o.LBTracePin, Date: time.Now().UTC().Format(time.RFC3339), Machine: thisMachine(), Connects: o.LatCount,
 		Rounds: o.LBTraceRounds, Points: map[string]Point{}, Command: strings.Join(os.Args, " ")}
 	lost0, _ := objs.EventsLost()
 	cols := []string{LBTraceOn, LBTraceOff}
@@ -186,7 +222,11 @@ func runLBTrace(ctx context.Context, o Options) error {
 		if err := os.MkdirAll(o.Out, 0o755); err != nil {
 			return err
 		}
-		path := filepath.Join(o.Out, "bench-lb-trace.md")
+		name := "bench-lb-trace.md"
+		if o.LBTracePin {
+			name = "bench-lb-trace-pinned.md"
+		}
+		path := filepath.Join(o.Out, name)
 		if err := os.WriteFile(path, []byte(res.Markdown()), 0o644); err != nil {
 			return err
 		}
@@ -200,6 +240,9 @@ func runLBTrace(ctx context.Context, o Options) error {
 func (r LBTraceResult) Markdown() string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "# Socket LB trace events: connect() cost, tracing on vs off\n\n")
+	if r.Pinned {
+		fmt.Fprintf(&b, "Pinned (`--lbtrace-pin`): client and server on CPU 0, the reader, hub and its client on CPU 1, so this isolates what tracing adds to connect() in the kernel from the reader's CPU competing with the client.\n\n")
+	}
 	fmt.Fprintf(&b, "%s, %s. `%s`.\n\n", r.Date, r.Machine, r.Command)
 	fmt.Fprintf(&b, "One TCP Service (1 backend, loopback in a private netns), client in a test cgroup with the socklb programs attached. "+
 		"%d rounds, each measuring both columns in rotated order (on/off, off/on, ...); a sample is %d sequential connect()s "+

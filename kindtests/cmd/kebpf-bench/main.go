@@ -40,6 +40,7 @@ func main() {
 		l7Round = flag.Int("l7-rounds", 6, "l7: rounds per number of connections, each measuring every column once in a rotated order (6: every column takes every slot twice); cells are median (min–max)")
 		l7Chg   = flag.Int("l7-changes", 50, "l7: L7Policy changes timed (to Envoy's ACK and to the new verdict enforced)")
 		ltRound = flag.Int("lbtrace-rounds", 10, "lbtrace: rounds, each measuring connect() with socket LB trace events on and off in a rotated order (--connects per sample); writes bench-lb-trace.md")
+		ltPin   = flag.Bool("lbtrace-pin", false, "lbtrace: client and server on CPU 0, the reader on CPU 1 (isolates the kernel-side cost); writes bench-lb-trace-pinned.md")
 		out     = flag.String("out", "results", "results directory")
 		quick   = flag.Bool("quick", false, "fast smoke run at small N")
 		bulk    = flag.Int("bulk", 20000, "Services created (x --bulk-endpoints) with the datapath running; 0 skips")
@@ -55,7 +56,7 @@ func main() {
 	o := bench.Options{Out: *out, BulkServices: *bulk, BulkEndpoints: *bulkEps, Changes: *changes,
 		LatCount: *count, Rounds: *rounds, ModeTimeout: *timeout, KubeBinDir: *binDir, Etcd: *etcd, Log: log,
 		NetpolConns: *pConns, NetpolRR: *pRR, NetpolFlows: *pFlows, NetpolRounds: *pRounds,
-		L7Duration: *l7Dur, L7Rounds: *l7Round, L7Changes: *l7Chg, LBTraceRounds: *ltRound}
+		L7Duration: *l7Dur, L7Rounds: *l7Round, L7Changes: *l7Chg, LBTraceRounds: *ltRound, LBTracePin: *ltPin}
 	if *pRounds < 1 || *rounds < 1 || *l7Round < 1 || *l7Chg < 1 || *ltRound < 1 {
 		fmt.Fprintln(os.Stderr, "kebpf-bench: --rounds, --policy-rounds, --l7-rounds, --l7-changes and --lbtrace-rounds must be at least 1")
 		os.Exit(2)
