@@ -105,6 +105,9 @@ type Config struct {
 	// Trace sizes the trace ring and the per-client queues (zero fields:
 	// the trace package's defaults; Node and Registerer are set by New).
 	Trace trace.Options
+	// LBTraceOff turns the socket LB's trace events off (the pinned switch
+	// kebpf_lb_cfg, written when service-lb is enabled).
+	LBTraceOff bool
 }
 
 // Agent is one running agent.

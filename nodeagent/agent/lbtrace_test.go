@@ -7,11 +7,13 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
 	v1 "k8s.io/api/core/v1"
 	discovery "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -122,5 +124,31 @@ func TestIntegrationServiceLBTrace(t *testing.T) {
 	}
 	if p := last.Process; p == nil || p.Command != "bash" || p.PID == 0 || p.Container != "app" || p.CgroupID != bpftest.CgroupID(t, ctrCg) {
 		t.Errorf("process %+v", last.Process)
+	}
+}
+
+// TestIntegrationLBTraceFlagOff: --lb-trace=false writes the pinned switch
+// off when service-lb is enabled (and it stays written for the programs).
+func TestIntegrationLBTraceFlagOff(t *testing.T) {
+	bpftest.RequireRoot(t)
+	pinDir := bpftest.PinDir(t)
+	root := bpftest.Cgroup(t)
+	t.Cleanup(func() { socklb.DetachPinned(pinDir) })
+	kube := fake.NewClientset(configMap(t, "features:\n  sockstats: false\n  service-lb: true\n"),
+		&v1.Node{ObjectMeta: metav1.ObjectMeta{Name: "kebpf-node"}})
+	a := startAgent(t, Config{Kube: kube, PinDir: pinDir, CgroupRoot: root, LBTraceOff: true,
+		ServiceLB: socklb.LoadOptions{MaxFrontends: 64, MaxBackends: 64}})
+	waitFor(t, "service-lb active", func() bool { return len(active(a)) == 1 })
+	m, err := ebpf.LoadPinnedMap(filepath.Join(socklb.MapPinDir(pinDir), socklb.SocklbMapKebpfLbCfg), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	var c socklb.SocklbLbCfg
+	if err := m.Lookup(uint32(0), &c); err != nil {
+		t.Fatal(err)
+	}
+	if c.TraceOff != 1 {
+		t.Errorf("kebpf_lb_cfg trace_off = %d with LBTraceOff, want 1", c.TraceOff)
 	}
 }

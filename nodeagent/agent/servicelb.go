@@ -68,6 +68,11 @@ func (f *serviceLBFeature) Enable(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	// The switch is pinned: set it every time, so the flag, not an earlier
+	// agent, decides. A failure costs the trace, not the LB.
+	if err := objs.SetTrace(!f.a.cfg.LBTraceOff); err != nil {
+		f.a.log.Error("set lb trace switch", "err", err)
+	}
 	// Attach before the first sync: pinned maps from an earlier agent are
 	// already complete, and empty fresh maps translate nothing (connects
 	// then go where they would without us, e.g. to kube-proxy).
