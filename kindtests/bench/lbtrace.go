@@ -47,8 +47,21 @@ type LBTraceResult struct {
 	// that round (the pair shares the machine's state of the moment).
 	RatioP50, RatioConnPerSec float64
 	Delivered, Lost           uint64 // events read by the reader / lost in the kernel, all "on" samples
-	Command                   string
-	Pinned                    bool
+	// ReaderCPUSeconds is this process's CPU time (the reader, the hub and
+	// its client; nothing else runs here during a sample) over the "on"
+	// and the "off" samples; OnSeconds the wall time of the "on" samples.
+	ReaderCPUOn, ReaderCPUOff, OnSeconds float64
+	Command                              string
+	Pinned                               bool
+}
+
+// selfCPU is this process's user+system CPU time in seconds.
+func selfCPU() float64 {
+	var ru unix.Rusage
+	if err := unix.Getrusage(unix.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano()).Seconds()
 }
 
 // pinSelf moves every thread of this process to cpu; threads made later
@@ -184,9 +197,17 @@ func runLBTrace(ctx context.Context, o Options) error {
 			s.NA = err.Error()
 			return s, nil
 		}
-		t := time.Now()
+		t, cpu0 := time.Now(), selfCPU()
 		resp, err := w.call(workerReq{Op: "lat", Addr: dst, Count: o.LatCount})
 		s.Seconds = time.Since(t).Seconds()
+		if col == LBTraceOn {
+			// The reader may still be draining the tail: it is charged to
+			// the next sample, at most PollEvery of it.
+			res.ReaderCPUOn += selfCPU() - cpu0
+			res.OnSeconds += s.Seconds
+		} else {
+			res.ReaderCPUOff += selfCPU() - cpu0
+		}
 		if ctx.Err() != nil {
 			return s, ctx.Err()
 		}
@@ -279,5 +300,9 @@ func (r LBTraceResult) Markdown() string {
 		fmt.Fprintf(&b, "Goal (< 3%% added connect() cost, judged on p50 latency and connections/s, both ways of comparing): **%s** (worst of the four: %+.1f%%; p99 is reported, not judged: at this rate it is scheduling noise on 2 shared vCPUs).\n\n", verdict, worst)
 	}
 	fmt.Fprintf(&b, "Events: %d delivered to the following client, %d lost in the kernel (kebpf_lb_lost) over all \"on\" samples.\n", r.Delivered, r.Lost)
+	if r.OnSeconds > 0 && r.Delivered > 0 {
+		fmt.Fprintf(&b, "\nReader CPU (this process: reader, hub, following client): %.1f%% of one CPU while on, at %.0f events/s (%.2f µs per event); %.1f%% over the same time while off.\n",
+			100*r.ReaderCPUOn/r.OnSeconds, float64(r.Delivered)/r.OnSeconds, 1e6*r.ReaderCPUOn/float64(r.Delivered), 100*r.ReaderCPUOff/r.OnSeconds)
+	}
 	return b.String()
 }
