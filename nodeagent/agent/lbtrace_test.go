@@ -118,7 +118,7 @@ func TestIntegrationServiceLBTrace(t *testing.T) {
 		t.Fatalf("service %+v, want %+v (event %+v)", last.Service, want, last)
 	}
 	if last.Verdict != apiv1.TraceVerdictTranslated || last.Node != "kebpf-node" ||
-		last.Source != (apiv1.TracePeer{Namespace: "team", Pod: "client"}) ||
+		last.Source != (apiv1.TracePeer{Namespace: "team", Pod: "client", IP: "10.244.0.9"}) ||
 		last.Destination != (apiv1.TracePeer{Namespace: "shop", Pod: "web-0", IP: "127.0.0.1", Port: uint16(port)}) {
 		t.Errorf("event %+v", last)
 	}

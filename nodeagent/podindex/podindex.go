@@ -190,8 +190,15 @@ func (x *Index) PodByIP(ip netip.Addr) (types.NamespacedName, bool) {
 // inode id, for pods on this node. container is "" for the pod's own
 // cgroup or a container the pod's status does not list yet.
 func (x *Index) PodByCgroup(id uint64) (types.NamespacedName, string, bool) {
+	p, c, _, ok := x.PodByCgroupIPs(id)
+	return p, c, ok
+}
+
+// PodByCgroupIPs is PodByCgroup plus the pod's IPs (none for a
+// hostNetwork pod): a connect() from that cgroup leaves from one of them.
+func (x *Index) PodByCgroupIPs(id uint64) (types.NamespacedName, string, []netip.Addr, bool) {
 	if id == 0 {
-		return types.NamespacedName{}, "", false
+		return types.NamespacedName{}, "", nil, false
 	}
 	x.scanMu.Lock()
 	e, ok := x.cgroups[id]
@@ -201,15 +208,16 @@ func (x *Index) PodByCgroup(id uint64) (types.NamespacedName, string, bool) {
 	}
 	x.scanMu.Unlock()
 	if !ok {
-		return types.NamespacedName{}, "", false
+		return types.NamespacedName{}, "", nil, false
 	}
 	x.mu.RLock()
 	defer x.mu.RUnlock()
 	p := x.byUID[e.uid]
 	if p == nil {
-		return types.NamespacedName{}, "", false
+		return types.NamespacedName{}, "", nil, false
 	}
-	return p.name, p.containers[e.container], true
+	// p.ips is replaced, never modified, by set: safe to hand out.
+	return p.name, p.containers[e.container], p.ips, true
 }
 
 // Pod cgroup directory names: cgroupfs "pod<UID>", systemd

@@ -116,6 +116,10 @@ func TestPodByCgroup(t *testing.T) {
 		}
 	}
 
+	if _, _, ips, ok := x.PodByCgroupIPs(ino(t, ctrA)); !ok || len(ips) != 1 || ips[0] != netip.MustParseAddr("10.244.1.5") {
+		t.Errorf("PodByCgroupIPs(container of a) ips = %v, %v; want [10.244.1.5]", ips, ok)
+	}
+
 	// A container started after the scan: found after MinRescan, not before
 	// (misses do not rescan on every event).
 	cidC := strings.Repeat("c3", 32)

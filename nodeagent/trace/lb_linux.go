@@ -6,6 +6,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -60,8 +61,9 @@ func (r *LBReader) Run(ctx context.Context) error {
 
 // LBEvent converts one socket LB record: the Service by its ID, the
 // backend pod by its IP, and the calling process's pod by its cgroup.
-// Source has no IP: connect() decides before the socket has a source
-// address.
+// connect() decides before the socket has a source address: Source's IP is
+// the client pod's address of the dialed family when its cgroup is a known
+// pod's, else empty.
 func LBEvent(ev socklb.Event, node string, at time.Time, svcs ServiceNamer, pods PodNamer, cgs CgroupNamer) apiv1.TraceEvent {
 	out := apiv1.TraceEvent{
 		Time:     at,
@@ -95,12 +97,31 @@ func LBEvent(ev socklb.Event, node string, at time.Time, svcs ServiceNamer, pods
 		out.Verdict = ev.Verdict.String()
 	}
 	if cgs != nil {
-		if p, container, ok := cgs.PodByCgroup(ev.CgroupID); ok {
+		if withIPs, ok := cgs.(cgroupIPNamer); ok {
+			if p, container, ips, ok := withIPs.PodByCgroupIPs(ev.CgroupID); ok {
+				out.Source.Namespace, out.Source.Pod = p.Namespace, p.Name
+				out.Process.Container = container
+				// The pod's address of the dialed family is the one the
+				// connection leaves from.
+				for _, ip := range ips {
+					if ip.Is4() == ev.Frontend.Addr().Is4() {
+						out.Source.IP = ip.String()
+						break
+					}
+				}
+			}
+		} else if p, container, ok := cgs.PodByCgroup(ev.CgroupID); ok {
 			out.Source.Namespace, out.Source.Pod = p.Namespace, p.Name
 			out.Process.Container = container
 		}
 	}
 	return out
+}
+
+// cgroupIPNamer is a CgroupNamer that also knows the pod's IPs
+// (nodeagent/podindex is one).
+type cgroupIPNamer interface {
+	PodByCgroupIPs(id uint64) (pod types.NamespacedName, container string, ips []netip.Addr, ok bool)
 }
 
 func dpProto(p socklb.Proto) dp.Proto { return dp.Proto(p) }

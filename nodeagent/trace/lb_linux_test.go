@@ -137,7 +137,7 @@ func TestLBReaderEndToEnd(t *testing.T) {
 	proc := func(pid int) *apiv1.TraceProcess {
 		return &apiv1.TraceProcess{PID: uint32(pid), Command: "bash", CgroupID: bpftest.CgroupID(t, ctrCg), Container: "app"}
 	}
-	src := apiv1.TracePeer{Namespace: "team", Pod: "client"}
+	src := apiv1.TracePeer{Namespace: "team", Pod: "client", IP: "10.244.9.9"}
 
 	pid, out := connect("10.96.77.1")
 	if strings.TrimSpace(out) != "hi" {
