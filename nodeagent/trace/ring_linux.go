@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"sync"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -47,6 +48,10 @@ func (r ringReader) run(ctx context.Context) error {
 		return fmt.Errorf("%s events reader: %w", r.typ, err)
 	}
 	done := make(chan struct{})
+	// pollLost reads the datapath's maps: run returns only after it ended,
+	// so the caller may close the maps once run has returned.
+	var wg sync.WaitGroup
+	defer wg.Wait()
 	defer close(done)
 	go func() {
 		select {
@@ -62,7 +67,11 @@ func (r ringReader) run(ctx context.Context) error {
 		if err != nil {
 			r.log.Warn("read events lost", "type", r.typ, "err", err)
 		}
-		go r.pollLost(ctx, done, base)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r.pollLost(ctx, done, base)
+		}()
 	}
 	clk := newClock()
 	var rec ringbuf.Record
