@@ -110,7 +110,7 @@ struct kill_val {
 	__u32 pad2;      // zero
 };
 
-// Trace event verdicts (lb_event.verdict); keep in sync with events.go.
+// Trace event verdicts (lb_event.verdict); keep in sync with event.go.
 enum {
 	EV_TRANSLATED = 1, // connect()/sendmsg() sent to a backend
 	EV_REFUSED = 2,    // the frontend has no endpoints: ECONNREFUSED
@@ -125,7 +125,7 @@ enum {
 };
 
 // One kebpf_lb_events record (96 bytes, no hidden padding); ParseEvent in
-// events.go decodes it.
+// event.go decodes it.
 struct lb_event {
 	__u64 ts;        // bpf_ktime_get_ns
 	__u64 cgroup_id; // cgroup v2 id of the caller (destroyed: the socket's)
@@ -137,7 +137,7 @@ struct lb_event {
 	__u8 hook;       // HOOK_*
 	__u8 proto;      // IPPROTO_*
 	__u8 family;     // FAM4/FAM6 of the frontend
-	__be32 vip[4];   // frontend dialed (destroyed: zero)
+	__be32 vip[4];   // frontend dialed (destroyed: the one it was connected to)
 	__be32 be_ip[4]; // chosen backend (refused: zero)
 	__be16 vport;    // frontend port, network order
 	__be16 be_port;  // backend port, network order
