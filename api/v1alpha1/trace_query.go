@@ -44,7 +44,8 @@ type TraceFilter struct {
 	Nodes                  []string
 	Types                  []string
 	Verdicts               []string
-	// Ports match either end's port.
+	// Ports match either end's port, or the Service port a connect()
+	// addressed (lb events).
 	Ports []uint16
 	// Protocols match TraceEvent.Protocol, case-insensitively.
 	Protocols []string
@@ -76,7 +77,8 @@ func (f *TraceFilter) Match(e *TraceEvent) bool {
 	if len(f.Verdicts) > 0 && !slices.Contains(f.Verdicts, e.Verdict) {
 		return false
 	}
-	if len(f.Ports) > 0 && !slices.Contains(f.Ports, e.Source.Port) && !slices.Contains(f.Ports, e.Destination.Port) {
+	if len(f.Ports) > 0 && !slices.Contains(f.Ports, e.Source.Port) && !slices.Contains(f.Ports, e.Destination.Port) &&
+		(e.Service == nil || !slices.Contains(f.Ports, e.Service.PortNumber)) {
 		return false
 	}
 	if len(f.Protocols) > 0 && !slices.ContainsFunc(f.Protocols, func(p string) bool { return strings.EqualFold(p, e.Protocol) }) {

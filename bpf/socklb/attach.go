@@ -53,7 +53,8 @@ func (o *Objects) Detach() error {
 	errs := []error{pins.DetachLinks(o.links), detachPinnedLinks(o.pinDir)}
 	o.links = map[string]link.Link{}
 	for _, m := range []*ebpf.Map{o.objs.KebpfLbSvc4, o.objs.KebpfLbSvc6, o.objs.KebpfLbBe,
-		o.objs.KebpfLbAff, o.objs.KebpfLbRev, o.objs.KebpfLbStats} {
+		o.objs.KebpfLbAff, o.objs.KebpfLbRev, o.objs.KebpfLbStats,
+		o.objs.KebpfLbEvents, o.objs.KebpfLbLost, o.objs.KebpfLbCfg} {
 		if err := m.Unpin(); err != nil {
 			errs = append(errs, fmt.Errorf("unpin map: %w", err))
 		}

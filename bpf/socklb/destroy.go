@@ -39,7 +39,7 @@ func (o *Objects) destroyRemoved(svc Service, oldBackends []Backend, old *svcSta
 			continue
 		}
 		for _, ns := range netnses {
-			if _, err := o.destroyLocked(ns, b); err != nil {
+			if _, err := o.destroyLocked(ns, b, svc.ID); err != nil {
 				o.opts.Logger.Warn("destroy udp sockets", "service", svc.ID, "backend", b, "netns", ns, "err", err)
 			}
 		}
@@ -59,10 +59,12 @@ func (o *Objects) DestroySocketsTo(b Backend) (int, error) {
 func (o *Objects) DestroySocketsToIn(netnsPath string, b Backend) (int, error) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	return o.destroyLocked(netnsPath, b)
+	return o.destroyLocked(netnsPath, b, 0)
 }
 
-func (o *Objects) destroyLocked(netnsPath string, b Backend) (int, error) {
+// destroyLocked destroys the sockets to b; svcID (0: unknown) is what the
+// trace events of the destroyed sockets name.
+func (o *Objects) destroyLocked(netnsPath string, b Backend, svcID uint32) (int, error) {
 	if o.kill == nil {
 		return 0, fmt.Errorf("destroy sockets: %w", o.killErr)
 	}
@@ -70,7 +72,7 @@ func (o *Objects) destroyLocked(netnsPath string, b Backend) (int, error) {
 	if !b.IP.IsValid() {
 		return 0, fmt.Errorf("destroy sockets: invalid backend %v", b)
 	}
-	req := SocklbKillVal{Ip: ipWords(b.IP), Port: be16(b.Port), Family: fam6}
+	req := SocklbKillVal{Ip: ipWords(b.IP), Port: be16(b.Port), Family: fam6, SvcId: svcID}
 	if b.IP.Is4() {
 		req.Family = fam4
 	}

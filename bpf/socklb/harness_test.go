@@ -35,7 +35,8 @@ const (
 // op is one client action, repeated Count times.
 type op struct {
 	// Kind: "tcp" (connect, getpeername, read identity), "udp" (sendto +
-	// recvfrom on an unconnected socket), "udpconn" (connect, getpeername,
+	// recvfrom on an unconnected socket), "udpmany" (Count of those on one
+	// socket), "udpconn" (connect, getpeername,
 	// send, recvfrom), "hold" (interactive destroy scenario, see holdUDP),
 	// "bench-udp"/"bench-tcp" (Count connects, report elapsed ns).
 	Kind    string
@@ -105,11 +106,13 @@ func childMain(spec string) int {
 				res = append(res, holdUDP(o.Dst, out))
 			case "bench-udp", "bench-tcp":
 				res = append(res, bench(o.Kind, o.Dst, o.Count))
+			case "udpmany":
+				res = append(res, udpMany(o.Dst, o.Count))
 			default:
 				fmt.Fprintln(os.Stderr, "unknown op", o.Kind)
 				return 2
 			}
-			if strings.HasPrefix(o.Kind, "bench") {
+			if strings.HasPrefix(o.Kind, "bench") || o.Kind == "udpmany" {
 				break
 			}
 		}
@@ -217,6 +220,26 @@ func doUDP(dst string, connected bool) attempt {
 		return failed(a, "sendto", err)
 	}
 	return udpRecv(fd, a)
+}
+
+// udpMany sends n datagrams from one unconnected socket, each answered.
+func udpMany(dst string, n int) attempt {
+	var a attempt
+	fam, sa := sockaddr(dst)
+	fd, err := socket(fam, unix.SOCK_DGRAM)
+	if err != nil {
+		return failed(a, "socket", err)
+	}
+	defer unix.Close(fd)
+	for range max(n, 1) {
+		if err := unix.Sendto(fd, []byte("q"), 0, sa); err != nil {
+			return failed(a, "sendto", err)
+		}
+		if a = udpRecv(fd, a); a.Errno != "" {
+			return a
+		}
+	}
+	return a
 }
 
 func udpRecv(fd int, a attempt) attempt {

@@ -20,6 +20,8 @@ const (
 	DefaultMaxBackends  = 524288
 	DefaultMaxAffinity  = 65536
 	DefaultMaxRevNAT    = 131072
+	// DefaultEventsBytes sizes kebpf_lb_events: 2730 records of 96 bytes.
+	DefaultEventsBytes = 1 << 18
 )
 
 // LoadOptions size the maps. Zero fields take the defaults. Changing a size
@@ -37,6 +39,10 @@ type LoadOptions struct {
 	// MaxRevNAT bounds translated sockets remembered for recvmsg and
 	// getpeername (LRU).
 	MaxRevNAT int
+	// EventsBytes is the size of the trace ring buffer kebpf_lb_events, a
+	// power of two >= the page size. Like the other sizes it is fixed
+	// while the map is pinned.
+	EventsBytes int
 	// DestroyNetns lists the network namespaces (paths such as
 	// /proc/<pid>/ns/net or /run/netns/x) in which Apply and Delete destroy
 	// connected UDP sockets to removed backends. "" is the agent's own
@@ -55,6 +61,7 @@ func (lo LoadOptions) withDefaults() LoadOptions {
 		{&lo.MaxBackends, DefaultMaxBackends},
 		{&lo.MaxAffinity, DefaultMaxAffinity},
 		{&lo.MaxRevNAT, DefaultMaxRevNAT},
+		{&lo.EventsBytes, DefaultEventsBytes},
 	} {
 		if *f.v <= 0 {
 			*f.v = f.d
@@ -138,6 +145,7 @@ func Load(pinDir string, opts ...LoadOptions) (*Objects, error) {
 	spec.Maps[SocklbMapKebpfLbBe].MaxEntries = uint32(2 * lo.MaxBackends)
 	spec.Maps[SocklbMapKebpfLbAff].MaxEntries = uint32(lo.MaxAffinity)
 	spec.Maps[SocklbMapKebpfLbRev].MaxEntries = uint32(lo.MaxRevNAT)
+	spec.Maps[SocklbMapKebpfLbEvents].MaxEntries = uint32(lo.EventsBytes)
 
 	o := &Objects{
 		pinDir: pinDir,
@@ -151,13 +159,16 @@ func Load(pinDir string, opts ...LoadOptions) (*Objects, error) {
 		return nil, pins.LoadError("socklb", err)
 	}
 
-	// The iterator shares the rev-NAT and request maps with the objects
-	// above; a failure here (no bpf_sock_destroy) only disables socket
+	// The iterator shares the rev-NAT, request and trace maps with the
+	// objects above; a failure here (no bpf_sock_destroy) only disables socket
 	// destruction.
 	var ko killObjects
 	kopts := &ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{
-		SocklbMapKebpfLbRev:  o.objs.KebpfLbRev,
-		SocklbMapKebpfLbKill: o.objs.KebpfLbKill,
+		SocklbMapKebpfLbRev:    o.objs.KebpfLbRev,
+		SocklbMapKebpfLbKill:   o.objs.KebpfLbKill,
+		SocklbMapKebpfLbEvents: o.objs.KebpfLbEvents,
+		SocklbMapKebpfLbLost:   o.objs.KebpfLbLost,
+		SocklbMapKebpfLbCfg:    o.objs.KebpfLbCfg,
 	}}
 	if err := spec.LoadAndAssign(&ko, kopts); err != nil {
 		o.killErr = pins.LoadError(KillProgramName, err)

@@ -13,6 +13,7 @@ import (
 var pinnedMaps = []string{
 	SocklbMapKebpfLbSvc4, SocklbMapKebpfLbSvc6, SocklbMapKebpfLbBe,
 	SocklbMapKebpfLbAff, SocklbMapKebpfLbRev, SocklbMapKebpfLbStats,
+	SocklbMapKebpfLbEvents, SocklbMapKebpfLbLost, SocklbMapKebpfLbCfg,
 }
 
 // LinkPinPath is where the link of hook (e.g. "connect4") is pinned.

@@ -106,6 +106,49 @@ struct kill_val {
 	__u8 family;     // FAM4 or FAM6
 	__u8 pad;        // zero
 	__u32 destroyed; // set by the iterator: sockets destroyed in this run
+	__u32 svc_id;    // service the backend left, for the trace event
+	__u32 pad2;      // zero
+};
+
+// Trace event verdicts (lb_event.verdict); keep in sync with event.go.
+enum {
+	EV_TRANSLATED = 1, // connect()/sendmsg() sent to a backend
+	EV_REFUSED = 2,    // the frontend has no endpoints: ECONNREFUSED
+	EV_DESTROYED = 3,  // a connected UDP socket of a removed backend destroyed
+};
+
+// Hooks that write events (lb_event.hook).
+enum {
+	HOOK_CONNECT = 1,
+	HOOK_SENDMSG = 2,
+	HOOK_ITER = 3,
+};
+
+// One kebpf_lb_events record (96 bytes, no hidden padding); ParseEvent in
+// event.go decodes it.
+struct lb_event {
+	__u64 ts;        // bpf_ktime_get_ns
+	__u64 cgroup_id; // cgroup v2 id of the caller (destroyed: the socket's)
+	__u64 cookie;    // socket cookie
+	__u32 pid;       // tgid of the caller; 0 for destroyed (no caller)
+	__u32 tid;       // thread id of the caller; 0 for destroyed
+	__u32 svc_id;    // service id (svc_val.id)
+	__u8 verdict;    // EV_*
+	__u8 hook;       // HOOK_*
+	__u8 proto;      // IPPROTO_*
+	__u8 family;     // FAM4/FAM6 of the frontend
+	__be32 vip[4];   // frontend dialed (destroyed: the one it was connected to)
+	__be32 be_ip[4]; // chosen backend (refused: zero)
+	__be16 vport;    // frontend port, network order
+	__be16 be_port;  // backend port, network order
+	__u32 pad;       // zero
+	char comm[16];   // bpf_get_current_comm (destroyed: zero)
+};
+
+// kebpf_lb_cfg's single value.
+struct lb_cfg {
+	__u32 trace_off; // 1: write no events. 0 (a fresh map) = tracing on
+	__u32 pad;       // zero
 };
 
 // Service and backend maps are BPF_F_NO_PREALLOC: freed elements then go
@@ -164,6 +207,28 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);     // counters survive restarts
 } kebpf_lb_stats SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);  // decisions for `kubectl ebpf trace`
+	__uint(max_entries, 1 << 18);        // bytes; LoadOptions.EventsBytes
+	__uint(pinning, LIBBPF_PIN_BY_NAME); // a restarted agent keeps reading
+} kebpf_lb_events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY); // no atomics when the ring is full
+	__uint(max_entries, 1);                  // one counter
+	__type(key, __u32);                      // 0
+	__type(value, __u64);                    // events kebpf_lb_events had no room for
+	__uint(pinning, LIBBPF_PIN_BY_NAME);     // outlives agents; readers diff it
+} kebpf_lb_lost SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);    // lookups are inlined: the off switch is a load
+	__uint(max_entries, 1);              // one config
+	__type(key, __u32);                  // 0
+	__type(value, struct lb_cfg);        // trace switch
+	__uint(pinning, LIBBPF_PIN_BY_NAME); // the switch survives agent restarts
+} kebpf_lb_cfg SEC(".maps");
+
 // Not pinned: it only carries one request from DestroySocketsTo to the
 // iterator it runs, under the agent's lock.
 struct {
@@ -178,6 +243,79 @@ static __always_inline void count(__u32 slot)
 	__u64 *n = bpf_map_lookup_elem(&kebpf_lb_stats, &slot);
 	if (n)
 		*n += 1;
+}
+
+static __always_inline int tracing(void)
+{
+	__u32 zero = 0;
+	struct lb_cfg *c = bpf_map_lookup_elem(&kebpf_lb_cfg, &zero);
+
+	return c && !c->trace_off;
+}
+
+// reserve returns a zeroed event slot, or NULL (counted in kebpf_lb_lost)
+// when the reader is behind.
+static __always_inline struct lb_event *reserve(void)
+{
+	struct lb_event *e = bpf_ringbuf_reserve(&kebpf_lb_events, sizeof(*e), 0);
+
+	if (!e) {
+		__u32 zero = 0;
+		__u64 *lost = bpf_map_lookup_elem(&kebpf_lb_lost, &zero);
+
+		if (lost)
+			*lost += 1;
+		return NULL;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	return e;
+}
+
+// submit hands e to the reader. Waking the reader for every event would
+// cost each connect() an irq_work and the reader a context switch per
+// event; instead the reader polls (trace.ringReader, every 100ms) and is
+// woken only once a quarter of the ring is waiting, so a burst is still
+// read long before the ring is full.
+static __always_inline void submit(struct lb_event *e)
+{
+	__u64 avail = bpf_ringbuf_query(&kebpf_lb_events, BPF_RB_AVAIL_DATA);
+	__u64 size = bpf_ringbuf_query(&kebpf_lb_events, BPF_RB_RING_SIZE);
+
+	bpf_ringbuf_submit(e, avail >= size / 4 ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
+}
+
+// emit writes a translated or refused event for the caller of connect() or
+// sendmsg(); be is NULL for refused.
+static __always_inline void emit(struct bpf_sock_addr *ctx, __u8 verdict, __u8 hook, __u32 svc_id,
+				 __u8 family, const __be32 *vip, __be16 vport, const struct be_val *be)
+{
+	struct lb_event *e;
+	__u64 id;
+
+	if (!tracing())
+		return;
+	e = reserve();
+	if (!e)
+		return;
+	id = bpf_get_current_pid_tgid();
+	e->ts = bpf_ktime_get_ns();
+	e->cgroup_id = bpf_get_current_cgroup_id();
+	e->cookie = bpf_get_socket_cookie(ctx);
+	e->pid = id >> 32;
+	e->tid = (__u32)id;
+	e->svc_id = svc_id;
+	e->verdict = verdict;
+	e->hook = hook;
+	e->proto = (__u8)ctx->protocol;
+	e->family = family;
+	__builtin_memcpy(e->vip, vip, 16);
+	e->vport = vport;
+	if (be) {
+		__builtin_memcpy(e->be_ip, be->ip, 16);
+		e->be_port = be->port;
+	}
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	submit(e);
 }
 
 static __always_inline int be_equal(const struct be_val *a, const struct be_val *b)
@@ -225,8 +363,10 @@ static __always_inline struct be_val *pick(void *ctx, const struct svc_val *svc)
 	return be;
 }
 
-static __always_inline void record_rev(struct bpf_sock_addr *ctx, const struct be_val *be,
-				       __u8 family, const __be32 *vip, __be16 vport)
+// record_rev remembers the frontend of a translated socket and returns 1 if
+// the entry was new or changed.
+static __always_inline int record_rev(struct bpf_sock_addr *ctx, const struct be_val *be,
+				      __u8 family, const __be32 *vip, __be16 vport)
 {
 	struct rev_key rk = {
 		.cookie = bpf_get_socket_cookie(ctx),
@@ -243,8 +383,9 @@ static __always_inline void record_rev(struct bpf_sock_addr *ctx, const struct b
 	struct rev_val *old = bpf_map_lookup_elem(&kebpf_lb_rev, &rk);
 	if (old && old->port == rv.port && old->vip[0] == rv.vip[0] && old->vip[1] == rv.vip[1] &&
 	    old->vip[2] == rv.vip[2] && old->vip[3] == rv.vip[3])
-		return;
+		return 0;
 	bpf_map_update_elem(&kebpf_lb_rev, &rk, &rv, BPF_ANY);
+	return 1;
 }
 
 // Verdicts of lookup_svc.
@@ -256,13 +397,15 @@ enum {
 
 // resolve finds the backend for a frontend value, re-reading the frontend
 // once if user space swapped generations between the two lookups.
-static __always_inline int resolve(void *ctx, void *svcmap, const void *key, struct be_val *out)
+static __always_inline int resolve(void *ctx, void *svcmap, const void *key, struct be_val *out,
+				   __u32 *id)
 {
 	for (int i = 0; i < 2; i++) {
 		struct svc_val *sv = bpf_map_lookup_elem(svcmap, key);
 		if (!sv)
 			return V_PASS;
 		struct svc_val svc = *sv;
+		*id = svc.id;
 		if (svc.count == 0)
 			return V_REFUSE;
 		struct be_val *be = pick(ctx, &svc);
@@ -276,6 +419,18 @@ static __always_inline int resolve(void *ctx, void *svcmap, const void *key, str
 	return V_REFUSE;
 }
 
+// translated records a translation: every connect(), but an unconnected
+// UDP sendmsg() only when it reaches a backend this socket did not reach
+// before (record_rev wrote), so a DNS client's datagrams are not one event
+// each.
+static __always_inline void translated(struct bpf_sock_addr *ctx, __u8 hook, int fresh, __u32 id,
+				       __u8 family, const __be32 *vip, __be16 vport, const struct be_val *be)
+{
+	count(STAT_TRANSLATED);
+	if (hook == HOOK_CONNECT || fresh)
+		emit(ctx, EV_TRANSLATED, hook, id, family, vip, vport, be);
+}
+
 static __always_inline int refuse(void)
 {
 	count(STAT_REFUSED);
@@ -285,25 +440,27 @@ static __always_inline int refuse(void)
 	return 0;
 }
 
-static __always_inline int lb4(struct bpf_sock_addr *ctx)
+static __always_inline int lb4(struct bpf_sock_addr *ctx, __u8 hook)
 {
 	struct svc4_key key = {
 		.vip = ctx->user_ip4,
 		.port = (__be16)ctx->user_port,
 		.proto = (__u8)ctx->protocol,
 	};
+	__be32 vip[4] = { key.vip, 0, 0, 0 };
 	struct be_val be;
+	__u32 id = 0;
 
-	switch (resolve(ctx, &kebpf_lb_svc4, &key, &be)) {
+	switch (resolve(ctx, &kebpf_lb_svc4, &key, &be, &id)) {
 	case V_XLATE: {
-		__be32 vip[4] = { key.vip, 0, 0, 0 };
 		ctx->user_ip4 = be.ip[0];
 		ctx->user_port = (__u32)be.port;
-		record_rev(ctx, &be, FAM4, vip, key.port);
-		count(STAT_TRANSLATED);
+		int fresh = record_rev(ctx, &be, FAM4, vip, key.port);
+		translated(ctx, hook, fresh, id, FAM4, vip, key.port, &be);
 		return 1;
 	}
 	case V_REFUSE:
+		emit(ctx, EV_REFUSED, hook, id, FAM4, vip, key.port, NULL);
 		return refuse();
 	}
 	count(STAT_PASSED);
@@ -315,25 +472,27 @@ static __always_inline int is_v4mapped(const __be32 *a)
 	return a[0] == 0 && a[1] == 0 && a[2] == bpf_htonl(0xffff);
 }
 
-static __always_inline int lb6(struct bpf_sock_addr *ctx)
+static __always_inline int lb6(struct bpf_sock_addr *ctx, __u8 hook)
 {
 	__be32 dst[4] = { ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3] };
 	__be16 port = (__be16)ctx->user_port;
 	__u8 proto = (__u8)ctx->protocol;
+	__be32 vip4[4] = { dst[3], 0, 0, 0 };
 	struct be_val be;
+	__u32 id = 0;
+	int mapped = is_v4mapped(dst);
 	int v;
 
 	// Dual-stack sockets (Java, many runtimes) reach IPv4 ClusterIPs as
 	// ::ffff:a.b.c.d; translate those with the IPv4 table.
-	if (is_v4mapped(dst)) {
+	if (mapped) {
 		struct svc4_key key = { .vip = dst[3], .port = port, .proto = proto };
-		v = resolve(ctx, &kebpf_lb_svc4, &key, &be);
+		v = resolve(ctx, &kebpf_lb_svc4, &key, &be, &id);
 		if (v == V_XLATE) {
-			__be32 vip[4] = { dst[3], 0, 0, 0 };
 			ctx->user_ip6[3] = be.ip[0];
 			ctx->user_port = (__u32)be.port;
-			record_rev(ctx, &be, FAM4, vip, port);
-			count(STAT_TRANSLATED);
+			int fresh = record_rev(ctx, &be, FAM4, vip4, port);
+			translated(ctx, hook, fresh, id, FAM4, vip4, port, &be);
 			return 1;
 		}
 	} else {
@@ -342,20 +501,25 @@ static __always_inline int lb6(struct bpf_sock_addr *ctx)
 			.port = port,
 			.proto = proto,
 		};
-		v = resolve(ctx, &kebpf_lb_svc6, &key, &be);
+		v = resolve(ctx, &kebpf_lb_svc6, &key, &be, &id);
 		if (v == V_XLATE) {
 			ctx->user_ip6[0] = be.ip[0];
 			ctx->user_ip6[1] = be.ip[1];
 			ctx->user_ip6[2] = be.ip[2];
 			ctx->user_ip6[3] = be.ip[3];
 			ctx->user_port = (__u32)be.port;
-			record_rev(ctx, &be, FAM6, dst, port);
-			count(STAT_TRANSLATED);
+			int fresh = record_rev(ctx, &be, FAM6, dst, port);
+			translated(ctx, hook, fresh, id, FAM6, dst, port, &be);
 			return 1;
 		}
 	}
-	if (v == V_REFUSE)
+	if (v == V_REFUSE) {
+		if (mapped)
+			emit(ctx, EV_REFUSED, hook, id, FAM4, vip4, port, NULL);
+		else
+			emit(ctx, EV_REFUSED, hook, id, FAM6, dst, port, NULL);
 		return refuse();
+	}
 	count(STAT_PASSED);
 	return 1;
 }
@@ -413,18 +577,18 @@ static __always_inline int rev6(struct bpf_sock_addr *ctx)
 }
 
 SEC("cgroup/connect4")
-int kebpf_connect4(struct bpf_sock_addr *ctx) { return lb4(ctx); }
+int kebpf_connect4(struct bpf_sock_addr *ctx) { return lb4(ctx, HOOK_CONNECT); }
 
 SEC("cgroup/connect6")
-int kebpf_connect6(struct bpf_sock_addr *ctx) { return lb6(ctx); }
+int kebpf_connect6(struct bpf_sock_addr *ctx) { return lb6(ctx, HOOK_CONNECT); }
 
 // Only unconnected UDP sends reach sendmsg hooks; connected sockets were
 // translated by connect4/6.
 SEC("cgroup/sendmsg4")
-int kebpf_sendmsg4(struct bpf_sock_addr *ctx) { return lb4(ctx); }
+int kebpf_sendmsg4(struct bpf_sock_addr *ctx) { return lb4(ctx, HOOK_SENDMSG); }
 
 SEC("cgroup/sendmsg6")
-int kebpf_sendmsg6(struct bpf_sock_addr *ctx) { return lb6(ctx); }
+int kebpf_sendmsg6(struct bpf_sock_addr *ctx) { return lb6(ctx, HOOK_SENDMSG); }
 
 SEC("cgroup/recvmsg4")
 int kebpf_recvmsg4(struct bpf_sock_addr *ctx) { return rev4(ctx); }
@@ -458,8 +622,21 @@ struct sock_common {
 	struct in6_addr skc_v6_daddr;
 } __attribute__((preserve_access_index));
 
+struct kernfs_node {
+	__u64 id;
+} __attribute__((preserve_access_index));
+
+struct cgroup {
+	struct kernfs_node *kn;
+} __attribute__((preserve_access_index));
+
+struct sock_cgroup_data {
+	struct cgroup *cgroup;
+} __attribute__((preserve_access_index));
+
 struct sock {
 	struct sock_common __sk_common;
+	struct sock_cgroup_data sk_cgrp_data;
 } __attribute__((preserve_access_index));
 
 struct udp_sock;
@@ -519,10 +696,35 @@ int kebpf_udp_kill(struct bpf_iter__udp *ctx)
 	rk.cookie = bpf_get_socket_cookie(sk);
 	rk.port = kv->port;
 	rk.family = kv->family;
-	if (!bpf_map_lookup_elem(&kebpf_lb_rev, &rk))
+	struct rev_val *rv = bpf_map_lookup_elem(&kebpf_lb_rev, &rk);
+	if (!rv)
 		return 0;
-	if (bpf_sock_destroy((struct sock_common *)sk) == 0)
-		__sync_fetch_and_add(&kv->destroyed, 1);
+	if (bpf_sock_destroy((struct sock_common *)sk) != 0)
+		return 0;
+	__sync_fetch_and_add(&kv->destroyed, 1);
+
+	// The iterator runs in the agent, so the event names no process; the
+	// socket's own cgroup (the one that created it) names the pod.
+	if (!tracing())
+		return 0;
+	struct lb_event *e = reserve();
+	if (!e)
+		return 0;
+	e->ts = bpf_ktime_get_ns();
+	e->cookie = rk.cookie;
+	e->svc_id = kv->svc_id;
+	e->verdict = EV_DESTROYED;
+	e->hook = HOOK_ITER;
+	e->proto = 17; // IPPROTO_UDP
+	e->family = kv->family;
+	__builtin_memcpy(e->vip, rv->vip, 16);
+	e->vport = rv->port;
+	__builtin_memcpy(e->be_ip, kv->ip, 16);
+	e->be_port = kv->port;
+	struct cgroup *cg = sk->sk_cgrp_data.cgroup;
+	if (cg && cg->kn)
+		e->cgroup_id = cg->kn->id;
+	submit(e);
 	return 0;
 }
 

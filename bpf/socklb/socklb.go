@@ -9,6 +9,10 @@
 // Maps live under <pinDir>/maps and links under <pinDir>/links/socklb_<hook>,
 // so translation keeps working while the agent restarts; a new agent reads
 // the maps back (Services) and swaps its programs into the pinned links.
+//
+// Decisions are written as trace events to the ring buffer kebpf_lb_events
+// (Event, ParseEvent; losses in kebpf_lb_lost; switch: SetTrace). README.md
+// documents the record layout, the switch and the measured cost.
 package socklb
 
 import (

@@ -49,6 +49,14 @@ type SocklbKillVal struct {
 	Family    uint8
 	Pad       uint8
 	Destroyed uint32
+	SvcId     uint32
+	Pad2      uint32
+}
+
+type SocklbLbCfg struct {
+	_        structs.HostLayout
+	TraceOff uint32
+	Pad      uint32
 }
 
 type SocklbRevKey struct {
@@ -98,7 +106,10 @@ type SocklbSvcVal struct {
 const (
 	SocklbMapKebpfLbAff     = "kebpf_lb_aff"
 	SocklbMapKebpfLbBe      = "kebpf_lb_be"
+	SocklbMapKebpfLbCfg     = "kebpf_lb_cfg"
+	SocklbMapKebpfLbEvents  = "kebpf_lb_events"
 	SocklbMapKebpfLbKill    = "kebpf_lb_kill"
+	SocklbMapKebpfLbLost    = "kebpf_lb_lost"
 	SocklbMapKebpfLbRev     = "kebpf_lb_rev"
 	SocklbMapKebpfLbStats   = "kebpf_lb_stats"
 	SocklbMapKebpfLbSvc4    = "kebpf_lb_svc4"
@@ -171,13 +182,16 @@ type SocklbProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type SocklbMapSpecs struct {
-	KebpfLbAff   *ebpf.MapSpec `ebpf:"kebpf_lb_aff"`
-	KebpfLbBe    *ebpf.MapSpec `ebpf:"kebpf_lb_be"`
-	KebpfLbKill  *ebpf.MapSpec `ebpf:"kebpf_lb_kill"`
-	KebpfLbRev   *ebpf.MapSpec `ebpf:"kebpf_lb_rev"`
-	KebpfLbStats *ebpf.MapSpec `ebpf:"kebpf_lb_stats"`
-	KebpfLbSvc4  *ebpf.MapSpec `ebpf:"kebpf_lb_svc4"`
-	KebpfLbSvc6  *ebpf.MapSpec `ebpf:"kebpf_lb_svc6"`
+	KebpfLbAff    *ebpf.MapSpec `ebpf:"kebpf_lb_aff"`
+	KebpfLbBe     *ebpf.MapSpec `ebpf:"kebpf_lb_be"`
+	KebpfLbCfg    *ebpf.MapSpec `ebpf:"kebpf_lb_cfg"`
+	KebpfLbEvents *ebpf.MapSpec `ebpf:"kebpf_lb_events"`
+	KebpfLbKill   *ebpf.MapSpec `ebpf:"kebpf_lb_kill"`
+	KebpfLbLost   *ebpf.MapSpec `ebpf:"kebpf_lb_lost"`
+	KebpfLbRev    *ebpf.MapSpec `ebpf:"kebpf_lb_rev"`
+	KebpfLbStats  *ebpf.MapSpec `ebpf:"kebpf_lb_stats"`
+	KebpfLbSvc4   *ebpf.MapSpec `ebpf:"kebpf_lb_svc4"`
+	KebpfLbSvc6   *ebpf.MapSpec `ebpf:"kebpf_lb_svc6"`
 }
 
 // SocklbVariableSpecs contains global variables before they are loaded into the kernel.
@@ -206,20 +220,26 @@ func (o *SocklbObjects) Close() error {
 //
 // It can be passed to LoadSocklbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SocklbMaps struct {
-	KebpfLbAff   *ebpf.Map `ebpf:"kebpf_lb_aff"`
-	KebpfLbBe    *ebpf.Map `ebpf:"kebpf_lb_be"`
-	KebpfLbKill  *ebpf.Map `ebpf:"kebpf_lb_kill"`
-	KebpfLbRev   *ebpf.Map `ebpf:"kebpf_lb_rev"`
-	KebpfLbStats *ebpf.Map `ebpf:"kebpf_lb_stats"`
-	KebpfLbSvc4  *ebpf.Map `ebpf:"kebpf_lb_svc4"`
-	KebpfLbSvc6  *ebpf.Map `ebpf:"kebpf_lb_svc6"`
+	KebpfLbAff    *ebpf.Map `ebpf:"kebpf_lb_aff"`
+	KebpfLbBe     *ebpf.Map `ebpf:"kebpf_lb_be"`
+	KebpfLbCfg    *ebpf.Map `ebpf:"kebpf_lb_cfg"`
+	KebpfLbEvents *ebpf.Map `ebpf:"kebpf_lb_events"`
+	KebpfLbKill   *ebpf.Map `ebpf:"kebpf_lb_kill"`
+	KebpfLbLost   *ebpf.Map `ebpf:"kebpf_lb_lost"`
+	KebpfLbRev    *ebpf.Map `ebpf:"kebpf_lb_rev"`
+	KebpfLbStats  *ebpf.Map `ebpf:"kebpf_lb_stats"`
+	KebpfLbSvc4   *ebpf.Map `ebpf:"kebpf_lb_svc4"`
+	KebpfLbSvc6   *ebpf.Map `ebpf:"kebpf_lb_svc6"`
 }
 
 func (m *SocklbMaps) Close() error {
 	return _SocklbClose(
 		m.KebpfLbAff,
 		m.KebpfLbBe,
+		m.KebpfLbCfg,
+		m.KebpfLbEvents,
 		m.KebpfLbKill,
+		m.KebpfLbLost,
 		m.KebpfLbRev,
 		m.KebpfLbStats,
 		m.KebpfLbSvc4,

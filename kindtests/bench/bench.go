@@ -36,16 +36,19 @@ const (
 	// ModeL7 is the L7 bench (l7.go): HTTP direct, through Envoy by
 	// bpf/sockmap, through Envoy by iptables REDIRECT; its own netns.
 	ModeL7 = "l7"
+	// ModeLBTrace is the socket LB trace bench (lbtrace.go): connect()
+	// with trace events on vs off; its own netns, no control plane.
+	ModeLBTrace = "lbtrace"
 )
 
 // AllModes is every mode in column order.
-var AllModes = []string{ModeDirect, ModeSocklb, ModeIptables, ModeNftables, ModeNetpol, ModeL7}
+var AllModes = []string{ModeDirect, ModeSocklb, ModeIptables, ModeNftables, ModeNetpol, ModeL7, ModeLBTrace}
 
 // serviceModes are the modes of the Service table.
 func serviceModes(modes []string) []string {
 	var out []string
 	for _, m := range modes {
-		if m != ModeNetpol && m != ModeL7 {
+		if m != ModeNetpol && m != ModeL7 && m != ModeLBTrace {
 			out = append(out, m)
 		}
 	}
@@ -87,6 +90,13 @@ type Options struct {
 	L7Duration time.Duration
 	L7Rounds   int
 	L7Changes  int
+	// LBTraceRounds: rounds of the LB trace rows (mode lbtrace), each
+	// measuring tracing on and off in a rotated order; LatCount connects
+	// per sample.
+	LBTraceRounds int
+	// LBTracePin runs the client and server on CPU 0 and the harness
+	// (the reader) on CPU 1 (needs 2 CPUs).
+	LBTracePin bool
 	// OnEnv is called with the run id once the environment exists (tests
 	// check later that nothing with that id is left).
 	OnEnv func(id string)
@@ -144,6 +154,9 @@ func (o *Options) defaults() {
 	if o.L7Changes == 0 {
 		o.L7Changes = 50
 	}
+	if o.LBTraceRounds == 0 {
+		o.LBTraceRounds = 10
+	}
 }
 
 func (o *Options) has(mode string) bool { return slices.Contains(o.Modes, mode) }
@@ -174,6 +187,9 @@ func Run(ctx context.Context, o Options) (*Results, error) {
 	}
 	if o.has(ModeL7) && ctx.Err() == nil {
 		err = errors.Join(err, runL7(ctx, o, res))
+	}
+	if o.has(ModeLBTrace) && ctx.Err() == nil {
+		err = errors.Join(err, runLBTrace(ctx, o))
 	}
 	return res, err
 }

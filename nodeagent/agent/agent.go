@@ -33,6 +33,7 @@ import (
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/apisync"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/features"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/mounts"
+	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/podindex"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/servicelb"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/trace"
 )
@@ -104,6 +105,9 @@ type Config struct {
 	// Trace sizes the trace ring and the per-client queues (zero fields:
 	// the trace package's defaults; Node and Registerer are set by New).
 	Trace trace.Options
+	// LBTraceOff turns the socket LB's trace events off (the pinned switch
+	// kebpf_lb_cfg, written when service-lb is enabled).
+	LBTraceOff bool
 }
 
 // Agent is one running agent.
@@ -114,6 +118,7 @@ type Agent struct {
 
 	reg   *prometheus.Registry
 	trace *trace.Hub      // this node's events for /trace
+	pods  *podindex.Index // pods by IP and by cgroup, for every feature's names
 	feats []*featureState // fixed at New; their fields are guarded by mu
 	wake  chan struct{}
 
@@ -156,6 +161,9 @@ func New(cfg Config) (*Agent, error) {
 		return nil, fmt.Errorf("trace: %w", err)
 	}
 	a.trace = hub
+	// Fed by a pod informer from Run when there is an API server; empty
+	// (names nothing) otherwise.
+	a.pods = podindex.New(cfg.NodeName, cfg.CgroupRoot)
 	for _, f := range cfg.Features {
 		a.feats = append(a.feats, &featureState{f: f})
 	}
@@ -222,6 +230,7 @@ func (a *Agent) Run(ctx context.Context) error {
 
 	a.probe()
 	if a.cfg.Kube != nil {
+		go a.pods.Run(ctx, a.cfg.Kube)
 		go a.watchConfig(ctx)
 	} else {
 		a.mu.Lock()

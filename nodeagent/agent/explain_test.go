@@ -204,7 +204,7 @@ func TestExplainAgreesWithDatapath(t *testing.T) {
 			Spec: networkingv1.NetworkPolicySpec{PodSelector: sel("other"), PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeEgress},
 				Egress: []networkingv1.NetworkPolicyEgressRule{{
 					To:    []networkingv1.NetworkPolicyPeer{{NamespaceSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"kubernetes.io/metadata.name": "shop"}}}},
-					Ports: []networkingv1.NetworkPolicyPort{{Protocol: &tcp, Port: ptr(intstr.FromInt32(8080))}},
+					Ports: []networkingv1.NetworkPolicyPort{{Protocol: &tcp, Port: pointer(intstr.FromInt32(8080))}},
 				}}}},
 	)
 
@@ -357,7 +357,7 @@ func TestExplainAgreesWithDatapath(t *testing.T) {
 	}
 }
 
-func ptr[T any](v T) *T { return &v }
+func pointer[T any](v T) *T { return &v }
 
 // checkSide checks a side's reason, deciding policy (namespace/name, "" for
 // any) and rule (-1: none), and SelectedBy.

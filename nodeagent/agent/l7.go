@@ -12,7 +12,6 @@ import (
 
 	alsdata "github.com/envoyproxy/go-control-plane/envoy/data/accesslog/v3"
 	"github.com/prometheus/client_golang/prometheus"
-	"k8s.io/apimachinery/pkg/types"
 
 	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/sockmap"
@@ -89,7 +88,6 @@ func (f *l7Feature) Enable(ctx context.Context) error {
 		return err
 	}
 	var syncer *l7.Syncer
-	pods := agentPodNamer{f.a}
 	srv := xds.NewServer(ctx, xds.ServerOptions{
 		Logger: f.a.log.With("feature", apiv1.FeatureL7),
 		// ACKs and NACKs change status and may turn steering on.
@@ -101,7 +99,7 @@ func (f *l7Feature) Enable(ctx context.Context) error {
 		// Envoy's access log entries (gRPC ALS on this same socket): one
 		// l7 trace event per request. Only this node's Envoy reaches it.
 		OnAccessLog: func(_ string, e *alsdata.HTTPAccessLogEntry) {
-			f.a.trace.Publish(trace.L7RequestEvent(e, f.a.cfg.NodeName, pods))
+			f.a.trace.Publish(trace.L7RequestEvent(e, f.a.cfg.NodeName, f.a.pods))
 		},
 	})
 	sock := f.socket()
@@ -140,7 +138,8 @@ func (f *l7Feature) Enable(ctx context.Context) error {
 	}()
 	lo := &l7Objects{objs: objs, srv: srv, sock: sock}
 	lo.startReader(ctx, &trace.L7Reader{Events: objs.EventsMap(), Lost: objs.EventsLost, Hub: f.a.trace,
-		Node: f.a.cfg.NodeName, Pods: pods, Log: f.a.log.With("feature", apiv1.FeatureL7)})
+		Node: f.a.cfg.NodeName, Pods: f.a.pods, Cgroups: f.a.pods, Ready: f.a.namesReady(),
+		LostFile: f.a.statePath(L7EventsLostFile), Log: f.a.log.With("feature", apiv1.FeatureL7)})
 	f.start(ctx, lo, syncer)
 	f.a.log.Info("attached", "feature", apiv1.FeatureL7, "hooks", sockmap.Hooks(), "cgroup", f.a.cfg.CgroupRoot, "xds", sock)
 	return nil
@@ -228,27 +227,6 @@ func (o *l7Objects) Detach() error {
 func (o *l7Objects) Close() error {
 	o.stopReader()
 	return errors.Join(o.stopServer(), o.objs.Close())
-}
-
-// agentPodNamer names trace peers by IP from the policy sync's pod cache
-// while the policy feature runs, else not at all (events carry IPs only).
-//
-// MERGE: the agent-wide pod index (a.pods, another branch) implements
-// trace.PodNamer for every feature; use it here instead.
-type agentPodNamer struct{ a *Agent }
-
-func (n agentPodNamer) PodByIP(ip netip.Addr) (types.NamespacedName, bool) {
-	// Not under a.mu: readers call this while the l7 feature may be
-	// stopping them with a.mu held elsewhere. a.feats is fixed at New; only
-	// the policy feature's own lock is taken.
-	for _, st := range n.a.feats {
-		if f, ok := st.f.(*policyFeature); ok {
-			if s := f.policySyncer(); s != nil {
-				return s.PodByIP(ip)
-			}
-		}
-	}
-	return types.NamespacedName{}, false
 }
 
 // sockmapDatapath adapts bpf/sockmap to the sync's Datapath.

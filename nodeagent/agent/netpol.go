@@ -139,6 +139,23 @@ func (f *policyFeature) Disable() error {
 // while none read (trace.PolicyReader.LostFile).
 const PolicyEventsLostFile = "policy-events-lost.json"
 
+// The same for the socket LB's and the L7 steering's rings. A file left by
+// a disabled feature is harmless: it names the kernel ID of a map that is
+// gone, and a reader ignores a count of another map.
+const (
+	LBEventsLostFile = "lb-events-lost.json"
+	L7EventsLostFile = "l7-events-lost.json"
+)
+
+// namesReady is closed once the agent's pod index can name pods (nil
+// without an API server: nothing will name them, so readers need not wait).
+func (a *Agent) namesReady() <-chan struct{} {
+	if a.cfg.Kube == nil {
+		return nil
+	}
+	return a.pods.Synced()
+}
+
 // statePath is name under Config.StateDir, "" when nothing is kept.
 func (a *Agent) statePath(name string) string {
 	if a.cfg.StateDir == "" {

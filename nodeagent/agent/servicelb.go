@@ -4,9 +4,14 @@ package agent
 
 import (
 	"context"
-	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/netnsutil"
+	"log/slog"
 	"os"
 	"path/filepath"
+	"sync/atomic"
+
+	"k8s.io/apimachinery/pkg/types"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/netnsutil"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -14,6 +19,7 @@ import (
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/socklb"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/features"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/servicelb"
+	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/trace"
 )
 
 func init() {
@@ -62,6 +68,11 @@ func (f *serviceLBFeature) Enable(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	// The switch is pinned: set it every time, so the flag, not an earlier
+	// agent, decides. A failure costs the trace, not the LB.
+	if err := objs.SetTrace(!f.a.cfg.LBTraceOff); err != nil {
+		f.a.log.Error("set lb trace switch", "err", err)
+	}
 	// Attach before the first sync: pinned maps from an earlier agent are
 	// already complete, and empty fresh maps translate nothing (connects
 	// then go where they would without us, e.g. to kube-proxy).
@@ -79,9 +90,59 @@ func (f *serviceLBFeature) Enable(ctx context.Context) error {
 		objs.Close()
 		return err
 	}
-	f.start(ctx, objs, s)
+	log := f.a.log.With("feature", apiv1.FeatureServiceLB)
+	f.start(ctx, objs, &tracedRun{syncRunner: s, log: log, what: "lb trace reader", reader: &trace.LBReader{
+		Events: objs.EventsMap(), Lost: objs.EventsLost, Hub: f.a.trace, Node: f.a.cfg.NodeName,
+		Services: lbNamer{s}, Pods: f.a.pods, Cgroups: f.a.pods, Ready: f.a.namesReady(),
+		LostFile: f.a.statePath(LBEventsLostFile), Log: log,
+	}})
 	f.a.log.Info("attached", "feature", apiv1.FeatureServiceLB, "hooks", socklb.Hooks(), "cgroup", f.a.cfg.CgroupRoot)
 	return nil
+}
+
+// lbNamer names the socket LB's service IDs from the sync's ID table.
+type lbNamer struct{ *servicelb.Syncer }
+
+func (n lbNamer) ServicePort(id uint32) (types.NamespacedName, string, bool) {
+	k, ok := n.PortByID(id)
+	return k.Service, k.PortName, ok
+}
+
+// tracedRun is a feature's sync plus the reader of its trace events; both
+// stop with the feature. A reader that fails leaves the datapath and its
+// sync running (the trace is not worth an outage) and says so in the
+// feature's errors.
+type tracedRun struct {
+	syncRunner
+	log       *slog.Logger
+	what      string
+	reader    interface{ Run(context.Context) error }
+	readerErr atomic.Pointer[string]
+}
+
+func (p *tracedRun) Run(ctx context.Context) error {
+	rctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := p.reader.Run(rctx); err != nil {
+			p.log.Error(p.what+" stopped", "err", err)
+			msg := p.what + " stopped: " + err.Error()
+			p.readerErr.Store(&msg)
+		}
+	}()
+	err := p.syncRunner.Run(ctx)
+	cancel()
+	<-done
+	return err
+}
+
+func (p *tracedRun) Errors() []string {
+	out := p.syncRunner.Errors()
+	if msg := p.readerErr.Load(); msg != nil {
+		out = append(out, *msg)
+	}
+	return out
 }
 
 // NetnsDir is where container runtimes (containerd with CNI, as on kind and

@@ -39,6 +39,7 @@ type runOptions struct {
 	stateDir   string
 	traceRing  int
 	traceQueue int
+	lbTrace    bool
 }
 
 func newRunCommand(lo *logOptions, stderr io.Writer) *cobra.Command {
@@ -77,6 +78,7 @@ func newRunCommand(lo *logOptions, stderr io.Writer) *cobra.Command {
 				PolicyAttach: o.attach,
 				StateDir:     o.stateDir,
 				Trace:        trace.Options{RingSize: o.traceRing, QueueSize: o.traceQueue},
+				LBTraceOff:   !o.lbTrace,
 			})
 			if err != nil {
 				return err
@@ -104,6 +106,7 @@ func newRunCommand(lo *logOptions, stderr io.Writer) *cobra.Command {
 	f.StringVar(&o.stateDir, "state-dir", defaultStateDir, "directory for state that must outlive the agent as long as its pins do (the policy ID -> name mapping of the trace); empty: none")
 	f.IntVar(&o.traceRing, "trace-events", trace.DefaultRingSize, "how many of this node's last trace events the agent keeps for /trace history")
 	f.IntVar(&o.traceQueue, "trace-queue", trace.DefaultQueueSize, "how many events one /trace client may lag behind before its stream loses events (shown in the stream)")
+	f.BoolVar(&o.lbTrace, "lb-trace", true, "socket LB trace events (translated/refused/destroyed with process context); off, the connect() hooks write nothing")
 	f.StringVar(&o.cni.Plugin, "cni-plugin", "/usr/local/bin/kebpf-cni", "the kebpf-cni binary to install")
 	return cmd
 }

@@ -99,6 +99,10 @@ type Syncer struct {
 	nextID     uint32
 	needFull   bool
 
+	// idMu guards writes of ids/idOwner (the runner's) against PortByID
+	// (the trace reader's); the runner reads them without it.
+	idMu sync.RWMutex
+
 	mu       sync.Mutex
 	fullErrs map[types.NamespacedName]string // Services left unprogrammed for lack of room
 	syncErr  string
@@ -389,7 +393,7 @@ func (s *Syncer) fullSync() (SyncResult, error) {
 		for _, fe := range desired[k].Frontends {
 			if id, ok := byFrontend[fe]; ok {
 				if _, taken := s.idOwner[id]; !taken {
-					s.ids[k], s.idOwner[id] = id, k
+					s.assignID(k, id)
 					break
 				}
 			}
@@ -489,6 +493,23 @@ func (s *Syncer) reconcile(names map[types.NamespacedName]struct{}) (SyncResult,
 	return s.reconcileDesired(names, s.desired(names))
 }
 
+func (s *Syncer) assignID(k PortKey, id uint32) {
+	s.idMu.Lock()
+	s.ids[k], s.idOwner[id] = id, k
+	s.idMu.Unlock()
+}
+
+// PortByID names the Service port a datapath service ID stands for (the
+// trace names socket LB events with it). IDs are never reused within one
+// agent lifetime, so a recently deleted port's events are still named.
+// IDs a previous agent gave ports this one has not seen are unknown.
+func (s *Syncer) PortByID(id uint32) (PortKey, bool) {
+	s.idMu.RLock()
+	defer s.idMu.RUnlock()
+	k, ok := s.idOwner[id]
+	return k, ok
+}
+
 // idFor returns the port's ID, allocating a fresh one the first time. IDs
 // are never recycled within one agent lifetime.
 func (s *Syncer) idFor(k PortKey) uint32 {
@@ -504,7 +525,7 @@ func (s *Syncer) idFor(k PortKey) uint32 {
 		if _, used := s.idOwner[id]; used {
 			continue
 		}
-		s.ids[k], s.idOwner[id] = id, k
+		s.assignID(k, id)
 		return id
 	}
 }

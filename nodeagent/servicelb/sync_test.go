@@ -253,6 +253,16 @@ func TestSyncAddUpdateDelete(t *testing.T) {
 	if s, _ := byFrontend(t, dp, mfe); s.ID == id || len(s.Backends) != 0 {
 		t.Errorf("second port = %+v, want own ID and no backends (the slice has no port 'metrics')", s)
 	}
+	// The trace names IDs: each ID is its Service port.
+	mid := func() uint32 { s, _ := byFrontend(t, dp, mfe); return s.ID }()
+	for i, want := range map[uint32]string{id: "ns/web:http/tcp/v4", mid: "ns/web:metrics/tcp/v4"} {
+		if k, ok := h.syncer.PortByID(i); !ok || k.String() != want {
+			t.Errorf("PortByID(%d) = %v, %v; want %s", i, k, ok, want)
+		}
+	}
+	if k, ok := h.syncer.PortByID(9999); ok {
+		t.Errorf("PortByID(unknown) = %v", k)
+	}
 
 	if err := epss.Delete(ctx, "web-1", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
@@ -432,6 +442,9 @@ func TestSyncAdoptsIDsAfterRestart(t *testing.T) {
 	}
 	if _, ok := svcs[9]; ok {
 		t.Error("stale ID 9 not deleted")
+	}
+	if k, ok := h.syncer.PortByID(7); !ok || k.Service.Name != "web" || k.PortName != "http" {
+		t.Errorf("PortByID(7) = %v, %v; want the adopted ns/web:http", k, ok)
 	}
 	if s, ok := byFrontend(t, dp, fe("10.96.0.20", 80, tcp)); !ok || s.ID <= 9 {
 		t.Errorf("new service = %+v, want an ID above every ID found in the maps", s)

@@ -31,28 +31,33 @@ type L7Reader struct {
 	Node string
 	// Pods names destinations (and bound sources) by IP; nil: IPs only.
 	Pods PodNamer
-	Log  *slog.Logger
+	// Cgroups names the connecting pod and container by the process's
+	// cgroup (connect() decides before the socket has a source address).
+	Cgroups CgroupNamer
+	// LostFile and Ready: see ringReader.
+	LostFile string
+	Ready    <-chan struct{}
+	Log      *slog.Logger
 }
 
 // Run reads until ctx ends.
 func (r *L7Reader) Run(ctx context.Context) error {
-	rr := &RingReader{Name: "l7 events", Type: apiv1.TraceTypeL7, Events: r.Events, Lost: r.Lost, Hub: r.Hub, Log: r.Log,
-		Poll: sockmap.EventsPoll,
-		Decode: func(raw []byte, wall func(time.Duration) time.Time) (apiv1.TraceEvent, error) {
+	return ringReader{typ: apiv1.TraceTypeL7, events: r.Events, lost: r.Lost, hub: r.Hub, log: r.Log,
+		lostFile: r.LostFile, ready: r.Ready,
+		handle: func(raw []byte, clk clock) (apiv1.TraceEvent, error) {
 			ev, err := sockmap.ParseEvent(raw)
 			if err != nil {
 				return apiv1.TraceEvent{}, err
 			}
-			return L7ConnectEvent(ev, r.Node, wall(ev.At), r.Pods), nil
-		}}
-	return rr.Run(ctx)
+			return L7ConnectEvent(ev, r.Node, clk.wall(ev.At), r.Pods, r.Cgroups), nil
+		}}.run(ctx)
 }
 
 // L7ConnectEvent converts one steering record. The source of a connect()
 // is known only when the socket was bound before it (the kernel picks the
 // address after the hook): otherwise Source is empty and Process says who
 // connected.
-func L7ConnectEvent(ev sockmap.Event, node string, at time.Time, pods PodNamer) apiv1.TraceEvent {
+func L7ConnectEvent(ev sockmap.Event, node string, at time.Time, pods PodNamer, cgs CgroupNamer) apiv1.TraceEvent {
 	out := apiv1.TraceEvent{
 		Time:        at,
 		Node:        node,
@@ -64,6 +69,7 @@ func L7ConnectEvent(ev sockmap.Event, node string, at time.Time, pods PodNamer) 
 	if ev.Src.IsValid() {
 		out.Source = namePeer(ev.Src, pods)
 	}
+	nameSourceByCgroup(&out, cgs, ev.CgroupID, ev.Dst.Addr().Unmap().Is4())
 	switch ev.Verdict {
 	case sockmap.EventSteered:
 		out.Verdict = apiv1.TraceVerdictRedirected

@@ -29,7 +29,7 @@ func TestL7ConnectEvent(t *testing.T) {
 	pods := podsByIP{netip.MustParseAddr("10.0.0.2"): {Namespace: "shop", Name: "api"}}
 	ev := sockmap.Event{Verdict: sockmap.EventSteered, TGID: 42, Comm: "curl", CgroupID: 7,
 		Dst: netip.MustParseAddrPort("10.0.0.2:8080")}
-	got := L7ConnectEvent(ev, "n1", epoch, pods)
+	got := L7ConnectEvent(ev, "n1", epoch, pods, nil)
 	if got.Type != apiv1.TraceTypeL7 || got.Verdict != apiv1.TraceVerdictRedirected || got.Reason != "" ||
 		got.Destination != (apiv1.TracePeer{Namespace: "shop", Pod: "api", IP: "10.0.0.2", Port: 8080}) ||
 		got.Source != (apiv1.TracePeer{}) || *got.Process != (apiv1.TraceProcess{PID: 42, Command: "curl", CgroupID: 7}) ||
@@ -37,32 +37,10 @@ func TestL7ConnectEvent(t *testing.T) {
 		t.Errorf("steered: %+v %+v", got, got.Process)
 	}
 	ev.Verdict, ev.Src = sockmap.EventNoEnvoy, netip.MustParseAddrPort("10.0.0.9:5000")
-	got = L7ConnectEvent(ev, "n1", epoch, nil) // no namer: IPs only
+	got = L7ConnectEvent(ev, "n1", epoch, nil, nil) // no namer: IPs only
 	if got.Verdict != apiv1.TraceVerdictRefused || got.Reason != L7ReasonNoEnvoy ||
 		got.Destination != (apiv1.TracePeer{IP: "10.0.0.2", Port: 8080}) || got.Source != (apiv1.TracePeer{IP: "10.0.0.9", Port: 5000}) {
 		t.Errorf("refused: %+v", got)
-	}
-}
-
-// The ring reader's lost polling: growth of the pinned count over the
-// baseline is one notice in the stream, of the reader's type.
-func TestRingReaderLost(t *testing.T) {
-	h, _ := newHub(t, 10, 10)
-	sub := h.Subscribe(apiv1.TraceQuery{Follow: true})
-	defer sub.Close()
-	var n uint64 = 3
-	r := &RingReader{Name: "test", Type: apiv1.TraceTypeL7, Hub: h, LostEvery: time.Millisecond, Log: slog.Default(),
-		Lost: func() (uint64, error) { return n, nil }}
-	n = 10
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { r.pollLost(ctx, done, 3); close(done) }()
-	defer func() { cancel(); <-done }()
-	wctx, wcancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer wcancel()
-	l, ok := sub.Next(wctx)
-	if !ok || l.Lost == nil || l.Lost.Count != 7 || l.Lost.Type != apiv1.TraceTypeL7 || l.Lost.Reason != apiv1.TraceLostKernel {
-		t.Fatalf("line %+v (%v), want a notice of 7 kernel losses of type l7", l.Lost, ok)
 	}
 }
 

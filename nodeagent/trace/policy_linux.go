@@ -4,21 +4,14 @@ package trace
 
 import (
 	"context"
-	"encoding/json"
-	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
-	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
 
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/ringbuf"
-	"golang.org/x/sys/unix"
-	"k8s.io/apimachinery/pkg/types"
 
 	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 	dp "github.com/kubectl-ebpf/kubectl-ebpf/bpf/netpol"
@@ -28,8 +21,7 @@ import (
 type PolicyNamer interface {
 	// PolicyName is a policy ID's namespace/name.
 	PolicyName(id uint32) (string, bool)
-	// PodByIP is the pod holding an IP.
-	PodByIP(ip netip.Addr) (types.NamespacedName, bool)
+	PodNamer
 }
 
 // PolicyReader turns the policy datapath's ring buffer (kebpf_np_events)
@@ -60,176 +52,18 @@ type PolicyReader struct {
 	Ready <-chan struct{}
 }
 
-// lostState is LostFile's content.
-type lostState struct {
-	// MapID is the kernel ID of the events map: a recreated datapath has
-	// a new one (and a fresh counter), so an old count does not apply.
-	MapID uint32 `json:"mapID"`
-	Lost  uint64 `json:"lost"`
-}
-
-// Run reads until ctx ends. Nothing here blocks the datapath: a slow
-// reader fills the ring buffer, and the datapath counts what it could not
-// write.
+// Run reads until ctx ends.
 func (r *PolicyReader) Run(ctx context.Context) error {
-	rd, err := ringbuf.NewReader(r.Events)
-	if err != nil {
-		return fmt.Errorf("policy events reader: %w", err)
-	}
-	done := make(chan struct{})
-	defer close(done)
-	go func() {
-		select {
-		case <-ctx.Done():
-		case <-done:
-		}
-		rd.Close() // unblocks Read
-	}()
-	if r.Lost != nil {
-		// The baseline is read before the first record, so a client that
-		// saw an event knows every later loss is reported.
-		base, err := r.Lost()
-		if err != nil {
-			r.Log.Warn("read policy events lost", "err", err)
-		}
-		if prev, ok := r.loadLost(); ok && err == nil && prev < base {
-			// Lost between the previous agent's last read and now.
-			r.Log.Warn("policy events lost while no agent read them", "lost", base-prev)
-			r.Hub.Lost(apiv1.TraceLostKernel, apiv1.TraceTypePolicy, base-prev)
-		}
-		if err == nil {
-			r.saveLost(base)
-		}
-		go r.pollLost(ctx, done, base)
-	}
-	if r.Ready != nil {
-		select {
-		case <-r.Ready:
-		case <-ctx.Done():
-			return nil
-		}
-	}
-	clk := newClock()
-	var rec ringbuf.Record
-	for {
-		if err := rd.ReadInto(&rec); err != nil {
-			if errors.Is(err, os.ErrClosed) || ctx.Err() != nil {
-				return nil
+	return ringReader{typ: apiv1.TraceTypePolicy, events: r.Events, lost: r.Lost, lostEvery: r.LostEvery,
+		lostFile: r.LostFile, ready: r.Ready,
+		hub: r.Hub, log: r.Log, handle: func(raw []byte, clk clock) (apiv1.TraceEvent, error) {
+			ev, err := dp.ParseEvent(raw)
+			if err != nil {
+				return apiv1.TraceEvent{}, err
 			}
-			return fmt.Errorf("read policy events: %w", err)
-		}
-		ev, err := dp.ParseEvent(rec.RawSample)
-		if err != nil {
-			r.Log.Warn("policy event", "err", err)
-			continue
-		}
-		r.Hub.Publish(PolicyEvent(ev, r.Node, clk.wall(ev.At), r.Namer))
-	}
+			return PolicyEvent(ev, r.Node, clk.wall(ev.At), r.Namer), nil
+		}}.run(ctx)
 }
-
-// pollLost publishes growth of the kernel's lost count. The count is
-// pinned and outlives agents: the first read is the baseline.
-func (r *PolicyReader) pollLost(ctx context.Context, done <-chan struct{}, last uint64) {
-	every := r.LostEvery
-	if every <= 0 {
-		every = time.Second
-	}
-	t := time.NewTicker(every)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-done:
-			return
-		case <-t.C:
-		}
-		n, err := r.Lost()
-		if err != nil {
-			r.Log.Warn("read policy events lost", "err", err)
-			continue
-		}
-		if n > last {
-			r.Hub.Lost(apiv1.TraceLostKernel, apiv1.TraceTypePolicy, n-last)
-			r.saveLost(n)
-		}
-		last = n
-	}
-}
-
-func (r *PolicyReader) mapID() (uint32, bool) {
-	info, err := r.Events.Info()
-	if err != nil {
-		return 0, false
-	}
-	id, ok := info.ID()
-	return uint32(id), ok
-}
-
-// loadLost is the count a previous agent last read from this same map.
-func (r *PolicyReader) loadLost() (uint64, bool) {
-	if r.LostFile == "" {
-		return 0, false
-	}
-	b, err := os.ReadFile(r.LostFile)
-	if err != nil {
-		if !errors.Is(err, os.ErrNotExist) {
-			r.Log.Warn("read policy events lost state", "file", r.LostFile, "err", err)
-		}
-		return 0, false
-	}
-	var st lostState
-	id, ok := r.mapID()
-	if err := json.Unmarshal(b, &st); err != nil || !ok || st.MapID != id {
-		return 0, false
-	}
-	return st.Lost, true
-}
-
-// saveLost records n as read (write + rename: a reader never sees half).
-func (r *PolicyReader) saveLost(n uint64) {
-	if r.LostFile == "" {
-		return
-	}
-	id, ok := r.mapID()
-	if !ok {
-		return
-	}
-	b, _ := json.Marshal(lostState{MapID: id, Lost: n})
-	dir := filepath.Dir(r.LostFile)
-	err := os.MkdirAll(dir, 0o700)
-	var tmp *os.File
-	if err == nil {
-		tmp, err = os.CreateTemp(dir, ".policy-events-lost-*")
-	}
-	if err == nil {
-		_, err = tmp.Write(b)
-		err = errors.Join(err, tmp.Close())
-		if err == nil {
-			err = os.Rename(tmp.Name(), r.LostFile)
-		}
-		if err != nil {
-			os.Remove(tmp.Name())
-		}
-	}
-	if err != nil {
-		r.Log.Warn("save policy events lost state", "file", r.LostFile, "err", err)
-	}
-}
-
-// clock converts CLOCK_MONOTONIC (bpf_ktime_get_ns) to wall time.
-type clock struct{ boot time.Time }
-
-func newClock() clock {
-	var ts unix.Timespec
-	now := time.Now()
-	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
-		return clock{boot: now}
-	}
-	return clock{boot: now.Add(-time.Duration(ts.Nano()))}
-}
-
-func (c clock) wall(mono time.Duration) time.Time { return c.boot.Add(mono).UTC() }
 
 // PolicyEvent converts one datapath record, naming its policy and pods.
 func PolicyEvent(ev dp.Event, node string, at time.Time, n PolicyNamer) apiv1.TraceEvent {
@@ -298,7 +132,7 @@ func PolicyEvent(ev dp.Event, node string, at time.Time, n PolicyNamer) apiv1.Tr
 	return out
 }
 
-func peer(ap netip.AddrPort, n PolicyNamer) apiv1.TracePeer {
+func peer(ap netip.AddrPort, n PodNamer) apiv1.TracePeer {
 	p := apiv1.TracePeer{IP: ap.Addr().Unmap().String(), Port: ap.Port()}
 	if k, ok := n.PodByIP(ap.Addr()); ok {
 		p.Namespace, p.Pod = k.Namespace, k.Name

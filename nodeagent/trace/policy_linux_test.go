@@ -92,7 +92,7 @@ func TestPollLost(t *testing.T) {
 	counts := make(chan uint64, 2)
 	counts <- 5
 	counts <- 12
-	r := &PolicyReader{Hub: h, LostEvery: time.Millisecond, Log: slog.Default(), Lost: func() (uint64, error) {
+	r := ringReader{typ: apiv1.TraceTypePolicy, hub: h, lostEvery: time.Millisecond, log: slog.Default(), lost: func() (uint64, error) {
 		select {
 		case n := <-counts:
 			return n, nil

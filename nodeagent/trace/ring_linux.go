@@ -4,55 +4,75 @@ package trace
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"os"
+	"path/filepath"
+	"sync"
 	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/ringbuf"
+	"golang.org/x/sys/unix"
 
 	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
 )
 
-// RingReader is what every reader of a datapath ring buffer shares: the
-// read loop, the polling of the datapath's pinned lost counter, and the
-// conversion of the records' CLOCK_MONOTONIC stamps to wall time. A
-// feature's reader supplies Decode.
-type RingReader struct {
-	// Name says which ring this is in errors and logs ("l7 events").
-	Name string
-	// Type is the trace type the ring carries, for lost-events notices.
-	Type string
-	// Events is the ring buffer map.
-	Events *ebpf.Map
-	// Lost reads the datapath's running count of records it could not
-	// write (the ring was full); nil when it has none.
-	Lost func() (uint64, error)
-	// LostEvery is how often Lost is read (default a second).
-	LostEvery time.Duration
-	// Poll, when set, is how often the ring is looked at without a
-	// wakeup: for a datapath that submits with BPF_RB_NO_WAKEUP below a
-	// fill level (to spare the hot path a wakeup per record).
-	Poll time.Duration
-	Hub  *Hub
-	Log  *slog.Logger
-	// Decode turns one record into an event; wall converts a
-	// CLOCK_MONOTONIC duration (bpf_ktime_get_ns) to wall time. A record
-	// it cannot decode is logged and skipped.
-	Decode func(raw []byte, wall func(time.Duration) time.Time) (apiv1.TraceEvent, error)
+// PollEvery is how often a reader looks at its ring buffer without being
+// woken: datapaths that submit without a wakeup (socklb does, below a
+// quarter full) are read at least this often, well within the second a
+// following client should see an event in.
+const PollEvery = 100 * time.Millisecond
+
+// ringReader is the loop every datapath reader shares: read a BPF ring
+// buffer into the hub, and report what the datapath counted as lost
+// because the ring was full. Only the decoding differs (handle).
+type ringReader struct {
+	typ       string // event type: losses are reported for it
+	events    *ebpf.Map
+	lost      func() (uint64, error)
+	lostEvery time.Duration
+	hub       *Hub
+	log       *slog.Logger
+	// handle turns one record into zero or one event; clk converts the
+	// record's CLOCK_MONOTONIC time to wall time.
+	handle func(raw []byte, clk clock) (apiv1.TraceEvent, error)
+	// lostFile, when set, keeps the last lost count read (with the ring
+	// buffer map's kernel ID) across agents: the next agent's reader
+	// reports what the kernel lost while no agent read, rather than taking
+	// it as its baseline. It lives in the state dir, as long as the pins.
+	lostFile string
+	// ready, when set, is closed once the namers can name pods. Records
+	// wait in the kernel's ring buffer until then: a restarted agent would
+	// otherwise publish what the datapath decided while no agent ran (the
+	// ring is pinned) before its pod cache is synced, with IPs where the
+	// pods' names belong. A ring that fills meanwhile counts its losses.
+	ready <-chan struct{}
 }
 
-// Run reads until ctx ends. Nothing here blocks the datapath: a slow
+// lostState is lostFile's content.
+type lostState struct {
+	// MapID is the kernel ID of the events map: a recreated datapath has
+	// a new one (and a fresh counter), so an old count does not apply.
+	MapID uint32 `json:"mapID"`
+	Lost  uint64 `json:"lost"`
+}
+
+// run reads until ctx ends. Nothing here blocks the datapath: a slow
 // reader fills the ring buffer, and the datapath counts what it could not
 // write.
-func (r *RingReader) Run(ctx context.Context) error {
-	rd, err := ringbuf.NewReader(r.Events)
+func (r ringReader) run(ctx context.Context) error {
+	rd, err := ringbuf.NewReader(r.events)
 	if err != nil {
-		return fmt.Errorf("%s reader: %w", r.Name, err)
+		return fmt.Errorf("%s events reader: %w", r.typ, err)
 	}
 	done := make(chan struct{})
+	// pollLost reads the datapath's maps: run returns only after it ended,
+	// so the caller may close the maps once run has returned.
+	var wg sync.WaitGroup
+	defer wg.Wait()
 	defer close(done)
 	go func() {
 		select {
@@ -61,43 +81,62 @@ func (r *RingReader) Run(ctx context.Context) error {
 		}
 		rd.Close() // unblocks Read
 	}()
-	if r.Lost != nil {
+	if r.lost != nil {
 		// The baseline is read before the first record, so a client that
 		// saw an event knows every later loss is reported.
-		base, err := r.Lost()
+		base, err := r.lost()
 		if err != nil {
-			r.Log.Warn("read lost count", "ring", r.Name, "err", err)
+			r.log.Warn("read events lost", "type", r.typ, "err", err)
 		}
-		go r.pollLost(ctx, done, base)
+		if prev, ok := r.loadLost(); ok && err == nil && prev < base {
+			// Lost between the previous agent's last read and now.
+			r.log.Warn("events lost while no agent read them", "type", r.typ, "lost", base-prev)
+			r.hub.Lost(apiv1.TraceLostKernel, r.typ, base-prev)
+		}
+		if err == nil {
+			r.saveLost(base)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r.pollLost(ctx, done, base)
+		}()
+	}
+	if r.ready != nil {
+		select {
+		case <-r.ready:
+		case <-ctx.Done():
+			return nil
+		}
 	}
 	clk := newClock()
 	var rec ringbuf.Record
+	rd.SetDeadline(time.Now().Add(PollEvery))
 	for {
-		if r.Poll > 0 {
-			rd.SetDeadline(time.Now().Add(r.Poll))
-		}
 		if err := rd.ReadInto(&rec); err != nil {
-			if errors.Is(err, os.ErrDeadlineExceeded) {
-				continue // nothing new within Poll
-			}
 			if errors.Is(err, os.ErrClosed) || ctx.Err() != nil {
 				return nil
 			}
-			return fmt.Errorf("read %s: %w", r.Name, err)
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				// Every record written so far has been read: wait again.
+				rd.SetDeadline(time.Now().Add(PollEvery))
+				continue
+			}
+			return fmt.Errorf("read %s events: %w", r.typ, err)
 		}
-		ev, err := r.Decode(rec.RawSample, clk.wall)
+		ev, err := r.handle(rec.RawSample, clk)
 		if err != nil {
-			r.Log.Warn("undecodable record", "ring", r.Name, "err", err)
+			r.log.Warn("trace event", "type", r.typ, "err", err)
 			continue
 		}
-		r.Hub.Publish(ev)
+		r.hub.Publish(ev)
 	}
 }
 
-// pollLost publishes growth of the datapath's lost count. The count is
+// pollLost publishes growth of the kernel's lost count. The count is
 // pinned and outlives agents: the first read is the baseline.
-func (r *RingReader) pollLost(ctx context.Context, done <-chan struct{}, last uint64) {
-	every := r.LostEvery
+func (r ringReader) pollLost(ctx context.Context, done <-chan struct{}, last uint64) {
+	every := r.lostEvery
 	if every <= 0 {
 		every = time.Second
 	}
@@ -111,14 +150,92 @@ func (r *RingReader) pollLost(ctx context.Context, done <-chan struct{}, last ui
 			return
 		case <-t.C:
 		}
-		n, err := r.Lost()
+		n, err := r.lost()
 		if err != nil {
-			r.Log.Warn("read lost count", "ring", r.Name, "err", err)
+			r.log.Warn("read events lost", "type", r.typ, "err", err)
 			continue
 		}
 		if n > last {
-			r.Hub.Lost(apiv1.TraceLostKernel, r.Type, n-last)
+			r.hub.Lost(apiv1.TraceLostKernel, r.typ, n-last)
+			r.saveLost(n)
 		}
 		last = n
 	}
 }
+
+func (r ringReader) mapID() (uint32, bool) {
+	if r.events == nil {
+		return 0, false
+	}
+	info, err := r.events.Info()
+	if err != nil {
+		return 0, false
+	}
+	id, ok := info.ID()
+	return uint32(id), ok
+}
+
+// loadLost is the count a previous agent last read from this same map.
+func (r ringReader) loadLost() (uint64, bool) {
+	if r.lostFile == "" {
+		return 0, false
+	}
+	b, err := os.ReadFile(r.lostFile)
+	if err != nil {
+		if !errors.Is(err, os.ErrNotExist) {
+			r.log.Warn("read events lost state", "type", r.typ, "file", r.lostFile, "err", err)
+		}
+		return 0, false
+	}
+	var st lostState
+	id, ok := r.mapID()
+	if err := json.Unmarshal(b, &st); err != nil || !ok || st.MapID != id {
+		return 0, false
+	}
+	return st.Lost, true
+}
+
+// saveLost records n as read (write + rename: a reader never sees half).
+func (r ringReader) saveLost(n uint64) {
+	if r.lostFile == "" {
+		return
+	}
+	id, ok := r.mapID()
+	if !ok {
+		return
+	}
+	b, _ := json.Marshal(lostState{MapID: id, Lost: n})
+	dir := filepath.Dir(r.lostFile)
+	err := os.MkdirAll(dir, 0o700)
+	var tmp *os.File
+	if err == nil {
+		tmp, err = os.CreateTemp(dir, "."+filepath.Base(r.lostFile)+"-*")
+	}
+	if err == nil {
+		_, err = tmp.Write(b)
+		err = errors.Join(err, tmp.Close())
+		if err == nil {
+			err = os.Rename(tmp.Name(), r.lostFile)
+		}
+		if err != nil {
+			os.Remove(tmp.Name())
+		}
+	}
+	if err != nil {
+		r.log.Warn("save events lost state", "type", r.typ, "file", r.lostFile, "err", err)
+	}
+}
+
+// clock converts CLOCK_MONOTONIC (bpf_ktime_get_ns) to wall time.
+type clock struct{ boot time.Time }
+
+func newClock() clock {
+	var ts unix.Timespec
+	now := time.Now()
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		return clock{boot: now}
+	}
+	return clock{boot: now.Add(-time.Duration(ts.Nano()))}
+}
+
+func (c clock) wall(mono time.Duration) time.Time { return c.boot.Add(mono).UTC() }

@@ -29,7 +29,7 @@ func main() {
 	var (
 		scales  = flag.String("scales", "10,1000,10000,100000", "numbers of Services to measure connect() at")
 		rounds  = flag.Int("rounds", 3, "Services: rounds per scale, each starting and measuring every datapath once in a rotated order; cells are median (min–max)")
-		modes   = flag.String("modes", strings.Join(append(bench.AllModes, bench.ModeTrace), ","), "datapaths: direct,socklb,iptables,nftables (Services), netpol (NetworkPolicy: none/eBPF/iptables/ipset), l7 (HTTP: direct/Envoy via sockmap/Envoy via REDIRECT) and trace (policy events/s a node sustains with none lost)")
+		modes   = flag.String("modes", strings.Join(append(bench.AllModes, bench.ModeTrace), ","), "datapaths: direct,socklb,iptables,nftables (Services), netpol (NetworkPolicy: none/eBPF/iptables/ipset), l7 (HTTP: direct/Envoy via sockmap/Envoy via REDIRECT), lbtrace (connect() with socket LB trace events on/off) and trace (policy events/s a node sustains with none lost)")
 		tRates  = flag.String("trace-rates", "25000,50000,100000,200000", "trace: policy events per second, one row each")
 		tDur    = flag.Duration("trace-duration", 3*time.Second, "trace: generation time per rate")
 		tQueue  = flag.Int("trace-queue", 0, "trace: the client's queue in lines (default: the agent's --trace-queue default)")
@@ -42,6 +42,8 @@ func main() {
 		l7Dur   = flag.Duration("l7-duration", 3*time.Second, "l7: load time per sample")
 		l7Round = flag.Int("l7-rounds", 6, "l7: rounds per number of connections, each measuring every column once in a rotated order (6: every column takes every slot twice); cells are median (min–max)")
 		l7Chg   = flag.Int("l7-changes", 50, "l7: L7Policy changes timed (to Envoy's ACK and to the new verdict enforced)")
+		ltRound = flag.Int("lbtrace-rounds", 10, "lbtrace: rounds, each measuring connect() with socket LB trace events on and off in a rotated order (--connects per sample); writes bench-lb-trace.md")
+		ltPin   = flag.Bool("lbtrace-pin", false, "lbtrace: client and server on CPU 0, the reader on CPU 1 (isolates the kernel-side cost); writes bench-lb-trace-pinned.md")
 		out     = flag.String("out", "results", "results directory")
 		quick   = flag.Bool("quick", false, "fast smoke run at small N")
 		bulk    = flag.Int("bulk", 20000, "Services created (x --bulk-endpoints) with the datapath running; 0 skips")
@@ -57,9 +59,9 @@ func main() {
 	o := bench.Options{Out: *out, BulkServices: *bulk, BulkEndpoints: *bulkEps, Changes: *changes,
 		LatCount: *count, Rounds: *rounds, ModeTimeout: *timeout, KubeBinDir: *binDir, Etcd: *etcd, Log: log,
 		NetpolConns: *pConns, NetpolRR: *pRR, NetpolFlows: *pFlows, NetpolRounds: *pRounds,
-		L7Duration: *l7Dur, L7Rounds: *l7Round, L7Changes: *l7Chg}
-	if *pRounds < 1 || *rounds < 1 || *l7Round < 1 || *l7Chg < 1 {
-		fmt.Fprintln(os.Stderr, "kebpf-bench: --rounds, --policy-rounds, --l7-rounds and --l7-changes must be at least 1")
+		L7Duration: *l7Dur, L7Rounds: *l7Round, L7Changes: *l7Chg, LBTraceRounds: *ltRound, LBTracePin: *ltPin}
+	if *pRounds < 1 || *rounds < 1 || *l7Round < 1 || *l7Chg < 1 || *ltRound < 1 {
+		fmt.Fprintln(os.Stderr, "kebpf-bench: --rounds, --policy-rounds, --l7-rounds, --l7-changes and --lbtrace-rounds must be at least 1")
 		os.Exit(2)
 	}
 	o.Scales = intList("scales", *scales, 1)
@@ -73,13 +75,14 @@ func main() {
 			continue
 		}
 		o.Modes = append(o.Modes, m)
-		services = services || (m != bench.ModeNetpol && m != bench.ModeL7)
+		services = services || (m != bench.ModeNetpol && m != bench.ModeL7 && m != bench.ModeLBTrace)
 	}
 	if *quick {
 		o.Scales = []int{10, 100}
 		o.BulkServices, o.Changes, o.LatCount, o.ModeTimeout, o.Rounds = 200, 10, 1000, 2*time.Minute, 2
 		o.PolicyScales, o.NetpolConns, o.NetpolRR, o.NetpolFlows, o.NetpolRounds = []int{0, 10}, 1000, 500*time.Millisecond, 500*time.Millisecond, 2
 		o.L7Duration, o.L7Rounds, o.L7Changes = 500*time.Millisecond, 2, 5
+		o.LBTraceRounds = 2
 	}
 	if os.Geteuid() != 0 {
 		fmt.Fprintln(os.Stderr, "kebpf-bench: needs root (network namespaces, cgroups, BPF)")
