@@ -20,6 +20,10 @@ func traceDeny() TraceEvent {
 func TestTraceFilterMatch(t *testing.T) {
 	ext := traceDeny()
 	ext.Source = TracePeer{IP: "192.0.2.1", Port: 5555}
+	lb := traceDeny()
+	lb.Type, lb.Verdict = TraceTypeLB, TraceVerdictTranslated
+	lb.Destination.Port = 8080
+	lb.Service = &TraceService{Namespace: "b", Name: "web", IP: "10.96.0.10", PortNumber: 80}
 	for _, tc := range []struct {
 		name  string
 		query string
@@ -47,6 +51,9 @@ func TestTraceFilterMatch(t *testing.T) {
 		{"other verdict", "verdict=allowed", traceDeny(), false},
 		{"verdicts repeated", "verdict=allowed&verdict=denied", traceDeny(), true},
 		{"port destination", "port=80", traceDeny(), true},
+		{"port of the Service dialed", "port=80", lb, true},
+		{"port of the backend", "port=8080", lb, true},
+		{"port of neither", "port=81", lb, false},
 		{"port source", "port=40000", traceDeny(), true},
 		{"other port", "port=81", traceDeny(), false},
 		{"protocol any case", "protocol=tcp", traceDeny(), true},

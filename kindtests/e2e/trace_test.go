@@ -33,6 +33,12 @@ type traceFlow struct {
 
 func ptrInt(i int) *int { return &i }
 
+// portIs is what --port matches: either end's port, or the Service port a
+// connect() addressed.
+func portIs(e apiv1.TraceEvent, p uint16) bool {
+	return e.Source.Port == p || e.Destination.Port == p || (e.Service != nil && e.Service.PortNumber == p)
+}
+
 // traceEvents runs `kubectl ebpf trace -o json args...` and decodes its
 // lines; exit 0 or 3 (losses) are both a trace.
 func traceEvents(t *testing.T, args ...string) ([]apiv1.TraceEvent, []apiv1.TraceLost) {
@@ -195,9 +201,9 @@ func TestIntegrationTrace(t *testing.T) {
 			{[]string{"-A", "--type", "lb"}, nil, []traceFlow{allowed, deniedIn, deniedOut},
 				func(e apiv1.TraceEvent) bool { return e.Type == apiv1.TraceTypeLB }},
 			{[]string{"-A", "--port", "80"}, []traceFlow{allowed, deniedIn, deniedOut}, nil,
-				func(e apiv1.TraceEvent) bool { return e.Source.Port == 80 || e.Destination.Port == 80 }},
+				func(e apiv1.TraceEvent) bool { return portIs(e, 80) }},
 			{[]string{"-A", "--port", "81"}, nil, []traceFlow{allowed, deniedIn, deniedOut},
-				func(e apiv1.TraceEvent) bool { return e.Source.Port == 81 || e.Destination.Port == 81 }},
+				func(e apiv1.TraceEvent) bool { return portIs(e, 81) }},
 			{[]string{"-n", npNS("z")}, []traceFlow{deniedOut}, []traceFlow{allowed, deniedIn},
 				func(e apiv1.TraceEvent) bool {
 					return e.Source.Namespace == npNS("z") || e.Destination.Namespace == npNS("z")
