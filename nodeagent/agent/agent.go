@@ -455,8 +455,10 @@ func statusKey(st apiv1.NodeStateStatus) string {
 	// publish every poll), except that a reason's first loss goes out now.
 	if st.Trace != nil {
 		t := &apiv1.TraceNodeStatus{Lost: map[string]int64{}}
-		for r := range st.Trace.Lost {
-			t.Lost[r] = 1
+		for r, n := range st.Trace.Lost {
+			if n > 0 {
+				t.Lost[r] = 1
+			}
 		}
 		st.Trace = t
 	}

@@ -54,17 +54,23 @@ func (e explainState) Decide(q dp.Question) (dp.Decision, error) { return e.objs
 
 // traceStatus is NodeState's view of the hub's counts.
 func traceStatus(s trace.Stats) *apiv1.TraceNodeStatus {
-	out := &apiv1.TraceNodeStatus{}
-	conv := func(in map[string]uint64) map[string]int64 {
-		if len(in) == 0 {
-			return nil
+	// Every type and reason, zeros included: the maps are never empty. An
+	// apply that drops every field of a map the previous apply set (a
+	// restarted agent has counted nothing yet) leaves status.trace null on
+	// the API server, which the CRD's schema then refuses, and the
+	// NodeState would stop updating.
+	conv := func(in map[string]uint64, keys []string) map[string]int64 {
+		m := make(map[string]int64, len(keys))
+		for _, k := range keys {
+			m[k] = 0
 		}
-		m := make(map[string]int64, len(in))
 		for k, v := range in {
 			m[k] = int64(min(v, 1<<63-1))
 		}
 		return m
 	}
-	out.Published, out.Lost = conv(s.Published), conv(s.Lost)
-	return out
+	return &apiv1.TraceNodeStatus{
+		Published: conv(s.Published, apiv1.TraceTypes),
+		Lost:      conv(s.Lost, []string{apiv1.TraceLostKernel, apiv1.TraceLostAgent, apiv1.TraceLostSlowClient}),
+	}
 }

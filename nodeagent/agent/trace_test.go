@@ -299,7 +299,8 @@ func TestTraceStatus(t *testing.T) {
 	if key1 == key0 {
 		t.Error("the first loss did not change the status key")
 	}
-	if st.Trace == nil || st.Trace.Published[apiv1.TraceTypePolicy] != 1 || st.Trace.Lost[apiv1.TraceLostKernel] != 3 || len(st.Trace.Lost) != 1 {
+	if st.Trace == nil || st.Trace.Published[apiv1.TraceTypePolicy] != 1 || st.Trace.Lost[apiv1.TraceLostKernel] != 3 ||
+		st.Trace.Lost[apiv1.TraceLostSlowClient] != 0 || len(st.Trace.Lost) != 3 || len(st.Trace.Published) != len(apiv1.TraceTypes) {
 		t.Errorf("trace status %+v", st.Trace)
 	}
 	ag.trace.Lost(apiv1.TraceLostKernel, apiv1.TraceTypePolicy, 3)
