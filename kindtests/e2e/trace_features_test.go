@@ -118,7 +118,7 @@ func TestIntegrationTraceFeatures(t *testing.T) {
 		if e.Destination.Pod != "web" || e.Destination.IP != webIP || e.Destination.Port != 8080 {
 			t.Errorf("destination = %+v, want web %s:8080", e.Destination, webIP)
 		}
-		if e.Source.Pod != "client" || e.Process == nil || e.Process.PID == 0 || e.Process.Command != "kebpf-testserv" {
+		if e.Source.Pod != "client" || e.Process == nil || e.Process.PID == 0 || e.Process.Command != "kebpf-testserve" {
 			t.Errorf("source %+v process %+v, want pod client, the probe's pid and command (comm is 15 bytes)", e.Source, e.Process)
 		}
 		// --port matches the Service port the client dialed as well.
