@@ -10,7 +10,7 @@ ns=kebpf-demo
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 run() { printf '$ %s\n' "$*"; "$@"; }
-probe() { kubectl -n "$ns" exec client -- /usr/local/bin/kebpf-testserver probe --timeout 2s "$@" || true; }
+probe() { kubectl -n "$ns" exec client -- /usr/local/bin/kebpf-testserver probe --timeout 2s "$@" 2>/dev/null || true; }
 
 say "Three pods and a Service in namespace $ns"
 sed "s#IMAGE#${KEBPF_TESTSERVER_IMAGE}#" "$here/tour.yaml" | kubectl apply -f - >/dev/null
