@@ -91,7 +91,7 @@ func Ensure(ctx context.Context, log io.Writer) (string, error) {
 		return "", fmt.Errorf("open build lock: %w", err)
 	}
 	defer lock.Close()
-	if err := flock(ctx, lock, log); err != nil {
+	if err := flock(ctx, lock, "the Kubernetes binaries", log); err != nil {
 		return "", err
 	}
 	defer syscall.Flock(int(lock.Fd()), syscall.LOCK_UN)
@@ -118,6 +118,24 @@ func Ensure(ctx context.Context, log io.Writer) (string, error) {
 	fmt.Fprintf(log, "building Kubernetes %s binaries (cold build takes ~10 min)...\n", Version)
 	start := time.Now()
 	args := append([]string{"build", "-trimpath", "-ldflags", LDFlags, "-o", dir + "/"}, packages...)
+	if err := goBuild(ctx, log, src, args); err != nil {
+		return "", fmt.Errorf("go build kubernetes %s: %w", Version, err)
+	}
+	if err := verify(ctx, dir); err != nil {
+		return "", err
+	}
+	if err := os.WriteFile(stampPath(), []byte(stampContent()), 0o644); err != nil {
+		return "", fmt.Errorf("write stamp: %w", err)
+	}
+	fmt.Fprintf(log, "built Kubernetes %s binaries in %s\n", Version, time.Since(start).Round(time.Second))
+	return dir, nil
+}
+
+// goBuild runs `go args...` in the wrapper module src, statically and outside
+// any go.work, printing a line every minute: a cold build takes minutes and a
+// silent one looks hung.
+func goBuild(ctx context.Context, log io.Writer, src string, args []string) error {
+	start := time.Now()
 	cmd := exec.CommandContext(ctx, "go", args...)
 	cmd.Dir = src
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOWORK=off")
@@ -136,22 +154,12 @@ func Ensure(ctx context.Context, log io.Writer) (string, error) {
 			}
 		}
 	}()
-	err = cmd.Run()
+	err := cmd.Run()
 	close(done)
-	if err != nil {
-		return "", fmt.Errorf("go build kubernetes %s: %w", Version, err)
-	}
-	if err := verify(ctx, dir); err != nil {
-		return "", err
-	}
-	if err := os.WriteFile(stampPath(), []byte(stampContent()), 0o644); err != nil {
-		return "", fmt.Errorf("write stamp: %w", err)
-	}
-	fmt.Fprintf(log, "built Kubernetes %s binaries in %s\n", Version, time.Since(start).Round(time.Second))
-	return dir, nil
+	return err
 }
 
-func flock(ctx context.Context, f *os.File, log io.Writer) error {
+func flock(ctx context.Context, f *os.File, what string, log io.Writer) error {
 	warned := false
 	for {
 		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
@@ -162,7 +170,7 @@ func flock(ctx context.Context, f *os.File, log io.Writer) error {
 			return fmt.Errorf("lock build dir: %w", err)
 		}
 		if !warned {
-			fmt.Fprintln(log, "another process is building the Kubernetes binaries; waiting")
+			fmt.Fprintf(log, "another process is building %s; waiting\n", what)
 			warned = true
 		}
 		select {
@@ -234,9 +242,12 @@ func foreignBuild(dir string) int {
 
 // SourceDir finds the wrapper module kindtests/k8sbuild: next to this source
 // file when it is on disk, else inside the main module of the working dir.
-func SourceDir() (string, error) {
+func SourceDir() (string, error) { return wrapperDir("k8sbuild") }
+
+// wrapperDir finds the wrapper module kindtests/<name>.
+func wrapperDir(name string) (string, error) {
 	if _, file, _, ok := runtime.Caller(0); ok && filepath.IsAbs(file) {
-		d := filepath.Join(filepath.Dir(file), "..", "k8sbuild")
+		d := filepath.Join(filepath.Dir(file), "..", name)
 		if _, err := os.Stat(filepath.Join(d, "go.mod")); err == nil {
 			return filepath.Clean(d), nil
 		}
@@ -245,9 +256,9 @@ func SourceDir() (string, error) {
 	if err != nil {
 		return "", err
 	}
-	d := filepath.Join(root, "kindtests", "k8sbuild")
+	d := filepath.Join(root, "kindtests", name)
 	if _, err := os.Stat(filepath.Join(d, "go.mod")); err != nil {
-		return "", fmt.Errorf("find kindtests/k8sbuild: %w", err)
+		return "", fmt.Errorf("find kindtests/%s: %w", name, err)
 	}
 	return d, nil
 }
