@@ -50,6 +50,7 @@ func usage() {
 	fmt.Fprint(os.Stderr, `usage:
   kebpf-testserver serve [--tcp 80,81] [--udp 80,81] [--http 8080] [--name NAME]
   kebpf-testserver probe --protocol tcp|udp|http --to HOST:PORT[/path] [--timeout 2s] [--count N --interval D] [--unconnected]
+  kebpf-testserver probe --protocol dns --to NAME [--transport udp|tcp] [--unconnected] [--server HOST:PORT]
 `)
 	os.Exit(2)
 }
@@ -169,17 +170,20 @@ type Result struct {
 	Error    string `json:"error,omitempty"`
 	Class    string `json:"class,omitempty"`  // refused, timeout, unreachable, denied, http, other
 	Status   int    `json:"status,omitempty"` // http: the response status
-	Peer     string `json:"peer,omitempty"`   // getpeername() of the connected socket
+	Peer     string `json:"peer,omitempty"`   // getpeername() of the connected socket; dns: the answers' sources
+	Server   string `json:"server,omitempty"` // dns: the nameserver(s) asked
 	Target   string `json:"target,omitempty"`
 	Duration string `json:"duration"`
 }
 
 func probe(args []string, out io.Writer) int {
 	fs := flag.NewFlagSet("probe", flag.ContinueOnError)
-	proto := fs.String("protocol", "tcp", "tcp, udp or http")
-	to := fs.String("to", "", "HOST:PORT to probe; a comma-separated list probes every target at once (one JSON line each, in list order)")
+	proto := fs.String("protocol", "tcp", "tcp, udp, http or dns")
+	to := fs.String("to", "", "HOST:PORT to probe (dns: the name to look up); a comma-separated list probes every target at once (one JSON line each, in list order)")
 	timeout := fs.Duration("timeout", 2*time.Second, "give up on one attempt after this long")
-	unconnected := fs.Bool("unconnected", false, "udp: sendto/recvfrom on an unconnected socket (as DNS clients do); peer is the reply's source")
+	unconnected := fs.Bool("unconnected", false, "udp, dns over udp: sendto/recvfrom on an unconnected socket (as DNS clients do); peer is the reply's source")
+	transport := fs.String("transport", "udp", "dns: udp or tcp")
+	server := fs.String("server", "", "dns: HOST:PORT of the nameserver (default: /etc/resolv.conf's)")
 	count := fs.Int("count", 1, "attempts, each a new socket, one JSON line each")
 	interval := fs.Duration("interval", 0, "pause between attempts")
 	if err := fs.Parse(args); err != nil {
@@ -191,6 +195,11 @@ func probe(args []string, out io.Writer) int {
 	}
 	switch *proto {
 	case "tcp", "udp", "http":
+	case "dns":
+		if *transport != "udp" && *transport != "tcp" {
+			fmt.Fprintf(os.Stderr, "error: unknown dns transport %q\n", *transport)
+			return 2
+		}
 	default:
 		fmt.Fprintf(os.Stderr, "error: unknown protocol %q\n", *proto)
 		return 2
@@ -210,7 +219,7 @@ func probe(args []string, out io.Writer) int {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				results[j] = attempt(*proto, strings.TrimSpace(target), *timeout, *unconnected)
+				results[j] = attempt(attemptOpts{proto: *proto, to: strings.TrimSpace(target), timeout: *timeout, unconnected: *unconnected, transport: *transport, server: *server})
 				results[j].Target = strings.TrimSpace(target)
 			}()
 		}
@@ -228,14 +237,24 @@ func probe(args []string, out io.Writer) int {
 	return 0
 }
 
+type attemptOpts struct {
+	proto, to         string
+	timeout           time.Duration
+	unconnected       bool
+	transport, server string // dns
+}
+
 // attempt is one probe on a new socket.
-func attempt(proto, to string, timeout time.Duration, unconnected bool) Result {
+func attempt(o attemptOpts) Result {
+	proto, to, unconnected := o.proto, o.to, o.unconnected
 	start := time.Now()
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	ctx, cancel := context.WithTimeout(context.Background(), o.timeout)
 	defer cancel()
 	var r Result
 	var err error
 	switch {
+	case proto == "dns":
+		r, err = probeDNS(ctx, to, o.transport, o.server, unconnected)
 	case proto == "tcp":
 		r, err = probeStream(ctx, "tcp", to)
 	case proto == "udp" && unconnected:
@@ -396,6 +415,10 @@ func probeHTTP(ctx context.Context, to string) (Result, error) {
 }
 
 func classify(err error) string {
+	var de *net.DNSError
+	if errors.As(err, &de) && de.IsNotFound {
+		return "notfound"
+	}
 	switch {
 	case errors.Is(err, errHTTPStatus):
 		return "http"
