@@ -116,7 +116,8 @@ failSwapOn: false
 containerRuntimeEndpoint: unix://%s
 podLogsDir: %s
 resolvConf: /etc/resolv.conf
-clusterDomain: cluster.local
+clusterDomain: %s
+clusterDNS: [%s]
 protectKernelDefaults: false
 serializeImagePulls: false
 rotateCertificates: false
@@ -128,7 +129,7 @@ evictionHard:
   nodefs.inodesFree: 1%%
   imagefs.available: 1%%
   imagefs.inodesFree: 1%%
-`, NodeIP, s.path("pki", "ca.crt"), s.sock, s.path("pod-logs"))
+`, NodeIP, s.path("pki", "ca.crt"), s.sock, s.path("pod-logs"), ClusterDomain, DNSServiceIP)
 }
 
 // kubeProxyConfig programs node ports only on the bridge address.

@@ -138,6 +138,13 @@ func (*Provider) Available(ctx context.Context) error {
 			missing = append(missing, fmt.Sprintf("%s (apt-get install %s)", t.path, t.pkg))
 		}
 	}
+	if !k8sbin.CoreDNSCached() {
+		if _, err := exec.LookPath("go"); err != nil {
+			missing = append(missing, "go toolchain (to build CoreDNS)")
+		} else if _, err := k8sbin.CoreDNSSourceDir(); err != nil {
+			missing = append(missing, err.Error())
+		}
+	}
 	if !k8sbin.Cached() {
 		if _, err := exec.LookPath("go"); err != nil {
 			missing = append(missing, "go toolchain (to build the Kubernetes binaries)")
@@ -187,6 +194,11 @@ func (p *Provider) Create(ctx context.Context, opts cluster.Options) (*cluster.C
 		return nil, fmt.Errorf("local cluster %q exists (state in %s); delete it first, only one local cluster fits on a host", other, filepath.Dir(s.dir))
 	}
 	if s.healthy(ctx, opts.KubeProxy) {
+		// A cluster an older version made may lack the DNS: converge
+		// (seconds when it is there already).
+		if err := s.reuseDNS(ctx, log); err != nil {
+			return nil, err
+		}
 		st.done("reusing running cluster %q", s.name)
 		return s.cluster(), nil
 	}
@@ -195,6 +207,11 @@ func (p *Provider) Create(ctx context.Context, opts cluster.Options) (*cluster.C
 		return nil, err
 	}
 	st.done("kubernetes %s binaries ready", k8sbin.Version)
+	corednsBin, err := k8sbin.EnsureCoreDNS(ctx, log)
+	if err != nil {
+		return nil, err
+	}
+	st.done("coredns %s binary ready", k8sbin.CoreDNSVersion)
 	for _, d := range []string{s.dir, s.runDir, s.path("logs"), s.path("run"), s.path("etcd"), s.path("kubelet"), s.path("pod-logs"), s.path("cni", "ipam"), s.path("apiserver")} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			return nil, fmt.Errorf("create %s: %w", d, err)
@@ -294,6 +311,10 @@ func (p *Provider) Create(ctx context.Context, opts cluster.Options) (*cluster.C
 		return nil, err
 	}
 	st.done("pause image %s imported", PauseImage)
+	if err := s.ensureCoreDNSImage(ctx, corednsBin); err != nil {
+		return nil, err
+	}
+	st.done("coredns image %s imported", CoreDNSImage)
 
 	httpc, err := s.adminHTTP()
 	if err != nil {
@@ -377,7 +398,11 @@ func (p *Provider) Create(ctx context.Context, opts cluster.Options) (*cluster.C
 	}); err != nil {
 		return nil, err
 	}
-	st.done("default ServiceAccount exists; cluster ready, kubeconfig %s", s.kubeconfig())
+	st.done("default ServiceAccount exists")
+	if err := s.ensureDNS(ctx, cs); err != nil {
+		return nil, err
+	}
+	st.done("CoreDNS Ready (kube-dns %s); cluster ready, kubeconfig %s", DNSServiceIP, s.kubeconfig())
 	return s.cluster(), nil
 }
 
