@@ -146,6 +146,7 @@ func TestIntegrationLocalCluster(t *testing.T) {
 	if out, err := p.Exec(ctx, name, NodeName, "ip", "-o", "link", "show", Bridge); err != nil || !strings.Contains(string(out), Bridge) {
 		t.Errorf("exec on node: %v: %s", err, out)
 	}
+	t.Run("cluster DNS", func(t *testing.T) { testClusterDNS(ctx, t, p, name, c.Kubeconfig) })
 
 	if err := p.Delete(ctx, name, log); err != nil {
 		t.Fatalf("delete: %v", err)
