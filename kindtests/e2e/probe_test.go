@@ -18,6 +18,7 @@ type probeResult struct {
 	Class    string `json:"class"`
 	Status   int    `json:"status"`
 	Peer     string `json:"peer"`
+	Server   string `json:"server"` // dns: the nameserver(s) asked
 	Target   string `json:"target"`
 	Duration string `json:"duration"`
 }
@@ -66,6 +67,8 @@ type serverPod struct {
 	// hostNetwork runs it in the node's netns; once does not restart it
 	// (restartPolicy Never).
 	hostNetwork, once bool
+	// dnsPolicy is the pod's, ClusterFirst when empty.
+	dnsPolicy string
 	// container is more YAML of the container (ports, env, probes),
 	// indented by four spaces.
 	container string
@@ -76,12 +79,17 @@ func (p serverPod) yaml() string {
 	if p.once {
 		restart = "Never"
 	}
+	dnsPolicy := "ClusterFirst"
+	if p.dnsPolicy != "" {
+		dnsPolicy = p.dnsPolicy
+	}
 	return fmt.Sprintf(`---
 apiVersion: v1
 kind: Pod
 metadata: {name: %s, namespace: %s, labels: {%s}}
 spec:
   hostNetwork: %v
+  dnsPolicy: %s
   restartPolicy: %s
   terminationGracePeriodSeconds: 1
   containers:
@@ -90,7 +98,7 @@ spec:
     imagePullPolicy: IfNotPresent
     command: [/usr/local/bin/kebpf-testserver]
     args: [%s]
-%s`, p.name, p.ns, p.labels, p.hostNetwork, restart, env.Product.TestServerRef, p.args, p.container)
+%s`, p.name, p.ns, p.labels, p.hostNetwork, dnsPolicy, restart, env.Product.TestServerRef, p.args, p.container)
 }
 
 // kubectlJSON runs kubectl (which must succeed) and decodes its stdout into v.

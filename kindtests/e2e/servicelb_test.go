@@ -60,6 +60,12 @@ kind: Namespace
 metadata: {name: %s}
 `, lbNamespace)
 	pod := func(name, labels string, hostNet bool, args string, ready int) {
+		// The node's processes resolve through the cluster DNS too (the DNS
+		// rows), as a node-local agent configured with it would.
+		dnsPolicy := ""
+		if hostNet {
+			dnsPolicy = "ClusterFirstWithHostNet"
+		}
 		ports := `    ports:
     - {name: tcp-alt, containerPort: 8081, protocol: TCP}
     - {name: dns, containerPort: 53, protocol: UDP}
@@ -67,7 +73,7 @@ metadata: {name: %s}
 		if hostNet {
 			ports = "" // a hostNetwork pod's ports are the node's
 		}
-		b.WriteString(serverPod{name: name, ns: lbNamespace, labels: labels, args: args, hostNetwork: hostNet,
+		b.WriteString(serverPod{name: name, ns: lbNamespace, labels: labels, args: args, hostNetwork: hostNet, dnsPolicy: dnsPolicy,
 			container: `    env: [{name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}]
 ` + ports + fmt.Sprintf("    readinessProbe: {tcpSocket: {port: %d}, periodSeconds: 1}\n", ready)}.yaml())
 	}
@@ -126,7 +132,7 @@ spec:
 
 // lbTopology is what the flow table's expectations are computed from.
 type lbTopology struct {
-	clusterIP map[string]string // service -> ClusterIP
+	clusterIP map[string]string // service of the suite, kube-dns or kubernetes -> ClusterIP
 	nodePort  int
 	nodeIP    map[string]string // node -> InternalIP
 	podNode   map[string]string // pod -> node
@@ -153,6 +159,15 @@ func readTopology(t *testing.T) lbTopology {
 		if s.Metadata.Name == "np" {
 			top.nodePort = s.Spec.Ports[0].NodePort
 		}
+	}
+	for _, s := range []struct{ key, ns, name string }{{"kube-dns", "kube-system", "kube-dns"}, {"kubernetes", "default", "kubernetes"}} {
+		var svc struct {
+			Spec struct {
+				ClusterIP string `json:"clusterIP"`
+			}
+		}
+		kubectlJSON(t, &svc, "-n", s.ns, "get", "svc", s.name, "-o", "json")
+		top.clusterIP[s.key] = svc.Spec.ClusterIP
 	}
 	var pods struct {
 		Items []struct {
@@ -332,6 +347,9 @@ func TestIntegrationServiceLB(t *testing.T) {
 			for _, f := range lbFlows(top) {
 				t.Run(f.from+"/"+f.name, func(t *testing.T) { checkFlow(t, f) })
 			}
+			for _, d := range dnsLookups(top) {
+				t.Run(d.from+"/dns "+d.name, func(t *testing.T) { checkDNS(t, top, d) })
+			}
 			// Beside kube-proxy too, the socket LB must have translated first.
 			for _, n := range env.Cluster.Nodes {
 				after := lbStats(t, n)
@@ -423,6 +441,62 @@ func TestIntegrationServiceLBSwitch(t *testing.T) {
 		}
 		if n == 0 {
 			t.Errorf("node %s: no kebpf_connect program attached after enable", node)
+		}
+	}
+}
+
+// dnsLookup is one row of the DNS table: a name looked up from a client
+// through the cluster DNS (kube-dns's ClusterIP, so through the socket LB).
+type dnsLookup struct {
+	name, from string
+	to         string   // the name
+	want       string   // the Service whose ClusterIP must answer
+	extra      []string // transport flags
+}
+
+func dnsLookups(top lbTopology) []dnsLookup {
+	var rows []dnsLookup
+	for _, from := range []string{"client", "hostclient"} {
+		for _, tr := range []struct {
+			name  string
+			extra []string
+		}{
+			{"udp connected", nil},
+			// glibc's resolver sends from an unconnected socket: only the
+			// recvmsg hook makes the answer come from the address asked.
+			{"udp unconnected", []string{"--unconnected"}},
+			{"tcp", []string{"--transport", "tcp"}},
+		} {
+			rows = append(rows,
+				dnsLookup{name: tr.name + " Service short name", from: from, to: "web", want: "web", extra: tr.extra},
+				dnsLookup{name: tr.name + " kubernetes.default", from: from, to: "kubernetes.default", want: "kubernetes", extra: tr.extra},
+			)
+		}
+	}
+	return rows
+}
+
+// checkDNS looks d.to up three times from d.from. The pod's resolv.conf names
+// kube-dns's ClusterIP, which only the socket LB translates when kube-proxy
+// is absent; every answer must name the Service's ClusterIP and come from
+// kube-dns's ClusterIP (for TCP: getpeername), never from the CoreDNS pod.
+func checkDNS(t *testing.T, top lbTopology, d dnsLookup) {
+	t.Helper()
+	dns := top.clusterIP["kube-dns"]
+	if dns == "" || top.clusterIP[d.want] == "" {
+		t.Fatalf("no ClusterIP for kube-dns (%q) or %s (%q)", dns, d.want, top.clusterIP[d.want])
+	}
+	want := net.JoinHostPort(dns, "53")
+	for _, r := range probeFrom(t, d.from, "dns", d.to, 3, d.extra...) {
+		if !r.OK {
+			t.Errorf("%s: lookup %s: %s (%s), asked %q", d.from, d.to, r.Error, r.Class, r.Server)
+			continue
+		}
+		if r.Reply != top.clusterIP[d.want] {
+			t.Errorf("%s: lookup %s = %q, want the ClusterIP of %s %s", d.from, d.to, r.Reply, d.want, top.clusterIP[d.want])
+		}
+		if r.Server != want || r.Peer != want {
+			t.Errorf("%s: lookup %s asked %q and was answered from %q; want %s for both (resolvers drop answers from another address)", d.from, d.to, r.Server, r.Peer, want)
 		}
 	}
 }
