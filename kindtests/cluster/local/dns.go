@@ -171,9 +171,11 @@ func dnsObjects() (*corev1.ServiceAccount, *rbacv1.ClusterRole, *rbacv1.ClusterR
 }
 
 // upsert creates an object, or replaces the one of that name (keeping its
-// resourceVersion), so a re-run `up` converges instead of failing.
+// resourceVersion, and what keep copies from it), so a re-run `up`
+// converges instead of failing.
 func upsert[T metav1.Object](ctx context.Context, obj T, create func(context.Context, T, metav1.CreateOptions) (T, error),
-	get func(context.Context, string, metav1.GetOptions) (T, error), update func(context.Context, T, metav1.UpdateOptions) (T, error)) error {
+	get func(context.Context, string, metav1.GetOptions) (T, error), update func(context.Context, T, metav1.UpdateOptions) (T, error),
+	keep func(cur, obj T)) error {
 	_, err := create(ctx, obj, metav1.CreateOptions{})
 	if err == nil || !apierrors.IsAlreadyExists(err) {
 		return err
@@ -183,6 +185,9 @@ func upsert[T metav1.Object](ctx context.Context, obj T, create func(context.Con
 		return err
 	}
 	obj.SetResourceVersion(cur.GetResourceVersion())
+	if keep != nil {
+		keep(cur, obj)
+	}
 	_, err = update(ctx, obj, metav1.UpdateOptions{})
 	return err
 }
@@ -197,19 +202,29 @@ func deployDNS(ctx context.Context, cs kubernetes.Interface) error {
 	}{
 		{"ServiceAccount", func() error {
 			c := core.ServiceAccounts(dnsNamespace)
-			return upsert(ctx, sa, c.Create, c.Get, c.Update)
+			return upsert(ctx, sa, c.Create, c.Get, c.Update, nil)
 		}},
-		{"ClusterRole", func() error { c := rbac.ClusterRoles(); return upsert(ctx, role, c.Create, c.Get, c.Update) }},
+		{"ClusterRole", func() error { c := rbac.ClusterRoles(); return upsert(ctx, role, c.Create, c.Get, c.Update, nil) }},
 		{"ClusterRoleBinding", func() error {
 			c := rbac.ClusterRoleBindings()
-			return upsert(ctx, binding, c.Create, c.Get, c.Update)
+			return upsert(ctx, binding, c.Create, c.Get, c.Update, nil)
 		}},
-		{"ConfigMap", func() error { c := core.ConfigMaps(dnsNamespace); return upsert(ctx, cm, c.Create, c.Get, c.Update) }},
+		{"ConfigMap", func() error {
+			c := core.ConfigMaps(dnsNamespace)
+			return upsert(ctx, cm, c.Create, c.Get, c.Update, nil)
+		}},
 		{"Deployment", func() error {
 			c := cs.AppsV1().Deployments(dnsNamespace)
-			return upsert(ctx, dep, c.Create, c.Get, c.Update)
+			return upsert(ctx, dep, c.Create, c.Get, c.Update, nil)
 		}},
-		{"Service", func() error { c := core.Services(dnsNamespace); return upsert(ctx, svc, c.Create, c.Get, c.Update) }},
+		{"Service", func() error {
+			c := core.Services(dnsNamespace)
+			// Fields the API server defaulted: an update without them
+			// reads as a request for a new ClusterIP, which is taken.
+			return upsert(ctx, svc, c.Create, c.Get, c.Update, func(cur, obj *corev1.Service) {
+				obj.Spec.ClusterIPs, obj.Spec.IPFamilies, obj.Spec.IPFamilyPolicy = cur.Spec.ClusterIPs, cur.Spec.IPFamilies, cur.Spec.IPFamilyPolicy
+			})
+		}},
 	}
 	for _, st := range steps {
 		if err := st.do(); err != nil {
