@@ -172,15 +172,16 @@ func dnsObjects() (*corev1.ServiceAccount, *rbacv1.ClusterRole, *rbacv1.ClusterR
 
 // upsert creates an object, or replaces the one of that name (keeping its
 // resourceVersion, and what keep copies from it), so a re-run `up`
-// converges instead of failing.
+// converges instead of failing. It looks first: creating a Service whose
+// fixed ClusterIP is taken fails on the IP, not as AlreadyExists.
 func upsert[T metav1.Object](ctx context.Context, obj T, create func(context.Context, T, metav1.CreateOptions) (T, error),
 	get func(context.Context, string, metav1.GetOptions) (T, error), update func(context.Context, T, metav1.UpdateOptions) (T, error),
 	keep func(cur, obj T)) error {
-	_, err := create(ctx, obj, metav1.CreateOptions{})
-	if err == nil || !apierrors.IsAlreadyExists(err) {
+	cur, err := get(ctx, obj.GetName(), metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		_, err = create(ctx, obj, metav1.CreateOptions{})
 		return err
 	}
-	cur, err := get(ctx, obj.GetName(), metav1.GetOptions{})
 	if err != nil {
 		return err
 	}
