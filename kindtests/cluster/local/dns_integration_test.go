@@ -137,6 +137,7 @@ func testClusterDNS(ctx context.Context, t *testing.T, p *Provider, name, kubeco
 			t.Fatalf("probe: %v: %q", err, out)
 		}
 		d, _ := time.ParseDuration(r.Duration)
+		t.Logf("example.com: %s (%s) in %s", r.Error, r.Class, r.Duration)
 		if r.OK || r.Class == "timeout" || d > 2*time.Second {
 			t.Errorf("example.com: %+v; want a fast failure (REFUSED), no forward exists", r)
 		}
