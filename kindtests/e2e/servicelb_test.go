@@ -362,7 +362,29 @@ func TestIntegrationServiceLB(t *testing.T) {
 					t.Errorf("node %s exports no kebpf_lb_connects_total", n)
 				}
 			}
+			if !mode.kubeProxy {
+				t.Run("client/dns control: no answer with service-lb off", func(t *testing.T) { checkDNSNeedsLB(t, top) })
+			}
 		})
+	}
+}
+
+// checkDNSNeedsLB is the DNS rows' control: with kube-proxy absent and
+// service-lb disabled nothing translates kube-dns's ClusterIP, so the same
+// lookup must time out; the rows above then passed because of the socket LB.
+// From the pod only: its untranslated datagrams die at the pod bridge's
+// FORWARD drop, a node process's would leave through the uplink.
+func checkDNSNeedsLB(t *testing.T, top lbTopology) {
+	mustKubectl(t, 3*time.Minute, "ebpf", "disable", "service-lb", "--wait")
+	defer mustKubectl(t, 3*time.Minute, "ebpf", "enable", "service-lb", "--wait")
+	r := kubectl(t, time.Minute, "-n", lbNamespace, "exec", "client", "--", "/usr/local/bin/kebpf-testserver", "probe",
+		"--protocol", "dns", "--to", "web", "--timeout", "2s")
+	res, err := decodeNProbes(r, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res[0].OK || res[0].Class != "timeout" {
+		t.Errorf("lookup of web with service-lb off and no kube-proxy: %+v; want a timeout (what answered?)", res[0])
 	}
 }
 
