@@ -200,8 +200,9 @@ func policyName(p *apiv1.TracePolicy) string {
 // Service, the HTTP request.
 func infoText(e *apiv1.TraceEvent) string {
 	var parts []string
-	if s := policyInfo(e); s != "" {
-		parts = append(parts, s)
+	pol := policyInfo(e)
+	if pol != "" {
+		parts = append(parts, pol)
 	}
 	if s := e.Service; s != nil {
 		port := s.Port
@@ -216,6 +217,16 @@ func infoText(e *apiv1.TraceEvent) string {
 			r += " " + strconv.Itoa(h.Status)
 		}
 		parts = append(parts, "HTTP "+strings.TrimSpace(r))
+	}
+	if e.Verdict == apiv1.TraceVerdictRedirected {
+		// An l7 connect: where it went is the news (the requests on it
+		// follow as their own events).
+		parts = append(parts, "to this node's Envoy")
+	}
+	if pol == "" && e.Reason != "" {
+		// A feature's own reason (no-endpoints, backend-removed, no-envoy,
+		// a CNI refusal); policy reasons are in pol already.
+		parts = append(parts, e.Reason)
 	}
 	return strings.Join(parts, ", ")
 }

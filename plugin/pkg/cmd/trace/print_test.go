@@ -69,6 +69,11 @@ func TestInfoText(t *testing.T) {
 		{"service", lbEvent, "service shop/cart:http"},
 		{"service unnamed port", unnamedPort, "service shop/cart:8080"},
 		{"l7", l7, "l7policy shop/read-only rule 0, HTTP POST /cart 403"},
+		{"lb refused", apiv1.TraceEvent{Type: apiv1.TraceTypeLB, Verdict: apiv1.TraceVerdictRefused, Reason: "no-endpoints",
+			Service: &apiv1.TraceService{Namespace: "shop", Name: "empty", Port: "http", IP: "10.96.0.11", PortNumber: 80}}, "service shop/empty:http, no-endpoints"},
+		{"l7 steered connect", apiv1.TraceEvent{Type: apiv1.TraceTypeL7, Verdict: apiv1.TraceVerdictRedirected}, "to this node's Envoy"},
+		{"l7 refused connect", apiv1.TraceEvent{Type: apiv1.TraceTypeL7, Verdict: apiv1.TraceVerdictRefused, Reason: "no-envoy"}, "no-envoy"},
+		{"cni refused", apiv1.TraceEvent{Type: apiv1.TraceTypeCNI, Verdict: apiv1.TraceVerdictRefused, Reason: "not-programmed"}, "not-programmed"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if got := infoText(&tc.e); got != tc.want {
