@@ -53,9 +53,23 @@ func dnsAnswer(q []byte, want string) []byte {
 // stand for a reply whose source a socket LB failed to rewrite.
 func dnsServers(t *testing.T, want string, otherSource bool) (addr string, replySource net.Addr) {
 	t.Helper()
-	uc, err := net.ListenPacket("udp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	// One port for UDP and TCP, as a DNS server has: the UDP port the
+	// kernel picks may be taken for TCP by another test's socket, so try
+	// again on another.
+	var uc net.PacketConn
+	var l net.Listener
+	var err error
+	for try := 0; ; try++ {
+		if uc, err = net.ListenPacket("udp4", "127.0.0.1:0"); err != nil {
+			t.Fatal(err)
+		}
+		if l, err = net.Listen("tcp4", uc.LocalAddr().String()); err == nil {
+			break
+		}
+		uc.Close()
+		if try == 20 {
+			t.Fatalf("no port free for both UDP and TCP: %v", err)
+		}
 	}
 	t.Cleanup(func() { uc.Close() })
 	out := uc
@@ -77,11 +91,7 @@ func dnsServers(t *testing.T, want string, otherSource bool) (addr string, reply
 			}
 		}
 	}()
-	port := uc.LocalAddr().(*net.UDPAddr).Port
-	l, err := net.Listen("tcp4", uc.LocalAddr().String())
-	if err != nil {
-		t.Fatalf("tcp on the udp port %d: %v", port, err)
-	}
+
 	t.Cleanup(func() { l.Close() })
 	go func() {
 		for {
