@@ -233,10 +233,22 @@ func TestIntegrationL7(t *testing.T) {
 		if s, r := status(t); r.code != 0 {
 			t.Errorf("status with l7 on: exit %d: %+v", r.code, s)
 		}
-		for node, st := range l7NodeStates(t) {
-			if st["envoyReady"] != true || st["ackedVersion"] == "" || st["ackedVersion"] != st["version"] {
-				t.Errorf("node %s l7 status %v: want Envoy ready on the served version", node, st)
+		// Enforcement proves Envoy ACKed; the NodeState shows the ACK at the
+		// agent's next publish, a moment later: poll for it.
+		var bad []string
+		for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(500 * time.Millisecond) {
+			bad = bad[:0]
+			for node, st := range l7NodeStates(t) {
+				if st["envoyReady"] != true || st["ackedVersion"] == "" || st["ackedVersion"] != st["version"] {
+					bad = append(bad, fmt.Sprintf("node %s l7 status %v", node, st))
+				}
 			}
+			if len(bad) == 0 || time.Now().After(deadline) {
+				break
+			}
+		}
+		for _, b := range bad {
+			t.Errorf("%s: want Envoy ready on the served version", b)
 		}
 	})
 
