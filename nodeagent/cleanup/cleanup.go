@@ -3,6 +3,17 @@
 // Package cleanup removes everything the agent ever put into the kernel or
 // onto the node: pinned links (which detaches them), pinned maps, the pin
 // dir, attachments still held by a process, and our cgroup2 mount.
+//
+// "Everything" means everything of THIS node. The nodes of a local test
+// cluster (kind) are containers sharing one kernel: every node's agent
+// creates kebpf_-named programs, maps and links in the same global ID
+// spaces, each with its own bpffs (PinDir, in the node's mount namespace)
+// and its own cgroup namespace (CgroupRoot shows the node's subtree as the
+// root). A name-prefix scan of the whole kernel would uninstall one node and
+// tear down the datapath of all the others, and its verification would
+// report the other nodes' live objects as left behind. So cleanup works on
+// a Scope: what is reachable from this node's PinDir and CgroupRoot, taken
+// before anything is removed (see Snapshot).
 package cleanup
 
 import (
@@ -22,7 +33,8 @@ import (
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/mounts"
 )
 
-// NamePrefix marks every program and map we create.
+// NamePrefix marks every program and map we create (on every node: the
+// prefix says "kubectl-ebpf", never "this node").
 const NamePrefix = "kebpf_"
 
 // Object is a kernel object found while scanning.
@@ -34,7 +46,8 @@ type Object struct {
 
 func (o Object) String() string { return fmt.Sprintf("%s %d (%s)", o.Kind, o.ID, o.Name) }
 
-// OwnsByPrefix is the default ownership rule: the kebpf_ name prefix.
+// OwnsByPrefix is the default Owns: the kebpf_ name prefix. It is applied
+// on top of the node Scope, never instead of it.
 func OwnsByPrefix(o Object) bool { return strings.HasPrefix(o.Name, NamePrefix) }
 
 // Options says what to clean.
@@ -46,9 +59,11 @@ type Options struct {
 	CgroupRoot string
 	// Out receives one line per removed thing.
 	Out io.Writer
-	// Owns decides whether a scanned kernel object is ours. Nil means
-	// "name starts with kebpf_"; tests narrow it so they never touch
-	// objects of other processes on a shared kernel.
+	// Owns further narrows which in-scope kernel objects are ours: an
+	// object is touched (and reported as remaining) only when it is in this
+	// node's Scope AND Owns accepts it. Nil means "name starts with kebpf_";
+	// tests narrow it further so they never touch objects of other
+	// processes on a shared kernel.
 	Owns func(Object) bool
 	// Settle bounds how long verification waits for the kernel to free
 	// detached programs and maps (freeing is deferred past an RCU grace
@@ -56,8 +71,11 @@ type Options struct {
 	Settle time.Duration
 }
 
-// Run removes everything of ours and then verifies nothing remains. The
-// returned error lists whatever is left (or could not be scanned).
+// Run removes everything of this node's and then verifies nothing of it
+// remains. The returned error lists whatever is left (or could not be
+// scanned). Objects of other nodes on the same kernel are neither touched
+// nor reported: the Scope is taken first, while the pins that say what is
+// ours still exist.
 func Run(opts Options) error {
 	if opts.Out == nil {
 		opts.Out = io.Discard
@@ -69,10 +87,15 @@ func Run(opts Options) error {
 		opts.Settle = 2 * time.Second
 	}
 	var errs []error
+	sc, err := Snapshot(opts)
+	if err != nil {
+		// A partial scope removes less, never more; say what was missed.
+		errs = append(errs, fmt.Errorf("scope: %w", err))
+	}
 	if err := removePins(opts); err != nil {
 		errs = append(errs, err)
 	}
-	if err := detachLinks(opts); err != nil {
+	if err := detachLinks(opts, sc); err != nil {
 		errs = append(errs, err)
 	}
 	if err := detachLegacy(opts); err != nil {
@@ -82,7 +105,7 @@ func Run(opts Options) error {
 		errs = append(errs, err)
 	}
 
-	remaining, err := waitGone(opts)
+	remaining, err := waitGone(opts, sc)
 	if err != nil {
 		errs = append(errs, err)
 	}
@@ -181,8 +204,8 @@ func progName(id ebpf.ProgramID) string {
 	return info.Name
 }
 
-// ourLinks lists links whose program is ours.
-func ourLinks(opts Options) ([]link.Link, error) {
+// ourLinks lists the links of sc that opts.Owns accepts.
+func ourLinks(opts Options, sc *Scope) ([]link.Link, error) {
 	var out []link.Link
 	it := new(link.Iterator)
 	defer it.Close()
@@ -190,6 +213,9 @@ func ourLinks(opts Options) ([]link.Link, error) {
 		info, err := it.Link.Info()
 		if err != nil {
 			continue // the link went away while we looked
+		}
+		if !sc.hasLink(info) {
+			continue
 		}
 		if !opts.Owns(Object{Kind: "link", ID: uint32(info.ID), Name: progName(info.Program)}) {
 			continue
@@ -205,10 +231,12 @@ func ourLinks(opts Options) ([]link.Link, error) {
 	return out, nil
 }
 
-// detachLinks handles links that are no longer (or never were) pinned but
-// are still held open by some process.
-func detachLinks(opts Options) error {
-	links, err := ourLinks(opts)
+// detachLinks handles links of this node that are no longer (or never
+// were) pinned but are still held open by some process. It walks the
+// kernel's whole link list (there is no per-namespace one) and keeps only
+// the links in sc: another node's links on the same kernel stay attached.
+func detachLinks(opts Options, sc *Scope) error {
+	links, err := ourLinks(opts, sc)
 	if err != nil {
 		return err
 	}
@@ -238,7 +266,9 @@ var cgroupAttachTypes = []ebpf.AttachType{
 
 // detachLegacy removes programs attached at the cgroup root with
 // BPF_PROG_ATTACH (the fallback on kernels without cgroup links), which the
-// link scan cannot see.
+// link scan cannot see. It is per node already: it queries only this node's
+// CgroupRoot (in the node's cgroup namespace, the node's own subtree), so
+// other nodes' attachments, at their own cgroups, are never listed.
 func detachLegacy(opts Options) error {
 	if opts.CgroupRoot == "" {
 		return nil
@@ -298,10 +328,10 @@ func unmountCgroup(opts Options) error {
 }
 
 // waitGone scans until nothing of ours is left or Settle passes.
-func waitGone(opts Options) ([]string, error) {
+func waitGone(opts Options, sc *Scope) ([]string, error) {
 	deadline := time.Now().Add(opts.Settle)
 	for {
-		remaining, err := Remaining(opts)
+		remaining, err := Remaining(opts, sc)
 		if err != nil || len(remaining) == 0 || time.Now().After(deadline) {
 			return remaining, err
 		}
@@ -309,11 +339,19 @@ func waitGone(opts Options) ([]string, error) {
 	}
 }
 
-// Remaining lists what of ours still exists: the pin dir, our cgroup2
-// mount, links, programs and maps.
-func Remaining(opts Options) ([]string, error) {
+// Remaining lists what of this node still exists: the pin dir, our cgroup2
+// mount, and the links, programs and maps in sc (taken by Snapshot before
+// anything was removed) that opts.Owns accepts. A program is also in scope
+// when its name has our prefix and it uses a map that was pinned in our pin
+// dir: a process still holding such a program keeps it alive after the
+// pins are gone. Objects of other nodes sharing this kernel are never
+// listed, however they are named.
+func Remaining(opts Options, sc *Scope) ([]string, error) {
 	if opts.Owns == nil {
 		opts.Owns = OwnsByPrefix
+	}
+	if sc == nil {
+		sc = newScope()
 	}
 	var out []string
 	if _, err := os.Lstat(opts.PinDir); err == nil {
@@ -330,7 +368,14 @@ func Remaining(opts Options) ([]string, error) {
 			}
 		}
 	}
-	links, err := ourLinks(opts)
+	// Programs first: a link is ours when its program is.
+	var progs []string
+	sc.scanPrograms(func(id ebpf.ProgramID, name string) {
+		if o := (Object{Kind: "program", ID: uint32(id), Name: name}); opts.Owns(o) {
+			progs = append(progs, o.String())
+		}
+	})
+	links, err := ourLinks(opts, sc)
 	if err != nil {
 		return out, err
 	}
@@ -338,12 +383,11 @@ func Remaining(opts Options) ([]string, error) {
 		out = append(out, describeLink(l))
 		l.Close()
 	}
-	for id, err := ebpf.ProgramGetNextID(0); err == nil; id, err = ebpf.ProgramGetNextID(id) {
-		if name := progName(id); opts.Owns(Object{Kind: "program", ID: uint32(id), Name: name}) {
-			out = append(out, Object{Kind: "program", ID: uint32(id), Name: name}.String())
-		}
-	}
+	out = append(out, progs...)
 	for id, err := ebpf.MapGetNextID(0); err == nil; id, err = ebpf.MapGetNextID(id) {
+		if !sc.maps[id] {
+			continue
+		}
 		m, err := ebpf.NewMapFromID(id)
 		if err != nil {
 			continue

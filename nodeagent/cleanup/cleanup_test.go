@@ -165,12 +165,18 @@ func TestRunRemovesEverything(t *testing.T) {
 	// The held link object outlives its detach while this test holds the fd,
 	// so Run is expected to report it; it must be gone once we close it.
 	opts.Settle = 200 * time.Millisecond
+	// Run takes the same snapshot; the test needs it to re-check after
+	// letting go of the held link, when the pins are gone.
+	sc, err := Snapshot(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
 	runErr := Run(opts)
 	held.Close()
 	t.Logf("cleanup output:\n%s", out.String())
 	if runErr != nil {
 		// Only the still-open held link may be reported; recheck after close.
-		rem, err := waitRemaining(opts)
+		rem, err := waitRemaining(opts, sc)
 		if err != nil || len(rem) > 0 {
 			t.Fatalf("Run: %v; remaining after closing held link: %q (%v)", runErr, rem, err)
 		}
@@ -199,10 +205,10 @@ func TestRunRemovesEverything(t *testing.T) {
 	}
 }
 
-func waitRemaining(opts Options) ([]string, error) {
+func waitRemaining(opts Options, sc *Scope) ([]string, error) {
 	deadline := time.Now().Add(2 * time.Second)
 	for {
-		rem, err := Remaining(opts)
+		rem, err := Remaining(opts, sc)
 		if err != nil || len(rem) == 0 || time.Now().After(deadline) {
 			return rem, err
 		}
@@ -239,8 +245,9 @@ func TestRunNothingToDo(t *testing.T) {
 	}
 }
 
-// TestRunFailsWhileSomethingRemains: a program of ours held open by a
-// process cannot be removed by cleanup, so Run must fail and name it.
+// TestRunFailsWhileSomethingRemains: a program of ours (pinned in our pin
+// dir, so in this node's scope) held open by a process cannot be removed by
+// cleanup, so Run must fail and name it.
 func TestRunFailsWhileSomethingRemains(t *testing.T) {
 	bpftest.RequireRoot(t)
 	pinDir := bpftest.PinDir(t)
@@ -248,6 +255,12 @@ func TestRunFailsWhileSomethingRemains(t *testing.T) {
 	t.Cleanup(func() { p.Close() })
 	ours := owned{}
 	ours.addProgram(t, p)
+	if err := os.MkdirAll(pinDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Pin(filepath.Join(pinDir, "kebpf_clheld")); err != nil {
+		t.Fatal(err)
+	}
 
 	err := Run(Options{PinDir: pinDir, Owns: ours.owns, Settle: 200 * time.Millisecond})
 	if err == nil || !strings.Contains(err.Error(), "kebpf_clheld") {
