@@ -224,7 +224,9 @@ func detachClsactWith(h *netlink.Handle, ifindex int) error {
 
 // detachAllClsact removes our filters from every clsact qdisc in the
 // caller's network namespace (filters are not pinned: a fresh process finds
-// them by name).
+// them by name). Matching by name is safe where nodes share a kernel (kind):
+// qdiscs and filters belong to a network namespace, each node has its own,
+// and the host side of a node's pod veths is in the node's.
 func detachAllClsact() error {
 	h := &netlink.Handle{}
 	ifs, err := clsactInterfaces(h)

@@ -27,7 +27,8 @@ type Registration struct {
 	NeedsAPI bool
 	// New builds the feature for a, registering its metrics in reg. Its
 	// Disable also removes whatever an earlier agent pinned (uninstall's
-	// cleanup pod removes everything else by the kebpf_ prefix).
+	// cleanup pod removes everything else of this node: what its pins and
+	// its cgroup root reach, see nodeagent/cleanup).
 	New func(a *Agent, reg prometheus.Registerer) Feature
 }
 

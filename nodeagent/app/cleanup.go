@@ -45,10 +45,15 @@ func newCleanupCommand(lo *logOptions, stdout, stderr io.Writer) *cobra.Command 
 				}
 			}
 			// clsact filters are not pinned; they hold our programs until
-			// removed by name.
+			// removed by name. That name scan is per node already: it
+			// lists the qdiscs of this process's network namespace, the
+			// node's (nodes sharing a kernel have one each), where the
+			// host side of this node's pod veths lives.
 			if err := netpol.DetachClsactFilters(); err != nil {
 				errs = append(errs, fmt.Errorf("clsact filters: %w", err))
 			}
+			// Only this node's objects: the kernel may be shared with other
+			// nodes (kind), whose agents name theirs kebpf_ too.
 			if err := cleanup.Run(opts); err != nil {
 				errs = append(errs, err)
 			}
@@ -65,8 +70,8 @@ func newCleanupCommand(lo *logOptions, stdout, stderr io.Writer) *cobra.Command 
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&opts.PinDir, "pin-dir", mounts.DefaultPinDir, "bpffs directory to remove")
-	f.StringVar(&opts.CgroupRoot, "cgroup-root", mounts.DefaultCgroupRoot, "our cgroup2 mount to unmount")
+	f.StringVar(&opts.PinDir, "pin-dir", mounts.DefaultPinDir, "bpffs directory to remove; its pins also say which kernel objects are this node's")
+	f.StringVar(&opts.CgroupRoot, "cgroup-root", mounts.DefaultCgroupRoot, "our cgroup2 mount to unmount; kebpf_ programs attached at its cgroup are this node's")
 	f.StringVar(&stateDir, "state-dir", defaultStateDir, "the agent's state dir to remove (empty: leave it)")
 	f.StringVar(&cniConfDir, "cni-conf-dir", "", "CNI config dir to take kebpf-cni out of (empty: leave CNI config alone)")
 	f.StringVar(&cniBinDir, "cni-bin-dir", "", "CNI plugin dir to delete kebpf-cni from")
