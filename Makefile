@@ -7,6 +7,9 @@ SHELL := /bin/bash
 
 GO       ?= go
 CLUSTER  ?= kebpf
+# NODES is how many nodes cluster-up, demo and e2e bring up (each a kind node
+# container, or on the local provider a set of namespaces with its own kubelet).
+NODES    ?= 2
 # PROVIDER=kind|local forces a cluster provider; empty picks kind where it can
 # run privileged containers, else the Docker-free local node.
 PROVIDER ?=
@@ -71,14 +74,14 @@ root: ## needs root + a BPF kernel + make deps tools (Envoy included): real BPF 
 e2e: $(CLUSTER_TOOL) ## needs root: brings up the local cluster itself, runs plugin integration and e2e suites, tears it down
 	@echo "== e2e tier (cluster $(CLUSTER))"
 	@trap '$(CLUSTER_TOOL) down --name $(CLUSTER)' EXIT; \
-	  kc=$$($(CLUSTER_TOOL) up --name $(CLUSTER)); \
+	  kc=$$($(CLUSTER_TOOL) up --name $(CLUSTER) --nodes $(NODES)); \
 	  KEBPF_E2E=1 KEBPF_KUBECONFIG=$$kc KEBPF_CLUSTER=$(CLUSTER) KEBPF_AGENT_IMAGE=localhost/kubectl-ebpf/agent:$(VERSION) $(GOTEST) -timeout 40m ./plugin/... ./manifests/... ./kindtests/e2e/...
 
 test: deps verify unit root e2e ## every test tier (what CI runs)
 	@echo "== all test tiers passed"
 
 cluster-up: deps $(CLUSTER_TOOL) ## create (or reuse) the local cluster with our images loaded; prints its kubeconfig
-	@$(CLUSTER_TOOL) up --name $(CLUSTER)
+	@$(CLUSTER_TOOL) up --name $(CLUSTER) --nodes $(NODES)
 
 cluster-down: $(CLUSTER_TOOL) ## remove the local cluster and everything it created
 	@$(CLUSTER_TOOL) down --name $(CLUSTER)

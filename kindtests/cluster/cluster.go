@@ -20,6 +20,8 @@ type Options struct {
 	Name string
 	// KubeProxy runs kube-proxy on the nodes (the peer our socket LB replaces).
 	KubeProxy bool
+	// Nodes is how many nodes the cluster has (0 means 1).
+	Nodes int
 	// Log receives human-readable progress lines (one per step, with timings).
 	Log io.Writer
 }

@@ -62,7 +62,9 @@ type Options struct {
 	Name      string
 	Provider  string // "", "kind" or "local"
 	KubeProxy bool
-	Log       io.Writer
+	// Nodes is how many nodes the cluster has (0: the provider's default).
+	Nodes int
+	Log   io.Writer
 }
 
 func step(log io.Writer, start time.Time, format string, a ...any) {
@@ -121,7 +123,7 @@ func Up(ctx context.Context, o Options) (*Env, error) {
 	}
 	step(o.Log, start, "built kubectl-ebpf %s into %s", version, e.BinDir)
 
-	c, err := p.Create(ctx, cluster.Options{Name: o.Name, KubeProxy: o.KubeProxy, Log: o.Log})
+	c, err := p.Create(ctx, cluster.Options{Name: o.Name, KubeProxy: o.KubeProxy, Nodes: o.Nodes, Log: o.Log})
 	if err != nil {
 		return nil, err
 	}

@@ -108,9 +108,10 @@ func firstLine(out []byte, err error) string {
 	return err.Error()
 }
 
-// Config returns the kind cluster config: one control plane and one worker,
-// kube-proxy in iptables mode or absent.
-func Config(kubeProxy bool) string {
+// Config returns the kind cluster config: one control plane (which also runs
+// pods) and nodes-1 workers (at least one), kube-proxy in iptables mode or
+// absent.
+func Config(kubeProxy bool, nodes int) string {
 	mode := "iptables"
 	if !kubeProxy {
 		mode = "none"
@@ -121,8 +122,7 @@ networking:
   kubeProxyMode: %q
 nodes:
 - role: control-plane
-- role: worker
-`, mode)
+%s`, mode, strings.Repeat("- role: worker\n", max(nodes-1, 1)))
 }
 
 func kubeconfigPath(name string) string {
@@ -157,7 +157,7 @@ func (p *Provider) Create(ctx context.Context, opts cluster.Options) (*cluster.C
 			return nil, err
 		}
 		if err := kp.Create(opts.Name,
-			kindcluster.CreateWithRawConfig([]byte(Config(opts.KubeProxy))),
+			kindcluster.CreateWithRawConfig([]byte(Config(opts.KubeProxy, opts.Nodes))),
 			kindcluster.CreateWithWaitForReady(5*time.Minute),
 			kindcluster.CreateWithKubeconfigPath(kc),
 			kindcluster.CreateWithDisplayUsage(false),

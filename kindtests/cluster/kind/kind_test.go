@@ -16,7 +16,7 @@ func TestConfigParses(t *testing.T) {
 		mode      v1alpha4.ProxyMode
 	}{{true, v1alpha4.IPTablesProxyMode}, {false, "none"}} {
 		var c v1alpha4.Cluster
-		if err := yaml.UnmarshalStrict([]byte(Config(tc.kubeProxy)), &c); err != nil {
+		if err := yaml.UnmarshalStrict([]byte(Config(tc.kubeProxy, 2)), &c); err != nil {
 			t.Fatalf("kube-proxy %v: %v", tc.kubeProxy, err)
 		}
 		if c.Networking.KubeProxyMode != tc.mode || len(c.Nodes) != 2 {

@@ -18,10 +18,11 @@ func writeFile(path, content string) error {
 	return nil
 }
 
-// containerdConfig is our own containerd instance: own socket, root, state
-// and runc root, so it never touches a host containerd and teardown can find
-// everything it made.
-func (s *state) containerdConfig() string {
+// containerdConfig is node n's own containerd instance: own socket, root,
+// state and runc root, so it never touches a host containerd or another
+// node's and teardown can find everything it made. The CNI dirs are the
+// standard paths, which the node's mount namespace binds to its own.
+func (s *state) containerdConfig(n node) string {
 	return fmt.Sprintf(`version = 2
 root = %q
 state = %q
@@ -65,11 +66,13 @@ oom_score = 0
     bin_dir = %q
     conf_dir = %q
     max_conf_num = 1
-`, s.path("containerd", "root"), s.path("containerd", "state"), s.sock, s.path("containerd", "opt"),
-		PauseImage, s.runcRoot, CNIBinDir, CNIConfDir)
+`, s.nodeDir(n, "containerd", "root"), s.nodeDir(n, "containerd", "state"), s.nodeSock(n), s.nodeDir(n, "containerd", "opt"),
+		PauseImage, s.nodeRuncRoot(n), CNIBinDir, CNIConfDir)
 }
 
-func (s *state) cniConfig() string {
+// cniConfig is node n's pod network: a bridge in the node's netns with the
+// node's pod CIDR; other nodes' pods are reached through the node's routes.
+func (s *state) cniConfig(n node) string {
 	return fmt.Sprintf(`{
   "cniVersion": "0.4.0",
   "name": "kebpf",
@@ -90,10 +93,10 @@ func (s *state) cniConfig() string {
     {"type": "portmap", "capabilities": {"portMappings": true}}
   ]
 }
-`, Bridge, s.path("cni", "ipam"), PodCIDR, NodeIP)
+`, PodBridge, "/var/lib/cni/networks", n.PodCIDR(), n.PodGateway())
 }
 
-func (s *state) kubeletConfig() string {
+func (s *state) kubeletConfig(n node) string {
 	return fmt.Sprintf(`apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 address: %s
@@ -114,7 +117,7 @@ cgroupDriver: cgroupfs
 failCgroupV1: false
 failSwapOn: false
 containerRuntimeEndpoint: unix://%s
-podLogsDir: %s
+podLogsDir: /var/log/pods
 resolvConf: /etc/resolv.conf
 clusterDomain: %s
 clusterDNS: [%s]
@@ -129,11 +132,11 @@ evictionHard:
   nodefs.inodesFree: 1%%
   imagefs.available: 1%%
   imagefs.inodesFree: 1%%
-`, NodeIP, s.path("pki", "ca.crt"), s.sock, s.path("pod-logs"), ClusterDomain, DNSServiceIP)
+`, n.IP(), s.path("pki", "ca.crt"), s.nodeSock(n), ClusterDomain, DNSServiceIP)
 }
 
-// kubeProxyConfig programs node ports only on the bridge address.
-func (s *state) kubeProxyConfig() string {
-	return k8sbin.KubeProxy{Kubeconfig: s.path("kube-proxy.kubeconfig"), Mode: "iptables", Hostname: NodeName,
-		NodeIP: NodeIP, BindAddress: NodeIP, ClusterCIDR: PodCIDR}.Config()
+// kubeProxyConfig programs node ports only on the node's address.
+func (s *state) kubeProxyConfig(n node) string {
+	return k8sbin.KubeProxy{Kubeconfig: s.path("kube-proxy.kubeconfig"), Mode: "iptables", Hostname: n.Name,
+		NodeIP: n.IP(), BindAddress: n.IP(), ClusterCIDR: ClusterPodCIDR}.Config()
 }

@@ -68,8 +68,8 @@ func coreDNSTarball() string {
 
 // ensureCoreDNSImage imports the CoreDNS image unless containerd has it,
 // building the tarball from bin first when it is missing or older than bin.
-func (s *state) ensureCoreDNSImage(ctx context.Context, bin string) error {
-	out, err := s.ctrOut(ctx, "images", "ls", "-q")
+func (s *state) ensureCoreDNSImage(ctx context.Context, n node, bin string) error {
+	out, err := s.ctrOut(ctx, n, "images", "ls", "-q")
 	if err == nil && containsLine(string(out), CoreDNSImage) {
 		return nil
 	}
@@ -82,7 +82,7 @@ func (s *state) ensureCoreDNSImage(ctx context.Context, bin string) error {
 			return fmt.Errorf("image %s: %w", CoreDNSImage, err)
 		}
 	}
-	return s.importImage(ctx, tarPath)
+	return s.importImage(ctx, n, tarPath)
 }
 
 // stale reports whether out is missing or older than in.
@@ -134,7 +134,7 @@ func dnsObjects() (*corev1.ServiceAccount, *rbacv1.ClusterRole, *rbacv1.ClusterR
 					// not installed yet, or being uninstalled), as a
 					// kube-proxy-free cluster's bootstrap components do.
 					Env: []corev1.EnvVar{
-						{Name: "KUBERNETES_SERVICE_HOST", Value: NodeIP},
+						{Name: "KUBERNETES_SERVICE_HOST", Value: APIServerIP},
 						{Name: "KUBERNETES_SERVICE_PORT", Value: fmt.Sprint(APIPort)},
 					},
 					Ports: []corev1.ContainerPort{
@@ -274,8 +274,10 @@ func (s *state) ensureDNS(ctx context.Context, cs kubernetes.Interface) error {
 		return err
 	}
 	return s.waitFor(ctx, "CoreDNS Ready", dnsReadyTimeout, func() error {
-		if err := s.checkExited("kubelet"); err != nil {
-			return backoffStop{err}
+		for _, n := range s.nodes() {
+			if err := s.checkExited(kubeletComponent(n)); err != nil {
+				return backoffStop{err}
+			}
 		}
 		return dnsReady(ctx, cs)
 	})
@@ -287,8 +289,10 @@ func (s *state) reuseDNS(ctx context.Context, log io.Writer) error {
 	if err != nil {
 		return err
 	}
-	if err := s.ensureCoreDNSImage(ctx, bin); err != nil {
-		return err
+	for _, n := range s.nodes() {
+		if err := s.ensureCoreDNSImage(ctx, n, bin); err != nil {
+			return err
+		}
 	}
 	cs, err := s.clientset()
 	if err != nil {

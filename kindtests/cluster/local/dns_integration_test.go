@@ -67,32 +67,42 @@ func testClusterDNS(ctx context.Context, t *testing.T, p *Provider, name, kubeco
 	if err := p.LoadImages(ctx, name, []string{tarball}); err != nil {
 		t.Fatal(err)
 	}
-	pod := &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: "dnsclient", Namespace: "default"},
-		Spec: corev1.PodSpec{
-			TerminationGracePeriodSeconds: new(int64),
-			Containers: []corev1.Container{{
-				Name: "main", Image: image, ImagePullPolicy: corev1.PullNever,
-				Args: []string{"serve", "--tcp", "8081", "--udp", "", "--http", "0"},
-			}},
-		},
-	}
-	if _, err := cs.CoreV1().Pods("default").Create(ctx, pod, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	deadline := time.Now().Add(2 * time.Minute)
-	for {
-		got, err := cs.CoreV1().Pods("default").Get(ctx, pod.Name, metav1.GetOptions{})
-		if err == nil && got.Status.Phase == corev1.PodRunning {
-			break
+	// One client per node: CoreDNS runs on one of them, so the other's
+	// lookups cross the node network.
+	nodes := s.nodes()
+	podIPs := map[string]string{}
+	for _, n := range nodes {
+		pod := &corev1.Pod{
+			ObjectMeta: metav1.ObjectMeta{Name: "dnsclient-" + n.Name, Namespace: "default"},
+			Spec: corev1.PodSpec{
+				NodeName:                      n.Name,
+				TerminationGracePeriodSeconds: new(int64),
+				Containers: []corev1.Container{{
+					Name: "main", Image: image, ImagePullPolicy: corev1.PullNever,
+					Args: []string{"serve", "--tcp", "8081", "--udp", "", "--http", "0"},
+				}},
+			},
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("dns client pod not running: %v %+v", err, got.Status)
+		if _, err := cs.CoreV1().Pods("default").Create(ctx, pod, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
 		}
-		time.Sleep(500 * time.Millisecond)
 	}
-	kubectl := func(args ...string) (string, error) {
-		cmd := exec.CommandContext(ctx, filepath.Join(k8sbin.BinDir(), "kubectl"), append([]string{"--kubeconfig", kubeconfig, "exec", pod.Name, "--"}, args...)...)
+	for _, n := range nodes {
+		deadline := time.Now().Add(2 * time.Minute)
+		for {
+			got, err := cs.CoreV1().Pods("default").Get(ctx, "dnsclient-"+n.Name, metav1.GetOptions{})
+			if err == nil && got.Status.Phase == corev1.PodRunning {
+				podIPs[n.Name] = got.Status.PodIP
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("dns client pod on %s not running: %v %+v", n.Name, err, got.Status)
+			}
+			time.Sleep(500 * time.Millisecond)
+		}
+	}
+	kubectlOn := func(n node, args ...string) (string, error) {
+		cmd := exec.CommandContext(ctx, filepath.Join(k8sbin.BinDir(), "kubectl"), append([]string{"--kubeconfig", kubeconfig, "exec", "dnsclient-" + n.Name, "--"}, args...)...)
 		var stderr strings.Builder
 		cmd.Stderr = &stderr
 		out, err := cmd.Output()
@@ -101,34 +111,45 @@ func testClusterDNS(ctx context.Context, t *testing.T, p *Provider, name, kubeco
 		}
 		return string(out), err
 	}
-	// No --server: Go's resolver reads the pod's /etc/resolv.conf, so Server
-	// proves the kubelet's clusterDNS and a short name its search list.
-	for _, tc := range []struct {
-		name, to string
-		args     []string
-	}{
-		{"udp connected, search list", "kubernetes.default", nil},
-		{"udp unconnected, search list", "kubernetes.default", []string{"--unconnected"}},
-		{"tcp, search list", "kubernetes.default", []string{"--transport", "tcp"}},
-		{"udp connected, fqdn", "kubernetes.default.svc.cluster.local.", nil},
-		{"udp unconnected, fqdn", "kubernetes.default.svc.cluster.local.", []string{"--unconnected"}},
-		{"tcp, fqdn", "kubernetes.default.svc.cluster.local.", []string{"--transport", "tcp"}},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			args := append([]string{"/usr/local/bin/kebpf-testserver", "probe", "--protocol", "dns", "--to", tc.to, "--timeout", "5s"}, tc.args...)
-			out, err := kubectl(args...)
-			var r dnsProbeResult
-			if jerr := json.Unmarshal([]byte(strings.TrimSpace(out)), &r); jerr != nil {
-				t.Fatalf("probe: %v (exec: %v): %q", jerr, err, out)
+	kubectl := func(args ...string) (string, error) { return kubectlOn(nodes[0], args...) }
+	if len(nodes) > 1 {
+		// Pod to pod across nodes, both ways, through the nodes' routes.
+		for i, from := range nodes {
+			to := nodes[(i+1)%len(nodes)]
+			out, err := kubectlOn(from, "/usr/local/bin/kebpf-testserver", "probe", "--protocol", "tcp", "--to", podIPs[to.Name]+":8081", "--timeout", "5s")
+			if err != nil || !strings.Contains(out, `"ok":true`) {
+				t.Errorf("pod on %s -> pod on %s (%s:8081): %v: %s", from.Name, to.Name, podIPs[to.Name], err, out)
 			}
-			if !r.OK || r.Reply != k8s.Spec.ClusterIP {
-				t.Fatalf("lookup %s: %+v, want %s", tc.to, r, k8s.Spec.ClusterIP)
-			}
-			if want := DNSServiceIP + ":53"; r.Server != want || r.Peer != want {
-				t.Errorf("lookup %s: asked %q, answered from %q; want %s for both", tc.to, r.Server, r.Peer, want)
-			}
-			t.Logf("%s -> %s from %s in %s", tc.to, r.Reply, r.Peer, r.Duration)
-		})
+		}
+	}
+	for _, n := range nodes {
+		for _, tc := range []struct {
+			name, to string
+			args     []string
+		}{
+			{"udp connected, search list", "kubernetes.default", nil},
+			{"udp unconnected, search list", "kubernetes.default", []string{"--unconnected"}},
+			{"tcp, search list", "kubernetes.default", []string{"--transport", "tcp"}},
+			{"udp connected, fqdn", "kubernetes.default.svc.cluster.local.", nil},
+			{"udp unconnected, fqdn", "kubernetes.default.svc.cluster.local.", []string{"--unconnected"}},
+			{"tcp, fqdn", "kubernetes.default.svc.cluster.local.", []string{"--transport", "tcp"}},
+		} {
+			t.Run(n.Name+"/"+tc.name, func(t *testing.T) {
+				args := append([]string{"/usr/local/bin/kebpf-testserver", "probe", "--protocol", "dns", "--to", tc.to, "--timeout", "5s"}, tc.args...)
+				out, err := kubectlOn(n, args...)
+				var r dnsProbeResult
+				if jerr := json.Unmarshal([]byte(strings.TrimSpace(out)), &r); jerr != nil {
+					t.Fatalf("probe: %v (exec: %v): %q", jerr, err, out)
+				}
+				if !r.OK || r.Reply != k8s.Spec.ClusterIP {
+					t.Fatalf("lookup %s: %+v, want %s", tc.to, r, k8s.Spec.ClusterIP)
+				}
+				if want := DNSServiceIP + ":53"; r.Server != want || r.Peer != want {
+					t.Errorf("lookup %s: asked %q, answered from %q; want %s for both", tc.to, r.Server, r.Peer, want)
+				}
+				t.Logf("%s -> %s from %s in %s", tc.to, r.Reply, r.Peer, r.Duration)
+			})
+		}
 	}
 	t.Run("outside names fail at once", func(t *testing.T) {
 		out, _ := kubectl("/usr/local/bin/kebpf-testserver", "probe", "--protocol", "dns", "--to", "example.com.", "--timeout", "5s")

@@ -23,8 +23,9 @@ func TestDNSConfig(t *testing.T) {
 		ClusterDomain string   `json:"clusterDomain"`
 	}
 	s := newState("unit")
-	if err := yaml.Unmarshal([]byte(s.kubeletConfig()), &kc); err != nil {
-		t.Fatalf("kubelet config: %v\n%s", err, s.kubeletConfig())
+	n := planNodes(1)[0]
+	if err := yaml.Unmarshal([]byte(s.kubeletConfig(n)), &kc); err != nil {
+		t.Fatalf("kubelet config: %v\n%s", err, s.kubeletConfig(n))
 	}
 	if len(kc.ClusterDNS) != 1 || kc.ClusterDNS[0] != DNSServiceIP || kc.ClusterDomain != ClusterDomain {
 		t.Errorf("kubelet clusterDNS %v clusterDomain %q, want [%s] %s", kc.ClusterDNS, kc.ClusterDomain, DNSServiceIP, ClusterDomain)

@@ -57,6 +57,7 @@ type hostRecord struct {
 var fixedPaths = []string{
 	"/var/lib/kubelet", "/usr/libexec/kubernetes", "/var/lib/cni", "/var/log/containers",
 	"/var/log/pods", "/run/netns", "/run/mount", "/run/containerd", "/etc/kubernetes", "/run/kubernetes", "/etc/cni", "/opt/cni",
+	"/run/kubectl-ebpf",
 }
 
 func sysctlPath(key string) string {
@@ -128,7 +129,16 @@ func cniNetns() []string {
 }
 
 func run(ctx context.Context, name string, args ...string) (string, error) {
-	out, err := exec.CommandContext(ctx, name, args...).CombinedOutput()
+	return runEnv(ctx, nil, name, args...)
+}
+
+// runEnv is run with extra environment variables.
+func runEnv(ctx context.Context, env []string, name string, args ...string) (string, error) {
+	cmd := exec.CommandContext(ctx, name, args...)
+	if env != nil {
+		cmd.Env = append(os.Environ(), env...)
+	}
+	out, err := cmd.CombinedOutput()
 	if err != nil {
 		return string(out), fmt.Errorf("%s %s: %w: %s", name, strings.Join(args, " "), err, strings.TrimSpace(string(out)))
 	}
@@ -140,9 +150,9 @@ func linkExists(name string) bool {
 	return err == nil
 }
 
-// containmentRules keep pods on this machine: nothing enters or leaves the
-// bridge except to the host itself (which is INPUT/OUTPUT, not FORWARD).
-// Mangle copies run before kube-proxy's filter chains, which it prepends.
+// containmentRules keep pods and nodes on this machine: nothing enters or
+// leaves the node network except to the host itself (which is INPUT/OUTPUT,
+// not FORWARD). Node-to-node traffic is bridged (in and out on the bridge).
 func (s *state) containmentRules() [][]string {
 	comment := "kubectl-ebpf-local:" + s.name
 	var rules [][]string
@@ -160,27 +170,22 @@ func ruleArgs(op string, r []string) []string {
 	return append([]string{"-w", r[0], r[1], op, r[2]}, r[3:]...)
 }
 
+// setupNetwork creates the node network on the host: the bridge every node
+// hangs off, with the API server's address, and the containment rules. The
+// host's own forwarding and mount propagation stay as they were: nodes
+// forward inside their own netns and share mounts inside their own mount
+// namespace.
 func (s *state) setupNetwork(ctx context.Context) error {
-	if err := shareRootMount(ctx); err != nil {
-		return err
-	}
 	if !linkExists(Bridge) {
 		if _, err := run(ctx, "ip", "link", "add", Bridge, "type", "bridge"); err != nil {
 			return err
 		}
 	}
-	// The API server binds this address, so it must exist before it starts;
-	// the CNI bridge plugin accepts the identical gateway address.
-	if _, err := run(ctx, "ip", "addr", "replace", NodeIP+"/24", "dev", Bridge); err != nil {
+	// The API server binds this address, so it must exist before it starts.
+	if _, err := run(ctx, "ip", "addr", "replace", APIServerIP+"/24", "dev", Bridge); err != nil {
 		return err
 	}
 	if _, err := run(ctx, "ip", "link", "set", Bridge, "up"); err != nil {
-		return err
-	}
-	if err := writeSysctl("net.bridge.bridge-nf-call-iptables", "1"); err != nil {
-		return err
-	}
-	if err := writeSysctl("net.ipv4.ip_forward", "1"); err != nil {
 		return err
 	}
 	for _, r := range s.containmentRules() {

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"time"
 
@@ -15,33 +14,47 @@ import (
 
 var _ cluster.KubeProxySwitch = (*Provider)(nil)
 
-func (s *state) kubeProxy(binDir string) component {
-	return component{name: "kube-proxy", bin: filepath.Join(binDir, "kube-proxy"), args: []string{
-		"--config", s.path("kube-proxy-config.yaml"),
+// kubeProxy runs in node n's network namespace: its rules are that node's.
+func (s *state) kubeProxy(binDir string, n *node) component {
+	return component{name: kubeProxyComponent(*n), node: n, bin: filepath.Join(binDir, "kube-proxy"), args: []string{
+		"--config", s.nodeDir(*n, "kube-proxy-config.yaml"),
 		"--conntrack-max-per-core=0",
 	}}
 }
 
-// SetKubeProxy implements cluster.KubeProxySwitch: off stops kube-proxy and
-// removes its rules (`kube-proxy --cleanup`, the documented way), on starts it
-// again and waits until it has programmed its chains.
+// inNodeRun runs argv inside node n and returns its combined output.
+func (s *state) inNodeRun(ctx context.Context, n node, argv ...string) (string, error) {
+	env, err := s.nodeEnv(n)
+	if err != nil {
+		return "", err
+	}
+	full := inNode(argv)
+	return runEnv(ctx, env, full[0], full[1:]...)
+}
+
+// SetKubeProxy implements cluster.KubeProxySwitch on every node: off stops
+// kube-proxy and removes its rules (`kube-proxy --cleanup`, the documented
+// way), on starts it again and waits until it has programmed its chains.
 func (p *Provider) SetKubeProxy(ctx context.Context, name string, on bool) error {
 	s := newState(name)
 	if s.alive("kube-apiserver") == 0 {
 		return fmt.Errorf("local cluster %q is not running", name)
 	}
+	nodes := s.nodes()
 	marker := s.path("kube-proxy.enabled")
 	if !on {
-		if err := s.stop("kube-proxy", 10*time.Second); err != nil {
-			return err
-		}
-		cctx, cancel := context.WithTimeout(ctx, time.Minute)
-		defer cancel()
-		// --cleanup exits non-zero when one of its modes had nothing to remove;
-		// what counts is that no KUBE-SERVICES chain is left.
-		exec.CommandContext(cctx, filepath.Join(k8sbin.BinDir(), "kube-proxy"), "--cleanup").Run()
-		if err := exec.CommandContext(ctx, "iptables", "-w", "-t", "nat", "-S", "KUBE-SERVICES").Run(); err == nil {
-			return errors.New("kube-proxy --cleanup left the KUBE-SERVICES chain")
+		for _, n := range nodes {
+			if err := s.stop(kubeProxyComponent(n), 10*time.Second); err != nil {
+				return err
+			}
+			cctx, cancel := context.WithTimeout(ctx, time.Minute)
+			// --cleanup exits non-zero when one of its modes had nothing to
+			// remove; what counts is that no KUBE-SERVICES chain is left.
+			s.inNodeRun(cctx, n, filepath.Join(k8sbin.BinDir(), "kube-proxy"), "--cleanup")
+			cancel()
+			if _, err := s.inNodeRun(ctx, n, "iptables", "-w", "-t", "nat", "-S", "KUBE-SERVICES"); err == nil {
+				return fmt.Errorf("kube-proxy --cleanup left the KUBE-SERVICES chain on %s", n.Name)
+			}
 		}
 		if err := os.Remove(marker); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return err
@@ -51,13 +64,20 @@ func (p *Provider) SetKubeProxy(ctx context.Context, name string, on bool) error
 	if err := os.WriteFile(marker, nil, 0o644); err != nil {
 		return fmt.Errorf("record kube-proxy: %w", err)
 	}
-	if _, err := s.start(s.kubeProxy(k8sbin.BinDir())); err != nil {
-		return err
-	}
-	return s.waitFor(ctx, "kube-proxy rules", 60*time.Second, func() error {
-		if err := s.checkExited("kube-proxy"); err != nil {
-			return backoffStop{err}
+	for i := range nodes {
+		n := nodes[i]
+		if _, err := s.start(s.kubeProxy(k8sbin.BinDir(), &n)); err != nil {
+			return err
 		}
-		return exec.CommandContext(ctx, "iptables", "-w", "-t", "nat", "-S", "KUBE-SERVICES").Run()
-	})
+		if err := s.waitFor(ctx, "kube-proxy rules on "+n.Name, 60*time.Second, func() error {
+			if err := s.checkExited(kubeProxyComponent(n)); err != nil {
+				return backoffStop{err}
+			}
+			_, err := s.inNodeRun(ctx, n, "iptables", "-w", "-t", "nat", "-S", "KUBE-SERVICES")
+			return err
+		}); err != nil {
+			return err
+		}
+	}
+	return nil
 }

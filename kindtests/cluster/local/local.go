@@ -1,6 +1,8 @@
-// Package local is the Docker-free cluster provider: one real Kubernetes node
-// on this host (etcd, control plane, kubelet, our own containerd, bridge CNI,
-// optionally kube-proxy), for machines where kind cannot run privileged
+// Package local is the Docker-free cluster provider: real Kubernetes nodes
+// on this host, each in its own network, mount and cgroup namespaces with its
+// own kubelet, containerd, bridge CNI and optionally kube-proxy (node.go),
+// and one control plane (etcd, API server, controller manager, scheduler)
+// in the host's namespaces, for machines where kind cannot run privileged
 // containers.
 package local
 
@@ -32,17 +34,13 @@ import (
 )
 
 const (
-	// NodeName is the single node's name.
+	// NodeName is the first node's name (kebpf-node2... follow).
 	NodeName = "kebpf-node"
-	// NodeIP is the bridge address: node IP, pod gateway and API server address.
-	NodeIP = "10.244.0.1"
-	// PodCIDR is the bridge's subnet.
-	PodCIDR = "10.244.0.0/24"
 	// ServiceCIDR is the cluster's service range.
 	ServiceCIDR = "10.96.0.0/16"
-	// APIPort is the API server's port on NodeIP.
+	// APIPort is the API server's port on APIServerIP.
 	APIPort = 6443
-	// Bridge is the pod bridge the cluster creates.
+	// Bridge is the node network's bridge on the host.
 	Bridge = "kebpf0"
 	// PauseImage is the sandbox image, built locally and never pulled.
 	PauseImage = "registry.k8s.io/pause:3.10"
@@ -76,11 +74,9 @@ func StateDir(name string) string {
 }
 
 type state struct {
-	name     string
-	dir      string
-	runDir   string // sockets and runc state, keyed by name
-	sock     string
-	runcRoot string
+	name   string
+	dir    string
+	runDir string // containerd sockets and runc state, keyed by name
 }
 
 func newState(name string) *state {
@@ -88,13 +84,7 @@ func newState(name string) *state {
 		name = cluster.DefaultName
 	}
 	run := filepath.Join("/run/kebpf-containerd", name)
-	return &state{
-		name:     name,
-		dir:      StateDir(name),
-		runDir:   run,
-		sock:     filepath.Join(run, "containerd.sock"),
-		runcRoot: filepath.Join(run, "runc"),
-	}
+	return &state{name: name, dir: StateDir(name), runDir: run}
 }
 
 func (s *state) path(elem ...string) string {
@@ -104,7 +94,7 @@ func (s *state) path(elem ...string) string {
 func (s *state) kubeconfig() string { return s.path("kubeconfig") }
 
 func (s *state) cluster() *cluster.Cluster {
-	return &cluster.Cluster{Name: s.name, Provider: "local", Kubeconfig: s.kubeconfig(), Nodes: []string{NodeName}}
+	return &cluster.Cluster{Name: s.name, Provider: "local", Kubeconfig: s.kubeconfig(), Nodes: nodeNames(s.nodes())}
 }
 
 // hostTools maps each host command we run to the Debian package providing it.
@@ -121,6 +111,8 @@ var hostTools = []struct{ path, pkg string }{
 	{"iptables", "iptables"},
 	{"ip", "iproute2"},
 	{"mount", "mount"},
+	{"/usr/bin/nsenter", "util-linux"},
+	{"/usr/bin/unshare", "util-linux"},
 }
 
 // Available implements cluster.Provider.
@@ -189,17 +181,28 @@ func (p *Provider) Create(ctx context.Context, opts cluster.Options) (*cluster.C
 	if err := p.Available(ctx); err != nil {
 		return nil, err
 	}
+	count := opts.Nodes
+	if count == 0 {
+		count = 1
+	}
+	if count < 1 || count > MaxNodes {
+		return nil, fmt.Errorf("local cluster: %d nodes asked, 1 to %d fit", opts.Nodes, MaxNodes)
+	}
+	nodes := planNodes(count)
 	// Bridge, addresses and ports are fixed: one local cluster per host.
 	if other := otherCluster(s); other != "" {
 		return nil, fmt.Errorf("local cluster %q exists (state in %s); delete it first, only one local cluster fits on a host", other, filepath.Dir(s.dir))
 	}
-	if s.healthy(ctx, opts.KubeProxy) {
+	if have := s.nodes(); len(have) > 0 && len(have) != count {
+		return nil, fmt.Errorf("local cluster %q has %d node(s), %d asked: delete it first (make cluster-down)", s.name, len(have), count)
+	}
+	if s.healthy(ctx, nodes, opts.KubeProxy) {
 		// A cluster an older version made may lack the DNS: converge
 		// (seconds when it is there already).
 		if err := s.reuseDNS(ctx, log); err != nil {
 			return nil, err
 		}
-		st.done("reusing running cluster %q", s.name)
+		st.done("reusing running cluster %q (%d nodes)", s.name, count)
 		return s.cluster(), nil
 	}
 	binDir, err := k8sbin.Ensure(ctx, log)
@@ -212,7 +215,7 @@ func (p *Provider) Create(ctx context.Context, opts cluster.Options) (*cluster.C
 		return nil, err
 	}
 	st.done("coredns %s binary ready", k8sbin.CoreDNSVersion)
-	for _, d := range []string{s.dir, s.runDir, s.path("logs"), s.path("run"), s.path("etcd"), s.path("kubelet"), s.path("pod-logs"), s.path("cni", "ipam"), s.path("apiserver")} {
+	for _, d := range []string{s.dir, s.runDir, s.path("logs"), s.path("run"), s.path("etcd"), s.path("apiserver")} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			return nil, fmt.Errorf("create %s: %w", d, err)
 		}
@@ -222,10 +225,14 @@ func (p *Provider) Create(ctx context.Context, opts cluster.Options) (*cluster.C
 	if err := s.recordHost(); err != nil {
 		return nil, err
 	}
-	if err := ensurePKI(s.path("pki")); err != nil {
+	users := append([]certSpec(nil), clientUsers...)
+	for _, n := range nodes {
+		users = append(users, kubeletUser(n))
+	}
+	if err := ensurePKI(s.path("pki"), users); err != nil {
 		return nil, err
 	}
-	for _, u := range clientUsers {
+	for _, u := range users {
 		path := s.path(u.file + ".kubeconfig")
 		if u.file == "admin" {
 			path = s.kubeconfig()
@@ -234,24 +241,22 @@ func (p *Provider) Create(ctx context.Context, opts cluster.Options) (*cluster.C
 			return nil, err
 		}
 	}
-	for path, content := range map[string]string{
-		s.path("containerd", "config.toml"): s.containerdConfig(),
-		s.path("kubelet-config.yaml"):       s.kubeletConfig(),
-		s.path("kube-proxy-config.yaml"):    s.kubeProxyConfig(),
-	} {
-		if err := writeFile(path, content); err != nil {
-			return nil, err
-		}
-	}
-	if err := s.installCNI(); err != nil {
-		return nil, err
-	}
-	st.done("pki and configs written to %s, CNI config to %s", s.dir, CNIConfDir)
-
 	if err := s.setupNetwork(ctx); err != nil {
 		return nil, err
 	}
-	st.done("bridge %s %s/24, containment rules", Bridge, NodeIP)
+	st.done("node network %s %s/24, containment rules", Bridge, APIServerIP)
+	for _, n := range nodes {
+		if err := s.writeNodeConfig(n); err != nil {
+			return nil, err
+		}
+		if err := s.startNode(ctx, n); err != nil {
+			return nil, err
+		}
+	}
+	if err := routeNodes(ctx, nodes); err != nil {
+		return nil, err
+	}
+	st.done("%d node(s): netns, mount ns, cgroup ns, pod CIDRs routed", len(nodes))
 
 	if _, err := s.start(component{name: "etcd", bin: "/usr/bin/etcd", args: []string{
 		"--name", "kebpf", "--data-dir", s.path("etcd"),
@@ -262,8 +267,10 @@ func (p *Provider) Create(ctx context.Context, opts cluster.Options) (*cluster.C
 	}}); err != nil {
 		return nil, err
 	}
-	if _, err := s.start(component{name: "containerd", bin: "/usr/bin/containerd", args: []string{"--config", s.path("containerd", "config.toml")}}); err != nil {
-		return nil, err
+	for i := range nodes {
+		if _, err := s.start(s.containerd(&nodes[i])); err != nil {
+			return nil, err
+		}
 	}
 	if err := s.waitFor(ctx, "etcd", 60*time.Second, func() error {
 		resp, err := http.Get(etcdClientURL + "/health")
@@ -281,7 +288,7 @@ func (p *Provider) Create(ctx context.Context, opts cluster.Options) (*cluster.C
 	st.done("etcd healthy")
 
 	apiArgs := []string{
-		"--advertise-address", NodeIP, "--bind-address", NodeIP, "--secure-port", fmt.Sprint(APIPort),
+		"--advertise-address", APIServerIP, "--bind-address", APIServerIP, "--secure-port", fmt.Sprint(APIPort),
 		"--etcd-servers", etcdClientURL,
 		"--service-cluster-ip-range", ServiceCIDR,
 		"--cert-dir", s.path("apiserver"),
@@ -301,26 +308,26 @@ func (p *Provider) Create(ctx context.Context, opts cluster.Options) (*cluster.C
 	if _, err := s.start(component{name: "kube-apiserver", bin: filepath.Join(binDir, "kube-apiserver"), args: apiArgs}); err != nil {
 		return nil, err
 	}
-	if err := s.waitFor(ctx, "containerd", 60*time.Second, func() error {
-		return s.ctr(ctx, "version")
-	}); err != nil {
-		return nil, err
+	for _, n := range nodes {
+		if err := s.waitFor(ctx, containerdComponent(n), 60*time.Second, func() error {
+			return s.ctr(ctx, n, "version")
+		}); err != nil {
+			return nil, err
+		}
+		if err := s.ensurePause(ctx, n); err != nil {
+			return nil, err
+		}
+		if err := s.ensureCoreDNSImage(ctx, n, corednsBin); err != nil {
+			return nil, err
+		}
 	}
-	st.done("containerd up (%s)", s.sock)
-	if err := s.ensurePause(ctx, log); err != nil {
-		return nil, err
-	}
-	st.done("pause image %s imported", PauseImage)
-	if err := s.ensureCoreDNSImage(ctx, corednsBin); err != nil {
-		return nil, err
-	}
-	st.done("coredns image %s imported", CoreDNSImage)
+	st.done("containerd up on every node, pause and coredns images imported")
 
 	httpc, err := s.adminHTTP()
 	if err != nil {
 		return nil, err
 	}
-	apiURL := fmt.Sprintf("https://%s:%d", NodeIP, APIPort)
+	apiURL := fmt.Sprintf("https://%s:%d", APIServerIP, APIPort)
 	if err := s.waitFor(ctx, "kube-apiserver", 120*time.Second, func() error {
 		resp, err := httpc.Get(apiURL + "/readyz")
 		if err != nil {
@@ -350,18 +357,18 @@ func (p *Provider) Create(ctx context.Context, opts cluster.Options) (*cluster.C
 			"--controllers", "*,bootstrapsigner,tokencleaner",
 		)},
 		{name: "kube-scheduler", bin: filepath.Join(binDir, "kube-scheduler"), args: s.controllerArgs("scheduler.kubeconfig")},
-		{name: "kubelet", bin: filepath.Join(binDir, "kubelet"), args: []string{
-			"--config", s.path("kubelet-config.yaml"),
-			"--kubeconfig", s.path("kubelet.kubeconfig"),
-			"--root-dir", s.path("kubelet"),
-			"--cert-dir", s.path("kubelet", "pki"),
-			"--volume-plugin-dir", s.path("kubelet-plugins"),
-			"--node-ip", NodeIP,
-			"--hostname-override", NodeName,
-		}},
+	}
+	waitNames := []string{"kube-controller-manager", "kube-scheduler"}
+	for i := range nodes {
+		n := &nodes[i]
+		comps = append(comps, s.kubelet(binDir, n))
+		waitNames = append(waitNames, kubeletComponent(*n))
+		if opts.KubeProxy {
+			comps = append(comps, s.kubeProxy(binDir, n))
+			waitNames = append(waitNames, kubeProxyComponent(*n))
+		}
 	}
 	if opts.KubeProxy {
-		comps = append(comps, s.kubeProxy(binDir))
 		if err := os.WriteFile(s.path("kube-proxy.enabled"), nil, 0o644); err != nil {
 			return nil, fmt.Errorf("record kube-proxy: %w", err)
 		}
@@ -377,21 +384,22 @@ func (p *Provider) Create(ctx context.Context, opts cluster.Options) (*cluster.C
 	if err != nil {
 		return nil, err
 	}
-	names := []string{"kube-controller-manager", "kube-scheduler", "kubelet"}
-	if opts.KubeProxy {
-		names = append(names, "kube-proxy")
-	}
-	if err := s.waitFor(ctx, "node "+NodeName+" Ready", 180*time.Second, func() error {
-		for _, n := range names {
+	if err := s.waitFor(ctx, "nodes Ready", 180*time.Second, func() error {
+		for _, n := range waitNames {
 			if err := s.checkExited(n); err != nil {
 				return backoffStop{err}
 			}
 		}
-		return nodeReady(ctx, cs)
+		for _, n := range nodes {
+			if err := nodeReady(ctx, cs, n.Name); err != nil {
+				return err
+			}
+		}
+		return nil
 	}); err != nil {
 		return nil, err
 	}
-	st.done("node %s Ready", NodeName)
+	st.done("nodes %s Ready", strings.Join(nodeNames(nodes), ", "))
 	if err := s.waitFor(ctx, "default ServiceAccount", 120*time.Second, func() error {
 		_, err := cs.CoreV1().ServiceAccounts("default").Get(ctx, "default", metav1.GetOptions{})
 		return err
@@ -404,6 +412,43 @@ func (p *Provider) Create(ctx context.Context, opts cluster.Options) (*cluster.C
 	}
 	st.done("CoreDNS Ready (kube-dns %s); cluster ready, kubeconfig %s", DNSServiceIP, s.kubeconfig())
 	return s.cluster(), nil
+}
+
+// writeNodeConfig writes node n's containerd, kubelet, kube-proxy and CNI
+// configuration and links the CNI plugins into its own bin dir.
+func (s *state) writeNodeConfig(n node) error {
+	for path, content := range map[string]string{
+		s.nodeDir(n, "containerd", "config.toml"): s.containerdConfig(n),
+		s.nodeDir(n, "kubelet-config.yaml"):       s.kubeletConfig(n),
+		s.nodeDir(n, "kube-proxy-config.yaml"):    s.kubeProxyConfig(n),
+		s.nodeDir(n, "cni", "net.d", cniConfName): s.cniConfig(n),
+	} {
+		if err := writeFile(path, content); err != nil {
+			return err
+		}
+	}
+	return linkCNIPlugins(s.nodeDir(n, "cni", "bin"))
+}
+
+func containerdComponent(n node) string { return n.Name + "/containerd" }
+func kubeletComponent(n node) string    { return n.Name + "/kubelet" }
+func kubeProxyComponent(n node) string  { return n.Name + "/kube-proxy" }
+
+func (s *state) containerd(n *node) component {
+	return component{name: containerdComponent(*n), node: n, bin: "/usr/bin/containerd",
+		args: []string{"--config", s.nodeDir(*n, "containerd", "config.toml")}}
+}
+
+func (s *state) kubelet(binDir string, n *node) component {
+	return component{name: kubeletComponent(*n), node: n, bin: filepath.Join(binDir, "kubelet"), args: []string{
+		"--config", s.nodeDir(*n, "kubelet-config.yaml"),
+		"--kubeconfig", s.path(kubeletUser(*n).file + ".kubeconfig"),
+		"--root-dir", "/var/lib/kubelet",
+		"--cert-dir", "/var/lib/kubelet/pki",
+		"--volume-plugin-dir", "/var/lib/kubelet/volume-plugins",
+		"--node-ip", n.IP(),
+		"--hostname-override", n.Name,
+	}}
 }
 
 func lastLine(b []byte) string {
@@ -444,11 +489,11 @@ func (s *state) waitFor(ctx context.Context, what string, timeout time.Duration,
 	}
 }
 
-func nodeReady(ctx context.Context, cs kubernetes.Interface) error {
-	n, err := cs.CoreV1().Nodes().Get(ctx, NodeName, metav1.GetOptions{})
+func nodeReady(ctx context.Context, cs kubernetes.Interface, name string) error {
+	n, err := cs.CoreV1().Nodes().Get(ctx, name, metav1.GetOptions{})
 	if err != nil {
 		if apierrors.IsNotFound(err) {
-			return errors.New("node not registered yet")
+			return fmt.Errorf("node %s not registered yet", name)
 		}
 		return err
 	}
@@ -457,7 +502,7 @@ func nodeReady(ctx context.Context, cs kubernetes.Interface) error {
 			if c.Status == corev1.ConditionTrue {
 				return nil
 			}
-			return fmt.Errorf("node not ready: %s", c.Message)
+			return fmt.Errorf("node %s not ready: %s", name, c.Message)
 		}
 	}
 	return errors.New("node has no Ready condition")
@@ -492,11 +537,15 @@ func (s *state) adminHTTP() (*http.Client, error) {
 	}}, nil
 }
 
-// healthy reports whether a complete cluster of this name already runs.
-func (s *state) healthy(ctx context.Context, kubeProxy bool) bool {
-	names := []string{"etcd", "containerd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet"}
-	if kubeProxy {
-		names = append(names, "kube-proxy")
+// healthy reports whether a complete cluster of this name and these nodes
+// already runs.
+func (s *state) healthy(ctx context.Context, nodes []node, kubeProxy bool) bool {
+	names := []string{"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler"}
+	for _, n := range nodes {
+		names = append(names, holderComponent(n), containerdComponent(n), kubeletComponent(n))
+		if kubeProxy {
+			names = append(names, kubeProxyComponent(n))
+		}
 	}
 	for _, n := range names {
 		if s.alive(n) == 0 {
@@ -507,7 +556,7 @@ func (s *state) healthy(ctx context.Context, kubeProxy bool) bool {
 	if err != nil {
 		return false
 	}
-	resp, err := httpc.Get(fmt.Sprintf("https://%s:%d/readyz", NodeIP, APIPort))
+	resp, err := httpc.Get(fmt.Sprintf("https://%s:%d/readyz", APIServerIP, APIPort))
 	if err != nil {
 		return false
 	}
@@ -519,17 +568,22 @@ func (s *state) healthy(ctx context.Context, kubeProxy bool) bool {
 	if err != nil {
 		return false
 	}
-	return nodeReady(ctx, cs) == nil
+	for _, n := range nodes {
+		if nodeReady(ctx, cs, n.Name) != nil {
+			return false
+		}
+	}
+	return true
 }
 
-// ctr runs ctr against our containerd in the k8s.io namespace.
-func (s *state) ctr(ctx context.Context, args ...string) error {
-	_, err := s.ctrOut(ctx, args...)
+// ctr runs ctr against node n's containerd in the k8s.io namespace.
+func (s *state) ctr(ctx context.Context, n node, args ...string) error {
+	_, err := s.ctrOut(ctx, n, args...)
 	return err
 }
 
-func (s *state) ctrOut(ctx context.Context, args ...string) ([]byte, error) {
-	full := append([]string{"--address", s.sock, "--namespace", ctrNamespace}, args...)
+func (s *state) ctrOut(ctx context.Context, n node, args ...string) ([]byte, error) {
+	full := append([]string{"--address", s.nodeSock(n), "--namespace", ctrNamespace}, args...)
 	out, err := exec.CommandContext(ctx, "/usr/bin/ctr", full...).CombinedOutput()
 	if err != nil {
 		return out, fmt.Errorf("ctr %s: %w: %s", strings.Join(args, " "), err, bytes.TrimSpace(out))
@@ -543,8 +597,8 @@ func pauseTarball() string {
 
 // ensurePause builds (once, cached) and imports the sandbox image: the kubelet
 // must find it before the first pod, as nothing can be pulled here.
-func (s *state) ensurePause(ctx context.Context, log io.Writer) error {
-	out, err := s.ctrOut(ctx, "images", "ls", "-q")
+func (s *state) ensurePause(ctx context.Context, n node) error {
+	out, err := s.ctrOut(ctx, n, "images", "ls", "-q")
 	if err == nil && containsLine(string(out), PauseImage) {
 		return nil
 	}
@@ -554,7 +608,7 @@ func (s *state) ensurePause(ctx context.Context, log io.Writer) error {
 			return err
 		}
 	}
-	return s.importImage(ctx, tarPath)
+	return s.importImage(ctx, n, tarPath)
 }
 
 func containsLine(out, want string) bool {
@@ -593,35 +647,51 @@ func buildPause(ctx context.Context, tarPath string) error {
 	return images.BuildBinaryImage(ctx, PauseImage, map[string]string{"/pause": bin}, []string{"/pause"}, tarPath)
 }
 
-func (s *state) importImage(ctx context.Context, tarball string) error {
-	return s.ctr(ctx, "images", "import", tarball)
+func (s *state) importImage(ctx context.Context, n node, tarball string) error {
+	return s.ctr(ctx, n, "images", "import", tarball)
 }
 
-// LoadImages implements cluster.Provider.
+// LoadImages implements cluster.Provider: every node's containerd gets them.
 func (*Provider) LoadImages(ctx context.Context, name string, tarballs []string) error {
 	s := newState(name)
-	if s.alive("containerd") == 0 {
-		return fmt.Errorf("load images: containerd of cluster %q is not running", s.name)
+	nodes := s.nodes()
+	if len(nodes) == 0 {
+		return fmt.Errorf("load images: cluster %q has no nodes", s.name)
 	}
-	for _, t := range tarballs {
-		if err := s.importImage(ctx, t); err != nil {
-			return fmt.Errorf("load image %s: %w", t, err)
+	for _, n := range nodes {
+		if s.alive(containerdComponent(n)) == 0 {
+			return fmt.Errorf("load images: containerd of node %s is not running", n.Name)
+		}
+		for _, t := range tarballs {
+			if err := s.importImage(ctx, n, t); err != nil {
+				return fmt.Errorf("load image %s into %s: %w", t, n.Name, err)
+			}
 		}
 	}
 	return nil
 }
 
-// Exec implements cluster.Provider: the host is the node.
-func (*Provider) Exec(ctx context.Context, name, node string, argv ...string) ([]byte, error) {
-	if node != "" && node != NodeName {
-		return nil, fmt.Errorf("cluster %q has no node %q (only %s)", name, node, NodeName)
-	}
+// Exec implements cluster.Provider: argv runs inside the node's
+// namespaces and cgroups, as `docker exec` into a kind node does.
+func (*Provider) Exec(ctx context.Context, name, nodeName string, argv ...string) ([]byte, error) {
 	if len(argv) == 0 {
 		return nil, errors.New("exec: empty command")
 	}
-	out, err := exec.CommandContext(ctx, argv[0], argv[1:]...).CombinedOutput()
+	s := newState(name)
+	n, err := s.node(nodeName)
 	if err != nil {
-		return out, fmt.Errorf("exec %s on %s: %w", argv[0], NodeName, err)
+		return nil, err
+	}
+	env, err := s.nodeEnv(n)
+	if err != nil {
+		return nil, err
+	}
+	full := inNode(argv)
+	cmd := exec.CommandContext(ctx, full[0], full[1:]...)
+	cmd.Env = append(os.Environ(), env...)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return out, fmt.Errorf("exec %s on %s: %w", argv[0], n.Name, err)
 	}
 	return out, nil
 }

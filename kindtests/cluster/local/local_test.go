@@ -2,11 +2,14 @@ package local
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -74,8 +77,10 @@ func TestIntegrationLocalCluster(t *testing.T) {
 	log := testLog{t}
 	t.Cleanup(func() {
 		if t.Failed() {
-			for _, n := range []string{"kubelet", "containerd", "kube-proxy"} {
-				t.Logf("---- %s log tail:\n%s", n, tail(s.logFile(n), 40))
+			for _, n := range s.nodes() {
+				for _, c := range []string{kubeletComponent(n), containerdComponent(n), kubeProxyComponent(n)} {
+					t.Logf("---- %s log tail:\n%s", c, tail(s.logFile(c), 40))
+				}
 			}
 		}
 		if os.Getenv("KEBPF_KEEP_CLUSTER") != "" {
@@ -88,16 +93,19 @@ func TestIntegrationLocalCluster(t *testing.T) {
 	})
 
 	start := time.Now()
-	c, err := p.Create(ctx, cluster.Options{Name: name, KubeProxy: true, Log: log})
+	c, err := p.Create(ctx, cluster.Options{Name: name, KubeProxy: true, Nodes: 2, Log: log})
 	if err != nil {
 		t.Fatalf("create: %v", err)
 	}
 	t.Logf("create took %s", time.Since(start).Round(time.Millisecond))
-	if len(c.Nodes) != 1 || c.Nodes[0] != NodeName {
+	if !slices.Equal(c.Nodes, []string{NodeName, NodeName + "2"}) {
 		t.Fatalf("nodes = %v", c.Nodes)
 	}
+	if _, err := p.Create(ctx, cluster.Options{Name: name, KubeProxy: true, Nodes: 3, Log: log}); err == nil || !strings.Contains(err.Error(), "has 2 node(s), 3 asked") {
+		t.Errorf("create with another node count: %v, want a refusal naming both counts", err)
+	}
 	start = time.Now()
-	if _, err := p.Create(ctx, cluster.Options{Name: name, KubeProxy: true, Log: log}); err != nil {
+	if _, err := p.Create(ctx, cluster.Options{Name: name, KubeProxy: true, Nodes: 2, Log: log}); err != nil {
 		t.Fatalf("second create (reuse): %v", err)
 	}
 	if d := time.Since(start); d > 10*time.Second {
@@ -112,39 +120,70 @@ func TestIntegrationLocalCluster(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	pod := &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: "pause", Namespace: "default"},
-		Spec: corev1.PodSpec{Containers: []corev1.Container{{
-			Name: "pause", Image: PauseImage, ImagePullPolicy: corev1.PullNever,
-		}}},
-	}
-	if _, err := cs.CoreV1().Pods("default").Create(ctx, pod, metav1.CreateOptions{}); err != nil {
-		t.Fatalf("create pod: %v", err)
-	}
-	var ip string
-	deadline := time.Now().Add(2 * time.Minute)
-	for {
-		got, err := cs.CoreV1().Pods("default").Get(ctx, "pause", metav1.GetOptions{})
-		if err == nil && got.Status.Phase == corev1.PodRunning && got.Status.PodIP != "" {
-			ip = got.Status.PodIP
-			break
+	nodes := s.nodes()
+	for _, n := range nodes {
+		pod := &corev1.Pod{
+			ObjectMeta: metav1.ObjectMeta{Name: "pause-" + n.Name, Namespace: "default"},
+			Spec: corev1.PodSpec{NodeName: n.Name, Containers: []corev1.Container{{
+				Name: "pause", Image: PauseImage, ImagePullPolicy: corev1.PullNever,
+			}}},
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("pod not running: %+v (err %v)", got.Status, err)
+		if _, err := cs.CoreV1().Pods("default").Create(ctx, pod, metav1.CreateOptions{}); err != nil {
+			t.Fatalf("create pod: %v", err)
 		}
-		time.Sleep(500 * time.Millisecond)
 	}
-	_, subnet, _ := net.ParseCIDR(PodCIDR)
-	if !subnet.Contains(net.ParseIP(ip)) || ip == NodeIP {
-		t.Errorf("pod IP %s not in %s", ip, PodCIDR)
+	hostBPF, err := os.Stat("/sys/fs/bpf")
+	if err != nil {
+		t.Fatal(err)
 	}
-	t.Logf("pod running with IP %s", ip)
-	kubectl := exec.CommandContext(ctx, filepath.Join(k8sbin.BinDir(), "kubectl"), "--kubeconfig", c.Kubeconfig, "logs", "pause")
-	if out, err := kubectl.CombinedOutput(); err != nil {
-		t.Errorf("kubectl logs (apiserver -> kubelet): %v: %s", err, out)
+	bpffsDevs := map[string]string{}
+	for _, n := range nodes {
+		var ip string
+		deadline := time.Now().Add(2 * time.Minute)
+		for {
+			got, err := cs.CoreV1().Pods("default").Get(ctx, "pause-"+n.Name, metav1.GetOptions{})
+			if err == nil && got.Status.Phase == corev1.PodRunning && got.Status.PodIP != "" {
+				ip = got.Status.PodIP
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("pod on %s not running: %+v (err %v)", n.Name, got.Status, err)
+			}
+			time.Sleep(500 * time.Millisecond)
+		}
+		_, subnet, _ := net.ParseCIDR(n.PodCIDR())
+		if !subnet.Contains(net.ParseIP(ip)) || ip == n.PodGateway() {
+			t.Errorf("pod IP %s on %s not in %s", ip, n.Name, n.PodCIDR())
+		}
+		t.Logf("pod on %s running with IP %s", n.Name, ip)
+		kubectl := exec.CommandContext(ctx, filepath.Join(k8sbin.BinDir(), "kubectl"), "--kubeconfig", c.Kubeconfig, "logs", "pause-"+n.Name)
+		if out, err := kubectl.CombinedOutput(); err != nil {
+			t.Errorf("kubectl logs (apiserver -> kubelet of %s): %v: %s", n.Name, err, out)
+		}
+		// The node's own namespaces: its pod bridge and address, cgroup
+		// namespace root, bpffs instance.
+		if out, err := p.Exec(ctx, name, n.Name, "ip", "-o", "addr", "show"); err != nil || !strings.Contains(string(out), PodBridge) || !strings.Contains(string(out), n.IP()+"/24") {
+			t.Errorf("exec on %s: want %s and %s: %v: %s", n.Name, PodBridge, n.IP(), err, out)
+		}
+		if out, err := p.Exec(ctx, name, n.Name, "cat", "/proc/self/cgroup"); err != nil || strings.Contains(string(out), n.Name) || !strings.Contains(string(out), "0::/\n") {
+			t.Errorf("cgroups seen on %s are not rooted at the node: %v: %s", n.Name, err, out)
+		}
+		out, err := p.Exec(ctx, name, n.Name, "stat", "-f", "-c", "%T", "/sys/fs/bpf")
+		if err != nil || strings.TrimSpace(string(out)) != "bpf_fs" {
+			t.Errorf("/sys/fs/bpf on %s: %v: %s", n.Name, err, out)
+		}
+		out, err = p.Exec(ctx, name, n.Name, "stat", "-c", "%d", "/sys/fs/bpf")
+		if err != nil {
+			t.Errorf("stat bpffs on %s: %v: %s", n.Name, err, out)
+		}
+		bpffsDevs[n.Name] = strings.TrimSpace(string(out))
 	}
-	if out, err := p.Exec(ctx, name, NodeName, "ip", "-o", "link", "show", Bridge); err != nil || !strings.Contains(string(out), Bridge) {
-		t.Errorf("exec on node: %v: %s", err, out)
+	seen := map[string]string{fmt.Sprint(hostBPF.Sys().(*syscall.Stat_t).Dev): "the host"}
+	for n, dev := range bpffsDevs {
+		if other, dup := seen[dev]; dup {
+			t.Errorf("%s shares its bpffs (dev %s) with %s", n, dev, other)
+		}
+		seen[dev] = n
 	}
 	t.Run("cluster DNS", func(t *testing.T) { testClusterDNS(ctx, t, p, name, c.Kubeconfig) })
 
@@ -152,7 +191,7 @@ func TestIntegrationLocalCluster(t *testing.T) {
 		t.Fatalf("delete: %v", err)
 	}
 	if pids := findProcs(func(argv []string) bool {
-		return ourBinaries[baseName(argv[0])] && (hasArgPrefix(argv, s.dir) || hasArg(argv, s.sock))
+		return ourBinaries[baseName(argv[0])] && hasArgPrefix(argv, s.dir)
 	}); len(pids) > 0 {
 		t.Errorf("processes of ours survive delete: %v", pids)
 	}
@@ -170,14 +209,16 @@ func TestIntegrationLocalCluster(t *testing.T) {
 	if m := mountsUnder(s.dir, s.runDir); len(m) > 0 {
 		t.Errorf("mounts survive delete: %v", m)
 	}
-	if ns := cniNetns(); len(ns) > 0 {
-		t.Errorf("netns survive delete: %v", ns)
+	for _, n := range nodes {
+		if _, err := os.Stat("/run/netns/" + n.netns()); err == nil {
+			t.Errorf("netns of %s survives delete", n.Name)
+		}
+		if d := cgroupTree(n); len(d) > 0 {
+			t.Errorf("cgroups of %s survive delete: %v", n.Name, d)
+		}
 	}
 	if _, err := os.Stat(s.dir); err == nil {
 		t.Errorf("state dir %s survives delete", s.dir)
-	}
-	if d := kubepodsDirs(); len(d) > 0 {
-		t.Errorf("kubepods cgroups survive delete: %v", d)
 	}
 }
 

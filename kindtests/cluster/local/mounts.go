@@ -65,17 +65,6 @@ func (rec *hostRecord) recordMounts() error {
 	return nil
 }
 
-// shareRootMount makes / recursively shared, as systemd does on every real
-// node and kind's entrypoint does in every kind node: the kubelet refuses
-// Bidirectional mount propagation (our agent's init container) on a path
-// whose mount is not shared.
-func shareRootMount(ctx context.Context) error {
-	if _, err := run(ctx, "mount", "--make-rshared", "/"); err != nil {
-		return fmt.Errorf("make / shared: %w", err)
-	}
-	return nil
-}
-
 // restoreMounts unmounts node mounts made since Create and makes the mounts
 // that were private before private again.
 func (s *state) restoreMounts(ctx context.Context) error {

@@ -31,7 +31,6 @@ type certSpec struct {
 // clientUsers are the kubeconfigs written next to the certs, one per component.
 var clientUsers = []certSpec{
 	{file: "admin", cn: "kubernetes-admin", orgs: []string{"system:masters"}, client: true},
-	{file: "kubelet", cn: "system:node:" + NodeName, orgs: []string{"system:nodes"}, client: true},
 	{file: "controller-manager", cn: "system:kube-controller-manager", client: true},
 	{file: "scheduler", cn: "system:kube-scheduler", client: true},
 	{file: "kube-proxy", cn: "system:kube-proxy", client: true},
@@ -78,7 +77,13 @@ func serial() *big.Int {
 // ensurePKI creates the CA, serving and client certs and the service-account
 // key pair in dir, keeping whatever already exists so a re-run of Create keeps
 // the identities etcd data and kubeconfigs were made with.
-func ensurePKI(dir string) error {
+// kubeletUser is node n's kubelet credential: the Node authorizer and
+// NodeRestriction admit each kubelet only for its own node.
+func kubeletUser(n node) certSpec {
+	return certSpec{file: "kubelet-" + n.Name, cn: "system:node:" + n.Name, orgs: []string{"system:nodes"}, client: true}
+}
+
+func ensurePKI(dir string, users []certSpec) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("create %s: %w", dir, err)
 	}
@@ -115,11 +120,11 @@ func ensurePKI(dir string) error {
 	specs := append([]certSpec{
 		{
 			file: "apiserver", cn: "kube-apiserver", server: true,
-			ips: []net.IP{net.ParseIP(NodeIP), net.ParseIP("10.96.0.1"), net.ParseIP("127.0.0.1")},
+			ips: []net.IP{net.ParseIP(APIServerIP), net.ParseIP("10.96.0.1"), net.ParseIP("127.0.0.1")},
 			dns: []string{"kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local", "localhost"},
 		},
 		{file: "apiserver-kubelet-client", cn: "kube-apiserver-kubelet-client", orgs: []string{"system:masters"}, client: true},
-	}, clientUsers...)
+	}, users...)
 	for _, s := range specs {
 		if _, err := os.Stat(filepath.Join(dir, s.file+".crt")); err == nil {
 			continue
@@ -211,7 +216,7 @@ contexts:
     cluster: kebpf-local
     user: %s
 current-context: kebpf-local
-`, NodeIP, APIPort, ca, user, crt, key, user)
+`, APIServerIP, APIPort, ca, user, crt, key, user)
 	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
 		return fmt.Errorf("write %s: %w", path, err)
 	}

@@ -20,6 +20,13 @@ type component struct {
 	name string
 	bin  string
 	args []string
+	// node, when set, runs the component inside that node's namespaces
+	// and cgroups.
+	node *node
+	// launch, when set, is the argv actually started; it must end up
+	// exec'ing bin (alive checks the process runs bin).
+	launch []string
+	env    []string
 }
 
 // exited records processes started by this process that already died, so a
@@ -46,11 +53,24 @@ func (s *state) start(c component) (int, error) {
 	}
 	defer logf.Close()
 	fmt.Fprintf(logf, "\n==== %s %s %s\n", time.Now().Format(time.RFC3339), c.bin, strings.Join(c.args, " "))
-	cmd := exec.Command(c.bin, c.args...)
+	argv := append([]string{c.bin}, c.args...)
+	env := c.env
+	if c.node != nil {
+		nenv, err := s.nodeEnv(*c.node)
+		if err != nil {
+			return 0, err
+		}
+		env = append(env, nenv...)
+		argv = inNode(argv)
+	}
+	if c.launch != nil {
+		argv = c.launch
+	}
+	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Stdout = logf
 	cmd.Stderr = logf
 	cmd.Dir = s.dir
-	cmd.Env = append(os.Environ(), "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+	cmd.Env = append(append(os.Environ(), "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"), env...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := cmd.Start(); err != nil {
 		return 0, fmt.Errorf("start %s: %w", c.name, err)

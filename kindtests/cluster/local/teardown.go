@@ -1,22 +1,18 @@
 package local
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"io/fs"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
-
-	"github.com/kubectl-ebpf/kubectl-ebpf/kindtests/k8sbin"
 )
 
 // ourBinaries are the base names of processes a cluster runs; leftover
@@ -45,43 +41,30 @@ func (*Provider) Delete(ctx context.Context, name string, log io.Writer) error {
 		fmt.Fprintf(log, "local: delete: %-40s (%5.1fs)\n", what, time.Since(start).Seconds())
 	}
 
-	// The bridge, kubepods cgroups and KUBE-* chains are host-wide: when this
-	// cluster left no state but another one exists, they are that one's.
+	// The bridge and node namespaces have fixed names: when this cluster
+	// left no state but another one exists, they are that one's.
 	if other := otherCluster(s); other != "" && !fileExists(s.dir) {
 		fmt.Fprintf(log, "local: delete: no cluster %q (cluster %q owns the node); nothing to do\n", s.name, other)
 		return nil
 	}
-	// The kubelet first, or it restarts the containers we kill.
-	note(s.stop("kubelet", 15*time.Second))
-	step("kubelet stopped")
-	note(s.killContainers(ctx))
-	step("containers killed")
-	note(s.stop("containerd", 10*time.Second))
-	for _, pid := range findProcs(func(argv []string) bool {
-		return filepath.Base(argv[0]) == "containerd-shim-runc-v2" && hasArg(argv, s.sock)
-	}) {
-		note(killWait(pid, 2*time.Second))
+	for _, n := range s.nodesToDelete() {
+		for _, err := range s.deleteNode(ctx, n) {
+			note(err)
+		}
+		step("node " + n.Name + " removed")
 	}
-	step("containerd and shims stopped")
-
-	_, kpErr := os.Stat(s.path("kube-proxy.enabled"))
-	note(s.stop("kube-proxy", 5*time.Second))
 	for _, n := range []string{"kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"} {
 		note(s.stop(n, 10*time.Second))
 	}
 	// Processes whose pid file was lost (an interrupted Create) still name
-	// our state dir or socket on their command line.
+	// our state dir on their command line.
 	for _, pid := range findProcs(func(argv []string) bool {
-		return ourBinaries[filepath.Base(argv[0])] && (hasArgPrefix(argv, s.dir) || hasArg(argv, s.sock))
+		return ourBinaries[filepath.Base(argv[0])] && hasArgPrefix(argv, s.dir)
 	}) {
 		note(killWait(pid, 5*time.Second))
 	}
 	step("control plane and etcd stopped")
 
-	if kpErr == nil || kubeChainsExist(ctx) {
-		note(cleanupKubeProxy(ctx))
-		step("kube-proxy rules removed")
-	}
 	for _, r := range s.containmentRules() {
 		for i := 0; i < 10; i++ {
 			if _, err := run(ctx, "iptables", ruleArgs("-D", r)...); err != nil {
@@ -90,14 +73,11 @@ func (*Provider) Delete(ctx context.Context, name string, log io.Writer) error {
 		}
 	}
 	step("containment rules removed")
-
-	note(s.removeNetworking(ctx))
-	step("netns, veths and bridge removed")
+	note(removeBridge(ctx))
+	step("node network removed")
 	note(s.unmountAll())
 	note(s.restoreMounts(ctx))
 	step("mounts removed, propagation restored")
-	note(removeKubepodsCgroups())
-	step("kubepods cgroups removed")
 	for _, err := range s.restoreSysctls() {
 		note(err)
 	}
@@ -108,6 +88,65 @@ func (*Provider) Delete(ctx context.Context, name string, log io.Writer) error {
 		return fmt.Errorf("delete local cluster %q: %w", s.name, errors.Join(errs...))
 	}
 	return nil
+}
+
+// nodesToDelete are the nodes with state plus any node whose netns or
+// cgroup an interrupted Create left before writing its state.
+func (s *state) nodesToDelete() []node {
+	nodes := s.nodes()
+	for i := 0; i < MaxNodes; i++ {
+		n := node{Index: i, Name: nodeName(i)}
+		if hasNode(nodes, n.Name) {
+			continue
+		}
+		dirs, _ := nodeCgroups(n)
+		_, nsErr := os.Stat("/run/netns/" + n.netns())
+		leftover := nsErr == nil || linkExists(n.hostVeth())
+		for _, d := range dirs {
+			leftover = leftover || fileExists(d)
+		}
+		if leftover {
+			nodes = append(nodes, n)
+		}
+	}
+	return nodes
+}
+
+// deleteNode stops node n's processes (the kubelet first, or it restarts
+// the containers we kill), kills whatever is left in its cgroups, and
+// removes its cgroups and netns; its mount namespace goes with its last
+// process.
+func (s *state) deleteNode(ctx context.Context, n node) []error {
+	var errs []error
+	note := func(err error) {
+		if err != nil {
+			errs = append(errs, fmt.Errorf("node %s: %w", n.Name, err))
+		}
+	}
+	note(s.stop(kubeletComponent(n), 15*time.Second))
+	note(s.killContainers(ctx, n))
+	note(s.stop(containerdComponent(n), 10*time.Second))
+	sock := s.nodeSock(n)
+	for _, pid := range findProcs(func(argv []string) bool {
+		return filepath.Base(argv[0]) == "containerd-shim-runc-v2" && hasArg(argv, sock)
+	}) {
+		note(killWait(pid, 2*time.Second))
+	}
+	note(s.stop(kubeProxyComponent(n), 5*time.Second))
+	note(s.stop(holderComponent(n), 2*time.Second))
+	note(killCgroupProcs(n))
+	note(removeCgroups(n))
+	if _, err := os.Stat("/run/netns/" + n.netns()); err == nil {
+		if _, err := run(ctx, "ip", "netns", "delete", n.netns()); err != nil {
+			note(err)
+		}
+	}
+	if linkExists(n.hostVeth()) {
+		if _, err := run(ctx, "ip", "link", "delete", n.hostVeth()); err != nil && linkExists(n.hostVeth()) {
+			note(err)
+		}
+	}
+	return errs
 }
 
 // otherCluster names another local cluster with a state dir, if any.
@@ -142,14 +181,13 @@ func hasArgPrefix(argv []string, dir string) bool {
 	return false
 }
 
-// killContainers kills every container of our runc root, then every process
-// left in a kubepods cgroup: shims outlive containerd, containers outlive
-// their shims.
-func (s *state) killContainers(ctx context.Context) error {
-	var errs []error
-	nss, _ := os.ReadDir(s.runcRoot)
+// killContainers kills every container of node n's runc root: shims outlive
+// containerd, containers outlive their shims.
+func (s *state) killContainers(ctx context.Context, n node) error {
+	runcRoot := s.nodeRuncRoot(n)
+	nss, _ := os.ReadDir(runcRoot)
 	for _, ns := range nss {
-		root := filepath.Join(s.runcRoot, ns.Name())
+		root := filepath.Join(runcRoot, ns.Name())
 		ids, _ := os.ReadDir(root)
 		for _, id := range ids {
 			run(ctx, "runc", "--root", root, "kill", "--all", id.Name(), "KILL")
@@ -163,28 +201,15 @@ func (s *state) killContainers(ctx context.Context) error {
 			}
 		}
 	}
-	for i := 0; i < 20; i++ {
-		pids := kubepodsProcs()
-		if len(pids) == 0 {
-			return errors.Join(errs...)
-		}
-		for _, pid := range pids {
-			syscall.Kill(pid, syscall.SIGKILL)
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
-	if pids := kubepodsProcs(); len(pids) > 0 {
-		errs = append(errs, fmt.Errorf("processes survive in kubepods cgroups: %v", pids))
-	}
-	return errors.Join(errs...)
+	return nil
 }
 
-// kubepodsDirs lists every kubepods* cgroup directory in every hierarchy.
-func kubepodsDirs() []string {
+// cgroupTree lists node n's cgroup directories in every hierarchy, deepest
+// first.
+func cgroupTree(n node) []string {
+	roots, _ := nodeCgroups(n)
 	var dirs []string
-	roots, _ := filepath.Glob("/sys/fs/cgroup/*/kubepods*")
-	more, _ := filepath.Glob("/sys/fs/cgroup/kubepods*")
-	for _, r := range append(roots, more...) {
+	for _, r := range roots {
 		filepath.WalkDir(r, func(p string, d fs.DirEntry, err error) error {
 			if err == nil && d.IsDir() {
 				dirs = append(dirs, p)
@@ -192,13 +217,14 @@ func kubepodsDirs() []string {
 			return nil
 		})
 	}
+	sort.SliceStable(dirs, func(i, j int) bool { return strings.Count(dirs[i], "/") > strings.Count(dirs[j], "/") })
 	return dirs
 }
 
-func kubepodsProcs() []int {
+func cgroupProcs(dirs []string) []int {
 	seen := map[int]bool{}
 	var pids []int
-	for _, d := range kubepodsDirs() {
+	for _, d := range dirs {
 		b, err := os.ReadFile(filepath.Join(d, "cgroup.procs"))
 		if err != nil {
 			continue
@@ -213,11 +239,30 @@ func kubepodsProcs() []int {
 	return pids
 }
 
-func removeKubepodsCgroups() error {
-	dirs := kubepodsDirs()
-	sort.Slice(dirs, func(i, j int) bool { return strings.Count(dirs[i], "/") > strings.Count(dirs[j], "/") })
+// killCgroupProcs kills every process left in node n's cgroups: a node
+// is gone only when nothing runs in it.
+func killCgroupProcs(n node) error {
+	for i := 0; i < 25; i++ {
+		pids := cgroupProcs(cgroupTree(n))
+		if len(pids) == 0 {
+			return nil
+		}
+		for _, pid := range pids {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if pids := cgroupProcs(cgroupTree(n)); len(pids) > 0 {
+		return fmt.Errorf("processes survive in the node's cgroups: %v", pids)
+	}
+	return nil
+}
+
+// removeCgroups removes node n's cgroup trees, deepest first (an emptied
+// cgroup can take a moment to become removable).
+func removeCgroups(n node) error {
 	var errs []error
-	for _, d := range dirs {
+	for _, d := range cgroupTree(n) {
 		var err error
 		for i := 0; i < 10; i++ {
 			if err = syscall.Rmdir(d); err == nil || errors.Is(err, syscall.ENOENT) {
@@ -231,79 +276,6 @@ func removeKubepodsCgroups() error {
 		}
 	}
 	return errors.Join(errs...)
-}
-
-func kubeChainsExist(ctx context.Context) bool {
-	for _, bin := range []string{"iptables", "ip6tables"} {
-		out, _ := exec.CommandContext(ctx, bin+"-save").Output()
-		if strings.Contains(string(out), ":KUBE-") {
-			return true
-		}
-	}
-	out, _ := exec.CommandContext(ctx, "nft", "list", "tables").Output()
-	return strings.Contains(string(out), "kube-proxy")
-}
-
-// cleanupKubeProxy runs kube-proxy's own cleanup, then removes every KUBE-*
-// chain left (the kubelet's canary chains included) and the nftables tables.
-func cleanupKubeProxy(ctx context.Context) error {
-	var errs []error
-	if bin := filepath.Join(k8sbin.BinDir(), "kube-proxy"); fileExists(bin) {
-		cctx, cancel := context.WithTimeout(ctx, 60*time.Second)
-		// --cleanup exits non-zero when some mode had nothing to remove.
-		exec.CommandContext(cctx, bin, "--cleanup").Run()
-		cancel()
-	}
-	for _, bin := range []string{"iptables", "ip6tables"} {
-		for _, table := range []string{"filter", "nat", "mangle", "raw"} {
-			out, err := exec.CommandContext(ctx, bin, "-w", "-t", table, "-S").Output()
-			if err != nil {
-				continue
-			}
-			var chains []string
-			sc := bufio.NewScanner(strings.NewReader(string(out)))
-			for sc.Scan() {
-				f := splitRule(sc.Text())
-				if len(f) >= 2 && f[0] == "-N" && strings.HasPrefix(f[1], "KUBE-") {
-					chains = append(chains, f[1])
-					continue
-				}
-				if len(f) >= 2 && f[0] == "-A" && !strings.HasPrefix(f[1], "KUBE-") && jumpsToKube(f) {
-					args := append([]string{"-w", "-t", table, "-D"}, f[1:]...)
-					if _, err := run(ctx, bin, args...); err != nil {
-						errs = append(errs, err)
-					}
-				}
-			}
-			for _, c := range chains {
-				run(ctx, bin, "-w", "-t", table, "-F", c)
-			}
-			for _, c := range chains {
-				if _, err := run(ctx, bin, "-w", "-t", table, "-X", c); err != nil {
-					errs = append(errs, err)
-				}
-			}
-		}
-	}
-	out, _ := exec.CommandContext(ctx, "nft", "list", "tables").Output()
-	for _, l := range strings.Split(string(out), "\n") {
-		f := strings.Fields(l)
-		if len(f) == 3 && f[0] == "table" && f[2] == "kube-proxy" {
-			if _, err := run(ctx, "nft", "delete", "table", f[1], f[2]); err != nil {
-				errs = append(errs, err)
-			}
-		}
-	}
-	return errors.Join(errs...)
-}
-
-func jumpsToKube(f []string) bool {
-	for i := 0; i+1 < len(f); i++ {
-		if (f[i] == "-j" || f[i] == "-g") && strings.HasPrefix(f[i+1], "KUBE-") {
-			return true
-		}
-	}
-	return false
 }
 
 // splitRule splits an `iptables -S` line, honouring its double quotes.
@@ -341,36 +313,20 @@ func fileExists(p string) bool {
 	return err == nil
 }
 
-// removeNetworking deletes the pod netns our runs made, the veths on the
-// bridge and the bridge.
-func (s *state) removeNetworking(ctx context.Context) error {
+// removeBridge deletes the node network's bridge and any veth still on it.
+func removeBridge(ctx context.Context) error {
+	if !linkExists(Bridge) {
+		return nil
+	}
 	var errs []error
-	before := s.recordedNetns()
-	for _, ns := range cniNetns() {
-		if before[ns] {
-			continue
-		}
-		// Without a record (state dir gone) only namespaces on our subnet.
-		if len(before) == 0 && !fileExists(s.recordFile()) {
-			out, _ := exec.CommandContext(ctx, "ip", "-n", ns, "-4", "-o", "addr").Output()
-			if !strings.Contains(string(out), "10.244.0.") {
-				continue
-			}
-		}
-		if _, err := run(ctx, "ip", "netns", "delete", ns); err != nil {
+	ents, _ := os.ReadDir(filepath.Join("/sys/class/net", Bridge, "brif"))
+	for _, e := range ents {
+		if _, err := run(ctx, "ip", "link", "delete", e.Name()); err != nil && linkExists(e.Name()) {
 			errs = append(errs, err)
 		}
 	}
-	if linkExists(Bridge) {
-		ents, _ := os.ReadDir(filepath.Join("/sys/class/net", Bridge, "brif"))
-		for _, e := range ents {
-			if _, err := run(ctx, "ip", "link", "delete", e.Name()); err != nil && linkExists(e.Name()) {
-				errs = append(errs, err)
-			}
-		}
-		if _, err := run(ctx, "ip", "link", "delete", Bridge); err != nil && linkExists(Bridge) {
-			errs = append(errs, err)
-		}
+	if _, err := run(ctx, "ip", "link", "delete", Bridge); err != nil && linkExists(Bridge) {
+		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
 }
@@ -432,22 +388,6 @@ func (s *state) unmountAll() error {
 
 func (s *state) removeFiles() error {
 	var errs []error
-	// The kubelet links container logs from /var/log/containers into our
-	// pod log dir.
-	links, _ := filepath.Glob("/var/log/containers/*")
-	for _, l := range links {
-		if t, err := os.Readlink(l); err == nil && strings.HasPrefix(t, s.path("pod-logs")+"/") {
-			os.Remove(l)
-		}
-	}
-	results, _ := filepath.Glob("/var/lib/cni/results/kebpf-*")
-	for _, r := range results {
-		os.Remove(r)
-	}
-	os.RemoveAll("/var/lib/cni/networks/kebpf")
-	if err := removeCNI(); err != nil {
-		errs = append(errs, fmt.Errorf("remove CNI config: %w", err))
-	}
 	if rec, ok := s.readRecord(); ok {
 		for _, p := range rec.Absent {
 			if len(mountsUnder(p)) > 0 {

@@ -28,12 +28,13 @@ func main() {
 	root.PersistentFlags().StringVar(&provider, "provider", os.Getenv("KEBPF_PROVIDER"), "kind or local (default: kind where it can run, else local)")
 
 	var kubeProxy bool
+	var nodes int
 	up := &cobra.Command{
 		Use:   "up",
 		Short: "Create (or reuse) the cluster, build and load the images; print the kubeconfig path",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			e, err := testenv.Up(cmd.Context(), testenv.Options{Name: name, Provider: provider, KubeProxy: kubeProxy, Log: os.Stderr})
+			e, err := testenv.Up(cmd.Context(), testenv.Options{Name: name, Provider: provider, KubeProxy: kubeProxy, Nodes: nodes, Log: os.Stderr})
 			if err != nil {
 				return err
 			}
@@ -44,6 +45,7 @@ func main() {
 		},
 	}
 	up.Flags().BoolVar(&kubeProxy, "kube-proxy", true, "run kube-proxy on the nodes")
+	up.Flags().IntVar(&nodes, "nodes", 2, "how many nodes (an existing cluster of another size must be deleted first)")
 
 	down := &cobra.Command{
 		Use:   "down",
