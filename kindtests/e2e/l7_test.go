@@ -25,14 +25,16 @@ func l7Workloads() string {
 	fmt.Fprintf(&b, "apiVersion: v1\nkind: Namespace\nmetadata: {name: %s}\n", l7Namespace)
 	httpReady := fmt.Sprintf("    readinessProbe: {tcpSocket: {port: %d}, periodSeconds: 1}\n", l7Port)
 	podEnv := "    env: [{name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}]\n"
-	b.WriteString(serverPod{name: "api", ns: l7Namespace, labels: "app: api",
+	// The destination on one node, a client of each kind on each node: a
+	// request crosses nodes, and which node's Envoy enforces shows.
+	b.WriteString(serverPod{name: "api", ns: l7Namespace, node: nodeAt(0), labels: "app: api",
 		args: fmt.Sprintf("serve, --tcp, '', --udp, '', --http, '%d'", l7Port), container: podEnv + httpReady}.yaml())
-	for _, c := range []string{"client", "other"} {
-		b.WriteString(serverPod{name: c, ns: l7Namespace, labels: "app: " + c,
+	for i, c := range []string{"client", "other"} {
+		b.WriteString(serverPod{name: c, ns: l7Namespace, node: nodeAt(i + 1), labels: "app: " + c,
 			args: "serve, --tcp, '18082', --udp, '', --http, '0'", container: podEnv +
 				"    readinessProbe: {tcpSocket: {port: 18082}, periodSeconds: 1}\n"}.yaml())
 	}
-	b.WriteString(serverPod{name: "hostclient", ns: l7Namespace, labels: "app: hostclient", hostNetwork: true,
+	b.WriteString(serverPod{name: "hostclient", ns: l7Namespace, node: nodeAt(1), labels: "app: hostclient", hostNetwork: true,
 		args: "serve, --tcp, '18083', --udp, '', --http, '0'", container: podEnv +
 			"    readinessProbe: {tcpSocket: {port: 18083}, periodSeconds: 1}\n"}.yaml())
 	fmt.Fprintf(&b, `---

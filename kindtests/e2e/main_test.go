@@ -67,7 +67,7 @@ func TestMain(m *testing.M) {
 	} else {
 		name, own = cluster.DefaultName+"-e2e", true
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
-		env, err = testenv.Up(ctx, testenv.Options{Name: name, KubeProxy: true, Log: os.Stderr})
+		env, err = testenv.Up(ctx, testenv.Options{Name: name, KubeProxy: true, Nodes: 2, Log: os.Stderr})
 		cancel()
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "e2e: bring up the cluster:", err)

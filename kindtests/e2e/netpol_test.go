@@ -39,14 +39,16 @@ func allNPPods() []npPod {
 
 func npWorkloads() string {
 	var b strings.Builder
-	for _, ns := range npNamespaces {
+	for k, ns := range npNamespaces {
 		fmt.Fprintf(&b, `---
 apiVersion: v1
 kind: Namespace
 metadata: {name: %s, labels: {ns: "%s"}}
 `, npNS(ns), ns)
-		for _, n := range npPodNames {
-			b.WriteString(serverPod{name: n, ns: npNS(ns), labels: fmt.Sprintf("pod: %q", n),
+		for i, n := range npPodNames {
+			// Spread over the nodes (differently per namespace), so the
+			// truth table crosses nodes: enforcement sits at both ends.
+			b.WriteString(serverPod{name: n, ns: npNS(ns), node: nodeAt(i + k), labels: fmt.Sprintf("pod: %q", n),
 				args: fmt.Sprintf("serve, --tcp, '80,81', --udp, '80,81', --http, '0', --name, '%s/%s'", ns, n),
 				container: `    ports:
     - {name: serve-80-tcp, containerPort: 80, protocol: TCP}

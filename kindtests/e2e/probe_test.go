@@ -69,6 +69,8 @@ type serverPod struct {
 	hostNetwork, once bool
 	// dnsPolicy is the pod's, ClusterFirst when empty.
 	dnsPolicy string
+	// node pins the pod to a node (nodeName); empty lets the scheduler pick.
+	node string
 	// container is more YAML of the container (ports, env, probes),
 	// indented by four spaces.
 	container string
@@ -83,11 +85,15 @@ func (p serverPod) yaml() string {
 	if p.dnsPolicy != "" {
 		dnsPolicy = p.dnsPolicy
 	}
+	nodeName := ""
+	if p.node != "" {
+		nodeName = "\n  nodeName: " + p.node
+	}
 	return fmt.Sprintf(`---
 apiVersion: v1
 kind: Pod
 metadata: {name: %s, namespace: %s, labels: {%s}}
-spec:
+spec:%s
   hostNetwork: %v
   dnsPolicy: %s
   restartPolicy: %s
@@ -98,7 +104,13 @@ spec:
     imagePullPolicy: IfNotPresent
     command: [/usr/local/bin/kebpf-testserver]
     args: [%s]
-%s`, p.name, p.ns, p.labels, p.hostNetwork, dnsPolicy, restart, env.Product.TestServerRef, p.args, p.container)
+%s`, p.name, p.ns, p.labels, nodeName, p.hostNetwork, dnsPolicy, restart, env.Product.TestServerRef, p.args, p.container)
+}
+
+// nodeAt is the i-th node of the cluster, wrapping around, so a suite that
+// spreads pods over two nodes still runs (all on one) on a single node.
+func nodeAt(i int) string {
+	return env.Cluster.Nodes[i%len(env.Cluster.Nodes)]
 }
 
 // kubectlJSON runs kubectl (which must succeed) and decodes its stdout into v.

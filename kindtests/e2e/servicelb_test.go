@@ -59,7 +59,7 @@ func lbWorkloads() string {
 kind: Namespace
 metadata: {name: %s}
 `, lbNamespace)
-	pod := func(name, labels string, hostNet bool, args string, ready int) {
+	pod := func(name, node, labels string, hostNet bool, args string, ready int) {
 		// The node's processes resolve through the cluster DNS too (the DNS
 		// rows), as a node-local agent configured with it would.
 		dnsPolicy := ""
@@ -73,15 +73,19 @@ metadata: {name: %s}
 		if hostNet {
 			ports = "" // a hostNetwork pod's ports are the node's
 		}
-		b.WriteString(serverPod{name: name, ns: lbNamespace, labels: labels, args: args, hostNetwork: hostNet, dnsPolicy: dnsPolicy,
+		b.WriteString(serverPod{name: name, ns: lbNamespace, node: node, labels: labels, args: args, hostNetwork: hostNet, dnsPolicy: dnsPolicy,
 			container: `    env: [{name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}]
 ` + ports + fmt.Sprintf("    readinessProbe: {tcpSocket: {port: %d}, periodSeconds: 1}\n", ready)}.yaml())
 	}
-	for _, n := range []string{"web-a", "web-b", "web-c"} {
-		pod(n, "app: web", false, "serve, --tcp, '80,8081', --udp, '53', --http, '0'", 8081)
+	// Backends on both nodes, one client on each: every row crosses nodes
+	// for some samples, and internalTrafficPolicy: Local has one local
+	// backend for the client and two for the hostclient, so a datapath
+	// that used the other node's backends fails those rows.
+	for n, node := range map[string]string{"web-a": nodeAt(0), "web-b": nodeAt(1), "web-c": nodeAt(1)} {
+		pod(n, node, "app: web", false, "serve, --tcp, '80,8081', --udp, '53', --http, '0'", 8081)
 	}
-	pod("client", "app: client", false, "serve, --tcp, '8081', --udp, '', --http, '0'", 8081)
-	pod("hostclient", "app: hostclient", true, "serve, --tcp, '18081', --udp, '', --http, '0'", 18081)
+	pod("client", nodeAt(0), "app: client", false, "serve, --tcp, '8081', --udp, '', --http, '0'", 8081)
+	pod("hostclient", nodeAt(1), "app: hostclient", true, "serve, --tcp, '18081', --udp, '', --http, '0'", 18081)
 	svc := func(name, spec string) {
 		fmt.Fprintf(&b, `---
 apiVersion: v1
@@ -331,6 +335,9 @@ func TestIntegrationServiceLB(t *testing.T) {
 	kubectlStdin(t, lbWorkloads(), "apply", "-f", "-")
 	mustKubectl(t, 3*time.Minute, "-n", lbNamespace, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=150s")
 	top := readTopology(t)
+	if len(env.Cluster.Nodes) > 1 && (top.podNode["client"] == top.podNode["hostclient"] || top.podNode["web-a"] == top.podNode["web-b"]) {
+		t.Fatalf("pods not spread over two nodes: %v", top.podNode)
+	}
 
 	for _, mode := range []struct {
 		name      string
