@@ -25,16 +25,17 @@ func l7Workloads() string {
 	fmt.Fprintf(&b, "apiVersion: v1\nkind: Namespace\nmetadata: {name: %s}\n", l7Namespace)
 	httpReady := fmt.Sprintf("    readinessProbe: {tcpSocket: {port: %d}, periodSeconds: 1}\n", l7Port)
 	podEnv := "    env: [{name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}]\n"
-	// The destination on one node, a client of each kind on each node: a
-	// request crosses nodes, and which node's Envoy enforces shows.
+	// The destination's node enforces (bpf/sockmap README, "Multi-node"):
+	// the clients share its node, and "remote" on the other node shows what
+	// a client there gets (fail closed, until inbound steering exists).
 	b.WriteString(serverPod{name: "api", ns: l7Namespace, node: nodeAt(0), labels: "app: api",
 		args: fmt.Sprintf("serve, --tcp, '', --udp, '', --http, '%d'", l7Port), container: podEnv + httpReady}.yaml())
-	for i, c := range []string{"client", "other"} {
-		b.WriteString(serverPod{name: c, ns: l7Namespace, node: nodeAt(i + 1), labels: "app: " + c,
+	for c, node := range map[string]string{"client": nodeAt(0), "other": nodeAt(0), "remote": nodeAt(1)} {
+		b.WriteString(serverPod{name: c, ns: l7Namespace, node: node, labels: "app: " + c,
 			args: "serve, --tcp, '18082', --udp, '', --http, '0'", container: podEnv +
 				"    readinessProbe: {tcpSocket: {port: 18082}, periodSeconds: 1}\n"}.yaml())
 	}
-	b.WriteString(serverPod{name: "hostclient", ns: l7Namespace, node: nodeAt(1), labels: "app: hostclient", hostNetwork: true,
+	b.WriteString(serverPod{name: "hostclient", ns: l7Namespace, node: nodeAt(0), labels: "app: hostclient", hostNetwork: true,
 		args: "serve, --tcp, '18083', --udp, '', --http, '0'", container: podEnv +
 			"    readinessProbe: {tcpSocket: {port: 18083}, periodSeconds: 1}\n"}.yaml())
 	fmt.Fprintf(&b, `---
@@ -210,7 +211,7 @@ func TestIntegrationL7(t *testing.T) {
 	mapped := fmt.Sprintf("[::ffff:%s]:%d", top.podIP["api"], l7Port)
 
 	// Before l7: direct, everything answered by the pod.
-	checkL7(t, []l7Row{{"client", podAddr + "/private", allowed}, {"client", svcAddr + "/private", allowed}})
+	checkL7(t, []l7Row{{"client", podAddr + "/private", allowed}, {"client", svcAddr + "/private", allowed}, {"remote", podAddr + "/private", allowed}})
 
 	mustKubectl(t, 3*time.Minute, "ebpf", "enable", "l7", "--wait")
 	mustKubectl(t, 3*time.Minute, "-n", manifests.Namespace, "rollout", "status", "daemonset/"+manifests.EnvoyDaemonSetName, "--timeout=150s")
@@ -228,6 +229,13 @@ func TestIntegrationL7(t *testing.T) {
 		{"client", mapped + "/private", denied},
 		{"hostclient", podAddr + "/private", denied},
 		{"hostclient", svcAddr + "/public/y", allowed},
+		// A client on another node: its node does not steer (only the
+		// destination's node has the pod's filter chains), and the
+		// destination's node drops a SYN to a steered pod:port that does
+		// not come from its Envoy (REASON_L7_BYPASS): fail closed, never
+		// unfiltered.
+		{"remote", podAddr + "/private", "timeout"},
+		{"remote", podAddr + "/public/index.html", "timeout"},
 	}
 	t.Run("enforced", func(t *testing.T) {
 		waitL7(t, "L7Policy enforced", 30*time.Second, enforced[:2])

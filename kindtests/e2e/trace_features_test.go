@@ -19,17 +19,20 @@ import (
 const tfNS = "kebpf-trace-features"
 
 func tfWorkloads() string {
+	// One node for both: the L7 rows need the client on the destination's
+	// node, whose Envoy enforces (bpf/sockmap README, "Multi-node").
 	pod := func(name, args string) string {
 		return fmt.Sprintf(`apiVersion: v1
 kind: Pod
 metadata: {name: %[1]s, namespace: %[2]s, labels: {app: %[1]s}}
 spec:
+  nodeName: %[5]s
   containers:
   - name: main
     image: %[3]s
     command: [/usr/local/bin/kebpf-testserver, serve, %[4]s, --name, %[1]s]
 ---
-`, name, tfNS, env.Product.TestServerRef, args)
+`, name, tfNS, env.Product.TestServerRef, args, nodeAt(0))
 	}
 	return fmt.Sprintf("apiVersion: v1\nkind: Namespace\nmetadata: {name: %s}\n---\n", tfNS) +
 		pod("web", `--http, "8080"`) + pod("client", `--tcp, "9"`) +
