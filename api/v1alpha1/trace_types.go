@@ -41,6 +41,9 @@ const (
 	TraceReasonHost        = "host"         // the peer is a node address
 	TraceReasonRevoked     = "revoked"      // an established flow cut after a policy change
 	TraceReasonRelated     = "related"      // ICMP error of a tracked flow
+	// TraceReasonL7Bypass: a SYN to an L7-protected pod:port that did not
+	// come from the node's Envoy (e.g. a client on another node), dropped.
+	TraceReasonL7Bypass = "l7-bypass"
 )
 
 // TraceLine is one line of a trace stream: exactly one of Event and Lost.

@@ -240,6 +240,10 @@ func TestIntegrationL7(t *testing.T) {
 	t.Run("enforced", func(t *testing.T) {
 		waitL7(t, "L7Policy enforced", 30*time.Second, enforced[:2])
 		checkL7(t, enforced)
+		// The remote rows' drops are named for what they are.
+		if tr := kubectl(t, time.Minute, "ebpf", "trace", "-n", l7Namespace, "--to-pod", "api", "--verdict", "denied", "--since", "5m", "-o", "json"); !strings.Contains(tr.stdout, `"reason":"l7-bypass"`) {
+			t.Errorf("no l7-bypass denial of the remote client in the trace (exit %d):\n%s%s", tr.code, tr.stdout, tr.stderr)
+		}
 		if s, r := status(t); r.code != 0 {
 			t.Errorf("status with l7 on: exit %d: %+v", r.code, s)
 		}

@@ -100,6 +100,9 @@ func PolicyEvent(ev dp.Event, node string, at time.Time, n PolicyNamer) apiv1.Tr
 		out.Reason = apiv1.TraceReasonRevoked
 	case dp.ReasonRelated:
 		out.Reason = apiv1.TraceReasonRelated
+	case dp.ReasonL7Bypass:
+		out.Reason = apiv1.TraceReasonL7Bypass
+		out.Message = "an L7Policy protects this pod:port: only the node's Envoy may connect to it (a client on another node is not steered yet, so it fails closed)"
 	default:
 		out.Reason = "reason-" + strconv.Itoa(int(ev.Reason))
 	}
