@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -79,6 +80,31 @@ func (a *Agent) nodeIPs(ctx context.Context) ([]netip.Addr, error) {
 	return ips, nil
 }
 
+// localIPs are the addresses of the node's own interfaces (the agent runs
+// in the node's network namespace), loopback and link-local aside. They
+// matter because the node's traffic to its pods leaves with the address of
+// the interface towards them, which is not always a Node address: with a
+// bridge CNI it is the bridge's gateway address.
+func localIPs() ([]netip.Addr, error) {
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		return nil, err
+	}
+	var out []netip.Addr
+	for _, a := range addrs {
+		p, err := netip.ParsePrefix(a.String())
+		if err != nil {
+			continue
+		}
+		ip := p.Addr().Unmap()
+		if ip.IsLoopback() || ip.IsLinkLocalUnicast() {
+			continue
+		}
+		out = append(out, ip)
+	}
+	return out, nil
+}
+
 func (f *policyFeature) Enable(ctx context.Context) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -97,6 +123,7 @@ func (f *policyFeature) Enable(ctx context.Context) error {
 	s, err := netpol.New(netpol.Options{
 		Base:     f.a.syncBase(apiv1.FeaturePolicy, apisync.Intervals{}),
 		NodeIPs:  ips,
+		LocalIPs: localIPs,
 		Datapath: objs,
 		IDs:      ids,
 	})

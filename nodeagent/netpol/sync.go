@@ -60,7 +60,12 @@ const (
 type Options struct {
 	apisync.Base
 	// NodeIPs are handed to Datapath.SetHostIPs before the first sync.
-	NodeIPs  []netip.Addr
+	NodeIPs []netip.Addr
+	// LocalIPs, when set, lists addresses the node holds besides NodeIPs
+	// (a pod bridge's gateway, which is the source of the node's traffic to
+	// its pods, appears with the node's first pod); every sync adds what it
+	// returns to NodeIPs and updates the datapath when the union changed.
+	LocalIPs func() ([]netip.Addr, error)
 	Datapath dp.Datapath
 	// Interfaces nil: NetlinkInterfaces{ScanProc: true}.
 	Interfaces Interfaces
@@ -103,7 +108,8 @@ type Syncer struct {
 	ifaces     map[types.NamespacedName]ifaceCache
 	retries    map[types.NamespacedName]int
 	hostIPsSet bool
-	adopted    bool // pinned endpoints of a previous agent taken over
+	hostIPs    []netip.Addr // last set, sorted
+	adopted    bool         // pinned endpoints of a previous agent taken over
 
 	// synced is closed once the informer caches are synced (Admit waits).
 	synced chan struct{}
@@ -485,6 +491,35 @@ func key(p *corev1.Pod) types.NamespacedName {
 }
 
 // sync applies the accumulated changes (all local pods when full).
+// syncHostIPs hands the node's addresses to the datapath on the first sync
+// and whenever LocalIPs reports a change.
+func (s *Syncer) syncHostIPs() error {
+	ips := slices.Clone(s.opts.NodeIPs)
+	if s.opts.LocalIPs != nil {
+		local, err := s.opts.LocalIPs()
+		if err != nil {
+			// Keep what is programmed: a failed read must not drop an
+			// address the node still has.
+			s.log.Error("read the node's local addresses", "err", err)
+			local = s.hostIPs
+		}
+		ips = append(ips, local...)
+	}
+	slices.SortFunc(ips, func(a, b netip.Addr) int { return a.Compare(b) })
+	ips = slices.Compact(ips)
+	if s.hostIPsSet && slices.Equal(ips, s.hostIPs) {
+		return nil
+	}
+	if err := s.opts.Datapath.SetHostIPs(ips); err != nil {
+		return fmt.Errorf("set host IPs: %w", err)
+	}
+	if s.hostIPsSet {
+		s.log.Info("node addresses changed", "hostIPs", ips)
+	}
+	s.hostIPs, s.hostIPsSet = ips, true
+	return nil
+}
+
 func (s *Syncer) sync(full bool) (err error) {
 	start := time.Now()
 	res := SyncResult{Full: full}
@@ -506,11 +541,8 @@ func (s *Syncer) sync(full bool) (err error) {
 			s.opts.OnSync(res)
 		}
 	}()
-	if !s.hostIPsSet {
-		if err := s.opts.Datapath.SetHostIPs(s.opts.NodeIPs); err != nil {
-			return fmt.Errorf("set host IPs: %w", err)
-		}
-		s.hostIPsSet = true
+	if err := s.syncHostIPs(); err != nil {
+		return err
 	}
 	if !s.adopted {
 		if err := s.adoptPinned(); err != nil {

@@ -3,7 +3,6 @@ package netpol
 import (
 	"context"
 	"errors"
-	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/apisync"
 	"io"
 	"log/slog"
 	"net/netip"
@@ -13,6 +12,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/apisync"
 
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
@@ -422,5 +423,57 @@ func TestPodByIP(t *testing.T) {
 				t.Errorf("PodByIP(%s) = %q, want %q", tc.ip, got, tc.want)
 			}
 		})
+	}
+}
+
+// TestSyncHostIPsFollowLocalAddresses: the node's addresses are the Node's
+// plus its interfaces' (a bridge gateway appears with the first pod); a
+// sync after a change updates the datapath, and a failed read keeps what
+// is programmed.
+func TestSyncHostIPsFollowLocalAddresses(t *testing.T) {
+	var mu sync.Mutex
+	local := []netip.Addr{netip.MustParseAddr("192.0.2.2")} // the Node address again
+	var readErr error
+	h := startSyncer(t, func(o *Options) {
+		o.LocalIPs = func() ([]netip.Addr, error) {
+			mu.Lock()
+			defer mu.Unlock()
+			return slices.Clone(local), readErr
+		}
+	})
+	hostIPs := func() []string {
+		h.dp.mu.Lock()
+		defer h.dp.mu.Unlock()
+		var out []string
+		for _, ip := range h.dp.hostIPs {
+			out = append(out, ip.String())
+		}
+		return out
+	}
+	if got := hostIPs(); !slices.Equal(got, []string{"192.0.2.2"}) {
+		t.Fatalf("first sync host IPs %v, want the Node address once", got)
+	}
+	resync := func() {
+		t.Helper()
+		h.s.runner.Request()
+		select {
+		case <-h.syncs:
+		case <-time.After(5 * time.Second):
+			t.Fatal("no sync")
+		}
+	}
+	mu.Lock()
+	local = append(local, netip.MustParseAddr("10.244.0.1"), netip.MustParseAddr("2001:db8::1"))
+	mu.Unlock()
+	resync()
+	if got := hostIPs(); !slices.Equal(got, []string{"10.244.0.1", "192.0.2.2", "2001:db8::1"}) {
+		t.Fatalf("after the bridge appeared: host IPs %v", got)
+	}
+	mu.Lock()
+	local, readErr = nil, errors.New("netlink: interrupted")
+	mu.Unlock()
+	resync()
+	if got := hostIPs(); !slices.Equal(got, []string{"10.244.0.1", "192.0.2.2", "2001:db8::1"}) {
+		t.Fatalf("a failed read changed the host IPs to %v", got)
 	}
 }
