@@ -15,7 +15,6 @@ import (
 	v1 "k8s.io/api/core/v1"
 	discovery "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/informers"
@@ -147,10 +146,8 @@ func (s *Syncer) Run(ctx context.Context) error {
 		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = serviceSelector }))
 	sliceFactory := informers.NewSharedInformerFactoryWithOptions(s.opts.Client, 0,
 		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = sliceSelector }))
-	nodeFactory := informers.NewSharedInformerFactoryWithOptions(s.opts.Client, 0,
-		informers.WithTweakListOptions(func(o *metav1.ListOptions) {
-			o.FieldSelector = fields.OneTermEqualSelector("metadata.name", s.opts.NodeName).String()
-		}))
+	// Every Node: NodePorts are reached at any node's address.
+	nodeFactory := informers.NewSharedInformerFactory(s.opts.Client, 0)
 
 	svcInf := svcFactory.Core().V1().Services()
 	sliceInf := sliceFactory.Discovery().V1().EndpointSlices()
@@ -270,8 +267,8 @@ func (s *Syncer) partialSync() (SyncResult, error) {
 			}
 		}
 	}
-	if c.Node != nil {
-		s.node = *c.Node
+	if c.Nodes {
+		s.node = s.nodeInfo()
 		for k, svc := range s.services {
 			if usesNodeIPs(svc) {
 				touched[k] = struct{}{}
@@ -306,6 +303,22 @@ func sliceService(sl *discovery.EndpointSlice) (types.NamespacedName, bool) {
 	return types.NamespacedName{Namespace: sl.Namespace, Name: name}, name != ""
 }
 
+// nodeInfo is this node's name and addresses and every other node's, from
+// the Node cache.
+func (s *Syncer) nodeInfo() NodeInfo {
+	nodes, err := s.nodeLister.List(labels.Everything())
+	if err != nil {
+		s.log.Warn("list nodes; NodePort frontends omitted", "err", err)
+		return NodeInfo{Name: s.opts.NodeName}
+	}
+	ni := NodeInfoFromNodes(s.opts.NodeName, nodes)
+	if len(ni.IPs) == 0 {
+		// NodePorts need the node's IPs; without them the rest still works.
+		s.log.Warn("own node not in cache or without InternalIP; its NodePort frontends omitted", "node", s.opts.NodeName)
+	}
+	return ni
+}
+
 func usesNodeIPs(svc *v1.Service) bool {
 	return svc.Spec.Type == v1.ServiceTypeNodePort || svc.Spec.Type == v1.ServiceTypeLoadBalancer
 }
@@ -326,12 +339,6 @@ func (s *Syncer) fullSync() (SyncResult, error) {
 	if err != nil {
 		return SyncResult{}, fmt.Errorf("list endpointslices: %w", err)
 	}
-	node, err := s.nodeLister.Get(s.opts.NodeName)
-	if err != nil {
-		// NodePorts need the node's IPs; without them the rest still works.
-		s.log.Warn("own node not in cache; NodePort frontends omitted", "node", s.opts.NodeName, "err", err)
-		node = nil
-	}
 	s.services = make(map[types.NamespacedName]*v1.Service, len(svcs))
 	for _, svc := range svcs {
 		s.services[types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name}] = svc
@@ -350,10 +357,7 @@ func (s *Syncer) fullSync() (SyncResult, error) {
 		}
 	}
 	s.mu.Unlock()
-	s.node = NodeInfoFromNode(node)
-	if node == nil {
-		s.node.Name = s.opts.NodeName
-	}
+	s.node = s.nodeInfo()
 
 	actual, err := s.opts.Datapath.Services()
 	if err != nil {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/apisync"
 	"io"
 	"log/slog"
 	"maps"
@@ -13,6 +12,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/apisync"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	v1 "k8s.io/api/core/v1"

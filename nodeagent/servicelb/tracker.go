@@ -22,7 +22,7 @@ type Tracker struct {
 	mu       sync.Mutex
 	services *apisync.ChangeSet[types.NamespacedName, v1.Service]
 	slices   *apisync.ChangeSet[types.NamespacedName, discovery.EndpointSlice] // keyed by slice namespace/name
-	node     *apisync.ChangeSet[struct{}, NodeInfo]
+	node     *apisync.ChangeSet[string, NodeInfo]
 }
 
 // Changes are the changes taken from a Tracker.
@@ -34,13 +34,13 @@ type Changes struct {
 	// sync can tell which Services lost a slice.
 	Slices         map[types.NamespacedName]*discovery.EndpointSlice
 	PreviousSlices map[types.NamespacedName]*discovery.EndpointSlice
-	// Node is set when the node's name or InternalIPs changed.
-	Node *NodeInfo
+	// Nodes is set when a node appeared, went or changed its InternalIPs.
+	Nodes bool
 }
 
 // Empty reports whether there is nothing to sync.
 func (c Changes) Empty() bool {
-	return len(c.Services) == 0 && len(c.Slices) == 0 && c.Node == nil
+	return len(c.Services) == 0 && len(c.Slices) == 0 && !c.Nodes
 }
 
 // NewTracker returns an empty tracker.
@@ -48,7 +48,7 @@ func NewTracker() *Tracker {
 	return &Tracker{
 		services: apisync.NewChangeSet[types.NamespacedName](serviceEqual),
 		slices:   apisync.NewChangeSet[types.NamespacedName](sliceEqual),
-		node:     apisync.NewChangeSet[struct{}](nodeInfoEqual),
+		node:     apisync.NewChangeSet[string](nodeInfoEqual),
 	}
 }
 
@@ -82,12 +82,18 @@ func (t *Tracker) RecordSlice(previous, current *discovery.EndpointSlice) bool {
 	return t.slices.Record(apisync.Key(previous, current), previous, current)
 }
 
-// RecordNode records the agent's Node (nil when it was deleted).
+// RecordNode records a change of a Node's addresses (current nil when it
+// was deleted): the agent's own give its NodePort frontends, the others'
+// too (NodeInfo.OtherNodeIPs).
 func (t *Tracker) RecordNode(previous, current *v1.Node) bool {
 	prev, cur := NodeInfoFromNode(previous), NodeInfoFromNode(current)
+	name := cur.Name
+	if name == "" {
+		name = prev.Name
+	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	return t.node.Record(struct{}{}, &prev, &cur)
+	return t.node.Record(name, &prev, &cur)
 }
 
 func nodeInfoEqual(a, b *NodeInfo) bool {
@@ -126,8 +132,6 @@ func (t *Tracker) Take() Changes {
 		c.Slices[k] = ch.Cur
 		c.PreviousSlices[k] = ch.Prev
 	}
-	if ch, ok := node[struct{}{}]; ok {
-		c.Node = ch.Cur
-	}
+	c.Nodes = len(node) > 0
 	return c
 }

@@ -94,7 +94,16 @@ func TestTrackerSlicesAndNode(t *testing.T) {
 	if !tr.RecordNode(n1b, n2) {
 		t.Error("node IP change not recorded")
 	}
-	if c := tr.Take(); c.Node == nil || c.Node.IPs[0].String() != "172.18.0.3" {
-		t.Errorf("node change = %+v", c.Node)
+	if c := tr.Take(); !c.Nodes {
+		t.Errorf("node change not taken: %+v", c)
+	}
+	other := n1.DeepCopy()
+	other.Name = "node-b"
+	if !tr.RecordNode(nil, other) {
+		t.Error("another node's add not recorded (its IPs are NodePort frontends too)")
+	}
+	tr.Take()
+	if !tr.RecordNode(other, nil) {
+		t.Error("another node's delete not recorded")
 	}
 }

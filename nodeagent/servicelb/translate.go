@@ -83,6 +83,11 @@ type NodeInfo struct {
 	Name string
 	// IPs are the node's InternalIP addresses (NodePort frontends).
 	IPs []netip.Addr
+	// OtherNodeIPs are the other nodes' InternalIP addresses: a connect to
+	// any node's address and NodePort is translated here, at the socket,
+	// as kube-proxy would DNAT it on arrival at that node (a NodePort
+	// reached from inside the cluster works without kube-proxy).
+	OtherNodeIPs []netip.Addr
 }
 
 // NodeInfoFromNode extracts the node's name and InternalIP addresses.
@@ -101,6 +106,23 @@ func NodeInfoFromNode(n *v1.Node) NodeInfo {
 	}
 	slices.SortFunc(ni.IPs, netip.Addr.Compare)
 	ni.IPs = slices.Compact(ni.IPs)
+	return ni
+}
+
+// NodeInfoFromNodes is NodeInfoFromNode of the node named self, with the
+// InternalIPs of every other node of nodes.
+func NodeInfoFromNodes(self string, nodes []*v1.Node) NodeInfo {
+	ni := NodeInfo{Name: self}
+	for _, n := range nodes {
+		one := NodeInfoFromNode(n)
+		if n.Name == self {
+			ni.IPs = one.IPs
+			continue
+		}
+		ni.OtherNodeIPs = append(ni.OtherNodeIPs, one.IPs...)
+	}
+	slices.SortFunc(ni.OtherNodeIPs, netip.Addr.Compare)
+	ni.OtherNodeIPs = slices.Compact(ni.OtherNodeIPs)
 	return ni
 }
 
@@ -176,6 +198,7 @@ func Translate(svc *v1.Service, epSlices []*discovery.EndpointSlice, node NodeIn
 			}
 			if nodePorts && sp.NodePort != 0 {
 				external = append(external, fe(node.IPs, sp.NodePort)...)
+				external = append(external, fe(node.OtherNodeIPs, sp.NodePort)...)
 			}
 			external = append(external, fe(externalIPs, sp.Port)...)
 			external = append(external, fe(lbIPs, sp.Port)...)

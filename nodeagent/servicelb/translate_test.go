@@ -387,3 +387,31 @@ func TestEqualIgnoresOrder(t *testing.T) {
 }
 
 func intstrFrom(p int32) intstr.IntOrString { return intstr.FromInt32(p) }
+
+// TestNodePortOnOtherNodes: a NodePort is a frontend at every node's
+// InternalIP, the other nodes' too, so a connect from this node to another
+// node's address and NodePort needs no kube-proxy there.
+func TestNodePortOnOtherNodes(t *testing.T) {
+	mk := func(name string, ips ...string) *v1.Node {
+		n := &v1.Node{ObjectMeta: metav1.ObjectMeta{Name: name}}
+		for _, ip := range ips {
+			n.Status.Addresses = append(n.Status.Addresses, v1.NodeAddress{Type: v1.NodeInternalIP, Address: ip})
+		}
+		return n
+	}
+	ni := NodeInfoFromNodes("node-a", []*v1.Node{mk("node-b", "172.18.0.3"), mk("node-a", "172.18.0.2"), mk("node-c", "172.18.0.4", "172.18.0.3")})
+	want := NodeInfo{Name: "node-a", IPs: []netip.Addr{netip.MustParseAddr("172.18.0.2")},
+		OtherNodeIPs: []netip.Addr{netip.MustParseAddr("172.18.0.3"), netip.MustParseAddr("172.18.0.4")}}
+	if !reflect.DeepEqual(ni, want) {
+		t.Fatalf("NodeInfoFromNodes = %+v, want %+v", ni, want)
+	}
+	svc := service("ns", "web", svcType(v1.ServiceTypeNodePort), ports(port("http", v1.ProtocolTCP, 80, intstr.FromInt32(8080), 30080)))
+	sls := []*discovery.EndpointSlice{epSlice("ns", "web", "web-1", v4, slicePorts("http", v1.ProtocolTCP, 8080), ep("10.244.1.4"))}
+	got := Translate(svc, sls, ni)
+	k := key("ns", "web", "http", tcp, false, ScopeAll)
+	wantSvc := lbsvc(fes(fe("10.96.0.10", 80, tcp), fe("172.18.0.2", 30080, tcp), fe("172.18.0.3", 30080, tcp), fe("172.18.0.4", 30080, tcp)),
+		bes(be("10.244.1.4", 8080)), 0)
+	if len(got) != 1 || !Equal(got[k], wantSvc) {
+		t.Errorf("Translate:\n%s\nwant %s: fe=%v", dump(got), k, wantSvc.Frontends)
+	}
+}
