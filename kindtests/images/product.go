@@ -126,6 +126,10 @@ func BuildProduct(ctx context.Context, root, outDir, version string) (Product, e
 			}
 			files["/usr/local/bin/"+name] = bin
 		}
+		if img.ref == p.TestServerRef {
+			// The test server answers `nslookup NAME` by its name too.
+			files["/usr/bin/nslookup"] = files["/usr/local/bin/kebpf-testserver"]
+		}
 		entry := "/usr/local/bin/" + img.entry
 		if err := BuildBinaryImage(ctx, img.ref, files, []string{entry}, img.tar); err != nil {
 			return p, fmt.Errorf("image %s: %w", img.ref, err)

@@ -17,6 +17,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -25,6 +26,9 @@ import (
 )
 
 func main() {
+	if filepath.Base(os.Args[0]) == "nslookup" {
+		os.Exit(nslookup(os.Args[1:], os.Stdout, os.Stderr))
+	}
 	if len(os.Args) < 2 {
 		usage()
 	}
@@ -34,6 +38,8 @@ func main() {
 		err = serve(os.Args[2:])
 	case "probe":
 		os.Exit(probe(os.Args[2:], os.Stdout))
+	case "nslookup":
+		os.Exit(nslookup(os.Args[2:], os.Stdout, os.Stderr))
 	case "-h", "--help", "help":
 		usage()
 	default:
@@ -51,6 +57,7 @@ func usage() {
   kebpf-testserver serve [--tcp 80,81] [--udp 80,81] [--http 8080] [--name NAME]
   kebpf-testserver probe --protocol tcp|udp|http --to HOST:PORT[/path] [--timeout 2s] [--count N --interval D] [--unconnected]
   kebpf-testserver probe --protocol dns --to NAME [--transport udp|tcp] [--unconnected] [--server HOST:PORT]
+  kebpf-testserver nslookup NAME   (also as /usr/bin/nslookup NAME): nslookup-style answer through the pod's resolver
 `)
 	os.Exit(2)
 }

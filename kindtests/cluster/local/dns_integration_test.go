@@ -61,7 +61,7 @@ func testClusterDNS(ctx context.Context, t *testing.T, p *Provider, name, kubeco
 	if err := images.GoBuild(ctx, root, "./kindtests/testserver", bin, "local-it"); err != nil {
 		t.Fatal(err)
 	}
-	if err := images.BuildBinaryImage(ctx, image, map[string]string{"/usr/local/bin/kebpf-testserver": bin}, []string{"/usr/local/bin/kebpf-testserver"}, tarball); err != nil {
+	if err := images.BuildBinaryImage(ctx, image, map[string]string{"/usr/local/bin/kebpf-testserver": bin, "/usr/bin/nslookup": bin}, []string{"/usr/local/bin/kebpf-testserver"}, tarball); err != nil {
 		t.Fatal(err)
 	}
 	if err := p.LoadImages(ctx, name, []string{tarball}); err != nil {
@@ -149,6 +149,14 @@ func testClusterDNS(ctx context.Context, t *testing.T, p *Provider, name, kubeco
 				}
 				t.Logf("%s -> %s from %s in %s", tc.to, r.Reply, r.Peer, r.Duration)
 			})
+		}
+	}
+	// What a user types: nslookup from a pod of each node.
+	for _, n := range nodes {
+		out, err := kubectlOn(n, "nslookup", "kubernetes.default")
+		if err != nil || !strings.Contains(out, "Name:\tkubernetes.default.svc.cluster.local\nAddress: "+k8s.Spec.ClusterIP+"\n") ||
+			!strings.Contains(out, "Server:\t\t"+DNSServiceIP+"\n") {
+			t.Errorf("nslookup kubernetes.default on %s: %v:\n%s", n.Name, err, out)
 		}
 	}
 	t.Run("outside names fail at once", func(t *testing.T) {
