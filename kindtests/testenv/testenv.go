@@ -13,6 +13,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/kubectl-ebpf/kubectl-ebpf/kindtests/cluster"
@@ -131,7 +132,7 @@ func Up(ctx context.Context, o Options) (*Env, error) {
 	if err := e.save(); err != nil {
 		return nil, err
 	}
-	step(o.Log, start, "cluster %s up (%d nodes)", c.Name, len(c.Nodes))
+	step(o.Log, start, "cluster %s up (nodes: %s)", c.Name, strings.Join(c.Nodes, ", "))
 	if err := p.LoadImages(ctx, o.Name, prod.Tarballs()); err != nil {
 		return nil, err
 	}
