@@ -334,6 +334,18 @@ func TestIntegrationNetworkPolicy(t *testing.T) {
 		checkMatrix(t, ips, npCase{name: "ipBlock except y/b", proto: "tcp", port: 80, allow: func(f, to npPod) bool { return !is(to, "x", "a") || !is(f, "y", "b") }})
 	})
 
+	t.Run("egress ipBlock with a named port", func(t *testing.T) {
+		deleteAllPolicies(t)
+		// An egress named port is the destination's: x/a may reach, on
+		// 81, the pods of the block (all but y/b) that expose serve-81-tcp
+		// (all do), and nothing on 80. Resolving named ports only for pod
+		// peers would deny it all.
+		cidr := ips[npPod{"y", "b"}]
+		kubectlStdin(t, policy("x", fmt.Sprintf("a-to-block-named\n  podSelector: {matchLabels: {pod: \"a\"}}\n  policyTypes: [Egress]\n  egress:\n  - to: [{ipBlock: {cidr: %s/16, except: [%s/32]}}]\n    ports: [{port: serve-81-tcp}]\n", cidr, cidr)), "apply", "-f", "-")
+		checkMatrix(t, ips, npCase{name: "x/a to the block but y/b on serve-81-tcp (81)", proto: "tcp", port: 81, allow: func(f, to npPod) bool { return !is(f, "x", "a") || !is(to, "y", "b") }})
+		checkMatrix(t, ips, npCase{name: "x/a on 80, not named", proto: "tcp", port: 80, allow: func(f, to npPod) bool { return !is(f, "x", "a") }})
+	})
+
 	t.Run("a new pod is protected before its first packet", func(t *testing.T) {
 		deleteAllPolicies(t)
 		// Default-deny egress for pods labelled fresh=deny. Each pod's only

@@ -246,6 +246,15 @@ type allow struct {
 	rules  []dp.PortRule
 }
 
+// holds reports whether ip is inside a's prefix and outside its excepts.
+func (a allow) holds(ip netip.Addr) bool {
+	ip = ip.Unmap()
+	if !a.prefix.Contains(ip) {
+		return false
+	}
+	return !slices.ContainsFunc(a.except, func(e netip.Prefix) bool { return e.Contains(ip) })
+}
+
 var (
 	allV4 = netip.MustParsePrefix("0.0.0.0/0")
 	allV6 = netip.MustParsePrefix("::/0")
@@ -325,8 +334,9 @@ func (c *compiler) ruleAllows(p *networkingv1.NetworkPolicy, id uint32, idx int,
 	}
 	rule := uint16(idx)
 	// Ingress ports name the local pod's ports; egress ports name the
-	// destination's, so a named port there is resolved per peer pod and
-	// matches nothing for a CIDR.
+	// destination's, so a named port there is resolved per destination pod:
+	// for a selector peer its pods, for an ipBlock peer the pods whose IPs
+	// the block holds (outside its excepts), for no peers every pod.
 	var fixed []dp.PortRule
 	named := false
 	if dir == dp.Ingress {
@@ -346,7 +356,9 @@ func (c *compiler) ruleAllows(p *networkingv1.NetworkPolicy, id uint32, idx int,
 		return resolvePorts(ports, peer, id, rule, nil)
 	}
 	var out []allow
-	addPod := func(peer *corev1.Pod, onlyNamed bool) {
+	// addPod allows peer's IPs that keep accepts (all when nil); onlyNamed
+	// leaves out the numeric ports a wider prefix already carries.
+	addPod := func(peer *corev1.Pod, onlyNamed bool, keep func(netip.Addr) bool) {
 		rules := perPod(peer)
 		if onlyNamed {
 			rules = slices.DeleteFunc(slices.Clone(rules), func(r dp.PortRule) bool { return slices.Contains(fixed, r) })
@@ -355,7 +367,9 @@ func (c *compiler) ruleAllows(p *networkingv1.NetworkPolicy, id uint32, idx int,
 			return
 		}
 		for _, ip := range PodIPs(peer) {
-			out = append(out, allow{prefix: netip.PrefixFrom(ip, ip.BitLen()), rules: rules})
+			if keep == nil || keep(ip) {
+				out = append(out, allow{prefix: netip.PrefixFrom(ip, ip.BitLen()), rules: rules})
+			}
 		}
 	}
 	if len(peers) == 0 {
@@ -367,7 +381,7 @@ func (c *compiler) ruleAllows(p *networkingv1.NetworkPolicy, id uint32, idx int,
 			// port is one of its ports: allow it per pod IP.
 			for _, peer := range c.src.Pods("") {
 				if isPeerPod(peer) {
-					addPod(peer, true)
+					addPod(peer, true, nil)
 				}
 			}
 		}
@@ -388,6 +402,15 @@ func (c *compiler) ruleAllows(p *networkingv1.NetworkPolicy, id uint32, idx int,
 				a.rules = fixed
 				out = append(out, a)
 			}
+			if named {
+				// The block's pods that expose the named port, as the
+				// upstream semantics resolve it against the destination.
+				for _, peer := range c.src.Pods("") {
+					if isPeerPod(peer) {
+						addPod(peer, true, a.holds)
+					}
+				}
+			}
 			continue
 		}
 		if peer.PodSelector == nil && peer.NamespaceSelector == nil {
@@ -400,7 +423,7 @@ func (c *compiler) ruleAllows(p *networkingv1.NetworkPolicy, id uint32, idx int,
 			continue
 		}
 		for _, peerPod := range pods {
-			addPod(peerPod, false)
+			addPod(peerPod, false, nil)
 		}
 	}
 	return out, problems

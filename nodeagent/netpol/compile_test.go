@@ -275,7 +275,7 @@ spec:
 				entry("::/0", rule(dp.TCP, 80, 80, 1, 0), rule(dp.UDP, 53, 53, 1, 0))}, nil),
 		},
 		{
-			name: "named egress ports resolve per destination pod; nothing for ipBlocks",
+			name: "named egress ports resolve per destination pod",
 			policies: []string{`metadata: {name: p1}
 spec:
   podSelector: {}
@@ -292,6 +292,42 @@ spec:
 				entry("10.0.0.20/32", rule(dp.TCP, 81, 81, 1, 0), rule(dp.TCP, 443, 443, 1, 1)),
 				entry("fd00::10/128", rule(dp.TCP, 80, 80, 1, 0)),
 			}),
+		},
+		{
+			// The upstream semantics resolve an egress named port against the
+			// destination: with an ipBlock peer, the pods inside the block
+			// (outside its excepts) that expose the port, each on its own
+			// number; the block itself gets only the numeric ports.
+			name: "named egress port with an ipBlock: the block's pods that expose it, minus except",
+			policies: []string{`metadata: {name: p1}
+spec:
+  podSelector: {}
+  policyTypes: [Egress]
+  egress:
+  - to: [{ipBlock: {cidr: 10.0.0.0/24, except: [10.0.0.11/32]}}]
+    ports: [{port: http}]
+  - to: [{ipBlock: {cidr: 10.0.0.16/28}}]
+    ports: [{port: http}, {port: 9000}]
+  - to: [{ipBlock: {cidr: "fd00::/64"}}]
+    ports: [{port: http, protocol: UDP}]`},
+			want: ep(false, true, 1, nil, []dp.PeerEntry{
+				entry("10.0.0.16/28", rule(dp.TCP, 9000, 9000, 1, 1)),
+				entry("10.0.0.10/32", rule(dp.TCP, 80, 80, 1, 0)),
+				entry("10.0.0.20/32", rule(dp.TCP, 81, 81, 1, 0), rule(dp.TCP, 9000, 9000, 1, 1)),
+			}),
+		},
+		{
+			name: "named ingress port with an ipBlock peer: the local pod's port",
+			policies: []string{`metadata: {name: p1}
+spec:
+  podSelector: {}
+  ingress:
+  - from: [{ipBlock: {cidr: 192.0.2.0/24, except: [192.0.2.128/25]}}]
+    ports: [{port: http}]`},
+			want: ep(true, false, 1, []dp.PeerEntry{
+				entry("192.0.2.0/24", rule(dp.TCP, 80, 80, 1, 0)),
+				entry("192.0.2.128/25"),
+			}, nil),
 		},
 		{
 			name:     "named egress port in a rule without peers: every pod with that port",

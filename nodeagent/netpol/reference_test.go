@@ -120,7 +120,10 @@ func refAllowed(in Inputs, local *corev1.Pod, pr probe) (enforced, allowed bool)
 						}
 					}
 					if ok {
+						// The address, and the pods that hold it: an
+						// egress named port resolves against them.
 						contexts = append(contexts, nil)
+						peerPodsWithIP(func(*corev1.Pod) bool { return true })
 					}
 					continue
 				}

@@ -436,16 +436,28 @@ func eachPeerRule(p *networkingv1.NetworkPolicy, f func(peers []networkingv1.Net
 }
 
 // peersMayName: pod (in a namespace with nsLabels) is a peer of some rule of
-// pol, or could be one through a named egress port on a rule without peers.
+// pol, or could be one through a named egress port: on a rule without peers,
+// or on an ipBlock peer holding one of the pod's IPs.
 func peersMayName(pol *networkingv1.NetworkPolicy, pod *corev1.Pod, nsLabels map[string]labels.Set) bool {
 	return eachPeerRule(pol, func(peers []networkingv1.NetworkPolicyPeer, ports []networkingv1.NetworkPolicyPort, egress bool) bool {
+		named := egress && slices.ContainsFunc(ports, func(p networkingv1.NetworkPolicyPort) bool {
+			return p.Port != nil && p.Port.Type == intstr.String
+		})
 		if len(peers) == 0 {
-			return egress && slices.ContainsFunc(ports, func(p networkingv1.NetworkPolicyPort) bool {
-				return p.Port != nil && p.Port.Type == intstr.String
-			})
+			return named
 		}
 		for _, peer := range peers {
-			if peer.IPBlock != nil || (peer.PodSelector == nil && peer.NamespaceSelector == nil) {
+			if peer.IPBlock != nil {
+				if named {
+					// Conservative: a block that does not parse names
+					// nothing, and the compiler reports it.
+					if a, err := parseIPBlock(peer.IPBlock); err == nil && slices.ContainsFunc(PodIPs(pod), a.holds) {
+						return true
+					}
+				}
+				continue
+			}
+			if peer.PodSelector == nil && peer.NamespaceSelector == nil {
 				continue
 			}
 			if peer.NamespaceSelector == nil {
