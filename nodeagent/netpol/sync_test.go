@@ -477,3 +477,67 @@ func TestSyncHostIPsFollowLocalAddresses(t *testing.T) {
 		t.Fatalf("a failed read changed the host IPs to %v", got)
 	}
 }
+
+// TestSyncIPBlockNamedPortFollowsPods: an egress ipBlock rule with a named
+// port depends on which pods the block holds, so a remote pod moving into or
+// out of the block (or its except) recompiles the local endpoint, and one
+// moving between two addresses the block does not hold does not.
+func TestSyncIPBlockNamedPortFollowsPods(t *testing.T) {
+	httpPort := []corev1.ContainerPort{{Name: "http", ContainerPort: 80}}
+	h := startSyncer(t, nil,
+		mkNamespace("x", nil), mkNamespace("y", nil),
+		mkPod(podSpec{ns: "x", name: "a", node: testNode, ips: []string{"10.0.0.10"}, labels: map[string]string{"app": "a"}}),
+		mkPod(podSpec{ns: "y", name: "r", node: "node-2", ips: []string{"10.0.0.30"}, ports: httpPort}),
+		mustPolicy(t, "metadata: {name: to-block, namespace: x}\nspec: {podSelector: {matchLabels: {app: a}}, policyTypes: [Egress], egress: [{to: [{ipBlock: {cidr: 10.0.0.0/24, except: [10.0.0.31/32]}}], ports: [{port: http}]}]}"),
+	)
+	if got := h.summary(h.settle(1)); !slices.Equal(got, []string{"apply x/a"}) {
+		t.Fatalf("initial sync: %v", got)
+	}
+	egressHas := func(prefix string) bool {
+		h.dp.mu.Lock()
+		defer h.dp.mu.Unlock()
+		for _, ep := range h.dp.state {
+			for _, e := range ep.Egress {
+				if e.Prefix.String() == prefix {
+					return true
+				}
+			}
+		}
+		return false
+	}
+	if !egressHas("10.0.0.30/32") {
+		t.Fatal("the block's pod exposing http is not allowed")
+	}
+	ctx := context.Background()
+	moveTo := func(ip string) {
+		t.Helper()
+		p, err := h.client.CoreV1().Pods("y").Get(ctx, "r", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		p.Status.PodIP, p.Status.PodIPs = ip, []corev1.PodIP{{IP: ip}}
+		if _, err := h.client.CoreV1().Pods("y").UpdateStatus(ctx, p, metav1.UpdateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, st := range []struct {
+		ip      string
+		want    []string
+		allowed string // the /32 that must be allowed after, "" for none
+	}{
+		{"10.0.0.31", []string{"apply x/a"}, ""},             // into the except
+		{"10.0.1.5", nil, ""},                                // except -> outside: neither held
+		{"10.0.0.32", []string{"apply x/a"}, "10.0.0.32/32"}, // back into the block
+	} {
+		moveTo(st.ip)
+		if got := h.summary(h.settle(len(st.want))); !slices.Equal(got, st.want) {
+			t.Errorf("remote pod to %s: datapath calls %v, want %v", st.ip, got, st.want)
+		}
+		if st.allowed != "" && !egressHas(st.allowed) {
+			t.Errorf("remote pod at %s: %s not allowed", st.ip, st.allowed)
+		}
+		if egressHas("10.0.0.31/32") || egressHas("10.0.1.5/32") {
+			t.Errorf("remote pod at %s: an address outside the block (or in its except) is allowed", st.ip)
+		}
+	}
+}
