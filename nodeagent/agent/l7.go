@@ -27,7 +27,8 @@ func init() {
 		Name: apiv1.FeatureL7,
 		Kernel: func(*Config) []string {
 			return []string{features.BPFSyscall, features.CgroupV2, features.ProgCgroupSockAddr, features.LinkCgroup,
-				features.ProgSockOps, features.ProgSkMsg, features.ProgCgroupSockopt, features.MapSockHash, features.MapLRUHash}
+				features.ProgSockOps, features.ProgSkMsg, features.ProgCgroupSockopt, features.MapSockHash, features.MapLRUHash,
+				features.MapRingBuf, features.HelperSockHashUpdate, features.HelperMsgRedirectHash}
 		},
 		NeedsAPI: true, // L7Policies, pods, the node
 		New:      func(a *Agent, _ prometheus.Registerer) Feature { return newL7Feature(a) },

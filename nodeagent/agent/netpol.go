@@ -31,7 +31,8 @@ func init() {
 	register(Registration{
 		Name: apiv1.FeaturePolicy,
 		Kernel: func(cfg *Config) []string {
-			need := []string{features.BPFSyscall, features.ProgSchedCLS, features.MapLPMTrie, features.MapLRUHash}
+			need := []string{features.BPFSyscall, features.ProgSchedCLS, features.MapLPMTrie, features.MapLRUHash,
+				features.MapRingBuf, features.HelperSkbAncestorCgroupID}
 			if cfg.PolicyAttach == dp.AttachTCX {
 				need = append(need, features.LinkTCX) // auto falls back to clsact
 			}

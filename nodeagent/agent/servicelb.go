@@ -26,7 +26,11 @@ func init() {
 	register(Registration{
 		Name: apiv1.FeatureServiceLB,
 		Kernel: func(*Config) []string {
-			return []string{features.BPFSyscall, features.CgroupV2, features.ProgCgroupSockAddr, features.LinkCgroup}
+			// kfunc-sock-destroy is not required: without it the LB works
+			// and only UDP sockets of a removed backend stay open (the
+			// feature list shows it unavailable, with the reason).
+			return []string{features.BPFSyscall, features.CgroupV2, features.ProgCgroupSockAddr, features.LinkCgroup,
+				features.HelperSetRetval, features.MapRingBuf}
 		},
 		NeedsAPI: true, // Services and EndpointSlices
 		New: func(a *Agent, reg prometheus.Registerer) Feature {

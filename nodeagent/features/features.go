@@ -41,6 +41,13 @@ const (
 	MapPerCPUArray     = "map-percpu-array"
 	LinkTCX            = "link-tcx"
 	LinkCgroup         = "link-cgroup"
+	// Helpers and kfuncs, probed by loading a program that calls them (a
+	// kernel version says nothing about backports or config).
+	HelperSetRetval           = "helper-set-retval"             // service-lb: connect() to a Service without endpoints fails with ECONNREFUSED (5.18)
+	HelperSkbAncestorCgroupID = "helper-skb-ancestor-cgroup-id" // policy: tells Envoy's connections (l7) apart
+	HelperSockHashUpdate      = "helper-sock-hash-update"       // l7: sockets enter the sockhash
+	HelperMsgRedirectHash     = "helper-msg-redirect-hash"      // l7: payload short-circuited between sockets
+	KfuncSockDestroy          = "kfunc-sock-destroy"            // service-lb: UDP sockets of a removed backend are closed (6.5)
 )
 
 // Required are the features without which the agent cannot run its
@@ -73,6 +80,11 @@ func Probe(cgroupRoot string) []apiv1.KernelFeature {
 		{MapPerCPUArray, mapType(ebpf.PerCPUArray)},
 		{LinkTCX, probeTCX},
 		{LinkCgroup, probeCgroupLink},
+		{HelperSetRetval, helper(ebpf.CGroupSockAddr, asm.FnSetRetval)},
+		{HelperSkbAncestorCgroupID, helper(ebpf.SchedCLS, asm.FnSkbAncestorCgroupId)},
+		{HelperSockHashUpdate, helper(ebpf.SockOps, asm.FnSockHashUpdate)},
+		{HelperMsgRedirectHash, helper(ebpf.SkMsg, asm.FnMsgRedirectHash)},
+		{KfuncSockDestroy, func() error { return kfunc("bpf_sock_destroy") }},
 	}
 	out := make([]apiv1.KernelFeature, 0, len(probes))
 	for _, p := range probes {
@@ -121,6 +133,25 @@ func detail(err error) string {
 
 func progType(pt ebpf.ProgramType) func() error {
 	return func() error { return ebpffeatures.HaveProgramType(pt) }
+}
+
+// helper probes whether programs of type pt may call fn.
+func helper(pt ebpf.ProgramType, fn asm.BuiltinFunc) func() error {
+	return func() error { return ebpffeatures.HaveProgramHelper(pt, fn) }
+}
+
+// kfunc probes whether the kernel exports the kfunc name in its BTF (the
+// loader resolves kfuncs by BTF name; a missing one fails the load).
+func kfunc(name string) error {
+	spec, err := btf.LoadKernelSpec()
+	if err != nil {
+		return fmt.Errorf("kernel BTF: %w", err)
+	}
+	var fn *btf.Func
+	if err := spec.TypeByName(name, &fn); err != nil {
+		return fmt.Errorf("kfunc %s: %w", name, ebpf.ErrNotSupported)
+	}
+	return nil
 }
 
 func mapType(mt ebpf.MapType) func() error {

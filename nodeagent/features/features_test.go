@@ -23,6 +23,7 @@ func TestProbeAllPresent(t *testing.T) {
 		ProgCgroupSockAddr, ProgCgroupSock, ProgSchedCLS, ProgSockOps, ProgSkMsg, ProgCgroupSockopt,
 		MapSockHash, MapLPMTrie, MapLRUHash, MapRingBuf, MapPerCPUArray,
 		LinkTCX, LinkCgroup,
+		HelperSetRetval, HelperSkbAncestorCgroupID, HelperSockHashUpdate, HelperMsgRedirectHash, KfuncSockDestroy,
 	}
 	if len(got) != len(want) {
 		t.Fatalf("Probe returned %d features, want %d: %+v", len(got), len(want), got)
@@ -41,6 +42,15 @@ func TestProbeAllPresent(t *testing.T) {
 	}
 	if msgs := MissingRequired(got); len(msgs) != 0 {
 		t.Errorf("MissingRequired = %q, want none", msgs)
+	}
+}
+
+// TestKfuncAbsent: a kfunc the kernel does not export is reported as not
+// supported, not as a crash or a pass.
+func TestKfuncAbsent(t *testing.T) {
+	bpftest.RequireRoot(t)
+	if err := kfunc("bpf_kebpf_no_such_kfunc"); err == nil || !strings.Contains(detail(err), "not supported") {
+		t.Errorf("kfunc probe of a missing kfunc: %v", err)
 	}
 }
 

@@ -92,8 +92,13 @@ func (c *Clients) RequirePermissions(ctx context.Context, perms []Permission) er
 	return nil
 }
 
-// MinKernel is the oldest kernel the agent supports: bpf_link for cgroup
+// MinKernel is the oldest kernel the agent starts on: bpf_link for cgroup
 // programs, BTF and the ring buffer are all there from 5.10 (an LTS release).
+// It is only a coarse gate: each agent probes what every feature needs,
+// helpers and kfuncs included (nodeagent/features), and a feature whose
+// kernel lacks one reports it by name in `kubectl ebpf status` (service-lb
+// needs bpf_set_retval, 5.18; closing UDP sockets needs bpf_sock_destroy,
+// 6.5, without which only that part is off).
 var MinKernel = [2]int{5, 10}
 
 // CheckKernels refuses nodes whose kernel is older than MinKernel or unparsable.
