@@ -299,3 +299,18 @@ func TestIntegrationServiceLBSwitch(t *testing.T) {
 	setConfigMap(t, kube, "features:\n  sockstats: false\n  service-lb: true\n")
 	waitFor(t, "service-lb attached again", func() bool { return slices.Equal(active(a), []string{"service-lb"}) && attached() })
 }
+
+// TestDestroyNetnsIncludesTheNode: UDP sockets of the node's own network
+// namespace (hostNetwork pods, node processes) are swept too, not only the
+// pods' namespaces under NetnsDir.
+func TestDestroyNetnsIncludesTheNode(t *testing.T) {
+	got := podNetns()
+	if len(got) == 0 || got[0] != "" {
+		t.Fatalf("podNetns() = %q, want the agent's own namespace (\"\") first", got)
+	}
+	for _, p := range got[1:] {
+		if !strings.HasPrefix(p, NetnsDir+"/") {
+			t.Errorf("podNetns() lists %q, outside %s", p, NetnsDir)
+		}
+	}
+}

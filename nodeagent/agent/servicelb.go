@@ -154,15 +154,16 @@ func (p *tracedRun) Errors() []string {
 // the host's copy here.
 const NetnsDir = netnsutil.Dir
 
-// podNetns lists the pod network namespaces, so a connected UDP socket in a
-// pod whose backend was removed is destroyed too: socket iterators only walk
-// the namespace they are opened in.
+// podNetns lists the network namespaces whose connected UDP sockets to a
+// removed backend are destroyed: the node's own ("", the agent runs in it:
+// hostNetwork pods and the node's processes) and every pod's, as socket
+// iterators only walk the namespace they are opened in.
 func podNetns() []string {
+	out := []string{""}
 	ents, err := os.ReadDir(NetnsDir)
 	if err != nil {
-		return nil
+		return out
 	}
-	var out []string
 	for _, e := range ents {
 		out = append(out, filepath.Join(NetnsDir, e.Name()))
 	}
