@@ -178,15 +178,17 @@ func (s *Syncer) finishAdmits(compileFailed map[types.NamespacedName]bool) {
 		var waiting []*admitWait
 		for _, w := range ws {
 			switch {
-			case ok && a.uid == w.uid && containsAll(a.ep.IPs, w.ips):
-				w.done <- admitOutcome{res: AdmitResult{Endpoint: a.ep.ID, Ingress: a.ep.IngressEnforced, Egress: a.ep.EgressEnforced}}
 			case compileFailed[k]:
+				// Programmed fail closed at most: a pod whose policies do
+				// not fit does not start as if they did.
 				var names []string
 				for n := range s.problems[k] {
 					names = append(names, n)
 				}
 				slices.Sort(names)
 				w.done <- admitOutcome{err: admitErr("cannot-program", fmt.Errorf("policy for pod %s cannot be programmed: %s", k, strings.Join(names, "; ")))}
+			case ok && a.uid == w.uid && containsAll(a.ep.IPs, w.ips):
+				w.done <- admitOutcome{res: AdmitResult{Endpoint: a.ep.ID, Ingress: a.ep.IngressEnforced, Egress: a.ep.EgressEnforced}}
 			default:
 				waiting = append(waiting, w) // not yet: interface retry or a later sync
 			}

@@ -77,8 +77,8 @@ type Inputs struct {
 }
 
 // Compile returns the policy of every local pod, keyed by endpoint ID. A pod
-// with a ReasonTooManyRules problem is left out of the map, so the caller
-// keeps what it programmed before for it.
+// with a ReasonTooManyRules problem gets its fail-closed policy (the
+// direction that did not fit denies everything).
 func Compile(in Inputs) (map[uint32]dp.EndpointPolicy, []Problem) {
 	ids := in.IDs
 	if ids == nil {
@@ -100,11 +100,8 @@ func Compile(in Inputs) (map[uint32]dp.EndpointPolicy, []Problem) {
 		if !IsLocalEndpoint(pod, in.NodeName) {
 			continue
 		}
-		ep, probs, ok := c.Endpoint(pod)
+		ep, probs, _ := c.Endpoint(pod)
 		problems = append(problems, probs...)
-		if !ok {
-			continue
-		}
 		if in.IfIndex != nil {
 			ep.IfIndex = in.IfIndex(pod)
 		}
@@ -261,7 +258,8 @@ var (
 )
 
 // Endpoint compiles the policy of one local pod. ok is false when the
-// result does not fit the datapath (a ReasonTooManyRules problem says why).
+// policies do not fit the datapath (a ReasonTooManyRules problem says why);
+// ep then denies every packet of each direction that did not fit.
 func (c *compiler) Endpoint(pod *corev1.Pod) (ep dp.EndpointPolicy, problems []Problem, ok bool) {
 	ep = dp.EndpointPolicy{ID: c.ids.Endpoint(pod.UID), IPs: PodIPs(pod)}
 	type selected struct {
@@ -316,9 +314,15 @@ func (c *compiler) Endpoint(pod *corev1.Pod) (ep dp.EndpointPolicy, problems []P
 		}
 		entries, full := buildEntries(d.allows)
 		if full.IsValid() {
+			// Fail closed: a policy that cannot be programmed must not
+			// leave the pod more open than asked (keeping the previous,
+			// looser policy would), so the direction denies everything
+			// until the policies fit.
 			problems = append(problems, Problem{Namespace: pod.Namespace, Pod: pod.Name, Reason: ReasonTooManyRules,
-				Message: fmt.Sprintf("%s peer %s needs more than %d port rules", d.name, full, dp.MaxRulesPerPrefix)})
+				Message: fmt.Sprintf("%s peer %s needs more than %d port rules: all %s traffic of the pod is denied until its policies fit (fail closed)",
+					d.name, full, dp.MaxRulesPerPrefix, d.name)})
 			ok = false
+			entries = nil
 		}
 		*d.out = entries
 	}

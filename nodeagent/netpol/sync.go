@@ -622,8 +622,9 @@ func (s *Syncer) sync(full bool) (err error) {
 		ep, problems, ok := c.Endpoint(pod)
 		s.setPodProblems(k, problems)
 		if !ok {
+			// ep is the fail-closed policy (the problem says why): it is
+			// programmed, but the pod is not admitted as if all were well.
 			compileFailed[k] = true
-			continue // keep what is programmed; the problem says why
 		}
 		idx, err := s.ifIndex(k, pod, ep.IPs)
 		if err != nil || idx == 0 {
@@ -642,14 +643,26 @@ func (s *Syncer) sync(full bool) (err error) {
 		// matters more than naming).
 		s.ids.Save()
 		if err := s.opts.Datapath.ApplyEndpoint(ep); err != nil {
-			if errors.Is(err, dp.ErrFull) {
-				s.setPodProblems(k, append(problems, Problem{Namespace: k.Namespace, Pod: k.Name,
-					Reason: ReasonTooManyRules, Message: err.Error()}))
-				compileFailed[k] = true
+			if !errors.Is(err, dp.ErrFull) {
+				errs = append(errs, fmt.Errorf("apply endpoint %s: %w", k, err))
 				continue
 			}
-			errs = append(errs, fmt.Errorf("apply endpoint %s: %w", k, err))
-			continue
+			// The maps are full: fail closed with the smallest policy
+			// there is, every enforced direction denying everything
+			// (no entries), rather than keep a looser one.
+			closed := ep
+			closed.Ingress, closed.Egress = nil, nil
+			msg := err.Error() + ": every enforced direction of the pod denies all traffic until the maps have room (fail closed)"
+			s.setPodProblems(k, append(problems, Problem{Namespace: k.Namespace, Pod: k.Name, Reason: ReasonTooManyRules, Message: msg}))
+			compileFailed[k] = true
+			if had && reflect.DeepEqual(prev.ep, closed) {
+				continue
+			}
+			if err := s.opts.Datapath.ApplyEndpoint(closed); err != nil {
+				errs = append(errs, fmt.Errorf("apply endpoint %s (fail closed): %w", k, err))
+				continue
+			}
+			ep = closed
 		}
 		res.Applied++
 		s.applied[k] = applied{uid: pod.UID, ep: ep}

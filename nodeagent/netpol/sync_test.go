@@ -9,6 +9,7 @@ import (
 	"reflect"
 	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -357,7 +358,10 @@ func TestSyncRetriesAfterDatapathError(t *testing.T) {
 	}
 }
 
-func TestSyncTooManyRulesKeepsPrevious(t *testing.T) {
+// TestSyncTooManyRulesFailsClosed: a tightening policy that does not fit
+// the datapath must not leave the looser one in force: the direction denies
+// everything (and Errors says why) until it fits again.
+func TestSyncTooManyRulesFailsClosed(t *testing.T) {
 	h := startSyncer(t, nil, mkNamespace("x", nil),
 		mkPod(podSpec{ns: "x", name: "a", node: testNode, ips: []string{"10.0.0.10"}}))
 	h.settle(1)
@@ -374,23 +378,27 @@ func TestSyncTooManyRulesKeepsPrevious(t *testing.T) {
 		mustPolicy(t, "metadata: {name: many}\nspec: {podSelector: {}, ingress: [{ports: ["+portList(1000, 2, 17)+"]}]}"), metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	if calls := h.settle(0); len(calls) != 0 {
-		t.Fatalf("an endpoint that does not fit was written: %v", h.summary(calls))
+	calls := h.settle(1)
+	if len(calls) != 1 || calls[0].op != "apply" {
+		t.Fatalf("the fail-closed endpoint was not written: %v", h.summary(calls))
+	}
+	if ep := calls[0].ep; !ep.IngressEnforced || len(ep.Ingress) != 0 {
+		t.Fatalf("endpoint after a policy that does not fit: %+v, want ingress enforced with no allow (deny all)", ep)
 	}
 	errs := h.s.Errors()
-	if len(errs) != 1 {
-		t.Fatalf("errors %v", errs)
-	}
-	h.dp.mu.Lock()
-	got := h.dp.state[before[0].id]
-	h.dp.mu.Unlock()
-	if !reflect.DeepEqual(got, before[0].ep) {
-		t.Fatalf("previous policy not kept: %+v", got)
+	if len(errs) != 1 || !strings.Contains(errs[0], "fail closed") {
+		t.Fatalf("errors %v, want one saying it failed closed", errs)
 	}
 	if err := h.client.NetworkingV1().NetworkPolicies("x").Delete(ctx, "many", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	h.settle(0)
+	h.settle(1)
+	h.dp.mu.Lock()
+	got := h.dp.state[before[0].id]
+	h.dp.mu.Unlock()
+	if !reflect.DeepEqual(got, before[0].ep) {
+		t.Fatalf("policy once it fits again: %+v, want %+v", got, before[0].ep)
+	}
 	if errs := h.s.Errors(); len(errs) != 0 {
 		t.Fatalf("problem not cleared: %v", errs)
 	}
