@@ -225,6 +225,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		defer cancel()
 		srv.Shutdown(shutdownCtx)
 		a.closeFeatures()
+		a.unchainIfRemoved()
 		a.log.Info("stopped; datapath left attached via pins", "pinDir", a.cfg.PinDir)
 	}()
 

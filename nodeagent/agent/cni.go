@@ -11,9 +11,13 @@ import (
 	"slices"
 	"time"
 
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 
 	apiv1 "github.com/kubectl-ebpf/kubectl-ebpf/api/v1alpha1"
+	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/cni"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/netpol"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/trace"
@@ -163,6 +167,56 @@ func (a *Agent) keepChained(ctx context.Context, marker string) (stop func()) {
 	return func() {
 		cancel()
 		<-done
+	}
+}
+
+// removal is why the agent is stopping, as far as the API server tells:
+// "" for a restart (or when it cannot tell), else what is being removed.
+func (a *Agent) removal(ctx context.Context) string {
+	if a.cfg.Kube == nil {
+		return ""
+	}
+	// The namespace first: when it is being deleted the Role that lets us
+	// read the DaemonSet may already be gone; namespaces are readable
+	// through the ClusterRole.
+	ns, err := a.cfg.Kube.CoreV1().Namespaces().Get(ctx, a.cfg.ConfigNamespace, metav1.GetOptions{})
+	switch {
+	case apierrors.IsNotFound(err):
+		return "namespace " + a.cfg.ConfigNamespace + " deleted"
+	case err == nil && ns.DeletionTimestamp != nil:
+		return "namespace " + a.cfg.ConfigNamespace + " being deleted"
+	case err != nil:
+		a.log.Warn("cni: cannot tell a restart from a removal; kebpf-cni stays chained", "err", err)
+		return ""
+	}
+	ds, err := a.cfg.Kube.AppsV1().DaemonSets(a.cfg.ConfigNamespace).Get(ctx, manifests.DaemonSetName, metav1.GetOptions{})
+	switch {
+	case apierrors.IsNotFound(err):
+		return "DaemonSet " + manifests.DaemonSetName + " deleted"
+	case err == nil && ds.DeletionTimestamp != nil:
+		return "DaemonSet " + manifests.DaemonSetName + " being deleted"
+	case err != nil:
+		a.log.Warn("cni: cannot tell a restart from a removal; kebpf-cni stays chained", "err", err)
+	}
+	return ""
+}
+
+// unchainIfRemoved takes kebpf-cni out when the agent stops because it is
+// being removed (its DaemonSet or namespace deleted without `kubectl ebpf
+// uninstall`): no agent will come back to answer the plugin, which would
+// otherwise refuse every new pod of the node (fail closed) for good. On a
+// restart or upgrade it stays chained, so no pod starts unprotected while
+// the next agent comes up.
+func (a *Agent) unchainIfRemoved() {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	why := a.removal(ctx)
+	if why == "" {
+		return
+	}
+	a.log.Info("cni: the agent is being removed, not restarted: unchaining kebpf-cni so the node keeps starting pods", "why", why)
+	if err := a.unchain(); err != nil {
+		a.log.Error("cni: unchain on removal", "err", err)
 	}
 }
 
