@@ -112,6 +112,15 @@ func (o *Options) Run(ctx context.Context) error {
 		fmt.Fprintln(o.Out, "nothing to uninstall")
 		return nil
 	}
+	if ns != nil && ns.DeletionTimestamp != nil {
+		// Deleted without uninstall (kubectl delete ns): let it go, then
+		// clean the nodes from a namespace of our own below.
+		fmt.Fprintf(o.Out, "namespace %s is being deleted; waiting for it to go\n", manifests.Namespace)
+		if err := o.waitNamespaceGone(ctx); err != nil {
+			return err
+		}
+		ns = nil
+	}
 
 	image := manifests.DefaultImage()
 	// Without the DaemonSet (an interrupted uninstall) the CNI dirs it
@@ -153,6 +162,17 @@ func (o *Options) Run(ctx context.Context) error {
 			}
 		}
 	}
+	if ns == nil && !o.SkipCleanup {
+		// The namespace went without uninstall, but the nodes may still hold
+		// the pinned datapath (it outlives the agents by design): recreate
+		// the namespace for the cleanup pods; deleteManaged removes it.
+		if err := o.recreateNamespace(ctx); err != nil {
+			return err
+		}
+		if err := o.cleanupWithFallback(ctx, image); err != nil {
+			return err
+		}
+	}
 	// The Envoy DaemonSet (l7) goes here, with the other labelled objects:
 	// after the cleanup, since the steering the agents left pinned sends
 	// selected connections to it until the cleanup detaches it.
@@ -165,6 +185,43 @@ func (o *Options) Run(ctx context.Context) error {
 		}
 	}
 	fmt.Fprintln(o.Out, "kubectl-ebpf uninstalled")
+	return nil
+}
+
+// waitNamespaceGone waits until our namespace no longer exists.
+func (o *Options) waitNamespaceGone(ctx context.Context) error {
+	err := wait.PollUntilContextCancel(ctx, o.PollInterval, true, func(ctx context.Context) (bool, error) {
+		_, err := o.Clients.Kube.CoreV1().Namespaces().Get(ctx, manifests.Namespace, metav1.GetOptions{})
+		if apierrors.IsNotFound(err) {
+			return true, nil
+		}
+		return false, err
+	})
+	if err != nil {
+		return fmt.Errorf("wait for namespace %s to be deleted: %w", manifests.Namespace, err)
+	}
+	return nil
+}
+
+// recreateNamespace creates our namespace (labelled, so deleteManaged takes
+// it away again) and waits for its default ServiceAccount, without which no
+// pod can be created in it.
+func (o *Options) recreateNamespace(ctx context.Context) error {
+	n := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: manifests.Namespace, Labels: manifests.CommonLabels()}}
+	if _, err := o.Clients.Kube.CoreV1().Namespaces().Create(ctx, n, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		return fmt.Errorf("recreate namespace %s for the node cleanup: %w", manifests.Namespace, err)
+	}
+	fmt.Fprintf(o.Out, "namespace/%s recreated for the node cleanup\n", manifests.Namespace)
+	err := wait.PollUntilContextCancel(ctx, o.PollInterval, true, func(ctx context.Context) (bool, error) {
+		_, err := o.Clients.Kube.CoreV1().ServiceAccounts(manifests.Namespace).Get(ctx, "default", metav1.GetOptions{})
+		if apierrors.IsNotFound(err) {
+			return false, nil
+		}
+		return err == nil, err
+	})
+	if err != nil {
+		return fmt.Errorf("wait for the default ServiceAccount of %s: %w", manifests.Namespace, err)
+	}
 	return nil
 }
 
