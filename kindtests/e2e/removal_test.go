@@ -28,6 +28,20 @@ func TestIntegrationNamespaceDeleted(t *testing.T) {
 
 	start := time.Now()
 	mustKubectl(t, time.Minute, "delete", "namespace", manifests.Namespace, "--wait=false")
+	// The agents' own doing: kebpf-cni leaves every node as they exit.
+	waitCNIChained(t, false, time.Minute)
+	// New pods only once no agent is left to admit them: then a plugin
+	// still chained would refuse every sandbox (fail closed, for good).
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(500 * time.Millisecond) {
+		r := kubectl(t, time.Minute, "-n", manifests.Namespace, "get", "pods", "-l", manifests.AgentSelector, "-o", "name")
+		if strings.TrimSpace(r.stdout) == "" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("agent pods still there a minute after the namespace delete: %s", r.stdout)
+		}
+	}
+	t.Logf("kebpf-cni unchained and agents gone %s after the namespace delete", time.Since(start).Round(100*time.Millisecond))
 	var w strings.Builder
 	for i, node := range env.Cluster.Nodes {
 		w.WriteString(serverPod{name: fmt.Sprintf("after-%d", i), ns: removalNamespace, node: node,
@@ -39,8 +53,7 @@ func TestIntegrationNamespaceDeleted(t *testing.T) {
 		desc := kubectl(t, time.Minute, "-n", removalNamespace, "describe", "pods")
 		t.Fatalf("after deleting %s, new pods did not start within a minute on every node:\n%s\n%s", manifests.Namespace, r.stderr, desc.stdout)
 	}
-	t.Logf("pods on every node Ready %s after the namespace delete", time.Since(start).Round(100*time.Millisecond))
-	waitCNIChained(t, false, time.Minute)
+	t.Logf("new pods on every node Ready %s after the namespace delete", time.Since(start).Round(100*time.Millisecond))
 
 	out := mustKubectl(t, 6*time.Minute, "ebpf", "uninstall", "--wait")
 	if !strings.Contains(out, "recreated for the node cleanup") {
