@@ -11,7 +11,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/kubectl-ebpf/kubectl-ebpf/kindtests/cluster"
 	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
 	"github.com/kubectl-ebpf/kubectl-ebpf/plugin/pkg/cmd/uninstall"
 )
@@ -92,14 +91,7 @@ func TestIntegrationAgentScopedToNode(t *testing.T) {
 	if len(env.Cluster.Nodes) < 2 {
 		t.Fatalf("needs two nodes; cluster %s has %v (make e2e brings up two)", env.Name, env.Cluster.Nodes)
 	}
-	p, err := env.ProviderOf()
-	if err != nil {
-		t.Fatal(err)
-	}
-	kp, ok := p.(cluster.KubeProxySwitch)
-	if !ok {
-		t.Fatalf("provider %s cannot switch kube-proxy off and on", p.Name())
-	}
+	kp := kubeProxySwitch(t)
 	a, b := nodeAt(0), nodeAt(1)
 	t.Cleanup(func() {
 		kubectl(t, 2*time.Minute, "delete", "namespace", scopeNamespace, "--wait=true", "--ignore-not-found")

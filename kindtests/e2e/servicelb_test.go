@@ -311,11 +311,10 @@ func lbStats(t *testing.T, node string) map[string]float64 {
 	return m
 }
 
-// TestIntegrationServiceLB runs the socket-LB truth table through the
-// installed DaemonSet from real pods and from the node, first without
-// kube-proxy (our datapath alone makes Services work), then beside it.
-func TestIntegrationServiceLB(t *testing.T) {
-	requireEnv(t)
+// kubeProxySwitch is the provider's kube-proxy on/off switch; every
+// provider of the suite has one.
+func kubeProxySwitch(t *testing.T) cluster.KubeProxySwitch {
+	t.Helper()
 	p, err := env.ProviderOf()
 	if err != nil {
 		t.Fatal(err)
@@ -324,6 +323,15 @@ func TestIntegrationServiceLB(t *testing.T) {
 	if !ok {
 		t.Fatalf("provider %s cannot switch kube-proxy off and on", p.Name())
 	}
+	return kp
+}
+
+// TestIntegrationServiceLB runs the socket-LB truth table through the
+// installed DaemonSet from real pods and from the node, first without
+// kube-proxy (our datapath alone makes Services work), then beside it.
+func TestIntegrationServiceLB(t *testing.T) {
+	requireEnv(t)
+	kp := kubeProxySwitch(t)
 	t.Cleanup(func() {
 		kubectl(t, 2*time.Minute, "delete", "namespace", lbNamespace, "--wait=true", "--ignore-not-found")
 		ensureUninstalled(t)

@@ -25,9 +25,10 @@ import (
 	"k8s.io/client-go/kubernetes/fake"
 )
 
-// An agent started with --cni-unchain takes kebpf-cni out of the dirs an
-// earlier install chained it into (chaining switched off or moved).
-func TestAgentUnchainsEarlierInstallsDirs(t *testing.T) {
+// chainedCNIDirs is a CNI conf and bin dir pair with kebpf-cni chained
+// into a bridge conflist, as an agent leaves a node.
+func chainedCNIDirs(t *testing.T) *cni.Installer {
+	t.Helper()
 	root := t.TempDir()
 	in := &cni.Installer{ConfDir: filepath.Join(root, "net.d"), BinDir: filepath.Join(root, "bin"),
 		PluginBinary: filepath.Join(root, "kebpf-cni-src"), Entry: map[string]any{"socket": "/x.sock"}}
@@ -49,6 +50,13 @@ func TestAgentUnchainsEarlierInstallsDirs(t *testing.T) {
 	if ok, err := cni.Chained(in.ConfDir); !ok || err != nil {
 		t.Fatalf("setup: chained %v, %v", ok, err)
 	}
+	return in
+}
+
+// An agent started with --cni-unchain takes kebpf-cni out of the dirs an
+// earlier install chained it into (chaining switched off or moved).
+func TestAgentUnchainsEarlierInstallsDirs(t *testing.T) {
+	in := chainedCNIDirs(t)
 
 	startAgent(t, Config{Features: []Feature{}, CNI: CNIConfig{Unchain: cni.DirsList{{Conf: in.ConfDir, Bin: in.BinDir}}}})
 	deadline := time.Now().Add(10 * time.Second)
@@ -139,23 +147,7 @@ func TestUnchainOnRemovalOnly(t *testing.T) {
 		{"API unreadable: cannot tell, stays chained", []runtime.Object{ns(true)}, true, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			root := t.TempDir()
-			in := &cni.Installer{ConfDir: filepath.Join(root, "net.d"), BinDir: filepath.Join(root, "bin"),
-				PluginBinary: filepath.Join(root, "kebpf-cni-src"), Entry: map[string]any{"socket": "/x.sock"}}
-			for _, d := range []string{in.ConfDir, in.BinDir} {
-				if err := os.MkdirAll(d, 0o755); err != nil {
-					t.Fatal(err)
-				}
-			}
-			if err := os.WriteFile(filepath.Join(in.ConfDir, "10-k.conflist"), []byte(`{"cniVersion":"0.4.0","name":"k","plugins":[{"type":"bridge"}]}`), 0o644); err != nil {
-				t.Fatal(err)
-			}
-			if err := os.WriteFile(in.PluginBinary, []byte("#!/bin/true\n"), 0o755); err != nil {
-				t.Fatal(err)
-			}
-			if _, err := in.Ensure(); err != nil {
-				t.Fatal(err)
-			}
+			in := chainedCNIDirs(t)
 			client := fake.NewClientset(tc.objs...)
 			if tc.apiDown {
 				client.PrependReactor("get", "*", func(k8stesting.Action) (bool, runtime.Object, error) {
