@@ -96,6 +96,15 @@ func TestDaemonSetSecurity(t *testing.T) {
 	if sc["privileged"] != false {
 		t.Errorf("agent container privileged = %v", sc["privileged"])
 	}
+	if sc["allowPrivilegeEscalation"] != false || sc["readOnlyRootFilesystem"] != true {
+		t.Errorf("agent container: allowPrivilegeEscalation %v, readOnlyRootFilesystem %v", sc["allowPrivilegeEscalation"], sc["readOnlyRootFilesystem"])
+	}
+	if sp, _ := sc["seccompProfile"].(map[string]any); sp["type"] != "RuntimeDefault" {
+		t.Errorf("agent container seccompProfile = %v, want RuntimeDefault", sc["seccompProfile"])
+	}
+	if drop, _ := sc["capabilities"].(map[string]any)["drop"].([]any); len(drop) != 1 || drop[0] != "ALL" {
+		t.Errorf("agent container drops %v, want [ALL]", drop)
+	}
 	caps := sc["capabilities"].(map[string]any)["add"].([]any)
 	want := map[string]bool{"BPF": true, "PERFMON": true, "NET_ADMIN": true, "SYS_ADMIN": true}
 	if len(caps) != len(want) {
