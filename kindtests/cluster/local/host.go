@@ -40,9 +40,6 @@ type sysctl struct {
 // hostRecord is what the host looked like before Create touched it.
 type hostRecord struct {
 	Sysctls []sysctl `json:"sysctls"`
-	// Netns are the /run/netns/cni-* namespaces that existed before, which
-	// teardown leaves alone.
-	Netns []string `json:"netns"`
 	// Absent are host paths the kubelet, CNI or ip create at fixed places
 	// that did not exist before; teardown removes them.
 	Absent []string `json:"absent"`
@@ -101,7 +98,6 @@ func (s *state) recordHost() error {
 			rec.Sysctls = append(rec.Sysctls, sysctl{k, v})
 		}
 	}
-	rec.Netns = cniNetns()
 	if err := rec.recordMounts(); err != nil {
 		return err
 	}
@@ -115,17 +111,6 @@ func (s *state) recordHost() error {
 		return fmt.Errorf("record host state: %w", err)
 	}
 	return nil
-}
-
-func cniNetns() []string {
-	var out []string
-	ents, _ := os.ReadDir("/run/netns")
-	for _, e := range ents {
-		if strings.HasPrefix(e.Name(), "cni-") {
-			out = append(out, e.Name())
-		}
-	}
-	return out
 }
 
 func run(ctx context.Context, name string, args ...string) (string, error) {
@@ -233,19 +218,4 @@ func (s *state) readRecord() (hostRecord, bool) {
 		return rec, false
 	}
 	return rec, json.Unmarshal(b, &rec) == nil
-}
-
-func (s *state) recordedNetns() map[string]bool {
-	m := map[string]bool{}
-	b, err := os.ReadFile(s.recordFile())
-	if err != nil {
-		return m
-	}
-	var rec hostRecord
-	if json.Unmarshal(b, &rec) == nil {
-		for _, n := range rec.Netns {
-			m[n] = true
-		}
-	}
-	return m
 }
