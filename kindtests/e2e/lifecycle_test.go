@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -322,18 +323,96 @@ func TestIntegrationLifecycle(t *testing.T) {
 	}
 }
 
-// TestIntegrationInstallTimeout: an install whose agents can never become
-// ready (an image that exists nowhere) ends at --timeout with one clear line
-// naming the node and the reason, and a non-zero exit.
-func TestIntegrationInstallTimeout(t *testing.T) {
+// badImage exists in no registry and on no node.
+const badImage = "localhost/kubectl-ebpf/agent:does-not-exist"
+
+// TestIntegrationInstallBadImage: `install --image` with an image that
+// exists nowhere never leaves a node unable to start pods. On a first
+// install and on an upgrade the image check stops it before anything
+// changes (naming every node and the pull error); the installed agents
+// keep running and both nodes keep starting pods. With
+// --skip-image-check the rollout happens and --wait ends at --timeout with
+// one clear line.
+func TestIntegrationInstallBadImage(t *testing.T) {
 	requireEnv(t)
-	t.Cleanup(func() { ensureUninstalled(t) })
-	r := kubectl(t, 3*time.Minute, "ebpf", "install", "--envoy-image", env.Product.EnvoyRef, "--wait", "--timeout", "40s", "--image", "localhost/kubectl-ebpf/agent:does-not-exist")
-	if r.code == 0 {
-		t.Fatal("install with an image that exists nowhere succeeded")
+	t.Cleanup(func() {
+		kubectl(t, 2*time.Minute, "delete", "namespace", badImageNamespace, "--wait=true", "--ignore-not-found")
+		ensureUninstalled(t)
+	})
+	ensureUninstalled(t)
+	badInstall := func(what string, args ...string) string {
+		t.Helper()
+		start := time.Now()
+		r := kubectl(t, 3*time.Minute, append([]string{"ebpf", "install", "--envoy-image", env.Product.EnvoyRef, "--image", badImage}, args...)...)
+		if r.code == 0 {
+			t.Fatalf("%s: install with an image that exists nowhere succeeded:\n%s", what, r.stdout)
+		}
+		msg := strings.TrimSpace(r.stderr)
+		t.Logf("%s: refused in %s: %s", what, time.Since(start).Round(100*time.Millisecond), msg)
+		return msg
 	}
-	msg := strings.TrimSpace(r.stderr)
+	// First install: nothing applied, not even the namespace the check ran in.
+	msg := badInstall("first install")
+	if !strings.HasPrefix(msg, "error: image check failed, nothing was changed") || !strings.Contains(msg, "Image") {
+		t.Errorf("want 'error: image check failed, nothing was changed...' with the pull error, got:\n%s", msg)
+	}
+	for _, node := range env.Cluster.Nodes {
+		if !strings.Contains(msg, "node "+node+":") {
+			t.Errorf("the error does not name node %s", node)
+		}
+	}
+	if r := kubectl(t, time.Minute, "get", "namespace", manifests.Namespace); r.code == 0 {
+		t.Errorf("namespace %s left after the failed first install", manifests.Namespace)
+	}
+	podsStartOnEveryNode(t, "fresh")
+
+	// Upgrade: the installed agents stay, untouched, and keep admitting pods.
+	mustKubectl(t, 6*time.Minute, "ebpf", "install", "--envoy-image", env.Product.EnvoyRef, "--wait", "--timeout", "5m")
+	before := mustKubectl(t, time.Minute, "-n", manifests.Namespace, "get", "pods", "-l", manifests.AgentSelector,
+		"-o", "jsonpath={range .items[*]}{.metadata.name} {.status.containerStatuses[0].restartCount}{'\\n'}{end}")
+	waitCNIChained(t, true, time.Minute)
+	msg = badInstall("upgrade")
+	if !strings.Contains(msg, "image check failed, nothing was changed") {
+		t.Errorf("upgrade to a bad image: want the image check's refusal, got:\n%s", msg)
+	}
+	image := mustKubectl(t, time.Minute, "-n", manifests.Namespace, "get", "daemonset", manifests.DaemonSetName,
+		"-o", "jsonpath={.spec.template.spec.containers[0].image}")
+	if image != env.Product.AgentRef {
+		t.Errorf("DaemonSet image after the refused upgrade: %s, want %s", image, env.Product.AgentRef)
+	}
+	after := mustKubectl(t, time.Minute, "-n", manifests.Namespace, "get", "pods", "-l", manifests.AgentSelector,
+		"-o", "jsonpath={range .items[*]}{.metadata.name} {.status.containerStatuses[0].restartCount}{'\\n'}{end}")
+	if before != after {
+		t.Errorf("agent pods changed across the refused upgrade:\nbefore %s\nafter  %s", before, after)
+	}
+	podsStartOnEveryNode(t, "upgrade")
+	ensureUninstalled(t)
+
+	// --skip-image-check on a first install: nothing is chained before an
+	// agent runs, so nodes keep starting pods; --wait says why it timed out.
+	msg = badInstall("skip-image-check", "--skip-image-check", "--wait", "--timeout", "40s")
 	if !strings.HasPrefix(msg, "error: ") || !strings.Contains(msg, env.Cluster.Nodes[0]) || !strings.Contains(msg, "Image") {
 		t.Errorf("want one 'error: ...' line naming node %s and the image problem, got:\n%s", env.Cluster.Nodes[0], msg)
+	}
+	podsStartOnEveryNode(t, "skipped")
+}
+
+const badImageNamespace = "kebpf-badimage"
+
+// podsStartOnEveryNode starts a pod on each node and fails unless all are
+// Ready within a minute (a node whose kebpf-cni refuses sandboxes fails it).
+func podsStartOnEveryNode(t *testing.T, tag string) {
+	t.Helper()
+	var w strings.Builder
+	fmt.Fprintf(&w, "apiVersion: v1\nkind: Namespace\nmetadata: {name: %s}\n", badImageNamespace)
+	for i, node := range env.Cluster.Nodes {
+		w.WriteString(serverPod{name: fmt.Sprintf("%s-%d", tag, i), ns: badImageNamespace, node: node,
+			args: "serve, --tcp, '80', --udp, '', --http, '0'", labels: "app: " + tag}.yaml())
+	}
+	kubectlStdin(t, w.String(), "apply", "-f", "-")
+	r := kubectl(t, 2*time.Minute, "-n", badImageNamespace, "wait", "--for=condition=Ready", "pod", "-l", "app="+tag, "--timeout=60s")
+	if r.code != 0 {
+		desc := kubectl(t, time.Minute, "-n", badImageNamespace, "describe", "pods", "-l", "app="+tag)
+		t.Fatalf("%s: new pods did not start within a minute on every node:\n%s\n%s", tag, r.stderr, desc.stdout)
 	}
 }

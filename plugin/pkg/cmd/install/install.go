@@ -51,6 +51,9 @@ type Options struct {
 	// CNI directories on the nodes, and whether to chain kebpf-cni at all.
 	CNIConfDir, CNIBinDir string
 	NoCNIChaining         bool
+	// SkipImageCheck rolls out without first running the images on
+	// every node (see checkImages).
+	SkipImageCheck bool
 
 	// PollInterval is how often --wait re-reads the cluster.
 	PollInterval time.Duration
@@ -75,6 +78,8 @@ func NewCmd(flags *genericclioptions.ConfigFlags, streams genericiooptions.IOStr
 	cmd.Flags().StringVar(&o.EnvoyImage, "envoy-image", manifests.DefaultEnvoyImage, "Envoy image of the l7 feature (stock Envoy "+
 		"configured over xDS; recorded for `kubectl ebpf enable l7` while l7 is off)")
 	cmd.Flags().BoolVar(&o.Wait, "wait", false, "wait until the agent is ready on every node")
+	cmd.Flags().BoolVar(&o.SkipImageCheck, "skip-image-check", false, "roll out without first running a new agent (or Envoy) image on every node; "+
+		"the check keeps a typo'd --image from leaving nodes without a working agent, which refuse new pods")
 	cmd.Flags().DurationVar(&o.Timeout, "timeout", 5*time.Minute, "how long --wait waits")
 	cmd.Flags().StringVar(&o.DryRun, "dry-run", DryRunNone, `"none", "client" (print what would be applied) or "server" (validate with the API server, persist nothing)`)
 	cmd.Flags().Lookup("dry-run").NoOptDefVal = DryRunClient
@@ -205,7 +210,18 @@ func (o *Options) Run(ctx context.Context) error {
 	var applied []*unstructured.Unstructured
 	changed := false
 	nsCreated := false
-	for _, obj := range o.objects {
+	check, err := o.imageCheckPlan(ctx, dry)
+	if err != nil {
+		return err
+	}
+	for i, obj := range o.objects {
+		// The check's pods run in the namespace, the first object; nothing
+		// after it is applied unless every node runs the new images.
+		if i == 1 && len(check) > 0 {
+			if err := o.checkImages(ctx, check); err != nil {
+				return errors.Join(err, o.undoNamespace(ctx, nsCreated))
+			}
+		}
 		got, action, err := o.Clients.Apply(ctx, obj, dry)
 		if err != nil {
 			// A server dry run cannot create the namespace, so objects in it
@@ -257,9 +273,43 @@ func (o *Options) Run(ctx context.Context) error {
 		fmt.Fprintf(o.Out, "kubectl-ebpf already installed (image %s): nothing changed\n", o.Image)
 	}
 	if !o.Wait {
+		if changed {
+			fmt.Fprintln(o.Out, "the agents roll out node by node: `kubectl ebpf status` shows each node (or install with --wait)")
+		}
 		return nil
 	}
 	return WaitReady(ctx, o.Clients, o.IOStreams, o.Timeout, o.PollInterval)
+}
+
+// imageCheckPlan lists the images checkImages must run before the
+// rollout: none on a dry run, with --skip-image-check, or when the
+// cluster runs them already.
+func (o *Options) imageCheckPlan(ctx context.Context, dry bool) ([]checkedImage, error) {
+	if dry || o.SkipImageCheck || o.Output != "" {
+		return nil, nil
+	}
+	if len(o.objects) < 2 || o.objects[0].GetKind() != "Namespace" {
+		return nil, fmt.Errorf("internal: the manifests do not start with the namespace")
+	}
+	return o.imagesToCheck(ctx)
+}
+
+// undoNamespace deletes the namespace when this install created it only
+// for an image check that failed: a failed first install leaves nothing.
+func (o *Options) undoNamespace(ctx context.Context, created bool) error {
+	if !created {
+		return nil
+	}
+	ns := o.objects[0]
+	r, _, err := o.Clients.Resource(ns.GroupVersionKind(), "")
+	if err == nil {
+		err = r.Delete(ctx, ns.GetName(), metav1.DeleteOptions{})
+	}
+	if err != nil && !apierrors.IsNotFound(err) {
+		return fmt.Errorf("delete namespace %s created for the image check: %w", manifests.Namespace, err)
+	}
+	fmt.Fprintf(o.Out, "namespace/%s deleted (created for the image check)\n", manifests.Namespace)
+	return nil
 }
 
 // rendersEnvoy reports whether the rendered objects hold the Envoy

@@ -286,85 +286,44 @@ func (o *Options) waitPodsGone(ctx context.Context, selector, what string) error
 // cleanupNodes runs one cleanup pod per node and reports each node's log.
 func (o *Options) cleanupNodes(ctx context.Context, image string) error {
 	c := o.Clients
-	pods := c.Kube.CoreV1().Pods(manifests.Namespace)
 	cleanupSel := manifests.LabelName + "=" + CleanupName
 	// Leftovers of an interrupted uninstall would be mistaken for this run's.
-	if err := o.deletePods(ctx, cleanupSel); err != nil {
+	if err := c.DeletePods(ctx, manifests.Namespace, cleanupSel); err != nil {
 		return fmt.Errorf("delete old cleanup pods: %w", err)
 	}
 	if err := o.waitPodsGone(ctx, cleanupSel, "old cleanup pods"); err != nil {
 		return err
 	}
-	nodes, err := c.Kube.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
+	ready, notReady, err := c.ReadyNodes(ctx)
 	if err != nil {
-		return fmt.Errorf("list nodes: %w", err)
+		return err
 	}
-	podNode := map[string]string{} // pod name -> node
-	for _, n := range nodes.Items {
-		if !nodeReady(&n) {
-			fmt.Fprintf(o.Out, "node %s: not ready, skipping BPF cleanup\n", n.Name)
-			continue
-		}
-		p, err := pods.Create(ctx, CleanupPod(n.Name, image, o.cniDirs), metav1.CreateOptions{})
-		if err != nil {
-			return fmt.Errorf("create cleanup pod on node %s: %w", n.Name, err)
-		}
-		podNode[p.Name] = n.Name
+	for _, n := range notReady {
+		fmt.Fprintf(o.Out, "node %s: not ready, skipping BPF cleanup\n", n)
 	}
-	defer func() {
-		// Best effort with a fresh context: ctx may be what expired.
-		dctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		if err := o.deletePods(dctx, cleanupSel); err != nil {
-			fmt.Fprintf(o.ErrOut, "warning: delete cleanup pods: %v\n", err)
-		}
-	}()
-
-	done := map[string]bool{}
 	var failures []string
 	imageStuck := 0 // failures caused by an image the node cannot get
-	for len(done) < len(podNode) {
-		l, err := pods.List(ctx, metav1.ListOptions{LabelSelector: cleanupSel})
-		if err != nil {
-			return fmt.Errorf("list cleanup pods: %w", err)
-		}
-		for i := range l.Items {
-			p := &l.Items[i]
-			node, ok := podNode[p.Name]
-			if !ok || done[p.Name] {
-				continue
-			}
-			summary, stuck := kube.PodSummary(p)
+	err = c.RunOnNodes(ctx, manifests.Namespace, cleanupSel, ready,
+		func(node string) *corev1.Pod { return CleanupPod(node, image, o.cniDirs) }, o.PollInterval,
+		func(r kube.PodRun) {
 			switch {
-			case p.Status.Phase == corev1.PodSucceeded:
-				o.printLog(ctx, node, p.Name)
-				fmt.Fprintf(o.Out, "node %s: clean\n", node)
-				done[p.Name] = true
-			case p.Status.Phase == corev1.PodFailed:
-				tail := o.printLog(ctx, node, p.Name)
-				failures = append(failures, fmt.Sprintf("node %s: %s", node, orElse(tail, "exit status non-zero")))
-				done[p.Name] = true
-			case stuck:
-				failures = append(failures, fmt.Sprintf("node %s: cleanup pod %s", node, summary))
-				imageStuck += boolToInt(strings.Contains(summary, "Image"))
-				done[p.Name] = true
+			case r.Succeeded:
+				o.printLog(ctx, r.Node, r.Pod)
+				fmt.Fprintf(o.Out, "node %s: clean\n", r.Node)
+			case r.Failed:
+				tail := o.printLog(ctx, r.Node, r.Pod)
+				failures = append(failures, fmt.Sprintf("node %s: %s", r.Node, orElse(tail, "exit status non-zero")))
+			default:
+				failures = append(failures, fmt.Sprintf("node %s: cleanup pod %s", r.Node, r.Stuck))
+				imageStuck += boolToInt(strings.Contains(r.Stuck, "Image"))
 			}
-		}
-		if len(done) == len(podNode) {
-			break
-		}
-		select {
-		case <-ctx.Done():
-			var pending []string
-			for p, n := range podNode {
-				if !done[p] {
-					pending = append(pending, n)
-				}
-			}
-			slices.Sort(pending)
-			return fmt.Errorf("timed out waiting for BPF cleanup on node(s) %s", strings.Join(pending, ", "))
-		case <-time.After(o.PollInterval):
-		}
+		})
+	var pending *kube.PendingError
+	if errors.As(err, &pending) {
+		return fmt.Errorf("timed out waiting for BPF cleanup on node(s) %s", strings.Join(pending.Nodes, ", "))
+	}
+	if err != nil {
+		return fmt.Errorf("cleanup pods: %w", err)
 	}
 	if len(failures) > 0 {
 		slices.Sort(failures)
@@ -382,22 +341,6 @@ func boolToInt(b bool) int {
 		return 1
 	}
 	return 0
-}
-
-// deletePods deletes the pods in our namespace matching selector, at once:
-// they have nothing to shut down gracefully.
-func (o *Options) deletePods(ctx context.Context, selector string) error {
-	pods := o.Clients.Kube.CoreV1().Pods(manifests.Namespace)
-	l, err := pods.List(ctx, metav1.ListOptions{LabelSelector: selector})
-	if err != nil {
-		return err
-	}
-	for _, p := range l.Items {
-		if err := pods.Delete(ctx, p.Name, metav1.DeleteOptions{GracePeriodSeconds: ptr.To[int64](0)}); err != nil && !apierrors.IsNotFound(err) {
-			return err
-		}
-	}
-	return nil
 }
 
 // printLog prints the pod's log prefixed with the node and returns its last line.
@@ -560,15 +503,6 @@ func (o *Options) waitGone(ctx context.Context) error {
 		return fmt.Errorf("wait for deletion: %w", err)
 	}
 	return nil
-}
-
-func nodeReady(n *corev1.Node) bool {
-	for _, c := range n.Status.Conditions {
-		if c.Type == corev1.NodeReady {
-			return c.Status == corev1.ConditionTrue
-		}
-	}
-	return false
 }
 
 func ref(kind, group string) string {
