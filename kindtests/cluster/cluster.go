@@ -72,6 +72,14 @@ func CacheDir() string {
 	return filepath.Join(home, ".cache", "kubectl-ebpf")
 }
 
+// APIServerSwitch is implemented by providers that can stop and start the
+// cluster's API server, for outage tests.
+type APIServerSwitch interface {
+	// SetAPIServer stops the API server (off) or starts it again and
+	// waits until it is ready (on).
+	SetAPIServer(ctx context.Context, name string, on bool) error
+}
+
 // KubeProxySwitch is implemented by providers that can stop and start
 // kube-proxy on a running cluster, so the socket-LB suite runs the same flows
 // without kube-proxy (our datapath alone) and beside it.

@@ -287,25 +287,7 @@ func (p *Provider) Create(ctx context.Context, opts cluster.Options) (*cluster.C
 	}
 	st.done("etcd healthy")
 
-	apiArgs := []string{
-		"--advertise-address", APIServerIP, "--bind-address", APIServerIP, "--secure-port", fmt.Sprint(APIPort),
-		"--etcd-servers", etcdClientURL,
-		"--service-cluster-ip-range", ServiceCIDR,
-		"--cert-dir", s.path("apiserver"),
-		"--client-ca-file", s.path("pki", "ca.crt"),
-		"--tls-cert-file", s.path("pki", "apiserver.crt"), "--tls-private-key-file", s.path("pki", "apiserver.key"),
-		"--kubelet-client-certificate", s.path("pki", "apiserver-kubelet-client.crt"),
-		"--kubelet-client-key", s.path("pki", "apiserver-kubelet-client.key"),
-		"--kubelet-preferred-address-types", "InternalIP",
-		"--service-account-key-file", s.path("pki", "sa.pub"),
-		"--service-account-signing-key-file", s.path("pki", "sa.key"),
-		"--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
-		"--authorization-mode", "Node,RBAC",
-		"--enable-admission-plugins", "NodeRestriction",
-		"--allow-privileged=true",
-		"--profiling=false",
-	}
-	if _, err := s.start(component{name: "kube-apiserver", bin: filepath.Join(binDir, "kube-apiserver"), args: apiArgs}); err != nil {
+	if _, err := s.start(s.apiServer(binDir)); err != nil {
 		return nil, err
 	}
 	for _, n := range nodes {
@@ -323,23 +305,8 @@ func (p *Provider) Create(ctx context.Context, opts cluster.Options) (*cluster.C
 	}
 	st.done("containerd up on every node, pause and coredns images imported")
 
-	httpc, err := s.adminHTTP()
+	apiURL, err := s.waitAPIServer(ctx)
 	if err != nil {
-		return nil, err
-	}
-	apiURL := fmt.Sprintf("https://%s:%d", APIServerIP, APIPort)
-	if err := s.waitFor(ctx, "kube-apiserver", 120*time.Second, func() error {
-		resp, err := httpc.Get(apiURL + "/readyz")
-		if err != nil {
-			return err
-		}
-		b, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		if resp.StatusCode != 200 {
-			return fmt.Errorf("readyz %s: %s", resp.Status, lastLine(b))
-		}
-		return nil
-	}); err != nil {
 		return nil, err
 	}
 	st.done("kube-apiserver ready (%s)", apiURL)
@@ -706,4 +673,51 @@ func (s *state) controllerArgs(kubeconfig string, extra ...string) []string {
 		"--kubeconfig", kc, "--authentication-kubeconfig", kc, "--authorization-kubeconfig", kc,
 		"--bind-address", "127.0.0.1", "--leader-elect=false",
 	}, extra...)
+}
+
+// apiServer is the kube-apiserver component, on the node network's bridge
+// address.
+func (s *state) apiServer(binDir string) component {
+	return component{name: "kube-apiserver", bin: filepath.Join(binDir, "kube-apiserver"), args: []string{
+		"--advertise-address", APIServerIP, "--bind-address", APIServerIP, "--secure-port", fmt.Sprint(APIPort),
+		"--etcd-servers", etcdClientURL,
+		"--service-cluster-ip-range", ServiceCIDR,
+		"--cert-dir", s.path("apiserver"),
+		"--client-ca-file", s.path("pki", "ca.crt"),
+		"--tls-cert-file", s.path("pki", "apiserver.crt"), "--tls-private-key-file", s.path("pki", "apiserver.key"),
+		"--kubelet-client-certificate", s.path("pki", "apiserver-kubelet-client.crt"),
+		"--kubelet-client-key", s.path("pki", "apiserver-kubelet-client.key"),
+		"--kubelet-preferred-address-types", "InternalIP",
+		"--service-account-key-file", s.path("pki", "sa.pub"),
+		"--service-account-signing-key-file", s.path("pki", "sa.key"),
+		"--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
+		"--authorization-mode", "Node,RBAC",
+		"--enable-admission-plugins", "NodeRestriction",
+		"--allow-privileged=true",
+		"--profiling=false",
+	}}
+}
+
+// waitAPIServer waits for the API server's /readyz and returns its URL.
+func (s *state) waitAPIServer(ctx context.Context) (string, error) {
+	httpc, err := s.adminHTTP()
+	if err != nil {
+		return "", err
+	}
+	apiURL := fmt.Sprintf("https://%s:%d", APIServerIP, APIPort)
+	if err := s.waitFor(ctx, "kube-apiserver", 120*time.Second, func() error {
+		resp, err := httpc.Get(apiURL + "/readyz")
+		if err != nil {
+			return err
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			return fmt.Errorf("readyz %s: %s", resp.Status, lastLine(b))
+		}
+		return nil
+	}); err != nil {
+		return "", err
+	}
+	return apiURL, nil
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 
@@ -84,15 +85,15 @@ func (o *Options) checkImages(ctx context.Context, images []checkedImage) error 
 	ctx, cancel := context.WithTimeout(ctx, o.Timeout)
 	defer cancel()
 	sel := manifests.LabelName + "=" + ImageCheckName
-	var failures []string
+	failures := map[string]string{} // node -> why
 	err = o.Clients.RunOnNodes(ctx, manifests.Namespace, sel, ready,
 		func(node string) *corev1.Pod { return ImageCheckPod(node, images) }, o.PollInterval,
 		func(r kube.PodRun) {
 			switch {
 			case r.Failed:
-				failures = append(failures, fmt.Sprintf("node %s: an image's check command failed: %s", r.Node, o.failedContainers(ctx, r.Pod)))
+				failures[r.Node] = "an image's check command failed: " + o.failedContainers(ctx, r.Pod)
 			case r.Stuck != "":
-				failures = append(failures, fmt.Sprintf("node %s: %s", r.Node, r.Stuck))
+				failures[r.Node] = r.Stuck
 			}
 		})
 	var pending *kube.PendingError
@@ -104,9 +105,12 @@ func (o *Options) checkImages(ctx context.Context, images []checkedImage) error 
 		return fmt.Errorf("image check: %w", err)
 	}
 	if len(failures) > 0 {
-		slices.Sort(failures)
+		var lines []string
+		for _, node := range slices.Sorted(maps.Keys(failures)) {
+			lines = append(lines, "node "+node+": "+failures[node])
+		}
 		return fmt.Errorf("image check failed, nothing was changed: %s; fix --image/--envoy-image (or pass --skip-image-check to roll out anyway)",
-			strings.Join(failures, "; "))
+			strings.Join(lines, "; "))
 	}
 	return nil
 }

@@ -136,3 +136,23 @@ func TestImageCheckSkipsRunningImage(t *testing.T) {
 		t.Errorf("checked an image the cluster runs: %d pods\n%s", *pods, out)
 	}
 }
+
+// An install right after an uninstall without --wait waits for the old
+// namespace to be gone instead of failing to create in it.
+func TestInstallWaitsForTerminatingNamespace(t *testing.T) {
+	ns := testutil.Namespace()
+	ns.DeletionTimestamp = &metav1.Time{Time: time.Now()}
+	f := testutil.NewFake(t, []runtime.Object{ns})
+	go func() {
+		time.Sleep(100 * time.Millisecond)
+		_ = f.Kube.CoreV1().Namespaces().Delete(context.Background(), manifests.Namespace, metav1.DeleteOptions{})
+	}()
+	out, err := runInstall(t, f, "registry.example/agent:v1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	wait, created := strings.Index(out, "waiting for namespace kubectl-ebpf-system, being deleted, to be gone"), strings.Index(out, "namespace/kubectl-ebpf-system created")
+	if wait < 0 || created < wait {
+		t.Errorf("want the wait, then the namespace created:\n%s", out)
+	}
+}

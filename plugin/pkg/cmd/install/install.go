@@ -210,6 +210,11 @@ func (o *Options) Run(ctx context.Context) error {
 	var applied []*unstructured.Unstructured
 	changed := false
 	nsCreated := false
+	if !dry {
+		if err := o.waitNamespaceNotTerminating(ctx); err != nil {
+			return err
+		}
+	}
 	check, err := o.imageCheckPlan(ctx, dry)
 	if err != nil {
 		return err
@@ -292,6 +297,37 @@ func (o *Options) imageCheckPlan(ctx context.Context, dry bool) ([]checkedImage,
 		return nil, fmt.Errorf("internal: the manifests do not start with the namespace")
 	}
 	return o.imagesToCheck(ctx)
+}
+
+// waitNamespaceNotTerminating waits for a namespace being deleted (an
+// uninstall without --wait, a failed first install) to be gone: nothing
+// can be created in it until then.
+func (o *Options) waitNamespaceNotTerminating(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, o.Timeout)
+	defer cancel()
+	printed := false
+	for {
+		ns, err := o.Clients.Kube.CoreV1().Namespaces().Get(ctx, manifests.Namespace, metav1.GetOptions{})
+		switch {
+		case apierrors.IsNotFound(err):
+			return nil
+		case err != nil && ctx.Err() != nil:
+			return fmt.Errorf("namespace %s is still being deleted after %s", manifests.Namespace, o.Timeout)
+		case err != nil:
+			return fmt.Errorf("get namespace %s: %w", manifests.Namespace, err)
+		case ns.DeletionTimestamp == nil:
+			return nil
+		}
+		if !printed {
+			fmt.Fprintf(o.Out, "waiting for namespace %s, being deleted, to be gone\n", manifests.Namespace)
+			printed = true
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("namespace %s is still being deleted after %s", manifests.Namespace, o.Timeout)
+		case <-time.After(o.PollInterval):
+		}
+	}
 }
 
 // undoNamespace deletes the namespace when this install created it only
