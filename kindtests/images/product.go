@@ -108,32 +108,34 @@ func BuildProduct(ctx context.Context, root, outDir, version string) (Product, e
 	if err := BuildBinaryImage(ctx, p.EnvoyRef, envoyFiles, []string{EnvoyImagePath}, p.EnvoyTar); err != nil {
 		return p, fmt.Errorf("image %s: %w", p.EnvoyRef, err)
 	}
-	// The agent image also carries kebpf-cni, which the agent copies into
-	// the node's CNI bin dir.
-	for _, img := range []struct {
-		ref, tar string
-		pkgs     map[string]string // main package -> binary name
-		entry    string
-	}{
-		{p.AgentRef, p.AgentTar, map[string]string{"./nodeagent/cmd/kebpf-agent": "kebpf-agent", "./nodeagent/cmd/kebpf-cni": "kebpf-cni"}, "kebpf-agent"},
-		{p.TestServerRef, p.TestServerTar, map[string]string{"./kindtests/testserver": "kebpf-testserver"}, "kebpf-testserver"},
-	} {
-		files := map[string]string{}
-		for pkg, name := range img.pkgs {
-			bin := filepath.Join(outDir, name)
-			if err := GoBuild(ctx, root, pkg, bin, version); err != nil {
-				return p, err
-			}
-			files["/usr/local/bin/"+name] = bin
-		}
-		if img.ref == p.TestServerRef {
-			// The test server answers `nslookup NAME` by its name too.
-			files["/usr/bin/nslookup"] = files["/usr/local/bin/kebpf-testserver"]
-		}
-		entry := "/usr/local/bin/" + img.entry
-		if err := BuildBinaryImage(ctx, img.ref, files, []string{entry}, img.tar); err != nil {
-			return p, fmt.Errorf("image %s: %w", img.ref, err)
-		}
+	if err := buildAgentImage(ctx, root, outDir, p.AgentRef, p.AgentTar, version); err != nil {
+		return p, err
+	}
+	tsBin := filepath.Join(outDir, "kebpf-testserver")
+	if err := GoBuild(ctx, root, "./kindtests/testserver", tsBin, version); err != nil {
+		return p, err
+	}
+	// The test server answers `nslookup NAME` by its name too.
+	files := map[string]string{"/usr/local/bin/kebpf-testserver": tsBin, "/usr/bin/nslookup": tsBin}
+	if err := BuildBinaryImage(ctx, p.TestServerRef, files, []string{"/usr/local/bin/kebpf-testserver"}, p.TestServerTar); err != nil {
+		return p, fmt.Errorf("image %s: %w", p.TestServerRef, err)
 	}
 	return p, nil
+}
+
+// buildAgentImage builds the agent image of the module at root: kebpf-agent,
+// and kebpf-cni, which the agent copies into the node's CNI bin dir.
+func buildAgentImage(ctx context.Context, root, outDir, ref, tar, version string) error {
+	files := map[string]string{}
+	for pkg, name := range map[string]string{"./nodeagent/cmd/kebpf-agent": "kebpf-agent", "./nodeagent/cmd/kebpf-cni": "kebpf-cni"} {
+		bin := filepath.Join(outDir, name)
+		if err := GoBuild(ctx, root, pkg, bin, version); err != nil {
+			return err
+		}
+		files["/usr/local/bin/"+name] = bin
+	}
+	if err := BuildBinaryImage(ctx, ref, files, []string{"/usr/local/bin/kebpf-agent"}, tar); err != nil {
+		return fmt.Errorf("image %s: %w", ref, err)
+	}
+	return nil
 }

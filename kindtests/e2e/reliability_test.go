@@ -1,0 +1,522 @@
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kubectl-ebpf/kubectl-ebpf/kindtests/cluster"
+	"github.com/kubectl-ebpf/kubectl-ebpf/kindtests/images"
+	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
+)
+
+const relNamespace = "kebpf-reliability"
+
+// previousRelease is the commit the upgrade and downgrade scenarios start
+// from: the last build of the product that passed CI before this suite.
+// Bump it when a release changes what the agents keep across a restart.
+const previousRelease = "26130adaabe06ddd3a71c6091bc676676be63d76"
+
+// relStream is one never-ending probe a client pod runs: a protocol
+// towards a Service that policy allows, or one it denies.
+type relStream struct {
+	container string // also the stream's name in the report
+	proto     string
+	service   string
+	allowed   bool
+}
+
+var relStreams = []relStream{
+	{"tcp-allowed", "tcp", "rel-allowed", true},
+	{"udp-allowed", "udp", "rel-allowed", true},
+	{"tcp-denied", "tcp", "rel-denied", false},
+	{"udp-denied", "udp", "rel-denied", false},
+}
+
+// relWindow is one scenario's span of time; every probe that ended inside
+// it counts for it.
+type relWindow struct {
+	name       string
+	start, end time.Time
+	note       string // what was measured besides the probes
+}
+
+// relCount is what one scenario saw: allowed connections attempted and
+// failed, denied connections attempted and let through.
+type relCount struct {
+	allowed, failed, denied, wronglyAllowed int
+	firstFailures                           []string
+}
+
+// TestIntegrationReliability runs client loops through ClusterIPs (TCP and
+// UDP, a Service NetworkPolicy allows and one it denies, clients and
+// backends on both nodes, kube-proxy off so every connect needs the socket
+// LB) while the agents are upgraded from the previous release, restarted
+// every way an operator or the kernel does it, cut off from a stopped API
+// server for two minutes, and downgraded. It prints, per scenario, the
+// connections attempted, failed and wrongly allowed; the goal is zero
+// failed and zero wrongly allowed at any moment.
+func TestIntegrationReliability(t *testing.T) {
+	requireEnv(t)
+	if len(env.Cluster.Nodes) < 2 {
+		t.Fatalf("needs two nodes; cluster %s has %v (make e2e brings up two)", env.Name, env.Cluster.Nodes)
+	}
+	p, err := env.ProviderOf()
+	if err != nil {
+		t.Fatal(err)
+	}
+	api, ok := p.(cluster.APIServerSwitch)
+	if !ok {
+		t.Fatalf("provider %s cannot stop and start the API server", p.Name())
+	}
+	kp := kubeProxySwitch(t)
+	prev := previousBuild(t, p)
+	t.Cleanup(func() {
+		// Whatever failed, the API server must be back for the rest.
+		if err := api.SetAPIServer(context.Background(), env.Name, true); err != nil {
+			t.Errorf("start the API server again: %v", err)
+		}
+		kubectl(t, 2*time.Minute, "delete", "namespace", relNamespace, "--wait=true", "--ignore-not-found")
+		ensureUninstalled(t)
+		if err := kp.SetKubeProxy(context.Background(), env.Name, true); err != nil {
+			t.Errorf("restore kube-proxy: %v", err)
+		}
+	})
+	ensureUninstalled(t)
+	if err := kp.SetKubeProxy(context.Background(), env.Name, false); err != nil {
+		t.Fatal(err)
+	}
+	installPrevious := func() {
+		t.Helper()
+		runPlugin(t, prev.Plugin, 6*time.Minute, "install", "--envoy-image", env.Product.EnvoyRef, "--wait", "--timeout", "5m")
+	}
+	installThis := func() {
+		t.Helper()
+		mustKubectl(t, 6*time.Minute, "ebpf", "install", "--envoy-image", env.Product.EnvoyRef, "--wait", "--timeout", "5m")
+	}
+	installPrevious()
+	deployReliabilityWorkload(t)
+
+	a, b := nodeAt(0), nodeAt(1)
+	var windows []relWindow
+	run := func(name string, action func() string) {
+		t.Helper()
+		start := time.Now()
+		t.Logf("scenario %q", name)
+		note := action()
+		// Probes in flight when the action ends count for it too.
+		time.Sleep(5 * time.Second)
+		windows = append(windows, relWindow{name: name, start: start, end: time.Now(), note: note})
+	}
+	run("steady, previous release "+prev.Version, func() string { time.Sleep(15 * time.Second); return "" })
+	run("upgrade previous -> this release", func() string { installThis(); return "" })
+	run("agent pod deleted (SIGTERM) on "+a, func() string {
+		pod := agentPodOn(t, a)
+		mustKubectl(t, 2*time.Minute, "-n", manifests.Namespace, "delete", "pod", pod.name, "--wait=true")
+		waitAgentsReady(t)
+		return ""
+	})
+	run("agent SIGKILL on "+b, func() string {
+		pod := agentPodOn(t, b)
+		killAgent(t, b, pod)
+		waitAgentRestarted(t, b, pod)
+		return ""
+	})
+	run("rollout restart, both nodes", func() string {
+		mustKubectl(t, time.Minute, "-n", manifests.Namespace, "rollout", "restart", "daemonset/"+manifests.DaemonSetName)
+		mustKubectl(t, 5*time.Minute, "-n", manifests.Namespace, "rollout", "status", "daemonset/"+manifests.DaemonSetName, "--timeout=4m")
+		waitAgentsReady(t)
+		return ""
+	})
+	run("API server stopped 2 min", func() string {
+		pods := map[string]agentPod{a: agentPodOn(t, a), b: agentPodOn(t, b)}
+		cpu0 := map[string]float64{}
+		for n, pod := range pods {
+			cpu0[n] = agentCPUSeconds(t, n, pod)
+		}
+		if err := api.SetAPIServer(context.Background(), env.Name, false); err != nil {
+			t.Fatalf("stop the API server: %v", err)
+		}
+		const outage = 2 * time.Minute
+		time.Sleep(outage)
+		var notes []string
+		for n, pod := range pods {
+			used := agentCPUSeconds(t, n, pod) - cpu0[n]
+			notes = append(notes, fmt.Sprintf("agent on %s used %.2fs CPU in the %s outage", n, used, outage))
+			// A retry loop without backoff burns a core; the agent's idle
+			// watch retries cost well under a second.
+			if used > outage.Seconds()/4 {
+				t.Errorf("agent on %s spins while the API server is down: %.1fs CPU in %s", n, used, outage)
+			}
+		}
+		if err := api.SetAPIServer(context.Background(), env.Name, true); err != nil {
+			t.Fatalf("start the API server again: %v", err)
+		}
+		back := time.Now()
+		// A change made the moment the API is back applies within seconds:
+		// a new Service the clients reach through the socket LB.
+		kubectlStdin(t, fmt.Sprintf("apiVersion: v1\nkind: Service\nmetadata: {name: rel-late, namespace: %s}\n"+
+			"spec: {selector: {app: rel-allowed}, ports: [{name: tcp, port: 80, protocol: TCP}]}\n", relNamespace), "apply", "-f", "-")
+		ip := mustKubectl(t, time.Minute, "-n", relNamespace, "get", "service", "rel-late", "-o", "jsonpath={.spec.clusterIP}")
+		reached := waitReachable(t, "client-0", relStreams[0].container, ip+":80", 2*time.Minute)
+		notes = append(notes, fmt.Sprintf("a Service created when the API returned was reachable %s later", reached.Sub(back).Round(100*time.Millisecond)))
+		for n, pod := range pods {
+			if now := agentPodOn(t, n); now.restarts != pod.restarts {
+				t.Errorf("agent on %s restarted during the outage (%d -> %d restarts)", n, pod.restarts, now.restarts)
+			}
+		}
+		waitAgentsReady(t)
+		return strings.Join(notes, "; ")
+	})
+	run("downgrade this -> previous release", func() string { installPrevious(); return "" })
+	run("upgrade previous -> this release, again", func() string { installThis(); return "" })
+
+	counts := collectReliability(t, windows)
+	var report strings.Builder
+	fmt.Fprintf(&report, "%-44s %9s %7s %7s %15s\n", "scenario", "allowed", "failed", "denied", "wrongly-allowed")
+	for i, w := range windows {
+		c := counts[i]
+		fmt.Fprintf(&report, "%-44s %9d %7d %7d %15d   (%s)\n", w.name, c.allowed, c.failed, c.denied, c.wronglyAllowed, w.end.Sub(w.start).Round(time.Second))
+		if w.note != "" {
+			fmt.Fprintf(&report, "    %s\n", w.note)
+		}
+	}
+	t.Logf("reliability (TCP+UDP through ClusterIPs, clients on %s and %s, kube-proxy off):\n%s", a, b, report.String())
+	for i, w := range windows {
+		c := counts[i]
+		if c.allowed == 0 || c.denied == 0 {
+			t.Errorf("%s: no probes counted (allowed %d, denied %d): the clients stopped", w.name, c.allowed, c.denied)
+		}
+		if c.failed > 0 || c.wronglyAllowed > 0 {
+			t.Errorf("%s: %d allowed connections failed, %d denied ones let through; first: %s", w.name, c.failed, c.wronglyAllowed,
+				strings.Join(c.firstFailures, "; "))
+		}
+	}
+}
+
+// previousBuild builds the previous release's plugin and agent image from
+// this repository's history and loads the image into the cluster.
+func previousBuild(t *testing.T, p cluster.Provider) images.Release {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	root, err := images.ModuleRoot(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	r, err := images.BuildRelease(ctx, root, previousRelease, cluster.CacheDir())
+	if err != nil {
+		t.Fatalf("build the previous release: %v", err)
+	}
+	if err := p.LoadImages(ctx, env.Name, []string{r.AgentTar}); err != nil {
+		t.Fatalf("load %s: %v", r.AgentRef, err)
+	}
+	t.Logf("previous release %s: plugin and %s built and loaded in %s", r.Version, r.AgentRef, time.Since(start).Round(100*time.Millisecond))
+	return r
+}
+
+// runPlugin runs a kubectl-ebpf binary (another build than the one on
+// PATH) against the cluster; it must succeed.
+func runPlugin(t *testing.T, bin string, timeout time.Duration, args ...string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, bin, append(args, "--kubeconfig", env.Cluster.Kubeconfig)...)
+	out, err := cmd.CombinedOutput()
+	t.Logf("$ %s %s\n%s", filepath.Base(filepath.Dir(bin))[:12]+"/kubectl-ebpf", strings.Join(args, " "), out)
+	if err != nil {
+		t.Fatalf("%s %s: %v", bin, strings.Join(args, " "), err)
+	}
+	return string(out)
+}
+
+// deployReliabilityWorkload starts, on both nodes, a backend of each
+// Service and a client pod running every stream of relStreams for as long
+// as the test runs; policy allows the clients into rel-allowed only.
+func deployReliabilityWorkload(t *testing.T) {
+	t.Helper()
+	var w strings.Builder
+	fmt.Fprintf(&w, "apiVersion: v1\nkind: Namespace\nmetadata: {name: %s}\n", relNamespace)
+	for _, svc := range []string{"rel-allowed", "rel-denied"} {
+		for i := range 2 {
+			w.WriteString(serverPod{name: fmt.Sprintf("%s-%d", svc, i), ns: relNamespace, node: nodeAt(i),
+				args: "serve, --tcp, '80', --udp, '80', --http, '0'", labels: "app: " + svc}.yaml())
+		}
+		fmt.Fprintf(&w, "---\napiVersion: v1\nkind: Service\nmetadata: {name: %s, namespace: %s}\n"+
+			"spec: {selector: {app: %s}, ports: [{name: tcp, port: 80, protocol: TCP}, {name: udp, port: 80, protocol: UDP}]}\n", svc, relNamespace, svc)
+	}
+	fmt.Fprintf(&w, `---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-all-ingress, namespace: %[1]s}
+spec: {podSelector: {}, policyTypes: [Ingress]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: clients-to-allowed, namespace: %[1]s}
+spec:
+  podSelector: {matchLabels: {app: rel-allowed}}
+  policyTypes: [Ingress]
+  ingress: [{from: [{podSelector: {matchLabels: {role: client}}}]}]
+`, relNamespace)
+	kubectlStdin(t, w.String(), "apply", "-f", "-")
+	mustKubectl(t, 2*time.Minute, "-n", relNamespace, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=90s")
+	ips := map[string]string{}
+	for _, svc := range []string{"rel-allowed", "rel-denied"} {
+		ips[svc] = mustKubectl(t, time.Minute, "-n", relNamespace, "get", "service", svc, "-o", "jsonpath={.spec.clusterIP}")
+	}
+	w.Reset()
+	for i := range 2 {
+		fmt.Fprintf(&w, "---\napiVersion: v1\nkind: Pod\nmetadata: {name: client-%d, namespace: %s, labels: {role: client}}\n"+
+			"spec:\n  nodeName: %s\n  restartPolicy: Never\n  terminationGracePeriodSeconds: 1\n  containers:\n", i, relNamespace, nodeAt(i))
+		for _, s := range relStreams {
+			// Denied probes each wait out their timeout; allowed ones answer
+			// in well under a millisecond, so they run 10 a second.
+			fmt.Fprintf(&w, "  - name: %s\n    image: %s\n    imagePullPolicy: IfNotPresent\n    command: [/usr/local/bin/kebpf-testserver]\n"+
+				"    args: [probe, --protocol, %s, --to, '%s:80', --count, '100000000', --interval, 100ms, --timeout, 1s]\n",
+				s.container, env.Product.TestServerRef, s.proto, ips[s.service])
+		}
+	}
+	// The clients start only once the policy is programmed for the
+	// servers: a first denied probe let through before that is no
+	// reliability failure. waitReachable/waitDenied prove it from a probe pod.
+	waitPolicyInForce(t, ips)
+	kubectlStdin(t, w.String(), "apply", "-f", "-")
+	mustKubectl(t, 2*time.Minute, "-n", relNamespace, "wait", "--for=condition=Ready", "pod", "-l", "role=client", "--timeout=90s")
+}
+
+// waitPolicyInForce waits until a probe pod labelled as a client reaches
+// rel-allowed and not rel-denied, on both nodes' backends.
+func waitPolicyInForce(t *testing.T, ips map[string]string) {
+	t.Helper()
+	kubectlStdin(t, serverPod{name: "client-check", ns: relNamespace, node: nodeAt(0), labels: "role: client",
+		args: "serve, --tcp, '80', --udp, '', --http, '0'"}.yaml(), "apply", "-f", "-")
+	mustKubectl(t, 2*time.Minute, "-n", relNamespace, "wait", "--for=condition=Ready", "pod", "client-check", "--timeout=90s")
+	waitReachable(t, "client-check", "main", ips["rel-allowed"]+":80", 2*time.Minute)
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		r := runKubectl(t, time.Minute, false, "-n", relNamespace, "exec", "client-check", "--", "/usr/local/bin/kebpf-testserver", "probe",
+			"--protocol", "tcp", "--to", ips["rel-denied"]+":80", "--count", "4", "--timeout", "1s")
+		res, err := decodeNProbes(r, 4)
+		allDenied := err == nil
+		for _, p := range res {
+			allDenied = allDenied && !p.OK
+		}
+		if allDenied {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("rel-denied still reachable from a client 2 minutes after its policy: %v %v", res, err)
+		}
+		time.Sleep(time.Second)
+	}
+	mustKubectl(t, time.Minute, "-n", relNamespace, "delete", "pod", "client-check", "--wait=false")
+}
+
+// waitReachable probes to from a container of pod until a TCP connect
+// succeeds and returns when it did.
+func waitReachable(t *testing.T, pod, container, to string, timeout time.Duration) time.Time {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		r := runKubectl(t, time.Minute, false, "-n", relNamespace, "exec", pod, "-c", container, "--", "/usr/local/bin/kebpf-testserver", "probe",
+			"--protocol", "tcp", "--to", to, "--count", "1", "--timeout", "1s")
+		if res, err := decodeNProbes(r, 1); err == nil && res[0].OK {
+			return time.Now()
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s not reachable from %s within %s: %s", to, pod, timeout, r.stdout+r.stderr)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// agentPod is the agent pod on a node, as the API shows it.
+type agentPod struct {
+	name, containerID string
+	restarts          int
+}
+
+func agentPodOn(t *testing.T, node string) agentPod {
+	t.Helper()
+	var l struct {
+		Items []struct {
+			Metadata struct {
+				Name              string `json:"name"`
+				DeletionTimestamp string `json:"deletionTimestamp"`
+			} `json:"metadata"`
+			Status struct {
+				ContainerStatuses []struct {
+					Name         string `json:"name"`
+					ContainerID  string `json:"containerID"`
+					RestartCount int    `json:"restartCount"`
+				} `json:"containerStatuses"`
+			} `json:"status"`
+		} `json:"items"`
+	}
+	kubectlJSON(t, &l, "-n", manifests.Namespace, "get", "pods", "-l", manifests.AgentSelector, "--field-selector", "spec.nodeName="+node, "-o", "json")
+	for _, it := range l.Items {
+		if it.Metadata.DeletionTimestamp != "" {
+			continue
+		}
+		for _, cs := range it.Status.ContainerStatuses {
+			if cs.Name == manifests.AgentContainer {
+				_, id, _ := strings.Cut(cs.ContainerID, "://")
+				return agentPod{name: it.Metadata.Name, containerID: id, restarts: cs.RestartCount}
+			}
+		}
+	}
+	t.Fatalf("no running agent pod on %s", node)
+	return agentPod{}
+}
+
+// agentPID finds the agent's process on node by its container ID, which
+// names the container's cgroup with either cgroup driver.
+func agentPID(t *testing.T, node string, pod agentPod) string {
+	t.Helper()
+	if pod.containerID == "" {
+		t.Fatalf("agent pod %s has no container ID", pod.name)
+	}
+	out, err := onNode(t, node, "sh", "-c", `for p in /proc/[0-9]*; do
+  [ "$(cat $p/comm 2>/dev/null)" = kebpf-agent ] && grep -q "$1" $p/cgroup 2>/dev/null && echo ${p#/proc/}
+done; true`, "sh", pod.containerID)
+	pids := strings.Fields(out)
+	if err != nil || len(pids) != 1 {
+		t.Fatalf("agent process of %s (container %s) on %s: %v %q", pod.name, pod.containerID[:12], node, err, out)
+	}
+	return pids[0]
+}
+
+// killAgent sends SIGKILL to the agent: no shutdown code runs, as when the
+// kernel's OOM killer or a node's runtime kills it.
+func killAgent(t *testing.T, node string, pod agentPod) {
+	t.Helper()
+	pid := agentPID(t, node, pod)
+	if out, err := onNode(t, node, "kill", "-KILL", pid); err != nil {
+		t.Fatalf("kill -KILL %s on %s: %v %s", pid, node, err, out)
+	}
+}
+
+// waitAgentRestarted waits for the kubelet to restart the killed agent
+// container and for every agent to be ready again.
+func waitAgentRestarted(t *testing.T, node string, before agentPod) {
+	t.Helper()
+	for deadline := time.Now().Add(2 * time.Minute); ; time.Sleep(time.Second) {
+		if now := agentPodOn(t, node); now.name == before.name && now.restarts > before.restarts {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("agent %s on %s not restarted within 2 minutes of SIGKILL", before.name, node)
+		}
+	}
+	waitAgentsReady(t)
+}
+
+// waitAgentsReady waits until the DaemonSet's pods are all ready and every
+// node's NodeState says ready.
+func waitAgentsReady(t *testing.T) {
+	t.Helper()
+	mustKubectl(t, 3*time.Minute, "-n", manifests.Namespace, "wait", "--for=condition=Ready", "pod", "-l", manifests.AgentSelector, "--timeout=150s")
+	for deadline := time.Now().Add(2 * time.Minute); ; time.Sleep(time.Second) {
+		st, r := status(t)
+		ready := r.code == 0 && len(st.Nodes) == len(env.Cluster.Nodes)
+		for _, n := range st.Nodes {
+			ready = ready && n.Ready
+		}
+		if ready {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("agents not ready: %s", r.stdout+r.stderr)
+		}
+	}
+}
+
+// agentCPUSeconds is the CPU time (user+system) the agent process used so
+// far, from /proc/<pid>/stat, read on its node without the API server.
+func agentCPUSeconds(t *testing.T, node string, pod agentPod) float64 {
+	t.Helper()
+	pid := agentPID(t, node, pod)
+	out, err := onNode(t, node, "cat", "/proc/"+pid+"/stat")
+	if err != nil {
+		t.Fatalf("read the agent's stat on %s: %v", node, err)
+	}
+	// Fields after the parenthesised command: utime and stime are 14 and
+	// 15 of the whole line, in clock ticks (USER_HZ, 100 on Linux).
+	_, rest, _ := strings.Cut(out, ") ")
+	f := strings.Fields(rest)
+	if len(f) < 13 {
+		t.Fatalf("unexpected /proc/%s/stat: %q", pid, out)
+	}
+	utime, err1 := strconv.ParseFloat(f[11], 64)
+	stime, err2 := strconv.ParseFloat(f[12], 64)
+	if err1 != nil || err2 != nil {
+		t.Fatalf("unexpected /proc/%s/stat: %q", pid, out)
+	}
+	return (utime + stime) / 100
+}
+
+// collectReliability reads every client stream's log (kubelet timestamps
+// say when each probe ended) and counts the probes of each window.
+func collectReliability(t *testing.T, windows []relWindow) []relCount {
+	t.Helper()
+	counts := make([]relCount, len(windows))
+	for i := range 2 {
+		pod := fmt.Sprintf("client-%d", i)
+		for _, s := range relStreams {
+			r := kubectl(t, 2*time.Minute, "-n", relNamespace, "logs", pod, "-c", s.container, "--timestamps")
+			if r.code != 0 {
+				t.Fatalf("logs of %s/%s: %s", pod, s.container, r.stderr)
+			}
+			sc := bufio.NewScanner(strings.NewReader(r.stdout))
+			sc.Buffer(make([]byte, 64<<10), 1<<20)
+			for sc.Scan() {
+				ts, line, ok := strings.Cut(sc.Text(), " ")
+				if !ok {
+					continue
+				}
+				at, err := time.Parse(time.RFC3339Nano, ts)
+				if err != nil {
+					t.Fatalf("%s/%s: log line without a timestamp: %q", pod, s.container, sc.Text())
+				}
+				var p probeResult
+				if err := json.Unmarshal([]byte(line), &p); err != nil || (!p.OK && p.Error == "") {
+					t.Fatalf("%s/%s: not a probe result: %q", pod, s.container, line)
+				}
+				for wi, w := range windows {
+					if at.Before(w.start) || !at.Before(w.end) {
+						continue
+					}
+					c := &counts[wi]
+					bad := false
+					if s.allowed {
+						c.allowed++
+						if !p.OK {
+							c.failed++
+							bad = true
+						}
+					} else {
+						c.denied++
+						if p.OK {
+							c.wronglyAllowed++
+							bad = true
+						}
+					}
+					if bad && len(c.firstFailures) < 5 {
+						c.firstFailures = append(c.firstFailures, fmt.Sprintf("%s %s at %s: ok=%v %s peer %s",
+							pod, s.container, at.Format("15:04:05.000"), p.OK, p.Error, p.Peer))
+					}
+				}
+			}
+		}
+	}
+	return counts
+}
