@@ -175,6 +175,36 @@ func TestIntegrationReliability(t *testing.T) {
 		waitAgentsReady(t)
 		return strings.Join(notes, "; ")
 	})
+	run("agent on "+a+" cut off from the API 60 s, a Service created meanwhile", func() string {
+		host, port := apiServerAddress(t)
+		// The node's own traffic to the API server: its agent's (and its
+		// kubelet's) connections go silent, as in a network partition.
+		rule := []string{"OUTPUT", "-d", host, "-p", "tcp", "--dport", port, "-j", "DROP"}
+		if out, err := onNode(t, a, append([]string{"iptables", "-w", "-I"}, rule...)...); err != nil {
+			t.Fatalf("cut %s off: %v %s", a, err, out)
+		}
+		healed := false
+		heal := func() {
+			if !healed {
+				if out, err := onNode(t, a, append([]string{"iptables", "-w", "-D"}, rule...)...); err != nil {
+					t.Errorf("heal %s: %v %s", a, err, out)
+				}
+				healed = true
+			}
+		}
+		t.Cleanup(heal)
+		time.Sleep(20 * time.Second)
+		kubectlStdin(t, fmt.Sprintf("apiVersion: v1\nkind: Service\nmetadata: {name: rel-cutoff, namespace: %s}\n"+
+			"spec: {selector: {app: rel-allowed}, ports: [{name: tcp, port: 80, protocol: TCP}]}\n", relNamespace), "apply", "-f", "-")
+		ip := mustKubectl(t, time.Minute, "-n", relNamespace, "get", "service", "rel-cutoff", "-o", "jsonpath={.spec.clusterIP}")
+		time.Sleep(40 * time.Second)
+		heal()
+		back := time.Now()
+		reached := waitReachable(t, "client-0", relStreams[0].container, ip+":80", 3*time.Minute)
+		waitAgentsReady(t)
+		return fmt.Sprintf("the Service created while %s was cut off was reachable from its client %s after the partition healed",
+			a, reached.Sub(back).Round(100*time.Millisecond))
+	})
 	run("downgrade this -> previous release", func() string { installPrevious(); return "" })
 	run("upgrade previous -> this release, again", func() string { installThis(); return "" })
 
@@ -199,6 +229,19 @@ func TestIntegrationReliability(t *testing.T) {
 				strings.Join(c.firstFailures, "; "))
 		}
 	}
+}
+
+// apiServerAddress is the host and port of the API server the agents
+// reach (install points them at its real endpoint, not the ClusterIP).
+func apiServerAddress(t *testing.T) (host, port string) {
+	t.Helper()
+	u := mustKubectl(t, time.Minute, "get", "endpointslices", "-n", "default", "-l", "kubernetes.io/service-name=kubernetes",
+		"-o", "jsonpath={.items[0].endpoints[0].addresses[0]} {.items[0].ports[0].port}")
+	host, port, ok := strings.Cut(strings.TrimSpace(u), " ")
+	if !ok || host == "" || port == "" {
+		t.Fatalf("API server endpoint: %q", u)
+	}
+	return host, port
 }
 
 // previousBuild builds the previous release's plugin and agent image from
