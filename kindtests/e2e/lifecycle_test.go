@@ -361,8 +361,9 @@ func TestIntegrationInstallBadImage(t *testing.T) {
 			t.Errorf("the error does not name node %s", node)
 		}
 	}
-	if r := kubectl(t, time.Minute, "get", "namespace", manifests.Namespace); r.code == 0 {
-		t.Errorf("namespace %s left after the failed first install", manifests.Namespace)
+	// Deleted by install (namespace deletion itself finishes asynchronously).
+	if r := kubectl(t, 2*time.Minute, "wait", "--for=delete", "namespace/"+manifests.Namespace, "--timeout=60s"); r.code != 0 {
+		t.Errorf("namespace %s left after the failed first install: %s", manifests.Namespace, r.stderr)
 	}
 	podsStartOnEveryNode(t, "fresh")
 
