@@ -333,7 +333,7 @@ spec:
 	// reliability failure. waitReachable/waitDenied prove it from a probe pod.
 	waitPolicyInForce(t, ips)
 	kubectlStdin(t, w.String(), "apply", "-f", "-")
-	mustKubectl(t, 2*time.Minute, "-n", relNamespace, "wait", "--for=condition=Ready", "pod", "-l", "role=client", "--timeout=90s")
+	mustKubectl(t, 2*time.Minute, "-n", relNamespace, "wait", "--for=condition=Ready", "pod/client-0", "pod/client-1", "--timeout=90s")
 }
 
 // waitPolicyInForce waits until a probe pod labelled as a client reaches
@@ -361,7 +361,7 @@ func waitPolicyInForce(t *testing.T, ips map[string]string) {
 		}
 		time.Sleep(time.Second)
 	}
-	mustKubectl(t, time.Minute, "-n", relNamespace, "delete", "pod", "client-check", "--wait=false")
+	mustKubectl(t, time.Minute, "-n", relNamespace, "delete", "pod", "client-check", "--wait=true")
 }
 
 // waitReachable probes to from a container of pod until a TCP connect
