@@ -30,15 +30,27 @@ type relStream struct {
 	container string // also the stream's name in the report
 	proto     string
 	service   string
+	path      string // http: the request's path
 	allowed   bool
+	// firstNodeOnly: only the client on the first node runs it. The L7
+	// server is there, and the destination's node enforces L7 (a client
+	// on another node fails closed: bpf/sockmap README, "Multi-node").
+	firstNodeOnly bool
 }
 
 var relStreams = []relStream{
-	{"tcp-allowed", "tcp", "rel-allowed", true},
-	{"udp-allowed", "udp", "rel-allowed", true},
-	{"tcp-denied", "tcp", "rel-denied", false},
-	{"udp-denied", "udp", "rel-denied", false},
+	{container: "tcp-allowed", proto: "tcp", service: "rel-allowed", allowed: true},
+	{container: "udp-allowed", proto: "udp", service: "rel-allowed", allowed: true},
+	{container: "tcp-denied", proto: "tcp", service: "rel-denied"},
+	{container: "udp-denied", proto: "udp", service: "rel-denied"},
+	// Through the node's Envoy: the L7Policy allows GET /allowed..., and
+	// Envoy answers anything else 403.
+	{container: "http-allowed", proto: "http", service: "rel-web", path: "/allowed/x", allowed: true, firstNodeOnly: true},
+	{container: "http-denied", proto: "http", service: "rel-web", path: "/denied", firstNodeOnly: true},
 }
+
+// relWebPort is the L7 server's port, the one its L7Policy names.
+const relWebPort = 8080
 
 // relWindow is one scenario's span of time; every probe that ended inside
 // it counts for it.
@@ -58,7 +70,7 @@ type relCount struct {
 // TestIntegrationReliability runs client loops through ClusterIPs (TCP and
 // UDP, a Service NetworkPolicy allows and one it denies, clients and
 // backends on both nodes, kube-proxy off so every connect needs the socket
-// LB) while the agents are upgraded from the previous release, restarted
+// LB; HTTP requests an L7Policy allows and denies, through the node's Envoy) while the agents are upgraded from the previous release, restarted
 // every way an operator or the kernel does it, cut off from a stopped API
 // server for two minutes, and downgraded. It prints, per scenario, the
 // connections attempted, failed and wrongly allowed; the goal is zero
@@ -218,7 +230,7 @@ func TestIntegrationReliability(t *testing.T) {
 			fmt.Fprintf(&report, "    %s\n", w.note)
 		}
 	}
-	t.Logf("reliability (TCP+UDP through ClusterIPs, clients on %s and %s, kube-proxy off):\n%s", a, b, report.String())
+	t.Logf("reliability (TCP+UDP through ClusterIPs, clients on %s and %s, HTTP through %s's Envoy, kube-proxy off):\n%s", a, b, a, report.String())
 	for i, w := range windows {
 		c := counts[i]
 		if c.allowed == 0 || c.denied == 0 {
@@ -296,6 +308,33 @@ func deployReliabilityWorkload(t *testing.T) {
 		fmt.Fprintf(&w, "---\napiVersion: v1\nkind: Service\nmetadata: {name: %s, namespace: %s}\n"+
 			"spec: {selector: {app: %s}, ports: [{name: tcp, port: 80, protocol: TCP}, {name: udp, port: 80, protocol: UDP}]}\n", svc, relNamespace, svc)
 	}
+	w.WriteString(serverPod{name: "rel-web-0", ns: relNamespace, node: nodeAt(0), labels: "app: rel-web",
+		args:      fmt.Sprintf("serve, --tcp, '', --udp, '', --http, '%d'", relWebPort),
+		container: fmt.Sprintf("    readinessProbe: {tcpSocket: {port: %d}, periodSeconds: 1}\n", relWebPort)}.yaml())
+	fmt.Fprintf(&w, `---
+apiVersion: v1
+kind: Service
+metadata: {name: rel-web, namespace: %[1]s}
+spec: {selector: {app: rel-web}, ports: [{name: http, port: 80, targetPort: %[2]d, protocol: TCP}]}
+---
+apiVersion: kubectl-ebpf.io/v1alpha1
+kind: L7Policy
+metadata: {name: rel-web, namespace: %[1]s}
+spec:
+  podSelector: {matchLabels: {app: rel-web}}
+  ports: [{port: %[2]d}]
+  rules:
+  - methods: [GET]
+    path: {prefix: /allowed}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: clients-to-web, namespace: %[1]s}
+spec:
+  podSelector: {matchLabels: {app: rel-web}}
+  policyTypes: [Ingress]
+  ingress: [{from: [{podSelector: {matchLabels: {role: client}}}]}]
+`, relNamespace, relWebPort)
 	fmt.Fprintf(&w, `---
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
@@ -313,7 +352,7 @@ spec:
 	kubectlStdin(t, w.String(), "apply", "-f", "-")
 	mustKubectl(t, 2*time.Minute, "-n", relNamespace, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=90s")
 	ips := map[string]string{}
-	for _, svc := range []string{"rel-allowed", "rel-denied"} {
+	for _, svc := range []string{"rel-allowed", "rel-denied", "rel-web"} {
 		ips[svc] = mustKubectl(t, time.Minute, "-n", relNamespace, "get", "service", svc, "-o", "jsonpath={.spec.clusterIP}")
 	}
 	w.Reset()
@@ -321,11 +360,14 @@ spec:
 		fmt.Fprintf(&w, "---\napiVersion: v1\nkind: Pod\nmetadata: {name: client-%d, namespace: %s, labels: {role: client}}\n"+
 			"spec:\n  nodeName: %s\n  restartPolicy: Never\n  terminationGracePeriodSeconds: 1\n  containers:\n", i, relNamespace, nodeAt(i))
 		for _, s := range relStreams {
+			if s.firstNodeOnly && i > 0 {
+				continue
+			}
 			// Denied probes each wait out their timeout; allowed ones answer
 			// in well under a millisecond, so they run 10 a second.
 			fmt.Fprintf(&w, "  - name: %s\n    image: %s\n    imagePullPolicy: IfNotPresent\n    command: [/usr/local/bin/kebpf-testserver]\n"+
-				"    args: [probe, --protocol, %s, --to, '%s:80', --count, '100000000', --interval, 100ms, --timeout, 1s]\n",
-				s.container, env.Product.TestServerRef, s.proto, ips[s.service])
+				"    args: [probe, --protocol, %s, --to, '%s:80%s', --count, '100000000', --interval, 100ms, --timeout, 1s]\n",
+				s.container, env.Product.TestServerRef, s.proto, ips[s.service], s.path)
 		}
 	}
 	// The clients start only once the policy is programmed for the
@@ -360,6 +402,18 @@ func waitPolicyInForce(t *testing.T, ips map[string]string) {
 			t.Fatalf("rel-denied still reachable from a client 2 minutes after its policy: %v %v", res, err)
 		}
 		time.Sleep(time.Second)
+	}
+	// The L7Policy: Envoy has it once /denied gets its 403.
+	for deadline := time.Now().Add(2 * time.Minute); ; time.Sleep(time.Second) {
+		r := runKubectl(t, time.Minute, false, "-n", relNamespace, "exec", "client-check", "--", "/usr/local/bin/kebpf-testserver", "probe",
+			"--protocol", "http", "--to", ips["rel-web"]+":80/allowed/x,"+ips["rel-web"]+":80/denied", "--timeout", "1s")
+		res, err := decodeNProbes(r, 2)
+		if err == nil && res[0].OK && res[1].Status == 403 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("L7Policy not enforced 2 minutes after it was created: %+v %v", res, err)
+		}
 	}
 	mustKubectl(t, time.Minute, "-n", relNamespace, "delete", "pod", "client-check", "--wait=true")
 }
@@ -515,6 +569,9 @@ func collectReliability(t *testing.T, windows []relWindow) []relCount {
 	for i := range 2 {
 		pod := fmt.Sprintf("client-%d", i)
 		for _, s := range relStreams {
+			if s.firstNodeOnly && i > 0 {
+				continue
+			}
 			r := kubectl(t, 2*time.Minute, "-n", relNamespace, "logs", pod, "-c", s.container, "--timestamps")
 			if r.code != 0 {
 				t.Fatalf("logs of %s/%s: %s", pod, s.container, r.stderr)
