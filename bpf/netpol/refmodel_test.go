@@ -314,7 +314,8 @@ func (m *refDP) run(dir Direction, f []byte) (int32, string) {
 		}
 		delete(m.ct, k) // a SYN on a closed tuple is a new flow
 	}
-	if p.icmpErr && p.innerOK {
+	// Related only when the error goes back to the embedded packet's sender.
+	if p.icmpErr && p.innerOK && p.dst == p.isrc {
 		if m.ct[refKeyOf(p.v6, p.iproto, refEnd{p.isrc, p.isport}, refEnd{p.idst, p.idport})] != nil {
 			return actPass, "icmp error of a tracked flow"
 		}
