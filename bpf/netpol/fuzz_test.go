@@ -432,6 +432,11 @@ func FuzzFrames(f *testing.F) {
 	for i, sd := range seeds {
 		f.Add(uint8(i), sd[0], sd[1], sd[2])
 	}
+	// Both enforced, both frames leaving the pod: a SYN to peerA (allowed,
+	// tracked), then an ICMP error to peerB (ICMP denied) naming that flow.
+	// Before errors had to go back to the embedded sender, it passed.
+	f.Add(uint8(3|1<<2|1<<3), tcpPkt(podIP, peerA, 5555, 80, tcpSYN).frame(),
+		pkt{src: addr(podIP), dst: addr(peerB), proto: 1, icmpType: 3, inner: tcpPkt(peerA, podIP, 80, 5555, tcpSYN|tcpACK).ip()[:28]}.frame(), []byte(nil))
 	f.Fuzz(func(t *testing.T, sel uint8, a, b, c []byte) {
 		v := int(sel & 3)
 		s.reset(t, v)
