@@ -608,6 +608,11 @@ static __always_inline int ct_key_of(struct ct_key *k, __u32 ep, __u8 family, __
 	return s_is_a;
 }
 
+static __always_inline int addr_eq(const __u32 *a, const __u32 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
+}
+
 static __always_inline int is_host(__u8 family, const __u32 *addr)
 {
 	struct addr_key hk = {};
@@ -976,7 +981,11 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	}
 
 new_flow:
-	if (p.icmp_err && p.inner_ok) {
+	// An error goes back to the sender of the packet it embeds (what
+	// nf_conntrack checks too): one addressed to anybody else is no reply
+	// of that flow, and passing it would let a pod reach any peer its
+	// egress denies by naming a flow it has.
+	if (p.icmp_err && p.inner_ok && addr_eq(p.daddr, p.isaddr)) {
 		struct ct_key ik = {};
 
 		// The error travels against the packet that caused it; the

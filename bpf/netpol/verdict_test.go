@@ -184,6 +184,14 @@ func TestVerdicts(t *testing.T) {
 			in("unreachable about it", icmpErr(peerA, syn(podIP, peerA, 5555, 80)), actPass),
 			in("unreachable about another flow", icmpErr(peerA, syn(podIP, peerA, 5556, 80)), actDrop),
 			in("v6 unreachable untracked", icmpErr(peer6, syn(podIP6, peer6, 1, 80)), actDrop),
+			// An error goes back to the sender of the packet it embeds; one
+			// to anybody else naming a tracked flow is no reply of it, or a
+			// pod could reach a peer its egress denies through any flow it has.
+			out("error naming a tracked flow to another peer", pkt{src: addr(podIP), dst: addr(peerB), proto: 1, icmpType: 3,
+				inner: syn(peerA, podIP, 80, 5555).ip()[:28]}, actDrop),
+			out("error to the sender of the packet it names", pkt{src: addr(podIP), dst: addr(peerA), proto: 1, icmpType: 3,
+				inner: syn(peerA, podIP, 80, 5555).ip()[:28]}, actPass),
+			in("error from a router about a tracked flow", icmpErr("10.99.0.1", syn(podIP, peerA, 5555, 80)), actPass),
 		}},
 		{name: "tcp rst closes the flow", opts: LoadOptions{TCPCloseTimeout: 50 * time.Millisecond},
 			policy: endpoint(true, true, web, nil), steps: []step{
