@@ -258,9 +258,17 @@ func TestIntegrationRBAC(t *testing.T) {
 			"--field-selector", "spec.nodeName="+node, "-o", "jsonpath={.items[0].metadata.name}"))
 	}
 	podA := agentPod(a)
-	token := strings.TrimSpace(mustKubectl(t, time.Minute, "-n", manifests.Namespace, "create", "token", manifests.DaemonSetName,
-		"--bound-object-kind", "Pod", "--bound-object-name", podA, "--duration", "10m"))
-	unbound := strings.TrimSpace(mustKubectl(t, time.Minute, "-n", manifests.Namespace, "create", "token", manifests.DaemonSetName, "--duration", "10m"))
+	// Minted without logging: a token is a credential.
+	mint := func(args ...string) string {
+		args = append([]string{"-n", manifests.Namespace, "create", "token", manifests.DaemonSetName, "--duration", "10m"}, args...)
+		r := runKubectl(t, time.Minute, false, args...)
+		if r.code != 0 {
+			t.Fatalf("kubectl %s: exit %d: %s", strings.Join(args, " "), r.code, r.stderr)
+		}
+		return strings.TrimSpace(r.stdout)
+	}
+	token := mint("--bound-object-kind", "Pod", "--bound-object-name", podA)
+	unbound := mint()
 
 	t.Run("pod-bound token carries the node", func(t *testing.T) {
 		k8s, _ := jwtClaims(t, token)["kubernetes.io"].(map[string]any)
@@ -363,7 +371,7 @@ func TestIntegrationRBAC(t *testing.T) {
 	// Still writing after all of the above: the heartbeat re-applies.
 	t.Run("NodeStates still written", func(t *testing.T) {
 		rv := func(n string) string {
-			return mustKubectl(t, time.Minute, "get", "nodestate", n, "-o", "jsonpath={.metadata.resourceVersion}")
+			return kubectlQuiet(t, time.Minute, "get", "nodestate", n, "-o", "jsonpath={.metadata.resourceVersion}").stdout
 		}
 		before := map[string]string{a: rv(a), b: rv(b)}
 		deadline := time.Now().Add(90 * time.Second)
