@@ -51,7 +51,7 @@ func TestObjectsLabelledAndImageSubstituted(t *testing.T) {
 				}
 			}
 			// Two CRDs: L7Policy and NodeState.
-			for k, n := range map[string]int{"Namespace": 1, "CustomResourceDefinition": 2, "ServiceAccount": 1, "ClusterRole": 1, "ClusterRoleBinding": 1, "Role": 1, "RoleBinding": 1, "ConfigMap": 1, "DaemonSet": 1} {
+			for k, n := range map[string]int{"Namespace": 1, "CustomResourceDefinition": 2, "ServiceAccount": 1, "ClusterRole": 1, "ClusterRoleBinding": 1, "Role": 1, "RoleBinding": 1, "ValidatingAdmissionPolicy": 1, "ValidatingAdmissionPolicyBinding": 1, "ConfigMap": 1, "DaemonSet": 1} {
 				if kinds[k] != n {
 					t.Errorf("kind %s appears %d times, want %d", k, kinds[k], n)
 				}

@@ -59,15 +59,17 @@ func NewFake(t *testing.T, kubeObjs []runtime.Object, objs ...runtime.Object) *F
 	})
 	AllowAll(kc)
 	listKinds := map[schema.GroupVersionResource]string{
-		kube.CRDGVR:                                                                          "CustomResourceDefinitionList",
-		{Version: "v1", Resource: "namespaces"}:                                              "NamespaceList",
-		{Version: "v1", Resource: "serviceaccounts"}:                                         "ServiceAccountList",
-		{Version: "v1", Resource: "configmaps"}:                                              "ConfigMapList",
-		{Group: "apps", Version: "v1", Resource: "daemonsets"}:                               "DaemonSetList",
-		{Group: "rbac.authorization.k8s.io", Version: "v1", Resource: "clusterroles"}:        "ClusterRoleList",
-		{Group: "rbac.authorization.k8s.io", Version: "v1", Resource: "clusterrolebindings"}: "ClusterRoleBindingList",
-		{Group: "rbac.authorization.k8s.io", Version: "v1", Resource: "roles"}:               "RoleList",
-		{Group: "rbac.authorization.k8s.io", Version: "v1", Resource: "rolebindings"}:        "RoleBindingList",
+		kube.CRDGVR:                                                                                           "CustomResourceDefinitionList",
+		{Version: "v1", Resource: "namespaces"}:                                                               "NamespaceList",
+		{Version: "v1", Resource: "serviceaccounts"}:                                                          "ServiceAccountList",
+		{Version: "v1", Resource: "configmaps"}:                                                               "ConfigMapList",
+		{Group: "apps", Version: "v1", Resource: "daemonsets"}:                                                "DaemonSetList",
+		{Group: "rbac.authorization.k8s.io", Version: "v1", Resource: "clusterroles"}:                         "ClusterRoleList",
+		{Group: "rbac.authorization.k8s.io", Version: "v1", Resource: "clusterrolebindings"}:                  "ClusterRoleBindingList",
+		{Group: "rbac.authorization.k8s.io", Version: "v1", Resource: "roles"}:                                "RoleList",
+		{Group: "rbac.authorization.k8s.io", Version: "v1", Resource: "rolebindings"}:                         "RoleBindingList",
+		{Group: "admissionregistration.k8s.io", Version: "v1", Resource: "validatingadmissionpolicies"}:       "ValidatingAdmissionPolicyList",
+		{Group: "admissionregistration.k8s.io", Version: "v1", Resource: "validatingadmissionpolicybindings"}: "ValidatingAdmissionPolicyBindingList",
 	}
 	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), listKinds, dynObjs...)
 	mapper := meta.NewDefaultRESTMapper(nil)
@@ -83,6 +85,8 @@ func NewFake(t *testing.T, kubeObjs []runtime.Object, objs ...runtime.Object) *F
 		{schema.GroupVersionKind{Group: "rbac.authorization.k8s.io", Version: "v1", Kind: "ClusterRoleBinding"}, meta.RESTScopeRoot},
 		{schema.GroupVersionKind{Group: "rbac.authorization.k8s.io", Version: "v1", Kind: "Role"}, meta.RESTScopeNamespace},
 		{schema.GroupVersionKind{Group: "rbac.authorization.k8s.io", Version: "v1", Kind: "RoleBinding"}, meta.RESTScopeNamespace},
+		{schema.GroupVersionKind{Group: "admissionregistration.k8s.io", Version: "v1", Kind: "ValidatingAdmissionPolicy"}, meta.RESTScopeRoot},
+		{schema.GroupVersionKind{Group: "admissionregistration.k8s.io", Version: "v1", Kind: "ValidatingAdmissionPolicyBinding"}, meta.RESTScopeRoot},
 		{schema.GroupVersionKind{Group: "apiextensions.k8s.io", Version: "v1", Kind: "CustomResourceDefinition"}, meta.RESTScopeRoot},
 		{apiv1.NodeStateGVK, meta.RESTScopeRoot},
 	} {

@@ -423,6 +423,7 @@ func Permissions() []kube.Permission {
 	p = append(p, kube.Permissions("", "", []string{"namespaces"}, crud)...)
 	p = append(p, kube.Permissions("", "apiextensions.k8s.io", []string{"customresourcedefinitions"}, crud)...)
 	p = append(p, kube.Permissions("", "rbac.authorization.k8s.io", []string{"clusterroles", "clusterrolebindings"}, crud)...)
+	p = append(p, kube.Permissions("", "admissionregistration.k8s.io", []string{"validatingadmissionpolicies", "validatingadmissionpolicybindings"}, crud)...)
 	p = append(p, kube.Permissions(ns, "", []string{"serviceaccounts", "configmaps"}, crud)...)
 	p = append(p, kube.Permissions(ns, "rbac.authorization.k8s.io", []string{"roles", "rolebindings"}, crud)...)
 	// delete: the Envoy DaemonSet goes when an install leaves l7 off.

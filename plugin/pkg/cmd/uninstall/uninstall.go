@@ -82,6 +82,7 @@ func Permissions() []kube.Permission {
 	p = append(p, kube.Permissions("", "", []string{"namespaces"}, []string{"get", "delete"})...)
 	p = append(p, kube.Permissions("", "apiextensions.k8s.io", []string{"customresourcedefinitions"}, []string{"list", "delete"})...)
 	p = append(p, kube.Permissions("", "rbac.authorization.k8s.io", []string{"clusterroles", "clusterrolebindings"}, []string{"list", "delete"})...)
+	p = append(p, kube.Permissions("", "admissionregistration.k8s.io", []string{"validatingadmissionpolicies", "validatingadmissionpolicybindings"}, []string{"list", "delete"})...)
 	p = append(p, kube.Permission{Verb: "list", Resource: "nodes"})
 	return p
 }
@@ -260,7 +261,17 @@ func (o *Options) clusterObjects(ctx context.Context) (int, error) {
 	if err != nil {
 		return 0, fmt.Errorf("list ClusterRoleBindings: %w", err)
 	}
-	return n + len(crbs.Items), nil
+	n += len(crbs.Items)
+	vaps, err := o.Clients.Kube.AdmissionregistrationV1().ValidatingAdmissionPolicies().List(ctx, sel)
+	if err != nil {
+		return 0, fmt.Errorf("list ValidatingAdmissionPolicies: %w", err)
+	}
+	n += len(vaps.Items)
+	vapbs, err := o.Clients.Kube.AdmissionregistrationV1().ValidatingAdmissionPolicyBindings().List(ctx, sel)
+	if err != nil {
+		return 0, fmt.Errorf("list ValidatingAdmissionPolicyBindings: %w", err)
+	}
+	return n + len(vapbs.Items), nil
 }
 
 func (o *Options) waitPodsGone(ctx context.Context, selector, what string) error {

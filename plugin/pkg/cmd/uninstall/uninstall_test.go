@@ -8,10 +8,12 @@ import (
 	"testing"
 	"time"
 
+	admissionregistrationv1 "k8s.io/api/admissionregistration/v1"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/cli-runtime/pkg/genericiooptions"
 	clienttesting "k8s.io/client-go/testing"
@@ -213,5 +215,41 @@ func TestUninstallRemovesEnvoyAfterCleanup(t *testing.T) {
 	gvr := appsv1.SchemeGroupVersion.WithResource("daemonsets")
 	if _, err := f.Dynamic.Resource(gvr).Namespace(manifests.Namespace).Get(context.Background(), manifests.EnvoyDaemonSetName, metav1.GetOptions{}); !apierrors.IsNotFound(err) {
 		t.Errorf("Envoy DaemonSet still there: %v", err)
+	}
+}
+
+// The NodeState admission policy and its binding are cluster-scoped: left
+// behind alone (the namespace already gone), uninstall still finds and
+// deletes them.
+func TestUninstallRemovesLeftoverAdmissionPolicy(t *testing.T) {
+	const name = "kubectl-ebpf-agent-own-nodestate"
+	labels := manifests.CommonLabels()
+	policy := func(kind string) *unstructured.Unstructured {
+		u := &unstructured.Unstructured{}
+		u.SetAPIVersion("admissionregistration.k8s.io/v1")
+		u.SetKind(kind)
+		u.SetName(name)
+		u.SetLabels(labels)
+		return u
+	}
+	f := testutil.NewFake(t, []runtime.Object{
+		readyNode("n1", true),
+		// What the token controller would add to the recreated namespace.
+		&corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "default", Namespace: manifests.Namespace}},
+		&admissionregistrationv1.ValidatingAdmissionPolicy{ObjectMeta: metav1.ObjectMeta{Name: name, Labels: labels}},
+		&admissionregistrationv1.ValidatingAdmissionPolicyBinding{ObjectMeta: metav1.ObjectMeta{Name: name, Labels: labels}},
+	}, policy("ValidatingAdmissionPolicy"), policy("ValidatingAdmissionPolicyBinding"))
+	cleanupPhase(f, corev1.PodSucceeded)
+	out, err := run(t, f)
+	if err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	for _, want := range []string{
+		"validatingadmissionpolicy.admissionregistration.k8s.io/" + name + " deleted",
+		"validatingadmissionpolicybinding.admissionregistration.k8s.io/" + name + " deleted",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("output lacks %q:\n%s", want, out)
+		}
 	}
 }
