@@ -428,7 +428,8 @@ func Permissions() []kube.Permission {
 	p = append(p, kube.Permissions(ns, "rbac.authorization.k8s.io", []string{"roles", "rolebindings"}, crud)...)
 	// delete: the Envoy DaemonSet goes when an install leaves l7 off.
 	p = append(p, kube.Permissions(ns, "apps", []string{"daemonsets"}, append(slices.Clone(crud), "delete"))...)
-	p = append(p, kube.Permissions(ns, "", []string{"pods"}, []string{"create", "delete"})...)
+	// pods: the image check before a rollout, and uninstall's cleanup pods.
+	p = append(p, kube.Permissions(ns, "", []string{"pods"}, []string{"create", "delete", "list", "get"})...)
 	p = append(p, kube.Permission{Verb: "list", Resource: "nodes"})
 	return p
 }
