@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -82,6 +83,11 @@ func handleAt(path string) (*netlink.Handle, error) {
 	defer ns.Close()
 	h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
 	if err != nil {
+		// The library formats setns's errno into text (%v); keep EPERM
+		// recognisable (errors.Is(err, os.ErrPermission)) for the caller.
+		if strings.Contains(err.Error(), unix.EPERM.Error()) {
+			return nil, fmt.Errorf("netlink handle in %s: %w (%v)", path, unix.EPERM, err)
+		}
 		return nil, fmt.Errorf("netlink handle in %s: %w", path, err)
 	}
 	return h, nil
@@ -123,9 +129,16 @@ func linkByIndex(h *netlink.Handle, ifindex int) (netlink.Link, error) {
 }
 
 // bridgePort finds the member of bridge whose veth peer holds ip.
+// A namespace it may not enter is an error, not "no port": without
+// CAP_SYS_ADMIN (setns) every pod behind a bridge would silently go
+// unenforced while the agent reports ready.
 func (n *NetlinkInterfaces) bridgePort(h *netlink.Handle, bridge int, ip netip.Addr) (int, error) {
+	var denied error
 	for _, path := range n.netnsPaths() {
 		host, err := peerOfAddrIn(path, ip)
+		if errors.Is(err, os.ErrPermission) && denied == nil {
+			denied = fmt.Errorf("find the bridge port of %s: %w (the agent needs CAP_SYS_ADMIN to enter pod network namespaces)", ip, err)
+		}
 		if err != nil || host == 0 {
 			continue // namespaces come and go while we scan
 		}
@@ -133,7 +146,7 @@ func (n *NetlinkInterfaces) bridgePort(h *netlink.Handle, bridge int, ip netip.A
 			return host, nil
 		}
 	}
-	return 0, nil
+	return 0, denied
 }
 
 func (n *NetlinkInterfaces) netnsPaths() []string {

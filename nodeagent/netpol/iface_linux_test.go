@@ -4,10 +4,12 @@ package netpol
 
 import (
 	"context"
+	"fmt"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -15,6 +17,7 @@ import (
 
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/bpftest"
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/netnsutil"
+	"golang.org/x/sys/unix"
 )
 
 func ipCmd(t *testing.T, args ...string) {
@@ -108,4 +111,32 @@ func TestIntegrationInterfaces(t *testing.T) {
 			t.Errorf("watch: %v", err)
 		}
 	}()
+
+	// Without CAP_SYS_ADMIN (setns) the bridge pod's port cannot be found:
+	// that must be an error (the endpoint then reports a problem), never
+	// "no interface yet", which leaves the pod unenforced while the agent
+	// says ready. Dropped on one locked thread only, which dies with it.
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread exits with the goroutine
+		hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+		var data [2]unix.CapUserData
+		if err := unix.Capget(&hdr, &data[0]); err != nil {
+			errc <- fmt.Errorf("capget: %w", err)
+			return
+		}
+		data[0].Effective &^= 1 << unix.CAP_SYS_ADMIN
+		if err := unix.Capset(&hdr, &data[0]); err != nil {
+			errc <- fmt.Errorf("capset: %w", err)
+			return
+		}
+		idx, err := ifs.ifIndex(hostHandle, netip.MustParseAddr("10.99.0.5"))
+		if err == nil {
+			err = fmt.Errorf("no error, ifindex %d", idx)
+		}
+		errc <- err
+	}()
+	if err := <-errc; err == nil || !strings.Contains(err.Error(), "CAP_SYS_ADMIN") {
+		t.Errorf("bridge port lookup without CAP_SYS_ADMIN: %v, want an error naming CAP_SYS_ADMIN", err)
+	}
 }

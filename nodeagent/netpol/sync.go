@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"os"
 	"reflect"
 	"slices"
 	"sort"
@@ -630,6 +631,12 @@ func (s *Syncer) sync(full bool) (err error) {
 		if err != nil || idx == 0 {
 			if err != nil {
 				s.log.Debug("pod interface", "pod", k, "err", err)
+			}
+			if errors.Is(err, os.ErrPermission) {
+				// Not an interface that is not there yet: the agent may not
+				// look (no CAP_SYS_ADMIN to enter pod namespaces). Said as a
+				// sync error, or the pod would go unenforced in silence.
+				errs = append(errs, fmt.Errorf("pod %s unenforced: %w", k, err))
 			}
 			retry = append(retry, k)
 			continue
