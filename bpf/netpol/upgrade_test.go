@@ -12,7 +12,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -33,22 +32,8 @@ func TestMapVersionsCoverSpec(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var pinned, listed []string
-	for _, ms := range spec.Maps {
-		if ms.Pinning == ebpf.PinByName {
-			pinned = append(pinned, ms.Name)
-		}
-	}
-	for _, vm := range mapVersions {
-		listed = append(listed, vm.Name)
-		if vm.Policy == 0 || vm.Version < 1 || vm.Why == "" {
-			t.Errorf("%s: incomplete entry %+v", vm.Name, vm)
-		}
-	}
-	slices.Sort(pinned)
-	slices.Sort(listed)
-	if !slices.Equal(pinned, listed) {
-		t.Errorf("versioned maps %v, pinned maps %v", listed, pinned)
+	if err := pins.CheckTable(spec, mapVersions); err != nil {
+		t.Fatal(err)
 	}
 }
 

@@ -541,3 +541,39 @@ func removeTempPins(dir string) error {
 	}
 	return errors.Join(errs...)
 }
+
+// CheckTable reports pinned maps of spec without an entry in table, entries
+// naming no pinned map of spec, and incomplete entries: a loader's table
+// must state a policy for every map it pins (for the loaders' unit tests).
+func CheckTable(spec *ebpf.CollectionSpec, table []VersionedMap) error {
+	var errs []error
+	listed := map[string]bool{}
+	for _, vm := range table {
+		if listed[vm.Name] {
+			errs = append(errs, fmt.Errorf("%s listed twice", vm.Name))
+		}
+		listed[vm.Name] = true
+		if vm.Policy < Migrate || vm.Policy > Recreate || vm.Version < 1 || vm.Why == "" {
+			errs = append(errs, fmt.Errorf("%s: incomplete entry (policy, version >= 1 and why are required)", vm.Name))
+		}
+		ms, ok := spec.Maps[vm.Name]
+		if !ok || ms.Pinning != ebpf.PinByName {
+			errs = append(errs, fmt.Errorf("%s: not a pinned map of the program", vm.Name))
+			continue
+		}
+		if vm.Policy != Recreate && uncopyable(ms.Type) {
+			errs = append(errs, fmt.Errorf("%s: %s entries cannot be copied; its policy must be %s", vm.Name, ms.Type, Recreate))
+		}
+		for _, u := range vm.Upgrades {
+			if u.From >= vm.Version {
+				errs = append(errs, fmt.Errorf("%s: upgrade from v%d is not older than v%d", vm.Name, u.From, vm.Version))
+			}
+		}
+	}
+	for name, ms := range spec.Maps {
+		if ms.Pinning == ebpf.PinByName && !listed[name] {
+			errs = append(errs, fmt.Errorf("pinned map %s has no migration policy", name))
+		}
+	}
+	return errors.Join(errs...)
+}
