@@ -345,8 +345,9 @@ func (m *migrated) build() error {
 	}
 	m.new = nm
 	if m.vm.Policy == Recreate {
-		// For the log: how much state is dropped (ring buffers: unknown).
-		if !uncopyable(m.old.Type()) {
+		// For the log: how much state is dropped (ring buffers: unknown;
+		// socket maps list their keys).
+		if t := m.old.Type(); t != ebpf.RingBuf && t != ebpf.UserRingbuf {
 			n, _ := countEntries(m.old, m.old.MaxEntries())
 			m.copied = n
 		}

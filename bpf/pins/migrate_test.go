@@ -7,6 +7,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -14,6 +15,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/bpftest"
 )
@@ -451,5 +453,68 @@ func TestBPFFSRenameReplaces(t *testing.T) {
 	defer c.Close()
 	if err := c.Pin(filepath.Join(dir, "kebpf_x.tmp")); err == nil {
 		t.Error("bpffs accepted a dotted name; the temporary suffix could use one")
+	}
+}
+
+// Why a SOCKHASH is recreated rather than copied: user space inserts a
+// socket by fd, but a lookup gives back its cookie, which no update
+// accepts. MigrateMaps refuses a copy policy for it.
+func TestSockhashCannotBeCopied(t *testing.T) {
+	bpftest.RequireRoot(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	f, err := c.(*net.TCPConn).File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	cookie, err := unix.GetsockoptUint64(int(f.Fd()), unix.SOL_SOCKET, unix.SO_COOKIE)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ms := &ebpf.MapSpec{Name: "kebpf_t_socks", Type: ebpf.SockHash, KeySize: 4, ValueSize: 8, MaxEntries: 4, Pinning: ebpf.PinByName}
+	m, err := ebpf.NewMap(&ebpf.MapSpec{Type: ms.Type, KeySize: 4, ValueSize: 8, MaxEntries: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if err := m.Update(uint32(1), uint64(f.Fd()), ebpf.UpdateAny); err != nil {
+		t.Fatalf("insert socket by fd: %v", err)
+	}
+	var got uint64
+	if err := m.Lookup(uint32(1), &got); err != nil {
+		t.Fatal(err)
+	}
+	if got != cookie {
+		t.Fatalf("lookup = %d, want the socket cookie %d", got, cookie)
+	}
+	if err := m.Update(uint32(2), got, ebpf.UpdateAny); err == nil {
+		t.Fatal("a SOCKHASH accepted a socket cookie as value: it could be copied")
+	}
+
+	dir := filepath.Join(bpftest.BPFFS(t), "maps")
+	if err := MkdirAll(dir); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Pin(filepath.Join(dir, ms.Name)); err != nil {
+		t.Fatal(err)
+	}
+	grown := ms.Copy()
+	grown.MaxEntries = 8
+	spec := &ebpf.CollectionSpec{Maps: map[string]*ebpf.MapSpec{ms.Name: grown}}
+	_, err = MigrateMaps(spec, dir, []VersionedMap{{Name: ms.Name, Version: 1, Policy: Migrate, Why: "test"}}, nil)
+	if err == nil || !strings.Contains(err.Error(), "cannot be copied") {
+		t.Fatalf("migrate policy on a SOCKHASH: err %v", err)
+	}
+	if err := CheckTable(spec, []VersionedMap{{Name: ms.Name, Version: 1, Policy: Migrate, Why: "test"}}); err == nil {
+		t.Fatal("CheckTable accepted a copy policy for a SOCKHASH")
 	}
 }

@@ -17,13 +17,20 @@ import (
 // Load loads the programs. Maps are reused from <pinDir>/maps when pinned
 // (steered destinations and live pairs survive a restart), otherwise created
 // and pinned. pinDir must be on a bpffs.
-func Load(pinDir string) (*Objects, error) {
+func Load(pinDir string) (*Objects, error) { return load(pinDir, nil) }
+
+// load is Load with edit applied to the spec first (tests stand in an
+// agent of another version with it: the map sizes are fixed in sockmap.c).
+func load(pinDir string, edit func(*ebpf.CollectionSpec)) (*Objects, error) {
 	if err := pins.MkdirAll(MapPinDir(pinDir), filepath.Join(pinDir, "links")); err != nil {
 		return nil, err
 	}
 	spec, err := LoadSockmap()
 	if err != nil {
 		return nil, fmt.Errorf("load sockmap spec: %w", err)
+	}
+	if edit != nil {
+		edit(spec)
 	}
 	o := &Objects{pinDir: pinDir, links: map[string]link.Link{}}
 	// Pinned maps whose layout changed (an upgrade) are replaced by copies

@@ -24,18 +24,18 @@ const (
 // kebpf_l7_socks cannot be copied: a SOCKHASH reads back socket cookies and
 // an update needs the socket's fd, which only the socket's owner has. A new
 // one starts empty: sockops adds connections established from then on.
-// Pairs in the old one stay redirected by the old sk_msg program until the
-// old map's last user reference goes (Migration.Finish, at Attach), which
-// detaches that program; the pairs then go through the TCP stack, unsteered
-// by sk_msg but still connected (the agent has no way to re-insert them:
-// sockops sees established connections only once).
+// Pairs in the old one are not lost: their sockets' psocks hold the old
+// sk_msg program, which holds the old map, so they stay redirected there
+// until they close, and the kernel frees the old map with the last of them
+// (TestUpgradeRecreatesSockhash). The agent could not re-insert them anyway:
+// sockops sees an established connection once.
 var mapVersions = append([]pins.VersionedMap{
 	{Name: SockmapMapKebpfL7Cfg, Version: cfgLayout, Policy: pins.Migrate,
 		Why: "Envoy's listeners and mark, written only by the agent"},
 	{Name: SockmapMapKebpfL7Cookie, Version: cookieLayout, Policy: pins.MigrateCatchUp,
 		Why: "original destinations between connect() and TCP_CONNECT, written by the programs"},
 	{Name: SockmapMapKebpfL7Socks, Version: socksLayout, Policy: pins.Recreate,
-		Why: "SOCKHASH: sockets cannot be copied from user space (lookups return cookies); live pairs fall back to the TCP stack, new connections are added by sockops"},
+		Why: "SOCKHASH: sockets cannot be copied from user space (lookups return cookies); live pairs stay redirected in the old map until they close, new connections go into the new one"},
 	{Name: SockmapMapKebpfL7Stats, Version: statsLayout, Policy: pins.Migrate,
 		Why: "counters (array: increments between the copy and Attach are lost)"},
 	{Name: SockmapMapKebpfL7Lost, Version: lostLayout, Policy: pins.Migrate,
