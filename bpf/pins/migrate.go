@@ -2,6 +2,7 @@ package pins
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -29,8 +30,10 @@ const (
 	// MigrateCatchUp is Migrate plus a second pass after the new programs
 	// replaced the old ones on the links (Migration.Finish): entries the
 	// old programs created meanwhile (new flows in a conntrack table) are
-	// copied when the new map lacks them. Entries present in both keep the
-	// new map's value: it is the copy or, newer, what the new programs wrote.
+	// copied when the new map lacks them. Keys the first pass copied are
+	// not copied again: the new map's value is the copy or, newer, what the
+	// new programs wrote (the old programs' updates in between are lost),
+	// and a copied key now missing was deleted or evicted there.
 	MigrateCatchUp
 	// Recreate starts the map empty; the state is lost, and logged so. For
 	// maps that cannot be copied (ring buffers cannot be iterated, a
@@ -105,12 +108,20 @@ type migrated struct {
 	from, to string   // layouts, for the log
 	old, new *ebpf.Map
 	copied   int
-	renamed  bool
+	evicted  int // copied entries an LRU map evicted during the copy
+	// copiedKeys are the old map's keys the first pass copied (the
+	// catch-up skips them).
+	copiedKeys map[string]struct{}
+	renamed    bool
 }
 
 // layout describes m's layout for logs.
 func layout(version int, typ ebpf.MapType, k, v, max, flags uint32) string {
-	return fmt.Sprintf("v%d %s key=%d value=%d max_entries=%d flags=%#x", version, typ, k, v, max, flags)
+	ver := "v?"
+	if version > 0 {
+		ver = fmt.Sprintf("v%d", version)
+	}
+	return fmt.Sprintf("%s %s key=%d value=%d max_entries=%d flags=%#x", ver, typ, k, v, max, flags)
 }
 
 // uncopyable map types: their entries cannot be read back as written (ring
@@ -226,6 +237,9 @@ func plan(ms *ebpf.MapSpec, old *ebpf.Map, pin string, table map[string]Versione
 				break
 			}
 		}
+		if m.up == nil {
+			fromVersion = 0 // an older layout this table does not know
+		}
 		if m.up == nil && vm.Policy != Recreate {
 			return nil, fmt.Errorf("pinned map %s: key/value size %d/%d changed to %d/%d with no upgrade from that layout; refusing to drop its state",
 				ms.Name, old.KeySize(), old.ValueSize(), ms.KeySize, ms.ValueSize)
@@ -278,6 +292,8 @@ func countEntries(old *ebpf.Map, max uint32) (int, error) {
 
 func isArray(t ebpf.MapType) bool { return t == ebpf.Array || t == ebpf.PerCPUArray }
 
+func lru(t ebpf.MapType) bool { return t == ebpf.LRUHash || t == ebpf.LRUCPUHash }
+
 // perCPU map types: a lookup returns one value per possible CPU.
 func perCPU(t ebpf.MapType) bool {
 	switch t {
@@ -289,14 +305,15 @@ func perCPU(t ebpf.MapType) bool {
 
 func allZero(b []byte) bool { return bytes.Count(b, []byte{0}) == len(b) }
 
-// eachKey calls fn with every key of m. A key deleted while iterating
-// restarts the walk in the kernel (get_next_key of a missing key returns
-// the first); a map is walked at most twice its size so concurrent churn
-// cannot loop forever.
+// eachKey calls fn once with every key of m. get_next_key of a key the
+// datapath deleted meanwhile restarts at the first key (hash maps, LPM
+// tries): keys already seen are skipped, and a walk that keeps restarting
+// (heavy churn) gives up with an error rather than a partial copy.
 func eachKey(m *ebpf.Map, fn func([]byte) error) error {
+	seen := map[string]struct{}{}
 	// An untyped nil asks for the first key; a nil []byte would not.
 	var cur any
-	for range 2*int(m.MaxEntries()) + 1 {
+	for range 4*int(m.MaxEntries()) + 16 {
 		next, err := m.NextKeyBytes(cur)
 		if err != nil {
 			return fmt.Errorf("list keys: %w", err)
@@ -304,12 +321,16 @@ func eachKey(m *ebpf.Map, fn func([]byte) error) error {
 		if next == nil {
 			return nil
 		}
+		cur = next
+		if _, ok := seen[string(next)]; ok {
+			continue
+		}
+		seen[string(next)] = struct{}{}
 		if err := fn(next); err != nil {
 			return err
 		}
-		cur = next
 	}
-	return nil
+	return fmt.Errorf("list keys: the map changed too fast to walk (%d keys seen)", len(seen))
 }
 
 // lookupValues reads key's value: one slice, or one per CPU.
@@ -357,6 +378,17 @@ func (m *migrated) build() error {
 			return fmt.Errorf("migrate %s: %w", ms.Name, err)
 		}
 		m.copied = n
+		if lru(nm.Type()) {
+			// An LRU map evicts before it is full (a CPU refills its
+			// free list in batches and shrinks the list when the batch
+			// is short), so a copy close to max_entries may lose
+			// entries: count them, and say so.
+			have, err := countEntries(nm, nm.MaxEntries())
+			if err != nil {
+				return fmt.Errorf("migrate %s: %w", ms.Name, err)
+			}
+			m.evicted = max(0, n-have)
+		}
 	}
 	if err := nm.Pin(TempPin(m.pin)); err != nil {
 		return fmt.Errorf("pin %s: %w", TempPin(m.pin), err)
@@ -365,12 +397,26 @@ func (m *migrated) build() error {
 }
 
 // copy copies the old map's entries, converted, into the new one and
-// returns how many it wrote. With UpdateNoExist (the catch-up) a key the
-// new map has is skipped.
+// returns how many it wrote. The first pass (UpdateAny) records the keys it
+// copied; the catch-up (UpdateNoExist) copies only keys the first pass did
+// not see, that the new map lacks: entries the old programs created since.
+// A copied key now missing was deleted by the new programs or evicted by
+// the LRU; bringing it back would resurrect a closed flow or, near
+// capacity, evict the next one in line (LRU order is copy order).
 func (m *migrated) copy(flags ebpf.MapUpdateFlags) (int, error) {
 	n := 0
 	array := isArray(m.new.Type())
+	catchUp := flags == ebpf.UpdateNoExist
+	if !catchUp {
+		m.copiedKeys = map[string]struct{}{}
+	}
 	err := eachKey(m.old, func(k []byte) error {
+		if catchUp {
+			if _, ok := m.copiedKeys[string(k)]; ok {
+				return nil
+			}
+		}
+		oldKey := string(k)
 		vals, err := lookupValues(m.old, k)
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
 			return nil // deleted by the datapath meanwhile
@@ -412,6 +458,9 @@ func (m *migrated) copy(flags ebpf.MapUpdateFlags) (int, error) {
 			}
 			return fmt.Errorf("update: %w", err)
 		}
+		if !catchUp {
+			m.copiedKeys[oldKey] = struct{}{}
+		}
 		n++
 		return nil
 	})
@@ -446,8 +495,12 @@ func (mg *Migration) Finish() error {
 			}
 			catchUp = n
 		}
-		mg.log.Info("pinned map migrated to a new layout", "map", m.vm.Name, "policy", m.vm.Policy,
-			"from", m.from, "to", m.to, "copied", m.copied, "catch_up", catchUp)
+		level := slog.LevelInfo
+		if m.evicted > 0 {
+			level = slog.LevelWarn
+		}
+		mg.log.Log(context.Background(), level, "pinned map migrated to a new layout", "map", m.vm.Name, "policy", m.vm.Policy,
+			"from", m.from, "to", m.to, "copied", m.copied, "catch_up", catchUp, "evicted_by_lru", m.evicted)
 	}
 	mg.closeAll()
 	return errors.Join(errs...)
