@@ -1,6 +1,7 @@
-// Package pins holds the link handling every datapath package of bpf/
-// shares: links are pinned so the datapath outlives the agent, which makes
-// attaching idempotently, removing one and recognising an existing one the
+// Package pins holds the link and map handling every datapath package of
+// bpf/ shares: links and maps are pinned so the datapath outlives the agent,
+// which makes attaching idempotently, removing one, recognising an existing
+// one and carrying a pinned map's state into a new layout (migrate.go) the
 // same job everywhere.
 package pins
 
