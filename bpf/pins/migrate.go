@@ -9,7 +9,6 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"strings"
 
 	"github.com/cilium/ebpf"
 )
@@ -149,13 +148,15 @@ func uncopyable(t ebpf.MapType) bool {
 // entry, an unknown old layout or more entries than the new max_entries
 // fails the whole migration, the old pins untouched. Temporary pins a
 // crashed migration left are removed first (their old pins were never
-// replaced, so the migration simply runs again).
+// replaced, so the migration simply runs again). Two loaders must not
+// migrate the same map at once (the shared L7 maps are in two specs): the
+// agent enables its features one at a time.
 func MigrateMaps(spec *ebpf.CollectionSpec, pinPath string, table []VersionedMap, log *slog.Logger) (*Migration, error) {
 	if log == nil {
 		log = slog.Default()
 	}
 	mg := &Migration{log: log}
-	if err := removeTempPins(pinPath); err != nil {
+	if err := removeTempPins(spec, pinPath); err != nil {
 		return nil, err
 	}
 	byName := map[string]VersionedMap{}
@@ -575,22 +576,19 @@ func (mg *Migration) Migrated() []string {
 	return names
 }
 
-// removeTempPins removes the temporary pins a migration interrupted before
-// its rename left in dir.
-func removeTempPins(dir string) error {
-	ents, err := os.ReadDir(dir)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
-		return fmt.Errorf("read %s: %w", dir, err)
-	}
+// removeTempPins removes the temporary pins of spec's maps that a
+// migration interrupted before its rename left in dir. Only this spec's:
+// the map directory is shared, and another package may be migrating its
+// own maps at the same moment.
+func removeTempPins(spec *ebpf.CollectionSpec, dir string) error {
 	var errs []error
-	for _, e := range ents {
-		if strings.HasSuffix(e.Name(), tempSuffix) {
-			if err := os.Remove(filepath.Join(dir, e.Name())); err != nil {
-				errs = append(errs, fmt.Errorf("remove leftover %s: %w", e.Name(), err))
-			}
+	for _, ms := range spec.Maps {
+		if ms.Pinning != ebpf.PinByName {
+			continue
+		}
+		tmp := TempPin(filepath.Join(dir, ms.Name))
+		if err := os.Remove(tmp); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("remove leftover %s: %w", tmp, err))
 		}
 	}
 	return errors.Join(errs...)
