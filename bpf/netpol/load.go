@@ -39,8 +39,9 @@ const (
 )
 
 // LoadOptions size the maps and set the conntrack timeouts. Zero fields take
-// the defaults. Changing a map size while the maps are pinned makes Load
-// fail (the kernel cannot resize a map): Detach first.
+// the defaults. Changing a map size while the maps are pinned migrates the
+// map at Load (the kernel cannot resize one: a new map gets the entries,
+// see mapVersions); a size below the entries a map holds makes Load fail.
 type LoadOptions struct {
 	// MaxEndpoints bounds the local pods with programs attached.
 	MaxEndpoints int
@@ -149,13 +150,27 @@ func Load(pinDir string, opts LoadOptions) (*Objects, error) {
 	}
 	o := &Objects{pinDir: pinDir, opts: lo, mode: mode, eps: map[uint32]*epState{},
 		links: map[int][2]link.Link{}, filters: map[int]bool{}}
+	// Pinned maps whose layout changed (a size option, an upgrade) are
+	// replaced by copies the new programs accept; the old programs keep the
+	// old maps until rebuild switches their links.
+	mg, err := pins.MigrateMaps(spec, MapPinDir(pinDir), mapVersions, lo.Logger)
+	if err != nil {
+		return nil, err
+	}
 	copts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: MapPinDir(pinDir)}}
 	if err := spec.LoadAndAssign(&o.objs, copts); err != nil {
-		return nil, pins.LoadError("netpol", err)
+		// Nothing runs on the new maps: put the old ones back.
+		return nil, errors.Join(pins.LoadError("netpol", err), mg.Abort())
 	}
-	if err := o.rebuild(); err != nil {
+	rerr := o.rebuild()
+	// After rebuild (also a failed one) links may run the new programs:
+	// the new maps are the live ones, so catch up instead of aborting.
+	if err := mg.Finish(); err != nil {
+		o.opts.Logger.Warn("catch up migrated maps", "err", err)
+	}
+	if rerr != nil {
 		o.objs.Close()
-		return nil, err
+		return nil, rerr
 	}
 	return o, nil
 }

@@ -1,6 +1,7 @@
-// Package pins holds the link handling every datapath package of bpf/
-// shares: links are pinned so the datapath outlives the agent, which makes
-// attaching idempotently, removing one and recognising an existing one the
+// Package pins holds the link and map handling every datapath package of
+// bpf/ shares: links and maps are pinned so the datapath outlives the agent,
+// which makes attaching idempotently, removing one, recognising an existing
+// one and carrying a pinned map's state into a new layout (migrate.go) the
 // same job everywhere.
 package pins
 
@@ -328,4 +329,20 @@ func ClearMap(m *ebpf.Map) error {
 func ClearPinnedMaps(paths []string) error {
 	return eachPinned(paths, "map", func(p string) (*ebpf.Map, error) { return ebpf.LoadPinnedMap(p, nil) },
 		func(m *ebpf.Map) error { defer m.Close(); return ClearMap(m) }, "clear")
+}
+
+// SharedL7Versions is the upgrade contract of SharedL7Maps, in the versioned
+// map table of both packages that load them (whichever loads first
+// migrates; the other finds a compatible pin). Their sizes are fixed in
+// l7_shared.h, so only a new agent changes their layout. Bump a version
+// (with an Upgrade) when its struct in l7_shared.h changes.
+var SharedL7Versions = []VersionedMap{
+	{Name: "kebpf_l7_dst", Version: 1, Policy: Migrate,
+		Why: "steered destinations, written only by the agent (sockmap)"},
+	{Name: "kebpf_l7_envcg", Version: 1, Policy: Migrate,
+		Why: "Envoy's cgroups, written only by the agent (sockmap)"},
+	{Name: "kebpf_l7_orig", Version: 1, Policy: MigrateCatchUp,
+		Why: "original destinations of accepted Envoy sockets, written by the sockmap programs: netpol reads them for live proxied connections"},
+	{Name: "kebpf_l7_active", Version: 1, Policy: Migrate,
+		Why: "the steering switch, written only by the agent"},
 }

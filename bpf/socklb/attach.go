@@ -41,6 +41,11 @@ func (o *Objects) Attach(cgroupPath string) error {
 		return err
 	}
 	o.links = links
+	// The links run the new programs: entries the old ones wrote since
+	// Load's copy can be caught up now.
+	if err := o.finishMigration(); err != nil {
+		o.opts.Logger.Warn("catch up migrated maps", "err", err)
+	}
 	return nil
 }
 

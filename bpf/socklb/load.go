@@ -25,8 +25,9 @@ const (
 )
 
 // LoadOptions size the maps. Zero fields take the defaults. Changing a size
-// while maps are pinned makes Load fail (the kernel cannot resize a map):
-// Detach first.
+// while maps are pinned migrates the map at Load (the kernel cannot resize
+// one: a new map gets the entries, see mapVersions); a size below the
+// entries a map holds makes Load fail.
 type LoadOptions struct {
 	// MaxFrontends is the total number of frontends (IPv4 + IPv6).
 	MaxFrontends int
@@ -154,10 +155,20 @@ func Load(pinDir string, opts ...LoadOptions) (*Objects, error) {
 		svcs:   map[uint32]*svcState{},
 		owner:  map[Frontend]uint32{},
 	}
+	// Pinned maps whose layout changed (a size option, an upgrade) are
+	// replaced by copies the new programs accept; the old programs keep the
+	// old maps until Attach switches the links (Attach or Close finishes
+	// the migration).
+	mg, err := pins.MigrateMaps(spec, MapPinDir(pinDir), mapVersions, lo.Logger)
+	if err != nil {
+		return nil, err
+	}
 	copts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: MapPinDir(pinDir)}}
 	if err := spec.LoadAndAssign(&o.objs, copts); err != nil {
-		return nil, pins.LoadError("socklb", err)
+		// Nothing runs on the new maps: put the old ones back.
+		return nil, errors.Join(pins.LoadError("socklb", err), mg.Abort())
 	}
+	o.migration = mg
 
 	// The iterator shares the rev-NAT, request and trace maps with the
 	// objects above; a failure here (no bpf_sock_destroy) only disables socket
@@ -178,8 +189,11 @@ func Load(pinDir string, opts ...LoadOptions) (*Objects, error) {
 	}
 
 	if err := o.rebuild(); err != nil {
+		// Not attached yet: the old programs still run on the old maps.
+		aerr := o.migration.Abort()
+		o.migration = nil
 		o.Close()
-		return nil, err
+		return nil, errors.Join(err, aerr)
 	}
 	return o, nil
 }

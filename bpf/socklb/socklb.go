@@ -50,6 +50,9 @@ type Objects struct {
 	links   map[string]link.Link
 	pinDir  string
 	opts    LoadOptions
+	// migration holds the maps Load replaced until the links run the new
+	// programs (Attach) or this process lets go (Close).
+	migration *pins.Migration
 
 	mu           sync.Mutex
 	svcs         map[uint32]*svcState
@@ -68,7 +71,7 @@ func (o *Objects) Datapath() Datapath { return o }
 // Close releases this process's handles. Pinned links and maps stay, so
 // translation continues; use Detach to remove it.
 func (o *Objects) Close() error {
-	errs := []error{pins.CloseLinks(o.links)}
+	errs := []error{o.finishMigration(), pins.CloseLinks(o.links)}
 	o.links = map[string]link.Link{}
 	if o.kill != nil {
 		errs = append(errs, o.kill.Close())
@@ -78,4 +81,12 @@ func (o *Objects) Close() error {
 		errs = append(errs, fmt.Errorf("close objects: %w", err))
 	}
 	return errors.Join(errs...)
+}
+
+// finishMigration catches up and releases the maps Load replaced (no-op
+// when none or already done).
+func (o *Objects) finishMigration() error {
+	err := o.migration.Finish()
+	o.migration = nil
+	return err
 }

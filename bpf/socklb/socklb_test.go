@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/bpftest"
+	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/pins"
 )
 
 // flowWant is what a row of the flow table expects: either Errno (the
@@ -541,4 +542,15 @@ func TestProgRunUnsupported(t *testing.T) {
 	}
 	delete(spec.Programs, KillProgramName)
 	bpftest.ProgRunUnsupported(t, spec, SocklbProgKebpfConnect4)
+}
+
+// Every pinned map of the program has an upgrade policy.
+func TestMapVersionsCoverSpec(t *testing.T) {
+	spec, err := LoadSocklb()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := pins.CheckTable(spec, mapVersions); err != nil {
+		t.Fatal(err)
+	}
 }

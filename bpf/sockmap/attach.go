@@ -5,6 +5,7 @@ package sockmap
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 
 	"github.com/cilium/ebpf"
@@ -73,6 +74,11 @@ func (o *Objects) Attach(cgroupPath string) error {
 		return errors.Join(err, pins.DetachLinks(links))
 	}
 	o.links = links
+	// The links run the new programs: entries the old ones wrote since
+	// Load's copy can be caught up now.
+	if err := o.finishMigration(); err != nil {
+		slog.Warn("catch up migrated maps", "err", err)
+	}
 	return nil
 }
 

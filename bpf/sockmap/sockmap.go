@@ -34,12 +34,23 @@ type Objects struct {
 	links  map[string]link.Link
 	msgOn  bool // sk_msg attached to kebpf_l7_socks by this Objects
 	closed bool
+	// migration holds the maps Load replaced until the links run the new
+	// programs (Attach) or this process lets go (Close).
+	migration *pins.Migration
+}
+
+// finishMigration catches up and releases the maps Load replaced (no-op
+// when none or already done).
+func (o *Objects) finishMigration() error {
+	err := o.migration.Finish()
+	o.migration = nil
+	return err
 }
 
 // Close releases this process's handles. Attachments stay (pinned links,
 // the sk_msg program held by the pinned SOCKHASH): use Detach to remove them.
 func (o *Objects) Close() error {
-	errs := []error{pins.CloseLinks(o.links)}
+	errs := []error{o.finishMigration(), pins.CloseLinks(o.links)}
 	o.links = map[string]link.Link{}
 	if !o.closed {
 		o.closed = true

@@ -11,6 +11,7 @@ package sockstats
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 
@@ -72,6 +73,17 @@ type Objects struct {
 	objs   SockstatsObjects
 	link   link.Link
 	pinDir string
+	// migration holds the map Load replaced until the link runs the new
+	// program (Attach) or this process lets go (Close).
+	migration *pins.Migration
+}
+
+// mapVersions: the counters are copied when their layout changes (a new
+// SLOT_* grows the array: the existing slots keep their counts). Bump the
+// version, with a pins.Upgrade, if the value type changes.
+var mapVersions = []pins.VersionedMap{
+	{Name: MapName, Version: 1, Policy: pins.Migrate,
+		Why: "socket counters (array: increments between the copy and Attach are lost)"},
 }
 
 // Load loads the program into the kernel. The counter map is reused from
@@ -82,11 +94,28 @@ func Load(pinDir string) (*Objects, error) {
 		return nil, err
 	}
 	o := &Objects{pinDir: pinDir}
-	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: MapPinDir(pinDir)}}
-	if err := LoadSockstatsObjects(&o.objs, opts); err != nil {
-		return nil, pins.LoadError(ProgramName, err)
+	spec, err := LoadSockstats()
+	if err != nil {
+		return nil, fmt.Errorf("load sockstats spec: %w", err)
 	}
+	// Load takes no options: the migration logs to slog.Default().
+	mg, err := pins.MigrateMaps(spec, MapPinDir(pinDir), mapVersions, slog.Default())
+	if err != nil {
+		return nil, err
+	}
+	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: MapPinDir(pinDir)}}
+	if err := spec.LoadAndAssign(&o.objs, opts); err != nil {
+		return nil, errors.Join(pins.LoadError(ProgramName, err), mg.Abort())
+	}
+	o.migration = mg
 	return o, nil
+}
+
+// finishMigration releases the map Load replaced (no-op when none).
+func (o *Objects) finishMigration() error {
+	err := o.migration.Finish()
+	o.migration = nil
+	return err
 }
 
 // Attach attaches the program at the cgroup v2 directory cgroupPath and pins
@@ -103,7 +132,7 @@ func (o *Objects) Attach(cgroupPath string) error {
 		return err
 	}
 	o.link = l
-	return nil
+	return o.finishMigration()
 }
 
 // Attached reports whether Attach succeeded.
@@ -130,7 +159,7 @@ func ReadCounts(m *ebpf.Map) (Counts, error) {
 // Close releases this process's handles. The pinned link and map stay, so
 // the program keeps running; use Detach to remove it.
 func (o *Objects) Close() error {
-	var errs []error
+	errs := []error{o.finishMigration()}
 	if o.link != nil {
 		if err := o.link.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("close link: %w", err))
