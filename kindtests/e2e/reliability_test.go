@@ -107,11 +107,11 @@ func TestIntegrationReliability(t *testing.T) {
 	}
 	installPrevious := func() {
 		t.Helper()
-		runPlugin(t, prev.Plugin, 6*time.Minute, "install", "--envoy-image", env.Product.EnvoyRef, "--wait", "--timeout", "5m")
+		runPlugin(t, prev.Plugin, 6*time.Minute, "install", "--enable", "l7", "--envoy-image", env.Product.EnvoyRef, "--wait", "--timeout", "5m")
 	}
 	installThis := func() {
 		t.Helper()
-		mustKubectl(t, 6*time.Minute, "ebpf", "install", "--envoy-image", env.Product.EnvoyRef, "--wait", "--timeout", "5m")
+		mustKubectl(t, 6*time.Minute, "ebpf", "install", "--enable", "l7", "--envoy-image", env.Product.EnvoyRef, "--wait", "--timeout", "5m")
 	}
 	installPrevious()
 	deployReliabilityWorkload(t)
