@@ -5,7 +5,6 @@ package netpol
 import (
 	"bufio"
 	"bytes"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -68,16 +67,6 @@ func retrans(t testing.TB, c net.Conn) uint32 {
 		t.Fatal(serr)
 	}
 	return info.Total_retrans
-}
-
-func mapIDOf(t testing.TB, m *ebpf.Map) ebpf.MapID {
-	t.Helper()
-	info, err := m.Info()
-	if err != nil {
-		t.Fatal(err)
-	}
-	id, _ := info.ID()
-	return id
 }
 
 // pusher is a server in b that writes a numbered line every 2ms on one
@@ -309,8 +298,8 @@ func testUpgradeMigratesMaps(t *testing.T, mode AttachMode) {
 
 	ctBefore := countKeys(t, o1.objs.KebpfNpCt)
 	oldIDs := map[string]ebpf.MapID{
-		NetpolMapKebpfNpCt:  mapIDOf(t, o1.objs.KebpfNpCt),
-		NetpolMapKebpfNpPol: mapIDOf(t, o1.objs.KebpfNpPol),
+		NetpolMapKebpfNpCt:  bpftest.MapID(t, o1.objs.KebpfNpCt),
+		NetpolMapKebpfNpPol: bpftest.MapID(t, o1.objs.KebpfNpPol),
 	}
 	c1, err := o1.Counters(1)
 	if err != nil {
@@ -379,7 +368,7 @@ func testUpgradeMigratesMaps(t *testing.T, mode AttachMode) {
 		m.Close()
 	}
 	for name, id := range oldIDs {
-		waitMapFreed(t, name, id)
+		bpftest.WaitMapFreed(t, name, id)
 	}
 	ents, err := os.ReadDir(MapPinDir(pinDir))
 	if err != nil {
@@ -425,25 +414,6 @@ func countKeys(t testing.TB, m *ebpf.Map) int {
 		t.Fatal(err)
 	}
 	return n
-}
-
-func waitMapFreed(t testing.TB, name string, id ebpf.MapID) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		m, err := ebpf.NewMapFromID(id)
-		if errors.Is(err, os.ErrNotExist) {
-			return
-		}
-		if err == nil {
-			m.Close()
-		}
-		if time.Now().After(deadline) {
-			t.Errorf("old %s (map %d) still alive after the upgrade: an old program still holds it", name, id)
-			return
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
 }
 
 // tWriter sends log lines to the test log.

@@ -13,7 +13,6 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -61,16 +60,6 @@ func load(t *testing.T, spec *ebpf.CollectionSpec, dir string) *ebpf.Collection 
 	return c
 }
 
-func mapID(t *testing.T, m *ebpf.Map) ebpf.MapID {
-	t.Helper()
-	info, err := m.Info()
-	if err != nil {
-		t.Fatal(err)
-	}
-	id, _ := info.ID()
-	return id
-}
-
 func pinnedID(t *testing.T, pin string) ebpf.MapID {
 	t.Helper()
 	m, err := ebpf.LoadPinnedMap(pin, nil)
@@ -78,7 +67,7 @@ func pinnedID(t *testing.T, pin string) ebpf.MapID {
 		t.Fatal(err)
 	}
 	defer m.Close()
-	return mapID(t, m)
+	return bpftest.MapID(t, m)
 }
 
 // fill writes n flows (key i, value i*10) and counter slots (slot i = i+1
@@ -102,26 +91,6 @@ func fill(t *testing.T, c *ebpf.Collection, n int) {
 		if err := c.Maps[cntName].Update(i, vals, ebpf.UpdateExist); err != nil {
 			t.Fatal(err)
 		}
-	}
-}
-
-// waitFreed waits for the kernel to drop the map id (its last reference
-// gone).
-func waitFreed(t *testing.T, id ebpf.MapID) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		m, err := ebpf.NewMapFromID(id)
-		if errors.Is(err, os.ErrNotExist) {
-			return
-		}
-		if err == nil {
-			m.Close()
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("old map %d still alive after the migration (err %v)", id, err)
-		}
-		time.Sleep(20 * time.Millisecond)
 	}
 }
 
@@ -154,7 +123,7 @@ func TestMigrateGrow(t *testing.T) {
 	}
 	v1 := load(t, spec(16, 8, 4, 4096), dir)
 	fill(t, v1, 10)
-	oldCT, oldEv := mapID(t, v1.Maps[ctName]), mapID(t, v1.Maps[evName])
+	oldCT, oldEv := bpftest.MapID(t, v1.Maps[ctName]), bpftest.MapID(t, v1.Maps[evName])
 	v1.Close()
 
 	var logs bytes.Buffer
@@ -197,8 +166,8 @@ func TestMigrateGrow(t *testing.T) {
 			t.Errorf("counter %d: %d, want %d", i, s, want)
 		}
 	}
-	waitFreed(t, oldCT)
-	waitFreed(t, oldEv)
+	bpftest.WaitMapFreed(t, "map", oldCT)
+	bpftest.WaitMapFreed(t, "map", oldEv)
 	noTempPins(t, dir)
 	for _, want := range []string{
 		`msg="pinned map migrated to a new layout" map=` + ctName + " policy=migrate+catch-up",
@@ -291,7 +260,7 @@ func TestMigrateRefuses(t *testing.T) {
 	fill(t, v1, 10)
 	ids := map[string]ebpf.MapID{}
 	for _, n := range []string{ctName, cntName, evName} {
-		ids[n] = mapID(t, v1.Maps[n])
+		ids[n] = bpftest.MapID(t, v1.Maps[n])
 	}
 	unchanged := func(t *testing.T) {
 		t.Helper()
@@ -356,7 +325,7 @@ func TestMigrateRecovers(t *testing.T) {
 	}
 	v1 := load(t, spec(16, 8, 4, 4096), dir)
 	fill(t, v1, 10)
-	oldID := mapID(t, v1.Maps[ctName])
+	oldID := bpftest.MapID(t, v1.Maps[ctName])
 
 	// The crashed attempt: a half-filled new map at the temporary name.
 	half, err := ebpf.NewMap(&ebpf.MapSpec{Name: ctName, Type: ebpf.LRUHash, KeySize: 4, ValueSize: 8, MaxEntries: 64})
@@ -369,7 +338,7 @@ func TestMigrateRecovers(t *testing.T) {
 	if err := half.Pin(TempPin(filepath.Join(dir, ctName))); err != nil {
 		t.Fatal(err)
 	}
-	halfID := mapID(t, half)
+	halfID := bpftest.MapID(t, half)
 	half.Close()
 
 	v2spec := spec(64, 8, 4, 4096)
@@ -378,7 +347,7 @@ func TestMigrateRecovers(t *testing.T) {
 		t.Fatal(err)
 	}
 	noTempPins(t, dir)
-	waitFreed(t, halfID)
+	bpftest.WaitMapFreed(t, "map", halfID)
 
 	// The load fails (say the verifier refuses the new programs): Abort
 	// restores the old pin, which the old programs still use.
@@ -436,8 +405,8 @@ func TestBPFFSRenameReplaces(t *testing.T) {
 	if err := os.Rename(TempPin(pin), pin); err != nil {
 		t.Fatalf("rename over a pin on bpffs: %v", err)
 	}
-	if got := pinnedID(t, pin); got != mapID(t, b) {
-		t.Fatalf("pin holds map %d, want the renamed %d", got, mapID(t, b))
+	if got := pinnedID(t, pin); got != bpftest.MapID(t, b) {
+		t.Fatalf("pin holds map %d, want the renamed %d", got, bpftest.MapID(t, b))
 	}
 	var v uint64
 	if err := a.Lookup(uint32(0), &v); err != nil || v != 1 {

@@ -4,13 +4,11 @@ package socklb
 
 import (
 	"bytes"
-	"errors"
 	"log/slog"
 	"os"
 	"strings"
 	"sync"
 	"testing"
-	"time"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -115,8 +113,8 @@ func TestIntegrationUpgradeMigratesMaps(t *testing.T) {
 	}
 	live("before the upgrade")
 
-	oldRev := mapID(t, first.objs.KebpfLbRev)
-	oldBe := mapID(t, first.objs.KebpfLbBe)
+	oldRev := bpftest.MapID(t, first.objs.KebpfLbRev)
+	oldBe := bpftest.MapID(t, first.objs.KebpfLbBe)
 	if err := first.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -152,8 +150,8 @@ func TestIntegrationUpgradeMigratesMaps(t *testing.T) {
 		}
 		m.Close()
 	}
-	waitFreed(t, SocklbMapKebpfLbRev, oldRev)
-	waitFreed(t, SocklbMapKebpfLbBe, oldBe)
+	bpftest.WaitMapFreed(t, SocklbMapKebpfLbRev, oldRev)
+	bpftest.WaitMapFreed(t, SocklbMapKebpfLbBe, oldBe)
 	ents, err := os.ReadDir(MapPinDir(pinDir))
 	if err != nil {
 		t.Fatal(err)
@@ -184,34 +182,5 @@ func TestIntegrationUpgradeMigratesMaps(t *testing.T) {
 	}
 	if p, err := unix.Getpeername(fd); err != nil || saString(p) == udpVIP {
 		t.Errorf("getpeername after a rev-NAT flush = %v, %v: the checks above cannot tell a migration from a flush", p, err)
-	}
-}
-
-func mapID(t testing.TB, m *ebpf.Map) ebpf.MapID {
-	t.Helper()
-	info, err := m.Info()
-	if err != nil {
-		t.Fatal(err)
-	}
-	id, _ := info.ID()
-	return id
-}
-
-func waitFreed(t testing.TB, name string, id ebpf.MapID) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		m, err := ebpf.NewMapFromID(id)
-		if errors.Is(err, os.ErrNotExist) {
-			return
-		}
-		if err == nil {
-			m.Close()
-		}
-		if time.Now().After(deadline) {
-			t.Errorf("old %s (map %d) still alive after the upgrade: an old program still holds it", name, id)
-			return
-		}
-		time.Sleep(20 * time.Millisecond)
 	}
 }

@@ -5,7 +5,6 @@ package sockmap
 import (
 	"bufio"
 	"bytes"
-	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -124,7 +123,7 @@ func TestUpgradeRecreatesSockhash(t *testing.T) {
 	if s := stats(t, old); s.Redirected == 0 {
 		t.Fatalf("the old pair was not redirected by sk_msg: %+v", s)
 	}
-	oldSocks := mapIDOf(t, old.objs.KebpfL7Socks)
+	oldSocks := bpftest.MapID(t, old.objs.KebpfL7Socks)
 
 	// The pair echoes through the whole upgrade.
 	var echoes atomic.Int64
@@ -202,7 +201,7 @@ func TestUpgradeRecreatesSockhash(t *testing.T) {
 	}
 	c1.Close()
 	ec1.Close()
-	waitFreed(t, SockmapMapKebpfL7Socks, oldSocks)
+	bpftest.WaitMapFreed(t, SockmapMapKebpfL7Socks, oldSocks)
 	ents, err := os.ReadDir(MapPinDir(r.pinDir))
 	if err != nil {
 		t.Fatal(err)
@@ -211,34 +210,5 @@ func TestUpgradeRecreatesSockhash(t *testing.T) {
 		if strings.HasSuffix(e.Name(), pins.TempPin("")) {
 			t.Errorf("temporary pin left: %s", e.Name())
 		}
-	}
-}
-
-func mapIDOf(t testing.TB, m *ebpf.Map) ebpf.MapID {
-	t.Helper()
-	info, err := m.Info()
-	if err != nil {
-		t.Fatal(err)
-	}
-	id, _ := info.ID()
-	return id
-}
-
-func waitFreed(t testing.TB, name string, id ebpf.MapID) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		m, err := ebpf.NewMapFromID(id)
-		if errors.Is(err, os.ErrNotExist) {
-			return
-		}
-		if err == nil {
-			m.Close()
-		}
-		if time.Now().After(deadline) {
-			t.Errorf("old %s (map %d) still alive after the upgrade", name, id)
-			return
-		}
-		time.Sleep(20 * time.Millisecond)
 	}
 }

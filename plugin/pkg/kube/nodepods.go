@@ -7,6 +7,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -55,6 +56,27 @@ func NodeReady(n *corev1.Node) bool {
 		}
 	}
 	return false
+}
+
+// NodePod is the skeleton of a per-node pod of ours: pinned to node (no
+// scheduler), run once, on the host network (no CNI, so it runs even
+// where kebpf-cni refuses sandboxes), tolerating every taint, no API
+// token, labelled name and managed by us (uninstall removes leftovers).
+func NodePod(name, node string, grace int64) *corev1.Pod {
+	labels := manifests.CommonLabels()
+	labels[manifests.LabelName] = name
+	return &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{GenerateName: name + "-", Namespace: manifests.Namespace, Labels: labels},
+		Spec: corev1.PodSpec{
+			NodeName:                      node,
+			RestartPolicy:                 corev1.RestartPolicyNever,
+			HostNetwork:                   true,
+			Tolerations:                   []corev1.Toleration{{Operator: corev1.TolerationOpExists}},
+			AutomountServiceAccountToken:  ptr.To(false),
+			TerminationGracePeriodSeconds: ptr.To(grace),
+			PriorityClassName:             "system-node-critical",
+		},
+	}
 }
 
 // RunOnNodes creates pod(node) on each of nodes (pods carrying the label

@@ -135,20 +135,7 @@ func (o *Options) failedContainers(ctx context.Context, pod string) string {
 // it needs no CNI: a node whose kebpf-cni refuses sandboxes (its agent is
 // down) is checked too. It needs no privilege and no API access.
 func ImageCheckPod(node string, images []checkedImage) *corev1.Pod {
-	labels := manifests.CommonLabels()
-	labels[manifests.LabelName] = ImageCheckName
-	p := &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{GenerateName: ImageCheckName + "-", Namespace: manifests.Namespace, Labels: labels},
-		Spec: corev1.PodSpec{
-			NodeName:                      node,
-			RestartPolicy:                 corev1.RestartPolicyNever,
-			HostNetwork:                   true,
-			Tolerations:                   []corev1.Toleration{{Operator: corev1.TolerationOpExists}},
-			AutomountServiceAccountToken:  ptr.To(false),
-			TerminationGracePeriodSeconds: ptr.To[int64](0),
-			PriorityClassName:             "system-node-critical",
-		},
-	}
+	p := kube.NodePod(ImageCheckName, node, 0)
 	for _, im := range images {
 		p.Spec.Containers = append(p.Spec.Containers, corev1.Container{
 			Name:            im.container,

@@ -375,41 +375,24 @@ func (o *Options) printLog(ctx context.Context, node, pod string) string {
 // CleanupPod is the privileged pod, pinned to node, that removes our BPF
 // state and takes kebpf-cni out of every pair of CNI dirs in cni.
 func CleanupPod(node, image string, cni []manifests.CNIDirs) *corev1.Pod {
-	labels := manifests.CommonLabels()
-	labels[manifests.LabelName] = CleanupName
 	bidir := corev1.MountPropagationBidirectional
 	hostDir := corev1.HostPathDirectoryOrCreate
-	p := &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{
-			GenerateName: CleanupName + "-",
-			Namespace:    manifests.Namespace,
-			Labels:       labels,
+	p := kube.NodePod(CleanupName, node, 5)
+	p.Spec.Containers = []corev1.Container{{
+		Name:            "cleanup",
+		Image:           image,
+		ImagePullPolicy: corev1.PullIfNotPresent,
+		Command:         []string{"/usr/local/bin/kebpf-agent"},
+		Args:            []string{"cleanup"},
+		SecurityContext: &corev1.SecurityContext{Privileged: ptr.To(true)},
+		VolumeMounts: []corev1.VolumeMount{
+			{Name: "bpffs", MountPath: "/sys/fs/bpf", MountPropagation: &bidir},
+			{Name: "run", MountPath: "/run/kubectl-ebpf", MountPropagation: &bidir},
 		},
-		Spec: corev1.PodSpec{
-			NodeName:                      node,
-			RestartPolicy:                 corev1.RestartPolicyNever,
-			HostNetwork:                   true,
-			Tolerations:                   []corev1.Toleration{{Operator: corev1.TolerationOpExists}},
-			AutomountServiceAccountToken:  ptr.To(false),
-			TerminationGracePeriodSeconds: ptr.To[int64](5),
-			PriorityClassName:             "system-node-critical",
-			Containers: []corev1.Container{{
-				Name:            "cleanup",
-				Image:           image,
-				ImagePullPolicy: corev1.PullIfNotPresent,
-				Command:         []string{"/usr/local/bin/kebpf-agent"},
-				Args:            []string{"cleanup"},
-				SecurityContext: &corev1.SecurityContext{Privileged: ptr.To(true)},
-				VolumeMounts: []corev1.VolumeMount{
-					{Name: "bpffs", MountPath: "/sys/fs/bpf", MountPropagation: &bidir},
-					{Name: "run", MountPath: "/run/kubectl-ebpf", MountPropagation: &bidir},
-				},
-			}},
-			Volumes: []corev1.Volume{
-				{Name: "bpffs", VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: "/sys/fs/bpf", Type: &hostDir}}},
-				{Name: "run", VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: "/run/kubectl-ebpf", Type: &hostDir}}},
-			},
-		},
+	}}
+	p.Spec.Volumes = []corev1.Volume{
+		{Name: "bpffs", VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: "/sys/fs/bpf", Type: &hostDir}}},
+		{Name: "run", VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: "/run/kubectl-ebpf", Type: &hostDir}}},
 	}
 	// Unchained before the BPF objects go, so no new pod waits for an
 	// agent that is gone (nodeagent/cni).
