@@ -75,7 +75,7 @@ e2e: $(CLUSTER_TOOL) ## needs root: brings up the local cluster itself, runs plu
 	@echo "== e2e tier (cluster $(CLUSTER))"
 	@trap '$(CLUSTER_TOOL) down --name $(CLUSTER)' EXIT; \
 	  kc=$$($(CLUSTER_TOOL) up --name $(CLUSTER) --nodes $(NODES)); \
-	  KEBPF_E2E=1 KEBPF_KUBECONFIG=$$kc KEBPF_CLUSTER=$(CLUSTER) KEBPF_AGENT_IMAGE=localhost/kubectl-ebpf/agent:$(VERSION) $(GOTEST) -timeout 40m ./plugin/... ./manifests/... ./kindtests/e2e/...
+	  KEBPF_E2E=1 KEBPF_KUBECONFIG=$$kc KEBPF_CLUSTER=$(CLUSTER) KEBPF_AGENT_IMAGE=localhost/kubectl-ebpf/agent:$(VERSION) $(GOTEST) -timeout 60m ./plugin/... ./manifests/... ./kindtests/e2e/...
 
 test: deps verify unit root e2e ## every test tier (what CI runs)
 	@echo "== all test tiers passed"
