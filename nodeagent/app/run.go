@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 	"k8s.io/client-go/kubernetes"
@@ -18,6 +19,7 @@ import (
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/netpol"
 	"github.com/kubectl-ebpf/kubectl-ebpf/manifests"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/agent"
+	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/apisync"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/cni"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/mounts"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/trace"
@@ -57,6 +59,10 @@ func newRunCommand(lo *logOptions, stderr io.Writer) *cobra.Command {
 			if err != nil {
 				return err
 			}
+			// Through an API server outage the datapath keeps its state;
+			// requests wait for the server, so the agent resyncs within a
+			// second of its return (apisync.WaitForAPIServer says why).
+			apisync.WaitForAPIServer(cfg, time.Second, 10*time.Minute)
 			client, err := versioned.NewForConfig(cfg)
 			if err != nil {
 				return fmt.Errorf("nodestate client: %w", err)
