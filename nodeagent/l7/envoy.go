@@ -19,18 +19,25 @@ func isEnvoy(p *corev1.Pod, namespace, node string) bool {
 	return p.Namespace == namespace && p.Spec.NodeName == node && p.Labels[manifests.LabelName] == manifests.EnvoyDaemonSetName
 }
 
-// podReady: the kubelet reports the pod Ready (Envoy's admin /ready, which
-// turns LIVE after its first xDS config) and it is not being deleted.
+// podReady: the kubelet reports every container of the pod ready (Envoy's
+// admin /ready, which turns LIVE after its first xDS config) and it is not
+// being deleted. The containers' readiness, which only the kubelet writes,
+// not the pod's Ready condition: the node lifecycle controller sets that
+// False on every pod of a node whose status it has not seen for a while
+// (after an API server outage, until the kubelet reports again) while this
+// node's Envoy answers all along. Following it stopped steering and failed
+// L7 connections closed for a minute and a half after a 2-minute outage
+// (TestIntegrationReliability).
 func podReady(p *corev1.Pod) bool {
-	if p.DeletionTimestamp != nil || p.Status.Phase != corev1.PodRunning {
+	if p.DeletionTimestamp != nil || p.Status.Phase != corev1.PodRunning || len(p.Status.ContainerStatuses) == 0 {
 		return false
 	}
-	for _, c := range p.Status.Conditions {
-		if c.Type == corev1.PodReady {
-			return c.Status == corev1.ConditionTrue
+	for _, cs := range p.Status.ContainerStatuses {
+		if !cs.Ready {
+			return false
 		}
 	}
-	return false
+	return true
 }
 
 // maxCgroupDepth bounds the search for a pod's cgroup: kubelet puts pods at

@@ -126,7 +126,36 @@ func envoyPod(uid string, ready bool) *corev1.Pod {
 			Labels: map[string]string{manifests.LabelName: manifests.EnvoyDaemonSetName}},
 		Spec: corev1.PodSpec{NodeName: "node-a", HostNetwork: true},
 		Status: corev1.PodStatus{Phase: corev1.PodRunning, PodIP: "172.18.0.2",
-			Conditions: []corev1.PodCondition{{Type: corev1.PodReady, Status: st}}},
+			Conditions:        []corev1.PodCondition{{Type: corev1.PodReady, Status: st}},
+			ContainerStatuses: []corev1.ContainerStatus{{Name: "envoy", Ready: ready}}},
+	}
+}
+
+// Envoy is ready when the kubelet says its containers are, whatever the
+// pod's Ready condition, which the node lifecycle controller turns False
+// on a node it has not heard from (after an API server outage).
+func TestPodReadyFollowsTheKubelet(t *testing.T) {
+	marked := envoyPod("u", true)
+	marked.Status.Conditions[0].Status = corev1.ConditionFalse
+	notYet := envoyPod("u", false)
+	none := envoyPod("u", true)
+	none.Status.ContainerStatuses = nil
+	deleting := envoyPod("u", true)
+	deleting.DeletionTimestamp = &metav1.Time{}
+	for _, tc := range []struct {
+		name string
+		pod  *corev1.Pod
+		want bool
+	}{
+		{"ready", envoyPod("u", true), true},
+		{"marked not ready by the node controller, container ready", marked, true},
+		{"container not ready", notYet, false},
+		{"no container status yet", none, false},
+		{"being deleted", deleting, false},
+	} {
+		if got := podReady(tc.pod); got != tc.want {
+			t.Errorf("%s: podReady = %v, want %v", tc.name, got, tc.want)
+		}
 	}
 }
 
