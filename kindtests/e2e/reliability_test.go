@@ -132,7 +132,9 @@ func TestIntegrationReliability(t *testing.T) {
 		note := action()
 		// Probes in flight when the action ends count for it too.
 		time.Sleep(5 * time.Second)
-		windows = append(windows, relWindow{name: name, start: start, end: time.Now(), note: note, envoyRestarted: envoyPods(t) != envoy})
+		after := envoyPods(t)
+		windows = append(windows, relWindow{name: name, start: start, end: time.Now(), note: note,
+			envoyRestarted: envoy != "" && after != "" && after != envoy})
 	}
 	time.Sleep(3 * time.Second) // the clients' first probes are under way
 	run("steady, previous release "+prev.Version, func() string { time.Sleep(15 * time.Second); return "" })
@@ -297,11 +299,16 @@ endpoints:
 	return mustKubectl(t, time.Minute, "-n", relNamespace, "get", "service", name, "-o", "jsonpath={.spec.clusterIP}")
 }
 
-// envoyPods names the Envoy pods by UID: it changes when one is replaced.
+// envoyPods names the Envoy pods by UID: it changes when one is replaced;
+// "" while the API server is down (nothing can replace them then).
 func envoyPods(t *testing.T) string {
 	t.Helper()
-	return mustKubectl(t, time.Minute, "-n", manifests.Namespace, "get", "pods", "-l", manifests.EnvoySelector,
+	r := kubectl(t, time.Minute, "-n", manifests.Namespace, "get", "pods", "-l", manifests.EnvoySelector,
 		"-o", "jsonpath={.items[*].metadata.uid}")
+	if r.code != 0 {
+		return ""
+	}
+	return r.stdout
 }
 
 // apiServerAddress is the host and port of the API server the agents
