@@ -73,9 +73,11 @@ root: ## needs root + a BPF kernel + make deps tools (Envoy included): real BPF 
 
 e2e: $(CLUSTER_TOOL) ## needs root: brings up the local cluster itself, runs plugin integration and e2e suites, tears it down
 	@echo "== e2e tier (cluster $(CLUSTER))"
-	@trap '$(CLUSTER_TOOL) down --name $(CLUSTER)' EXIT; \
+	@rm -f $(BIN)/reliability.txt; \
+	  trap '$(CLUSTER_TOOL) down --name $(CLUSTER); [ ! -f $(BIN)/reliability.txt ] || cat $(BIN)/reliability.txt' EXIT; \
 	  kc=$$($(CLUSTER_TOOL) up --name $(CLUSTER) --nodes $(NODES)); \
-	  KEBPF_E2E=1 KEBPF_KUBECONFIG=$$kc KEBPF_CLUSTER=$(CLUSTER) KEBPF_AGENT_IMAGE=localhost/kubectl-ebpf/agent:$(VERSION) $(GOTEST) -timeout 60m ./plugin/... ./manifests/... ./kindtests/e2e/...
+	  KEBPF_E2E=1 KEBPF_KUBECONFIG=$$kc KEBPF_CLUSTER=$(CLUSTER) KEBPF_AGENT_IMAGE=localhost/kubectl-ebpf/agent:$(VERSION) \
+	  KEBPF_RELIABILITY_REPORT=$(CURDIR)/$(BIN)/reliability.txt $(GOTEST) -timeout 60m ./plugin/... ./manifests/... ./kindtests/e2e/...
 
 test: deps verify unit root e2e ## every test tier (what CI runs)
 	@echo "== all test tiers passed"

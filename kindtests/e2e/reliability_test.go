@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
@@ -270,7 +271,14 @@ func TestIntegrationReliability(t *testing.T) {
 			fmt.Fprintf(&report, "    %s\n", w.note)
 		}
 	}
-	t.Logf("reliability (TCP+UDP through ClusterIPs, clients on %s and %s, HTTP through %s's Envoy, kube-proxy off):\n%s", a, b, a, report.String())
+	title := fmt.Sprintf("reliability (TCP+UDP through ClusterIPs, clients on %s and %s, HTTP through %s's Envoy, kube-proxy off):\n", a, b, a)
+	t.Logf("%s%s", title, report.String())
+	// go test shows a passing test's log only with -v: make e2e prints this.
+	if path := os.Getenv("KEBPF_RELIABILITY_REPORT"); path != "" {
+		if err := os.WriteFile(path, []byte("== "+title+report.String()), 0o644); err != nil {
+			t.Errorf("write the report: %v", err)
+		}
+	}
 	for i, w := range windows {
 		c := counts[i]
 		if c.allowed == 0 || c.denied == 0 || c.l7Allowed == 0 || c.l7Denied == 0 {

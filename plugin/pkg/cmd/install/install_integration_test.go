@@ -58,7 +58,15 @@ func TestIntegrationInstallTwiceIsNoop(t *testing.T) {
 
 	// A different image is an upgrade of the DaemonSet only.
 	const other = "localhost/kubectl-ebpf/agent:upgrade-test"
-	r = testutil.Run(t, flags, "install", "--image", other)
+	// An image no node has, so the image check must refuse it and
+	// change nothing; past the check it is an upgrade of the DaemonSet.
+	if r := testutil.Run(t, flags, "install", "--image", other); r.Code == 0 || !strings.Contains(r.Stderr, "image check failed, nothing was changed") {
+		t.Errorf("install of an image no node has: %s", r)
+	}
+	if after2 := snapshot(t, c); after2["DaemonSet/"+manifests.DaemonSetName].GetGeneration() != after["DaemonSet/"+manifests.DaemonSetName].GetGeneration() {
+		t.Errorf("the refused install changed the DaemonSet")
+	}
+	r = testutil.Run(t, flags, "install", "--skip-image-check", "--image", other)
 	if r.Code != 0 {
 		t.Fatalf("upgrade: %s", r)
 	}
