@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"time"
 
+	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -77,39 +78,28 @@ func (c *Clients) Apply(ctx context.Context, obj *unstructured.Unstructured, dry
 	return after, action, nil
 }
 
-// SameApply reports whether after carries the same applied configuration as
-// before. Equal resourceVersions settle it; otherwise a controller may have
-// written status in between (the DaemonSet controller does all the time), so
-// compare what only a spec change or our own apply moves: the generation and
-// our field manager's managedFields entry.
+// SameApply reports whether after carries the same configuration as before:
+// equal resourceVersions, or equal objects once what the server and
+// controllers write on their own is set aside (resourceVersion, managedFields,
+// status). Comparing managedFields themselves is not enough: a controller's
+// status write and a no-op apply of ours racing can make the API server
+// rewrite our managedFields entry (a new timestamp, entries reordered)
+// although nothing we apply changed (seen with the ValidatingAdmissionPolicy
+// whose status kube-controller-manager writes right after its creation).
 func SameApply(before, after *unstructured.Unstructured) bool {
 	if before.GetResourceVersion() == after.GetResourceVersion() {
 		return true
 	}
-	if before.GetGeneration() != after.GetGeneration() {
-		return false
-	}
-	b, a := appliedEntry(before), appliedEntry(after)
-	if b == nil || a == nil {
-		return false
-	}
-	return b.Time.Equal(a.Time) && equalFields(b.FieldsV1, a.FieldsV1)
+	return equality.Semantic.DeepEqual(configOf(before), configOf(after))
 }
 
-func appliedEntry(obj *unstructured.Unstructured) *metav1.ManagedFieldsEntry {
-	for _, e := range obj.GetManagedFields() {
-		if e.Manager == manifests.FieldManager && e.Operation == metav1.ManagedFieldsOperationApply {
-			return &e
-		}
-	}
-	return nil
-}
-
-func equalFields(a, b *metav1.FieldsV1) bool {
-	if a == nil || b == nil {
-		return a == b
-	}
-	return string(a.Raw) == string(b.Raw)
+// configOf is obj without the fields nobody applies.
+func configOf(obj *unstructured.Unstructured) map[string]any {
+	c := obj.DeepCopy()
+	c.SetResourceVersion("")
+	c.SetManagedFields(nil)
+	delete(c.Object, "status")
+	return c.Object
 }
 
 // WaitCRDEstablished waits until the API server serves the CRD named name.

@@ -107,16 +107,19 @@ func TestPodSummary(t *testing.T) {
 }
 
 func TestSameApply(t *testing.T) {
-	obj := func(rv string, gen int64, applied string) *unstructured.Unstructured {
-		u := &unstructured.Unstructured{Object: map[string]any{}}
+	obj := func(rv string, mutate func(u *unstructured.Unstructured)) *unstructured.Unstructured {
+		u := &unstructured.Unstructured{Object: map[string]any{
+			"apiVersion": "v1", "kind": "Thing",
+			"metadata": map[string]any{"name": "x", "generation": int64(1)},
+			"spec":     map[string]any{"a": "1"},
+		}}
 		u.SetResourceVersion(rv)
-		u.SetGeneration(gen)
-		if applied != "" {
-			ts := metav1.NewTime(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
-			u.SetManagedFields([]metav1.ManagedFieldsEntry{
-				{Manager: "kube-controller-manager", Operation: metav1.ManagedFieldsOperationUpdate, FieldsV1: &metav1.FieldsV1{Raw: []byte(`{"f:status":{}}`)}},
-				{Manager: "kubectl-ebpf", Operation: metav1.ManagedFieldsOperationApply, Time: &ts, FieldsV1: &metav1.FieldsV1{Raw: []byte(applied)}},
-			})
+		ts := metav1.NewTime(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
+		u.SetManagedFields([]metav1.ManagedFieldsEntry{
+			{Manager: "kubectl-ebpf", Operation: metav1.ManagedFieldsOperationApply, Time: &ts, FieldsV1: &metav1.FieldsV1{Raw: []byte(`{"f:spec":{}}`)}},
+		})
+		if mutate != nil {
+			mutate(u)
 		}
 		return u
 	}
@@ -125,11 +128,24 @@ func TestSameApply(t *testing.T) {
 		before, after *unstructured.Unstructured
 		want          bool
 	}{
-		{"same resourceVersion", obj("1", 1, ""), obj("1", 1, ""), true},
-		{"status write in between", obj("1", 1, `{"f:spec":{}}`), obj("2", 1, `{"f:spec":{}}`), true},
-		{"spec changed", obj("1", 1, `{"f:spec":{}}`), obj("2", 2, `{"f:spec":{}}`), false},
-		{"our fields changed", obj("1", 0, `{"f:data":{}}`), obj("2", 0, `{"f:data":{"f:x":{}}}`), false},
-		{"no apply entry", obj("1", 0, ""), obj("2", 0, ""), false},
+		{"same resourceVersion", obj("1", nil), obj("1", func(u *unstructured.Unstructured) { u.Object["spec"] = "ignored" }), true},
+		{"status write in between", obj("1", nil), obj("2", func(u *unstructured.Unstructured) {
+			u.Object["status"] = map[string]any{"observedGeneration": int64(1)}
+		}), true},
+		{"our entry rewritten, nothing else", obj("1", nil), obj("2", func(u *unstructured.Unstructured) {
+			ts := metav1.NewTime(time.Date(2026, 1, 1, 0, 0, 1, 0, time.UTC))
+			u.SetManagedFields([]metav1.ManagedFieldsEntry{
+				{Manager: "status-controller", Operation: metav1.ManagedFieldsOperationApply, Subresource: "status", FieldsV1: &metav1.FieldsV1{Raw: []byte(`{"f:status":{}}`)}},
+				{Manager: "kubectl-ebpf", Operation: metav1.ManagedFieldsOperationApply, Time: &ts, FieldsV1: &metav1.FieldsV1{Raw: []byte(`{"f:spec":{}}`)}},
+			})
+		}), true},
+		{"spec changed", obj("1", nil), obj("2", func(u *unstructured.Unstructured) {
+			u.Object["spec"] = map[string]any{"a": "2"}
+			u.SetGeneration(2)
+		}), false},
+		{"label changed", obj("1", nil), obj("2", func(u *unstructured.Unstructured) { u.SetLabels(map[string]string{"v": "2"}) }), false},
+		{"data changed (no generation)", obj("1", func(u *unstructured.Unstructured) { u.Object["data"] = map[string]any{"k": "a"} }),
+			obj("2", func(u *unstructured.Unstructured) { u.Object["data"] = map[string]any{"k": "b"} }), false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

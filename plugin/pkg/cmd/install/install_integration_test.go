@@ -49,9 +49,9 @@ func TestIntegrationInstallTwiceIsNoop(t *testing.T) {
 	after := snapshot(t, c)
 	for k, b := range before {
 		a := after[k]
-		// Objects with status (DaemonSet, CRD) get controller writes that
-		// bump resourceVersion; for those the applied config must be unchanged.
-		if b.GetResourceVersion() != a.GetResourceVersion() && (!hasStatus(b) || !kube.SameApply(b, a)) {
+		// Controllers write status (DaemonSet, CRD, admission policy) and
+		// bump resourceVersion; what install applies must be unchanged.
+		if !kube.SameApply(b, a) {
 			t.Errorf("%s changed on a second install: resourceVersion %s -> %s, generation %d -> %d", k, b.GetResourceVersion(), a.GetResourceVersion(), b.GetGeneration(), a.GetGeneration())
 		}
 	}
@@ -171,11 +171,6 @@ func snapshot(t *testing.T, c *kube.Clients) map[string]*unstructured.Unstructur
 		objs[obj.GetKind()+"/"+obj.GetName()] = got
 	}
 	return objs
-}
-
-func hasStatus(obj *unstructured.Unstructured) bool {
-	_, ok := obj.Object["status"]
-	return ok && obj.GetKind() != "Namespace"
 }
 
 // The agent must reach the API server without kube-proxy, so install points
