@@ -303,6 +303,12 @@ func mainListener(opts Options, chains []*listener.FilterChain, def *listener.Fi
 		// l7policies. It also keeps the listener valid with no policy at
 		// all (Envoy rejects a listener without any filter chain).
 		DefaultFilterChain: def,
+		// SO_REUSEPORT, set here rather than left to Envoy's default: while
+		// the Envoy DaemonSet rolls, the new Envoy binds this address beside
+		// the old one (manifests 50-envoy.yaml, maxSurge), the kernel spreads
+		// steered connects over both, and the old one's listeners closing
+		// after its drain leaves the new one taking every connection.
+		EnableReusePort: wrapperspb.Bool(true),
 	}
 }
 
