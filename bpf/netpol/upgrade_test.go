@@ -4,7 +4,6 @@ package netpol
 
 import (
 	"bufio"
-	"bytes"
 	"fmt"
 	"io"
 	"log/slog"
@@ -34,24 +33,6 @@ func TestMapVersionsCoverSpec(t *testing.T) {
 	if err := pins.CheckTable(spec, mapVersions); err != nil {
 		t.Fatal(err)
 	}
-}
-
-// syncBuf is a log sink the agent may write while the test reads.
-type syncBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuf) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuf) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 func retrans(t testing.TB, c net.Conn) uint32 {
@@ -201,7 +182,7 @@ func testUpgradeMigratesMaps(t *testing.T, mode AttachMode) {
 	serve(t, tp.b)
 	serve(t, tp.a)
 	pinDir := nodePinDir(t, tp)
-	var logs syncBuf
+	var logs bpftest.LogBuffer
 	logger := slog.New(slog.NewTextHandler(io.MultiWriter(&logs, tWriter{t}), nil))
 
 	v1 := LoadOptions{MaxCT: 1024, MaxVerdicts: 1024, MaxPolicyEntries: 64, MaxEndpoints: 16, Attach: mode, Logger: logger}

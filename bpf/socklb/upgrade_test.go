@@ -3,11 +3,9 @@
 package socklb
 
 import (
-	"bytes"
 	"log/slog"
 	"os"
 	"strings"
-	"sync"
 	"testing"
 
 	"github.com/cilium/ebpf"
@@ -17,23 +15,6 @@ import (
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/netnsutil"
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/pins"
 )
-
-type lockedBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuf) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuf) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
 
 // An agent upgrade that grows the frontend, backend and rev-NAT maps (a
 // layout change: max_entries) migrates them: services keep resolving for
@@ -54,7 +35,7 @@ func TestIntegrationUpgradeMigratesMaps(t *testing.T) {
 		1: {ID: 1, Frontends: []Frontend{fe(tcpVIP, TCP)}, Backends: backends(srv)},
 		2: {ID: 2, Frontends: []Frontend{fe(udpVIP, UDP)}, Backends: backends(usrv)},
 	}
-	var logs lockedBuf
+	var logs bpftest.LogBuffer
 	v1 := LoadOptions{MaxFrontends: 8, MaxBackends: 8, MaxAffinity: 64, MaxRevNAT: 64,
 		Logger: slog.New(slog.NewTextHandler(&logs, nil))}
 	v2 := v1

@@ -4,13 +4,11 @@ package sockmap
 
 import (
 	"bufio"
-	"bytes"
 	"fmt"
 	"log/slog"
 	"net"
 	"os"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -21,23 +19,6 @@ import (
 	"github.com/kubectl-ebpf/kubectl-ebpf/bpf/pins"
 )
 
-type lockedBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuf) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuf) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 // An upgrade whose SOCKHASH layout changed (here: its size) recreates it
 // empty, with a warning: sockets cannot be copied from user space. A
 // steered pair the old agent set up keeps exchanging data through the
@@ -46,7 +27,7 @@ func (l *lockedBuf) String() string {
 // SOCKHASH and are redirected there.
 func TestUpgradeRecreatesSockhash(t *testing.T) {
 	bpftest.RequireRoot(t)
-	var logs lockedBuf
+	var logs bpftest.LogBuffer
 	prev := slog.Default()
 	slog.SetDefault(slog.New(slog.NewTextHandler(&logs, nil)))
 	t.Cleanup(func() { slog.SetDefault(prev) })

@@ -26,6 +26,12 @@ const relNamespace = "kebpf-reliability"
 // Bump it when a release changes what the agents keep across a restart.
 const previousRelease = "26130adaabe06ddd3a71c6091bc676676be63d76"
 
+// surgeRelease is the first build whose Envoy DaemonSet replaces a node's
+// pod new pod first (maxSurge): a downgrade to it, as to any release from
+// it on, must fail nothing. previousRelease replaces Envoy old pod first,
+// which no later release can change for a downgrade to it.
+const surgeRelease = "a103054e6b935f27e234a513da8899755cdf6d60"
+
 // relStream is one never-ending probe a client pod runs: a protocol
 // towards a Service that policy allows, or one it denies.
 type relStream struct {
@@ -111,7 +117,8 @@ func TestIntegrationReliability(t *testing.T) {
 		t.Fatalf("provider %s cannot stop and start the API server", p.Name())
 	}
 	kp := kubeProxySwitch(t)
-	prev := previousBuild(t, p)
+	prev := releaseBuild(t, p, previousRelease)
+	surge := releaseBuild(t, p, surgeRelease)
 	t.Cleanup(func() {
 		// Whatever failed, the API server must be back for the rest.
 		if err := api.SetAPIServer(context.Background(), env.Name, true); err != nil {
@@ -127,9 +134,9 @@ func TestIntegrationReliability(t *testing.T) {
 	if err := kp.SetKubeProxy(context.Background(), env.Name, false); err != nil {
 		t.Fatal(err)
 	}
-	installPrevious := func() {
+	installRelease := func(r images.Release) {
 		t.Helper()
-		runPlugin(t, prev.Plugin, 6*time.Minute, "install", "--enable", "l7", "--envoy-image", env.Product.EnvoyRef, "--wait", "--timeout", "5m")
+		runPlugin(t, r.Plugin, 6*time.Minute, "install", "--enable", "l7", "--envoy-image", env.Product.EnvoyRef, "--wait", "--timeout", "5m")
 		waitEnvoyPodsGone(t, 2*time.Minute)
 	}
 	installThis := func() {
@@ -139,7 +146,7 @@ func TestIntegrationReliability(t *testing.T) {
 		// belongs to this scenario.
 		waitEnvoyPodsGone(t, 2*time.Minute)
 	}
-	installPrevious()
+	installRelease(prev)
 	deployReliabilityWorkload(t)
 
 	a, b := nodeAt(0), nodeAt(1)
@@ -266,8 +273,9 @@ func TestIntegrationReliability(t *testing.T) {
 		return fmt.Sprintf("the Service created while %s was cut off was reachable from its client %s after the partition healed",
 			a, reached.Sub(back).Round(100*time.Millisecond))
 	})
-	run("downgrade this -> previous release", func() string { installPrevious(); return "" })
+	run("downgrade this -> previous release", func() string { installRelease(prev); return "" })
 	run("upgrade previous -> this release, again", func() string { installThis(); return "" })
+	run("downgrade this -> "+surge.Version+" (Envoy surge)", func() string { installRelease(surge); return "" })
 
 	counts := collectReliability(t, windows)
 	var report strings.Builder
@@ -361,6 +369,7 @@ func nodeNotReadyEvents(t *testing.T, since time.Time) []string {
 	var l struct {
 		Items []struct {
 			InvolvedObject struct {
+				Kind string `json:"kind"`
 				Name string `json:"name"`
 			} `json:"involvedObject"`
 			LastTimestamp time.Time `json:"lastTimestamp"`
@@ -375,7 +384,9 @@ func nodeNotReadyEvents(t *testing.T, since time.Time) []string {
 		if at.IsZero() {
 			at = e.EventTime
 		}
-		if !at.Before(since.Add(-time.Second)) && !seen[e.InvolvedObject.Name] {
+		// The controller records NodeNotReady on the node and on each of
+		// its pods; the nodes are what the report names.
+		if e.InvolvedObject.Kind == "Node" && !at.Before(since.Add(-time.Second)) && !seen[e.InvolvedObject.Name] {
 			seen[e.InvolvedObject.Name] = true
 			out = append(out, e.InvolvedObject.Name)
 		}
@@ -435,9 +446,9 @@ func apiServerAddress(t *testing.T) (host, port string) {
 	return host, port
 }
 
-// previousBuild builds the previous release's plugin and agent image from
+// releaseBuild builds an earlier release's plugin and agent image from
 // this repository's history and loads the image into the cluster.
-func previousBuild(t *testing.T, p cluster.Provider) images.Release {
+func releaseBuild(t *testing.T, p cluster.Provider, commit string) images.Release {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
@@ -446,14 +457,14 @@ func previousBuild(t *testing.T, p cluster.Provider) images.Release {
 		t.Fatal(err)
 	}
 	start := time.Now()
-	r, err := images.BuildRelease(ctx, root, previousRelease, cluster.CacheDir())
+	r, err := images.BuildRelease(ctx, root, commit, cluster.CacheDir())
 	if err != nil {
-		t.Fatalf("build the previous release: %v", err)
+		t.Fatalf("build release %s: %v", commit, err)
 	}
 	if err := p.LoadImages(ctx, env.Name, []string{r.AgentTar}); err != nil {
 		t.Fatalf("load %s: %v", r.AgentRef, err)
 	}
-	t.Logf("previous release %s: plugin and %s built and loaded in %s", r.Version, r.AgentRef, time.Since(start).Round(100*time.Millisecond))
+	t.Logf("release %s: plugin and %s built and loaded in %s", r.Version, r.AgentRef, time.Since(start).Round(100*time.Millisecond))
 	return r
 }
 

@@ -20,16 +20,25 @@ func isEnvoy(p *corev1.Pod, namespace, node string) bool {
 }
 
 // podReady: the kubelet reports every container of the pod ready (Envoy's
-// admin /ready, which turns LIVE after its first xDS config) and it is not
-// being deleted. The containers' readiness, which only the kubelet writes,
-// not the pod's Ready condition: the node lifecycle controller sets that
-// False on every pod of a node whose status it has not seen for a while
-// (after an API server outage, until the kubelet reports again) while this
-// node's Envoy answers all along. Following it stopped steering and failed
-// L7 connections closed for a minute and a half after a 2-minute outage
+// admin /ready, which turns LIVE after its first xDS config). The
+// containers' readiness, which only the kubelet writes, not the pod's Ready
+// condition: the node lifecycle controller sets that False on every pod of a
+// node whose status it has not seen for a while (after an API server
+// outage, until the kubelet reports again) while this node's Envoy answers
+// all along. Following it stopped steering and failed L7 connections closed
+// for a minute and a half after a 2-minute outage
 // (TestIntegrationReliability).
+//
+// A pod being deleted counts while its containers are ready: it drains
+// (preStop: connections are asked to close, its listeners still accept) and
+// its replacement, which the DaemonSet starts at once (maxSurge), binds the
+// same listener beside it (SO_REUSEPORT). Stopping at the deletion instead
+// failed connects closed until the replacement was ready. Once its
+// listeners close, connects go to the replacement, or, when there is none
+// (the DaemonSet deleted), are refused until the kubelet reports the
+// container gone: fail closed either way.
 func podReady(p *corev1.Pod) bool {
-	if p.DeletionTimestamp != nil || p.Status.Phase != corev1.PodRunning || len(p.Status.ContainerStatuses) == 0 {
+	if p.Status.Phase != corev1.PodRunning || len(p.Status.ContainerStatuses) == 0 {
 		return false
 	}
 	for _, cs := range p.Status.ContainerStatuses {

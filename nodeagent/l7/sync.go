@@ -322,7 +322,8 @@ func (s *Syncer) build(in xds.Input, opts xds.Options) (*xds.Resources, map[stri
 // syncEnvoyCgroup registers the cgroup of every Envoy pod on this node
 // (during a rollout the old one drains beside the new one: its upstream
 // connects must not be steered either) and reports whether steering may be
-// on: a Ready, not terminating Envoy pod whose cgroup is registered.
+// on: an Envoy pod whose containers are ready (draining ones too, see
+// podReady) and whose cgroup is registered.
 func (s *Syncer) syncEnvoyCgroup(pods []*corev1.Pod) bool {
 	var errs []string
 	ready := false

@@ -151,7 +151,8 @@ func TestPodReadyFollowsTheKubelet(t *testing.T) {
 		{"marked not ready by the node controller, container ready", marked, true},
 		{"container not ready", notYet, false},
 		{"no container status yet", none, false},
-		{"being deleted", deleting, false},
+		// It drains beside its replacement, still accepting.
+		{"being deleted, container ready", deleting, true},
 	} {
 		if got := podReady(tc.pod); got != tc.want {
 			t.Errorf("%s: podReady = %v, want %v", tc.name, got, tc.want)
