@@ -203,14 +203,6 @@ func TestIntegrationL7(t *testing.T) {
 		ensureUninstalled(t)
 	})
 	mustKubectl(t, 6*time.Minute, "ebpf", "install", "--envoy-image", env.Product.EnvoyRef, "--wait", "--timeout", "5m")
-	// The agents' init container hands a closing Envoy listener's queued
-	// connections to its replacement (nodeagent/sysctl).
-	for _, node := range env.Cluster.Nodes {
-		out, err := onNode(t, node, "cat", "/proc/sys/net/ipv4/tcp_migrate_req")
-		if err != nil || strings.TrimSpace(out) != "1" {
-			t.Errorf("node %s: net.ipv4.tcp_migrate_req = %q (%v), want 1", node, strings.TrimSpace(out), err)
-		}
-	}
 	kubectlStdin(t, l7Workloads(), "apply", "-f", "-")
 	mustKubectl(t, 3*time.Minute, "-n", l7Namespace, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=150s")
 	top := readL7Topology(t)

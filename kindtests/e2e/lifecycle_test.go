@@ -78,6 +78,16 @@ func onNode(t *testing.T, node string, argv ...string) (string, error) {
 	return string(out), err
 }
 
+// migrateReq is the node's net.ipv4.tcp_migrate_req.
+func migrateReq(t *testing.T, node string) string {
+	t.Helper()
+	out, err := onNode(t, node, "cat", "/proc/sys/net/ipv4/tcp_migrate_req")
+	if err != nil {
+		t.Fatalf("node %s: read net.ipv4.tcp_migrate_req: %v %s", node, err, out)
+	}
+	return strings.TrimSpace(out)
+}
+
 // nodeBPF is what a node shows of our BPF state, read with tools that are not
 // ours (ls, bpftool).
 type nodeBPF struct {
@@ -225,6 +235,10 @@ func TestIntegrationLifecycle(t *testing.T) {
 		}
 	})
 
+	migrateBefore := map[string]string{}
+	for _, node := range env.Cluster.Nodes {
+		migrateBefore[node] = migrateReq(t, node)
+	}
 	mustKubectl(t, 6*time.Minute, "ebpf", "install", "--envoy-image", env.Product.EnvoyRef, "--wait", "--timeout", "5m")
 
 	s, r := status(t)
@@ -245,6 +259,11 @@ func TestIntegrationLifecycle(t *testing.T) {
 		// The policy feature (on by default) chained kebpf-cni.
 		if entry, bin := cniChained(t, node); !entry || !bin {
 			t.Errorf("node %s after install: kebpf-cni in %s %v, binary in %s %v", node, cniConfDir, entry, cniBinDir, bin)
+		}
+		// The init container hands a closing Envoy listener's queued
+		// connections to its replacement (nodeagent/sysctl).
+		if v := migrateReq(t, node); v != "1" {
+			t.Errorf("node %s after install: net.ipv4.tcp_migrate_req = %q, want 1", node, v)
 		}
 		// The agent's metrics answer on the node's loopback only.
 		out, err := onNode(t, node, "curl", "-sf", "http://127.0.0.1:9890/metrics")
@@ -290,6 +309,9 @@ func TestIntegrationLifecycle(t *testing.T) {
 	mustKubectl(t, 6*time.Minute, "ebpf", "uninstall", "--wait")
 
 	for _, node := range env.Cluster.Nodes {
+		if v := migrateReq(t, node); v != migrateBefore[node] {
+			t.Errorf("node %s after uninstall: net.ipv4.tcp_migrate_req = %q, want %q as before install", node, v, migrateBefore[node])
+		}
 		// Programs are freed by the kernel after their last reference goes
 		// (RCU, deferred work such as a pod netns's teardown): a program
 		// still listed a moment later is a leak only if it stays.

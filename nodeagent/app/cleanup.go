@@ -14,11 +14,12 @@ import (
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/cleanup"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/cni"
 	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/mounts"
+	"github.com/kubectl-ebpf/kubectl-ebpf/nodeagent/sysctl"
 )
 
 func newCleanupCommand(lo *logOptions, stdout, stderr io.Writer) *cobra.Command {
 	opts := cleanup.Options{Out: stdout}
-	var cniConfDir, cniBinDir, stateDir string
+	var cniConfDir, cniBinDir, stateDir, procSys string
 	var unchain cni.DirsList
 	cmd := &cobra.Command{
 		Use:   "cleanup",
@@ -58,6 +59,15 @@ func newCleanupCommand(lo *logOptions, stdout, stderr io.Writer) *cobra.Command 
 				errs = append(errs, err)
 			}
 			if stateDir != "" {
+				// The node's sysctls as they were before the first
+				// agent's init container changed them (nodeagent/sysctl).
+				restored, err := sysctl.Restore(procSys, sysctlRecords(stateDir))
+				for _, line := range restored {
+					fmt.Fprintln(stdout, line)
+				}
+				if err != nil {
+					errs = append(errs, fmt.Errorf("sysctls: %w", err))
+				}
 				if err := os.RemoveAll(stateDir); err != nil {
 					errs = append(errs, fmt.Errorf("state dir: %w", err))
 				}
@@ -73,6 +83,7 @@ func newCleanupCommand(lo *logOptions, stdout, stderr io.Writer) *cobra.Command 
 	f.StringVar(&opts.PinDir, "pin-dir", mounts.DefaultPinDir, "bpffs directory to remove; its pins also say which kernel objects are this node's")
 	f.StringVar(&opts.CgroupRoot, "cgroup-root", mounts.DefaultCgroupRoot, "our cgroup2 mount to unmount; kebpf_ programs attached at its cgroup are this node's")
 	f.StringVar(&stateDir, "state-dir", defaultStateDir, "the agent's state dir to remove (empty: leave it)")
+	f.StringVar(&procSys, "proc-sys", sysctl.DefaultProcSys, "the kernel parameters of the node's network namespace, restored from the state dir's records")
 	f.StringVar(&cniConfDir, "cni-conf-dir", "", "CNI config dir to take kebpf-cni out of (empty: leave CNI config alone)")
 	f.StringVar(&cniBinDir, "cni-bin-dir", "", "CNI plugin dir to delete kebpf-cni from")
 	f.Var(&unchain, "cni-unchain", "CONF_DIR:BIN_DIR to take kebpf-cni out of (repeatable; one side may be empty)")

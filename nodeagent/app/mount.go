@@ -5,6 +5,7 @@ package app
 import (
 	"fmt"
 	"io"
+	"path/filepath"
 
 	"github.com/spf13/cobra"
 
@@ -17,6 +18,7 @@ type mountOptions struct {
 	cgroupRoot string
 	cgroupNS   string
 	procSys    string
+	stateDir   string
 }
 
 func newMountCommand(lo *logOptions, stdout, stderr io.Writer) *cobra.Command {
@@ -27,7 +29,8 @@ func newMountCommand(lo *logOptions, stdout, stderr io.Writer) *cobra.Command {
 		Long: "Mounts bpffs and cgroup2 where they are missing and sets net.ipv4.tcp_migrate_req=1 in the node's " +
 			"network namespace: when a node's Envoy is replaced, the new one shares the listener with the old one " +
 			"(SO_REUSEPORT) and the connections queued on the old one's listeners as they close move to the new one " +
-			"instead of being reset. A kernel without the parameter (before 5.14) or a read-only /proc/sys is " +
+			"instead of being reset. The value it had before is kept in the state dir; `kebpf-agent cleanup` " +
+			"(uninstall) puts it back. A kernel without the parameter (before 5.14) or a read-only /proc/sys is " +
 			"reported, not fatal.",
 		Args: cobra.NoArgs,
 		RunE: func(*cobra.Command, []string) error {
@@ -49,7 +52,7 @@ func newMountCommand(lo *logOptions, stdout, stderr io.Writer) *cobra.Command {
 			report(stdout, "cgroup2", o.cgroupRoot, mounted)
 			log.Info("cgroup2", "path", o.cgroupRoot, "mounted", mounted, "cgroupns", o.cgroupNS)
 
-			prev, changed, err := sysctl.Ensure(o.procSys, sysctl.TCPMigrateReq, "1")
+			prev, changed, err := sysctl.EnsureRecorded(o.procSys, sysctl.TCPMigrateReq, "1", sysctlRecords(o.stateDir))
 			switch {
 			case err != nil:
 				// Only the instant an Envoy's listeners close during its
@@ -68,6 +71,7 @@ func newMountCommand(lo *logOptions, stdout, stderr io.Writer) *cobra.Command {
 	f := cmd.Flags()
 	f.StringVar(&o.bpffs, "bpffs", mounts.DefaultBPFFS, "where to mount bpffs")
 	f.StringVar(&o.cgroupRoot, "cgroup-root", mounts.DefaultCgroupRoot, "where to mount cgroup2")
+	f.StringVar(&o.stateDir, "state-dir", defaultStateDir, "the agent's state dir, where the sysctls' earlier values are kept for cleanup")
 	f.StringVar(&o.procSys, "proc-sys", sysctl.DefaultProcSys, "the kernel parameters of the node's network namespace (this container runs in it)")
 	f.StringVar(&o.cgroupNS, "cgroupns", "",
 		"cgroup namespace to mount cgroup2 from, e.g. /hostproc/1/ns/cgroup; a container's own namespace would make its cgroup the root")
@@ -81,3 +85,7 @@ func report(w io.Writer, fs, path string, mounted bool) {
 		fmt.Fprintf(w, "%s already mounted at %s\n", fs, path)
 	}
 }
+
+// sysctlRecords is where, in the state dir, the sysctls' values from
+// before our change are kept.
+func sysctlRecords(stateDir string) string { return filepath.Join(stateDir, "sysctl") }

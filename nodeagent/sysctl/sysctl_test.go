@@ -34,3 +34,38 @@ func TestEnsure(t *testing.T) {
 		t.Fatalf("missing parameter: err %v, want os.ErrNotExist", err)
 	}
 }
+
+// The value from before the first change is what Restore puts back, once.
+func TestEnsureRecordedRestore(t *testing.T) {
+	root, records := t.TempDir(), filepath.Join(t.TempDir(), "sysctl")
+	path := filepath.Join(root, TCPMigrateReq)
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, []byte("0\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if done, err := Restore(root, records); err != nil || len(done) != 0 {
+		t.Fatalf("Restore without records = %v, %v", done, err)
+	}
+	if _, changed, err := EnsureRecorded(root, TCPMigrateReq, "1", records); err != nil || !changed {
+		t.Fatalf("EnsureRecorded: changed %v, err %v", changed, err)
+	}
+	// Someone sets 2, the next agent start sets 1 again: the record keeps 0.
+	if err := os.WriteFile(path, []byte("2\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := EnsureRecorded(root, TCPMigrateReq, "1", records); err != nil {
+		t.Fatal(err)
+	}
+	done, err := Restore(root, records)
+	if err != nil || len(done) != 1 || done[0] != "restored "+TCPMigrateReq+" to 0" {
+		t.Fatalf("Restore = %q, %v", done, err)
+	}
+	if b, _ := os.ReadFile(path); string(b) != "0\n" {
+		t.Fatalf("parameter holds %q after Restore, want 0", b)
+	}
+	if done, err := Restore(root, records); err != nil || len(done) != 0 {
+		t.Fatalf("second Restore = %v, %v (the record must be gone)", done, err)
+	}
+}
